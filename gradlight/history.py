@@ -1,0 +1,350 @@
+"""The durable on-disk record of a monitored run, and :func:`load_history` to read it back.
+
+Layout of a monitor's ``save_dir``::
+
+    save_dir/
+        history/segment-00000.arrow   # Arrow IPC streams, one per writer session (a resume opens a new one)
+        history/segment-00001.arrow
+        findings.jsonl                # one JSON object per diagnosis finding (see gradlight.diagnosis)
+        run.json                      # what was monitored: layers, depth order, settings
+
+Each segment is an Arrow IPC *stream* of record batches in long format with the columns
+``step, layer, depth, metric, value``. The writer appends one record batch per flush and fsyncs it, so a
+process killed mid-write leaves at most one torn batch at the end of the newest segment; the reader keeps
+every complete batch before it and reports the tear. A segment remembers the step it started from
+(``start_step``): rows of earlier segments at or after that step were computed by a run that was later
+resumed from an older checkpoint, so they are superseded. That is how a resumed run continues one history
+with no duplicate and no missing step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+__all__ = [
+    "COLUMNS",
+    "GLOBAL_LAYER",
+    "HistoryReadResult",
+    "HistoryWriter",
+    "TruncatedHistoryWarning",
+    "find_history_dir",
+    "load_history",
+    "read_history",
+]
+
+#: Column order of :func:`load_history`'s frame.
+COLUMNS = ("step", "layer", "depth", "metric", "value")
+#: Name used in the ``layer`` column for run-wide statistics (global norm, early/late ratio, loss, ...).
+GLOBAL_LAYER = "__global__"
+
+HISTORY_SUBDIR = "history"
+_SEGMENT_PATTERN = re.compile(r"^segment-(\d{5,})\.arrow$")
+_START_STEP_KEY = b"gradlight.start_step"
+_FORMAT_KEY = b"gradlight.format"
+_FORMAT_VERSION = b"1"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("step", pa.int64(), nullable=False),
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("depth", pa.int32(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+    ]
+)
+
+
+class TruncatedHistoryWarning(UserWarning):
+    """A history segment ended in a torn record batch (its writer was killed); the rows before it are kept."""
+
+
+def segment_path(history_dir: Path, index: int) -> Path:
+    """Return the path of segment ``index`` inside ``history_dir``."""
+    return history_dir / f"segment-{index:05d}.arrow"
+
+
+def list_segments(history_dir: Path) -> list[tuple[int, Path]]:
+    """Return ``(index, path)`` of every segment in ``history_dir``, oldest first."""
+    if not history_dir.is_dir():
+        return []
+    found = []
+    for child in history_dir.iterdir():
+        match = _SEGMENT_PATTERN.match(child.name)
+        if match:
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+class HistoryWriter:
+    """Appends rows to a new history segment in batches, durable against a crash.
+
+    Rows are buffered in memory (bounded by ``max_buffered_rows``) and written as one Arrow record batch per
+    :meth:`flush`, followed by an ``fsync``. Only the process that owns the run's history (rank zero)
+    should create a writer.
+
+    Args:
+        save_dir: The monitor's ``save_dir``; segments go to ``save_dir/history``.
+        start_step: The first optimizer step this writer may record. Rows of earlier segments at or after it
+            are superseded when the history is read (a resumed run recomputes them).
+        max_buffered_rows: Flush automatically once this many rows are buffered, which bounds memory.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> d = tempfile.mkdtemp()
+        >>> w = HistoryWriter(d)
+        >>> w.append_step(0, ["fc1", "fc2"], np.array([0, 1]), {"grad_l2": np.array([0.5, 1.0])})
+        >>> w.close()
+        >>> load_history(d)["value"].tolist()
+        [0.5, 1.0]
+    """
+
+    def __init__(self, save_dir: str | Path, start_step: int = 0, max_buffered_rows: int = 200_000) -> None:
+        if max_buffered_rows < 1:
+            raise ValueError(f"`max_buffered_rows` must be a positive integer, got {max_buffered_rows!r}.")
+        self.history_dir = Path(save_dir) / HISTORY_SUBDIR
+        self.history_dir.mkdir(parents=True, exist_ok=True)
+        existing = list_segments(self.history_dir)
+        self.segment_index = existing[-1][0] + 1 if existing else 0
+        self.path = segment_path(self.history_dir, self.segment_index)
+        self.start_step = int(start_step)
+        self.max_buffered_rows = max_buffered_rows
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._buffered_rows = 0
+        self._sink: Any = None
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self.rows_written = 0
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows appended but not yet on disk."""
+        return self._buffered_rows
+
+    def append_step(
+        self,
+        step: int,
+        layers: Sequence[str],
+        depths: np.ndarray,
+        metrics: dict[str, np.ndarray],
+    ) -> None:
+        """Buffer one step's per-layer metrics: ``metrics[name][i]`` belongs to ``layers[i]``."""
+        num_layers = len(layers)
+        if num_layers == 0 or not metrics:
+            return
+        names = list(metrics)
+        values = np.concatenate([np.asarray(metrics[name], dtype=np.float64).reshape(-1) for name in names])
+        if values.size != num_layers * len(names):
+            raise ValueError(
+                f"every metric must have one value per layer ({num_layers}); got sizes "
+                f"{ {name: np.asarray(metrics[name]).size for name in names} }"
+            )
+        layer_array = np.asarray(layers, dtype=object)
+        self._append_chunk(
+            {
+                "step": np.full(values.size, step, dtype=np.int64),
+                "layer": np.tile(layer_array, len(names)),
+                "depth": np.tile(np.asarray(depths, dtype=np.int32), len(names)),
+                "metric": np.repeat(np.asarray(names, dtype=object), num_layers),
+                "value": values,
+            }
+        )
+
+    def append_global(self, step: int, metrics: dict[str, float]) -> None:
+        """Buffer one step's run-wide metrics under the layer name :data:`GLOBAL_LAYER` (depth ``-1``)."""
+        if not metrics:
+            return
+        count = len(metrics)
+        self._append_chunk(
+            {
+                "step": np.full(count, step, dtype=np.int64),
+                "layer": np.full(count, GLOBAL_LAYER, dtype=object),
+                "depth": np.full(count, -1, dtype=np.int32),
+                "metric": np.asarray(list(metrics), dtype=object),
+                "value": np.asarray([float(v) for v in metrics.values()], dtype=np.float64),
+            }
+        )
+
+    def _append_chunk(self, chunk: dict[str, np.ndarray]) -> None:
+        self._chunks.append(chunk)
+        self._buffered_rows += len(chunk["value"])
+        if self._buffered_rows >= self.max_buffered_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows as one record batch and fsync the segment."""
+        if not self._chunks:
+            return
+        columns = {name: np.concatenate([chunk[name] for chunk in self._chunks]) for name in COLUMNS}
+        batch = pa.record_batch([pa.array(columns[name], type=SCHEMA.field(name).type) for name in COLUMNS], schema=self._schema())
+        writer = self._open()
+        writer.write_batch(batch)
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
+        self.rows_written += batch.num_rows
+        self._chunks.clear()
+        self._buffered_rows = 0
+
+    def close(self) -> None:
+        """Flush and close the segment (writes the stream's end marker)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.flush()
+            os.fsync(self._sink.fileno())
+            self._sink.close()
+            self._writer = None
+            self._sink = None
+
+    def _schema(self) -> pa.Schema:
+        return SCHEMA.with_metadata({_START_STEP_KEY: str(self.start_step).encode(), _FORMAT_KEY: _FORMAT_VERSION})
+
+    def _open(self) -> pa.ipc.RecordBatchStreamWriter:
+        if self._writer is None:
+            self._sink = open(self.path, "wb")  # noqa: SIM115 - kept open across flushes, closed in close()
+            self._writer = pa.ipc.new_stream(self._sink, self._schema())
+        return self._writer
+
+
+@dataclass
+class SegmentInfo:
+    """What was readable in one segment file."""
+
+    path: Path
+    start_step: int
+    rows: int
+    truncated: bool
+    error: str = ""
+
+
+@dataclass
+class HistoryReadResult:
+    """A history as read from disk, with what could not be read."""
+
+    frame: pd.DataFrame
+    segments: list[SegmentInfo] = field(default_factory=list)
+
+    @property
+    def truncated(self) -> bool:
+        """Whether any segment ended in a torn batch."""
+        return any(segment.truncated for segment in self.segments)
+
+
+def find_history_dir(path: str | Path) -> Path:
+    """Resolve a monitor ``save_dir`` (or its ``history`` folder) to the folder holding the segments.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist or holds no history segments.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no gradlight history at {str(root)!r}: the path does not exist")
+    for candidate in (root / HISTORY_SUBDIR, root):
+        if list_segments(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"no gradlight history in {str(root)!r}: expected segment-*.arrow files in {str(root / HISTORY_SUBDIR)!r}"
+        " (pass the monitor's save_dir)"
+    )
+
+
+def _read_segment(path: Path) -> tuple[list[pa.RecordBatch], SegmentInfo]:
+    batches: list[pa.RecordBatch] = []
+    try:
+        reader = pa.ipc.open_stream(pa.OSFile(str(path), "rb"))
+    except (pa.ArrowInvalid, OSError) as err:  # torn before the schema was complete
+        return [], SegmentInfo(path, 0, 0, truncated=True, error=str(err))
+    metadata = reader.schema.metadata or {}
+    start_step = int(metadata.get(_START_STEP_KEY, b"0"))
+    truncated, error = False, ""
+    while True:
+        try:
+            batches.append(reader.read_next_batch())
+        except StopIteration:
+            break
+        except (pa.ArrowInvalid, OSError) as err:
+            truncated, error = True, str(err)
+            break
+    rows = sum(batch.num_rows for batch in batches)
+    return batches, SegmentInfo(path, start_step, rows, truncated, error)
+
+
+def read_history(path: str | Path) -> HistoryReadResult:
+    """Read every segment of a history, superseding rows a resumed run recomputed.
+
+    Torn tails are skipped; :attr:`HistoryReadResult.segments` says what each segment held.
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no history.
+    """
+    history_dir = find_history_dir(path)
+    frames: list[pd.DataFrame] = []
+    infos: list[SegmentInfo] = []
+    for _, segment in list_segments(history_dir):
+        batches, info = _read_segment(segment)
+        infos.append(info)
+        if not batches and info.truncated:
+            continue
+        # A new segment starts at `start_step`: what earlier segments hold from there on was recomputed.
+        frames = [frame[frame["step"] < info.start_step] for frame in frames]
+        if batches:
+            frames.append(pa.Table.from_batches(batches).to_pandas())
+    if frames:
+        frame = pd.concat(frames, ignore_index=True)
+    else:
+        frame = pd.DataFrame({name: pd.Series(dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in COLUMNS})
+    frame = frame.sort_values(["step", "depth", "metric"], kind="stable", ignore_index=True)
+    return HistoryReadResult(frame=frame[list(COLUMNS)], segments=infos)
+
+
+def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.DataFrame:
+    """Load a monitored run's history as a long-format DataFrame.
+
+    One row per ``(step, layer, metric)`` with the columns ``step, layer, depth, metric, value``. Per-layer
+    metrics include ``grad_l2``, ``grad_max_abs``, ``grad_nonfinite``, ``param_l2`` and ``update_ratio``;
+    run-wide metrics (``global_grad_l2``, ``early_late_ratio``, ...) use the layer name :data:`GLOBAL_LAYER`
+    and depth ``-1``. A torn tail left by a killed writer is skipped with a :class:`TruncatedHistoryWarning`.
+
+    Args:
+        path: The monitor's ``save_dir`` (or its ``history`` sub-folder).
+        metrics: Keep only these metrics.
+
+    Returns:
+        The history, sorted by step, then depth.
+
+    Raises:
+        FileNotFoundError: If ``path`` holds no history.
+
+    Example:
+        >>> history = load_history("runs/exp1/gradlight")  # doctest: +SKIP
+        >>> history[history.metric == "grad_l2"].pivot(index="layer", columns="step", values="value")  # doctest: +SKIP
+    """
+    result = read_history(path)
+    for segment in result.segments:
+        if segment.truncated:
+            warnings.warn(
+                f"{segment.path} ends in a torn record batch (its writer stopped mid-write); kept the "
+                f"{segment.rows} rows before it",
+                TruncatedHistoryWarning,
+                stacklevel=2,
+            )
+    frame = result.frame
+    if metrics is not None:
+        frame = frame[frame["metric"].isin(list(metrics))].reset_index(drop=True)
+    return frame
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
