@@ -1,0 +1,199 @@
+"""Which parameter belongs to which layer, and in which order the layers run.
+
+A *layer* is, by default, each module that directly owns parameters, named by its qualified name from
+``named_modules()`` (``model.0.conv``). ``group_by`` coarsens that: an int keeps that many leading name
+components (``model.3``), a callable maps a parameter name to any layer name. A layer's *depth* is its
+position in forward-execution order, discovered once by forward pre-hooks on the first training batch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["ForwardOrderRecorder", "GroupBy", "LayerMap", "clean_parameter_name", "layer_name_for"]
+
+#: How parameters are grouped into layers: ``None`` (owning module), an int, or ``param_name -> layer_name``.
+GroupBy = int | Callable[[str], str] | None
+
+# Name components that wrappers insert and that users never see in the unwrapped model.
+_WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module")
+ROOT_LAYER = "(root)"
+
+
+def clean_parameter_name(name: str) -> str:
+    """Drop wrapper components (FSDP, activation checkpointing, ``torch.compile``) from a qualified name.
+
+    Example:
+        >>> clean_parameter_name("_fsdp_wrapped_module.layer.0._fsdp_wrapped_module.weight")
+        'layer.0.weight'
+    """
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_COMPONENTS)
+
+
+def _module_of(param_name: str) -> str:
+    module, _, _ = param_name.rpartition(".")
+    return module or ROOT_LAYER
+
+
+def layer_name_for(param_name: str, group_by: GroupBy) -> str:
+    """Map a (clean) parameter name to its layer name.
+
+    Example:
+        >>> layer_name_for("model.3.cv1.conv.weight", None)
+        'model.3.cv1.conv'
+        >>> layer_name_for("model.3.cv1.conv.weight", 2)
+        'model.3'
+    """
+    if group_by is None:
+        return _module_of(param_name)
+    if callable(group_by):
+        return str(group_by(param_name))
+    module = _module_of(param_name)
+    if module == ROOT_LAYER:
+        return module
+    return ".".join(module.split(".")[:group_by])
+
+
+def validate_group_by(group_by: object) -> None:
+    """Raise ``ValueError`` unless ``group_by`` is ``None``, a positive int, or a callable."""
+    if group_by is None or callable(group_by):
+        return
+    if isinstance(group_by, bool) or not isinstance(group_by, int) or group_by < 1:
+        raise ValueError(
+            f"`group_by` must be None (one layer per module that owns parameters), a positive int "
+            f"(number of leading name components) or a callable param_name -> layer_name; got {group_by!r}."
+        )
+
+
+class ForwardOrderRecorder:
+    """Records the order in which modules first run, through forward pre-hooks removed after one batch.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> recorder = ForwardOrderRecorder(net)
+        >>> _ = net(torch.zeros(1, 2))
+        >>> recorder.remove()
+        >>> recorder.order
+        ['0', '2']
+    """
+
+    def __init__(self, model: nn.Module, only_parameter_owners: bool = True) -> None:
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+        self._handles: list[RemovableHandle] = []
+        for name, module in model.named_modules():
+            if only_parameter_owners and not any(True for _ in module.parameters(recurse=False)):
+                continue
+            self._handles.append(
+                module.register_forward_pre_hook(self._make_hook(clean_parameter_name(name)))
+            )
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object) -> None:
+            if name not in self._seen:
+                self._seen.add(name)
+                self.order.append(name or ROOT_LAYER)
+
+        return hook
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still installed."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook; :attr:`order` keeps what was recorded."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@dataclass
+class LayerMap:
+    """The mapping parameter -> layer for one model, and the layers' forward order.
+
+    Attributes:
+        param_names: Clean qualified name of every monitored parameter.
+        param_layer: For each parameter, the index of its layer in :attr:`layers`.
+        layers: Layer names, sorted by depth.
+        params_by_id: ``id(parameter) -> index`` into :attr:`param_names`.
+    """
+
+    param_names: list[str]
+    param_layer: list[int]
+    layers: list[str]
+    params_by_id: dict[int, int] = field(default_factory=dict)
+    num_elements: list[int] = field(default_factory=list)
+
+    @property
+    def depths(self) -> list[int]:
+        """Depth of each layer (layers are stored in depth order)."""
+        return list(range(len(self.layers)))
+
+    @classmethod
+    def build(
+        cls,
+        named_parameters: Iterable[tuple[str, nn.Parameter]],
+        group_by: GroupBy = None,
+        exclude: Sequence[str] = (),
+        forward_order: Sequence[str] = (),
+    ) -> LayerMap:
+        """Group trainable parameters into layers ordered by ``forward_order`` (module names).
+
+        Parameters that do not require gradients, or whose clean name matches a pattern in ``exclude``
+        (``fnmatch`` syntax), are not monitored. Layers whose modules never ran come last, in name order.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+            >>> LayerMap.build(net.named_parameters(), forward_order=["2", "0"]).layers
+            ['2', '0']
+        """
+        rank_of_module = {name: rank for rank, name in enumerate(forward_order)}
+        unseen = len(rank_of_module)
+        names: list[str] = []
+        layer_of_param: list[str] = []
+        params_by_id: dict[int, int] = {}
+        num_elements: list[int] = []
+        first_seen: dict[str, tuple[int, int]] = {}
+        for raw_name, param in named_parameters:
+            name = clean_parameter_name(raw_name)
+            if not param.requires_grad or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+                continue
+            if id(param) in params_by_id:  # shared (tied) parameter: counted once
+                continue
+            layer = layer_name_for(name, group_by)
+            # A layer runs as early as its earliest member module; ties keep parameter order.
+            key = (rank_of_module.get(_module_of(name), unseen), len(names))
+            first_seen[layer] = min(first_seen.get(layer, key), key)
+            params_by_id[id(param)] = len(names)
+            names.append(name)
+            layer_of_param.append(layer)
+            num_elements.append(param.numel())
+        layers = sorted(first_seen, key=lambda layer: first_seen[layer])
+        index = {layer: i for i, layer in enumerate(layers)}
+        return cls(
+            param_names=names,
+            param_layer=[index[layer] for layer in layer_of_param],
+            layers=layers,
+            params_by_id=params_by_id,
+            num_elements=num_elements,
+        )
+
+    def layer_sizes(self) -> list[int]:
+        """Number of monitored parameter elements per layer."""
+        sizes = [0] * len(self.layers)
+        for layer, count in zip(self.param_layer, self.num_elements):
+            sizes[layer] += count
+        return sizes
+
+    def index_tensor(self, param_indices: Sequence[int], device: torch.device) -> torch.Tensor:
+        """Layer index of each parameter in ``param_indices``, as a long tensor on ``device``."""
+        return torch.tensor([self.param_layer[i] for i in param_indices], dtype=torch.long).to(
+            device, non_blocking=True
+        )

@@ -1,0 +1,122 @@
+"""``GradientFlowMixin``: lets a LightningModule shape what the monitor records and read it back."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
+
+from gradlight.layers import GroupBy, validate_group_by
+
+if TYPE_CHECKING:
+    from gradlight.monitor import GradientFlowMonitor
+    from gradlight.tracker import StepRecord
+
+__all__ = ["GradientFlowMixin", "GradientFlowSpec", "find_spec"]
+
+
+@dataclass(frozen=True)
+class GradientFlowSpec:
+    """A module's own layer grouping and exclusions, returned by ``configure_gradient_flow()``.
+
+    Attributes:
+        group_by: Overrides the monitor's ``group_by`` when not ``None`` (int or ``param_name -> layer``).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor, added to the monitor's.
+    """
+
+    group_by: GroupBy = None
+    exclude: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        validate_group_by(self.group_by)
+        if isinstance(self.exclude, str):
+            raise ValueError(
+                f"`exclude` must be a sequence of patterns, not a single string: {self.exclude!r}."
+            )
+
+
+class GradientFlowMixin:
+    """Mix into a ``LightningModule`` to declare layer groups and read or record gradient statistics.
+
+    Example:
+        >>> import lightning as L
+        >>> class Net(GradientFlowMixin, L.LightningModule):
+        ...     def configure_gradient_flow(self):
+        ...         return GradientFlowSpec(group_by=2, exclude=["head.*.bias"])
+        ...
+        ...     def training_step(self, batch, batch_idx):  # manual optimization
+        ...         opt = self.optimizers()
+        ...         self.manual_backward(self.loss(batch))
+        ...         self.record_gradient_flow(opt)   # before stepping
+        ...         opt.step()
+        ...         opt.zero_grad()
+    """
+
+    def configure_gradient_flow(self) -> GradientFlowSpec | None:
+        """Override to group parameters into layers or exclude some; ``None`` keeps the monitor's choice."""
+        return None
+
+    @property
+    def gradient_flow_monitor(self) -> GradientFlowMonitor:
+        """The :class:`~gradlight.GradientFlowMonitor` among the Trainer's callbacks.
+
+        Raises:
+            MisconfigurationException: If the module is not attached to a Trainer with a monitor.
+        """
+        from gradlight.monitor import GradientFlowMonitor
+
+        callbacks = trainer.callbacks if (trainer := _trainer_of(self)) is not None else []
+        for callback in callbacks:
+            if isinstance(callback, GradientFlowMonitor):
+                return callback
+        raise MisconfigurationException(
+            "No GradientFlowMonitor found: add one with `Trainer(callbacks=[GradientFlowMonitor()])`."
+        )
+
+    @property
+    def gradient_flow(self) -> StepRecord | None:
+        """The latest recorded statistics (``StepRecord``), or ``None`` before the first logged step."""
+        return self.gradient_flow_monitor.latest
+
+    def record_gradient_flow(self, optimizer: Any) -> None:
+        """Record this step's gradients under manual optimization: call after backward, before ``step()``.
+
+        Args:
+            optimizer: The optimizer about to step (a ``LightningOptimizer`` or a torch optimizer).
+        """
+        raw = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(raw, Optimizer):
+            raise ValueError(
+                f"`optimizer` must be a torch or Lightning optimizer, got {type(optimizer).__name__}."
+            )
+        monitor = self.gradient_flow_monitor
+        trainer = _trainer_of(self)
+        assert trainer is not None  # gradient_flow_monitor raised otherwise
+        monitor.capture(trainer, raw)
+
+
+def _trainer_of(module: object) -> Any:
+    try:
+        return getattr(module, "trainer", None)
+    except RuntimeError:  # LightningModule.trainer raises when not attached
+        return None
+
+
+def find_spec(module: object) -> GradientFlowSpec | None:
+    """The module's ``configure_gradient_flow()`` result, if it defines one.
+
+    Raises:
+        ValueError: If the hook returns something other than a ``GradientFlowSpec`` or ``None``.
+    """
+    hook = getattr(module, "configure_gradient_flow", None)
+    if hook is None:
+        return None
+    spec = hook()
+    if spec is not None and not isinstance(spec, GradientFlowSpec):
+        raise ValueError(
+            f"`configure_gradient_flow()` must return a GradientFlowSpec or None, got {type(spec).__name__}."
+        )
+    return spec

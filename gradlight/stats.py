@@ -1,0 +1,152 @@
+"""Pure tensor math: fused per-tensor norms, per-layer reduction, reduction across ranks.
+
+Everything here stays on the device and never synchronises with the host; the caller copies one stacked
+tensor to the host per logged step. Statistics are kept in their reducible form (sums of squares, maxima,
+counts) until the very end, like torchmetrics' states, so that sharded tensors reduce exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+try:  # torch >= 2.4 exposes DTensor publicly
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch
+    DTensor = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "SUM_STATS",
+    "CrossRankReduction",
+    "LocalReduction",
+    "foreach_norms",
+    "local_tensor",
+    "nonfinite_counts",
+    "reduce_to_layers",
+    "snapshot",
+    "update_squares",
+]
+
+#: Per-tensor statistics reduced by summation (across shards and into layers), in row order.
+SUM_STATS = ("grad_sq", "param_sq", "update_sq")
+#: Per-tensor statistics reduced by maximum.
+MAX_STATS = ("grad_max",)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds (a DTensor's local shard, else the tensor itself)."""
+    if DTensor is not None and isinstance(tensor, DTensor):
+        return tensor.to_local()
+    return tensor
+
+
+def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0, device: torch.device | None = None) -> Tensor:
+    """Norm of each tensor in float32, one fused ``_foreach_norm`` per (device, dtype) group.
+
+    Args:
+        tensors: Plain (local) tensors, any mix of devices and dtypes.
+        ord: ``2.0`` for the L2 norm, ``float("inf")`` for the largest absolute value.
+        device: Where the result lives; defaults to the first tensor's device.
+
+    Returns:
+        A float32 vector with one norm per tensor, in input order.
+
+    Example:
+        >>> foreach_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0], dtype=torch.bfloat16)], ord=2.0)
+        tensor([5., 2.])
+    """
+    if not tensors:
+        return torch.zeros(0, device=device)
+    home = device if device is not None else tensors[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for position, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(position)
+    if len(groups) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32)).to(home)
+    out = torch.empty(len(tensors), dtype=torch.float32, device=home)
+    for positions in groups.values():
+        norms = torch.stack(torch._foreach_norm([tensors[i] for i in positions], ord, dtype=torch.float32))
+        out[torch.tensor(positions, device=home)] = norms.to(home, non_blocking=True)
+    return out
+
+
+def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copy ``tensors`` (fused), e.g. parameters before an optimizer step."""
+    with torch.no_grad():
+        return list(torch._foreach_mul([t.detach() for t in tensors], 1.0)) if tensors else []
+
+
+def update_squares(
+    after: Sequence[Tensor], before: Sequence[Tensor], device: torch.device | None = None
+) -> Tensor:
+    """Squared L2 norm of ``after[i] - before[i]`` for each pair, in float32."""
+    if not after:
+        return torch.zeros(0, device=device)
+    with torch.no_grad():
+        diffs = torch._foreach_sub([t.detach() for t in after], list(before))
+        return foreach_norms(diffs, 2.0, device).square()
+
+
+def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Number of NaN/Inf elements in each tensor (one small kernel per tensor: use only when needed)."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    home = device if device is not None else tensors[0].device
+    with torch.no_grad():
+        return torch.stack([(~torch.isfinite(t)).sum().to(home, torch.float32) for t in tensors])
+
+
+def reduce_to_layers(
+    sums: Tensor, maxima: Tensor, layer_index: Tensor, num_layers: int
+) -> tuple[Tensor, Tensor]:
+    """Reduce per-tensor statistics into per-layer ones.
+
+    Args:
+        sums: ``(K, P)`` statistics that add up (sums of squares, counts).
+        maxima: ``(M, P)`` statistics reduced by maximum.
+        layer_index: ``(P,)`` layer of each tensor.
+        num_layers: Number of layers ``L``.
+
+    Returns:
+        ``(K, L)`` sums and ``(M, L)`` maxima (``-inf`` where a layer has no tensor; NaN propagates).
+
+    Example:
+        >>> s, m = reduce_to_layers(torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([[1.0, 3.0, 2.0]]),
+        ...                         torch.tensor([0, 0, 1]), 2)
+        >>> s.tolist(), m.tolist()
+        ([[3.0, 4.0]], [[3.0, 2.0]])
+    """
+    layer_sums = sums.new_zeros(sums.shape[0], num_layers).index_add_(1, layer_index, sums)
+    index = layer_index.unsqueeze(0).expand_as(maxima)
+    layer_max = maxima.new_full((maxima.shape[0], num_layers), float("-inf"))
+    layer_max = layer_max.scatter_reduce(1, index, maxima, reduce="amax", include_self=True)
+    return layer_sums, layer_max
+
+
+class CrossRankReduction(Protocol):
+    """Turns this rank's per-tensor statistics into exact global ones.
+
+    Implementations must issue the same collectives on every rank, in the same order, whatever the values.
+    """
+
+    def __call__(self, sums: Tensor, maxima: Tensor) -> tuple[Tensor, Tensor]:
+        """Reduce ``(K, P)`` sums and ``(M, P)`` maxima over the ranks that hold parts of each tensor."""
+        ...
+
+    @property
+    def collectives_per_step(self) -> int:
+        """How many collectives one call issues."""
+        ...
+
+
+class LocalReduction:
+    """No reduction: every rank already holds whole tensors (single process, DDP)."""
+
+    collectives_per_step = 0
+
+    def __call__(self, sums: Tensor, maxima: Tensor) -> tuple[Tensor, Tensor]:
+        """Return the statistics unchanged."""
+        return sums, maxima

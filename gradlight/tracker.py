@@ -1,0 +1,336 @@
+"""The Trainer-free core: read one optimizer step's gradients, finish after the step, emit a record.
+
+:class:`GradientFlowTracker` knows nothing about Lightning. The Lightning monitor drives it from its hooks;
+the Ultralytics baseline drives it from its trainer's ``optimizer_step``. A logged step is two calls:
+
+1. :meth:`GradientFlowTracker.capture` right before the optimizer step: fused per-tensor gradient and
+   parameter norms on the device, plus a copy of the parameters if the update ratio is tracked;
+2. :meth:`GradientFlowTracker.finalize` right after it: the update norms, the cross-rank reduction (if any),
+   the per-layer reduction, and one device-to-host copy for everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from gradlight.layers import ForwardOrderRecorder, GroupBy, LayerMap
+from gradlight.stats import (
+    CrossRankReduction,
+    LocalReduction,
+    foreach_norms,
+    local_tensor,
+    nonfinite_counts,
+    reduce_to_layers,
+    snapshot,
+    update_squares,
+)
+
+__all__ = ["LAYER_METRICS", "GradientFlowTracker", "StepRecord", "early_late_ratio"]
+
+#: Per-layer metrics of every record, in this order.
+LAYER_METRICS = ("grad_l2", "grad_max_abs", "grad_nonfinite", "param_l2", "update_ratio")
+
+
+@dataclass
+class StepRecord:
+    """Statistics of one optimizer step.
+
+    Attributes:
+        step: The optimizer step (``trainer.global_step`` when the gradients were read).
+        layers: Names of the layers that had gradients, in forward order.
+        depths: Depth of each of those layers.
+        metrics: ``metric -> values`` with one value per layer (see :data:`LAYER_METRICS`).
+        global_metrics: Run-wide values: ``global_grad_l2``, ``global_grad_max_abs``,
+            ``global_grad_nonfinite``, ``early_late_ratio``, ``grad_l2_min``, ``grad_l2_max``.
+    """
+
+    step: int
+    layers: list[str]
+    depths: np.ndarray
+    metrics: dict[str, np.ndarray]
+    global_metrics: dict[str, float] = field(default_factory=dict)
+
+    def value(self, metric: str, layer: str) -> float:
+        """One layer's value of one metric."""
+        return float(self.metrics[metric][self.layers.index(layer)])
+
+    def to_frame(self) -> pd.DataFrame:
+        """The record in :func:`gradlight.load_history`'s long format (per-layer rows only)."""
+        count = len(self.layers)
+        return pd.DataFrame(
+            {
+                "step": self.step,
+                "layer": np.tile(self.layers, len(self.metrics)),
+                "depth": np.tile(self.depths, len(self.metrics)),
+                "metric": np.repeat(list(self.metrics), count),
+                "value": np.concatenate([self.metrics[m] for m in self.metrics]) if count else [],
+            }
+        )
+
+
+def early_late_ratio(grad_l2: np.ndarray, edge_layers: int = 1) -> float:
+    """Geometric mean of the first ``edge_layers`` layers' norms over that of the last ones.
+
+    Example:
+        >>> early_late_ratio(np.array([1e-6, 1e-3, 1.0]))
+        1e-06
+    """
+    if grad_l2.size == 0:
+        return float("nan")
+    count = max(1, min(edge_layers, grad_l2.size // 2 or 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(grad_l2.astype(np.float64))
+        return float(np.exp(logs[:count].mean() - logs[-count:].mean()))
+
+
+@dataclass
+class _Pending:
+    step: int
+    owner: object
+    indices: list[int]
+    grads: list[Tensor]
+    params: list[Tensor]
+    grad_sq: Tensor
+    grad_max: Tensor
+    param_sq: Tensor
+    before: list[Tensor]
+    grad_scale: float
+
+
+class GradientFlowTracker:
+    """Per-layer gradient statistics of one model, exact and cheap.
+
+    Args:
+        model: The model whose parameters are monitored (names are taken from ``named_parameters()``).
+        group_by: ``None`` (one layer per module that owns parameters), an int (keep that many leading name
+            components) or a callable ``param_name -> layer_name``.
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        track_update_ratio: Record ``update_ratio``. Costs one copy of the monitored parameters on logged
+            steps (memory), nothing on other steps.
+        edge_layers: How many first and last layers the early-to-late ratio compares.
+        reduction: How statistics combine across ranks; :class:`~gradlight.stats.LocalReduction` when every
+            rank holds whole tensors (single process, DDP).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
+        >>> tracker = GradientFlowTracker(net)
+        >>> net(torch.randn(2, 4)).sum().backward()
+        >>> tracker.capture(step=0, params=net.parameters())
+        >>> record = tracker.finalize()
+        >>> record.layers, record.metrics["grad_l2"].shape
+        (['0', '2'], (2,))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        group_by: GroupBy = None,
+        exclude: Sequence[str] = (),
+        track_update_ratio: bool = True,
+        edge_layers: int = 1,
+        reduction: CrossRankReduction | None = None,
+    ) -> None:
+        self.model = model
+        self.group_by = group_by
+        self.exclude = tuple(exclude)
+        self.track_update_ratio = track_update_ratio
+        self.edge_layers = edge_layers
+        self.reduction: CrossRankReduction = reduction if reduction is not None else LocalReduction()
+        self.forward_order: list[str] | None = None
+        self.latest: StepRecord | None = None
+        self._layer_map: LayerMap | None = None
+        self._recorder: ForwardOrderRecorder | None = None
+        self._pending: _Pending | None = None
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    # ----------------------------------------------------------------------------------- layer discovery
+    def start_discovery(self) -> None:
+        """Install forward pre-hooks that record the order in which parameter-owning modules run."""
+        if self._recorder is None and self.forward_order is None:
+            self._recorder = ForwardOrderRecorder(self.model)
+
+    def stop_discovery(self) -> None:
+        """Remove the discovery hooks and fix the layers' depths."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self.forward_order = list(self._recorder.order)
+            self._recorder = None
+            self._layer_map = None
+            self._index_cache.clear()
+
+    @property
+    def discovering(self) -> bool:
+        """Whether the forward-order hooks are installed."""
+        return self._recorder is not None
+
+    def set_forward_order(self, order: Sequence[str]) -> None:
+        """Use a known forward order (e.g. restored from a checkpoint) instead of discovering it."""
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+        self.forward_order = list(order)
+        self._layer_map = None
+        self._index_cache.clear()
+
+    @property
+    def layer_map(self) -> LayerMap:
+        """Parameter -> layer mapping, built on first use (after discovery when there is one)."""
+        if self._layer_map is None:
+            self._layer_map = LayerMap.build(
+                self.model.named_parameters(), self.group_by, self.exclude, self.forward_order or ()
+            )
+        return self._layer_map
+
+    # ----------------------------------------------------------------------------------- one logged step
+    @property
+    def pending(self) -> bool:
+        """Whether a captured step awaits :meth:`finalize`."""
+        return self._pending is not None
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step that awaits :meth:`finalize`, if any."""
+        return None if self._pending is None else self._pending.step
+
+    def pending_owner(self) -> object:
+        """The ``owner`` passed to :meth:`capture` for the pending step (e.g. the optimizer)."""
+        return None if self._pending is None else self._pending.owner
+
+    def capture(
+        self, step: int, params: Iterable[Tensor], grad_scale: float = 1.0, owner: object = None
+    ) -> None:
+        """Read the gradients of ``params`` before the optimizer step. No host synchronisation.
+
+        Args:
+            step: The optimizer step these gradients belong to.
+            params: Parameters about to be stepped (e.g. every parameter of an optimizer). Parameters that
+                are excluded, frozen, or have no gradient are skipped.
+            grad_scale: Divide gradients by this (an AMP loss scale the gradients still carry).
+            owner: Any object identifying who captured (e.g. the optimizer), returned by :meth:`pending_owner`.
+        """
+        layer_map = self.layer_map
+        indices: list[int] = []
+        grads: list[Tensor] = []
+        tensors: list[Tensor] = []
+        seen: set[int] = set()
+        for param in params:
+            position = layer_map.params_by_id.get(id(param))
+            if position is None or param.grad is None or position in seen:
+                continue
+            seen.add(position)
+            indices.append(position)
+            grads.append(local_tensor(param.grad.detach()))
+            tensors.append(local_tensor(param.detach()))
+        device = tensors[0].device if tensors else torch.device("cpu")
+        grad_sq = foreach_norms(grads, 2.0, device).square()
+        grad_max = foreach_norms(grads, float("inf"), device)
+        if grad_scale != 1.0:
+            grad_sq = grad_sq / (grad_scale * grad_scale)
+            grad_max = grad_max / grad_scale
+        self._pending = _Pending(
+            step=step,
+            owner=owner,
+            indices=indices,
+            grads=grads,
+            params=tensors,
+            grad_sq=grad_sq,
+            grad_max=grad_max,
+            param_sq=foreach_norms(tensors, 2.0, device).square(),
+            before=snapshot(tensors) if self.track_update_ratio else [],
+            grad_scale=grad_scale,
+        )
+
+    def discard(self) -> None:
+        """Drop a captured step without recording it."""
+        self._pending = None
+
+    def finalize(self) -> StepRecord:
+        """Finish the captured step after the optimizer step and return its record (one host copy).
+
+        Raises:
+            RuntimeError: If no step was captured.
+        """
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("finalize() called without a captured step: call capture() first")
+        self._pending = None
+        device = pending.grad_sq.device
+        if self.track_update_ratio:
+            update_sq = update_squares(pending.params, pending.before, device)
+        else:
+            update_sq = torch.full_like(pending.param_sq, float("nan"))
+        sums, maxima = self.reduction(
+            torch.stack([pending.grad_sq, pending.param_sq, update_sq]), pending.grad_max.unsqueeze(0)
+        )
+        present = sorted({self.layer_map.param_layer[i] for i in pending.indices})
+        layer_index = self._layer_index(pending.indices, present, device)
+        layer_sums, layer_max = reduce_to_layers(sums, maxima, layer_index, len(present))
+        host = torch.cat([layer_sums.flatten(), layer_max.flatten()]).cpu().numpy().astype(np.float64)
+        grad_sq, param_sq, upd_sq = host[: 3 * len(present)].reshape(3, len(present))
+        grad_max = host[3 * len(present) :]
+        nonfinite = np.zeros(len(present))
+        if not np.isfinite(grad_sq).all():  # rare: count NaN/Inf elements exactly
+            counts, _ = self.reduction(nonfinite_counts(pending.grads, device).unsqueeze(0), maxima[:0])
+            nonfinite = reduce_to_layers(counts, maxima[:0], layer_index, len(present))[0][0].cpu().numpy()
+        record = self._record(pending.step, present, grad_sq, grad_max, nonfinite, param_sq, upd_sq)
+        if pending.grad_scale != 1.0:
+            record.global_metrics["grad_scale"] = pending.grad_scale
+        return record
+
+    def _layer_index(self, indices: list[int], present: list[int], device: torch.device) -> Tensor:
+        key = tuple(indices)
+        cached = self._index_cache.get(key)
+        if cached is None or cached.device != device:
+            compact = {layer: i for i, layer in enumerate(present)}
+            layer_of = self.layer_map.param_layer
+            cached = torch.tensor([compact[layer_of[i]] for i in indices], dtype=torch.long).to(device)
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            self._index_cache[key] = cached
+        return cached
+
+    def _record(
+        self,
+        step: int,
+        present: list[int],
+        grad_sq: np.ndarray,
+        grad_max: np.ndarray,
+        nonfinite: np.ndarray,
+        param_sq: np.ndarray,
+        update_sq: np.ndarray,
+    ) -> StepRecord:
+        grad_l2 = np.sqrt(grad_sq)
+        param_l2 = np.sqrt(param_sq)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            update_ratio = np.where(param_l2 > 0, np.sqrt(update_sq) / param_l2, np.nan)
+        names = self.layer_map.layers
+        finite = grad_l2[np.isfinite(grad_l2)]
+        global_metrics = {
+            "global_grad_l2": float(np.sqrt(grad_sq.sum())),
+            "global_grad_max_abs": float(grad_max.max()) if grad_max.size else float("nan"),
+            "global_grad_nonfinite": float(nonfinite.sum()),
+            "early_late_ratio": early_late_ratio(grad_l2, self.edge_layers),
+            "grad_l2_min": float(finite.min()) if finite.size else float("nan"),
+            "grad_l2_max": float(finite.max()) if finite.size else float("nan"),
+        }
+        record = StepRecord(
+            step=step,
+            layers=[names[i] for i in present],
+            depths=np.asarray(present, dtype=np.int32),
+            metrics={
+                "grad_l2": grad_l2,
+                "grad_max_abs": grad_max,
+                "grad_nonfinite": nonfinite.astype(np.float64),
+                "param_l2": param_l2,
+                "update_ratio": update_ratio,
+            },
+            global_metrics=global_metrics,
+        )
+        self.latest = record
+        return record
