@@ -24,6 +24,8 @@ from gradlight import __version__
 from gradlight.history import GLOBAL_LAYER, HistoryWriter, list_segments, write_json_atomic
 from gradlight.layers import GroupBy, validate_group_by
 from gradlight.mixin import GradientFlowSpec, find_spec
+from gradlight.sharding import SHARDING_MODES, resolve_reduction
+from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
 __all__ = ["GradientFlowMonitor"]
@@ -55,6 +57,8 @@ class GradientFlowMonitor(Callback):
         flush_every_n_records: Write the history to disk every this many records (also at checkpoints, at the
             end of fit and on exceptions). Bounds memory however long the run.
         overwrite: Replace a history that already is in ``save_dir`` instead of refusing to start.
+        sharding: How statistics combine across ranks: ``"auto"`` detects it from the Trainer's strategy;
+            see :mod:`gradlight.sharding` for the modes, or pass a ``CrossRankReduction`` for custom ones.
 
     Example:
         >>> import lightning as L
@@ -77,6 +81,7 @@ class GradientFlowMonitor(Callback):
         edge_layers: int = 1,
         flush_every_n_records: int = 20,
         overwrite: bool = False,
+        sharding: str | CrossRankReduction = "auto",
     ) -> None:
         super().__init__()
         _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
@@ -98,6 +103,11 @@ class GradientFlowMonitor(Callback):
         self.edge_layers = edge_layers
         self.flush_every_n_records = flush_every_n_records
         self.overwrite = overwrite
+        if isinstance(sharding, str) and sharding not in SHARDING_MODES:
+            raise ValueError(
+                f"`sharding` must be one of {SHARDING_MODES} or a CrossRankReduction, got {sharding!r}."
+            )
+        self.sharding = sharding
 
         self.tracker: GradientFlowTracker | None = None
         self.last_recorded_step = -1
@@ -142,6 +152,7 @@ class GradientFlowMonitor(Callback):
             )
         spec = find_spec(pl_module)
         self.tracker = self._build_tracker(pl_module, spec)
+        self.tracker.reduction = resolve_reduction(trainer.strategy, self.sharding)
         if self._restored_order is not None:
             self.tracker.set_forward_order(self._restored_order)
         self._run_info = {

@@ -129,24 +129,28 @@ def reduce_to_layers(
 class CrossRankReduction(Protocol):
     """Turns this rank's per-tensor statistics into exact global ones.
 
-    Implementations must issue the same collectives on every rank, in the same order, whatever the values.
+    Implementations must issue the same collectives on every rank, in the same order, whatever the values,
+    and at most one collective per call.
     """
 
-    def __call__(self, sums: Tensor, maxima: Tensor) -> tuple[Tensor, Tensor]:
-        """Reduce ``(K, P)`` sums and ``(M, P)`` maxima over the ranks that hold parts of each tensor."""
-        ...
+    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Reduce statistics over the ranks that hold parts of each tensor.
 
-    @property
-    def collectives_per_step(self) -> int:
-        """How many collectives one call issues."""
+        Args:
+            sums: ``(K, P)`` local statistics that add up over shards (sums of squares, counts).
+            maxima: ``(M, P)`` local statistics reduced by maximum.
+            params: The ``P`` parameters the columns belong to, as the model holds them (DTensors under
+                FSDP2, flat-parameter views under FSDP1), so the reduction can tell sharded from replicated.
+
+        Returns:
+            The global ``(K, P)`` sums and ``(M, P)`` maxima, identical on every rank.
+        """
         ...
 
 
 class LocalReduction:
     """No reduction: every rank already holds whole tensors (single process, DDP)."""
 
-    collectives_per_step = 0
-
-    def __call__(self, sums: Tensor, maxima: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Return the statistics unchanged."""
         return sums, maxima

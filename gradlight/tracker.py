@@ -96,6 +96,7 @@ class _Pending:
     indices: list[int]
     grads: list[Tensor]
     params: list[Tensor]
+    originals: list[Tensor]
     grad_sq: Tensor
     grad_max: Tensor
     param_sq: Tensor
@@ -212,12 +213,13 @@ class GradientFlowTracker:
             params: Parameters about to be stepped (e.g. every parameter of an optimizer). Parameters that
                 are excluded, frozen, or have no gradient are skipped.
             grad_scale: Divide gradients by this (an AMP loss scale the gradients still carry).
-            owner: Any object identifying who captured (e.g. the optimizer), returned by :meth:`pending_owner`.
+            owner: Identifies who captured (e.g. the optimizer); see :meth:`pending_owner`.
         """
         layer_map = self.layer_map
         indices: list[int] = []
         grads: list[Tensor] = []
         tensors: list[Tensor] = []
+        originals: list[Tensor] = []
         seen: set[int] = set()
         for param in params:
             position = layer_map.params_by_id.get(id(param))
@@ -227,6 +229,7 @@ class GradientFlowTracker:
             indices.append(position)
             grads.append(local_tensor(param.grad.detach()))
             tensors.append(local_tensor(param.detach()))
+            originals.append(param)
         device = tensors[0].device if tensors else torch.device("cpu")
         grad_sq = foreach_norms(grads, 2.0, device).square()
         grad_max = foreach_norms(grads, float("inf"), device)
@@ -239,6 +242,7 @@ class GradientFlowTracker:
             indices=indices,
             grads=grads,
             params=tensors,
+            originals=originals,
             grad_sq=grad_sq,
             grad_max=grad_max,
             param_sq=foreach_norms(tensors, 2.0, device).square(),
@@ -266,7 +270,9 @@ class GradientFlowTracker:
         else:
             update_sq = torch.full_like(pending.param_sq, float("nan"))
         sums, maxima = self.reduction(
-            torch.stack([pending.grad_sq, pending.param_sq, update_sq]), pending.grad_max.unsqueeze(0)
+            torch.stack([pending.grad_sq, pending.param_sq, update_sq]),
+            pending.grad_max.unsqueeze(0),
+            pending.originals,
         )
         present = sorted({self.layer_map.param_layer[i] for i in pending.indices})
         layer_index = self._layer_index(pending.indices, present, device)
@@ -276,7 +282,8 @@ class GradientFlowTracker:
         grad_max = host[3 * len(present) :]
         nonfinite = np.zeros(len(present))
         if not np.isfinite(grad_sq).all():  # rare: count NaN/Inf elements exactly
-            counts, _ = self.reduction(nonfinite_counts(pending.grads, device).unsqueeze(0), maxima[:0])
+            local_counts = nonfinite_counts(pending.grads, device).unsqueeze(0)
+            counts, _ = self.reduction(local_counts, maxima[:0], pending.originals)
             nonfinite = reduce_to_layers(counts, maxima[:0], layer_index, len(present))[0][0].cpu().numpy()
         record = self._record(pending.step, present, grad_sq, grad_max, nonfinite, param_sq, upd_sq)
         if pending.grad_scale != 1.0:
