@@ -1,0 +1,1 @@
+"""Case studies that use gradlight on real models."""
