@@ -189,7 +189,8 @@ class GradientFlowMonitor(Callback):
         for optimizer in trainer.optimizers:
             self._step_hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         if trainer.is_global_zero and self.save_dir is not None:
-            self._writer = HistoryWriter(self.save_dir, start_step=trainer.global_step)
+            # A resumed run recomputes every step after the checkpoint's last record: those rows supersede.
+            self._writer = HistoryWriter(self.save_dir, start_step=self.last_recorded_step + 1)
 
     def _check_existing_history(self, trainer: pl.Trainer) -> None:
         assert self.save_dir is not None  # set in setup
