@@ -117,7 +117,7 @@ class GradientFlowMonitor(Callback):
         self._restored_order: list[str] | None = None
         self._resumed = False
         self._step_hooks: list[RemovableHandle] = []
-        self._loss_step: int | None = None
+        self._unwritten: StepRecord | None = None
         self._records_since_flush = 0
         self._run_info: dict[str, Any] = {}
         self._trainer: pl.Trainer | None = None
@@ -259,18 +259,23 @@ class GradientFlowMonitor(Callback):
             return
         if tracker.pending:  # the optimizer step was skipped (AMP found inf/NaN): parameters did not move
             self._finish(trainer)
-        if self._loss_step is not None:
+        if self._unwritten is not None:
             loss = _loss_of(outputs)
-            if loss is not None and self._writer is not None:
-                self._writer.append_global(self._loss_step, {"loss": loss})
-            self._loss_step = None
+            if loss is not None:
+                self._unwritten.global_metrics["loss"] = loss
+            self._emit(trainer)
 
     def _finish(self, trainer: pl.Trainer) -> None:
+        """Finalize the captured step; it is emitted once the batch's loss is known (or at the end)."""
         assert self.tracker is not None
+        self._emit(trainer)  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
         self.last_recorded_step = record.step
-        self._loss_step = record.step
-        if trainer.is_global_zero:
+        self._unwritten = record
+
+    def _emit(self, trainer: pl.Trainer) -> None:
+        record, self._unwritten = self._unwritten, None
+        if record is not None and trainer.is_global_zero:
             self._write(record)
             self._log_summary(trainer, record)
 
@@ -315,6 +320,8 @@ class GradientFlowMonitor(Callback):
         self._records_since_flush = 0
 
     def _close(self) -> None:
+        if self._unwritten is not None and self._trainer is not None:
+            self._emit(self._trainer)
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -65,12 +65,19 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0, device: torch.dev
     for position, tensor in enumerate(tensors):
         groups.setdefault((tensor.device, tensor.dtype), []).append(position)
     if len(groups) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32)).to(home)
+        return _fused_norms(list(tensors), ord).to(home)
     out = torch.empty(len(tensors), dtype=torch.float32, device=home)
     for positions in groups.values():
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in positions], ord, dtype=torch.float32))
-        out[torch.tensor(positions, device=home)] = norms.to(home, non_blocking=True)
+        norms = _fused_norms([tensors[i] for i in positions], ord)
+        out[torch.tensor(positions, device=home)] = norms.to(home, torch.float32, non_blocking=True)
     return out
+
+
+def _fused_norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """One ``_foreach_norm`` over same-device, same-dtype tensors, accumulated in at least float32."""
+    low_precision = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    norms = torch._foreach_norm(tensors, ord, dtype=torch.float32 if low_precision else None)
+    return torch.stack(norms).to(torch.float32)
 
 
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradlight.layers import ForwardOrderRecorder, LayerMap, clean_parameter_name, layer_name_for
+from gradlight.stats import foreach_norms, nonfinite_counts, reduce_to_layers, snapshot, update_squares
+from gradlight.tracker import GradientFlowTracker, early_late_ratio
+
+
+def test_foreach_norms_mixed_dtypes_keep_input_order() -> None:
+    tensors = [
+        torch.tensor([3.0, 4.0]),
+        torch.tensor([1.0, -7.0], dtype=torch.bfloat16),
+        torch.tensor([[2.0]], dtype=torch.float64),
+        torch.tensor([0.5], dtype=torch.float16),
+    ]
+    assert foreach_norms(tensors).tolist() == pytest.approx([5.0, math.sqrt(50.0), 2.0, 0.5])
+    assert foreach_norms(tensors, float("inf")).tolist() == pytest.approx([4.0, 7.0, 2.0, 0.5])
+    assert foreach_norms(tensors).dtype == torch.float32
+
+
+def test_bf16_norm_accumulates_in_float32() -> None:
+    big = torch.full((100_000,), 0.01, dtype=torch.bfloat16)
+    expected = float(big.float().norm())
+    assert float(foreach_norms([big])[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_reduce_to_layers_sums_and_maxima_with_nan() -> None:
+    sums = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    maxima = torch.tensor([[1.0, float("nan"), 5.0, 0.5]])
+    layer_sums, layer_max = reduce_to_layers(sums, maxima, torch.tensor([1, 1, 0, 0]), 2)
+    assert layer_sums.tolist() == [[7.0, 3.0]]
+    assert layer_max[0, 0] == 5.0 and math.isnan(layer_max[0, 1])
+
+
+def test_update_and_nonfinite_helpers() -> None:
+    params = [torch.ones(3), torch.zeros(2)]
+    before = snapshot(params)
+    params[0] += 2.0
+    assert update_squares(params, before).tolist() == pytest.approx([12.0, 0.0])
+    bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
+    assert nonfinite_counts([bad, torch.ones(2)]).tolist() == [3.0, 0.0]
+
+
+def test_early_late_ratio_geometric_edges() -> None:
+    norms = np.array([1e-6, 1e-4, 1e-2, 1.0])
+    assert early_late_ratio(norms, 1) == pytest.approx(1e-6)
+    assert early_late_ratio(norms, 2) == pytest.approx(math.sqrt(1e-6 * 1e-4) / math.sqrt(1e-2))
+    assert early_late_ratio(np.array([0.0, 1.0])) == 0.0
+
+
+def test_layer_names_grouping_and_wrapper_prefixes() -> None:
+    assert clean_parameter_name("_orig_mod.model._checkpoint_wrapped_module.0.weight") == "model.0.weight"
+    assert layer_name_for("model.3.cv1.conv.weight", 1) == "model"
+    assert layer_name_for("weight", None) == "(root)"
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    net[1].weight = net[0].weight  # tied: counted once
+    layer_map = LayerMap.build(net.named_parameters())
+    assert layer_map.param_names == ["0.weight", "0.bias", "1.bias"]
+    assert layer_map.layer_sizes() == [6, 2]
+
+
+def test_forward_order_recorder_removes_its_hooks() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    recorder = ForwardOrderRecorder(net)
+    net(torch.zeros(1, 2))
+    recorder.remove()
+    assert recorder.order == ["0", "2"] and not recorder.active
+    assert all(not module._forward_pre_hooks for module in net.modules())
+
+
+def test_tracker_without_a_trainer() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    tracker = GradientFlowTracker(net)
+    tracker.start_discovery()
+    net(torch.randn(5, 4)).pow(2).mean().backward()
+    tracker.stop_discovery()
+    tracker.capture(step=0, params=net.parameters())
+    with pytest.raises(RuntimeError, match="capture"):
+        GradientFlowTracker(net).finalize()
+    record = tracker.finalize()
+    expected = float(torch.cat([net[2].weight.grad.flatten(), net[2].bias.grad.flatten()]).norm())
+    assert record.value("grad_l2", "2") == pytest.approx(expected, rel=1e-6)
+    assert record.to_frame().shape == (10, 5)
+    assert not tracker.pending
