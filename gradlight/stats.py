@@ -24,6 +24,7 @@ __all__ = [
     "LocalReduction",
     "foreach_norms",
     "local_tensor",
+    "max_abs",
     "nonfinite_counts",
     "reduce_to_layers",
     "snapshot",
@@ -80,6 +81,31 @@ def _fused_norms(tensors: list[Tensor], ord: float) -> Tensor:
     return torch.stack(norms).to(torch.float32)
 
 
+def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Largest absolute value of each tensor, in float32 (``0`` for empty tensors).
+
+    On accelerators this is one fused ``_foreach_norm(ord=inf)`` per group; on CPU, where that kernel is
+    several times slower than the L2 one, one ``aminmax`` per tensor is faster.
+
+    Example:
+        >>> max_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])]).tolist()
+        [3.0, 2.0]
+    """
+    if not tensors:
+        return torch.zeros(0, device=device)
+    home = device if device is not None else tensors[0].device
+    if any(t.device.type != "cpu" for t in tensors):
+        return foreach_norms(tensors, float("inf"), home)
+    values = []
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            values.append(torch.zeros((), dtype=torch.float32))
+            continue
+        low, high = torch.aminmax(tensor)
+        values.append(torch.maximum(high, -low).float())
+    return torch.stack(values).to(home)
+
+
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` (fused), e.g. parameters before an optimizer step."""
     with torch.no_grad():
@@ -87,14 +113,17 @@ def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def update_squares(
-    after: Sequence[Tensor], before: Sequence[Tensor], device: torch.device | None = None
+    after: Sequence[Tensor], before: list[Tensor], device: torch.device | None = None
 ) -> Tensor:
-    """Squared L2 norm of ``after[i] - before[i]`` for each pair, in float32."""
+    """Squared L2 norm of ``after[i] - before[i]`` for each pair, in float32.
+
+    ``before`` (a :func:`snapshot`) is overwritten with the differences, which saves an allocation.
+    """
     if not after:
         return torch.zeros(0, device=device)
     with torch.no_grad():
-        diffs = torch._foreach_sub([t.detach() for t in after], list(before))
-        return foreach_norms(diffs, 2.0, device).square()
+        torch._foreach_sub_(before, [t.detach() for t in after])
+        return foreach_norms(before, 2.0, device).square()
 
 
 def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:

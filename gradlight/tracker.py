@@ -25,6 +25,7 @@ from gradlight.stats import (
     LocalReduction,
     foreach_norms,
     local_tensor,
+    max_abs,
     nonfinite_counts,
     reduce_to_layers,
     snapshot,
@@ -232,7 +233,7 @@ class GradientFlowTracker:
             originals.append(param)
         device = tensors[0].device if tensors else torch.device("cpu")
         grad_sq = foreach_norms(grads, 2.0, device).square()
-        grad_max = foreach_norms(grads, float("inf"), device)
+        grad_max = max_abs(grads, device)
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale

@@ -1,0 +1,211 @@
+"""What the monitor costs: step time of a real detector, side by side, in one run.
+
+    python benchmarks/overhead.py                      # yolo11n, 320 px, batch 8, CPU, 1 thread
+    python benchmarks/overhead.py --rounds 2 --steps 8 # quicker, noisier
+
+Trains an Ultralytics ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its real loss on
+random images in Lightning, in four configurations interleaved round by round so that drift hits them
+equally:
+
+- ``none``: no monitor;
+- ``every_step``: ``GradientFlowMonitor(log_every_n_steps=1)``;
+- ``default``: ``GradientFlowMonitor()`` at the Trainer's default interval (50 steps);
+- ``lightning_recipe``: Lightning's documented recipe, ``grad_norm`` + ``self.log_dict`` in
+  ``on_before_optimizer_step`` every step (the same per-tensor L2 norms and their total), CSVLogger.
+
+It prints the median step time of each, its ratio to ``none``, and the added time per step. Step time is
+measured from one ``on_train_batch_start`` to the next, so logging done at the end of a batch counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from gradlight import GradientFlowMonitor  # noqa: E402
+
+CONFIGS = ("none", "every_step", "default", "lightning_recipe")
+
+
+def random_batches(count: int, batch: int, imgsz: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Detection batches in Ultralytics' format: float images, 3 boxes per image."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        boxes = 3 * batch
+        centers = 0.2 + 0.6 * torch.rand(boxes, 2, generator=generator)
+        sizes = 0.1 + 0.2 * torch.rand(boxes, 2, generator=generator)
+        batches.append(
+            {
+                "img": torch.rand(batch, 3, imgsz, imgsz, generator=generator),
+                "cls": torch.randint(0, 80, (boxes, 1), generator=generator).float(),
+                "bboxes": torch.cat([centers, sizes], 1),
+                "batch_idx": torch.arange(batch).repeat_interleave(3).float(),
+            }
+        )
+    return batches
+
+
+class Detector(L.LightningModule):
+    """yolo11n trained with Ultralytics' loss; optionally the Lightning grad_norm recipe."""
+
+    def __init__(self, recipe: bool = False) -> None:
+        super().__init__()
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.utils import DEFAULT_CFG
+
+        torch.manual_seed(0)
+        self.model = DetectionModel("yolo11n.yaml", nc=80, verbose=False)
+        self.model.args = get_cfg(DEFAULT_CFG)
+        self.recipe = recipe
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.model.loss(batch)
+        return loss.sum()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.recipe:  # the documented recipe: https://lightning.ai/docs/pytorch/stable/debug/debugging_intermediate.html
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+class TimedMonitor(GradientFlowMonitor):
+    """The monitor, with the time spent inside its own hooks summed up (its exact added cost)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inside = 0.0
+
+    def _timed(self, method: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            self.inside += time.perf_counter() - start
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_start, *args)
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self._timed(super().on_before_optimizer_step, *args)
+
+    def _after_optimizer_step(self, *args: Any) -> None:
+        self._timed(super()._after_optimizer_step, *args)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._timed(super().on_train_batch_end, *args)
+
+
+class StepTimer(L.Callback):
+    """Time between consecutive batch starts (includes the optimizer step and end-of-batch logging)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def run(
+    config: str, batches: list[dict[str, torch.Tensor]], workdir: Path, warmup: int
+) -> tuple[list[float], float]:
+    """Train one configuration; return its timed step durations and the monitor's in-hook time per step."""
+    timer = StepTimer()
+    callbacks: list[L.Callback] = [timer]
+    monitor = None
+    if config == "every_step":
+        monitor = TimedMonitor(log_every_n_steps=1, save_dir=workdir / "gl")
+    elif config == "default":
+        monitor = TimedMonitor(save_dir=workdir / "gl")
+    if monitor is not None:
+        callbacks.append(monitor)
+    logger = CSVLogger(workdir / "csv")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=len(batches),
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1 if config == "lightning_recipe" else 50,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Detector(recipe=config == "lightning_recipe"), DataLoader(batches, batch_size=None))
+    inside = monitor.inside / len(batches) if monitor is not None else 0.0
+    return timer.times[warmup:], inside
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
+    parser.add_argument("--steps", type=int, default=14, help="optimizer steps per configuration and round")
+    parser.add_argument("--warmup", type=int, default=3, help="steps discarded at the start of each run")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    batches = random_batches(args.steps, args.batch, args.imgsz)
+    times: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    inside: dict[str, list[float]] = {config: [] for config in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for config in CONFIGS:
+                measured, in_hooks = run(config, batches, Path(tmp) / f"{config}{round_index}", args.warmup)
+                times[config] += measured
+                inside[config].append(in_hooks)
+                print(f"round {round_index + 1}/{args.rounds} {config:>16}: done", file=sys.stderr)
+    base = statistics.median(times["none"])
+    print(
+        f"\nyolo11n.yaml, {args.imgsz} px, batch {args.batch}, CPU, torch threads {torch.get_num_threads()}, "
+        f"{len(times['none'])} timed steps per configuration (median)\n"
+    )
+    print(
+        "| configuration | step time (ms) | ratio to none | added per step (ms) | in monitor hooks (ms/step) |"
+    )
+    print("|---|---|---|---|---|")
+    for config in CONFIGS:
+        median = statistics.median(times[config])
+        hooks = (
+            f"{1e3 * statistics.median(inside[config]):.2f}" if config in ("every_step", "default") else "-"
+        )
+        print(
+            f"| {config} | {1e3 * median:.1f} | {median / base:.4f} | {1e3 * (median - base):+.1f} | {hooks} |"
+        )
+    recipe_added = statistics.median(times["lightning_recipe"]) - base
+    monitor_added = statistics.median(inside["every_step"])
+    print(
+        f"\nevery-step monitor, time inside its hooks: {1e3 * monitor_added:.2f} ms/step = "
+        f"{monitor_added / base:.2%} of a step; Lightning recipe added {1e3 * recipe_added:.1f} ms/step: "
+        f"{recipe_added / monitor_added:.0f}x the monitor's"
+    )
+
+
+if __name__ == "__main__":
+    main()
