@@ -33,13 +33,13 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from lightning.pytorch.utilities import grad_norm  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import grad_norm
+from torch.utils.data import DataLoader
 
-from gradlight import GradientFlowMonitor  # noqa: E402
+from gradlight import GradientFlowMonitor
 
 CONFIGS = ("none", "every_step", "default", "lightning_recipe")
 
@@ -82,7 +82,9 @@ class Detector(L.LightningModule):
         return loss.sum()
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.recipe:  # the documented recipe: https://lightning.ai/docs/pytorch/stable/debug/debugging_intermediate.html
+        if (
+            self.recipe
+        ):  # the documented recipe: https://lightning.ai/docs/pytorch/stable/debug/debugging_intermediate.html
             self.log_dict(grad_norm(self, norm_type=2))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -130,9 +132,7 @@ class StepTimer(L.Callback):
         self._last = now
 
 
-def run(
-    config: str, batches: list[dict[str, torch.Tensor]], workdir: Path, warmup: int
-) -> tuple[list[float], float]:
+def run(config: str, batches: list[dict[str, torch.Tensor]], workdir: Path, warmup: int) -> tuple[list[float], float]:
     """Train one configuration; return its timed step durations and the monitor's in-hook time per step."""
     timer = StepTimer()
     callbacks: list[L.Callback] = [timer]
@@ -161,9 +161,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
     parser.add_argument("--steps", type=int, default=14, help="optimizer steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=3, help="steps discarded at the start of each run")
@@ -186,18 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         f"\nyolo11n.yaml, {args.imgsz} px, batch {args.batch}, CPU, torch threads {torch.get_num_threads()}, "
         f"{len(times['none'])} timed steps per configuration (median)\n"
     )
-    print(
-        "| configuration | step time (ms) | ratio to none | added per step (ms) | in monitor hooks (ms/step) |"
-    )
+    print("| configuration | step time (ms) | ratio to none | added per step (ms) | in monitor hooks (ms/step) |")
     print("|---|---|---|---|---|")
     for config in CONFIGS:
         median = statistics.median(times[config])
-        hooks = (
-            f"{1e3 * statistics.median(inside[config]):.2f}" if config in ("every_step", "default") else "-"
-        )
-        print(
-            f"| {config} | {1e3 * median:.1f} | {median / base:.4f} | {1e3 * (median - base):+.1f} | {hooks} |"
-        )
+        hooks = f"{1e3 * statistics.median(inside[config]):.2f}" if config in ("every_step", "default") else "-"
+        print(f"| {config} | {1e3 * median:.1f} | {median / base:.4f} | {1e3 * (median - base):+.1f} | {hooks} |")
     recipe_added = statistics.median(times["lightning_recipe"]) - base
     monitor_added = statistics.median(inside["every_step"])
     print(

@@ -208,9 +208,7 @@ class HistoryWriter:
             self._sink = None
 
     def _schema(self) -> pa.Schema:
-        return SCHEMA.with_metadata(
-            {_START_STEP_KEY: str(self.start_step).encode(), _FORMAT_KEY: _FORMAT_VERSION}
-        )
+        return SCHEMA.with_metadata({_START_STEP_KEY: str(self.start_step).encode(), _FORMAT_KEY: _FORMAT_VERSION})
 
     def _open(self) -> pa.ipc.RecordBatchStreamWriter:
         if self._writer is None:
@@ -305,9 +303,7 @@ def read_history(path: str | Path) -> HistoryReadResult:
     if frames:
         frame = pd.concat(frames, ignore_index=True)
     else:
-        frame = pd.DataFrame(
-            {name: pd.Series(dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in COLUMNS}
-        )
+        frame = pd.DataFrame({name: pd.Series(dtype=SCHEMA.field(name).type.to_pandas_dtype()) for name in COLUMNS})
     frame = frame.sort_values(["step", "depth", "metric"], kind="stable", ignore_index=True)
     return HistoryReadResult(frame=frame[list(COLUMNS)], segments=infos)
 
