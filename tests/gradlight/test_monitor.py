@@ -21,9 +21,7 @@ from tests.gradlight.models import Net, ReferenceNorms
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def fit(
-    module: L.LightningModule, callbacks: list[Any], ckpt_path: str | None = None, **kwargs: Any
-) -> L.Trainer:
+def fit(module: L.LightningModule, callbacks: list[Any], ckpt_path: str | None = None, **kwargs: Any) -> L.Trainer:
     options = {**QUIET, "max_epochs": 1, "accelerator": "cpu", "devices": 1, **kwargs}
     trainer = L.Trainer(callbacks=callbacks, **options)
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -63,9 +61,7 @@ def test_update_ratio_is_the_step_over_the_weights(tmp_path: Path) -> None:
             self.before: dict[str, torch.Tensor] = {}
             self.ratio: dict[str, float] = {}
 
-        def on_before_optimizer_step(
-            self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
-        ) -> None:
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
             if trainer.global_step == 2:
                 self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
@@ -75,10 +71,7 @@ def test_update_ratio_is_the_step_over_the_weights(tmp_path: Path) -> None:
                     names = [f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)]
                     if names:
                         delta = torch.cat(
-                            [
-                                (dict(pl_module.named_parameters())[n] - self.before[n]).flatten()
-                                for n in names
-                            ]
+                            [(dict(pl_module.named_parameters())[n] - self.before[n]).flatten() for n in names]
                         )
                         old = torch.cat([self.before[n].flatten() for n in names])
                         self.ratio[module_name] = float(delta.detach().norm() / old.norm())
@@ -240,9 +233,7 @@ def test_bf16_mixed_and_bf16_weights(tmp_path: Path) -> None:
     assert_matches_reference(load_history(tmp_path / "mixed"), reference)
 
     reference = ReferenceNorms()
-    fit(
-        Net("mlp"), [reference, GradientFlowMonitor(1, tmp_path / "true")], precision="bf16-true", max_steps=2
-    )
+    fit(Net("mlp"), [reference, GradientFlowMonitor(1, tmp_path / "true")], precision="bf16-true", max_steps=2)
     assert_matches_reference(load_history(tmp_path / "true"), reference, rel=1e-5)
 
 
@@ -364,3 +355,40 @@ def test_state_dict_round_trip() -> None:
     restored = GradientFlowMonitor(1)
     restored.load_state_dict(monitor.state_dict())
     assert restored.last_recorded_step == 7
+
+
+def test_two_optimizers_under_manual_optimization(tmp_path: Path) -> None:
+    class TwoOptimizers(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.critic = nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            first, second = self.optimizers()
+            x, y = batch
+            loss = super().training_step(batch, batch_idx)
+            first.zero_grad()
+            self.manual_backward(loss)
+            first.step()
+            critic_loss = (self.critic(x) - y).pow(2).mean()
+            second.zero_grad()
+            self.manual_backward(critic_loss)
+            second.step()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.net.parameters(), lr=0.1), torch.optim.SGD(self.critic.parameters(), lr=0.1)
+
+    reference = ReferenceNorms()
+    fit(TwoOptimizers(), [reference, GradientFlowMonitor(1, tmp_path)], max_steps=4)
+    history = load_history(tmp_path, metrics=["grad_l2"])
+    layers_by_step = history.groupby("step").layer.apply(set).to_dict()
+    assert layers_by_step == {
+        0: {f"net.{i}" for i in range(0, 19, 2)},
+        1: {"critic"},
+        2: layers_by_step[0],
+        3: {"critic"},
+    }
+    critic = reference.records[1]["critic"]["grad_l2"]
+    assert layer_values(history, 1, "grad_l2")["critic"] == pytest.approx(critic, rel=1e-6)
