@@ -110,9 +110,7 @@ def backbone_length(model: nn.Module) -> int:
     """
     yaml = getattr(model, "yaml", None)
     if not isinstance(yaml, dict) or "backbone" not in yaml:
-        raise ValueError(
-            f"model of type {type(model).__name__} has no YAML backbone section; expected a YOLO model."
-        )
+        raise ValueError(f"model of type {type(model).__name__} has no YAML backbone section; expected a YOLO model.")
     return len(yaml["backbone"])
 
 
@@ -299,9 +297,7 @@ class Ablation:
     def __post_init__(self) -> None:
         _check_scope(self.scope)
         if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation={self.activation!r} is not valid; use None or one of {tuple(ACTIVATIONS)}."
-            )
+            raise ValueError(f"activation={self.activation!r} is not valid; use None or one of {tuple(ACTIVATIONS)}.")
         if self.weight_init not in ("keep", "kaiming"):
             raise ValueError(f"weight_init={self.weight_init!r} is not valid; use 'keep' or 'kaiming'.")
 

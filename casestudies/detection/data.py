@@ -143,8 +143,7 @@ def build_dataset(
     """
     if split not in data:
         raise ValueError(
-            f"split={split!r} is not in the data dict; "
-            f"available: {[k for k in ('train', 'val', 'test') if k in data]}."
+            f"split={split!r} is not in the data dict; available: {[k for k in ('train', 'val', 'test') if k in data]}."
         )
     cfg = ultralytics_cfg(imgsz, overrides)
     return build_yolo_dataset(cfg, data[split], batch, data, mode=mode, rect=rect, stride=GRID_STRIDE)
@@ -228,9 +227,7 @@ class YoloDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build both datasets once on local rank 0: Ultralytics writes label caches before ranks read."""
-        build_dataset(
-            self.data, "train", self.imgsz, self.batch_size, "train", rect=False, overrides=self.augment
-        )
+        build_dataset(self.data, "train", self.imgsz, self.batch_size, "train", rect=False, overrides=self.augment)
         build_dataset(self.data, "val", self.imgsz, self.batch_size, "val", rect=False)
 
     def setup(self, stage: str | None = None) -> None:
@@ -249,12 +246,7 @@ class YoloDataModule(L.LightningDataModule):
         """Close mosaic once ``epoch`` enters the last ``close_mosaic`` epochs (call before that epoch)."""
         max_epochs = getattr(getattr(self, "trainer", None), "max_epochs", None)
         dataset = self.train_dataset
-        if (
-            dataset is None
-            or max_epochs is None
-            or max_epochs < 0
-            or getattr(dataset, "_mosaic_closed", False)
-        ):
+        if dataset is None or max_epochs is None or max_epochs < 0 or getattr(dataset, "_mosaic_closed", False):
             return
         if self.close_mosaic and epoch >= max_epochs - self.close_mosaic:
             dataset.close_mosaic(hyp=ultralytics_cfg(self.imgsz, self.augment))

@@ -122,9 +122,7 @@ def coco_ground_truth(dataset: Any, names: dict[int, str], cache: bool = True) -
     when the labels change. An unwritable folder just skips the cache.
     """
     fingerprint = _label_fingerprint(dataset)
-    cache_path = (
-        Path(dataset.label_files[0]).parent.with_suffix(".coco.json") if dataset.label_files else None
-    )
+    cache_path = Path(dataset.label_files[0]).parent.with_suffix(".coco.json") if dataset.label_files else None
     if cache and cache_path is not None and cache_path.exists():
         with contextlib.suppress(OSError, ValueError):
             cached = json.loads(cache_path.read_text())
@@ -308,9 +306,7 @@ def evaluate_detector(
         (2, True)
     """
     if imgsz < 32 or batch < 1:
-        raise ValueError(
-            f"imgsz={imgsz!r} and batch={batch!r} are not valid; use imgsz >= 32 and batch >= 1."
-        )
+        raise ValueError(f"imgsz={imgsz!r} and batch={batch!r} are not valid; use imgsz >= 32 and batch >= 1.")
     data_dict = resolve_data(data, allow_download=False)
     dataset = build_dataset(data_dict, split, imgsz, batch, mode="val", rect=rect)
     ground_truth = coco_ground_truth(dataset, dict(data_dict["names"]))
@@ -388,9 +384,7 @@ def _xyxy(boxes: list[list[float]]) -> torch.Tensor:
     return tensor
 
 
-def cross_check(
-    ground_truth: dict[str, Any], detections: Sequence[dict[str, Any]]
-) -> dict[str, dict[str, float]]:
+def cross_check(ground_truth: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Score one set of detections with pycocotools, torchmetrics and Ultralytics' metric code.
 
     Example:

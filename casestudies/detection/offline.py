@@ -30,9 +30,7 @@ OFFLINE_OVERRIDES: dict[str, Any] = {"plots": False, "amp": False, "verbose": Fa
 
 
 def _default_config_dir() -> Path:
-    return (
-        Path(tempfile.gettempdir()) / f"gradlight-ultralytics-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    )
+    return Path(tempfile.gettempdir()) / f"gradlight-ultralytics-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 def _set_environment() -> None:

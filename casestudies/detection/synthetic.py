@@ -61,7 +61,7 @@ class ShapesSpec:
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     coarse = rng.uniform(30, 225, size=(4, 4, 3)).astype(np.float32)
     smooth = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-    noise = rng.normal(0.0, 18.0, size=(size, size, 3)).astype(np.float32)
+    noise = rng.normal(0.0, 14.0, size=(size, size, 3)).astype(np.float32)
     return np.clip(smooth + noise, 0, 255)
 
 
@@ -75,9 +75,7 @@ def _overlaps(box: tuple[int, int, int, int], boxes: list[tuple[int, int, int, i
     return False
 
 
-def _draw_shape(
-    image: np.ndarray, cls: int, box: tuple[int, int, int, int], color: tuple[float, ...]
-) -> None:
+def _draw_shape(image: np.ndarray, cls: int, box: tuple[int, int, int, int], color: tuple[float, ...]) -> None:
     x0, y0, x1, y1 = box
     if cls == 0:
         center, radius = ((x0 + x1) // 2, (y0 + y1) // 2), (x1 - x0) // 2
@@ -89,9 +87,7 @@ def _draw_shape(
         cv2.fillPoly(image, [points], color, lineType=cv2.LINE_AA)
 
 
-def _contrasting_color(
-    rng: np.random.Generator, background: np.ndarray, box: tuple[int, ...]
-) -> tuple[float, ...]:
+def _contrasting_color(rng: np.random.Generator, background: np.ndarray, box: tuple[int, ...]) -> tuple[float, ...]:
     x0, y0, x1, y1 = box
     mean = background[y0:y1, x0:x1].reshape(-1, 3).mean(axis=0)
     color = rng.uniform(0, 255, size=3)
@@ -100,9 +96,7 @@ def _contrasting_color(
     return tuple(float(c) for c in color)
 
 
-def render_image(
-    spec: ShapesSpec, rng: np.random.Generator
-) -> tuple[np.ndarray, list[tuple[int, float, ...]]]:
+def render_image(spec: ShapesSpec, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, float, ...]]]:
     """Draw one image and return it with YOLO labels ``(cls, cx, cy, w, h)`` normalised to [0, 1].
 
     Example:
@@ -116,7 +110,7 @@ def render_image(
     labels: list[tuple[int, float, ...]] = []
     for _ in range(int(rng.integers(1, spec.max_objects + 1))):
         for _attempt in range(20):
-            side = int(rng.integers(size // 8, size // 3))
+            side = int(rng.integers(size // 6, int(size / 2.5)))
             x0, y0 = (int(v) for v in rng.integers(0, size - side, size=2))
             box = (x0, y0, x0 + side, y0 + side)
             if not _overlaps(box, boxes):

@@ -1,0 +1,380 @@
+"""The Ultralytics baseline: the unmodified detector trained by Ultralytics' own trainer, recorded by gradlight.
+
+Launch (normally through the grid, which also trains the Lightning variants)::
+
+    python -m casestudies.detection.baseline --data synthetic --epochs 8 --imgsz 128 --batch 32 --out runs/ul
+    scripts/ablate_detector.sh --variants ultralytics
+
+This is the quick-start call ``YOLO("yolo11n.yaml").train(data=..., epochs=...)`` made offline and comparable:
+
+* offline: ``pretrained=False`` (no weights), ``amp=False`` (no AMP-check download), ``plots=False``, and
+  :mod:`casestudies.detection.offline` (no font fetch, no telemetry, no auto-install);
+* comparable: ``optimizer="SGD"`` (``"auto"`` picks AdamW/MuSGD and ignores ``lr0``), ``nbs = batch`` so that one
+  optimizer step is one batch (Ultralytics otherwise accumulates to a nominal batch of 64, which would make
+  its steps 2x-8x larger than the Lightning runs'), and the initial weights drawn with the same seed as the
+  Lightning variants (:func:`casestudies.detection.module.build_detector`);
+* recorded: :class:`GradlightDetectionTrainer` overrides ``optimizer_step`` to read the gradients right after
+  unscaling and before Ultralytics' hard-coded ``clip_grad_norm_(max_norm=10)``; the norm that clipping computes
+  is kept as the global metric ``clip_norm``. Records go through :class:`gradlight.GradientFlowTracker` and
+  :class:`gradlight.history.HistoryWriter` with the layer names of the Lightning runs (``model.model.7``: the
+  LightningModule holds the ``DetectionModel`` as ``.model``), so histories line up layer by layer.
+
+The final EMA weights (what Ultralytics itself validates) are scored by
+:func:`casestudies.detection.evaluate.evaluate_detector`, the pycocotools evaluator of the Lightning runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from casestudies.detection import offline as _offline
+
+_offline.configure_offline()
+
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.utils import DEFAULT_CFG, RANK  # noqa: E402
+from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
+
+from casestudies.detection.ablations import Ablation  # noqa: E402
+from casestudies.detection.evaluate import evaluate_detector  # noqa: E402
+from casestudies.detection.module import build_detector  # noqa: E402
+from gradlight import __version__  # noqa: E402
+from gradlight.history import GLOBAL_LAYER, HistoryWriter, write_json_atomic  # noqa: E402
+from gradlight.tracker import GradientFlowTracker, StepRecord  # noqa: E402
+
+#: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
+CLIP_VALUE = 10.0
+#: Layer grouping of the Lightning runs (``DetectorModule(gradient_flow_group_by=3)``): one layer per YOLO block.
+GROUP_BY = 3
+#: Environment variable carrying :class:`RecorderSettings` into Ultralytics' DDP worker processes.
+SETTINGS_ENV = "GRADLIGHT_BASELINE_SETTINGS"
+
+
+@dataclass
+class RecorderSettings:
+    """Where and how often the baseline records its gradient flow.
+
+    Attributes:
+        run_dir: Run folder; the history goes to ``run_dir/gradlight``, per-step losses to ``loss.csv``,
+            progress to ``progress.json``.
+        log_every_n_steps: Record every this many optimizer steps (like ``GradientFlowMonitor``).
+        init_seed: Seed of the initial weights (the Lightning variants use the same one).
+        flush_every_n_records: Write the history to disk every this many records.
+    """
+
+    run_dir: str
+    log_every_n_steps: int = 10
+    init_seed: int = 0
+    flush_every_n_records: int = 20
+
+
+class _NameAsLightning(nn.Module):
+    """Holds the ``DetectionModel`` as ``.model`` so parameter names match the LightningModule's."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.model = detector
+
+
+class GradlightDetectionTrainer(DetectionTrainer):
+    """Ultralytics' ``DetectionTrainer`` that records per-layer gradient statistics with gradlight.
+
+    Args:
+        cfg: Ultralytics cfg (defaults to ``DEFAULT_CFG``).
+        overrides: Ultralytics overrides (``model``, ``data``, ``epochs``, ...).
+        _callbacks: Ultralytics callbacks.
+        settings: Recording settings; read from the ``GRADLIGHT_BASELINE_SETTINGS`` environment variable when
+            None (that is how Ultralytics' DDP workers, which rebuild the trainer, get them).
+    """
+
+    def __init__(
+        self,
+        cfg: Any = DEFAULT_CFG,
+        overrides: dict[str, Any] | None = None,
+        _callbacks: dict | None = None,
+        settings: RecorderSettings | None = None,
+    ) -> None:
+        if settings is None:
+            settings = RecorderSettings(**json.loads(os.environ[SETTINGS_ENV]))
+        self.settings = settings
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+        self.run_dir = Path(settings.run_dir)
+        self.tracker: GradientFlowTracker | None = None
+        self.writer: HistoryWriter | None = None
+        self.optimizer_steps = 0
+        self.records_written = 0
+        self.train_seconds = 0.0
+        self.images_seen = 0
+        self._epoch_start = 0.0
+        self._pending_clip_norm: float | None = None
+        super().__init__(cfg, overrides, _callbacks)
+
+    # ------------------------------------------------------------------------------------------------ model
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        """The unmodified model from its YAML, initialised with the Lightning runs' seed; never downloads."""
+        if weights:
+            raise ValueError("the baseline trains from scratch: pass a model YAML and pretrained=False")
+        model = build_detector(str(cfg), int(self.data["nc"]), Ablation(), seed=self.settings.init_seed)
+        return self.set_model_names_for_load(model)
+
+    # ------------------------------------------------------------------------------------------ callbacks
+    def run_callbacks(self, event: str) -> None:
+        """Drive the recorder from Ultralytics' events (methods, not callbacks: DDP pickles the callbacks)."""
+        handler = getattr(self, f"_gradlight_{event}", None)
+        if handler is not None and RANK in {-1, 0}:
+            handler()
+        super().run_callbacks(event)
+
+    def _gradlight_on_train_start(self) -> None:
+        self.tracker = GradientFlowTracker(_NameAsLightning(unwrap_model(self.model)), group_by=GROUP_BY)
+        self.writer = HistoryWriter(self.run_dir / "gradlight", start_step=0)
+        (self.run_dir / "loss.csv").write_text("step,epoch,loss\n")
+
+    def _gradlight_on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def _gradlight_on_train_batch_start(self) -> None:
+        if self.tracker is not None and self.tracker.forward_order is None:
+            self.tracker.start_discovery()
+
+    def _gradlight_on_train_batch_end(self) -> None:
+        if self.loss_items is None:
+            return
+        items = self.loss_items.values() if isinstance(self.loss_items, dict) else self.loss_items
+        loss = float(sum(float(v) for v in torch.as_tensor(list(items)).flatten()))
+        with open(self.run_dir / "loss.csv", "a") as file:
+            file.write(f"{self.optimizer_steps - 1},{self.epoch},{loss:.6g}\n")
+
+    def _gradlight_on_train_epoch_end(self) -> None:
+        self.train_seconds += time.perf_counter() - self._epoch_start
+        self.images_seen += len(self.train_loader.dataset)
+        write_progress(self.run_dir, self.epoch + 1, self.epochs)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _gradlight_on_train_end(self) -> None:
+        self._close_history()
+
+    def _gradlight_teardown(self) -> None:
+        self._close_history()
+
+    def _close_history(self) -> None:
+        if self.tracker is not None:
+            self.tracker.stop_discovery()
+            self.tracker.discard()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # ------------------------------------------------------------------------------------- optimizer step
+    def optimizer_step(self) -> None:
+        """Ultralytics' step (unscale, clip at 10, step, zero_grad, EMA) with gradients read before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        step = self.optimizer_steps
+        logged = self._capture(step)
+        clip_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=CLIP_VALUE)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if logged:
+            self._finish(float(clip_norm))
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+        self.optimizer_steps += 1
+
+    def _capture(self, step: int) -> bool:
+        tracker = self.tracker
+        if tracker is None or RANK not in {-1, 0}:
+            return False
+        if tracker.discovering:
+            tracker.stop_discovery()
+        if step % self.settings.log_every_n_steps:
+            return False
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        tracker.capture(step, params, owner=self.optimizer)
+        return True
+
+    def _finish(self, clip_norm: float) -> None:
+        assert self.tracker is not None and self.writer is not None
+        record = self.tracker.finalize()
+        record.global_metrics["clip_norm"] = clip_norm
+        if self.loss is not None:
+            record.global_metrics["loss"] = float(self.loss.detach())
+        self._write(record)
+
+    def _write(self, record: StepRecord) -> None:
+        assert self.writer is not None
+        if self.records_written == 0:
+            self._write_run_info()
+        self.writer.append_step(record.step, record.layers, record.depths, record.metrics)
+        self.writer.append_global(record.step, record.global_metrics)
+        self.records_written += 1
+        if self.records_written % self.settings.flush_every_n_records == 0:
+            self.writer.flush()
+
+    def _write_run_info(self) -> None:
+        """``run.json`` with the monitor's keys, plus what is specific to Ultralytics' trainer."""
+        assert self.tracker is not None
+        layer_map = self.tracker.layer_map
+        info = {
+            "gradlight_version": __version__,
+            "log_every_n_steps": self.settings.log_every_n_steps,
+            "gradient_clip_val": CLIP_VALUE,
+            "gradient_clip_algorithm": "norm",
+            "clip_value": CLIP_VALUE,
+            "accumulate_grad_batches": self.accumulate,
+            "nbs": self.args.nbs,
+            "world_size": max(self.world_size, 1),
+            "strategy": "ultralytics-ddp" if self.world_size > 1 else "ultralytics",
+            "precision": "32-true",
+            "model": type(unwrap_model(self.model)).__qualname__,
+            "trainer": "ultralytics",
+            "layers": [
+                {"name": name, "depth": depth, "num_params": size}
+                for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
+            ],
+            "global_layer": GLOBAL_LAYER,
+        }
+        (self.run_dir / "gradlight").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "gradlight" / "run.json", info)
+
+
+def write_progress(run_dir: Path, epoch: int, epochs: int) -> None:
+    """Tell the grid's progress display how far a run is (``run_dir/progress.json``)."""
+    write_json_atomic(Path(run_dir) / "progress.json", {"epoch": epoch, "epochs": epochs, "time": time.time()})
+
+
+@dataclass
+class BaselineConfig:
+    """One baseline run.
+
+    Attributes:
+        data: Data YAML path (the grid resolves ``synthetic`` to its generated YAML first).
+        run_dir: Output folder of this run.
+        model: Model YAML (``yolo11n.yaml``, ``yolo26n.yaml``, ...).
+        epochs: Training epochs.
+        imgsz: Image size.
+        batch: Batch size (all devices together, as Ultralytics counts it); ``nbs`` is set to it.
+        workers: Dataloader workers (Ultralytics forces 0 on CPU).
+        device: Ultralytics device string (``"cpu"``, ``"0"``, ``"0,1"`` for DDP).
+        log_every_n_steps: Gradient-flow logging interval in optimizer steps.
+        init_seed: Seed of the initial weights.
+        overrides: Further Ultralytics overrides (``lr0``, ``warmup_epochs``, ...).
+    """
+
+    data: str
+    run_dir: str
+    model: str = "yolo11n.yaml"
+    epochs: int = 10
+    imgsz: int = 640
+    batch: int = 16
+    workers: int = 8
+    device: str = "cpu"
+    log_every_n_steps: int = 10
+    init_seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def ultralytics_overrides(self) -> dict[str, Any]:
+        """The ``model.train(...)`` arguments of the quick-start call, offline and comparable."""
+        run_dir = Path(self.run_dir).resolve()
+        return {
+            **_offline.OFFLINE_OVERRIDES,
+            "model": self.model,
+            "data": self.data,
+            "epochs": self.epochs,
+            "imgsz": self.imgsz,
+            "batch": self.batch,
+            "nbs": self.batch,
+            "workers": self.workers,
+            "device": self.device,
+            "optimizer": "SGD",
+            "pretrained": False,
+            "val": False,
+            "project": str(run_dir),
+            "name": "ultralytics",
+            "exist_ok": True,
+            **self.overrides,
+        }
+
+
+def train_baseline(config: BaselineConfig) -> dict[str, Any]:
+    """Train the baseline, record its gradient flow, score its final EMA weights; write ``result.json``.
+
+    Returns:
+        The result: ``params``, ``epochs``, ``images_per_s``, ``train_seconds``, ``map50_95``, ``map50``,
+        ``ultralytics_map50_95`` (Ultralytics' own validator on the same weights, for reference), ...
+
+    Example:
+        >>> config = BaselineConfig(data="shapes.yaml", run_dir="runs/ul", epochs=8, imgsz=128, batch=32)
+        >>> train_baseline(config)["map50_95"]  # doctest: +SKIP
+        0.43
+    """
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    settings = RecorderSettings(str(run_dir), config.log_every_n_steps, config.init_seed)
+    trainer = GradlightDetectionTrainer(overrides=config.ultralytics_overrides(), settings=settings)
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    ema = trainer.ema.ema.float() if trainer.ema is not None else unwrap_model(trainer.model)
+    scores = evaluate_detector(ema, config.data, imgsz=config.imgsz, batch=max(config.batch, 1), device="cpu")
+    metrics = trainer.metrics or {}
+    result = {
+        "trainer": "ultralytics",
+        "params": sum(p.numel() for p in ema.parameters()),
+        "epochs": config.epochs,
+        "train_seconds": round(trainer.train_seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "images_per_s": round(trainer.images_seen / max(trainer.train_seconds, 1e-9), 2),
+        "optimizer_steps": trainer.optimizer_steps,
+        "map50_95": scores["map50_95"],
+        "map50": scores["map50"],
+        "ultralytics_map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
+        "nbs": config.batch,
+    }
+    write_json_atomic(run_dir / "result.json", result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train one baseline from the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="data YAML or 'synthetic'")
+    parser.add_argument("--model", default="yolo11n.yaml")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-every-n-steps", type=int, default=2)
+    parser.add_argument("--out", default="runs/baseline")
+    args = parser.parse_args(argv)
+    data = args.data
+    if data == "synthetic":
+        from casestudies.detection.synthetic import generate_shapes_dataset
+
+        data = str(generate_shapes_dataset(Path(args.out) / "data" / "shapes", 600, 100, 128))
+    config = BaselineConfig(
+        data=data,
+        run_dir=args.out,
+        model=args.model,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=args.device,
+        log_every_n_steps=args.log_every_n_steps,
+    )
+    print(json.dumps(train_baseline(config), indent=2))
+
+
+if __name__ == "__main__":
+    main()
