@@ -1,0 +1,339 @@
+"""Top-level workers for multi-process (gloo, CPU) tests of gradlight under sharding.
+
+Each worker is started by ``torch.multiprocessing.spawn`` (see :func:`spawn`), sets the torch.distributed
+environment itself and builds its own Trainer, so pytest is never re-run in a child. Results go to files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+MODES = ("single", "fsdp1", "fsdp1_flat", "fsdp2", "fsdp2_partial", "fsdp2_nan")
+SAMPLES, GLOBAL_BATCH, STEPS = 16, 8, 3
+
+
+#: ``fork`` starts a worker in milliseconds (it inherits the parent's imports); ``spawn`` re-imports torch
+#: and Lightning in every worker, several seconds each on a busy 2-core machine.
+START_METHOD = os.environ.get(
+    "GRADLIGHT_TEST_START_METHOD",
+    "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(fn: Callable[..., None], world: int, *args: Any, timeout: float = 180.0) -> None:
+    """Run ``fn(rank, world, port, *args)`` in ``world`` new processes and wait for all of them.
+
+    Raises:
+        TimeoutError: If they are not done after ``timeout`` seconds (they are terminated first).
+        torch.multiprocessing.ProcessRaisedException: If a worker raised.
+    """
+    context = torch.multiprocessing.start_processes(
+        fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method=START_METHOD
+    )
+    assert context is not None
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s")
+
+
+def init_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------- counting collectives
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "broadcast",
+    "broadcast_object_list",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "barrier",
+    "send",
+    "recv",
+)
+_FUNCTIONAL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives (c10d and functional) issued while :attr:`active`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.count = 0
+        self._lock = threading.Lock()
+        import torch.distributed._functional_collectives as funcol
+        import torch.distributed.distributed_c10d as c10d
+
+        for module, names in ((dist, _COLLECTIVES), (c10d, _COLLECTIVES), (funcol, _FUNCTIONAL)):
+            for name in names:
+                original = getattr(module, name, None)
+                if original is not None:
+                    setattr(module, name, self._wrap(original))
+
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                with self._lock:
+                    self.count += 1
+            return original(*args, **kwargs)
+
+        counted.__wrapped__ = original  # type: ignore[attr-defined]
+        return counted
+
+    def measure(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap ``fn`` so that the collectives it issues are appended to :attr:`per_call`."""
+        self.per_call: list[int] = []
+
+        def measured(*args: Any, **kwargs: Any) -> Any:
+            self.count, self.active = 0, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.active = False
+                self.per_call.append(self.count)
+
+        return measured
+
+
+# ------------------------------------------------------------------------------------------ the model
+def make_net() -> nn.Sequential:
+    """Sizes that shard unevenly over 2 ranks, with empty shards (``Linear(3, 1)``: 1 row -> [1, 0])."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 7),
+        nn.Tanh(),
+        nn.LayerNorm(7),
+        nn.Linear(7, 3),
+        nn.Tanh(),
+        nn.Linear(3, 1),
+    )
+
+
+def make_dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, 5, generator=generator)
+    y = torch.randn(SAMPLES, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+def _module_class() -> type:
+    import lightning as L
+
+    class ShardNet(L.LightningModule):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode = mode
+            self.net = make_net()
+
+        def configure_model(self) -> None:
+            if not self.mode.startswith("fsdp2"):
+                return
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            if self.mode in ("fsdp2", "fsdp2_nan"):
+                for index in (0, 3, 5):
+                    fully_shard(self.net[index], mesh=mesh)
+                fully_shard(self.net, mesh=mesh)  # the root: ``training_step`` calls ``self.net``
+            else:  # only the first Linear is sharded; the rest stays plain (replicated, synced below)
+                fully_shard(self.net[0], mesh=mesh)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def on_after_backward(self) -> None:
+            if self.mode == "fsdp2_nan" and self.trainer.global_step == STEPS - 1:
+                local = self.net[0].weight.grad.to_local()  # one NaN per rank in its shard of net.0.weight
+                local.view(-1)[0] = float("nan")
+            if self.mode != "fsdp2_partial":
+                return
+            # DDP for the unsharded part: average its gradients (this is not what the test counts).
+            for p in self.parameters():
+                if p.grad is not None and not hasattr(p, "placements"):
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+        def train_dataloader(self) -> DataLoader:
+            dataset = make_dataset()
+            world = self.trainer.world_size
+            if world > 1:  # rank r takes rows r, r+W, ...: together the same global batches as one process
+                sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
+                return DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
+            return DataLoader(dataset, batch_size=GLOBAL_BATCH, shuffle=False)
+
+    return ShardNet
+
+
+def _fsdp1_strategy(use_orig_params: bool) -> Any:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """FSDP1 on CPU (test only): Lightning's FSDPStrategy passes no ``device_id`` for CPU."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            return FullyShardedDataParallel(
+                model,
+                device_id=torch.device("cpu"),
+                use_orig_params=use_orig_params,
+                auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            )
+
+    return CPUFSDPStrategy()
+
+
+def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> None:
+    """Train ``STEPS`` steps under ``mode`` with a monitor writing to ``out_dir/history``."""
+    init_env(rank, world, port)
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from gradlight import GradientFlowMonitor
+
+    counter = CollectiveCounter()
+
+    class CountFinalize(Callback):
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            tracker = monitor.tracker
+            assert tracker is not None
+            tracker.finalize = counter.measure(tracker.finalize)  # type: ignore[method-assign]
+
+        def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            assert monitor.tracker is not None
+            info = {
+                "collectives_per_finalize": counter.per_call,
+                "reduction": type(monitor.tracker.reduction).__name__,
+                "latest_layers": monitor.latest.layers if monitor.latest is not None else None,
+            }
+            Path(out_dir, f"rank{rank}.json").write_text(json.dumps(info))
+
+    if mode == "single":
+        strategy: Any = "auto"
+    elif mode.startswith("fsdp2"):
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    else:
+        strategy = _fsdp1_strategy(use_orig_params=mode == "fsdp1")
+    monitor = GradientFlowMonitor(log_every_n_steps=1, save_dir=Path(out_dir) / "history")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[monitor, CountFinalize()],
+    )
+    trainer.fit(_module_class()(mode))
+
+
+# ---------------------------------------------------------------------------- the reduction on its own
+def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Reduce hand-made DTensors on a 2 x 2 (replicate x shard) mesh and on mixed meshes; write results."""
+    init_env(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from gradlight.sharding import ShardedReduction
+    from gradlight.stats import foreach_norms, local_tensor
+
+    counter = CollectiveCounter()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(shape, generator=generator) for shape in [(5, 3), (1, 4), (3,), (6, 2), (2, 3), (4,)]]
+    cases = {
+        # HSDP: one mesh, one sharding dimension -> gathered over the shard group only
+        "hsdp": [
+            distribute_tensor(full[0], mesh, [Replicate(), Shard(0)]),
+            distribute_tensor(full[1], mesh, [Replicate(), Shard(0)]),  # shards [1, 0] along "shard"
+            distribute_tensor(full[2], mesh, [Replicate(), Replicate()]),
+            full[3],  # a plain (unsharded, replicated) tensor
+        ],
+        # several meshes and sharding dimensions -> gathered over the world
+        "mixed": [
+            distribute_tensor(full[0], mesh, [Shard(0), Shard(1)]),
+            distribute_tensor(full[1], mesh["shard"], [Shard(1)]),  # a sub-mesh, replicated across copies
+            distribute_tensor(full[4], mesh, [Shard(1), Replicate()]),
+            distribute_tensor(full[5], mesh["replicate"], [Replicate()]),
+            full[3],
+        ],
+    }
+    results: dict[str, Any] = {}
+    for name, tensors in cases.items():
+        reduction = ShardedReduction()
+        locals_ = [local_tensor(t) for t in tensors]
+        sums = torch.stack([foreach_norms(locals_, 2.0).square(), torch.tensor([t.numel() for t in locals_]).float()])
+        maxima = torch.stack([torch.stack([t.abs().max() if t.numel() else torch.tensor(0.0) for t in locals_])])
+        reduce = counter.measure(reduction)
+        global_sums, global_max = reduce(sums, maxima, tensors)
+        plan = next(iter(reduction._plans.values()))
+        results[name] = {
+            "group_size": plan.group_size,
+            "sq": global_sums[0].tolist(),
+            "numel": global_sums[1].tolist(),
+            "max": global_max[0].tolist(),
+            "collectives": counter.per_call,
+        }
+    results["expected"] = {
+        name: {
+            "sq": [float(full_of(t).square().sum()) for t in tensors],
+            "numel": [float(full_of(t).numel()) for t in tensors],
+            "max": [float(full_of(t).abs().max()) for t in tensors],
+        }
+        for name, tensors in cases.items()
+    }
+    Path(out_dir, f"reduction{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def full_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

@@ -1,0 +1,218 @@
+"""gradlight under sharded training: exact global statistics with one collective (CPU, gloo).
+
+Multi-process runs use top-level workers from ``_dist_workers`` started by ``torch.multiprocessing``
+(never ``strategy="ddp"`` inside pytest), each writing its results to files compared here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from torch import Tensor, nn
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from gradlight import GradientFlowMonitor, GradientFlowTracker, load_history
+from gradlight.sharding import (
+    SHARDING_MODES,
+    ShardedReduction,
+    contributes,
+    replication_factor,
+    resolve_reduction,
+)
+from gradlight.stats import LocalReduction
+from tests.gradlight import _dist_workers as workers
+
+COMPARED = ("grad_l2", "grad_max_abs", "param_l2", "update_ratio")
+RTOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------- weighting logic
+@pytest.mark.parametrize(
+    ("shape", "placements", "factor"),
+    [
+        ((4,), (Shard(0),), 1),
+        ((4,), (Replicate(),), 4),
+        ((2, 4), (Replicate(), Shard(0)), 2),  # HSDP: reduce over the shard dimension only
+        ((2, 4), (Shard(0), Shard(1)), 1),
+        ((2, 3), (Replicate(), Replicate()), 6),
+        ((2, 2), (_StridedShard(0, split_factor=2), Shard(0)), 1),  # FSDP2 + TP
+    ],
+)
+def test_replication_factor(shape: tuple[int, ...], placements: Sequence[Any], factor: int) -> None:
+    assert replication_factor(shape, placements) == factor
+
+
+def test_exactly_one_replica_of_each_shard_contributes() -> None:
+    placements = (Replicate(), Shard(0))
+    mesh = [(r, s) for r in range(2) for s in range(4)]
+    counted = [s for r, s in mesh if contributes([r, s], placements)]
+    assert sorted(counted) == [0, 1, 2, 3]  # every shard once, whatever the replication
+    assert contributes([0, 0, 0], (Shard(0), Replicate(), _StridedShard(1, split_factor=2)))
+    assert not contributes([0, 1, 0], (Shard(0), Replicate(), Shard(1)))
+    assert not contributes(None, (Shard(0),))  # a rank outside the mesh holds nothing
+
+
+def test_partial_placements_are_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="Partial"):
+        contributes([0], (Partial(),))
+    with pytest.raises(ValueError, match="Partial"):
+        replication_factor((2,), (Partial(),))
+
+
+def test_without_a_process_group_the_reduction_changes_nothing() -> None:
+    sums, maxima = torch.tensor([[1.0, 4.0], [2.0, 3.0]]), torch.tensor([[1.0, float("-inf")]])
+    out_sums, out_max = ShardedReduction()(sums, maxima, [torch.zeros(2), torch.zeros(3)])
+    assert torch.equal(out_sums, sums) and torch.equal(out_max, maxima)
+
+
+# ---------------------------------------------------------------------------------- strategy -> mode
+class DeepSpeedStrategy:  # stand-in: DeepSpeed is not installed here; detection goes by the class name
+    def __init__(self, stage: int) -> None:
+        self.config = {"zero_optimization": {"stage": stage}}
+
+
+def test_modes_are_detected_from_the_strategy() -> None:
+    assert isinstance(resolve_reduction(SingleDeviceStrategy("cpu")), LocalReduction)
+    assert isinstance(resolve_reduction(DDPStrategy()), LocalReduction)
+    assert isinstance(resolve_reduction(FSDPStrategy()), ShardedReduction)
+    assert isinstance(resolve_reduction(ModelParallelStrategy()), ShardedReduction)
+    assert isinstance(resolve_reduction(DDPStrategy(), "fsdp2"), ShardedReduction)
+    assert isinstance(resolve_reduction(FSDPStrategy(), "none"), LocalReduction)
+    custom = LocalReduction()
+    assert resolve_reduction(FSDPStrategy(), custom) is custom
+    assert set(SHARDING_MODES) >= {"auto", "none", "fsdp1", "fsdp2", "deepspeed"}
+
+
+def test_deepspeed_zero2_says_once_what_is_missing() -> None:
+    with pytest.warns(UserWarning, match="ZeRO stage 3"):
+        reduction = resolve_reduction(DeepSpeedStrategy(stage=3))
+    assert isinstance(reduction, LocalReduction)  # stage 0/1 hold whole gradients: exact like DDP
+
+
+def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
+    with pytest.raises(ValueError, match="fsdp2"):
+        GradientFlowMonitor(sharding="zero3")
+    with pytest.raises(ValueError, match="sharding"):
+        resolve_reduction(DDPStrategy(), "zero3")
+
+
+# ---------------------------------------------------------------------------------- multi-process
+def _tracker_keeps_columns_of_missing_grads() -> bool:
+    """Whether every rank builds the same columns when a parameter has no gradient on this rank (FSDP1)."""
+    seen: list[int] = []
+
+    def probe(sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        seen.append(len(params))
+        return sums, maxima
+
+    net = nn.Linear(2, 1)
+    tracker = GradientFlowTracker(net, reduction=probe)
+    net.weight.grad = torch.ones_like(net.weight)
+    tracker.capture(0, net.parameters())
+    tracker.finalize()
+    return seen == [2]
+
+
+def _per_layer(history_dir: Path) -> pd.DataFrame:
+    frame = load_history(history_dir)
+    return frame.pivot_table(index=["step", "layer"], columns="metric", values="value")
+
+
+def _run(mode: str, out: Path, world: int = 2) -> list[dict[str, Any]]:
+    out.mkdir(parents=True, exist_ok=True)
+    workers.spawn(workers.train_worker, 1 if mode == "single" else world, mode, str(out))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(1 if mode == "single" else world)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("single")
+    _run("single", out)
+    return _per_layer(out / "history")
+
+
+def _assert_matches(sharded: pd.DataFrame, reference: pd.DataFrame) -> None:
+    assert list(sharded.index) == list(reference.index)  # same steps, same (unsharded) layer names
+    steps = sorted({step for step, _ in reference.index})
+    assert steps == list(range(workers.STEPS))
+    for metric in (*COMPARED, "global_grad_l2"):
+        got, want = sharded[metric].dropna(), reference[metric].dropna()
+        assert list(got.index) == list(want.index), metric
+        np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=RTOL, err_msg=metric)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "fsdp2",  # ModelParallelStrategy + fully_shard: DTensor grads, uneven and empty shards
+        "fsdp2_partial",  # only net.0 sharded: DTensors and plain tensors mixed
+        pytest.param(
+            "fsdp1",
+            marks=pytest.mark.xfail(
+                not _tracker_keeps_columns_of_missing_grads(),
+                reason="needs the GradientFlowTracker change of issue 4 (columns for grads that are None on "
+                "this rank): without it ranks build different columns and the collective mismatches",
+                raises=Exception,
+            ),
+        ),
+    ],
+)
+def test_sharded_run_equals_one_process_with_one_collective(mode: str, reference: pd.DataFrame, tmp_path: Path) -> None:
+    ranks = _run(mode, tmp_path)
+    _assert_matches(_per_layer(tmp_path / "history"), reference)
+    for info in ranks:
+        assert info["reduction"] == "ShardedReduction"
+        assert info["collectives_per_finalize"] == [1] * workers.STEPS  # one collective per logged step
+    assert ranks[0]["latest_layers"] == ranks[1]["latest_layers"] == ["net.0", "net.2", "net.3", "net.5"]
+
+
+@pytest.mark.slow
+def test_fsdp1_flat_parameters_fall_back_to_exact_per_unit_statistics(reference: pd.DataFrame, tmp_path: Path) -> None:
+    ranks = _run("fsdp1_flat", tmp_path)
+    sharded = _per_layer(tmp_path / "history")
+    layers = sorted({layer for _, layer in sharded.index} - {"__global__"})
+    assert layers == ["(root)", "net.0", "net.3", "net.5"]  # the root unit holds the LayerNorm (net.2)
+    units = [(step, layer) for step, layer in reference.index if layer in ("net.0", "net.3", "net.5")]
+    for metric in COMPARED:  # each Linear is one wrapped unit: its statistics are the layer's
+        np.testing.assert_allclose(
+            sharded.loc[units, metric].to_numpy(), reference.loc[units, metric].to_numpy(), rtol=RTOL
+        )
+    assert all(info["collectives_per_finalize"] == [1] * workers.STEPS for info in ranks)
+
+
+@pytest.mark.slow
+def test_nonfinite_counts_are_global_under_fsdp2(tmp_path: Path) -> None:
+    ranks = _run("fsdp2_nan", tmp_path)
+    frame = load_history(tmp_path / "history", metrics=["grad_nonfinite"])
+    last = frame[(frame.step == workers.STEPS - 1)].set_index("layer")["value"]
+    assert last["net.0"] == 2.0  # one NaN in each rank's shard, counted once each
+    assert last.drop(["net.0", "__global__"], errors="ignore").eq(0).all()
+    # The rare non-finite path costs one more collective, on that step only.
+    assert ranks[0]["collectives_per_finalize"] == [1] * (workers.STEPS - 1) + [2]
+
+
+@pytest.mark.slow
+def test_hybrid_and_mixed_meshes_reduce_exactly_on_four_ranks(tmp_path: Path) -> None:
+    workers.spawn(workers.reduction_worker, 4, str(tmp_path))
+    results = [json.loads((tmp_path / f"reduction{r}.json").read_text()) for r in range(4)]
+    for name in ("hsdp", "mixed"):
+        expected = results[0]["expected"][name]
+        for result in results:
+            got = result[name]
+            assert got == results[0][name]  # bit-identical on every rank
+            np.testing.assert_allclose(got["sq"], expected["sq"], rtol=RTOL)
+            assert got["numel"] == expected["numel"]  # each element counted exactly once
+            assert got["max"] == expected["max"]
+            assert got["collectives"] == [1]
+    assert results[0]["hsdp"]["group_size"] == 2  # HSDP gathers over the shard dimension only
+    assert results[0]["mixed"]["group_size"] == 4  # several meshes: the world
