@@ -133,7 +133,9 @@ class StepTimer(L.Callback):
         self._last = now
 
 
-def run(config: str, batches: list[dict[str, torch.Tensor]], workdir: Path, warmup: int) -> tuple[list[float], list[float]]:
+def run(
+    config: str, batches: list[dict[str, torch.Tensor]], workdir: Path, warmup: int
+) -> tuple[list[float], list[float]]:
     """Train one configuration; return its timed step durations and the monitor's in-hook time per step."""
     timer = StepTimer()
     callbacks: list[L.Callback] = [timer]
