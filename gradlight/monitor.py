@@ -8,7 +8,7 @@ record to the durable history on disk.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,22 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from gradlight import __version__
+from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.diagnosis import (
+    DiagnosisConfig,
+    Finding,
+    FindingsWriter,
+    GradientAnomalyError,
+    GradientDiagnosis,
+    ModelProfile,
+    resolve_actions,
+)
 from gradlight.history import GLOBAL_LAYER, HistoryWriter, list_segments, write_json_atomic
 from gradlight.layers import GroupBy, validate_group_by
 from gradlight.mixin import GradientFlowSpec, find_spec
@@ -59,6 +70,18 @@ class GradientFlowMonitor(Callback):
         overwrite: Replace a history that already is in ``save_dir`` instead of refusing to start.
         sharding: How statistics combine across ranks: ``"auto"`` detects it from the Trainer's strategy;
             see :mod:`gradlight.sharding` for the modes, or pass a ``CrossRankReduction`` for custom ones.
+        diagnose: Diagnose vanishing, exploding, non-finite, dormant, saturated and dead layers on logged
+            steps (see :mod:`gradlight.diagnosis`); findings go to ``save_dir/findings.jsonl`` (read them with
+            :func:`gradlight.load_findings`) and their count to the loggers as ``gradflow/findings``.
+        diagnosis: Thresholds of the diagnosis (:class:`gradlight.DiagnosisConfig`).
+        on_anomaly: What to do about a new finding: ``"warn"`` (once per kind and layer, rank zero),
+            ``"raise"`` (:class:`gradlight.GradientAnomalyError`), ``"stop"`` (``trainer.should_stop``) or
+            ``"ignore"`` (only recorded); or a mapping per kind, e.g. ``{"non_finite": "raise",
+            "default": "warn"}``. The history is flushed before raising or stopping; under DDP all ranks
+            take the same decision.
+        track_activations: Tap activation modules on logged steps (forward hooks, removed after the step's
+            micro-batches) and record ``act_saturation``, ``act_dead``, ``act_mean`` and ``act_std`` per
+            site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
 
     Example:
         >>> import lightning as L
@@ -82,6 +105,10 @@ class GradientFlowMonitor(Callback):
         flush_every_n_records: int = 20,
         overwrite: bool = False,
         sharding: str | CrossRankReduction = "auto",
+        diagnose: bool = True,
+        diagnosis: DiagnosisConfig | None = None,
+        on_anomaly: str | Mapping[str, str] = "warn",
+        track_activations: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
@@ -122,11 +149,34 @@ class GradientFlowMonitor(Callback):
         self._run_info: dict[str, Any] = {}
         self._trainer: pl.Trainer | None = None
 
+        # diagnosis and activation taps (gradlight.diagnosis, gradlight.activations)
+        for flag, flag_value in (("diagnose", diagnose), ("track_activations", track_activations)):
+            if not isinstance(flag_value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {flag_value!r}.")
+        if diagnosis is not None and not isinstance(diagnosis, DiagnosisConfig):
+            raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {diagnosis!r}.")
+        self.diagnose = diagnose
+        self.diagnosis_config = diagnosis if diagnosis is not None else DiagnosisConfig()
+        self.on_anomaly = on_anomaly
+        self._actions = resolve_actions(on_anomaly)
+        self.track_activations = track_activations
+        self.diagnosis: GradientDiagnosis | None = GradientDiagnosis(self.diagnosis_config) if diagnose else None
+        self.taps: ActivationTaps | None = None
+        self._taps_step: int | None = None
+        self._unwritten_acts: ActivationStats | None = None
+        self._findings_writer: FindingsWriter | None = None
+        self._module_layers: dict[str, tuple[str, int]] | None = None
+
     # --------------------------------------------------------------------------------- public read access
     @property
     def latest(self) -> StepRecord | None:
         """The most recent record (on every rank), or ``None`` before the first logged step."""
         return None if self.tracker is None else self.tracker.latest
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Diagnosis findings reported so far in this process (every rank), oldest first."""
+        return [] if self.diagnosis is None else list(self.diagnosis.findings)
 
     @property
     def interval(self) -> int:
@@ -142,7 +192,7 @@ class GradientFlowMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._interval = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        self._interval = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
         if self.save_dir is None:
             root = trainer.log_dir or trainer.default_root_dir
             self.save_dir = Path(root) / "gradlight"
@@ -155,6 +205,7 @@ class GradientFlowMonitor(Callback):
         self.tracker.reduction = resolve_reduction(trainer.strategy, self.sharding)
         if self._restored_order is not None:
             self.tracker.set_forward_order(self._restored_order)
+        self._setup_diagnosis(trainer, pl_module)
         self._run_info = {
             "gradlight_version": __version__,
             "log_every_n_steps": self._interval,
@@ -217,6 +268,10 @@ class GradientFlowMonitor(Callback):
         tracker = self.tracker
         if tracker is not None and tracker.forward_order is None:
             tracker.start_discovery()
+        step = trainer.global_step  # the optimizer step this micro-batch feeds
+        if self.taps is not None and self.is_logged_step(step) and step > self.last_recorded_step:
+            self.taps.start()  # idempotent over the micro-batches of one accumulated step
+            self._taps_step = step
 
     @override
     def on_before_optimizer_step(
@@ -231,6 +286,8 @@ class GradientFlowMonitor(Callback):
             return
         if tracker.discovering:
             tracker.stop_discovery()
+        if self.taps is not None:
+            self.taps.stop()  # forward passes of this step are over
         step = trainer.global_step
         if tracker.pending:
             if tracker.pending_step == step:
@@ -272,12 +329,18 @@ class GradientFlowMonitor(Callback):
         record = self.tracker.finalize()
         self.last_recorded_step = record.step
         self._unwritten = record
+        self._unwritten_acts = self._finalize_taps(trainer, record.step)
 
-    def _emit(self, trainer: pl.Trainer) -> None:
+    def _emit(self, trainer: pl.Trainer, final: bool = False) -> None:
         record, self._unwritten = self._unwritten, None
+        acts, self._unwritten_acts = self._unwritten_acts, None
+        findings = self._diagnose(trainer, record, acts, final) if record is not None else []
         if record is not None and trainer.is_global_zero:
             self._write(record)
+            self._write_activations(acts)
             self._log_summary(trainer, record)
+        if record is not None and self.diagnosis is not None:
+            self._act_on(trainer, findings, final)
 
     # ------------------------------------------------------------------------------- where results go
     def _write(self, record: StepRecord) -> None:
@@ -310,6 +373,8 @@ class GradientFlowMonitor(Callback):
         if self.log_per_layer:
             for layer, value in zip(record.layers, record.metrics["grad_l2"]):
                 metrics[f"{LOG_PREFIX}/grad_l2/{layer}"] = float(value)
+        if self.diagnosis is not None:
+            metrics[f"{LOG_PREFIX}/findings"] = float(self.diagnosis.findings_count)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=record.step)
 
@@ -321,7 +386,7 @@ class GradientFlowMonitor(Callback):
 
     def _close(self) -> None:
         if self._unwritten is not None and self._trainer is not None:
-            self._emit(self._trainer)
+            self._emit(self._trainer, final=True)
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -350,7 +415,115 @@ class GradientFlowMonitor(Callback):
         if self.tracker is not None:
             self.tracker.stop_discovery()
             self.tracker.discard()
+        if self.taps is not None:
+            self.taps.discard()
         self._close()
+
+    # ------------------------------------------------------------------------- diagnosis and activations
+    def _setup_diagnosis(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        config = self.diagnosis_config
+        if self.diagnosis is not None:
+            self.diagnosis.profile = ModelProfile.from_model(pl_module, config.init_scale_tolerance)
+            clip = trainer.gradient_clip_val
+            algorithm = trainer.gradient_clip_algorithm
+            self.diagnosis.gradient_clip_val = float(clip) if clip else None
+            self.diagnosis.gradient_clip_algorithm = str(getattr(algorithm, "value", algorithm) or "norm")
+            if trainer.is_global_zero and self.save_dir is not None:
+                self._findings_writer = FindingsWriter(self.save_dir)
+        if self.track_activations and self.taps is None:
+            self.taps = ActivationTaps(pl_module, saturation_derivative=config.saturation_derivative)
+        self._module_layers = None
+
+    def _layers_of_modules(self) -> dict[str, tuple[str, int]]:
+        """``module name -> (layer, depth)`` for the modules whose parameters are monitored."""
+        if self._module_layers is None:
+            assert self.tracker is not None
+            layer_map = self.tracker.layer_map
+            mapping: dict[str, tuple[str, int]] = {}
+            for name, index in zip(layer_map.param_names, layer_map.param_layer):
+                mapping.setdefault(name.rpartition(".")[0], (layer_map.layers[index], index))
+            self._module_layers = mapping
+        return self._module_layers
+
+    def _finalize_taps(self, trainer: pl.Trainer, step: int) -> ActivationStats | None:
+        """Activation statistics of ``step``: one all_reduce (every rank calls it) and one host copy."""
+        taps = self.taps
+        if taps is None or self._taps_step != step:
+            return None
+        taps.stop()
+        self._taps_step = None
+        if not taps.sites:
+            return None
+        strategy = trainer.strategy
+
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            return strategy.reduce(tensor, reduce_op="sum")
+
+        assert self.tracker is not None
+        stats = taps.finalize(
+            step,
+            reduce if trainer.world_size > 1 else None,
+            self._layers_of_modules(),
+            default_depth=len(self.tracker.layer_map.layers),
+        )
+        if stats is not None and "activation_sites" not in self._run_info:
+            self._run_info["activation_sites"] = [
+                {"name": site, "kind": kind, "feeds": fed, "depth": int(depth)}
+                for site, kind, fed, depth in zip(stats.sites, stats.kinds, stats.feeds, stats.depths)
+            ]
+        return stats
+
+    def _write_activations(self, stats: ActivationStats | None) -> None:
+        if self._writer is not None and stats is not None:
+            self._writer.append_step(stats.step, stats.sites, stats.depths, stats.metrics)
+
+    def _diagnose(
+        self, trainer: pl.Trainer, record: StepRecord, acts: ActivationStats | None, final: bool
+    ) -> list[Finding]:
+        """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
+        if self.diagnosis is None:
+            return []
+        loss = record.global_metrics.get("loss")
+        if loss is not None and trainer.world_size > 1 and not final:
+            # Records are identical on every rank and activation statistics are reduced; the loss is
+            # each rank's own, so average it: every rank then reaches the same findings.
+            value = torch.tensor([loss], dtype=torch.float64, device=trainer.strategy.root_device)
+            loss = float(trainer.strategy.reduce(value, reduce_op="mean").item())
+        findings = self.diagnosis.update(record, acts, loss)
+        if findings and self._findings_writer is not None:
+            self._findings_writer.append(findings)
+        return findings
+
+    def _act_on(self, trainer: pl.Trainer, findings: list[Finding], final: bool) -> None:
+        """Warn, stop or raise for new findings; raise/stop decisions are agreed across ranks."""
+        for finding in findings:
+            action = self._actions[finding.kind]
+            if action in ("warn", "stop"):
+                rank_zero_warn(
+                    f"gradlight: {finding.message}. Likely cause: {finding.cause}. Remedy: {finding.remedy}."
+                )
+        if final:
+            return  # end of fit or an exception is already under way: no collectives, nothing to stop
+        to_raise = [f for f in findings if self._actions[f.kind] == "raise"]
+        to_stop = [f for f in findings if self._actions[f.kind] == "stop"]
+        do_raise, do_stop = bool(to_raise), bool(to_stop)
+        if trainer.world_size > 1 and any(a in ("raise", "stop") for a in self._actions.values()):
+            # Like EarlyStopping's reduce_boolean_decision: any rank's decision is every rank's (one op).
+            flags = torch.tensor(
+                [float(do_raise), float(do_stop)], dtype=torch.float32, device=trainer.strategy.root_device
+            )
+            flags = trainer.strategy.reduce(flags, reduce_op="sum")
+            do_raise, do_stop = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        if not (do_raise or do_stop):
+            return
+        self.flush()  # the history up to this step is on disk before the run stops
+        if do_raise:
+            raise GradientAnomalyError(to_raise or findings)
+        trainer.should_stop = True
+        rank_zero_warn(
+            f"gradlight: stopping the run at step {trainer.global_step} "
+            f"({', '.join(sorted({f.kind for f in to_stop})) or 'a finding on another rank'})."
+        )
 
     # ------------------------------------------------------------------------------------- checkpointing
     @override
@@ -361,6 +534,7 @@ class GradientFlowMonitor(Callback):
             "last_recorded_step": self.last_recorded_step,
             "records_written": self.records_written,
             "forward_order": list(order) if order is not None else None,
+            "diagnosis": self.diagnosis.state_dict() if self.diagnosis is not None else None,
         }
 
     @override
@@ -371,6 +545,8 @@ class GradientFlowMonitor(Callback):
         self._restored_order = list(order) if order is not None else None
         if self.tracker is not None and self._restored_order is not None:
             self.tracker.set_forward_order(self._restored_order)
+        if self.diagnosis is not None and state_dict.get("diagnosis"):
+            self.diagnosis.load_state_dict(state_dict["diagnosis"])
         self._resumed = True
 
 

@@ -1,0 +1,499 @@
+"""Activation taps: what the activations of a logged step looked like (saturated, dead, mean, std).
+
+:class:`ActivationTaps` knows nothing about Lightning. It installs forward hooks on the model's activation
+modules for the micro-batches of one logged optimizer step only (:meth:`ActivationTaps.start` ...
+:meth:`ActivationTaps.stop`), keeps per-site statistics as sums and counts on the device (like
+torchmetrics' states), and turns them into one :class:`ActivationStats` in :meth:`ActivationTaps.finalize`:
+one optional cross-rank reduction of everything stacked, and one device-to-host copy.
+
+What a *site* is:
+
+* Each call position of an activation module (an ``nn.Module`` of one of the types in
+  :data:`ACTIVATION_KINDS`) is a site, named by its qualified name as seen from the module that called it.
+  Functional activations (``F.relu``) are invisible to hooks and not tapped.
+* A module instance shared by several owners (Ultralytics' ``Conv.default_act`` is ONE ``nn.SiLU`` object
+  registered under every ``Conv``) gives one site per owner: the owners' forward hooks tell which owner is
+  running, so ``model.0.act`` and ``model.1.act`` are separate sites although they are one object.
+* An activation called several times within one forward of its owner (torchvision's ``Bottleneck`` calls
+  ``self.relu`` three times) gives one site per call position: ``layer1.0.relu``, ``layer1.0.relu#1``, ...
+* Each site *feeds* the next parameter-owning module that runs after it (discovered on the first tapped
+  step); the monitor maps that module to its layer and uses the layer's depth as the site's depth.
+
+Statistics per site (over every element of every tapped micro-batch, summed over ranks):
+
+* ``act_saturation``: fraction of outputs in the flat region of a saturating activation, i.e. where the
+  derivative is below ``saturation_derivative`` times the activation's peak derivative (sigmoid, tanh,
+  softsign), or exactly on a bound (hardsigmoid, hardtanh, the upper bound of ReLU6). NaN for others.
+* ``act_dead``: fraction of units (channels: dim 1 of ``(N, C, ...)`` outputs; the last dim of 3-D outputs
+  that follow a ``Linear``-like layer, i.e. ``(batch, sequence, features)``) that were never positive on
+  any element of the step's batch, for the ReLU family (ReLU, ReLU6, Hardswish). NaN for others.
+* ``act_mean``, ``act_std``: mean and standard deviation of all outputs.
+
+In-place activations (``nn.ReLU(inplace=True)``) are fine: the hooks only read the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradlight.layers import clean_parameter_name
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "ACTIVATION_METRICS",
+    "DEAD_KINDS",
+    "SATURATING_KINDS",
+    "ActivationSite",
+    "ActivationStats",
+    "ActivationTaps",
+    "activation_kind",
+]
+
+#: Metrics written to the history for every activation site, in this order.
+ACTIVATION_METRICS = ("act_saturation", "act_dead", "act_mean", "act_std")
+
+#: Module type -> kind, checked in order (``ReLU6`` subclasses ``Hardtanh``, so it comes first).
+ACTIVATION_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU6, "relu6"),
+    (nn.ReLU, "relu"),
+    (nn.Sigmoid, "sigmoid"),
+    (nn.Tanh, "tanh"),
+    (nn.Hardsigmoid, "hardsigmoid"),
+    (nn.Hardtanh, "hardtanh"),
+    (nn.Softsign, "softsign"),
+    (nn.Hardswish, "hardswish"),
+    (nn.LeakyReLU, "leaky_relu"),
+    (nn.RReLU, "rrelu"),
+    (nn.PReLU, "prelu"),
+    (nn.ELU, "elu"),
+    (nn.SELU, "selu"),
+    (nn.CELU, "celu"),
+    (nn.GELU, "gelu"),
+    (nn.SiLU, "silu"),
+    (nn.Mish, "mish"),
+    (nn.Softplus, "softplus"),
+    (nn.LogSigmoid, "logsigmoid"),
+)
+#: Kinds whose flat regions count as saturated.
+SATURATING_KINDS = frozenset({"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign", "relu6"})
+#: Kinds whose units can die (output exactly zero for all inputs, zero gradient).
+DEAD_KINDS = frozenset({"relu", "relu6", "hardswish"})
+
+# Modules before which a 3-D output's units are its channels (dim 1) rather than its last dim.
+_CHANNEL_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The kind of an activation module (``"sigmoid"``, ``"relu"``, ...), or ``None`` if it is not one.
+
+    Example:
+        >>> activation_kind(nn.ReLU(inplace=True)), activation_kind(nn.Linear(2, 2))
+        ('relu', None)
+    """
+    for cls, kind in ACTIVATION_KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+@dataclass
+class ActivationSite:
+    """One tapped activation call position.
+
+    Attributes:
+        name: Site name used as ``layer`` in the history.
+        kind: Activation kind (see :func:`activation_kind`).
+        module: Qualified name of the activation module through which it was first seen.
+        feeds: Qualified name of the parameter-owning module that runs next (the layer this site feeds), or
+            ``None`` if nothing with parameters runs after it (or it was first seen after discovery).
+        units: Number of units tracked for ``act_dead`` (``None`` until the site first runs).
+    """
+
+    name: str
+    kind: str
+    module: str
+    feeds: str | None = None
+    units: int | None = None
+    unit_dim: int = 1
+
+
+@dataclass
+class ActivationStats:
+    """Activation statistics of one logged step.
+
+    Attributes:
+        step: The optimizer step.
+        sites: Site names.
+        kinds: Activation kind of each site.
+        feeds: The layer each site feeds (a layer name of the gradient records), or ``None``.
+        depths: Depth of each site (the depth of the layer it feeds; one past the last layer if none).
+        metrics: ``metric -> values`` with one value per site (see :data:`ACTIVATION_METRICS`).
+    """
+
+    step: int
+    sites: list[str]
+    kinds: list[str]
+    feeds: list[str | None]
+    depths: np.ndarray
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def value(self, metric: str, site: str) -> float:
+        """One site's value of one metric."""
+        return float(self.metrics[metric][self.sites.index(site)])
+
+    def feeding(self, layer: str) -> list[int]:
+        """Indices of the sites that feed ``layer``."""
+        return [i for i, fed in enumerate(self.feeds) if fed == layer]
+
+
+class _Slot:
+    __slots__ = ("active", "bounds", "site", "sums")
+
+    def __init__(self, site: ActivationSite, bounds: tuple[float, float] = (-1.0, 1.0)) -> None:
+        self.site = site
+        self.bounds = bounds
+        self.sums: Tensor | None = None  # (4,): count, sum, sum of squares, saturated count
+        self.active: Tensor | None = None  # (units,): elements > 0 per unit
+
+
+class _Frame:
+    __slots__ = ("counters", "owner")
+
+    def __init__(self, owner: int) -> None:
+        self.owner = owner
+        self.counters: dict[int, int] = {}
+
+
+class ActivationTaps:
+    """Forward hooks on a model's activations, installed only while a logged step's micro-batches run.
+
+    Args:
+        model: The model (names are taken from ``named_modules()``, as the gradient layers are).
+        saturation_derivative: An output counts as saturated where the activation's derivative is below
+            this fraction of its peak derivative (sigmoid: 0.25, tanh and softsign: 1). ``0.05`` puts a
+            sigmoid's flat region at ``|x| > 4.4`` and a tanh's at ``|x| > 2.2``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> taps = ActivationTaps(net)
+        >>> taps.start()
+        >>> _ = net(torch.randn(16, 4))
+        >>> taps.stop()
+        >>> stats = taps.finalize(step=0)
+        >>> stats.sites, [s.feeds for s in taps.sites]
+        (['1', '3'], ['2', '4'])
+    """
+
+    def __init__(self, model: nn.Module, saturation_derivative: float = 0.05) -> None:
+        if not 0.0 < saturation_derivative < 1.0:
+            raise ValueError(f"`saturation_derivative` must be in (0, 1), got {saturation_derivative!r}.")
+        self.model = model
+        self.saturation_derivative = float(saturation_derivative)
+        self.calls = 0
+        self._handles: list[RemovableHandle] = []
+        self._slots: dict[tuple[int | None, int, int], _Slot] = {}
+        self._site_order: list[_Slot] = []
+        self._stack: list[_Frame] = []
+        self._discovering = False
+        self._discovered = False
+        self._last_param_module: nn.Module | None = None
+        self._awaiting_feed: list[_Slot] = []
+        self._names: dict[int, list[tuple[str, int | None]]] = {}  # activation id -> [(name, owner id)]
+        self._kinds: dict[int, str] = {}
+        self._owners: dict[int, nn.Module] = {}
+        self._owner_names: dict[int, str] = {}
+        self._scan()
+
+    # --------------------------------------------------------------------------------------- structure
+    def _scan(self) -> None:
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            kind = activation_kind(module)
+            if kind is None or not name:
+                continue
+            parent_name = name.rpartition(".")[0]
+            parent = modules.get(parent_name)
+            owner_id = id(parent) if parent is not None else None
+            if parent is not None:
+                self._owners.setdefault(id(parent), parent)
+                self._owner_names.setdefault(id(parent), clean_parameter_name(parent_name))
+            self._names.setdefault(id(module), []).append((clean_parameter_name(name), owner_id))
+            self._kinds[id(module)] = kind
+
+    @property
+    def num_modules(self) -> int:
+        """Number of distinct activation modules found."""
+        return len(self._kinds)
+
+    @property
+    def sites(self) -> list[ActivationSite]:
+        """Sites seen so far, in the order they first ran."""
+        return [slot.site for slot in self._site_order]
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are installed."""
+        return bool(self._handles)
+
+    @property
+    def pending(self) -> bool:
+        """Whether statistics were collected that :meth:`finalize` has not consumed yet."""
+        return any(slot.sums is not None for slot in self._site_order)
+
+    # ------------------------------------------------------------------------------------- hook control
+    def start(self) -> None:
+        """Install the hooks (idempotent: several micro-batches of one step share one installation)."""
+        if self._handles:
+            return
+        self._stack.clear()
+        modules = {id(m): m for m in self.model.modules() if id(m) in self._kinds}
+        for module_id, module in modules.items():
+            self._handles.append(module.register_forward_hook(self._make_tap(module_id)))
+        for owner_id, owner in self._owners.items():
+            self._handles.append(owner.register_forward_pre_hook(self._make_enter(owner_id)))
+            self._handles.append(owner.register_forward_hook(self._make_exit(owner_id)))
+        if not self._discovered:
+            self._discovering = True
+            for name, module in self.model.named_modules():
+                if any(True for _ in module.parameters(recurse=False)):
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._make_param_hook(clean_parameter_name(name)))
+                    )
+
+    def stop(self) -> None:
+        """Remove the hooks; the statistics collected so far stay until :meth:`finalize`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._stack.clear()
+        if self._discovering:
+            self._discovering = False
+            self._discovered = True
+            self._awaiting_feed.clear()
+            self._last_param_module = None
+
+    def discard(self) -> None:
+        """Remove the hooks and drop collected statistics."""
+        self.stop()
+        for slot in self._site_order:
+            slot.sums = None
+            slot.active = None
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def _make_enter(self, owner_id: int) -> Callable[..., None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            self._stack.append(_Frame(owner_id))
+
+        return enter
+
+    def _make_exit(self, owner_id: int) -> Callable[..., None]:
+        def exit_(module: nn.Module, args: Any, output: Any) -> None:
+            for position in range(len(self._stack) - 1, -1, -1):
+                if self._stack[position].owner == owner_id:
+                    del self._stack[position:]
+                    return
+
+        return exit_
+
+    def _make_param_hook(self, name: str) -> Callable[..., None]:
+        def on_param_module(module: nn.Module, args: Any) -> None:
+            for slot in self._awaiting_feed:
+                slot.site.feeds = name
+            self._awaiting_feed.clear()
+            self._last_param_module = module
+
+        return on_param_module
+
+    def _make_tap(self, module_id: int) -> Callable[..., None]:
+        names = self._names[module_id]
+        owners = {owner for _, owner in names}
+
+        def tap(module: nn.Module, args: Any, output: Any) -> None:
+            self.calls += 1
+            owner: int | None = None
+            ordinal = 0
+            for frame in reversed(self._stack):
+                if frame.owner in owners:
+                    owner = frame.owner
+                    ordinal = frame.counters.get(module_id, 0)
+                    frame.counters[module_id] = ordinal + 1
+                    break
+            key = (owner, module_id, ordinal)
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._new_slot(key, module, output)
+            if isinstance(output, Tensor) and output.is_floating_point():
+                self._accumulate(slot, output)
+
+        return tap
+
+    def _new_slot(self, key: tuple[int | None, int, int], module: nn.Module, output: Any) -> _Slot:
+        owner, module_id, ordinal = key
+        names = self._names[module_id]
+        base = next((name for name, owner_id in names if owner_id == owner), names[0][0])
+        name = base if ordinal == 0 else f"{base}#{ordinal}"
+        unit_dim = 1
+        if isinstance(output, Tensor) and output.dim() == 3:
+            unit_dim = 1 if isinstance(self._last_param_module, _CHANNEL_FIRST) else 2
+        site = ActivationSite(name=name, kind=self._kinds[module_id], module=base, unit_dim=unit_dim)
+        bounds = (float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0)))
+        slot = _Slot(site, bounds)
+        self._slots[key] = slot
+        self._site_order.append(slot)
+        if self._discovering:
+            self._awaiting_feed.append(slot)
+        return slot
+
+    def _accumulate(self, slot: _Slot, output: Tensor) -> None:
+        site = slot.site
+        with torch.no_grad():
+            y = output.detach()
+            if y.dtype not in (torch.float32, torch.float64):
+                y = y.float()
+            acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64
+            count = torch.tensor(float(y.numel()), dtype=acc_dtype, device=y.device)
+            saturated = self._saturated(site.kind, y, slot)
+            sums = torch.stack([count, y.sum().to(acc_dtype), (y * y).sum().to(acc_dtype), saturated.to(acc_dtype)])
+            slot.sums = sums if slot.sums is None else slot.sums + sums
+            if site.kind in DEAD_KINDS:
+                active = _active_per_unit(y, site.unit_dim).to(acc_dtype)
+                if site.units is None:
+                    site.units = int(active.numel())
+                if active.numel() == site.units:
+                    slot.active = active if slot.active is None else slot.active + active
+
+    def _saturated(self, kind: str, y: Tensor, slot: _Slot) -> Tensor:
+        threshold = self.saturation_derivative
+        if kind == "sigmoid":
+            return (y * (1.0 - y) < 0.25 * threshold).sum()
+        if kind == "tanh":
+            return (1.0 - y * y < threshold).sum()
+        if kind == "softsign":
+            return ((1.0 - y.abs()).square() < threshold).sum()
+        if kind == "hardsigmoid":
+            return ((y <= 0.0) | (y >= 1.0)).sum()
+        if kind in ("hardtanh", "relu6"):
+            low, high = slot.bounds
+            if kind == "relu6":
+                return (y >= high).sum()
+            return ((y <= low) | (y >= high)).sum()
+        return y.new_zeros(())
+
+    # ------------------------------------------------------------------------------------------ result
+    def finalize(
+        self,
+        step: int,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        layer_of_module: Mapping[str, tuple[str, int]] | None = None,
+        default_depth: int = -1,
+    ) -> ActivationStats | None:
+        """Turn the collected sums into statistics (one reduction, one host copy) and reset them.
+
+        Args:
+            step: The optimizer step the statistics belong to.
+            reduce: Sums a tensor over ranks (e.g. ``all_reduce(SUM)``); every rank must call
+                :meth:`finalize` with the same sites seen. ``None`` for a single process.
+            layer_of_module: ``module name -> (layer name, depth)`` of parameter-owning modules, to name the
+                layer each site feeds. Without it the layer is the module name and the depth
+                ``default_depth``.
+            default_depth: Depth of sites whose fed module is unknown.
+
+        Returns:
+            The statistics, or ``None`` if no site ever ran.
+        """
+        slots = self._site_order
+        if not slots:
+            return None
+        device, dtype = self._device_dtype()
+        blocks: list[Tensor] = []
+        for slot in slots:
+            blocks.append(slot.sums if slot.sums is not None else torch.zeros(4, dtype=dtype, device=device))
+        for slot in slots:
+            if slot.site.kind in DEAD_KINDS and slot.site.units is not None:
+                units = slot.site.units
+                blocks.append(
+                    slot.active if slot.active is not None else torch.zeros(units, dtype=dtype, device=device)
+                )
+        flat = torch.cat([block.to(device, dtype) for block in blocks])
+        if reduce is not None:
+            flat = reduce(flat)
+        host = flat.detach().cpu().numpy().astype(np.float64)
+        for slot in slots:
+            slot.sums = None
+            slot.active = None
+        return self._derive(step, host, layer_of_module or {}, default_depth)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        for slot in self._site_order:
+            if slot.sums is not None:
+                return slot.sums.device, slot.sums.dtype
+        param = next(iter(self.model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        return device, torch.float32 if device.type == "mps" else torch.float64
+
+    def _derive(
+        self,
+        step: int,
+        host: np.ndarray,
+        layer_of_module: Mapping[str, tuple[str, int]],
+        default_depth: int,
+    ) -> ActivationStats:
+        slots = self._site_order
+        count = len(slots)
+        sums = host[: 4 * count].reshape(count, 4)
+        n, total, squares, saturated = sums.T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(n > 0, total / n, np.nan)
+            var = np.where(n > 0, squares / n - mean * mean, np.nan)
+            std = np.sqrt(np.clip(var, 0.0, None))
+            saturation = np.where(n > 0, saturated / n, np.nan)
+        dead = np.full(count, np.nan)
+        offset = 4 * count
+        for i, slot in enumerate(slots):
+            site = slot.site
+            if site.kind not in SATURATING_KINDS:
+                saturation[i] = np.nan
+            if site.kind in DEAD_KINDS and site.units is not None:
+                active = host[offset : offset + site.units]
+                offset += site.units
+                if n[i] > 0 and site.units > 0:
+                    dead[i] = float((active == 0).sum()) / site.units
+        feeds: list[str | None] = []
+        depths = np.empty(count, dtype=np.int32)
+        for i, slot in enumerate(slots):
+            fed = slot.site.feeds
+            layer, depth = layer_of_module.get(fed, (fed, default_depth)) if fed else (None, default_depth)
+            feeds.append(layer)
+            depths[i] = depth
+        return ActivationStats(
+            step=step,
+            sites=[slot.site.name for slot in slots],
+            kinds=[slot.site.kind for slot in slots],
+            feeds=feeds,
+            depths=depths,
+            metrics={
+                "act_saturation": saturation,
+                "act_dead": dead,
+                "act_mean": mean,
+                "act_std": std,
+            },
+        )
+
+    def __iter__(self) -> Iterator[ActivationSite]:
+        return iter(self.sites)
+
+
+def _active_per_unit(y: Tensor, unit_dim: int) -> Tensor:
+    """Number of positive elements per unit (dim ``unit_dim``; a 0-/1-D output is one unit)."""
+    if y.dim() < 2:
+        return (y > 0).sum().reshape(1)
+    dim = unit_dim if unit_dim < y.dim() else y.dim() - 1
+    others = [d for d in range(y.dim()) if d != dim]
+    return (y > 0).sum(dim=others)

@@ -1,0 +1,332 @@
+"""Diagnosis: vanishing, exploding, non-finite, dormant findings, actions, findings file, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+from torch import nn
+
+from gradlight import (
+    DiagnosisConfig,
+    GradientAnomalyError,
+    GradientDiagnosis,
+    GradientFlowMonitor,
+    ModelProfile,
+    StepRecord,
+    load_findings,
+    load_history,
+)
+from gradlight.diagnosis import FINDINGS_FILE, RULES, Finding, FindingsWriter, resolve_actions
+from tests.gradlight._ddp_diag_workers import QUIET, Regressor, ddp_actions_worker, mlp, spawn
+
+
+def fit(
+    model: L.LightningModule, save_dir: Path, steps: int, trainer_kwargs: Any = None, **monitor_kwargs: Any
+) -> tuple[GradientFlowMonitor, L.Trainer, list[str]]:
+    monitor = GradientFlowMonitor(1, save_dir, **monitor_kwargs)
+    options = {**QUIET, **(trainer_kwargs or {})}
+    trainer = L.Trainer(**options, accelerator="cpu", devices=1, max_steps=steps, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    messages = [str(w.message) for w in caught if "gradlight:" in str(w.message)]
+    return monitor, trainer, messages
+
+
+# -------------------------------------------------------------------------------------- vanishing
+def test_deep_sigmoid_mlp_is_flagged_vanishing_at_the_first_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    monitor, _, messages = fit(Regressor(mlp(12)), tmp_path, steps=4)
+    findings = load_findings(tmp_path)
+    vanishing = findings[findings.kind == "vanishing"]
+    assert len(vanishing) == 1
+    row = vanishing.iloc[0]
+    assert row.layer == "net.0"  # the first layer in forward order
+    assert row.step == 0 and row.reported_step == 2  # held from step 0, reported after 3 logged steps
+    assert row.evidence["decades"] > 3 and row.evidence["ratio"] < 1e-3
+    assert row.evidence["reference_layers"] == ["net.20", "net.22"]
+    assert row.layers[0] == "net.0" and row.evidence["onset_layer"] == row.layers[-1]
+    rules = row.evidence["rules"]
+    assert rules[:3] == ["saturating_activation", "no_normalization", "deep_plain_stack"]
+    assert "ReLU" in row.remedy and "BatchNorm" in row.remedy and "residual" in row.remedy
+    # warned exactly once (rank zero), with cause and remedy
+    assert sum("vanishing gradient" in m for m in messages) == 1
+    assert "Likely cause" in messages[0]
+    # the history has the loss and the findings count reached the summary
+    assert monitor.diagnosis is not None and monitor.diagnosis.findings_count == len(findings)
+
+
+def test_relu_he_batchnorm_mlp_is_not_flagged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _, _, messages = fit(Regressor(mlp(12, act=nn.ReLU, bn=True, he=True)), tmp_path, steps=8)
+    assert load_findings(tmp_path).empty
+    assert messages == []
+
+
+# --------------------------------------------------------------------------------------- exploding
+def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(mlp(4, act=nn.Tanh), lr=3.0)
+    fit(model, tmp_path, steps=16, on_anomaly="ignore")
+    findings = load_findings(tmp_path)
+    exploding = findings[findings.kind == "exploding"]
+    assert not exploding.empty
+    first_nan = min(step for step, loss in model.losses.items() if not math.isfinite(loss))
+    assert exploding.reported_step.min() < first_nan - 3
+    row = exploding.iloc[0]
+    assert row.evidence["growth"] >= 100 or max(row.evidence["layer_growth"].values()) >= 100
+    assert "learning rate" in row.remedy and "clipping" in row.remedy
+    # the NaN that follows is reported once, at its onset, as following the explosion
+    non_finite = findings[findings.kind == "non_finite"]
+    assert not non_finite.empty and non_finite.iloc[0].evidence["after_exploding"]
+
+
+def record(step: int, grad: list[float], update: list[float] | None = None, **global_metrics: float) -> StepRecord:
+    values = np.asarray(grad, dtype=np.float64)
+    layers = [f"l{i}" for i in range(len(grad))]
+    metrics = {
+        "grad_l2": values,
+        "grad_max_abs": values,
+        "grad_nonfinite": np.zeros(len(grad)),
+        "param_l2": np.ones(len(grad)),
+        "update_ratio": np.asarray(update if update is not None else [1e-3] * len(grad)),
+    }
+    glob = {"global_grad_l2": float(np.sqrt((values**2).sum())), **global_metrics}
+    return StepRecord(step, layers, np.arange(len(grad)), metrics, glob)
+
+
+def test_clipping_that_hides_a_blow_up_is_flagged_with_pre_clip_evidence() -> None:
+    diagnosis = GradientDiagnosis(gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    found: list[Finding] = []
+    for step in range(4):
+        found += diagnosis.update(record(step, [20.0, 20.0, 20.0]))  # steady, 35x the clip value
+    assert [f.kind for f in found] == ["exploding"]
+    finding = found[0]
+    assert finding.layer == "__global__" and finding.step == 0 and finding.reported_step == 2
+    assert finding.evidence["clip_ratio"] == pytest.approx(math.sqrt(3) * 20)
+    assert finding.evidence["rules"][0] in ("no_normalization", "clipping_hides_growth")
+    assert "clipping_hides_growth" in finding.evidence["rules"]
+
+
+def test_growth_within_the_window_is_flagged_at_the_growing_layer() -> None:
+    diagnosis = GradientDiagnosis(DiagnosisConfig(exploding_factor=50, exploding_window=3))
+    found: list[Finding] = []
+    for step, scale in enumerate([1, 1, 2, 10, 200]):
+        found += diagnosis.update(record(step, [1.0, 1.0 * scale, 1.0]))
+    assert [(f.kind, f.layer, f.step) for f in found] == [("exploding", "l1", 4)]
+
+
+# -------------------------------------------------------------------------------------- non-finite
+def test_nan_injected_into_one_layer_is_reported_at_that_step_and_layer_and_raises(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(mlp(5, act=nn.ReLU))
+    model.net[4].weight.register_hook(lambda g: g * float("nan") if model.global_step == 3 else g)
+    with pytest.raises(GradientAnomalyError) as error:
+        fit(model, tmp_path, steps=10, on_anomaly={"non_finite": "raise", "default": "warn"})
+    (finding,) = error.value.findings
+    assert (finding.kind, finding.layer, finding.step) == ("non_finite", "net.4", 3)
+    assert finding.evidence["nonfinite_elements"] == 16 * 16
+    assert "backward_op" in finding.evidence["rules"]
+    # history flushed first (rank zero), finding on disk
+    history = load_history(tmp_path)
+    assert history.step.max() == 3
+    assert load_findings(tmp_path).layer.tolist() == ["net.4"]
+
+
+def test_nan_in_several_layers_names_the_one_closest_to_the_loss() -> None:
+    diagnosis = GradientDiagnosis()
+    rec = record(7, [1.0, float("nan"), float("nan"), 1.0])
+    rec.metrics["grad_nonfinite"] = np.array([0.0, 3.0, 5.0, 0.0])
+    (finding,) = diagnosis.update(rec, loss=1.0)
+    assert (finding.kind, finding.layer, finding.step) == ("non_finite", "l2", 7)
+    assert diagnosis.update(rec, loss=1.0) == []  # same episode: reported once
+
+
+# ---------------------------------------------------------------------------------------- dormant
+def test_layer_with_learning_rate_zero_is_flagged_dormant(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(mlp(4, act=nn.ReLU, he=True), lr=0.05, lr_zero=("net.2",))
+    fit(model, tmp_path, steps=7)
+    findings = load_findings(tmp_path)
+    assert findings[["kind", "layer", "step", "reported_step"]].values.tolist() == [["dormant", "net.2", 0, 4]]
+    row = findings.iloc[0]
+    assert row.evidence["update_ratio"] == 0.0 and row.evidence["loss_change"] > 0.01
+    assert row.evidence["rules"] == ["optimizer_does_not_move"]
+
+
+def test_dormant_needs_the_loss_to_change() -> None:
+    diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))
+    found = [f for s in range(5) for f in diagnosis.update(record(s, [1.0, 1.0, 1.0], [0.0, 1e-3, 1e-3]), loss=2.0)]
+    assert found == []
+    diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))
+    found = [f for s in range(5) for f in diagnosis.update(record(s, [1.0, 1.0, 1.0], [0.0, 1e-3, 1e-3]), loss=2.0 - s)]
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("dormant", "l0", 0, 2)]
+
+
+# ---------------------------------------------------------------------------------------- actions
+def test_stop_action_stops_the_trainer_and_flushes_the_history(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _, trainer, messages = fit(Regressor(mlp(12)), tmp_path, steps=20, on_anomaly="stop")
+    assert trainer.global_step == 3  # reported at step 2, stopped after that batch
+    assert load_history(tmp_path).step.max() == 2
+    assert any("stopping the run" in m for m in messages)
+
+
+def test_ignore_records_without_warning_and_diagnose_false_records_nothing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _, _, messages = fit(Regressor(mlp(12)), tmp_path / "a", steps=4, on_anomaly="ignore")
+    assert messages == [] and len(load_findings(tmp_path / "a")) == 1
+    torch.manual_seed(0)
+    monitor, _, messages = fit(Regressor(mlp(12)), tmp_path / "b", steps=4, diagnose=False)
+    assert messages == [] and not (tmp_path / "b" / FINDINGS_FILE).exists() and monitor.findings == []
+
+
+class MemoryLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_findings_are_counted_in_the_logger_summary(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = MemoryLogger()
+    fit(Regressor(mlp(12)), tmp_path, steps=4, trainer_kwargs={"logger": logger}, on_anomaly="ignore")
+    counts = {step: m["gradflow/findings"] for step, m in logger.metrics if "gradflow/findings" in m}
+    assert counts == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+
+
+# ------------------------------------------------------------------------------- resume and storage
+def test_resumed_run_does_not_report_again(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(mlp(12))
+    monitor = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
+    trainer = L.Trainer(
+        **{**QUIET, "enable_checkpointing": True}, accelerator="cpu", devices=1, max_steps=4,
+        callbacks=[monitor], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(model)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=False)["callbacks"]
+    resumed = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
+    L.Trainer(
+        **QUIET, accelerator="cpu", devices=1, max_steps=7, callbacks=[resumed]
+    ).fit(Regressor(mlp(12)), ckpt_path=ckpt)
+    assert resumed.findings == [] or all(f.kind != "vanishing" for f in resumed.findings)
+    assert resumed.diagnosis is not None and ("vanishing", "net.0") in resumed.diagnosis.reported
+    assert (load_findings(tmp_path).kind == "vanishing").sum() == 1
+
+
+def test_diagnosis_state_round_trips() -> None:
+    first = GradientDiagnosis()
+    for step in range(2):
+        first.update(record(step, [1e-6, 1.0, 1.0]))
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    second = GradientDiagnosis()
+    second.load_state_dict(state)
+    (finding,) = second.update(record(2, [1e-6, 1.0, 1.0]))  # the streak continued across the resume
+    assert (finding.kind, finding.layer, finding.step) == ("vanishing", "l0", 0)
+    third = GradientDiagnosis()
+    third.load_state_dict(second.state_dict())
+    assert third.update(record(3, [1e-6, 1.0, 1.0])) == []
+
+
+def test_load_findings_tolerates_a_torn_last_line(tmp_path: Path) -> None:
+    writer = FindingsWriter(tmp_path)
+    writer.append([Finding("vanishing", "a", 0, 2, "m", "c", "r", {"ratio": 1e-7}, ["a"])])
+    writer.append([Finding("dormant", "b", 1, 5, "m", "c", "r")])
+    with open(tmp_path / FINDINGS_FILE, "a") as sink:
+        sink.write('{"kind": "exploding", "lay')
+    with pytest.warns(UserWarning, match="torn last line"):
+        frame = load_findings(tmp_path)
+    assert frame.kind.tolist() == ["vanishing", "dormant"]
+    assert {"kind", "layer", "step", "message", "cause", "remedy", "evidence"} <= set(frame.columns)
+    assert frame.evidence[0] == {"ratio": 1e-7}
+    assert load_findings(tmp_path / "missing").empty
+
+
+# ------------------------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"on_anomaly": "explode"}, "on_anomaly.*warn.*'explode'"),
+        ({"on_anomaly": {"vanish": "warn"}}, "key 'vanish'.*vanishing"),
+        ({"on_anomaly": {"non_finite": "panic"}}, r"on_anomaly\['non_finite'\].*'panic'"),
+        ({"diagnose": "yes"}, "diagnose"),
+        ({"track_activations": 1}, "track_activations"),
+        ({"diagnosis": {"vanishing_ratio": 1e-3}}, "diagnosis"),
+    ],
+)
+def test_constructor_validates(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientFlowMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("vanishing_ratio", 0.0), ("vanishing_patience", 0), ("exploding_factor", 1.0), ("dead_fraction", 2.0)],
+)
+def test_config_validates(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DiagnosisConfig(**{field: value})
+
+
+def test_actions_and_rule_table() -> None:
+    assert resolve_actions("stop") == dict.fromkeys(resolve_actions("warn"), "stop")
+    assert resolve_actions({"dormant": "ignore"})["vanishing"] == "warn"
+    assert len({rule.id for rule in RULES}) == len(RULES)
+
+
+def test_model_profile() -> None:
+    lstm = ModelProfile.from_model(nn.Sequential(nn.RNN(4, 4), nn.LayerNorm(4)))
+    assert lstm.plain_recurrent and lstm.normalization == ["LayerNorm"] and lstm.recurrent == ["RNN"]
+    tiny = nn.Linear(64, 64)
+    nn.init.normal_(tiny.weight, std=1e-4)
+    assert ModelProfile.from_model(nn.Sequential(tiny)).init_small == ["0"]
+    assert ModelProfile.from_model(nn.Sequential(nn.Linear(64, 64))).init_small == []
+
+    class Bottleneck(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    assert ModelProfile.from_model(nn.Sequential(Bottleneck())).residual
+
+
+# --------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_stop_and_raise_under_two_process_ddp(tmp_path: Path) -> None:
+    spawn(ddp_actions_worker, 2, str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["stop_global_step"] == 3  # vanishing reported at step 2 on both ranks, both stopped
+        assert result["stop_findings"][0] == ["vanishing", "net.0", 0]
+        assert result["raised"] == [["non_finite", "net.2", 3]]  # both ranks raised, same finding
+        assert result["raise_global_step"] == 4  # raised after step 3's optimizer step
+    assert results[0] == results[1]
+    assert load_history(tmp_path / "raise").step.max() == 3  # flushed before raising
+    assert load_findings(tmp_path / "stop").kind.tolist()[0] == "vanishing"
+    acts = load_history(tmp_path / "stop", metrics=["act_saturation"])
+    assert set(acts.step) == {0, 1, 2}
