@@ -95,7 +95,15 @@ def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Te
         return torch.zeros(0, device=device)
     home = device if device is not None else tensors[0].device
     if any(t.device.type != "cpu" for t in tensors):
-        return foreach_norms(tensors, float("inf"), home)
+        if all(t.numel() for t in tensors):
+            return foreach_norms(tensors, float("inf"), home)
+        # Empty shards (FSDP2 gives some ranks 0 rows, FSDP1 empty slices): _foreach_norm(inf) refuses them.
+        filled = [i for i, t in enumerate(tensors) if t.numel()]
+        out = torch.zeros(len(tensors), dtype=torch.float32, device=home)
+        if filled:
+            norms = foreach_norms([tensors[i] for i in filled], float("inf"), home)
+            out[torch.tensor(filled, device=home)] = norms
+        return out
     values = []
     for tensor in tensors:
         if tensor.numel() == 0:
