@@ -806,6 +806,23 @@ class GradientDiagnosis:
                     f"; {saturation:.0%} of the {activations.kinds[site]} outputs feeding it "
                     f"({activations.sites[site]}) are saturated"
                 )
+            between = [
+                i
+                for i, (kind, d) in enumerate(zip(activations.kinds, activations.depths))
+                if kind in SATURATING_KINDS and int(d) > depth
+            ]
+            values = activations.metrics["act_saturation"][between]
+            if between and np.isfinite(values).any():
+                worst = between[int(np.nanargmax(values))]
+                evidence["downstream_saturation_mean"] = float(np.nanmean(values))
+                evidence["downstream_saturation_max"] = float(activations.metrics["act_saturation"][worst])
+                evidence["downstream_saturation_site"] = activations.sites[worst]
+                detail += (
+                    f"; its gradient passes {len(between)} saturating activation site(s) "
+                    f"({', '.join(sorted({activations.kinds[i] for i in between}))}) on the way from the loss, "
+                    f"{float(np.nanmean(values)):.0%} saturated on average "
+                    f"(max {evidence['downstream_saturation_max']:.0%} at {activations.sites[worst]})"
+                )
         message = (
             f"vanishing gradient: layer {layer} gets {_fmt(ratio)} of the reference gradient "
             f"({', '.join(ref_layers)}), {decades:.1f} decades below, sustained since step {since}; "

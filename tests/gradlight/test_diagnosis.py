@@ -231,9 +231,9 @@ def test_resumed_run_does_not_report_again(tmp_path: Path) -> None:
     ckpt = next(tmp_path.rglob("*.ckpt"))
     assert torch.load(ckpt, weights_only=False)["callbacks"]
     resumed = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
-    L.Trainer(
-        **QUIET, accelerator="cpu", devices=1, max_steps=7, callbacks=[resumed]
-    ).fit(Regressor(mlp(12)), ckpt_path=ckpt)
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=7, callbacks=[resumed]).fit(
+        Regressor(mlp(12)), ckpt_path=ckpt
+    )
     assert resumed.findings == [] or all(f.kind != "vanishing" for f in resumed.findings)
     assert resumed.diagnosis is not None and ("vanishing", "net.0") in resumed.diagnosis.reported
     assert (load_findings(tmp_path).kind == "vanishing").sum() == 1
