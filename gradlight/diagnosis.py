@@ -121,6 +121,9 @@ class DiagnosisConfig:
         dead_fraction: Report a ReLU-family site when at least this fraction of its units were zero for the
             whole batch. A few dead units are normal; half of a layer is capacity thrown away.
         activation_patience: Logged steps a site must stay above the saturated/dead fraction.
+        scaled_non_finite_patience: Under a dynamic loss scaler (fp16 AMP) an overflow is routine (the
+            scaler skips the step and lowers its scale): non-finite gradients are reported only when they
+            persist for this many consecutive logged steps. Without a scaler they are reported at once.
         saturation_derivative: Used by the activation taps: an output counts as saturated where the
             activation's derivative is below this fraction of its peak (0.05: sigmoid ``|x| > 4.4``).
         deep_stack_layers: A model with at least this many parameter layers and no residual structure is a
@@ -150,6 +153,7 @@ class DiagnosisConfig:
     saturated_fraction: float = 0.5
     dead_fraction: float = 0.5
     activation_patience: int = 2
+    scaled_non_finite_patience: int = 3
     saturation_derivative: float = 0.05
     deep_stack_layers: int = 8
     init_scale_tolerance: float = 4.0
@@ -164,6 +168,7 @@ class DiagnosisConfig:
             "clip_patience",
             "dormant_window",
             "activation_patience",
+            "scaled_non_finite_patience",
             "deep_stack_layers",
             "max_layers_in_evidence",
         ):
@@ -612,12 +617,17 @@ class GradientDiagnosis:
         self._global_norms: deque[tuple[int, float]] = deque(maxlen=self.config.exploding_window)
         self._layer_norms: dict[str, deque[float]] = {}
         self._losses: deque[tuple[int, float]] = deque(maxlen=self.config.dormant_window)
-        self._nonfinite_before = False
+        self._nonfinite_run = 0
+        self._nonfinite_first = -1
         self._exploded = False
 
     # ------------------------------------------------------------------------------------ public API
     def update(
-        self, record: StepRecord, activations: ActivationStats | None = None, loss: float | None = None
+        self,
+        record: StepRecord,
+        activations: ActivationStats | None = None,
+        loss: float | None = None,
+        loss_scaled: bool = False,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind and layer once).
 
@@ -625,14 +635,14 @@ class GradientDiagnosis:
             record: The step's gradient statistics.
             activations: The step's activation statistics, if taps are on.
             loss: The step's training loss, if known (used by the dormant rule and non-finite causes).
+            loss_scaled: A dynamic loss scaler (fp16 AMP) handles overflow: it skips the step and lowers its
+                scale, so non-finite gradients are reported only when they persist for
+                ``scaled_non_finite_patience`` logged steps.
         """
         found: list[Finding] = []
         if loss is not None and math.isfinite(loss):
             self._losses.append((record.step, float(loss)))
-        if self._check_non_finite(record, loss, found):
-            self._nonfinite_before = True
-        else:
-            self._nonfinite_before = False
+        if not self._check_non_finite(record, loss, loss_scaled, found):
             reference = self._reference(record)
             self._check_vanishing(record, activations, reference, found)
             self._check_trend(record, found)
@@ -660,7 +670,7 @@ class GradientDiagnosis:
             "global_norms": list(self._global_norms),
             "layer_norms": {layer: list(values) for layer, values in self._layer_norms.items()},
             "losses": list(self._losses),
-            "nonfinite_before": self._nonfinite_before,
+            "nonfinite_run": [self._nonfinite_run, self._nonfinite_first],
             "exploded": self._exploded,
         }
 
@@ -681,7 +691,7 @@ class GradientDiagnosis:
             for layer, values in state.get("layer_norms", {}).items()
         }
         self._losses = deque(((int(s), float(v)) for s, v in state.get("losses", [])), self._losses.maxlen)
-        self._nonfinite_before = bool(state.get("nonfinite_before", False))
+        self._nonfinite_run, self._nonfinite_first = (int(v) for v in state.get("nonfinite_run", (0, -1)))
         self._exploded = bool(state.get("exploded", False))
 
     # -------------------------------------------------------------------------------------- helpers
@@ -712,16 +722,23 @@ class GradientDiagnosis:
         return float(np.exp(np.log(values).mean())), record.layers[-count:]
 
     # ------------------------------------------------------------------------------------------ kinds
-    def _check_non_finite(self, record: StepRecord, loss: float | None, found: list[Finding]) -> bool:
+    def _check_non_finite(
+        self, record: StepRecord, loss: float | None, loss_scaled: bool, found: list[Finding]
+    ) -> bool:
         grad = record.metrics["grad_l2"]
         counts = record.metrics.get("grad_nonfinite", np.zeros_like(grad))
         # Counts are exact NaN/Inf elements; an infinite norm of finite elements is an overflow of the norm
         # (exploding), not a non-finite gradient.
         bad = np.flatnonzero(counts > 0)
         if bad.size == 0:
+            self._nonfinite_run = 0
             return False
-        if self._nonfinite_before:
-            return True  # the same episode continues: report its onset only
+        self._nonfinite_run += 1
+        if self._nonfinite_run == 1:
+            self._nonfinite_first = record.step
+        needed = self.config.scaled_non_finite_patience if loss_scaled else 1
+        if self._nonfinite_run != needed:
+            return True  # not yet persistent (loss scaler), or the same episode continues: onset only
         position = int(bad[np.argmax(record.depths[bad])])
         layer = record.layers[position]
         evidence: dict[str, Any] = {
@@ -731,6 +748,8 @@ class GradientDiagnosis:
             "global_grad_nonfinite": float(record.global_metrics.get("global_grad_nonfinite", np.nan)),
             "depth": int(record.depths[position]),
             "after_exploding": self._exploded,
+            "consecutive_logged_steps": self._nonfinite_run,
+            "loss_scaled": loss_scaled,
         }
         if loss is not None:
             evidence["loss"] = float(loss)
@@ -739,8 +758,14 @@ class GradientDiagnosis:
             f"non-finite gradient at step {record.step}: {layer} (depth {int(record.depths[position])}) is the "
             f"first layer in backward order whose gradient holds NaN/Inf "
             f"({int(counts[position])} elements); {int(bad.size)} layer(s) affected"
+            + (
+                f"; non-finite on every logged step since step {self._nonfinite_first}"
+                if self._nonfinite_run > 1
+                else ""
+            )
         )
-        found.append(self._finding("non_finite", layer, record.step, record.step, message, evidence, [layer]))
+        first = self._nonfinite_first
+        found.append(self._finding("non_finite", layer, first, record.step, message, evidence, [layer]))
         return True
 
     def _check_vanishing(

@@ -489,7 +489,8 @@ class GradientFlowMonitor(Callback):
             # each rank's own, so average it: every rank then reaches the same findings.
             value = torch.tensor([loss], dtype=torch.float64, device=trainer.strategy.root_device)
             loss = float(trainer.strategy.reduce(value, reduce_op="mean").item())
-        findings = self.diagnosis.update(record, acts, loss)
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16 AMP: overflow is routine
+        findings = self.diagnosis.update(record, acts, loss, loss_scaled=scaled)
         if findings and self._findings_writer is not None:
             self._findings_writer.append(findings)
         return findings

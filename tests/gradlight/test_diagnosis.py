@@ -151,6 +151,19 @@ def test_nan_in_several_layers_names_the_one_closest_to_the_loss() -> None:
     assert diagnosis.update(rec, loss=1.0) == []  # same episode: reported once
 
 
+def test_under_a_loss_scaler_only_persistent_non_finite_gradients_are_reported() -> None:
+    diagnosis = GradientDiagnosis()
+    bad = record(0, [1.0, float("inf")])
+    bad.metrics["grad_nonfinite"] = np.array([0.0, 4.0])
+    assert diagnosis.update(bad, loss=1.0, loss_scaled=True) == []  # fp16 overflow: the scaler skips it
+    assert diagnosis.update(record(1, [1.0, 1.0]), loss=1.0, loss_scaled=True) == []
+    found = []
+    for step in (2, 3, 4):
+        bad.step = step
+        found += diagnosis.update(bad, loss=1.0, loss_scaled=True)
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("non_finite", "l1", 2, 4)]
+
+
 # ---------------------------------------------------------------------------------------- dormant
 def test_layer_with_learning_rate_zero_is_flagged_dormant(tmp_path: Path) -> None:
     torch.manual_seed(0)
