@@ -1,0 +1,784 @@
+"""How a report shows a run: pure functions from a history DataFrame to a matplotlib Figure.
+
+Every function returns a :class:`FigureResult`: the figure, the arrays it plots (so tests and users can
+check them against the history), a short name for file names and a caption. Figures are built with
+:class:`matplotlib.figure.Figure` directly (no pyplot state, no GUI backend), sized for a paper column
+(7 inches wide) and saved by the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
+from gradlight.report.summary import (
+    Run,
+    activation_sites,
+    early_late_series,
+    global_norm_series,
+    global_series,
+    layer_grid,
+    profile_slope,
+)
+
+__all__ = [
+    "FINDING_MARKERS",
+    "UPDATE_RATIO_BAND",
+    "UPDATE_RATIO_TARGET",
+    "FigureResult",
+    "activation_figure",
+    "compare_profiles_figure",
+    "compare_ratios_figure",
+    "figure_builders",
+    "global_norm_figure",
+    "heatmap_figure",
+    "profile_figure",
+    "ratio_figure",
+    "run_figures",
+    "shorten_label",
+    "update_ratio_figure",
+]
+
+#: The update-to-parameter ratio rule of thumb: about 1e-3 per step ...
+UPDATE_RATIO_TARGET = 1e-3
+#: ... within half a decade either side.
+UPDATE_RATIO_BAND = (10**-3.5, 10**-2.5)
+
+#: Marker of each finding kind on the heat map.
+FINDING_MARKERS = {
+    "vanishing": "v",
+    "exploding": "^",
+    "non_finite": "X",
+    "dormant": "s",
+    "saturated": "D",
+    "dead_units": "o",
+}
+
+WIDTH = 7.0
+ZERO_COLOR = "#000000"
+NONFINITE_COLOR = "#e8198b"
+MISSING_COLOR = "#d9d9d9"
+RUN_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
+STYLE: dict[Any, Any] = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": False,
+    "grid.color": "#e0e0e0",
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.4,
+    "lines.markersize": 3.5,
+    "savefig.dpi": 150,
+    "figure.dpi": 100,
+}
+
+
+@dataclass
+class FigureResult:
+    """A drawn figure and what it shows.
+
+    Attributes:
+        figure: The matplotlib figure.
+        data: The plotted arrays, by name.
+        name: Short name, used in file names and logger tags (``heatmap``, ``profile``, ...).
+        title: One-line title.
+        caption: How to read the figure, in a sentence or two.
+    """
+
+    figure: Figure
+    data: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    title: str = ""
+    caption: str = ""
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    with mpl.rc_context(STYLE):
+        yield
+
+
+def _new_figure(height: float, width: float = WIDTH) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def shorten_label(name: str, limit: int = 28) -> str:
+    """Shorten a layer name for a tick label, keeping its end (the most specific part).
+
+    Example:
+        >>> shorten_label("model.encoder.layers.11.self_attn.out_proj", limit=20)
+        '…11.self_attn.out_proj'
+    """
+    if len(name) <= limit:
+        return name
+    tail = name[-limit:]
+    cut = tail.find(".")
+    if 0 <= cut < limit // 3:
+        tail = tail[cut + 1 :]
+    return "…" + tail
+
+
+def _thin(count: int, max_ticks: int) -> np.ndarray:
+    """Evenly spaced tick positions, at most ``max_ticks`` of them, always including the first."""
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    stride = max(1, math.ceil(count / max(1, max_ticks)))
+    return np.arange(0, count, stride, dtype=np.int64)
+
+
+def _layer_ticks(axis: Any, names: Sequence[str], max_ticks: int, limit: int = 28) -> None:
+    positions = _thin(len(names), max_ticks)
+    axis.set_major_locator(FixedLocator(positions.tolist()))
+    axis.set_ticklabels([shorten_label(names[i], limit) for i in positions])
+
+
+def _decade_formatter() -> FuncFormatter:
+    def fmt(value: float, _pos: int | None) -> str:
+        if not math.isfinite(value):
+            return ""
+        if abs(value - round(value)) < 1e-9:
+            return f"$10^{{{round(value)}}}$"
+        return f"$10^{{{value:.1f}}}$"
+
+    return FuncFormatter(fmt)
+
+
+def _log_axis(ax: Axes) -> None:
+    """Log y axis; matplotlib labels minor ticks by itself when the data span less than about a decade."""
+    ax.set_yscale("log")
+
+
+def _step_axis(ax: Axes) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True, steps=[1, 2, 2.5, 5, 10]))
+    ax.set_xlabel("optimizer step")
+
+
+def _legend_right(ax: Axes, handles: list[Any] | None = None, labels: list[str] | None = None) -> None:
+    if handles is None or labels is None:
+        handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles=handles, labels=labels, loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0.0)
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """Values fit for a log axis: non-positive and non-finite become NaN (a gap)."""
+    out = np.asarray(values, dtype=np.float64).copy()
+    out[~np.isfinite(out) | (out <= 0)] = np.nan
+    return out
+
+
+def _edges(centers: np.ndarray) -> np.ndarray:
+    centers = np.asarray(centers, dtype=np.float64)
+    if centers.size == 1:
+        return np.array([centers[0] - 0.5, centers[0] + 0.5])
+    mids = (centers[1:] + centers[:-1]) / 2
+    return np.concatenate([[centers[0] - (mids[0] - centers[0])], mids, [centers[-1] + (centers[-1] - mids[-1])]])
+
+
+def _no_data(fig: Figure, ax: Axes, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#666666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# ------------------------------------------------------------------------------------------- heat map
+def heatmap_figure(
+    frame: pd.DataFrame,
+    findings: Iterable[Mapping[str, Any]] = (),
+    *,
+    metric: str = "grad_l2",
+    title: str | None = None,
+) -> FigureResult:
+    """Heat map of ``log10(metric)``: layers in forward order (depth 0 at the top) by optimizer step.
+
+    Zero norms (``log10 = -inf``) are drawn black, non-finite values magenta and steps a layer was not
+    recorded light grey; the colour bar is in decades. Findings are marked at their ``(step, layer)``.
+
+    Args:
+        frame: A history in long format.
+        findings: Findings (dicts with ``kind``, ``layer``, ``step``) to mark.
+        metric: The per-layer metric to show.
+        title: Figure title.
+
+    Returns:
+        The figure; ``data["log10"]`` is the ``(layers, steps)`` array of ``log10(metric)`` (NaN where not
+        recorded), with ``data["layers"]``, ``data["steps"]``, ``data["depths"]``, and the findings drawn as
+        ``data["finding_steps"]``, ``data["finding_rows"]``, ``data["finding_kinds"]``.
+
+    Example:
+        >>> from gradlight import load_history
+        >>> result = heatmap_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+        >>> result.figure.savefig("heatmap.png")  # doctest: +SKIP
+    """
+    grid = layer_grid(frame, metric)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log = np.log10(grid.values)
+    layers, steps = grid.layers, grid.steps
+    row_of = {name: i for i, name in enumerate(layers)}
+    f_steps, f_rows, f_kinds = [], [], []
+    for finding in findings:
+        row = row_of.get(str(finding.get("layer", "")))
+        step = finding.get("step", -1)
+        if row is None or step is None or int(step) < 0:
+            continue
+        f_steps.append(int(step))
+        f_rows.append(row)
+        f_kinds.append(str(finding.get("kind", "")))
+    data: dict[str, Any] = {
+        "log10": log,
+        "layers": list(layers),
+        "depths": grid.depths,
+        "steps": steps,
+        "finding_steps": np.asarray(f_steps, dtype=np.int64),
+        "finding_rows": np.asarray(f_rows, dtype=np.int64),
+        "finding_kinds": f_kinds,
+    }
+    num_layers = len(layers)
+    height = float(np.clip(1.6 + 0.15 * min(num_layers, 36), 3.0, 7.5))
+    with _style():
+        fig = _new_figure(height)
+        ax = fig.add_subplot()
+        ax.set_title(title or f"{metric} per layer and step")
+        if grid.empty:
+            _no_data(fig, ax, f"no {metric} recorded")
+            return FigureResult(fig, data, "heatmap", ax.get_title(), "")
+        finite = log[np.isfinite(log)]
+        if finite.size:
+            vmin, vmax = math.floor(float(finite.min())), math.ceil(float(finite.max()))
+        else:
+            vmin, vmax = -1, 0
+        if vmax - vmin < 1:
+            vmax = vmin + 1
+        zero = grid.present & (log == -np.inf)
+        nonfinite = grid.present & ~np.isfinite(grid.values)
+        display = log.copy()
+        display[zero] = vmin - 1.0
+        display[nonfinite] = vmax + 1.0
+        display[~grid.present] = np.nan
+        cmap: Colormap = mpl.colormaps["viridis"].with_extremes(
+            under=ZERO_COLOR, over=NONFINITE_COLOR, bad=MISSING_COLOR
+        )
+        mesh = ax.pcolormesh(
+            _edges(steps.astype(np.float64)),
+            np.arange(num_layers + 1) - 0.5,
+            np.ma.masked_invalid(np.where(np.isnan(display), np.nan, display)),
+            cmap=cmap,
+            norm=Normalize(vmin=vmin, vmax=vmax),
+            shading="flat",
+            rasterized=True,
+        )
+        ax.set_ylim(num_layers - 0.5, -0.5)
+        ax.spines[["top", "right"]].set_visible(True)
+        max_ticks = max(4, int((height - 1.2) * 72 / 10.5))
+        _layer_ticks(ax.yaxis, layers, max_ticks)
+        ax.tick_params(axis="y", labelsize=7 if num_layers > 20 else 8, length=2)
+        _step_axis(ax)
+        ax.set_ylabel("layer (forward order, input at top)")
+        span = vmax - vmin
+        colorbar = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=30)
+        colorbar.locator = FixedLocator(list(range(vmin, vmax + 1, max(1, math.ceil(span / 8)))))
+        colorbar.formatter = _decade_formatter()
+        colorbar.update_ticks()
+        colorbar.set_label(f"{metric} (log scale)")
+        handles: list[Any] = []
+        for kind in dict.fromkeys(f_kinds):
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker=FINDING_MARKERS.get(kind, "*"),
+                    markerfacecolor="white",
+                    markeredgecolor="black",
+                    markersize=6,
+                    label=kind.replace("_", " "),
+                )
+            )
+        for kind in dict.fromkeys(f_kinds):
+            mask = np.asarray([k == kind for k in f_kinds])
+            ax.scatter(
+                data["finding_steps"][mask],
+                data["finding_rows"][mask],
+                marker=FINDING_MARKERS.get(kind, "*"),
+                s=34,
+                facecolor="white",
+                edgecolor="black",
+                linewidth=0.8,
+                zorder=3,
+                clip_on=False,
+            )
+        for mask, color, label in (
+            (zero, ZERO_COLOR, "zero"),
+            (nonfinite, NONFINITE_COLOR, "NaN/inf"),
+            (~grid.present, MISSING_COLOR, "not recorded"),
+        ):
+            if mask.any():
+                handles.append(Patch(facecolor=color, edgecolor="#777777", linewidth=0.5, label=label))
+        if handles:
+            ax.legend(
+                handles=handles,
+                loc="lower left",
+                bbox_to_anchor=(0.0, 1.0),
+                ncol=min(len(handles), 6),
+                borderaxespad=0.2,
+                handletextpad=0.4,
+                columnspacing=1.0,
+            )
+            ax.set_title(ax.get_title(), pad=18)
+    caption = (
+        f"Each row is a layer (input at the top), each column a recorded step; colour is {metric} on a log "
+        "scale. A dark band at the top that stays dark is the picture of vanishing gradients."
+    )
+    if f_steps:
+        caption += " Markers show where diagnosis findings were raised."
+    return FigureResult(fig, data, "heatmap", title or f"{metric} per layer and step", caption)
+
+
+# ------------------------------------------------------------------------------------------- profile
+def _profile_steps(steps: np.ndarray, count: int = 3) -> np.ndarray:
+    if len(steps) <= count:
+        return steps
+    picks = np.unique(np.round(np.linspace(0, len(steps) - 1, count)).astype(np.int64))
+    return steps[picks]
+
+
+def _depth_axis(ax: Axes, layers: Sequence[str], max_names: int = 24) -> None:
+    if len(layers) <= max_names:
+        ax.set_xticks(np.arange(len(layers)))
+        ax.set_xticklabels([shorten_label(name, 20) for name in layers], rotation=45, ha="right")
+        ax.set_xlabel("layer (forward order)")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+        ax.set_xlabel("depth (layer index in forward order)")
+    ax.set_xlim(-0.5, max(len(layers) - 0.5, 0.5))
+
+
+def profile_figure(
+    frame: pd.DataFrame, steps: Sequence[int] | None = None, *, title: str | None = None
+) -> FigureResult:
+    """Gradient-flow profile: ``grad_l2`` against depth at a few steps (default: first, middle, last).
+
+    On the log axis a vanishing network is a straight line rising from the input to the output; the
+    legend gives each line's slope in decades per layer.
+
+    Args:
+        frame: A history in long format.
+        steps: The steps to draw (default: first, middle and last recorded).
+        title: Figure title.
+
+    Returns:
+        The figure; ``data["grad_l2"]`` is ``(len(steps), layers)``, with ``data["steps"]``,
+        ``data["layers"]``, ``data["depths"]`` and ``data["slopes"]``.
+
+    Example:
+        >>> result = profile_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+        >>> result.data["slopes"]  # doctest: +SKIP
+    """
+    grid = layer_grid(frame)
+    chosen = _profile_steps(grid.steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
+    columns = {int(step): j for j, step in enumerate(grid.steps)}
+    unknown = [int(s) for s in chosen if int(s) not in columns]
+    if unknown:
+        raise ValueError(f"steps {unknown} are not in the history (recorded: {grid.steps[:5].tolist()}...)")
+    values = (
+        np.stack([grid.values[:, columns[int(s)]] for s in chosen]) if len(chosen) else np.zeros((0, len(grid.layers)))
+    )
+    slopes = np.asarray([profile_slope(grid.depths, row) for row in values])
+    data: dict[str, Any] = {
+        "grad_l2": values,
+        "steps": chosen,
+        "layers": list(grid.layers),
+        "depths": grid.depths,
+        "slopes": slopes,
+    }
+    many = len(grid.layers) > 24
+    with _style():
+        fig = _new_figure(3.4 if many else 3.6)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Gradient-flow profile")
+        if not len(chosen):
+            _no_data(fig, ax, "no grad_l2 recorded")
+        else:
+            colors = mpl.colormaps["viridis"](np.linspace(0.85, 0.05, len(chosen)))
+            x = np.arange(len(grid.layers))
+            for row, step, slope, color in zip(values, chosen, slopes, colors):
+                label = f"step {int(step)}"
+                if math.isfinite(slope):
+                    label += f" (slope {slope:+.2f} dec/layer)"
+                ax.plot(x, _positive(row), marker="o" if not many else None, color=color, label=label)
+            _log_axis(ax)
+            ax.grid(True, axis="y", which="major")
+            _depth_axis(ax, grid.layers)
+            ax.set_ylabel("grad_l2 (log scale)")
+            ax.legend(loc="best")
+    caption = (
+        "Gradient norm of each layer at the first, middle and last recorded step. A line rising steeply "
+        "from input to output (positive slope, in decades per layer) means the first layers barely learn."
+    )
+    return FigureResult(fig, data, "profile", title or "Gradient-flow profile", caption)
+
+
+# ------------------------------------------------------------------------------------ over the steps
+def ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> FigureResult:
+    """Early-to-late gradient ratio over the steps (log scale, 1 = balanced).
+
+    Returns:
+        The figure; ``data["steps"]`` and ``data["ratio"]``.
+
+    Example:
+        >>> result = ratio_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+    """
+    series = early_late_series(frame)
+    data: dict[str, Any] = {"steps": series.index.to_numpy(), "ratio": series.to_numpy(dtype=np.float64)}
+    with _style():
+        fig = _new_figure(2.8)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Early-to-late gradient ratio")
+        if series.empty:
+            _no_data(fig, ax, "no early/late ratio recorded")
+        else:
+            ax.plot(data["steps"], _positive(data["ratio"]), color=RUN_COLORS[0])
+            ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0, label="balanced (1)")
+            _log_axis(ax)
+            ax.grid(True, axis="y", which="major")
+            _step_axis(ax)
+            ax.set_ylabel("first / last layer grad_l2")
+            ax.legend(loc="best")
+    caption = (
+        "Gradient norm of the first layer(s) over that of the last layer(s). Far below 1: the input side "
+        "receives little gradient (vanishing); far above 1: it receives too much (exploding)."
+    )
+    return FigureResult(fig, data, "ratio", title or "Early-to-late gradient ratio", caption)
+
+
+def global_norm_figure(
+    frame: pd.DataFrame,
+    clip_value: float | None = None,
+    clip_algorithm: str = "norm",
+    *,
+    title: str | None = None,
+) -> FigureResult:
+    """Global gradient norm over the steps, with the clip value as a line; the loss below it if recorded.
+
+    Args:
+        frame: A history in long format.
+        clip_value: The gradient clip value, if clipping was on.
+        clip_algorithm: ``"norm"`` (the line is drawn on the global norm) or ``"value"`` (the line is drawn
+            on the largest absolute gradient element, which is what value clipping caps).
+        title: Figure title.
+
+    Returns:
+        The figure; ``data["steps"]``, ``data["global_grad_l2"]``, and when present ``data["loss_steps"]``,
+        ``data["loss"]``, ``data["max_abs"]``, ``data["clip_value"]``.
+
+    Example:
+        >>> result = global_norm_figure(load_history("runs/exp1/gradlight"), clip_value=1.0)  # doctest: +SKIP
+    """
+    norm = global_norm_series(frame)
+    loss = global_series(frame, "loss")
+    max_abs = global_series(frame, "global_grad_max_abs") if clip_algorithm == "value" else pd.Series()
+    data: dict[str, Any] = {
+        "steps": norm.index.to_numpy(),
+        "global_grad_l2": norm.to_numpy(dtype=np.float64),
+        "clip_value": clip_value,
+    }
+    has_loss = bool(len(loss)) and bool(np.isfinite(loss.to_numpy(dtype=np.float64)).any())
+    if has_loss:
+        data["loss_steps"], data["loss"] = loss.index.to_numpy(), loss.to_numpy(dtype=np.float64)
+    if len(max_abs):
+        data["max_abs"] = max_abs.to_numpy(dtype=np.float64)
+    with _style():
+        fig = _new_figure(4.4 if has_loss else 2.8)
+        axes = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2]) if has_loss else [fig.add_subplot()]
+        ax = axes[0]
+        ax.set_title(title or "Global gradient norm")
+        if norm.empty:
+            _no_data(fig, ax, "no global norm recorded")
+        else:
+            ax.plot(data["steps"], _positive(data["global_grad_l2"]), color=RUN_COLORS[0], label="global grad_l2")
+            if "max_abs" in data:
+                ax.plot(
+                    max_abs.index.to_numpy(),
+                    _positive(data["max_abs"]),
+                    color=RUN_COLORS[2],
+                    label="largest |gradient| element",
+                )
+            if clip_value is not None:
+                what = "clip value (per element)" if clip_algorithm == "value" else "clip norm"
+                ax.axhline(
+                    clip_value, color=RUN_COLORS[1], linestyle="--", linewidth=1.1, label=f"{what} {clip_value:g}"
+                )
+            _log_axis(ax)
+            ax.grid(True, axis="y", which="major")
+            ax.set_ylabel("gradient norm (log)")
+            ax.legend(loc="best")
+        if has_loss:
+            loss_ax = axes[1]
+            loss_ax.plot(data["loss_steps"], data["loss"], color="#444444", linewidth=1.1)
+            loss_ax.set_ylabel("loss")
+            loss_ax.grid(True, axis="y")
+        _step_axis(axes[-1])
+    caption = "Norm of the whole gradient before clipping"
+    caption += (
+        f", with the clip threshold ({clip_value:g}): above the line, clipping rescales the step."
+        if clip_value is not None
+        else "."
+    )
+    if has_loss:
+        caption += " Below: the training loss of the recorded steps."
+    return FigureResult(fig, data, "global_norm", title or "Global gradient norm", caption)
+
+
+# ---------------------------------------------------------------------------------------- per layer
+def update_ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> FigureResult | None:
+    """Update-to-parameter ratio per layer: median over the steps, 10-90 % band, last step; ``None`` if absent.
+
+    The shaded band is the rule of thumb (about ``1e-3`` per step, half a decade either side): far below,
+    the layer hardly moves; far above, the learning rate is likely too high for it.
+
+    Returns:
+        The figure; ``data["median"]``, ``data["p10"]``, ``data["p90"]``, ``data["last"]`` per layer, with
+        ``data["layers"]``. ``None`` when the history holds no finite ``update_ratio``.
+
+    Example:
+        >>> result = update_ratio_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+    """
+    grid = layer_grid(frame, "update_ratio")
+    values = _positive(grid.values)
+    if grid.empty or not np.isfinite(values).any():
+        return None
+    with np.errstate(all="ignore"), _quiet_nan_warnings():
+        median = np.nanmedian(values, axis=1)
+        p10 = np.nanpercentile(values, 10, axis=1)
+        p90 = np.nanpercentile(values, 90, axis=1)
+    last = values[:, -1]
+    data: dict[str, Any] = {"median": median, "p10": p10, "p90": p90, "last": last, "layers": list(grid.layers)}
+    with _style():
+        fig = _new_figure(3.4)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Update-to-parameter ratio per layer")
+        x = np.arange(len(grid.layers))
+        ax.axhspan(*UPDATE_RATIO_BAND, color="#bfe3c8", alpha=0.6, linewidth=0, label="rule of thumb ~1e-3")
+        ax.axhline(UPDATE_RATIO_TARGET, color="#3a9a55", linestyle="--", linewidth=0.9)
+        ax.fill_between(x, p10, p90, color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="10-90 % of steps")
+        ax.plot(x, median, color=RUN_COLORS[0], label="median over steps")
+        ax.plot(
+            x,
+            last,
+            linestyle="none",
+            marker="o",
+            color=RUN_COLORS[1],
+            markersize=3,
+            label=f"step {int(grid.steps[-1])}",
+        )
+        _log_axis(ax)
+        ax.grid(True, axis="y", which="major")
+        _depth_axis(ax, grid.layers)
+        ax.set_ylabel("|Δθ| / |θ| per step (log)")
+        ax.legend(loc="best", ncol=2)
+    caption = (
+        "How far each layer's parameters move per step relative to their size. The green band marks the "
+        "usual rule of thumb (about 1e-3); layers far below it barely learn, far above it may be unstable."
+    )
+    return FigureResult(fig, data, "update_ratio", title or "Update-to-parameter ratio per layer", caption)
+
+
+@contextmanager
+def _quiet_nan_warnings() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        yield
+
+
+def activation_figure(frame: pd.DataFrame, *, title: str | None = None) -> FigureResult | None:
+    """Activation saturation and dead units per site (mean over steps, min-max band, last step).
+
+    Returns:
+        The figure, or ``None`` if the history holds no finite ``act_saturation`` / ``act_dead``.
+        ``data["sites"]`` and, per metric shown, ``data[metric]`` as a ``(sites, steps)`` array.
+
+    Example:
+        >>> result = activation_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+    """
+    sites = activation_sites(frame)
+    if not sites:
+        return None
+    panels: list[tuple[str, str]] = []
+    data: dict[str, Any] = {"sites": sites}
+    for metric, label in (("act_saturation", "saturated outputs"), ("act_dead", "dead units")):
+        grid = layer_grid(frame, metric, layers=sites)
+        if np.isfinite(grid.values).any():
+            panels.append((metric, label))
+            data[metric] = grid.values
+            data["steps"] = grid.steps
+    if not panels:
+        return None
+    with _style():
+        fig = _new_figure(1.0 + 2.0 * len(panels) + (0.6 if len(sites) <= 24 else 0.0))
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        axes[0].set_title(title or "Activations per site")
+        x = np.arange(len(sites))
+        for ax, (metric, label) in zip(axes, panels):
+            values = data[metric] * 100.0
+            with _quiet_nan_warnings():
+                mean = np.nanmean(values, axis=1)
+                low, high = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
+            ax.fill_between(x, low, high, color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="min-max over steps")
+            ax.plot(x, mean, color=RUN_COLORS[0], marker="o" if len(sites) <= 60 else None, label="mean over steps")
+            ax.plot(
+                x,
+                values[:, -1],
+                linestyle="none",
+                marker="x",
+                color=RUN_COLORS[1],
+                label=f"step {int(data['steps'][-1])}",
+            )
+            ax.set_ylabel(f"{label} (%)")
+            ax.set_ylim(-2, 102)
+            ax.grid(True, axis="y")
+        axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, borderaxespad=0.2)
+        axes[0].set_title(axes[0].get_title(), loc="left")
+        _depth_axis(axes[-1], sites)
+        axes[-1].set_xlabel("activation site (forward order)")
+    caption = (
+        "Share of activation outputs in the flat region of a saturating non-linearity, and share of "
+        "ReLU-family units that never fired on a recorded step's batch, per activation site."
+    )
+    return FigureResult(fig, data, "activations", title or "Activations per site", caption)
+
+
+# ------------------------------------------------------------------------------------------ comparison
+def _relative_depth(count: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, count) if count > 1 else np.zeros(count)
+
+
+def compare_profiles_figure(runs: Sequence[Run], *, title: str | None = None) -> FigureResult:
+    """Gradient-flow profiles of several runs on one axis: last step solid, first step dotted.
+
+    When the runs have different numbers of layers, depth is shown relative (0 = first layer, 1 = last).
+
+    Returns:
+        The figure; per run label ``data[label] = {"x", "first", "last", "first_step", "last_step"}``.
+
+    Example:
+        >>> result = compare_profiles_figure([load_run("a"), load_run("b")])  # doctest: +SKIP
+    """
+    grids = [layer_grid(run.frame) for run in runs]
+    counts = {len(grid.layers) for grid in grids}
+    relative = len(counts) > 1
+    data: dict[str, Any] = {"relative_depth": relative}
+    with _style():
+        fig = _new_figure(3.6)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Gradient-flow profiles")
+        for i, (run, grid) in enumerate(zip(runs, grids)):
+            color = RUN_COLORS[i % len(RUN_COLORS)]
+            if grid.empty:
+                continue
+            x = _relative_depth(len(grid.layers)) if relative else np.arange(len(grid.layers), dtype=np.float64)
+            first, last = grid.values[:, 0], grid.values[:, -1]
+            data[run.label] = {
+                "x": x,
+                "first": first,
+                "last": last,
+                "first_step": int(grid.steps[0]),
+                "last_step": int(grid.steps[-1]),
+            }
+            marker = "o" if len(x) <= 24 else None
+            ax.plot(x, _positive(last), color=color, marker=marker, label=f"{run.label} (step {int(grid.steps[-1])})")
+            if len(grid.steps) > 1:
+                ax.plot(x, _positive(first), color=color, linestyle=":", linewidth=1.0, alpha=0.8)
+        _log_axis(ax)
+        ax.grid(True, axis="y", which="major")
+        if relative:
+            ax.set_xlabel("relative depth (0 = first layer, 1 = last layer)")
+        elif grids and grids[0].layers:
+            _depth_axis(ax, grids[0].layers)
+        ax.set_ylabel("grad_l2 (log scale)")
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(Line2D([], [], color="#555555", linestyle=":", linewidth=1.0))
+        labels.append("first recorded step")
+        _legend_right(ax, handles, labels)
+    caption = (
+        "Each run's layer gradient norms at its last recorded step (solid) and first step (dotted). "
+        "Steeper lines mean stronger vanishing (rising) or exploding (falling) toward the input."
+    )
+    return FigureResult(fig, data, "compare_profiles", title or "Gradient-flow profiles", caption)
+
+
+def compare_ratios_figure(runs: Sequence[Run], *, title: str | None = None) -> FigureResult:
+    """Early-to-late gradient ratio of several runs over the steps, one colour per run.
+
+    Returns:
+        The figure; per run label ``data[label] = {"steps", "ratio"}``.
+
+    Example:
+        >>> result = compare_ratios_figure([load_run("a"), load_run("b")])  # doctest: +SKIP
+    """
+    data: dict[str, Any] = {}
+    with _style():
+        fig = _new_figure(3.0)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Early-to-late gradient ratio")
+        for i, run in enumerate(runs):
+            series = early_late_series(run.frame)
+            data[run.label] = {"steps": series.index.to_numpy(), "ratio": series.to_numpy(dtype=np.float64)}
+            ax.plot(
+                data[run.label]["steps"],
+                _positive(data[run.label]["ratio"]),
+                color=RUN_COLORS[i % len(RUN_COLORS)],
+                label=run.label,
+            )
+        ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0)
+        _log_axis(ax)
+        ax.grid(True, axis="y", which="major")
+        _step_axis(ax)
+        ax.set_ylabel("first / last layer grad_l2")
+        _legend_right(ax)
+    caption = "Early-to-late gradient ratio of every run; the dotted line is 1 (balanced flow)."
+    return FigureResult(fig, data, "compare_ratios", title or "Early-to-late gradient ratio", caption)
+
+
+def figure_builders(run: Run) -> list[Callable[[], FigureResult | None]]:
+    """The figures of one run as zero-argument callables, in report order (a callable may return ``None``).
+
+    Lets a caller draw one figure at a time (and show progress) without holding them all in memory.
+    """
+    return [
+        lambda: heatmap_figure(run.frame, run.findings),
+        lambda: profile_figure(run.frame),
+        lambda: ratio_figure(run.frame),
+        lambda: global_norm_figure(run.frame, run.clip_value, run.clip_algorithm),
+        lambda: update_ratio_figure(run.frame),
+        lambda: activation_figure(run.frame),
+    ]
+
+
+def run_figures(run: Run) -> list[FigureResult]:
+    """Every figure of one run, in report order (figures without data are left out).
+
+    Example:
+        >>> [result.name for result in run_figures(load_run("runs/exp1/gradlight"))]  # doctest: +SKIP
+        ['heatmap', 'profile', 'ratio', 'global_norm', 'update_ratio']
+    """
+    return [result for build in figure_builders(run) if (result := build()) is not None]

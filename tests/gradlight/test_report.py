@@ -1,0 +1,347 @@
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gradlight.history import GLOBAL_LAYER, HistoryWriter, TruncatedHistoryWarning, load_history
+from gradlight.report import ReportInputError, build_report, load_run, summarize
+from gradlight.report.figures import (
+    activation_figure,
+    compare_profiles_figure,
+    compare_ratios_figure,
+    global_norm_figure,
+    heatmap_figure,
+    profile_figure,
+    ratio_figure,
+    shorten_label,
+    update_ratio_figure,
+)
+from gradlight.report.summary import (
+    layer_grid,
+    parse_run_spec,
+    read_findings,
+    resolve_run_dir,
+    resolve_run_specs,
+)
+
+IMG = re.compile(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"')
+
+
+# ------------------------------------------------------------------------------------ synthetic runs
+def write_run(
+    save_dir: Path,
+    profile: str = "vanishing",
+    *,
+    layers: int = 8,
+    steps: int = 30,
+    every: int = 10,
+    names: list[str] | None = None,
+    findings: list[dict[str, Any]] | None = None,
+    run_info: bool = True,
+    activations: bool = True,
+    clip: float | None = 1.0,
+    keep_open: bool = False,
+) -> HistoryWriter:
+    """A synthetic run: `vanishing` loses 10x per layer toward the input, `mild` 0.02 decades, `healthy` none."""
+    names = names or [f"net.{2 * i}" for i in range(layers)]
+    layers = len(names)
+    rng = np.random.default_rng(0)
+    writer = HistoryWriter(save_dir)
+    depths = np.arange(layers)
+    for k, step in enumerate(range(0, steps * every, every)):
+        if profile == "vanishing":
+            grad = 10.0 ** (depths - (layers - 1)) * (1 + 0.1 * rng.random(layers)) * (1 - 0.5 * k / steps)
+        elif profile == "mild":
+            grad = 10.0 ** (0.02 * (depths - (layers - 1)) - 0.3 * np.sin(depths / 7.0) ** 2) * (
+                1 + 0.2 * rng.random(layers)
+            )
+        elif profile == "exploding":
+            grad = 10.0 ** (0.5 * (layers - 1 - depths)) * (1 + 0.1 * rng.random(layers))
+        else:
+            grad = 0.5 + 0.2 * rng.random(layers)
+        param = np.full(layers, 4.0)
+        metrics = {
+            "grad_l2": grad,
+            "grad_max_abs": grad / 3,
+            "grad_nonfinite": np.zeros(layers),
+            "param_l2": param,
+            "update_ratio": 1e-3 * grad / grad.max() * (1 + rng.random(layers)),
+        }
+        writer.append_step(step, names, depths, metrics)
+        if activations:
+            sites = [f"{name}.act" for name in names[:-1]]
+            writer.append_step(
+                step,
+                sites,
+                depths[1:],
+                {
+                    "act_saturation": np.linspace(0.9, 0.1, len(sites))
+                    if profile == "vanishing"
+                    else np.full(len(sites), 0.02),
+                    "act_dead": np.full(len(sites), np.nan),
+                    "act_mean": np.zeros(len(sites)),
+                    "act_std": np.ones(len(sites)),
+                },
+            )
+        ratio = float(grad[0] / grad[-1])
+        writer.append_global(
+            step,
+            {
+                "global_grad_l2": float(np.sqrt((grad**2).sum())),
+                "early_late_ratio": ratio,
+                "grad_l2_min": float(grad.min()),
+                "grad_l2_max": float(grad.max()),
+                "loss": 1.0 / (1 + k),
+            },
+        )
+        writer.flush()
+    if not keep_open:
+        writer.close()
+    if run_info:
+        info = {
+            "gradlight_version": "0.1.0",
+            "log_every_n_steps": every,
+            "layers": [{"name": n, "depth": i, "num_params": 100} for i, n in enumerate(names)],
+            "gradient_clip_val": clip,
+            "gradient_clip_algorithm": "norm" if clip else None,
+            "world_size": 1,
+            "model": f"Synthetic{profile.title()}",
+        }
+        (save_dir / "run.json").write_text(json.dumps(info))
+    if findings:
+        with open(save_dir / "findings.jsonl", "w") as handle:
+            for finding in findings:
+                handle.write(json.dumps(finding) + "\n")
+    return writer
+
+
+def vanishing_finding(layer: str = "net.0", step: int = 100) -> dict[str, Any]:
+    return {
+        "kind": "vanishing",
+        "layer": layer,
+        "step": step,
+        "message": f"gradient of {layer} is 1e-07 of the last layer's",
+        "cause": "saturating sigmoid activations stacked 8 deep",
+        "remedy": "use ReLU/GELU, residual connections or normalization",
+        "evidence": {"early_late_ratio": 1.2e-7, "threshold": 1e-3},
+    }
+
+
+def tear(writer: HistoryWriter, cut: int = 17) -> None:
+    """Simulate a writer killed mid-write: no end marker and a partial last batch."""
+    writer._sink.close()
+    size = writer.path.stat().st_size
+    with open(writer.path, "r+b") as handle:
+        handle.truncate(size - cut)
+
+
+# ------------------------------------------------------------------------------------------ the page
+def test_single_run_report_embeds_every_figure_and_names_findings(tmp_path: Path) -> None:
+    run = tmp_path / "vanishing"
+    finding = vanishing_finding()
+    write_run(run, findings=[finding, {**vanishing_finding("net.2", 200), "kind": "saturated"}])
+    page_path = build_report([str(run)], tmp_path / "out", progress=False)
+    assert page_path == tmp_path / "out" / "report.html"
+    page = page_path.read_text()
+    names = ["heatmap", "profile", "ratio", "global_norm", "update_ratio", "activations"]
+    assert len(IMG.findall(page)) == len(names)
+    for name in names:
+        png = tmp_path / "out" / f"vanishing_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vanishing" in page
+    assert escape(finding["message"]) in page and escape(finding["remedy"]) in page
+    assert "early_late_ratio" in page and "1.20e-07" in page  # evidence
+    assert "SyntheticVanishing" in page  # run.json
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "Comparison" not in page
+
+
+def test_three_runs_compare_side_by_side(tmp_path: Path) -> None:
+    for name, profile in (("a", "vanishing"), ("b", "healthy"), ("c", "exploding")):
+        write_run(tmp_path / name / "gradlight", profile, findings=[vanishing_finding()] if name == "a" else None)
+    runs = [f"sigmoid={tmp_path / 'a'}", f"relu={tmp_path / 'b' / 'gradlight'}", str(tmp_path / "c")]
+    page = build_report(runs, tmp_path / "out", progress=False).read_text()
+    assert len(IMG.findall(page)) == 3 * 6 + 2
+    for label in ("sigmoid", "relu", "c"):
+        assert f"Run: {label}" in page
+    assert (tmp_path / "out" / "compare_profiles.png").exists()
+    assert (tmp_path / "out" / "compare_ratios.png").exists()
+    assert page.count("<tr><td>sigmoid</td>") == 1
+    loaded = [load_run(tmp_path / n, n) for n in "abc"]
+    profiles = compare_profiles_figure(loaded)
+    np.testing.assert_allclose(profiles.data["a"]["last"], layer_grid(loaded[0].frame).values[:, -1])
+    ratios = compare_ratios_figure(loaded)
+    assert set(ratios.data) == {"a", "b", "c"}
+    summaries = [summarize(run) for run in loaded]
+    assert summaries[0].findings == 1 and summaries[1].findings == 0
+    assert summaries[0].min_grad_l2_layer == "net.0"
+    assert summaries[0].final_early_late_ratio < 1e-6 < summaries[1].final_early_late_ratio
+    assert summaries[0].profile_slope == pytest.approx(1.0, abs=0.05)
+
+
+def test_runs_with_different_depths_compare_on_relative_depth(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", layers=4)
+    write_run(tmp_path / "b", layers=9)
+    result = compare_profiles_figure([load_run(tmp_path / "a"), load_run(tmp_path / "b")])
+    assert result.data["relative_depth"]
+    assert result.data["b"]["x"][-1] == 1.0 and len(result.data["b"]["x"]) == 9
+
+
+# -------------------------------------------------------------------------------- figures = history
+def test_heatmap_array_equals_the_pivoted_history(tmp_path: Path) -> None:
+    write_run(tmp_path, findings=[vanishing_finding("net.4", 50)])
+    history = load_history(tmp_path)
+    result = heatmap_figure(history, read_findings(tmp_path)[0])
+    grad = history[history.metric == "grad_l2"]
+    pivot = grad.pivot(index="layer", columns="step", values="value")
+    order = grad.drop_duplicates("layer").sort_values("depth")["layer"].tolist()
+    np.testing.assert_array_equal(result.data["log10"], np.log10(pivot.loc[order].to_numpy()))
+    assert result.data["layers"] == order
+    assert result.data["steps"].tolist() == sorted(grad.step.unique())
+    assert result.data["finding_rows"].tolist() == [order.index("net.4")]
+    assert result.data["finding_steps"].tolist() == [50]
+
+
+def test_heatmap_handles_zero_nan_and_missing(tmp_path: Path) -> None:
+    writer = HistoryWriter(tmp_path)
+    for step in range(4):
+        grad = np.array([0.0 if step == 1 else 1e-3, np.nan if step == 2 else 1.0, np.inf if step == 3 else 2.0])
+        writer.append_step(step, ["a", "b", "c"], np.arange(3), {"grad_l2": grad})
+    writer.append_step(4, ["a", "b"], np.arange(2), {"grad_l2": np.array([1.0, 1.0])})  # c not recorded
+    writer.close()
+    result = heatmap_figure(load_history(tmp_path))
+    log = result.data["log10"]
+    assert log[0, 1] == -np.inf and np.isnan(log[1, 2]) and log[2, 3] == np.inf and np.isnan(log[2, 4])
+    legend = result.figure.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["zero", "NaN/inf", "not recorded"]
+    result.figure.savefig(tmp_path / "h.png")
+    profile = profile_figure(load_history(tmp_path))  # gaps on the log axis, no exception
+    profile.figure.savefig(tmp_path / "p.png")
+
+
+def test_profile_ratio_norm_and_layer_figures_match_history(tmp_path: Path) -> None:
+    write_run(tmp_path, steps=31)
+    history = load_history(tmp_path)
+    profile = profile_figure(history)
+    assert profile.data["steps"].tolist() == [0, 150, 300]
+    grid = layer_grid(history)
+    np.testing.assert_array_equal(profile.data["grad_l2"][2], grid.values[:, -1])
+    np.testing.assert_allclose(profile.data["slopes"], 1.0, atol=0.06)
+    ratio = ratio_figure(history)
+    recorded = history[(history.layer == GLOBAL_LAYER) & (history.metric == "early_late_ratio")]
+    np.testing.assert_array_equal(ratio.data["ratio"], recorded.value.to_numpy())
+    norm = global_norm_figure(history, clip_value=1.0)
+    assert norm.data["clip_value"] == 1.0 and len(norm.data["loss"]) == 31
+    assert any("clip norm 1" in t.get_text() for t in norm.figure.axes[0].get_legend().get_texts())
+    update = update_ratio_figure(history)
+    assert update is not None
+    np.testing.assert_array_equal(update.data["last"], layer_grid(history, "update_ratio").values[:, -1])
+    acts = activation_figure(history)
+    assert acts is not None and "act_dead" not in acts.data  # all NaN: panel left out
+    assert acts.data["act_saturation"].shape == (7, 31)
+
+
+def test_optional_figures_are_left_out_without_data(tmp_path: Path) -> None:
+    writer = HistoryWriter(tmp_path)
+    writer.append_step(0, ["a", "b"], np.arange(2), {"grad_l2": np.array([1.0, 2.0])})
+    writer.close()
+    history = load_history(tmp_path)
+    assert update_ratio_figure(history) is None and activation_figure(history) is None
+    ratio = ratio_figure(history)  # computed from the layers when not recorded
+    assert ratio.data["ratio"].tolist() == [0.5]
+    page = build_report([tmp_path], tmp_path / "out", progress=False).read_text()
+    assert len(IMG.findall(page)) == 4
+    assert "run settings unknown" in page and "No findings" in page
+
+
+def test_yolo_sized_model_renders(tmp_path: Path) -> None:
+    names = [f"model.{i // 8}.cv{i % 3 + 1}.{i % 4}.{i % 2}.conv" for i in range(200)]
+    names[-1] = "model.encoder.layers.11.self_attention.output_projection"
+    write_run(tmp_path / "yolo", "mild", names=names, steps=12, activations=False)
+    build_report([tmp_path / "yolo"], tmp_path / "out", progress=False)
+    result = heatmap_figure(load_history(tmp_path / "yolo"))
+    labels = [t.get_text() for t in result.figure.axes[0].get_yticklabels()]
+    assert 10 <= len(labels) <= 50
+    assert all(len(label) <= 29 for label in labels)
+
+
+def test_shorten_label_keeps_the_end() -> None:
+    assert shorten_label("model.23.cv3.2.2") == "model.23.cv3.2.2"
+    short = shorten_label("model.encoder.layers.11.self_attention.output_projection", 24)
+    assert short.startswith("…") and short.endswith("output_projection") and len(short) <= 25
+
+
+# ----------------------------------------------------------------------------------- reading inputs
+def test_truncated_history_is_reported_with_a_warning(tmp_path: Path) -> None:
+    writer = write_run(tmp_path / "torn", steps=5, keep_open=True, run_info=False)
+    tear(writer)
+    with pytest.warns(TruncatedHistoryWarning, match="truncated"):
+        page = build_report([tmp_path / "torn"], tmp_path / "out", progress=False).read_text()
+    assert "truncated" in page and 'class="warning"' in page
+    assert len(IMG.findall(page)) == 6
+    assert summarize(load_run(tmp_path / "torn")).last_step == 30  # steps 0..30 readable, 40 torn
+
+
+def test_torn_last_findings_line_is_skipped(tmp_path: Path) -> None:
+    write_run(tmp_path, findings=[vanishing_finding(), vanishing_finding("net.2")])
+    with open(tmp_path / "findings.jsonl", "a") as handle:
+        handle.write('{"kind": "exploding", "lay')
+    findings, skipped = read_findings(tmp_path)
+    assert [f["layer"] for f in findings] == ["net.0", "net.2"] and skipped == 1
+    run = load_run(tmp_path)
+    assert any("skipped 1 unreadable line" in w for w in run.warnings)
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ReportInputError, match="does not exist"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ReportInputError, match="no gradlight history"):
+        load_run(tmp_path / "plain")
+    (tmp_path / "empty" / "history").mkdir(parents=True)
+    with pytest.raises(ReportInputError, match="empty"):
+        load_run(tmp_path / "empty")
+    HistoryWriter(tmp_path / "zero").close()
+    (tmp_path / "zero" / "history" / "segment-00000.arrow").write_bytes(b"")
+    with pytest.raises(ReportInputError, match="nothing is readable"):
+        load_run(tmp_path / "zero")
+    with pytest.raises(ReportInputError, match="single '='"):
+        parse_run_spec("a=b=c")
+    with pytest.raises(ReportInputError, match="empty label"):
+        parse_run_spec(f"={tmp_path}")
+    write_run(tmp_path / "ok")
+    with pytest.raises(ReportInputError, match="duplicate run label"):
+        resolve_run_specs([f"x={tmp_path / 'ok'}", f"x={tmp_path / 'ok'}"])
+
+
+def test_run_folder_search(tmp_path: Path) -> None:
+    write_run(tmp_path / "logs" / "version_0" / "gradlight")
+    assert resolve_run_dir(tmp_path / "logs") == tmp_path / "logs" / "version_0" / "gradlight"
+    assert resolve_run_dir(tmp_path / "logs" / "version_0" / "gradlight" / "history").name == "gradlight"
+    write_run(tmp_path / "logs" / "version_1" / "gradlight")
+    with pytest.raises(ReportInputError, match="holds 2 gradlight histories") as info:
+        resolve_run_dir(tmp_path / "logs")
+    assert "version_0" in str(info.value) and "version_1" in str(info.value)
+    labels = resolve_run_specs([tmp_path / "logs" / "version_0", tmp_path / "logs" / "version_1"])
+    assert [label for label, _ in labels] == ["version_0", "version_1"]
+
+
+def test_default_labels_fall_back_to_paths_when_they_collide(tmp_path: Path) -> None:
+    write_run(tmp_path / "a" / "run")
+    write_run(tmp_path / "b" / "run")
+    labels = [label for label, _ in resolve_run_specs([tmp_path / "a" / "run", tmp_path / "b" / "run"])]
+    assert labels == [str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]
+
+
+def test_no_warning_for_a_clean_history(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_report({"clean": tmp_path}, tmp_path / "out", progress=False)
