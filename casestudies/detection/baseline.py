@@ -163,6 +163,13 @@ class GradlightDetectionTrainer(DetectionTrainer):
 
     def _gradlight_on_train_end(self) -> None:
         self._close_history()
+        stats = {
+            "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+            "optimizer_steps": self.optimizer_steps,
+            "accumulate": self.accumulate,
+        }
+        write_json_atomic(self.run_dir / "train_stats.json", stats)
 
     def _gradlight_teardown(self) -> None:
         self._close_history()
@@ -306,6 +313,14 @@ class BaselineConfig:
         }
 
 
+def final_ema(trainer: DetectionTrainer) -> nn.Module:
+    """The final EMA weights in float32: in memory, or from ``last.pt`` after DDP workers trained them."""
+    if trainer.ema is not None:
+        return trainer.ema.ema.float()
+    checkpoint = torch.load(trainer.last, map_location="cpu", weights_only=False)
+    return checkpoint["ema"].float()
+
+
 def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     """Train the baseline, record its gradient flow, score its final EMA weights; write ``result.json``.
 
@@ -326,17 +341,19 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    ema = trainer.ema.ema.float() if trainer.ema is not None else unwrap_model(trainer.model)
-    scores = evaluate_detector(ema, config.data, imgsz=config.imgsz, batch=max(config.batch, 1), device="cpu")
+    ema = final_ema(trainer)
+    device = trainer.device if trainer.world_size <= 1 else "cpu"
+    scores = evaluate_detector(ema, config.data, imgsz=config.imgsz, batch=max(config.batch, 1), device=device)
     metrics = trainer.metrics or {}
+    stats = json.loads((run_dir / "train_stats.json").read_text())  # written by rank 0 (a DDP worker too)
     result = {
         "trainer": "ultralytics",
         "params": sum(p.numel() for p in ema.parameters()),
         "epochs": config.epochs,
-        "train_seconds": round(trainer.train_seconds, 2),
+        "train_seconds": round(stats["train_seconds"], 2),
         "wall_seconds": round(wall, 2),
-        "images_per_s": round(trainer.images_seen / max(trainer.train_seconds, 1e-9), 2),
-        "optimizer_steps": trainer.optimizer_steps,
+        "images_per_s": round(stats["images_seen"] / max(stats["train_seconds"], 1e-9), 2),
+        "optimizer_steps": stats["optimizer_steps"],
         "map50_95": scores["map50_95"],
         "map50": scores["map50"],
         "ultralytics_map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),

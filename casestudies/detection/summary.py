@@ -1,0 +1,319 @@
+"""Turn the grid's run folders into ``summary.csv``/``.json``, plots, and a printed table.
+
+Each run folder holds ``result.json`` (written when the run finished), ``gradlight/`` (the gradient-flow
+history), ``loss.csv`` (per-step training loss, ``box + cls + dfl`` as Ultralytics prints it) and, if a
+diagnosis ran, ``gradlight/findings.jsonl``. Everything here is recomputed from those files, so a summary can
+always be rebuilt from the runs.
+
+Gradient columns, over the last quarter of logged steps (the end of training, warm-up excluded):
+
+* ``grad_ratio_early_late``: median of the ``early_late_ratio`` global metric (first layer's gradient L2 norm
+  over the last layer's; 1e-3 means the first layer gets a thousandth of the last one's gradient);
+* ``min_layer_grad_l2`` / ``min_layer``: the smallest per-layer median ``grad_l2`` and the layer it belongs to.
+
+Example:
+    >>> row = summarize_run(Path("runs/grid/runs/intact"), {"variant": "intact"})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradlight.history import GLOBAL_LAYER, load_history
+
+#: Columns of ``summary.csv``, in this order (more may follow).
+COLUMNS = (
+    "variant",
+    "model",
+    "trainer",
+    "residual",
+    "batchnorm",
+    "activation",
+    "params",
+    "epochs",
+    "images_per_s",
+    "final_train_loss",
+    "map50_95",
+    "map50",
+    "grad_ratio_early_late",
+    "min_layer_grad_l2",
+    "min_layer",
+    "findings",
+)
+EXTRA_COLUMNS = ("train_seconds", "optimizer_steps", "ultralytics_map50_95", "status", "run_dir")
+#: Fraction of the logged steps, counted from the end, that the gradient columns summarise.
+TAIL_FRACTION = 0.25
+
+
+def tail_steps(steps: Sequence[int], fraction: float = TAIL_FRACTION) -> np.ndarray:
+    """The last ``fraction`` of the distinct logged ``steps`` (at least one).
+
+    Example:
+        >>> tail_steps([0, 2, 4, 6, 8, 10, 12, 14]).tolist()
+        [12, 14]
+    """
+    unique = np.unique(np.asarray(steps))
+    if unique.size == 0:
+        return unique
+    return unique[-max(1, math.ceil(unique.size * fraction)) :]
+
+
+def gradient_columns(history: pd.DataFrame) -> dict[str, Any]:
+    """``grad_ratio_early_late``, ``min_layer_grad_l2`` and ``min_layer`` of one run's history."""
+    empty = {"grad_ratio_early_late": float("nan"), "min_layer_grad_l2": float("nan"), "min_layer": ""}
+    if history.empty:
+        return empty
+    tail = history[history["step"].isin(tail_steps(history["step"].to_numpy()))]
+    ratio = tail[(tail["layer"] == GLOBAL_LAYER) & (tail["metric"] == "early_late_ratio")]["value"]
+    layers = layer_medians(tail)
+    if layers.empty:
+        return {**empty, "grad_ratio_early_late": _median(ratio)}
+    return {
+        "grad_ratio_early_late": _median(ratio),
+        "min_layer_grad_l2": float(layers.min()),
+        "min_layer": str(layers.idxmin()),
+    }
+
+
+def layer_medians(history: pd.DataFrame, metric: str = "grad_l2") -> pd.Series:
+    """Median of ``metric`` per layer, in depth order (index: layer name)."""
+    rows = history[(history["layer"] != GLOBAL_LAYER) & (history["metric"] == metric)]
+    if rows.empty:
+        return pd.Series(dtype=float)
+    grouped = rows.groupby("layer", sort=False).agg(depth=("depth", "min"), value=("value", "median"))
+    return grouped.sort_values("depth")["value"]
+
+
+def _median(values: pd.Series) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.median()) if len(finite) else float("nan")
+
+
+def read_losses(run_dir: Path) -> pd.DataFrame:
+    """Per-step training loss of a run (``step, epoch, loss``); a resumed run's recomputed steps win."""
+    path = Path(run_dir) / "loss.csv"
+    if not path.exists():
+        return pd.DataFrame({"step": [], "epoch": [], "loss": []})
+    frame = pd.read_csv(path)
+    return frame.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
+
+
+def final_train_loss(losses: pd.DataFrame) -> float:
+    """Mean per-step training loss over the last epoch."""
+    if losses.empty:
+        return float("nan")
+    return float(losses[losses["epoch"] == losses["epoch"].max()]["loss"].mean())
+
+
+def count_findings(run_dir: Path) -> int:
+    """Rows of the run's ``findings.jsonl`` (0 when there is none)."""
+    for path in (Path(run_dir) / "gradlight" / "findings.jsonl", Path(run_dir) / "findings.jsonl"):
+        if path.exists():
+            return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return 0
+
+
+def summarize_run(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """One summary row: ``info`` (variant, model, switches) + ``result.json`` + what the files say."""
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    row: dict[str, Any] = {name: float("nan") for name in COLUMNS}
+    row.update(info)
+    row.update({key: result[key] for key in result if key in COLUMNS or key in EXTRA_COLUMNS})
+    row["status"] = "done" if result else info.get("status", "missing")
+    row["run_dir"] = str(run_dir)
+    try:
+        history = load_history(run_dir / "gradlight")
+    except FileNotFoundError:
+        history = pd.DataFrame(columns=["step", "layer", "depth", "metric", "value"])
+    row.update(gradient_columns(history))
+    row["final_train_loss"] = final_train_loss(read_losses(run_dir))
+    row["findings"] = count_findings(run_dir)
+    return row
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: Path) -> pd.DataFrame:
+    """Write ``summary.csv`` and ``summary.json`` (one row per variant) and return the frame."""
+    frame = pd.DataFrame(rows)
+    ordered = [c for c in (*COLUMNS, *EXTRA_COLUMNS) if c in frame.columns]
+    frame = frame[ordered + [c for c in frame.columns if c not in ordered]]
+    frame.to_csv(out_dir / "summary.csv", index=False)
+    records = json.loads(frame.to_json(orient="records"))
+    (out_dir / "summary.json").write_text(json.dumps(records, indent=2))
+    return frame
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    """The summary as a fixed-width text table for the terminal."""
+    shown = {
+        "variant": "variant",
+        "trainer": "trainer",
+        "map50_95": "mAP50-95",
+        "map50": "mAP50",
+        "grad_ratio_early_late": "early/late",
+        "min_layer_grad_l2": "min grad",
+        "min_layer": "min layer",
+        "final_train_loss": "loss",
+        "images_per_s": "img/s",
+        "status": "status",
+    }
+    table = frame[[c for c in shown if c in frame.columns]].rename(columns=shown)
+    formatters = {
+        "mAP50-95": "{:.3f}".format,
+        "mAP50": "{:.3f}".format,
+        "early/late": "{:.2e}".format,
+        "min grad": "{:.2e}".format,
+        "loss": "{:.3f}".format,
+        "img/s": "{:.1f}".format,
+    }
+    return table.to_string(index=False, formatters=formatters, na_rep="-")
+
+
+# ---------------------------------------------------------------------------------------------------- plots
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_map_vs_ratio(frame: pd.DataFrame, path: Path) -> Path:
+    """mAP50-95 against the early/late gradient ratio, one labelled point per variant, log x."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in frame.iterrows():
+        x, y = row["grad_ratio_early_late"], row["map50_95"]
+        if not (np.isfinite(x) and np.isfinite(y) and x > 0):
+            continue
+        baseline = row["trainer"] == "ultralytics"
+        ax.scatter(x, y, s=60, marker="*" if baseline else "o", color="black" if baseline else None, zorder=3)
+        ax.annotate(str(row["variant"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("early/late gradient ratio (median, last quarter of training; log)")
+    ax.set_ylabel("mAP50-95 (pycocotools)")
+    ax.set_title("Gradient reaching the first layer vs. detection quality")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(runs: dict[str, Path], path: Path, steps_per_epoch: float | None = None) -> Path:
+    """Training loss per optimizer step of every run, overlaid (a light moving average, log y)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, run_dir in runs.items():
+        losses = read_losses(run_dir)
+        if losses.empty:
+            continue
+        window = max(1, len(losses) // 40)
+        smooth = losses["loss"].rolling(window, min_periods=1).mean()
+        style = {"color": "black", "linestyle": "--"} if name == "ultralytics" else {}
+        ax.plot(losses["step"], smooth, label=name, linewidth=1.4, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (box + cls + dfl)")
+    ax.set_title("Training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_gradient_profiles(runs: dict[str, Path], path: Path) -> Path:
+    """Per-layer median gradient L2 norm (last quarter of training) against depth, one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, run_dir in runs.items():
+        try:
+            history = load_history(Path(run_dir) / "gradlight", metrics=["grad_l2"])
+        except FileNotFoundError:
+            continue
+        tail = history[history["step"].isin(tail_steps(history["step"].to_numpy()))]
+        medians = layer_medians(tail)
+        if medians.empty:
+            continue
+        labels = [layer.rsplit(".", 1)[-1] for layer in medians.index]
+        style = {"color": "black", "linestyle": "--"} if name == "ultralytics" else {}
+        ax.plot(range(len(medians)), medians.to_numpy(), marker=".", label=name, **style)
+        ax.set_xticks(range(len(medians)), labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("YOLO block (forward order)")
+    ax.set_ylabel("gradient L2 norm (median, last quarter)")
+    ax.set_title("Where the gradient goes: per-block gradient norm")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- report
+def grid_section(frame: pd.DataFrame, figures: Sequence[Path]) -> str:
+    """HTML of the grid's own results: the summary table and the comparison plots (embedded PNGs)."""
+    import base64
+    import html
+
+    table = frame.drop(columns=["run_dir"], errors="ignore").to_html(
+        index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0, classes="grid-summary"
+    )
+    images = []
+    for path in figures:
+        if Path(path).exists():
+            data = base64.b64encode(Path(path).read_bytes()).decode()
+            alt = html.escape(Path(path).stem)
+            images.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}" style="max-width:100%">')
+            images.append(f"<figcaption>{alt}</figcaption></figure>")
+    style = (
+        "<style>.grid-summary{border-collapse:collapse;font-size:13px}"
+        ".grid-summary td,.grid-summary th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style>"
+    )
+    return (
+        f'<section id="grid-summary">{style}<h2>Ablation grid: summary</h2>{table}'
+        f"<p>grad_ratio_early_late and min_layer_grad_l2: medians over the last quarter of logged steps; "
+        f"mAP by pycocotools on the final EMA weights.</p>{''.join(images)}</section>"
+    )
+
+
+def write_report(
+    frame: pd.DataFrame, runs: dict[str, Path], figures: Sequence[Path], out_dir: Path, title: str
+) -> Path:
+    """``out_dir/report.html``: the grid summary on top of ``gradlight report`` over every run's history.
+
+    The gradlight report (and its PNGs) is built in ``out_dir/report/``; if it cannot be built (no history
+    yet, or the report module is missing) the page holds the grid summary alone, with the reason.
+    """
+    section = grid_section(frame, figures)
+    histories = {name: Path(run) / "gradlight" for name, run in runs.items() if (Path(run) / "gradlight").exists()}
+    page, note = "", ""
+    try:
+        from gradlight.report import build_report
+
+        built = build_report(histories, out_dir / "report", title=title, progress=False)
+        page = built.read_text(encoding="utf-8")
+    except Exception as error:  # the grid's results must survive a report failure
+        note = f"<p><b>gradlight report could not be built:</b> {type(error).__name__}: {error}</p>"
+    if "<body" in page:
+        head, _, rest = page.partition("<body")
+        tag_end = rest.index(">") + 1
+        page = f"{head}<body{rest[:tag_end]}{section}{rest[tag_end:]}"
+    else:
+        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+        page += f"<h1>{title}</h1>{note}{section}</body></html>"
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
