@@ -1,0 +1,197 @@
+"""Shared plumbing: a monitored Lightning fit, optional diagnosis/report features, tables, claim rows."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+import gradlight
+from gradlight import GradientFlowMonitor, load_history
+
+
+@dataclass
+class Claim:
+    """One row of the summary table.
+
+    Attributes:
+        experiment: Which experiment measured it (``classic``, ``decay``, ``recurrent``, ``exploding``).
+        claim: The textbook statement.
+        claimed: The value or behaviour the statement implies.
+        measured: What this run measured (numbers come from the run, never typed in).
+        verdict: ``holds``, ``holds only when ...`` or ``does not hold``.
+    """
+
+    experiment: str
+    claim: str
+    claimed: str
+    measured: str
+    verdict: str
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (and Lightning's helpers) without the banner."""
+    L.seed_everything(seed, verbose=False)
+
+
+def diagnosis_available() -> bool:
+    """Whether this gradlight version has the anomaly diagnosis (``on_anomaly=`` and ``load_findings``)."""
+    return "on_anomaly" in inspect.signature(GradientFlowMonitor.__init__).parameters and hasattr(
+        gradlight, "load_findings"
+    )
+
+
+def make_monitor(save_dir: Path, log_every_n_steps: int) -> GradientFlowMonitor:
+    """The study's monitor: every ``log_every_n_steps`` steps, per-layer, diagnosis on (warn) if available."""
+    kwargs: dict[str, Any] = {"overwrite": True}
+    parameters = inspect.signature(GradientFlowMonitor.__init__).parameters
+    if diagnosis_available():
+        kwargs["on_anomaly"] = "ignore"  # findings are only recorded (findings.jsonl); the study reads them
+    if "track_activations" in parameters:
+        kwargs["track_activations"] = True  # needed for "saturated" / "dead_units" findings
+    return GradientFlowMonitor(log_every_n_steps=log_every_n_steps, save_dir=save_dir, **kwargs)
+
+
+def fit(
+    module: L.LightningModule,
+    train: DataLoader,
+    val: DataLoader | None,
+    save_dir: Path,
+    epochs: int,
+    log_every_n_steps: int = 1,
+    gradient_clip_val: float | None = None,
+) -> pd.DataFrame:
+    """Train ``module`` on CPU under a :class:`GradientFlowMonitor`; return the run's history.
+
+    Lightning's own logging, checkpoints and progress bars are off: the history and the module's own
+    per-epoch table are the only outputs.
+    """
+    monitor = make_monitor(save_dir, log_every_n_steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=gradient_clip_val,
+        callbacks=[monitor],
+        default_root_dir=str(save_dir),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module="gradlight")
+        trainer.fit(module, train, val)
+    return load_history(save_dir)
+
+
+def load_findings_of(save_dir: Path) -> pd.DataFrame | None:
+    """The run's diagnosis findings, or ``None`` when this gradlight version has no diagnosis."""
+    if not diagnosis_available():
+        return None
+    path = save_dir / "findings.jsonl"
+    if not path.exists():
+        return pd.DataFrame(columns=["kind", "layer", "step", "message", "remedy"])
+    return gradlight.load_findings(path)  # type: ignore[attr-defined]
+
+
+def build_report(runs: list[str], out_dir: Path) -> Path | None:
+    """Run ``gradlight.report.build_report`` over ``runs`` (``label=path``) if this gradlight version has it."""
+    try:
+        from gradlight.report import build_report as gradlight_build_report  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    kwargs: dict[str, Any] = {}
+    if "progress" in inspect.signature(gradlight_build_report).parameters:
+        kwargs["progress"] = False
+    result = gradlight_build_report(runs, out_dir, **kwargs)
+    return Path(result) if isinstance(result, (str, Path)) else out_dir
+
+
+def global_series(history: pd.DataFrame, metric: str) -> pd.Series:
+    """One run-wide metric (``layer == "__global__"``) indexed by step."""
+    rows = history[(history.layer == gradlight.GLOBAL_LAYER) & (history.metric == metric)]
+    return rows.set_index("step")["value"].sort_index()
+
+
+def layer_table(history: pd.DataFrame, metric: str = "grad_l2") -> pd.DataFrame:
+    """``step x layer`` table of one per-layer metric, columns in depth order."""
+    rows = history[(history.layer != gradlight.GLOBAL_LAYER) & (history.metric == metric)]
+    order = rows.drop_duplicates("layer").sort_values("depth")["layer"].tolist()
+    return rows.pivot(index="step", columns="layer", values="value")[order]
+
+
+def fit_decay(depths: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``log10(values)`` against depth, in decades per layer, and its R^2.
+
+    Non-positive or non-finite values are left out; fewer than two points give ``nan``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(values) & (values > 0)
+    if keep.sum() < 2:
+        return float("nan"), float("nan")
+    x = np.asarray(depths, dtype=np.float64)[keep]
+    y = np.log10(values[keep])
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - float((residual**2).sum() / total) if total > 0 else 1.0
+    return float(slope), r2
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    """Compact number: ``3.1e-06``, ``0.25``, ``nan``."""
+    if value is None or not math.isfinite(value):
+        return str(value)
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{digits + 1}g}"
+
+
+def write_table(frame: pd.DataFrame, path_stem: Path, float_digits: int = 3) -> None:
+    """Write ``frame`` as ``<stem>.csv`` (full precision) and ``<stem>.md`` (rounded, GitHub table)."""
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path_stem.with_suffix(".csv"), index=False)
+    path_stem.with_suffix(".md").write_text(to_markdown(frame, float_digits) + "\n")
+
+
+def to_markdown(frame: pd.DataFrame, float_digits: int = 3) -> str:
+    """A GitHub-flavoured Markdown table (no ``tabulate`` dependency)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, (float, np.floating)):
+            return fmt(float(value), float_digits)
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def claims_frame(claims: list[Claim]) -> pd.DataFrame:
+    """Claims as a DataFrame with the summary's columns."""
+    return pd.DataFrame([asdict(c) for c in claims])
+
+
+def save_json(path: Path, payload: Any) -> None:
+    """Write JSON (NaN allowed) creating parent folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def threads_hint() -> int:
+    """Torch's intra-op thread count (reported next to timings)."""
+    return torch.get_num_threads()
