@@ -366,7 +366,14 @@ class Progress:
         from tqdm import tqdm
 
         self.epochs = epochs
-        self.bar = tqdm(total=len(names) * epochs, unit="epoch", dynamic_ncols=True, file=sys.stderr)
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=len(names) * epochs,
+            unit="epoch",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not interactive,  # logs and pipes get one line per finished run instead
+        )
         self.done = 0.0
 
     def update(self, index: int, total: int, name: str, run_dir: Path) -> None:
@@ -377,6 +384,13 @@ class Progress:
             epoch = 0.0
         self.bar.set_description(f"[{index}/{total}] {name} epoch {min(epoch, self.epochs):.1f}/{self.epochs}")
         self._advance_to(self.done + min(epoch, self.epochs))
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (or on its own when there is no bar)."""
+        if self.bar.disable:
+            print(message, flush=True)
+        else:
+            self.bar.write(message)
 
     def finish_run(self) -> None:
         """Count a whole run as done."""
@@ -423,10 +437,12 @@ def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progre
     run_dir = Path(spec["run_dir"])
     total = len(config.variants)
     if config.resume and is_finished(run_dir):
-        progress.bar.write(f"[{index}/{total}] {name}: finished earlier, kept")
+        progress.write(f"[{index}/{total}] {name}: finished earlier, kept")
         progress.finish_run()
         return True
     started = time.time()
+    if progress.bar.disable:
+        progress.write(f"[{index}/{total}] {name}: training ({'resuming' if config.resume else 'new'})")
     process = launch(spec, config.resume)
     try:
         while process.poll() is None:
@@ -439,10 +455,10 @@ def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progre
     progress.finish_run()
     if process.returncode != 0 or not is_finished(run_dir):
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-        progress.bar.write(f"[{index}/{total}] {name}: FAILED (exit {process.returncode})\n  " + "\n  ".join(tail))
+        progress.write(f"[{index}/{total}] {name}: FAILED (exit {process.returncode})\n  " + "\n  ".join(tail))
         return False
     result = json.loads((run_dir / RESULT).read_text())
-    progress.bar.write(
+    progress.write(
         f"[{index}/{total}] {name}: {time.time() - started:.0f} s, mAP50-95 {result['map50_95']:.3f}, "
         f"{result['images_per_s']:.1f} img/s"
     )
