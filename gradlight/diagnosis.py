@@ -292,14 +292,14 @@ class ModelProfile:
                     profile.plain_recurrent = True
             if name and _looks_residual(module) and len(profile.residual_evidence) < 3:
                 profile.residual_evidence.append(f"{name} ({cls_name})")
-            if any(True for _ in module.parameters(recurse=False)):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):  # trainable layers only
                 profile.num_layers += 1
                 scale = _init_scale(module)
                 if scale is not None:
-                    low, high = scale
-                    if low * init_scale_tolerance < 1.0:
+                    to_larger, to_smaller = scale  # std / max(He, Xavier), std / min(He, Xavier)
+                    if to_smaller * init_scale_tolerance < 1.0:  # below both by more than the tolerance
                         profile.init_small.append(name)
-                    elif high > init_scale_tolerance:
+                    elif to_larger > init_scale_tolerance:  # above both by more than the tolerance
                         profile.init_large.append(name)
         profile.saturating = sorted(k for k in profile.activations if k in SATURATING_KINDS)
         profile.normalization = sorted(norms)

@@ -318,7 +318,11 @@ def test_model_profile() -> None:
     tiny = nn.Linear(64, 64)
     nn.init.normal_(tiny.weight, std=1e-4)
     assert ModelProfile.from_model(nn.Sequential(tiny)).init_small == ["0"]
-    assert ModelProfile.from_model(nn.Sequential(nn.Linear(64, 64))).init_small == []
+    default = ModelProfile.from_model(nn.Sequential(nn.Linear(64, 64), nn.Conv2d(32, 32, 3, groups=32)))
+    assert default.init_small == [] and default.init_large == []  # PyTorch's default init is in range
+    huge = nn.Linear(64, 64)
+    nn.init.normal_(huge.weight, std=1.0)
+    assert ModelProfile.from_model(nn.Sequential(huge)).init_large == ["0"]
 
     class Bottleneck(nn.Module):
         def __init__(self) -> None:
