@@ -104,6 +104,9 @@ class DiagnosisConfig:
         exploding_window: Logged steps the growth factor looks back over.
         exploding_norm: Also report when the global gradient L2 exceeds this absolute value. ``None`` (off)
             by default: healthy norms depend on the loss' scale (sum- versus mean-reduced losses).
+        exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
+            the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
+            grows by large factors without being a blow-up.
         clip_factor: With gradient clipping on, report exploding when the pre-clip norm (``"norm"``
             clipping) or largest gradient element (``"value"`` clipping) is at least this many times the
             clip value for ``clip_patience`` logged steps: clipping is then hiding a blow-up, not trimming
@@ -145,6 +148,7 @@ class DiagnosisConfig:
     exploding_factor: float = 100.0
     exploding_window: int = 5
     exploding_norm: float | None = None
+    exploding_min_share: float = 0.01
     clip_factor: float = 10.0
     clip_patience: int = 3
     dormant_update_ratio: float = 1e-6
@@ -179,6 +183,7 @@ class DiagnosisConfig:
             ("vanishing_ratio", 0.0, 1.0),
             ("saturated_fraction", 0.0, 1.0),
             ("dead_fraction", 0.0, 1.0),
+            ("exploding_min_share", 0.0, 1.0),
             ("saturation_derivative", 0.0, 1.0),
         ):
             value = getattr(self, name)
@@ -902,7 +907,15 @@ class GradientDiagnosis:
         exceeded = (config.exploding_norm is not None and norm > config.exploding_norm) or (
             growth >= config.exploding_factor
         )
-        growing = {k: v for k, v in layer_growth.items() if v >= config.exploding_factor}
+        finite = grad[np.isfinite(grad)]
+        floor = config.exploding_min_share * float(finite.max()) if finite.size else 0.0
+        # a layer counts once it matters at the model's scale (not a tiny gradient recovering from ~0)
+        current = dict(zip(record.layers, grad))
+        growing = {
+            name: factor
+            for name, factor in layer_growth.items()
+            if factor >= config.exploding_factor and current[name] >= floor
+        }
         clip_ratio = self._clip_ratio(record)
         clip_count = 0
         if clip_ratio is not None:
@@ -912,9 +925,12 @@ class GradientDiagnosis:
             return
         self._exploded = True
         ranked = sorted(layer_growth.items(), key=lambda item: -item[1])
-        layer = ranked[0][0] if ranked and (growing or exceeded) else GLOBAL
-        if clipped and not (exceeded or growing):
-            layer = GLOBAL
+        relevant = [name for name, _ in ranked if current[name] >= floor]
+        layer = GLOBAL  # the clipping rule, or no per-layer history yet
+        if growing:
+            layer = max(growing, key=lambda name: growing[name])
+        elif exceeded and relevant:
+            layer = relevant[0]  # the layer that grew most among those that matter
         since = record.step
         if clipped and not (exceeded or growing):
             since = self._streaks["clip"][GLOBAL][1]
@@ -971,6 +987,8 @@ class GradientDiagnosis:
                 new.append((i, since))
         if not new:
             return
+        if not np.any(np.asarray(update, dtype=np.float64) >= config.dormant_update_ratio):
+            return  # nothing moves (LR schedule at 0, converged): not a dormant *section*
         since = min(s for _, s in new)
         losses = [value for step, value in self._losses if step >= since]
         change = float("nan")

@@ -125,6 +125,13 @@ def test_growth_within_the_window_is_flagged_at_the_growing_layer() -> None:
     assert [(f.kind, f.layer, f.step) for f in found] == [("exploding", "l1", 4)]
 
 
+def test_a_tiny_gradient_recovering_from_zero_is_not_exploding() -> None:
+    diagnosis = GradientDiagnosis()
+    found = diagnosis.update(record(0, [1e-9, 1.0, 1.0]))
+    found += diagnosis.update(record(1, [1e-5, 1.0, 1.0]))  # 10^4 x, but 1e-5 of the largest layer
+    assert [f.kind for f in found] == []
+
+
 # -------------------------------------------------------------------------------------- non-finite
 def test_nan_injected_into_one_layer_is_reported_at_that_step_and_layer_and_raises(tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -183,6 +190,9 @@ def test_dormant_needs_the_loss_to_change() -> None:
     diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))
     found = [f for s in range(5) for f in diagnosis.update(record(s, [1.0, 1.0, 1.0], [0.0, 1e-3, 1e-3]), loss=2.0 - s)]
     assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("dormant", "l0", 0, 2)]
+    diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))  # nothing moves: an LR schedule at 0
+    found = [f for s in range(5) for f in diagnosis.update(record(s, [1.0, 1.0], [0.0, 0.0]), loss=2.0 - s)]
+    assert found == []
 
 
 # ---------------------------------------------------------------------------------------- actions
