@@ -220,6 +220,7 @@ class ShardedReduction:
         is_dtensor = [DTensor is not None and isinstance(p, DTensor) for p in params]
         is_fsdp1 = [not d and _is_fsdp1_sharded(p, fsdp1_groups) for p, d in zip(params, is_dtensor)]
         self._warn_flat_parameters(params)
+        self._warn_layout_mismatch(params, is_dtensor)
 
         def sharded(p: Tensor) -> bool:
             return any(not _is_replicate(pl) for pl in p.placements)  # type: ignore[attr-defined]
@@ -286,6 +287,19 @@ class ShardedReduction:
             for view in getattr(flat, "_params", None) or ():
                 groups[id(view)] = group
         return groups
+
+    def _warn_layout_mismatch(self, params: Sequence[Tensor], is_dtensor: Sequence[bool]) -> None:
+        mismatched = sum(
+            True
+            for p, d in zip(params, is_dtensor)
+            if d and isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements)  # type: ignore[attr-defined]
+        )
+        if mismatched:
+            rank_zero_warn(
+                f"gradlight: {mismatched} parameter(s) have gradients laid out differently from the parameters "
+                "(DTensor placements); statistics follow the parameters' layout, so those gradients' norms may "
+                "be inexact. torch optimizers also expect matching layouts."
+            )
 
     def _warn_flat_parameters(self, params: Sequence[Tensor]) -> None:
         if self._warned_flat:
@@ -363,7 +377,7 @@ def _detect(strategy: object) -> str:
     names = [cls.__name__ for cls in type(strategy).__mro__]
     if any("DeepSpeed" in name for name in names):
         return "deepspeed"
-    if any(name in ("ModelParallelStrategy",) or "ModelParallel" in name for name in names):
+    if any("ModelParallel" in name for name in names):
         return "fsdp2"
     if any("FSDP" in name for name in names):
         return "fsdp1"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-MODES = ("single", "fsdp1", "fsdp1_flat", "fsdp2", "fsdp2_partial", "fsdp2_nan")
+MODES = ("single", "fsdp1", "fsdp1_flat", "hsdp1", "fsdp2", "fsdp2_partial", "fsdp2_nan", "hsdp2", "tp")
 SAMPLES, GLOBAL_BATCH, STEPS = 16, 8, 3
 
 
@@ -165,10 +165,33 @@ def _module_class() -> type:
             self.net = make_net()
 
         def configure_model(self) -> None:
-            if not self.mode.startswith("fsdp2"):
-                return
             from torch.distributed.fsdp import fully_shard
 
+            if self.mode == "tp":  # tensor parallel: Shard(0), Shard(1) and Replicate DTensors, plain LayerNorm
+                from torch.distributed.tensor import Replicate
+                from torch.distributed.tensor.parallel import (
+                    ColwiseParallel,
+                    RowwiseParallel,
+                    parallelize_module,
+                )
+
+                plan = {
+                    "0": ColwiseParallel(output_layouts=Replicate()),  # Shard(0), 7 rows: [4, 3]
+                    "3": ColwiseParallel(output_layouts=Replicate()),  # Shard(0), 3 rows: [2, 1]
+                    "5": RowwiseParallel(input_layouts=Replicate()),  # Shard(1) [2, 1]; bias Replicate
+                }
+                parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
+                return
+            if self.mode == "hsdp2":  # FSDP2 on a (replicate, shard) mesh: Replicate x Shard(0)
+                from torch.distributed.device_mesh import init_device_mesh
+
+                hybrid = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("r", "s"))
+                for index in (0, 3, 5):
+                    fully_shard(self.net[index], mesh=hybrid)
+                fully_shard(self.net, mesh=hybrid)
+                return
+            if not self.mode.startswith("fsdp2"):
+                return
             mesh = self.device_mesh["data_parallel"]
             if self.mode in ("fsdp2", "fsdp2_nan"):
                 for index in (0, 3, 5):
@@ -199,7 +222,9 @@ def _module_class() -> type:
         def train_dataloader(self) -> DataLoader:
             dataset = make_dataset()
             world = self.trainer.world_size
-            if world > 1:  # rank r takes rows r, r+W, ...: together the same global batches as one process
+            # Rank r takes rows r, r+W, ...: together the same global batches as one process. Tensor
+            # parallel ranks all see the whole batch.
+            if world > 1 and self.mode != "tp":
                 sampler = DistributedSampler(dataset, world, self.trainer.global_rank, shuffle=False)
                 return DataLoader(dataset, batch_size=GLOBAL_BATCH // world, sampler=sampler)
             return DataLoader(dataset, batch_size=GLOBAL_BATCH, shuffle=False)
@@ -207,20 +232,27 @@ def _module_class() -> type:
     return ShardNet
 
 
-def _fsdp1_strategy(use_orig_params: bool) -> Any:
+def _fsdp1_strategy(use_orig_params: bool, hybrid: bool = False) -> Any:
     from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     class CPUFSDPStrategy(FSDPStrategy):
         """FSDP1 on CPU (test only): Lightning's FSDPStrategy passes no ``device_id`` for CPU."""
 
         def _setup_model(self, model: nn.Module) -> nn.Module:
+            extra: dict[str, Any] = {}
+            if hybrid:  # shard within groups of 2 ranks, replicate across them
+                from torch.distributed.device_mesh import init_device_mesh
+
+                mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2))
+                extra = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD, "device_mesh": mesh}
             return FullyShardedDataParallel(
                 model,
                 device_id=torch.device("cpu"),
                 use_orig_params=use_orig_params,
                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                **extra,
             )
 
     return CPUFSDPStrategy()
@@ -245,7 +277,9 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
 
         def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             assert monitor.tracker is not None
+            fsdp1 = [m for m in trainer.strategy.model.modules() if hasattr(m, "sharding_strategy")]
             info = {
+                "fsdp1_shard_group_size": fsdp1[0].process_group.size() if fsdp1 else None,
                 "collectives_per_finalize": counter.per_call,
                 "reduction": type(monitor.tracker.reduction).__name__,
                 "latest_layers": monitor.latest.layers if monitor.latest is not None else None,
@@ -254,10 +288,12 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
 
     if mode == "single":
         strategy: Any = "auto"
-    elif mode.startswith("fsdp2"):
+    elif mode.startswith("fsdp2") or mode == "hsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    elif mode == "tp":
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=world)
     else:
-        strategy = _fsdp1_strategy(use_orig_params=mode == "fsdp1")
+        strategy = _fsdp1_strategy(use_orig_params=mode != "fsdp1_flat", hybrid=mode == "hsdp1")
     monitor = GradientFlowMonitor(log_every_n_steps=1, save_dir=Path(out_dir) / "history")
     trainer = L.Trainer(
         accelerator="cpu",
