@@ -395,6 +395,11 @@ class GradientFlowMonitor(Callback):
         self._step_hooks.clear()
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.taps is not None:
+            self.taps.stop()  # validation between accumulated micro-batches is not training; resumes next batch
+
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:

@@ -164,6 +164,29 @@ def test_taps_only_run_on_logged_steps_including_accumulated_micro_batches(tmp_p
     assert {s["name"] for s in run["activation_sites"]} == set(sites)
 
 
+def test_validation_in_the_middle_of_an_accumulated_logged_step_is_not_tapped(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+
+    class WithVal(Classifier):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.net(batch[0])
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(TensorDataset(torch.randn(8, 8), torch.randn(8, 1)), batch_size=4)
+
+    model = WithVal(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)))
+    monitor = GradientFlowMonitor(2, tmp_path, track_activations=True, diagnose=False)
+    trainer = L.Trainer(
+        **QUIET, accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=3, val_check_interval=2,
+        num_sanity_val_steps=0, limit_val_batches=2, callbacks=[monitor],
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    assert monitor.taps is not None
+    assert monitor.taps.calls == 2 * 3  # logged steps 0 and 2, three training micro-batches each
+
+
 def fit(model: L.LightningModule, save_dir: Path, steps: int, **kwargs: Any) -> GradientFlowMonitor:
     monitor = GradientFlowMonitor(1, save_dir, track_activations=True, **kwargs)
     with warnings.catch_warnings():
