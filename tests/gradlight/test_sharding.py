@@ -7,6 +7,7 @@ Multi-process runs use top-level workers from ``_dist_workers`` started by ``tor
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,10 @@ def test_modes_are_detected_from_the_strategy() -> None:
 def test_deepspeed_zero2_says_once_what_is_missing() -> None:
     with pytest.warns(UserWarning, match="ZeRO stage 3"):
         reduction = resolve_reduction(DeepSpeedStrategy(stage=3))
-    assert isinstance(reduction, LocalReduction)  # stage 0/1 hold whole gradients: exact like DDP
+    assert isinstance(reduction, LocalReduction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stage 0/1 hold whole gradients on every rank: exact like DDP, silent
+        assert isinstance(resolve_reduction(DeepSpeedStrategy(stage=1)), LocalReduction)
 
 
 def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
