@@ -62,7 +62,18 @@ def _add_report(subparsers: Any) -> None:
     parser.add_argument(
         "--dpi", type=int, default=150, help="resolution of the PNG figures in dots per inch (default: 150)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar on stderr")
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_const",
+        const=True,
+        default=None,
+        help="show a progress bar on stderr while reading and drawing (default: when stderr is a terminal)",
+    )
+    progress.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, help="never show the progress bar"
+    )
     parser.set_defaults(func=_report)
 
 
@@ -73,7 +84,7 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(f"--dpi must be at least 20, got {args.dpi}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = build_report(args.runs, args.out, title=args.title, dpi=args.dpi, progress=not args.no_progress)
+        path = build_report(args.runs, args.out, title=args.title, dpi=args.dpi, progress=args.progress)
     for warning in caught:
         print(f"gradlight report: warning: {warning.message}", file=sys.stderr)
     print(path)

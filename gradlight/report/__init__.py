@@ -74,7 +74,7 @@ def build_report(
     *,
     title: str | None = None,
     dpi: int = 150,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Path:
     """Write a gradient-flow report of one or several runs to ``out_dir/report.html`` (plus the PNGs).
 
@@ -84,7 +84,8 @@ def build_report(
         out_dir: Folder for ``report.html`` and the figures (created if needed).
         title: Page title (default: "Gradient flow: <labels>").
         dpi: Resolution of the PNG figures.
-        progress: Show a progress bar on stderr while reading and drawing.
+        progress: Show a progress bar on stderr while reading and drawing; ``None`` shows it when stderr is
+            a terminal.
 
     Returns:
         The path of ``report.html``.
@@ -111,6 +112,8 @@ def build_report(
     comparing = len(specs) > 1
     builders_per_run = 6
     total = len(specs) * (1 + builders_per_run) + (2 if comparing else 0) + 1
+    if progress is None:
+        progress = sys.stderr.isatty()
     bar = tqdm(total=total, desc="reading", unit="task", file=sys.stderr, disable=not progress, leave=False)
     try:
         loaded: list[Run] = []
