@@ -18,7 +18,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from casestudies.textbook.common import Claim, fit, fmt, layer_table, seed_everything, write_table
+from casestudies.textbook.common import (
+    Claim,
+    fit,
+    fmt,
+    layer_table,
+    load_findings_of,
+    seed_everything,
+    write_table,
+)
 from casestudies.textbook.config import StudyConfig
 from casestudies.textbook.models import MLP, Classifier, NetSpec, loader, sum_sign_data
 
@@ -70,9 +78,18 @@ def run_variant(variant: Variant, config: StudyConfig, out: Path) -> tuple[pd.Da
     return epochs, history
 
 
-def summarize(variant: Variant, epochs: pd.DataFrame, history: pd.DataFrame, chance: float) -> dict:
-    """One row of the classic table: accuracy and where the gradient went."""
-    grads = layer_table(history)
+def findings_text(save_dir: Path) -> str:
+    """``kind:count`` of the run's diagnosis findings (``n/a`` without diagnosis, ``none`` if empty)."""
+    findings = load_findings_of(save_dir)
+    if findings is None:
+        return "n/a"
+    counts = findings["kind"].value_counts()
+    return ", ".join(f"{kind}:{count}" for kind, count in counts.items()) or "none"
+
+
+def summarize(variant: Variant, epochs: pd.DataFrame, history: pd.DataFrame, chance: float, out: Path) -> dict:
+    """One row of the classic table: accuracy, where the gradient went, what the diagnosis said."""
+    grads = layer_table(history, weights_only=True)
     first_epoch = grads.iloc[: max(1, len(grads) // max(1, len(epochs)))]
     median = grads.median()
     learned = epochs.index[epochs.val_acc >= LEARNED]
@@ -89,6 +106,7 @@ def summarize(variant: Variant, epochs: pd.DataFrame, history: pd.DataFrame, cha
         "head_grad_l2": float(median.iloc[-1]),
         "first_over_head_epoch1": float(first_epoch.iloc[:, 0].median() / first_epoch.iloc[:, -1].median()),
         "first_over_head_median": float(median.iloc[0] / median.iloc[-1]),
+        "findings": findings_text(out / "runs" / "classic" / variant.name),
     }
 
 
@@ -103,14 +121,14 @@ def run(config: StudyConfig, out: Path) -> tuple[list[Claim], list[Path]]:
         epochs, history = run_variant(variant, config, out)
         per_epoch.append(epochs)
         histories[variant.name] = history
-        rows.append(summarize(variant, epochs, history, chance))
+        rows.append(summarize(variant, epochs, history, chance, out))
     table = pd.DataFrame(rows)
     write_table(table, out / "classic_summary")
     accuracy = pd.concat(per_epoch, ignore_index=True)
     write_table(accuracy, out / "classic_accuracy_per_epoch")
     grad_rows = []
     for name, history in histories.items():
-        median = layer_table(history).median()
+        median = layer_table(history, weights_only=True).median()
         grad_rows += [
             {"variant": name, "depth": i, "layer": k, "grad_l2_median": float(v)}
             for i, (k, v) in enumerate(median.items())
@@ -151,6 +169,18 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
                 "holds" if row.val_acc_final >= LEARNED else "does not hold",
             )
         )
+    if BASELINE in by.index and FIX in by.index and by.loc[BASELINE, "findings"] != "n/a":
+        base, fix = by.loc[BASELINE, "findings"], by.loc[FIX, "findings"]
+        flagged = "vanishing" in base and "vanishing" not in fix
+        found.append(
+            Claim(
+                "classic",
+                "gradlight's diagnosis flags the demo's vanishing gradient (and not the fix's)",
+                "vanishing finding on sigmoid+SGD, none on ReLU+He+Adam",
+                f"{BASELINE}: {base}; {FIX}: {fix}",
+                "holds" if flagged else "does not hold",
+            )
+        )
     partial = [
         v for v in ("sigmoid_adam", "relu_sgd", "relu_he_sgd", "sigmoid_bn_sgd", "sigmoid_res_sgd") if v in by.index
     ]
@@ -182,17 +212,17 @@ def plot(
 ) -> None:
     """Accuracy per epoch (left) and median per-layer gradient norm vs depth (right), one line per variant."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.cm.tab10(np.linspace(0, 1, 10))
+    colors = [c for c in plt.cm.tab10.colors if c != plt.cm.tab10.colors[3]]
+    special = {BASELINE: "tab:blue", FIX: "tab:red"}
     for i, variant in enumerate(variants):
+        color = special.get(variant.name, colors[(i + 1) % len(colors)])
         rows = accuracy[accuracy.variant == variant.name]
         style = "-" if variant.name in (BASELINE, FIX) else "--"
         width = 2.5 if variant.name in (BASELINE, FIX) else 1.5
         label = f"{variant.name}"
-        left.plot(rows.epoch, rows.val_acc, style, color=colors[i], lw=width, marker="o", ms=3, label=label)
-        median = layer_table(histories[variant.name]).median()
-        right.semilogy(
-            range(len(median)), median.values, style, color=colors[i], lw=width, marker="o", ms=3, label=label
-        )
+        left.plot(rows.epoch, rows.val_acc, style, color=color, lw=width, marker="o", ms=3, label=label)
+        median = layer_table(histories[variant.name], weights_only=True).median()
+        right.semilogy(range(len(median)), median.values, style, color=color, lw=width, marker="o", ms=3, label=label)
     left.axhline(chance, color="grey", lw=1, ls=":", label="chance")
     left.set(xlabel="epoch", ylabel="held-out accuracy", title="Classic demo: accuracy per epoch", ylim=(0.4, 1.01))
     left.legend(fontsize=8, loc="lower right")

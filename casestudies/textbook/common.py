@@ -127,9 +127,17 @@ def global_series(history: pd.DataFrame, metric: str) -> pd.Series:
     return rows.set_index("step")["value"].sort_index()
 
 
-def layer_table(history: pd.DataFrame, metric: str = "grad_l2") -> pd.DataFrame:
-    """``step x layer`` table of one per-layer metric, columns in depth order."""
+def layer_table(history: pd.DataFrame, metric: str = "grad_l2", weights_only: bool = False) -> pd.DataFrame:
+    """``step x layer`` table of one per-layer metric, columns in depth order.
+
+    Args:
+        history: A :func:`gradlight.load_history` frame.
+        metric: The per-layer metric.
+        weights_only: Keep only the Linear/Conv layers (``blocks.{i}.layer`` and ``head``), not BatchNorm.
+    """
     rows = history[(history.layer != gradlight.GLOBAL_LAYER) & (history.metric == metric)]
+    if weights_only:
+        rows = rows[rows.layer.str.endswith(".layer") | (rows.layer == "head")]
     order = rows.drop_duplicates("layer").sort_values("depth")["layer"].tolist()
     return rows.pivot(index="step", columns="layer", values="value")[order]
 

@@ -219,7 +219,8 @@ def plot(histories: dict[str, pd.DataFrame], config: StudyConfig, path: Path) ->
                 continue
             norm = global_series(histories[name], "global_grad_l2")
             color, style = styles.get(name, ("tab:red" if not name.endswith("clipped") else "tab:blue", "-"))
-            ax.semilogy(norm.index, norm.where(np.isfinite(norm)), style, color=color, lw=1.3, label=name)
+            finite = norm.where(np.isfinite(norm))
+            ax.semilogy(norm.index, finite, style, color=color, lw=1.3, marker="o", ms=2, label=name)
             bad = norm.index[~np.isfinite(norm.to_numpy())]
             if len(bad):
                 top = np.nanmax(norm.where(np.isfinite(norm)).to_numpy()) if np.isfinite(norm).any() else 1.0
