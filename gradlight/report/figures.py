@@ -312,10 +312,17 @@ def heatmap_figure(
                     label=kind.replace("_", " "),
                 )
             )
+        # Several findings in one cell (e.g. vanishing and dormant) sit side by side, not on top of each other.
+        seen: dict[tuple[int, int], int] = {}
+        shift = np.zeros(len(f_kinds))
+        width = float(steps[-1] - steps[0]) if len(steps) > 1 else 1.0
+        for i, cell in enumerate(zip(f_steps, f_rows)):
+            shift[i] = seen.get(cell, 0) * 0.018 * width
+            seen[cell] = seen.get(cell, 0) + 1
         for kind in dict.fromkeys(f_kinds):
             mask = np.asarray([k == kind for k in f_kinds])
             ax.scatter(
-                data["finding_steps"][mask],
+                data["finding_steps"][mask] + shift[mask],
                 data["finding_rows"][mask],
                 marker=FINDING_MARKERS.get(kind, "*"),
                 s=34,

@@ -13,7 +13,7 @@ from typing import Any
 from gradlight.history import GLOBAL_LAYER
 from gradlight.report.summary import RunSummary
 
-__all__ = ["ImageBlock", "RunSection", "format_number", "render_page"]
+__all__ = ["ImageBlock", "RunSection", "format_number", "format_value", "render_page"]
 
 
 @dataclass
@@ -116,10 +116,28 @@ def _summary_table(summaries: Sequence[RunSummary]) -> str:
     return f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def format_value(value: Any, limit: int = 12) -> str:
+    """Format an evidence value: numbers as :func:`format_number`, lists and dicts item by item.
+
+    Example:
+        >>> format_value({"net.0": 9.796801148046394e-07, "net.2": 0.5}), format_value(["a", "b"])
+        ('net.0: 9.80e-07, net.2: 0.5', 'a, b')
+    """
+    if isinstance(value, Mapping):
+        items = [f"{key}: {format_value(item, limit)}" for key, item in list(value.items())[:limit]]
+        more = f", ... ({len(value) - limit} more)" if len(value) > limit else ""
+        return ", ".join(items) + more
+    if isinstance(value, (list, tuple)):
+        items = [format_value(item, limit) for item in list(value)[:limit]]
+        more = f", ... ({len(value) - limit} more)" if len(value) > limit else ""
+        return ", ".join(items) + more
+    return format_number(value)
+
+
 def _evidence(evidence: Mapping[str, Any]) -> str:
     if not evidence:
         return ""
-    items = ", ".join(f"<code>{_e(key)}</code> = {_e(format_number(value))}" for key, value in evidence.items())
+    items = "; ".join(f"<code>{_e(key)}</code> = {_e(format_value(value))}" for key, value in evidence.items())
     return f"<dt>Evidence</dt><dd>{items}</dd>"
 
 

@@ -348,3 +348,92 @@ def test_default_labels_fall_back_to_paths_when_they_collide(tmp_path: Path) -> 
     write_run(tmp_path / "b" / "run")
     labels = [label for label, _ in resolve_run_specs([tmp_path / "a" / "run", tmp_path / "b" / "run"])]
     assert labels == [str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run")]
+
+
+# ------------------------------------------------------------------------------------------- loggers
+class FakeExperiment:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def add_figure(self, tag: str, figure: Any, global_step: int, close: bool = True) -> None:
+        self.calls.append(("figure", tag, global_step, type(figure).__name__))
+
+    def add_histogram(self, tag: str, values: Any, global_step: int) -> None:
+        self.calls.append(("histogram", tag, global_step, np.asarray(values).tolist()))
+
+
+class FakeTensorBoard:
+    def __init__(self) -> None:
+        self.experiment = FakeExperiment()
+
+
+class FakeWandb:
+    def __init__(self) -> None:
+        self.images: list[tuple[str, tuple[int, ...], int | None]] = []
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None) -> None:
+        self.images.append((key, np.asarray(images[0]).shape, step))
+
+
+class FakeMlflowClient:
+    def __init__(self) -> None:
+        self.figures: list[tuple[str, str]] = []
+
+    def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
+        self.figures.append((run_id, artifact_file))
+
+
+class FakeMlflow:
+    run_id = "abc"
+
+    def __init__(self) -> None:
+        self.experiment = FakeMlflowClient()
+
+
+class FakeCsv:
+    experiment = object()
+
+
+class BrokenTensorBoard:
+    class experiment:
+        @staticmethod
+        def add_figure(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("disk full")
+
+
+def test_log_figures_goes_to_every_logger_that_takes_images(tmp_path: Path) -> None:
+    from gradlight.report.loggers import log_figures, logger_kind
+
+    write_run(tmp_path, steps=4, activations=False)
+    tb, wandb, mlflow, csv = FakeTensorBoard(), FakeWandb(), FakeMlflow(), FakeCsv()
+    assert [logger_kind(x) for x in (tb, wandb, mlflow, csv)] == ["tensorboard", "wandb", "mlflow", "none"]
+    sent = log_figures([tb, wandb, mlflow, csv], load_history(tmp_path), step=7, findings=[vanishing_finding()])
+    assert sent == 6
+    assert tb.experiment.calls == [
+        ("figure", "gradflow/heatmap", 7, "Figure"),
+        ("figure", "gradflow/profile", 7, "Figure"),
+    ]
+    assert [(key, shape[-1], step) for key, shape, step in wandb.images] == [
+        ("gradflow/heatmap", 3, 7),
+        ("gradflow/profile", 3, 7),
+    ]
+    assert mlflow.experiment.figures == [
+        ("abc", "gradflow/heatmap/step-0000007.png"),
+        ("abc", "gradflow/profile/step-0000007.png"),
+    ]
+    assert log_figures([csv], tmp_path, step=7) == 0  # nothing takes images: nothing is drawn
+    with pytest.warns(RuntimeWarning, match="disk full"):
+        assert log_figures([BrokenTensorBoard(), tb], tmp_path, step=8, figures=["profile"]) == 1
+    with pytest.raises(ValueError, match="unknown figure"):
+        log_figures([tb], tmp_path, step=8, figures=["pie"])
+
+
+def test_gradient_histograms_go_to_tensorboard_only() -> None:
+    import torch
+
+    from gradlight.report.loggers import log_gradient_histograms
+
+    tb, wandb = FakeTensorBoard(), FakeWandb()
+    grads = {"net.0": torch.tensor([1.0, float("nan"), 3.0], dtype=torch.bfloat16), "net.2": None}
+    assert log_gradient_histograms([tb, wandb], grads, step=3) == 1
+    assert tb.experiment.calls == [("histogram", "gradflow/grad/net.0", 3, [1.0, 3.0])]
