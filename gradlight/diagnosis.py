@@ -41,6 +41,7 @@ import pandas as pd
 from torch import nn
 
 from gradlight.activations import DEAD_KINDS, SATURATING_KINDS, ActivationStats, activation_kind
+from gradlight.stats import local_tensor
 from gradlight.tracker import StepRecord
 
 __all__ = [
@@ -324,12 +325,12 @@ def _init_scale(module: nn.Module) -> tuple[float, float] | None:
     if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
         return None
     weight = module.weight
-    if weight.dim() < 2 or weight.numel() < 16 or weight.is_meta:
+    if weight.dim() < 2 or local_tensor(weight).numel() < 16 or weight.is_meta:
         return None
-    receptive = weight[0][0].numel()
+    receptive = math.prod(weight.shape[2:])
     fan_in = weight.shape[1] * receptive
     fan_out = weight.shape[0] * receptive
-    std = float(weight.detach().float().std())
+    std = float(local_tensor(weight.detach()).float().std())  # a DTensor's local shard: no collective
     he = math.sqrt(2.0 / fan_in)
     xavier = math.sqrt(2.0 / (fan_in + fan_out))
     return std / max(he, xavier), std / min(he, xavier)

@@ -205,7 +205,6 @@ class GradientFlowMonitor(Callback):
         self.tracker.reduction = resolve_reduction(trainer.strategy, self.sharding)
         if self._restored_order is not None:
             self.tracker.set_forward_order(self._restored_order)
-        self._setup_diagnosis(trainer, pl_module)
         self._run_info = {
             "gradlight_version": __version__,
             "log_every_n_steps": self._interval,
@@ -242,6 +241,7 @@ class GradientFlowMonitor(Callback):
         if trainer.is_global_zero and self.save_dir is not None:
             # A resumed run recomputes every step after the checkpoint's last record: those rows supersede.
             self._writer = HistoryWriter(self.save_dir, start_step=self.last_recorded_step + 1)
+        self._setup_diagnosis(trainer, pl_module)  # after configure_model and the strategy's wrapping
 
     def _check_existing_history(self, trainer: pl.Trainer) -> None:
         assert self.save_dir is not None  # set in setup

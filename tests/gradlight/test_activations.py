@@ -187,6 +187,20 @@ def test_validation_in_the_middle_of_an_accumulated_logged_step_is_not_tapped(tm
     assert monitor.taps.calls == 2 * 3  # logged steps 0 and 2, three training micro-batches each
 
 
+def test_layers_built_in_configure_model_are_profiled_and_tapped(tmp_path: Path) -> None:
+    class Lazy(Classifier):
+        def __init__(self) -> None:
+            super().__init__(nn.Identity())
+
+        def configure_model(self) -> None:
+            self.net = nn.Sequential(nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 1))
+
+    monitor = GradientFlowMonitor(1, tmp_path, track_activations=True)
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=1, callbacks=[monitor]).fit(Lazy())
+    assert monitor.taps is not None and [site.name for site in monitor.taps.sites] == ["net.1"]
+    assert monitor.diagnosis is not None and monitor.diagnosis.profile.saturating == ["sigmoid"]
+
+
 def fit(model: L.LightningModule, save_dir: Path, steps: int, **kwargs: Any) -> GradientFlowMonitor:
     monitor = GradientFlowMonitor(1, save_dir, track_activations=True, **kwargs)
     with warnings.catch_warnings():
