@@ -268,6 +268,16 @@ def _mean_valid(values: np.ndarray) -> float:
     return round(float(valid.mean()), 6) if valid.size else float("nan")
 
 
+def _prepare(data: Any, split: str, imgsz: int, batch: int, rect: bool, workers: int) -> tuple[dict, Any]:
+    data_dict = resolve_data(data, allow_download=False)
+    dataset = build_dataset(data_dict, split, imgsz, batch, mode="val", rect=rect)
+    ground_truth = coco_ground_truth(dataset, dict(data_dict["names"]))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=dataset.collate_fn
+    )
+    return ground_truth, loader
+
+
 def evaluate_detector(
     model: nn.Module,
     data: str | Path | dict[str, Any],
@@ -307,13 +317,8 @@ def evaluate_detector(
     """
     if imgsz < 32 or batch < 1:
         raise ValueError(f"imgsz={imgsz!r} and batch={batch!r} are not valid; use imgsz >= 32 and batch >= 1.")
-    data_dict = resolve_data(data, allow_download=False)
-    dataset = build_dataset(data_dict, split, imgsz, batch, mode="val", rect=rect)
-    ground_truth = coco_ground_truth(dataset, dict(data_dict["names"]))
+    ground_truth, loader = _prepare(data, split, imgsz, batch, rect, workers)
     ids = {image["file_name"]: image["id"] for image in ground_truth["images"]}
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=dataset.collate_fn
-    )
     detections = predict_coco(model, loader, ids, device)
     scores = coco_map(ground_truth, detections)
     return {**scores, "images": len(ground_truth["images"]), "detections": len(detections)}
@@ -401,3 +406,40 @@ def cross_check(ground_truth: dict[str, Any], detections: Sequence[dict[str, Any
         "torchmetrics": torchmetrics_map(ground_truth, detections),
         "ultralytics": ultralytics_map(ground_truth, detections),
     }
+
+
+def cross_check_detector(
+    model: nn.Module, data: Any, imgsz: int = 640, batch: int = 16, split: str = "val", rect: bool = True
+) -> dict[str, dict[str, float]]:
+    """Predict once with ``model`` and score the same detections with the three scorers of :func:`cross_check`."""
+    ground_truth, loader = _prepare(data, split, imgsz, batch, rect, workers=0)
+    ids = {image["file_name"]: image["id"] for image in ground_truth["images"]}
+    return cross_check(ground_truth, predict_coco(model, loader, ids))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score a checkpoint: ``python -m casestudies.detection.evaluate CKPT --data synthetic --imgsz 128``."""
+    import argparse
+
+    from casestudies.detection.module import load_trained_detector
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("checkpoint", help="Lightning checkpoint of a DetectorModule")
+    parser.add_argument("--data", default="synthetic", help="'synthetic', a data YAML path, ...")
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    parser.add_argument("--cross-check", action="store_true", help="also score with torchmetrics and Ultralytics")
+    args = parser.parse_args(argv)
+    model = load_trained_detector(args.checkpoint, use_ema=not args.raw)
+    if args.cross_check:
+        result: dict[str, Any] = cross_check_detector(model, args.data, args.imgsz, args.batch, args.split)
+    else:
+        result = evaluate_detector(model, args.data, args.imgsz, args.batch, args.split)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -43,8 +43,9 @@ if TYPE_CHECKING:  # heavy imports happen where they are used, so --help and bad
 BASELINE = "ultralytics"
 STANDARD_VARIANTS = ("intact", "no_residual", "no_bn", "no_residual_no_bn", "sigmoid", "stripped_sigmoid")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "detection" / "presets"
-#: Test hook: a Lightning run exits hard at this epoch's batch 1 (simulates a kill after a checkpoint).
-CRASH_ENV = "GRADLIGHT_GRID_CRASH_AT_EPOCH"
+#: Test hook, ``"<variant>:<epoch>"``: that Lightning run exits hard at batch 1 of that epoch (like a kill
+#: after the previous epoch's checkpoint).
+CRASH_ENV = "GRADLIGHT_GRID_CRASH"
 RESULT = "result.json"
 
 
@@ -504,7 +505,12 @@ def run_child(spec_path: str) -> int:
     return 0
 
 
-def run_recorder(run_dir: Path) -> L.Callback:
+def _crash_epoch(name: str) -> int:
+    variant, _, epoch = os.environ.get(CRASH_ENV, "").partition(":")
+    return int(epoch) if variant == name and epoch else -1
+
+
+def run_recorder(run_dir: Path, name: str) -> L.Callback:
     """A Lightning callback: per-step loss (``loss.csv``), training time and images, progress, crash hook.
 
     Its counters are saved in checkpoints, so a resumed run reports throughput over all its epochs.
@@ -520,7 +526,7 @@ def run_recorder(run_dir: Path) -> L.Callback:
             self.train_seconds = 0.0
             self.images_seen = 0
             self._epoch_start = 0.0
-            self._crash_epoch = int(os.environ.get(CRASH_ENV, "-1"))
+            self._crash_epoch = _crash_epoch(name)
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self._epoch_start = time.perf_counter()
@@ -566,11 +572,11 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(spec["run_dir"])
     last = run_dir / "checkpoints" / "last.ckpt"
     resuming = last.exists()
-    if not resuming:
+    if not resuming and os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0":  # DDP: rank 0 only
         (run_dir / "loss.csv").write_text("step,epoch,loss\n")
     L.seed_everything(spec["seed"], verbose=False)
     datamodule, module = _build_lightning(spec)
-    recorder = run_recorder(run_dir)
+    recorder = run_recorder(run_dir, spec["name"])
     trainer = _lightning_trainer(spec, recorder, overwrite=not resuming)
     trainer.fit(module, datamodule, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
@@ -631,7 +637,10 @@ def _lightning_trainer(spec: dict[str, Any], recorder: L.Callback, overwrite: bo
     monitor = GradientFlowMonitor(
         log_every_n_steps=spec["log_every_n_steps"], save_dir=run_dir / "gradlight", overwrite=overwrite
     )
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    # One file, overwritten every epoch: `save_last` alone saves nothing when no top-k checkpoint is saved.
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
+    )
     gpu = torch.cuda.is_available()
     return L.Trainer(
         max_epochs=spec["epochs"],

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -331,3 +332,22 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         self.log("val/map50_95", scores["map50_95"], prog_bar=True, sync_dist=False)
         self.log("val/map50", scores["map50"], sync_dist=False)
         self._val_detections = {}
+
+
+def load_trained_detector(checkpoint: str, use_ema: bool = True) -> DetectionModel:
+    """Return the detector of a ``DetectorModule`` checkpoint, with its EMA weights when it has them.
+
+    Args:
+        checkpoint: Path of a Lightning checkpoint written by ``python -m casestudies.detection fit``.
+        use_ema: Load the EMA weights (what the in-loop validation scores) instead of the raw ones.
+
+    Example:
+        >>> ckpt = "runs/detection/shapes/intact/lightning_logs/version_0/checkpoints/last.ckpt"
+        >>> model = load_trained_detector(ckpt)  # doctest: +SKIP
+    """
+    module = DetectorModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    model = module.model
+    if use_ema and module._pending_ema_state is not None:
+        model = copy.deepcopy(module.model)
+        model.load_state_dict(module._pending_ema_state["state_dict"])
+    return model.eval()

@@ -1,0 +1,65 @@
+"""The Ultralytics baseline: recorded before clipping, Lightning layer names, scored by pycocotools."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from casestudies.detection.baseline import CLIP_VALUE, BaselineConfig, train_baseline
+from casestudies.detection.module import DetectorModule
+from casestudies.detection.synthetic import generate_shapes_dataset
+from gradlight import GLOBAL_LAYER, load_history
+from gradlight.layers import layer_name_for
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("baseline")
+    data = generate_shapes_dataset(root / "shapes", num_train=16, num_val=8, imgsz=64)
+    config = BaselineConfig(
+        data=str(data), run_dir=str(root / "run"), epochs=2, imgsz=64, batch=8, workers=0, log_every_n_steps=1
+    )
+    return train_baseline(config), root / "run"
+
+
+@pytest.mark.slow
+def test_result_and_run_info(baseline_run):
+    result, run_dir = baseline_run
+    assert result["trainer"] == "ultralytics"
+    assert result["optimizer_steps"] == 4  # 16 images / batch 8 x 2 epochs: nbs = batch, no accumulation
+    assert result["images_per_s"] > 0 and result["params"] > 2_000_000
+    assert 0.0 <= result["map50_95"] <= result["map50"] <= 1.0
+    info = json.loads((run_dir / "gradlight" / "run.json").read_text())
+    assert info["gradient_clip_val"] == CLIP_VALUE == info["clip_value"] == 10.0
+    assert info["accumulate_grad_batches"] == 1 and info["nbs"] == 8
+    assert info["trainer"] == "ultralytics" and info["log_every_n_steps"] == 1
+
+
+@pytest.mark.slow
+def test_gradients_are_read_before_clipping(baseline_run):
+    _, run_dir = baseline_run
+    history = load_history(run_dir / "gradlight")
+    glob = history[history["layer"] == GLOBAL_LAYER].pivot(index="step", columns="metric", values="value")
+    assert glob.index.tolist() == [0, 1, 2, 3]
+    # clip_grad_norm_ returns the norm before clipping: it must equal the recorded global norm exactly.
+    np.testing.assert_allclose(glob["global_grad_l2"], glob["clip_norm"], rtol=1e-4)
+    assert (glob["loss"] > 0).all() and np.isfinite(glob["early_late_ratio"]).all()
+    losses = (run_dir / "loss.csv").read_text().splitlines()
+    assert losses[0] == "step,epoch,loss" and len(losses) == 5
+
+
+@pytest.mark.slow
+def test_layer_names_are_those_of_the_lightning_module(baseline_run):
+    _, run_dir = baseline_run
+    module = DetectorModule("yolo11n.yaml", variant="intact", num_classes=3)
+    group_by = module.configure_gradient_flow().group_by
+    expected = {layer_name_for(name, group_by) for name, p in module.named_parameters() if p.requires_grad}
+    history = load_history(run_dir / "gradlight", metrics=["grad_l2"])
+    assert set(history["layer"]) == expected
+    depths = history.groupby("layer")["depth"].first().sort_values()
+    assert depths.index[0] == "model.model.0" and depths.index[-1] == "model.model.23"
+    assert not math.isnan(history["value"].min())

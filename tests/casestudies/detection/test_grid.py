@@ -1,0 +1,156 @@
+"""The ablation grid end to end: smoke preset, resume after a crash, bad options, baseline layer names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from casestudies.detection import grid, summary
+from gradlight import load_history
+
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "scripts" / "ablate_detector.sh"
+SMOKE_VARIANTS = ["intact", "stripped_sigmoid", "ultralytics"]
+
+
+def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "YOLO_OFFLINE": "1", "PYTHON": sys.executable}
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**environment, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("grid") / "smoke"
+    return run_script("--preset", "smoke", "--out", str(out)), out
+
+
+@pytest.mark.slow
+def test_smoke_preset_writes_every_column_and_a_row_per_variant(smoke):
+    process, out = smoke
+    assert process.returncode == 0, process.stdout + process.stderr
+    frame = pd.read_csv(out / "summary.csv")
+    assert set(summary.COLUMNS) <= set(frame.columns)
+    assert frame["variant"].tolist() == SMOKE_VARIANTS
+    assert frame["trainer"].tolist() == ["lightning", "lightning", "ultralytics"]
+    assert (frame["status"] == "done").all()
+    numeric = ["params", "epochs", "images_per_s", "final_train_loss", "map50_95", "map50"]
+    numeric += ["grad_ratio_early_late", "min_layer_grad_l2"]
+    assert frame[numeric].notna().all().all(), frame[numeric]
+    assert (frame["epochs"] == 2).all() and (frame["images_per_s"] > 0).all()
+    records = json.loads((out / "summary.json").read_text())
+    assert [r["variant"] for r in records] == SMOKE_VARIANTS
+    for name in ("report.html", "map_vs_grad_ratio.png", "loss_curves.png", "grad_profiles.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert "Ablation grid: summary" in (out / "report.html").read_text()
+    assert all(name in process.stdout for name in SMOKE_VARIANTS)  # the printed table
+    # The textbook net starves its first layer; the intact one does not.
+    ratios = frame.set_index("variant")["grad_ratio_early_late"]
+    assert ratios["stripped_sigmoid"] < 1e-2 * ratios["intact"]
+
+
+@pytest.mark.slow
+def test_baseline_history_has_the_layers_of_the_lightning_intact_run(smoke):
+    process, out = smoke
+    assert process.returncode == 0, process.stderr
+    intact = load_history(out / "runs" / "intact" / "gradlight")
+    baseline = load_history(out / "runs" / "ultralytics" / "gradlight")
+    assert set(baseline["layer"]) == set(intact["layer"])
+    assert set(baseline["metric"]) >= set(intact["metric"]) - {"activation"}
+    layers = [
+        json.loads((out / "runs" / n / "gradlight" / "run.json").read_text())["layers"]
+        for n in ("intact", "ultralytics")
+    ]
+    assert [layer["name"] for layer in layers[0]] == [layer["name"] for layer in layers[1]]
+    assert layers[0][0]["name"] == "model.model.0"
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_runs_and_continues_an_interrupted_one(tmp_path):
+    out = tmp_path / "grid"
+    args = ("--preset", "smoke", "--variants", "intact,stripped_sigmoid", "--out", str(out))
+    crashed = run_script(*args, env={grid.CRASH_ENV: "stripped_sigmoid:1"})
+    assert crashed.returncode != 0, crashed.stdout
+    intact, interrupted = out / "runs" / "intact", out / "runs" / "stripped_sigmoid"
+    assert grid.is_finished(intact) and not grid.is_finished(interrupted)
+    assert (interrupted / "checkpoints" / "last.ckpt").exists()
+    kept = {p: p.stat().st_mtime_ns for p in intact.rglob("*") if p.is_file()}
+
+    refused = run_script(*args)  # without --resume, finished runs are never overwritten
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = run_script(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "intact: finished earlier, kept" in resumed.stdout
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing of the finished run was touched
+    assert json.loads((interrupted / "result.json").read_text())["resumed"] is True
+    history = load_history(interrupted / "gradlight")
+    steps = history[history["metric"] == "grad_l2"].groupby("step")["layer"].count()
+    assert steps.index.tolist() == list(range(8))  # 2 epochs x 4 steps, each exactly once
+    assert len(list((interrupted / "gradlight" / "history").glob("segment-*.arrow"))) == 2
+    frame = pd.read_csv(out / "summary.csv")
+    assert frame["variant"].tolist() == ["intact", "stripped_sigmoid"]
+    assert (frame["status"] == "done").all()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "intact,no_such_variant"], "unknown variant(s) no_such_variant"),
+        (["--data", "/no/such/data.yaml"], "--data '/no/such/data.yaml' does not exist"),
+        (["--epochs", "-3"], "--epochs -3 is not valid"),
+        (["--preset", "nope"], "--preset 'nope' does not exist"),
+        (["--model", "yolo11n.pt"], "give a model YAML"),
+        (["--imgsz", "100"], "multiple of 32"),
+    ],
+)
+def test_bad_options_exit_non_zero_before_training(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert grid.main([*args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was prepared or trained
+
+
+def test_script_reports_bad_options_and_help(tmp_path):
+    bad = run_script("--variants", "intact,bogus", "--out", str(tmp_path / "x"), timeout=120)
+    assert bad.returncode == 2
+    assert "unknown variant(s) bogus" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    usage = run_script("--help", timeout=120)
+    assert usage.returncode == 0
+    for word in ("--preset", "--resume", "--devices", "smoke", "coco8-overfit", "ultralytics"):
+        assert word in usage.stdout
+
+
+def test_presets_are_valid_configs():
+    assert {"default", "smoke", "coco8", "coco8-overfit", "coco"} <= set(grid.available_presets())
+    for name in grid.available_presets():
+        config = grid.GridConfig(**grid.load_preset(name))
+        assert set(config.variants) <= {*grid.STANDARD_VARIANTS, grid.BASELINE}
+    default = grid.GridConfig(**grid.load_preset("default"))
+    assert default.variants == [*grid.STANDARD_VARIANTS, grid.BASELINE] and default.data == "synthetic"
+
+
+def test_gradient_columns_use_the_last_quarter_of_logged_steps():
+    rows = []
+    for step, ratio in enumerate([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-3, 1e-5]):
+        rows.append({"step": step, "layer": "__global__", "depth": -1, "metric": "early_late_ratio", "value": ratio})
+        for depth, layer in enumerate(["a", "b"]):
+            value = ratio if layer == "a" else 1.0
+            rows.append({"step": step, "layer": layer, "depth": depth, "metric": "grad_l2", "value": value})
+    columns = summary.gradient_columns(pd.DataFrame(rows))
+    assert columns["grad_ratio_early_late"] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert columns["min_layer"] == "a"
+    assert columns["min_layer_grad_l2"] == pytest.approx((1e-3 + 1e-5) / 2)
