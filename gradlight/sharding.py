@@ -263,16 +263,19 @@ class ShardedReduction:
             return source
         return source()
 
-    def _fsdp1_groups(self) -> dict[int, dist.ProcessGroup]:
-        """``id(parameter) -> shard process group`` for every FSDP1 flat parameter and its views."""
+    def _fsdp1_groups(self) -> dict[int, dist.ProcessGroup | None]:
+        """``id(parameter) -> shard process group`` for every FSDP1 flat parameter and its views.
+
+        ``None`` marks units that do not shard (``NO_SHARD``): whole, identical tensors on every rank.
+        """
         model = self._model()
         if model is None:
             return {}
         try:
-            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
         except ImportError:  # pragma: no cover
             return {}
-        groups: dict[int, dist.ProcessGroup] = {}
+        groups: dict[int, dist.ProcessGroup | None] = {}
         for module in model.modules():
             if not isinstance(module, FullyShardedDataParallel):
                 continue
@@ -283,6 +286,8 @@ class ShardedReduction:
             group = module.process_group
             if group is None:
                 continue
+            if module.sharding_strategy == ShardingStrategy.NO_SHARD:
+                group = None
             groups[id(flat)] = group
             for view in getattr(flat, "_params", None) or ():
                 groups[id(view)] = group
@@ -317,9 +322,9 @@ class ShardedReduction:
             )
 
 
-def _is_fsdp1_sharded(param: Tensor, groups: dict[int, dist.ProcessGroup]) -> bool:
+def _is_fsdp1_sharded(param: Tensor, groups: dict[int, dist.ProcessGroup | None]) -> bool:
     if id(param) in groups:
-        return True
+        return groups[id(param)] is not None
     if getattr(param, "_fsdp_flattened", False):
         return True
     try:

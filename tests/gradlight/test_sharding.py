@@ -172,6 +172,7 @@ _NEEDS_TRACKER_CHANGE = pytest.mark.xfail(
         ("tp", 2),  # tensor parallel: Shard(0), uneven Shard(1), Replicate bias, plain LayerNorm
         pytest.param("fsdp1", 2, marks=_NEEDS_TRACKER_CHANGE),  # 1-D slices, some empty (grad None)
         pytest.param("hsdp1", 4, marks=_NEEDS_TRACKER_CHANGE),  # FSDP1 HYBRID_SHARD, shard groups of 2
+        ("fsdp1_noshard", 2),  # FSDP1 NO_SHARD: whole tensors everywhere, so no collective at all
     ],
 )
 def test_sharded_run_equals_one_process_with_one_collective(
@@ -181,7 +182,8 @@ def test_sharded_run_equals_one_process_with_one_collective(
     _assert_matches(_per_layer(tmp_path / "history"), reference)
     for info in ranks:
         assert info["reduction"] == "ShardedReduction"
-        assert info["collectives_per_finalize"] == [1] * workers.STEPS  # one collective per logged step
+        expected = 0 if mode == "fsdp1_noshard" else 1  # one collective per logged step, if sharded
+        assert info["collectives_per_finalize"] == [expected] * workers.STEPS
         assert info["latest_layers"] == ["net.0", "net.2", "net.3", "net.5"]  # same, unsharded names
     if mode == "hsdp1":
         assert ranks[0]["fsdp1_shard_group_size"] == 2
