@@ -790,7 +790,9 @@ class GradientDiagnosis:
         ratios = grad / ref_value
         sustained: list[int] = []
         for i in range(len(record.layers)):
-            holds = i < candidates and bool(ratios[i] < config.vanishing_ratio)
+            # exactly zero is no gradient at all this step (a branch without targets, an unused path), not
+            # a gradient that decayed on its way from the loss
+            holds = i < candidates and bool(0.0 < ratios[i] < config.vanishing_ratio)
             count, _ = self._streak("vanishing", record.layers[i], holds, record.step)
             if count >= config.vanishing_patience:
                 sustained.append(i)

@@ -72,6 +72,12 @@ def test_relu_he_batchnorm_mlp_is_not_flagged(tmp_path: Path) -> None:
     assert messages == []
 
 
+def test_a_branch_with_exactly_zero_gradient_is_not_vanishing() -> None:
+    diagnosis = GradientDiagnosis()
+    found = [f for step in range(4) for f in diagnosis.update(record(step, [0.0, 1e-5, 1.0, 1.0]))]
+    assert [(f.kind, f.layer, f.layers) for f in found] == [("vanishing", "l1", ["l1"])]
+
+
 # --------------------------------------------------------------------------------------- exploding
 def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
     torch.manual_seed(0)
