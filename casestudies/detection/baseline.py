@@ -338,7 +338,7 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     settings = RecorderSettings(str(run_dir), config.log_every_n_steps, config.init_seed)
     trainer = GradlightDetectionTrainer(overrides=config.ultralytics_overrides(), settings=settings)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     trainer.train()
     wall = time.perf_counter() - started
     ema = final_ema(trainer)
@@ -358,6 +358,8 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
         "map50": scores["map50"],
         "ultralytics_map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
         "nbs": config.batch,
+        "load_avg_start": round(load_start, 2),  # a shared machine's load skews images_per_s
+        "load_avg_end": round(os.getloadavg()[0], 2),
     }
     write_json_atomic(run_dir / "result.json", result)
     return result

@@ -577,6 +577,7 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(spec["seed"], verbose=False)
     datamodule, module = _build_lightning(spec)
     recorder = run_recorder(run_dir, spec["name"])
+    load_start = os.getloadavg()[0]
     trainer = _lightning_trainer(spec, recorder, overwrite=not resuming)
     trainer.fit(module, datamodule, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
@@ -594,6 +595,8 @@ def train_variant(spec: dict[str, Any]) -> dict[str, Any]:
         "map50_95": scores["map50_95"],
         "map50": scores["map50"],
         "resumed": resuming,
+        "load_avg_start": round(load_start, 2),  # a shared machine's load skews images_per_s
+        "load_avg_end": round(os.getloadavg()[0], 2),
     }
     write_json_atomic(run_dir / RESULT, result)
     return result
