@@ -78,6 +78,15 @@ def test_a_branch_with_exactly_zero_gradient_is_not_vanishing() -> None:
     assert [(f.kind, f.layer, f.layers) for f in found] == [("vanishing", "l1", ["l1"])]
 
 
+def test_a_falling_early_to_late_ratio_is_a_vanishing_trend() -> None:
+    diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=4, trend_decades=2.0))
+    found = []
+    for step, ratio in enumerate([1.0, 0.3, 0.1, 0.03, 0.001]):
+        found += diagnosis.update(record(step, [1.0, 1.0, 1.0], early_late_ratio=ratio))
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("vanishing", "l0", 1, 4)]
+    assert found[0].evidence["trend_decades"] == pytest.approx(math.log10(0.3 / 0.001))
+
+
 # --------------------------------------------------------------------------------------- exploding
 def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
     torch.manual_seed(0)
