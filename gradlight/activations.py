@@ -135,6 +135,12 @@ class ActivationStats:
         feeds: The layer each site feeds (a layer name of the gradient records), or ``None``.
         depths: Depth of each site (the depth of the layer it feeds; one past the last layer if none).
         metrics: ``metric -> values`` with one value per site (see :data:`ACTIVATION_METRICS`).
+
+    Example:
+        >>> stats = ActivationStats(0, ["net.1"], ["relu"], ["net.2"], np.array([1]),
+        ...                         {"act_dead": np.array([0.25])})
+        >>> stats.value("act_dead", "net.1"), stats.feeding("net.2")
+        (0.25, [0])
     """
 
     step: int

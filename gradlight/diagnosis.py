@@ -75,6 +75,13 @@ class GradientAnomalyError(RuntimeError):
 
     Attributes:
         findings: The findings that triggered it.
+
+    Example:
+        >>> monitor = GradientFlowMonitor(on_anomaly={"non_finite": "raise"})  # doctest: +SKIP
+        >>> try:  # doctest: +SKIP
+        ...     trainer.fit(model)
+        ... except GradientAnomalyError as error:
+        ...     print(error.findings[0].layer, error.findings[0].step)
     """
 
     def __init__(self, findings: list[Finding]) -> None:
@@ -538,6 +545,11 @@ class Finding:
         remedy: What usually fixes it.
         evidence: The measured values (ratios, decades, norms, fractions, steps, ``rules``).
         layers: Every layer/site affected (``layer`` is the first of them).
+
+    Example:
+        >>> finding = Finding("dormant", "fc1", 5, 9, "fc1 does not move", "lr 0", "check param groups")
+        >>> finding.to_dict()["layer"], finding.step
+        ('fc1', 5)
     """
 
     kind: str
