@@ -128,7 +128,8 @@ class DiagnosisConfig:
             mean magnitude (the rest of the model still trains). ``0`` reports dormancy even when the whole
             run has converged.
         saturated_fraction: Report an activation site when at least this fraction of its outputs are in the
-            flat region (see ``saturation_derivative``).
+            flat region (see ``saturation_derivative``). Sites that feed no layer (an output sigmoid) are not
+            reported: confident predictions saturate them by design.
         dead_fraction: Report a ReLU-family site when at least this fraction of its units were zero for the
             whole batch. A few dead units are normal; half of a layer is capacity thrown away.
         activation_patience: Logged steps a site must stay above the saturated/dead fraction.
@@ -1044,6 +1045,8 @@ class GradientDiagnosis:
             for i, site in enumerate(stats.sites):
                 value = float(values[i])
                 holds = stats.kinds[i] in kinds and math.isfinite(value) and value >= threshold
+                if kind == "saturated" and stats.feeds[i] is None:
+                    holds = False  # an output sigmoid/tanh saturates when the model is confident: not a fault
                 count, since = self._streak(kind, site, holds, stats.step)
                 if count >= config.activation_patience and (kind, site) not in self.reported:
                     new.append((i, since))

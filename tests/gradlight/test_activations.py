@@ -241,6 +241,32 @@ def test_saturated_sigmoid_is_flagged(tmp_path: Path) -> None:
     assert "init_large" in row.evidence["rules"]
 
 
+def test_a_saturated_output_sigmoid_is_not_a_finding() -> None:
+    from gradlight import GradientDiagnosis
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1), nn.Sigmoid())
+    with torch.no_grad():
+        model[2].weight.fill_(50.0)  # confident outputs
+    taps = ActivationTaps(model)
+    diagnosis = GradientDiagnosis()
+    found = []
+    for step in range(3):
+        taps.start()
+        model(torch.rand(16, 4))
+        taps.stop()
+        stats = taps.finalize(step)
+        assert stats is not None and stats.value("act_saturation", "3") == 1.0 and stats.feeds[1] is None
+        found += [f for f in diagnosis.update(_flat_record(step), stats) if f.kind == "saturated"]
+    assert found == []
+
+
+def _flat_record(step: int) -> Any:
+    from gradlight import StepRecord
+
+    metrics = {"grad_l2": np.ones(2), "grad_nonfinite": np.zeros(2), "update_ratio": np.full(2, 1e-3)}
+    return StepRecord(step, ["0", "2"], np.arange(2), metrics, {})
+
+
 def test_vanishing_finding_cites_the_saturating_activations_on_the_gradient_path(tmp_path: Path) -> None:
     torch.manual_seed(0)
     fit(Regressor(mlp(12)), tmp_path, steps=3, on_anomaly="ignore")
