@@ -108,7 +108,6 @@ def build_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {str(out)!r} is a file; pass a folder")
-    out.mkdir(parents=True, exist_ok=True)
     comparing = len(specs) > 1
     builders_per_run = 6
     total = len(specs) * (1 + builders_per_run) + (2 if comparing else 0) + 1
@@ -125,6 +124,7 @@ def build_report(
                 warnings.warn(message, category, stacklevel=2)
             loaded.append(run)
             bar.update(1)
+        out.mkdir(parents=True, exist_ok=True)  # only once every run is readable
         bar.set_description("drawing")
         taken: set[str] = set()
         sections: list[RunSection] = []

@@ -193,6 +193,21 @@ def _edges(centers: np.ndarray) -> np.ndarray:
     return np.concatenate([[centers[0] - (mids[0] - centers[0])], mids, [centers[-1] + (centers[-1] - mids[-1])]])
 
 
+def _balanced_line(ax: Axes) -> None:
+    """A dotted line at 1 labelled in place (a legend entry would be far from it)."""
+    ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0)
+    ax.text(
+        0.995,
+        1.0,
+        "balanced (1)",
+        transform=ax.get_yaxis_transform(),
+        ha="right",
+        va="bottom",
+        fontsize=7.5,
+        color="#666666",
+    )
+
+
 def _no_data(fig: Figure, ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#666666")
     ax.set_xticks([])
@@ -293,7 +308,7 @@ def heatmap_figure(
         _step_axis(ax)
         ax.set_ylabel("layer (forward order, input at top)")
         span = vmax - vmin
-        colorbar = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=30)
+        colorbar = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=max(15.0, (height - 1.3) / 0.14))
         colorbar.locator = FixedLocator(list(range(vmin, vmax + 1, max(1, math.ceil(span / 8)))))
         colorbar.formatter = _decade_formatter()
         colorbar.update_ticks()
@@ -463,12 +478,11 @@ def ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> FigureResu
             _no_data(fig, ax, "no early/late ratio recorded")
         else:
             ax.plot(data["steps"], _positive(data["ratio"]), color=RUN_COLORS[0])
-            ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0, label="balanced (1)")
+            _balanced_line(ax)
             _log_axis(ax)
             ax.grid(True, axis="y", which="major")
             _step_axis(ax)
             ax.set_ylabel("first / last layer grad_l2")
-            ax.legend(loc="best")
     caption = (
         "Gradient norm of the first layer(s) over that of the last layer(s). Far below 1: the input side "
         "receives little gradient (vanishing); far above 1: it receives too much (exploding)."
@@ -756,7 +770,7 @@ def compare_ratios_figure(runs: Sequence[Run], *, title: str | None = None) -> F
                 color=RUN_COLORS[i % len(RUN_COLORS)],
                 label=run.label,
             )
-        ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0)
+        _balanced_line(ax)
         _log_axis(ax)
         ax.grid(True, axis="y", which="major")
         _step_axis(ax)
