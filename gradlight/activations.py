@@ -34,6 +34,7 @@ In-place activations (``nn.ReLU(inplace=True)``) are fine: the hooks only read t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -364,9 +365,12 @@ class ActivationTaps:
             if y.dtype not in (torch.float32, torch.float64):
                 y = y.float()
             acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64
-            count = torch.tensor(float(y.numel()), dtype=acc_dtype, device=y.device)
-            saturated = self._saturated(site.kind, y, slot)
-            sums = torch.stack([count, y.sum().to(acc_dtype), (y * y).sum().to(acc_dtype), saturated.to(acc_dtype)])
+            count = y.numel()
+            var, mean = torch.var_mean(y, correction=0)  # one pass, no temporary the size of y
+            mean, var = mean.to(acc_dtype), var.to(acc_dtype)
+            saturated = self._saturated(site.kind, y, slot).to(acc_dtype)
+            total = torch.full((), float(count), dtype=acc_dtype, device=y.device)
+            sums = torch.stack([total, mean * count, (var + mean * mean) * count, saturated])
             slot.sums = sums if slot.sums is None else slot.sums + sums
             if site.kind in DEAD_KINDS:
                 active = _active_per_unit(y, site.unit_dim).to(acc_dtype)
@@ -377,20 +381,20 @@ class ActivationTaps:
 
     def _saturated(self, kind: str, y: Tensor, slot: _Slot) -> Tensor:
         threshold = self.saturation_derivative
-        if kind == "sigmoid":
-            return (y * (1.0 - y) < 0.25 * threshold).sum()
-        if kind == "tanh":
-            return (1.0 - y * y < threshold).sum()
-        if kind == "softsign":
-            return ((1.0 - y.abs()).square() < threshold).sum()
+        if kind == "sigmoid":  # s(1 - s) < 0.25 t  <=>  |s - 0.5| > 0.5 sqrt(1 - t)
+            return torch.count_nonzero((y - 0.5).abs_() > 0.5 * math.sqrt(1.0 - threshold))
+        if kind == "tanh":  # 1 - t^2 < t0  <=>  |t| > sqrt(1 - t0)
+            return torch.count_nonzero(y.abs() > math.sqrt(1.0 - threshold))
+        if kind == "softsign":  # (1 - |y|)^2 < t0  <=>  |y| > 1 - sqrt(t0)
+            return torch.count_nonzero(y.abs() > 1.0 - math.sqrt(threshold))
         if kind == "hardsigmoid":
-            return ((y <= 0.0) | (y >= 1.0)).sum()
+            return torch.count_nonzero((y <= 0.0) | (y >= 1.0))
         if kind in ("hardtanh", "relu6"):
             low, high = slot.bounds
             if kind == "relu6":
-                return (y >= high).sum()
-            return ((y <= low) | (y >= high)).sum()
-        return y.new_zeros(())
+                return torch.count_nonzero(y >= high)
+            return torch.count_nonzero((y <= low) | (y >= high))
+        return y.new_zeros((), dtype=torch.long)
 
     # ------------------------------------------------------------------------------------------ result
     def finalize(
@@ -497,9 +501,12 @@ class ActivationTaps:
 
 
 def _active_per_unit(y: Tensor, unit_dim: int) -> Tensor:
-    """Number of positive elements per unit (dim ``unit_dim``; a 0-/1-D output is one unit)."""
+    """1 for each unit (dim ``unit_dim``; a 0-/1-D output is one unit) with a positive element, else 0.
+
+    Summed over micro-batches and ranks, a unit is dead exactly when its sum is 0.
+    """
     if y.dim() < 2:
-        return (y > 0).sum().reshape(1)
+        return (y.amax() > 0).reshape(1)
     dim = unit_dim if unit_dim < y.dim() else y.dim() - 1
     others = [d for d in range(y.dim()) if d != dim]
-    return (y > 0).sum(dim=others)
+    return y.amax(dim=others) > 0
