@@ -193,6 +193,13 @@ def _edges(centers: np.ndarray) -> np.ndarray:
     return np.concatenate([[centers[0] - (mids[0] - centers[0])], mids, [centers[-1] + (centers[-1] - mids[-1])]])
 
 
+def _field(item: Any, name: str, default: Any) -> Any:
+    """``item[name]`` for a mapping, ``item.name`` otherwise."""
+    if isinstance(item, Mapping):
+        return item.get(name, default)
+    return getattr(item, name, default)
+
+
 def _balanced_line(ax: Axes) -> None:
     """A dotted line at 1 labelled in place (a legend entry would be far from it)."""
     ax.axhline(1.0, color="#888888", linestyle=":", linewidth=1.0)
@@ -217,7 +224,7 @@ def _no_data(fig: Figure, ax: Axes, message: str) -> None:
 # ------------------------------------------------------------------------------------------- heat map
 def heatmap_figure(
     frame: pd.DataFrame,
-    findings: Iterable[Mapping[str, Any]] = (),
+    findings: Iterable[Mapping[str, Any] | Any] = (),
     *,
     metric: str = "grad_l2",
     title: str | None = None,
@@ -229,7 +236,8 @@ def heatmap_figure(
 
     Args:
         frame: A history in long format.
-        findings: Findings (dicts with ``kind``, ``layer``, ``step``) to mark.
+        findings: Findings to mark: dicts (``findings.jsonl`` lines) or objects (``gradlight.diagnosis.Finding``)
+            with ``kind``, ``layer``, ``step``.
         metric: The per-layer metric to show.
         title: Figure title.
 
@@ -250,13 +258,13 @@ def heatmap_figure(
     row_of = {name: i for i, name in enumerate(layers)}
     f_steps, f_rows, f_kinds = [], [], []
     for finding in findings:
-        row = row_of.get(str(finding.get("layer", "")))
-        step = finding.get("step", -1)
+        row = row_of.get(str(_field(finding, "layer", "")))
+        step = _field(finding, "step", -1)
         if row is None or step is None or int(step) < 0:
             continue
         f_steps.append(int(step))
         f_rows.append(row)
-        f_kinds.append(str(finding.get("kind", "")))
+        f_kinds.append(str(_field(finding, "kind", "")))
     data: dict[str, Any] = {
         "log10": log,
         "layers": list(layers),
@@ -664,11 +672,16 @@ def activation_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figur
             with _quiet_nan_warnings():
                 mean = np.nanmean(values, axis=1)
                 low, high = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
-            ax.fill_between(x, low, high, color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="min-max over steps")
-            ax.plot(x, mean, color=RUN_COLORS[0], marker="o" if len(sites) <= 60 else None, label="mean over steps")
+            # Only the sites this metric applies to (e.g. ReLUs for dead units), joined to each other.
+            keep = np.isfinite(mean)
+            ax.fill_between(
+                x[keep], low[keep], high[keep], color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="min-max over steps"
+            )
+            marker = "o" if keep.sum() <= 60 else None
+            ax.plot(x[keep], mean[keep], color=RUN_COLORS[0], marker=marker, label="mean over steps")
             ax.plot(
-                x,
-                values[:, -1],
+                x[keep],
+                values[keep, -1],
                 linestyle="none",
                 marker="x",
                 color=RUN_COLORS[1],
@@ -679,6 +692,7 @@ def activation_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figur
             ax.grid(True, axis="y")
         axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, borderaxespad=0.2)
         axes[0].set_title(axes[0].get_title(), loc="left")
+        axes[0].set_title("", loc="center")
         _depth_axis(axes[-1], sites)
         axes[-1].set_xlabel("activation site (forward order)")
     caption = (

@@ -104,7 +104,7 @@ def log_figures(
     history: pd.DataFrame | str | os.PathLike[str],
     step: int,
     *,
-    findings: Sequence[Mapping[str, Any]] = (),
+    findings: Sequence[Mapping[str, Any] | Any] = (),
     figures: Sequence[str] = DEFAULT_FIGURES,
     prefix: str = "gradflow",
 ) -> int:
@@ -117,7 +117,8 @@ def log_figures(
         loggers: The loggers, e.g. ``trainer.loggers``.
         history: A history DataFrame (long format) or a monitor ``save_dir``.
         step: The global step to log the figures at.
-        findings: Findings to mark on the heat map (dicts with ``kind``, ``layer``, ``step``).
+        findings: Findings to mark on the heat map: ``monitor.findings`` (``Finding`` objects) or dicts with
+            ``kind``, ``layer``, ``step``.
         figures: Which figures: any of ``"heatmap"``, ``"profile"``.
         prefix: Tag prefix; tags are ``<prefix>/<figure>``.
 

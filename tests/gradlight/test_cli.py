@@ -92,7 +92,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
             warnings.simplefilter("ignore")  # the monitor warns about the (intended) vanishing gradient
             trainer.fit(Net("mlp", lr=0.5))
         assert monitor.save_dir is not None
-        logged = log_figures(trainer.loggers, monitor.save_dir, trainer.global_step)
+        logged = log_figures(trainer.loggers, monitor.save_dir, trainer.global_step, findings=monitor.findings)
         logger.experiment.flush()
         processes["e2e"] = _spawn(["report", str(logger.log_dir), "--out", str(root / "out_e2e")])
         _inputs(root)

@@ -5,6 +5,7 @@ import re
 import warnings
 from html import escape
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -213,6 +214,8 @@ def test_heatmap_array_equals_the_pivoted_history(tmp_path: Path) -> None:
     assert result.data["steps"].tolist() == sorted(grad.step.unique())
     assert result.data["finding_rows"].tolist() == [order.index("net.4")]
     assert result.data["finding_steps"].tolist() == [50]
+    as_object = SimpleNamespace(kind="dormant", layer="net.2", step=60)  # like gradlight.diagnosis.Finding
+    assert heatmap_figure(history, [as_object]).data["finding_rows"].tolist() == [order.index("net.2")]
 
 
 def test_heatmap_handles_zero_nan_and_missing(tmp_path: Path) -> None:
