@@ -132,6 +132,16 @@ def test_clipping_that_hides_a_blow_up_is_flagged_with_pre_clip_evidence() -> No
     assert "clipping_hides_growth" in finding.evidence["rules"]
 
 
+def test_trainer_gradient_clipping_is_read_from_the_trainer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Regressor(mlp(3, act=nn.ReLU, he=True), lr=1e-4)
+    fit(model, tmp_path, steps=4, trainer_kwargs={"gradient_clip_val": 1e-3}, on_anomaly="ignore")
+    (row,) = load_findings(tmp_path).itertuples()
+    assert (row.kind, row.layer, row.step, row.reported_step) == ("exploding", "__global__", 0, 2)
+    assert row.evidence["clip_value"] == 1e-3 and row.evidence["clip_algorithm"] == "norm"
+    assert row.evidence["clip_ratio"] > 10 and "pre-clip" in row.message
+
+
 def test_growth_within_the_window_is_flagged_at_the_growing_layer() -> None:
     diagnosis = GradientDiagnosis(DiagnosisConfig(exploding_factor=50, exploding_window=3))
     found: list[Finding] = []
