@@ -363,16 +363,17 @@ def heatmap_figure(
             if mask.any():
                 handles.append(Patch(facecolor=color, edgecolor="#777777", linewidth=0.5, label=label))
         if handles:
+            rows = math.ceil(len(handles) / 4)  # at most 4 entries a row: the legend stays as wide as the map
             ax.legend(
                 handles=handles,
                 loc="lower left",
                 bbox_to_anchor=(0.0, 1.0),
-                ncol=min(len(handles), 6),
+                ncol=math.ceil(len(handles) / rows),
                 borderaxespad=0.2,
                 handletextpad=0.4,
                 columnspacing=1.0,
             )
-            ax.set_title(ax.get_title(), pad=18)
+            ax.set_title(ax.get_title(), pad=6 + 14 * rows)
     caption = (
         f"Each row is a layer (input at the top), each column a recorded step; colour is {metric} on a log "
         "scale. A dark band at the top that stays dark is the picture of vanishing gradients."
@@ -615,7 +616,7 @@ def update_ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> Fig
             linestyle="none",
             marker="o",
             color=RUN_COLORS[1],
-            markersize=3,
+            markersize=3 if len(grid.layers) <= 60 else 2,
             label=f"step {int(grid.steps[-1])}",
         )
         _log_axis(ax)
