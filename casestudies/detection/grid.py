@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -416,6 +417,7 @@ def run_grid(config: GridConfig) -> int:
     names = list(config.variants)
     print(f"gradlight ablation grid, preset {config.preset!r}: {', '.join(names)} -> {out}", flush=True)
     progress = Progress(names, config.epochs)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the running subprocess too, like Ctrl-C
     failed: list[str] = []
     try:
         for index, name in enumerate(names, start=1):
@@ -431,6 +433,10 @@ def run_grid(config: GridConfig) -> int:
     if failed:
         print(f"failed runs: {', '.join(failed)} (see OUT/runs/<name>/train.log)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progress: Progress) -> bool:

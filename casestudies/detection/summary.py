@@ -317,3 +317,27 @@ def write_report(
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> str:
+    """The summary as a Markdown table (numbers rounded for reading), for docs.
+
+    Example:
+        >>> print(markdown_table(pd.DataFrame({"variant": ["intact"], "map50_95": [0.41234]})))
+        | variant | map50_95 |
+        |---|---|
+        | intact | 0.412 |
+    """
+    columns = list(columns or frame.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, np.floating)):
+        return str(value)
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.3f}".rstrip("0").rstrip(".")
