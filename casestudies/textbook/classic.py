@@ -182,7 +182,9 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
             )
         )
     partial = [
-        v for v in ("sigmoid_adam", "relu_sgd", "relu_he_sgd", "sigmoid_bn_sgd", "sigmoid_res_sgd") if v in by.index
+        v
+        for v in ("sigmoid_xavier_sgd", "sigmoid_adam", "relu_sgd", "relu_he_sgd", "sigmoid_bn_sgd", "sigmoid_res_sgd")
+        if v in by.index
     ]
     if partial:
         learners = [v for v in partial if by.loc[v, "val_acc_final"] >= LEARNED]

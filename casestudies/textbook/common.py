@@ -133,11 +133,11 @@ def layer_table(history: pd.DataFrame, metric: str = "grad_l2", weights_only: bo
     Args:
         history: A :func:`gradlight.load_history` frame.
         metric: The per-layer metric.
-        weights_only: Keep only the Linear/Conv layers (``blocks.{i}.layer`` and ``head``), not BatchNorm.
+        weights_only: Keep only the Linear/Conv layers (``*.layer`` and ``*head``), not BatchNorm.
     """
     rows = history[(history.layer != gradlight.GLOBAL_LAYER) & (history.metric == metric)]
     if weights_only:
-        rows = rows[rows.layer.str.endswith(".layer") | (rows.layer == "head")]
+        rows = rows[rows.layer.str.endswith(".layer") | rows.layer.str.endswith("head")]
     order = rows.drop_duplicates("layer").sort_values("depth")["layer"].tolist()
     return rows.pivot(index="step", columns="layer", values="value")[order]
 
