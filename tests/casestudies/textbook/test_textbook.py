@@ -177,3 +177,47 @@ def test_cli_quick_writes_summary_and_figures(tmp_path: Path) -> None:
     assert summary.verdict.str.match(r"^(holds|does not hold)").all()
     for name in ("summary.md", "decay_slopes.csv", "decay_profiles.png", "decay_slopes.png", "recurrent.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------- verdicts are computed
+def test_verdicts_follow_the_measurements(quick: StudyConfig) -> None:
+    classic_rows = pd.DataFrame(
+        [
+            {
+                "variant": classic.BASELINE,
+                "val_acc_final": 0.97,
+                "val_acc_epoch1": 0.9,
+                "chance": 0.5,
+                "first_over_head_median": 0.5,
+                "findings": "none",
+            },
+            {
+                "variant": classic.FIX,
+                "val_acc_final": 0.55,
+                "val_acc_epoch1": 0.5,
+                "chance": 0.5,
+                "first_over_head_median": 0.5,
+                "findings": "vanishing:1",
+            },
+        ]
+    )
+    verdicts = {c.claim.split(" (")[0]: c.verdict for c in classic.claims(classic_rows, quick)}
+    assert all(v.startswith("does not hold") for v in verdicts.values())
+
+    row = {
+        "steps": 10,
+        "grad_l2_step0": 1.0,
+        "grad_l2_max_finite": 2.0,
+        "grad_l2_last": 1.0,
+        "growth_max_over_step0": 2.0,
+        "early_late_ratio_step0": 1.0,
+        "nonfinite_steps": 0,
+        "update_ratio_max": 0.1,
+        "val_acc_final": 0.95,
+        "findings_exploding": 0.0,
+        "findings_non_finite": 0.0,
+    }
+    table = pd.DataFrame([{"run": name, **row} for name in ("baseline", "large_lr", "large_lr_clipped")])
+    table.loc[table.run == "large_lr_clipped", "nonfinite_steps"] = 3
+    found = {c.claim: c.verdict for c in exploding.claims(table, quick)}
+    assert all(v == "does not hold" for v in found.values())
