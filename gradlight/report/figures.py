@@ -126,7 +126,7 @@ def shorten_label(name: str, limit: int = 28) -> str:
 
     Example:
         >>> shorten_label("model.encoder.layers.11.self_attn.out_proj", limit=20)
-        '…11.self_attn.out_proj'
+        '…self_attn.out_proj'
     """
     if len(name) <= limit:
         return name
