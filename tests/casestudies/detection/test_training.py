@@ -107,3 +107,12 @@ def test_two_process_ddp_training_step_on_cpu(coco8_yaml: Path, tmp_path: Path) 
     assert 0.0 <= results[0]["map50_95"] <= 1.0
     history = load_history(tmp_path / "gradlight")
     assert sorted(history.step.unique()) == [0, 1]
+
+
+def test_yolo26_trains_with_its_end_to_end_loss_updated_each_epoch(coco8_yaml: Path) -> None:
+    dm = YoloDataModule(str(coco8_yaml), imgsz=64, batch_size=2, workers=0)
+    module = DetectorModule("yolo26n.yaml", "no_residual", num_classes=dm.num_classes, names=dm.names, scope="all")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, limit_val_batches=0, **QUIET)
+    trainer.fit(module, dm)
+    assert type(module.model.criterion).__name__ == "E2ELoss"
+    assert module.model.criterion.updates == 2  # o2m weight decays once per epoch, as in Ultralytics' trainer
