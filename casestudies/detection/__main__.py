@@ -68,7 +68,7 @@ class DetectionCLI(LightningCLI):
         if config is None or config.trainer.get("default_root_dir"):
             return
         model, data = config.model, config.data
-        explicit = {key: model.get(key) for key in ("residual", "batchnorm", "activation", "scope")}
+        explicit = {key: model.get(key) for key in ("residual", "batchnorm", "activation", "scope", "weight_init")}
         config.trainer.default_root_dir = str(
             Path("runs/detection") / run_name(data.data, data.overfit, model.variant, explicit)
         )

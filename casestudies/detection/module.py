@@ -133,6 +133,8 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         batchnorm: Overrides the variant's BatchNorm switch when not None.
         activation: Overrides the variant's activation when not None (``"sigmoid"``, ``"silu"``, ...).
         scope: Overrides the variant's scope when not None (``"backbone"`` or ``"all"``).
+        weight_init: Conv weight init of BN-free convs when not None: ``"keep"`` (PyTorch default, as built)
+            or ``"kaiming"`` (fan-in Kaiming normal; see :func:`~casestudies.detection.ablations.remove_batchnorm`).
         training: Overrides of the variant's :class:`TrainingRecipe` fields (e.g. ``{"lr0": 0.005}``).
         names: Class names, stored on the model for Ultralytics tools.
         init_seed: Seed of the initial weights (identical across variants for the same seed).
@@ -153,6 +155,7 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         batchnorm: bool | None = None,
         activation: str | None = None,
         scope: str | None = None,
+        weight_init: str | None = None,
         training: dict[str, Any] | None = None,
         names: dict[int, str] | None = None,
         init_seed: int = 0,
@@ -161,13 +164,20 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         chosen = get_variant(variant)
-        switches = {"residual": residual, "batchnorm": batchnorm, "activation": activation, "scope": scope}
+        switches = {
+            "residual": residual,
+            "batchnorm": batchnorm,
+            "activation": activation,
+            "scope": scope,
+            "weight_init": weight_init,
+        }
         base = chosen.ablation
         self.ablation = Ablation(
             residual=base.residual if residual is None else residual,
             batchnorm=base.batchnorm if batchnorm is None else batchnorm,
             activation=base.activation if activation is None else activation,
             scope=base.scope if scope is None else scope,
+            weight_init=base.weight_init if weight_init is None else weight_init,
         )
         self.explicit_switches = {k: v for k, v in switches.items() if v is not None}
         self.recipe = chosen.recipe(training)

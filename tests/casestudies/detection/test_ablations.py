@@ -164,3 +164,13 @@ def test_unknown_variant_and_recipe_keys_raise_value_error() -> None:
         get_variant("deep")
     with pytest.raises(ValueError, match="lr_0"):
         get_variant("intact").recipe({"lr_0": 0.1})
+
+
+def test_kaiming_weight_init_rescales_bn_free_convs_only() -> None:
+    model = build()
+    remove_batchnorm(model, "backbone", weight_init="kaiming")
+    first = model.model[0].conv.weight
+    fan_in = first[0].numel()
+    assert first.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.2)
+    untouched = build().model[-1].cv2[0][0].conv.weight  # head conv keeps PyTorch's default init
+    assert torch.equal(model.model[-1].cv2[0][0].conv.weight, untouched)
