@@ -191,13 +191,14 @@ def plot_map_vs_ratio(frame: pd.DataFrame, path: Path) -> Path:
     """mAP50-95 against the early/late gradient ratio, one labelled point per variant, log x."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, row in frame.iterrows():
+    for index, (_, row) in enumerate(frame.iterrows()):
         x, y = row["grad_ratio_early_late"], row["map50_95"]
         if not (np.isfinite(x) and np.isfinite(y) and x > 0):
             continue
         baseline = row["trainer"] == "ultralytics"
         ax.scatter(x, y, s=60, marker="*" if baseline else "o", color="black" if baseline else None, zorder=3)
-        ax.annotate(str(row["variant"]), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        offset = (6, 6) if index % 2 == 0 else (6, -12)  # alternate so neighbouring labels do not collide
+        ax.annotate(str(row["variant"]), (x, y), textcoords="offset points", xytext=offset, fontsize=9)
     ax.set_xscale("log")
     ax.set_xlabel("early/late gradient ratio (median, last quarter of training; log)")
     ax.set_ylabel("mAP50-95 (pycocotools)")
