@@ -293,8 +293,12 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
             checkpoint["ema"] = {"state_dict": self.ema.ema.state_dict(), "updates": self.ema.updates}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the EMA weights until ``on_fit_start`` builds the EMA."""
+        """Keep the EMA weights until ``on_fit_start`` builds the EMA (or load them if it already exists)."""
         self._pending_ema_state = checkpoint.get("ema")
+        if self.ema is not None and self._pending_ema_state is not None:  # strategies that restore after setup
+            self.ema.ema.load_state_dict(self._pending_ema_state["state_dict"])
+            self.ema.updates = self._pending_ema_state["updates"]
+            self._pending_ema_state = None
 
     @property
     def eval_model(self) -> nn.Module:

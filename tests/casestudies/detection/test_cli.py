@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import torch
 import yaml
 
 from casestudies.detection import offline
@@ -55,5 +56,9 @@ def test_cli_fits_a_variant_with_the_monitor_and_the_checkpoint_evaluates(tmp_pa
     history = load_history(log_dir / "gradlight")
     assert list(history.step.unique()) == [0]  # defaults.yaml: the monitor logs every 5 steps
     model = load_trained_detector(str(log_dir / "checkpoints" / "last.ckpt"))
+    raw = load_trained_detector(str(log_dir / "checkpoints" / "last.ckpt"), use_ema=False)
+    ema_state, raw_state = model.state_dict(), raw.state_dict()
+    assert ema_state.keys() == raw_state.keys()
+    assert any(not torch.equal(ema_state[k], raw_state[k]) for k in ema_state)  # the EMA was saved and loaded
     scores = evaluate_detector(model, cli.datamodule.data, imgsz=64, batch=4)
     assert scores["images"] == 4 and 0.0 <= scores["map50_95"] <= 1.0
