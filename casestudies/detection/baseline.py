@@ -55,6 +55,9 @@ from gradlight.tracker import GradientFlowTracker, StepRecord  # noqa: E402
 CLIP_VALUE = 10.0
 #: Layer grouping of the Lightning runs (``DetectorModule(gradient_flow_group_by=3)``): one layer per YOLO block.
 GROUP_BY = 3
+#: Test hook, ``"<run>:<epoch>,..."``: that run exits hard at batch 1 of that epoch (like a kill after the
+#: previous epoch's checkpoint). Read by the baseline and by the grid's Lightning runs.
+CRASH_ENV = "GRADLIGHT_GRID_CRASH"
 #: Environment variable carrying :class:`RecorderSettings` into Ultralytics' DDP worker processes.
 SETTINGS_ENV = "GRADLIGHT_BASELINE_SETTINGS"
 
@@ -115,12 +118,14 @@ class GradlightDetectionTrainer(DetectionTrainer):
         self.train_seconds = 0.0
         self.images_seen = 0
         self._epoch_start = 0.0
-        self._pending_clip_norm: float | None = None
+        self._batch_index = 0
         super().__init__(cfg, overrides, _callbacks)
 
     # ------------------------------------------------------------------------------------------------ model
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         """The unmodified model from its YAML, initialised with the Lightning runs' seed; never downloads."""
+        if weights is not None and self.resume:  # Ultralytics' resume: last.pt's (EMA) weights
+            return super().get_model(cfg, weights, verbose)
         if weights:
             raise ValueError("the baseline trains from scratch: pass a model YAML and pretrained=False")
         model = build_detector(str(cfg), int(self.data["nc"]), Ablation(), seed=self.settings.init_seed)
@@ -136,11 +141,19 @@ class GradlightDetectionTrainer(DetectionTrainer):
 
     def _gradlight_on_train_start(self) -> None:
         self.tracker = GradientFlowTracker(_NameAsLightning(unwrap_model(self.model)), group_by=GROUP_BY)
-        self.writer = HistoryWriter(self.run_dir / "gradlight", start_step=0)
-        (self.run_dir / "loss.csv").write_text("step,epoch,loss\n")
+        # nbs = batch: one optimizer step per batch, so a resumed run's first step is start_epoch * batches.
+        self.optimizer_steps = self.start_epoch * len(self.train_loader)
+        self.writer = HistoryWriter(self.run_dir / "gradlight", start_step=self.optimizer_steps)
+        stats = self.run_dir / "train_stats.json"
+        if self.start_epoch and stats.exists():  # resumed: keep the time and images of the finished epochs
+            previous = json.loads(stats.read_text())
+            self.train_seconds, self.images_seen = previous["train_seconds"], previous["images_seen"]
+        else:
+            (self.run_dir / "loss.csv").write_text("step,epoch,loss\n")
 
     def _gradlight_on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._batch_index = 0
 
     def _gradlight_on_train_batch_start(self) -> None:
         if self.tracker is not None and self.tracker.forward_order is None:
@@ -153,6 +166,9 @@ class GradlightDetectionTrainer(DetectionTrainer):
         loss = float(sum(float(v) for v in torch.as_tensor(list(items)).flatten()))
         with open(self.run_dir / "loss.csv", "a") as file:
             file.write(f"{self.optimizer_steps - 1},{self.epoch},{loss:.6g}\n")
+        if self.epoch == crash_epoch("ultralytics") and self._batch_index == 1:
+            os._exit(3)  # test hook (see casestudies.detection.grid.CRASH_ENV): die like a killed process
+        self._batch_index += 1
 
     def _gradlight_on_train_epoch_end(self) -> None:
         self.train_seconds += time.perf_counter() - self._epoch_start
@@ -160,9 +176,13 @@ class GradlightDetectionTrainer(DetectionTrainer):
         write_progress(self.run_dir, self.epoch + 1, self.epochs)
         if self.writer is not None:
             self.writer.flush()
+        self._write_stats()  # last.pt is saved after this epoch: a resume starts from these counters
 
     def _gradlight_on_train_end(self) -> None:
         self._close_history()
+        self._write_stats()
+
+    def _write_stats(self) -> None:
         stats = {
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
@@ -255,6 +275,22 @@ class GradlightDetectionTrainer(DetectionTrainer):
         write_json_atomic(self.run_dir / "gradlight" / "run.json", info)
 
 
+def crash_epoch(name: str) -> int:
+    """Test hook: the epoch at which run ``name`` exits hard (``GRADLIGHT_GRID_CRASH="<name>:<epoch>,..."``).
+
+    Example:
+        >>> os.environ[CRASH_ENV] = "no_bn:1,ultralytics:2"
+        >>> crash_epoch("ultralytics"), crash_epoch("intact")
+        (2, -1)
+        >>> del os.environ[CRASH_ENV]
+    """
+    for item in os.environ.get(CRASH_ENV, "").split(","):
+        variant, _, epoch = item.strip().partition(":")
+        if variant == name and epoch:
+            return int(epoch)
+    return -1
+
+
 def write_progress(run_dir: Path, epoch: int, epochs: int) -> None:
     """Tell the grid's progress display how far a run is (``run_dir/progress.json``)."""
     write_json_atomic(Path(run_dir) / "progress.json", {"epoch": epoch, "epochs": epochs, "time": time.time()})
@@ -276,6 +312,8 @@ class BaselineConfig:
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
         init_seed: Seed of the initial weights.
         overrides: Further Ultralytics overrides (``lr0``, ``warmup_epochs``, ...).
+        resume: Continue from ``run_dir/ultralytics/weights/last.pt`` when it holds an unfinished run
+            (Ultralytics' own resume: optimizer, EMA, epoch); otherwise start from scratch.
     """
 
     data: str
@@ -289,6 +327,7 @@ class BaselineConfig:
     log_every_n_steps: int = 10
     init_seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
 
     def ultralytics_overrides(self) -> dict[str, Any]:
         """The ``model.train(...)`` arguments of the quick-start call, offline and comparable."""
@@ -321,6 +360,28 @@ def final_ema(trainer: DetectionTrainer) -> nn.Module:
     return checkpoint["ema"].float()
 
 
+def _resumable(last: Path, epochs: int) -> bool:
+    """Whether ``last.pt`` holds an unfinished run Ultralytics can resume (0 < next epoch < epochs)."""
+    if not last.exists():
+        return False
+    try:
+        checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:  # a torn file: start again
+        return False
+    next_epoch = int(checkpoint.get("epoch", -1)) + 1
+    return 0 < next_epoch < epochs and checkpoint.get("optimizer") is not None
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove what an earlier, unresumable attempt left (history, Ultralytics folder, logs)."""
+    import shutil
+
+    for name in ("gradlight", "ultralytics"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("loss.csv", "train_stats.json", "progress.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     """Train the baseline, record its gradient flow, score its final EMA weights; write ``result.json``.
 
@@ -337,7 +398,14 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     settings = RecorderSettings(str(run_dir), config.log_every_n_steps, config.init_seed)
-    trainer = GradlightDetectionTrainer(overrides=config.ultralytics_overrides(), settings=settings)
+    overrides = config.ultralytics_overrides()
+    last = run_dir / "ultralytics" / "weights" / "last.pt"
+    resumed = config.resume and _resumable(last, config.epochs)
+    if resumed:
+        overrides["resume"] = str(last)
+    else:
+        _clear_run(run_dir)
+    trainer = GradlightDetectionTrainer(overrides=overrides, settings=settings)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     trainer.train()
     wall = time.perf_counter() - started
@@ -358,6 +426,7 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
         "map50": scores["map50"],
         "ultralytics_map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
         "nbs": config.batch,
+        "resumed": resumed,
         "load_avg_start": round(load_start, 2),  # a shared machine's load skews images_per_s
         "load_avg_end": round(os.getloadavg()[0], 2),
     }

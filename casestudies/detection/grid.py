@@ -10,8 +10,9 @@ Launch commands::
 
 Every run (one per variant, plus ``ultralytics``) goes to ``OUT/runs/<name>/`` and is trained in its own
 subprocess (clean memory, and Lightning's DDP launcher re-runs that subprocess's command per rank). A run is
-finished when its ``result.json`` exists; ``--resume`` skips finished runs and continues an unfinished
-Lightning run from ``checkpoints/last.ckpt`` (the gradlight monitor continues its history). At the end:
+finished when its ``result.json`` exists; ``--resume`` skips finished runs, continues an unfinished Lightning
+run from ``checkpoints/last.ckpt`` (the gradlight monitor continues its history) and an unfinished baseline
+from ``ultralytics/weights/last.pt`` (Ultralytics' own resume; its history continues too). At the end:
 ``OUT/summary.csv``/``.json``, ``OUT/report.html`` and the plots ``OUT/map_vs_grad_ratio.png``,
 ``OUT/loss_curves.png``, ``OUT/grad_profiles.png``.
 """
@@ -44,8 +45,8 @@ if TYPE_CHECKING:  # heavy imports happen where they are used, so --help and bad
 BASELINE = "ultralytics"
 STANDARD_VARIANTS = ("intact", "no_residual", "no_bn", "no_residual_no_bn", "sigmoid", "stripped_sigmoid")
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "detection" / "presets"
-#: Test hook, ``"<variant>:<epoch>"``: that Lightning run exits hard at batch 1 of that epoch (like a kill
-#: after the previous epoch's checkpoint).
+#: Test hook, ``"<run>:<epoch>"``: that run (a variant or ``ultralytics``) exits hard at batch 1 of that epoch,
+#: like a kill after the previous epoch's checkpoint (same name as ``baseline.CRASH_ENV``).
 CRASH_ENV = "GRADLIGHT_GRID_CRASH"
 RESULT = "result.json"
 
@@ -168,7 +169,7 @@ def _epilog() -> str:
         "outputs: OUT/runs/<variant>/ (history in gradlight/, result.json, loss.csv, checkpoints),",
         "  OUT/summary.csv, OUT/summary.json, OUT/report.html, OUT/*.png",
         "--resume: finished runs (result.json present) are kept; an unfinished Lightning run continues from",
-        "  its checkpoints/last.ckpt; an unfinished baseline is retrained from scratch.",
+        "  its checkpoints/last.ckpt, an unfinished baseline from its weights/last.pt (Ultralytics' resume).",
         "",
         "examples:",
         "  scripts/ablate_detector.sh",
@@ -339,6 +340,7 @@ def child_spec(name: str, config: GridConfig, data_yaml: str) -> dict[str, Any]:
         "augment": config.augment,
         "training": config.training,
         "seed": config.seed,
+        "resume": config.resume,
     }
 
 
@@ -350,7 +352,7 @@ def is_finished(run_dir: Path) -> bool:
 def launch(spec: dict[str, Any], resume: bool) -> subprocess.Popen:
     """Start one run's subprocess; its output goes to ``run_dir/train.log``."""
     run_dir = Path(spec["run_dir"])
-    if not resume or spec["name"] == BASELINE:
+    if not resume:
         # a fresh start: nothing finished lives here (checked before), so stale partial files go
         shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -511,11 +513,6 @@ def run_child(spec_path: str) -> int:
     return 0
 
 
-def _crash_epoch(name: str) -> int:
-    variant, _, epoch = os.environ.get(CRASH_ENV, "").partition(":")
-    return int(epoch) if variant == name and epoch else -1
-
-
 def run_recorder(run_dir: Path, name: str) -> L.Callback:
     """A Lightning callback: per-step loss (``loss.csv``), training time and images, progress, crash hook.
 
@@ -523,7 +520,7 @@ def run_recorder(run_dir: Path, name: str) -> L.Callback:
     """
     from lightning.pytorch.callbacks import Callback
 
-    from casestudies.detection.baseline import write_progress
+    from casestudies.detection.baseline import crash_epoch, write_progress
 
     class RunRecorder(Callback):
         def __init__(self, run_dir: Path) -> None:
@@ -532,7 +529,7 @@ def run_recorder(run_dir: Path, name: str) -> L.Callback:
             self.train_seconds = 0.0
             self.images_seen = 0
             self._epoch_start = 0.0
-            self._crash_epoch = _crash_epoch(name)
+            self._crash_epoch = crash_epoch(name)
 
         def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self._epoch_start = time.perf_counter()
@@ -686,6 +683,7 @@ def baseline_config(spec: dict[str, Any]) -> BaselineConfig:
         device=device,
         log_every_n_steps=spec["log_every_n_steps"],
         init_seed=spec["seed"],
+        resume=bool(spec.get("resume", False)),
         overrides={**recipe, **spec["augment"], "seed": spec["seed"]},
     )
 

@@ -78,15 +78,17 @@ def test_baseline_history_has_the_layers_of_the_lightning_intact_run(smoke):
 
 
 @pytest.mark.slow
-def test_resume_keeps_finished_runs_and_continues_an_interrupted_one(tmp_path):
+def test_resume_keeps_finished_runs_and_continues_interrupted_ones(tmp_path):
     out = tmp_path / "grid"
-    args = ("--preset", "smoke", "--variants", "intact,stripped_sigmoid", "--out", str(out))
-    crashed = run_script(*args, env={grid.CRASH_ENV: "stripped_sigmoid:1"})
+    args = ("--preset", "smoke", "--variants", "intact,stripped_sigmoid,ultralytics", "--out", str(out))
+    crashed = run_script(*args, env={grid.CRASH_ENV: "stripped_sigmoid:1,ultralytics:1"})
     assert crashed.returncode != 0, crashed.stdout
-    intact, interrupted = out / "runs" / "intact", out / "runs" / "stripped_sigmoid"
-    assert grid.is_finished(intact) and not grid.is_finished(interrupted)
-    assert (interrupted / "checkpoints" / "last.ckpt").exists()
-    kept = {p: p.stat().st_mtime_ns for p in intact.rglob("*") if p.is_file()}
+    runs = {name: out / "runs" / name for name in ("intact", "stripped_sigmoid", "ultralytics")}
+    assert grid.is_finished(runs["intact"])
+    assert not grid.is_finished(runs["stripped_sigmoid"]) and not grid.is_finished(runs["ultralytics"])
+    assert (runs["stripped_sigmoid"] / "checkpoints" / "last.ckpt").exists()
+    assert (runs["ultralytics"] / "ultralytics" / "weights" / "last.pt").exists()
+    kept = {p: p.stat().st_mtime_ns for p in runs["intact"].rglob("*") if p.is_file()}
 
     refused = run_script(*args)  # without --resume, finished runs are never overwritten
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -95,13 +97,15 @@ def test_resume_keeps_finished_runs_and_continues_an_interrupted_one(tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "intact: finished earlier, kept" in resumed.stdout
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing of the finished run was touched
-    assert json.loads((interrupted / "result.json").read_text())["resumed"] is True
-    history = load_history(interrupted / "gradlight")
-    steps = history[history["metric"] == "grad_l2"].groupby("step")["layer"].count()
-    assert steps.index.tolist() == list(range(8))  # 2 epochs x 4 steps, each exactly once
-    assert len(list((interrupted / "gradlight" / "history").glob("segment-*.arrow"))) == 2
+    for name in ("stripped_sigmoid", "ultralytics"):
+        assert json.loads((runs[name] / "result.json").read_text())["resumed"] is True
+        history = load_history(runs[name] / "gradlight")
+        steps = history[history["metric"] == "grad_l2"].groupby("step")["layer"].count()
+        assert steps.index.tolist() == list(range(8))  # 2 epochs x 4 steps, each exactly once
+        assert steps.nunique() == 1  # every step has every layer
+        assert len(list((runs[name] / "gradlight" / "history").glob("segment-*.arrow"))) == 2
     frame = pd.read_csv(out / "summary.csv")
-    assert frame["variant"].tolist() == ["intact", "stripped_sigmoid"]
+    assert frame["variant"].tolist() == ["intact", "stripped_sigmoid", "ultralytics"]
     assert (frame["status"] == "done").all()
 
 
