@@ -215,6 +215,7 @@ def validate(config: GridConfig) -> None:
     _check_model(config.model)
     _check_data(config.data)
     _check_out(Path(config.out), config.resume)
+    _check_resume_settings(config)
     if config.devices > 1 and _gpu_count() < config.devices:
         raise GridError(f"--devices {config.devices} needs {config.devices} GPUs; found {_gpu_count()}")
 
@@ -274,6 +275,25 @@ def _check_out(out: Path, resume: bool) -> None:
         raise GridError(
             f"--out {str(out)!r} already holds finished runs ({', '.join(finished)}); pass --resume to keep "
             "them and continue, or choose a new --out"
+        )
+
+
+#: Settings a resumed grid must share with the runs already in OUT (the variant list may change).
+RESUME_KEYS = ("data", "model", "epochs", "imgsz", "batch", "log_every_n_steps", "overfit", "synthetic")
+RESUME_KEYS += ("augment", "training", "seed")
+
+
+def _check_resume_settings(config: GridConfig) -> None:
+    path = Path(config.out) / "grid.json"
+    if not config.resume or not path.exists():
+        return
+    previous = json.loads(path.read_text())
+    changed = [f"{key} {previous.get(key)!r} -> {getattr(config, key)!r}" for key in RESUME_KEYS]
+    changed = [text for key, text in zip(RESUME_KEYS, changed) if previous.get(key) != getattr(config, key)]
+    if changed:
+        raise GridError(
+            f"--resume would mix settings with the runs in {str(config.out)!r}: {'; '.join(changed)}. Use the "
+            "same options as before, or a new --out"
         )
 
 

@@ -92,6 +92,7 @@ def test_resume_keeps_finished_runs_and_continues_interrupted_ones(tmp_path):
 
     refused = run_script(*args)  # without --resume, finished runs are never overwritten
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    assert grid.main([*args, "--resume", "--epochs", "3"]) == 2  # nor mixed with other settings
 
     resumed = run_script(*args, "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
