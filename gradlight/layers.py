@@ -90,9 +90,7 @@ class ForwardOrderRecorder:
         for name, module in model.named_modules():
             if only_parameter_owners and not any(True for _ in module.parameters(recurse=False)):
                 continue
-            self._handles.append(
-                module.register_forward_pre_hook(self._make_hook(clean_parameter_name(name)))
-            )
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(clean_parameter_name(name))))
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: object) -> None:

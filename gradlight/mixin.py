@@ -33,9 +33,7 @@ class GradientFlowSpec:
     def __post_init__(self) -> None:
         validate_group_by(self.group_by)
         if isinstance(self.exclude, str):
-            raise ValueError(
-                f"`exclude` must be a sequence of patterns, not a single string: {self.exclude!r}."
-            )
+            raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: {self.exclude!r}.")
 
 
 class GradientFlowMixin:
@@ -89,9 +87,7 @@ class GradientFlowMixin:
         """
         raw = getattr(optimizer, "optimizer", optimizer)
         if not isinstance(raw, Optimizer):
-            raise ValueError(
-                f"`optimizer` must be a torch or Lightning optimizer, got {type(optimizer).__name__}."
-            )
+            raise ValueError(f"`optimizer` must be a torch or Lightning optimizer, got {type(optimizer).__name__}.")
         monitor = self.gradient_flow_monitor
         trainer = _trainer_of(self)
         assert trainer is not None  # gradient_flow_monitor raised otherwise

@@ -116,9 +116,7 @@ class GradientFlowMonitor(Callback):
         _check_positive_int("flush_every_n_records", flush_every_n_records)
         validate_group_by(group_by)
         if isinstance(exclude, str):
-            raise ValueError(
-                f"`exclude` must be a sequence of patterns, not a single string: got {exclude!r}."
-            )
+            raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: got {exclude!r}.")
         if save_dir is not None and not isinstance(save_dir, (str, Path)):
             raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
         self.log_every_n_steps = log_every_n_steps
@@ -131,9 +129,7 @@ class GradientFlowMonitor(Callback):
         self.flush_every_n_records = flush_every_n_records
         self.overwrite = overwrite
         if isinstance(sharding, str) and sharding not in SHARDING_MODES:
-            raise ValueError(
-                f"`sharding` must be one of {SHARDING_MODES} or a CrossRankReduction, got {sharding!r}."
-            )
+            raise ValueError(f"`sharding` must be one of {SHARDING_MODES} or a CrossRankReduction, got {sharding!r}.")
         self.sharding = sharding
 
         self.tracker: GradientFlowTracker | None = None
@@ -217,9 +213,7 @@ class GradientFlowMonitor(Callback):
             "model": type(pl_module).__qualname__,
         }
 
-    def _build_tracker(
-        self, pl_module: pl.LightningModule, spec: GradientFlowSpec | None
-    ) -> GradientFlowTracker:
+    def _build_tracker(self, pl_module: pl.LightningModule, spec: GradientFlowSpec | None) -> GradientFlowTracker:
         group_by = self.group_by
         exclude = self.exclude
         if spec is not None:
@@ -296,9 +290,7 @@ class GradientFlowMonitor(Callback):
         if not self.is_logged_step(step) or step <= self.last_recorded_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        tracker.capture(
-            step, params, grad_scale=_amp_scale_left_in_grads(trainer, optimizer), owner=optimizer
-        )
+        tracker.capture(step, params, grad_scale=_amp_scale_left_in_grads(trainer, optimizer), owner=optimizer)
         self._trainer = trainer
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -410,9 +402,7 @@ class GradientFlowMonitor(Callback):
         self._close()
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close()
 
     @override

@@ -120,9 +120,7 @@ def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
         return list(torch._foreach_mul([t.detach() for t in tensors], 1.0)) if tensors else []
 
 
-def update_squares(
-    after: Sequence[Tensor], before: list[Tensor], device: torch.device | None = None
-) -> Tensor:
+def update_squares(after: Sequence[Tensor], before: list[Tensor], device: torch.device | None = None) -> Tensor:
     """Squared L2 norm of ``after[i] - before[i]`` for each pair, in float32.
 
     ``before`` (a :func:`snapshot`) is overwritten with the differences, which saves an allocation.
@@ -143,9 +141,7 @@ def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = No
         return torch.stack([(~torch.isfinite(t)).sum().to(home, torch.float32) for t in tensors])
 
 
-def reduce_to_layers(
-    sums: Tensor, maxima: Tensor, layer_index: Tensor, num_layers: int
-) -> tuple[Tensor, Tensor]:
+def reduce_to_layers(sums: Tensor, maxima: Tensor, layer_index: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:
     """Reduce per-tensor statistics into per-layer ones.
 
     Args:

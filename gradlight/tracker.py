@@ -204,9 +204,7 @@ class GradientFlowTracker:
         """The ``owner`` passed to :meth:`capture` for the pending step (e.g. the optimizer)."""
         return None if self._pending is None else self._pending.owner
 
-    def capture(
-        self, step: int, params: Iterable[Tensor], grad_scale: float = 1.0, owner: object = None
-    ) -> None:
+    def capture(self, step: int, params: Iterable[Tensor], grad_scale: float = 1.0, owner: object = None) -> None:
         """Read the gradients of ``params`` before the optimizer step. No host synchronisation.
 
         Args:

@@ -116,9 +116,7 @@ class ReferenceNorms(Callback):
         self.every = every
         self.records: dict[int, dict[str, dict[str, float]]] = {}
 
-    def on_before_optimizer_step(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
-    ) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if trainer.global_step % self.every:
             return
         scale = 1.0
@@ -127,14 +125,8 @@ class ReferenceNorms(Callback):
             scale = scaler.get_scale()
         per_layer: dict[str, dict[str, float]] = {}
         for name, module in pl_module.named_modules():
-            grads = [
-                p.grad.double().flatten() / scale
-                for p in module.parameters(recurse=False)
-                if p.grad is not None
-            ]
-            params = [
-                p.detach().double().flatten() for p in module.parameters(recurse=False) if p.grad is not None
-            ]
+            grads = [p.grad.double().flatten() / scale for p in module.parameters(recurse=False) if p.grad is not None]
+            params = [p.detach().double().flatten() for p in module.parameters(recurse=False) if p.grad is not None]
             if not grads:
                 continue
             flat = torch.cat(grads)

@@ -34,9 +34,9 @@ class DumpLatest(L.Callback):
 def test_two_process_ddp_history_equals_single_process(tmp_path: Path) -> None:
     per_rank_batch = 8
     single = tmp_path / "single"
-    L.Trainer(
-        **QUIET, accelerator="cpu", devices=1, max_steps=4, callbacks=[GradientFlowMonitor(1, single)]
-    ).fit(Net("mlp", batch_size=2 * per_rank_batch))
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=4, callbacks=[GradientFlowMonitor(1, single)]).fit(
+        Net("mlp", batch_size=2 * per_rank_batch)
+    )
     ddp = tmp_path / "ddp"
     trainer: Any = L.Trainer(
         **QUIET,

@@ -26,9 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_steps(save_dir: Path, steps: range, start_step: int = 0, offset: float = 0.0) -> HistoryWriter:
     writer = HistoryWriter(save_dir, start_step=start_step)
     for step in steps:
-        writer.append_step(
-            step, ["a", "b"], np.array([0, 1]), {"grad_l2": np.array([1.0, 2.0]) + step + offset}
-        )
+        writer.append_step(step, ["a", "b"], np.array([0, 1]), {"grad_l2": np.array([1.0, 2.0]) + step + offset})
         writer.append_global(step, {"global_grad_l2": float(step)})
         writer.flush()
     return writer
@@ -78,9 +76,7 @@ def test_later_segment_supersedes_recomputed_steps(tmp_path: Path) -> None:
 def test_memory_is_bounded_by_automatic_flushes(tmp_path: Path) -> None:
     writer = HistoryWriter(tmp_path, max_buffered_rows=10)
     for step in range(20):
-        writer.append_step(
-            step, ["a", "b"], np.array([0, 1]), {"grad_l2": np.ones(2), "param_l2": np.ones(2)}
-        )
+        writer.append_step(step, ["a", "b"], np.array([0, 1]), {"grad_l2": np.ones(2), "param_l2": np.ones(2)})
         assert writer.buffered_rows < 10
     writer.close()
     assert len(load_history(tmp_path)) == 80
