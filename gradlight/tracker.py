@@ -103,6 +103,7 @@ class _Pending:
     param_sq: Tensor
     before: list[Tensor]
     grad_scale: float
+    grad_count: Tensor | None  # 1 where this rank read a gradient (aligned columns only), else None
 
 
 class GradientFlowTracker:
@@ -220,18 +221,27 @@ class GradientFlowTracker:
         tensors: list[Tensor] = []
         originals: list[Tensor] = []
         seen: set[int] = set()
+        # Across ranks, columns must line up: a sharded reduction gets a column for every trainable
+        # parameter, even one whose gradient is None on this rank (FSDP1 gives empty slices no gradient).
+        aligned = not isinstance(self.reduction, LocalReduction)
+        has_grad: list[bool] = []
         for param in params:
             position = layer_map.params_by_id.get(id(param))
-            if position is None or param.grad is None or position in seen:
+            if position is None or position in seen or not param.requires_grad:
+                continue
+            if param.grad is None and not aligned:
                 continue
             seen.add(position)
             indices.append(position)
-            grads.append(local_tensor(param.grad.detach()))
-            tensors.append(local_tensor(param.detach()))
+            local = local_tensor(param.detach())
+            grads.append(local_tensor(param.grad.detach()) if param.grad is not None else local.new_zeros(0))
+            has_grad.append(param.grad is not None)
+            tensors.append(local)
             originals.append(param)
         device = tensors[0].device if tensors else torch.device("cpu")
         grad_sq = foreach_norms(grads, 2.0, device).square()
         grad_max = max_abs(grads, device)
+        grad_count = torch.tensor(has_grad, dtype=torch.float32).to(device) if aligned else None
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
@@ -247,6 +257,7 @@ class GradientFlowTracker:
             param_sq=foreach_norms(tensors, 2.0, device).square(),
             before=snapshot(tensors) if self.track_update_ratio else [],
             grad_scale=grad_scale,
+            grad_count=grad_count,
         )
 
     def discard(self) -> None:
@@ -268,23 +279,28 @@ class GradientFlowTracker:
             update_sq = update_squares(pending.params, pending.before, device)
         else:
             update_sq = torch.full_like(pending.param_sq, float("nan"))
-        sums, maxima = self.reduction(
-            torch.stack([pending.grad_sq, pending.param_sq, update_sq]),
-            pending.grad_max.unsqueeze(0),
-            pending.originals,
-        )
-        present = sorted({self.layer_map.param_layer[i] for i in pending.indices})
-        layer_index = self._layer_index(pending.indices, present, device)
-        layer_sums, layer_max = reduce_to_layers(sums, maxima, layer_index, len(present))
+        rows = [pending.grad_sq, pending.param_sq, update_sq]
+        if pending.grad_count is not None:
+            rows.append(pending.grad_count)
+        sums, maxima = self.reduction(torch.stack(rows), pending.grad_max.unsqueeze(0), pending.originals)
+        if pending.grad_count is not None:  # a parameter no rank has a gradient for is skipped, as in one process
+            sums = torch.cat([sums[:3] * (sums[3:] > 0), sums[3:]])
+        candidates = sorted({self.layer_map.param_layer[i] for i in pending.indices})
+        layer_index = self._layer_index(pending.indices, candidates, device)
+        layer_sums, layer_max = reduce_to_layers(sums, maxima, layer_index, len(candidates))
         host = torch.cat([layer_sums.flatten(), layer_max.flatten()]).cpu().numpy().astype(np.float64)
-        grad_sq, param_sq, upd_sq = host[: 3 * len(present)].reshape(3, len(present))
-        grad_max = host[3 * len(present) :]
-        nonfinite = np.zeros(len(present))
-        if not np.isfinite(grad_sq).all():  # rare: count NaN/Inf elements exactly
+        layer_rows = host[: len(rows) * len(candidates)].reshape(len(rows), len(candidates))
+        grad_max = host[len(rows) * len(candidates) :]
+        # Layers whose parameters had a gradient on some rank (all of them unless columns are aligned).
+        keep = layer_rows[3] > 0 if pending.grad_count is not None else np.ones(len(candidates), dtype=bool)
+        present = [layer for layer, kept in zip(candidates, keep) if kept]
+        grad_sq, param_sq, upd_sq = layer_rows[:3, keep]
+        nonfinite = np.zeros(len(candidates))
+        if not np.isfinite(layer_rows[0]).all():  # rare: count NaN/Inf elements exactly
             local_counts = nonfinite_counts(pending.grads, device).unsqueeze(0)
             counts, _ = self.reduction(local_counts, maxima[:0], pending.originals)
-            nonfinite = reduce_to_layers(counts, maxima[:0], layer_index, len(present))[0][0].cpu().numpy()
-        record = self._record(pending.step, present, grad_sq, grad_max, nonfinite, param_sq, upd_sq)
+            nonfinite = reduce_to_layers(counts, maxima[:0], layer_index, len(candidates))[0][0].cpu().numpy()
+        record = self._record(pending.step, present, grad_sq, grad_max[keep], nonfinite[keep], param_sq, upd_sq)
         if pending.grad_scale != 1.0:
             record.global_metrics["grad_scale"] = pending.grad_scale
         return record
@@ -318,7 +334,8 @@ class GradientFlowTracker:
         names = self.layer_map.layers
         finite = grad_l2[np.isfinite(grad_l2)]
         global_metrics = {
-            "global_grad_l2": float(np.sqrt(grad_sq.sum())),
+            # No gradient read at all (e.g. DeepSpeed ZeRO >= 2 keeps none in `param.grad`): NaN, not 0.
+            "global_grad_l2": float(np.sqrt(grad_sq.sum())) if grad_sq.size else float("nan"),
             "global_grad_max_abs": float(grad_max.max()) if grad_max.size else float("nan"),
             "global_grad_nonfinite": float(nonfinite.sum()),
             "early_late_ratio": early_late_ratio(grad_l2, self.edge_layers),

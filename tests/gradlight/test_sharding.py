@@ -17,11 +17,10 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
-from torch import Tensor, nn
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from gradlight import GradientFlowMonitor, GradientFlowTracker, load_history
+from gradlight import GradientFlowMonitor, load_history
 from gradlight.sharding import (
     SHARDING_MODES,
     ShardedReduction,
@@ -110,22 +109,6 @@ def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
 
 
 # ---------------------------------------------------------------------------------- multi-process
-def _tracker_keeps_columns_of_missing_grads() -> bool:
-    """Whether every rank builds the same columns when a parameter has no gradient on this rank (FSDP1)."""
-    seen: list[int] = []
-
-    def probe(sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        seen.append(len(params))
-        return sums, maxima
-
-    net = nn.Linear(2, 1)
-    tracker = GradientFlowTracker(net, reduction=probe)
-    net.weight.grad = torch.ones_like(net.weight)
-    tracker.capture(0, net.parameters())
-    tracker.finalize()
-    return seen == [2]
-
-
 def _per_layer(history_dir: Path) -> pd.DataFrame:
     frame = load_history(history_dir)
     return frame.pivot_table(index=["step", "layer"], columns="metric", values="value")
@@ -154,14 +137,6 @@ def _assert_matches(sharded: pd.DataFrame, reference: pd.DataFrame) -> None:
         np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=RTOL, err_msg=metric)
 
 
-_NEEDS_TRACKER_CHANGE = pytest.mark.xfail(
-    not _tracker_keeps_columns_of_missing_grads(),
-    reason="needs the GradientFlowTracker change of issue 4 (columns for grads that are None on this rank, as "
-    "FSDP1 gives empty slices): without it ranks build different columns and the collective mismatches",
-    run=False,  # the mismatched collective aborts (or hangs) the workers
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "world"),
@@ -170,8 +145,8 @@ _NEEDS_TRACKER_CHANGE = pytest.mark.xfail(
         ("fsdp2_partial", 2),  # only net.0 sharded: DTensors and plain tensors mixed
         ("hsdp2", 4),  # fully_shard on a (replicate, shard) mesh: gathered over the shard dimension
         ("tp", 2),  # tensor parallel: Shard(0), uneven Shard(1), Replicate bias, plain LayerNorm
-        pytest.param("fsdp1", 2, marks=_NEEDS_TRACKER_CHANGE),  # 1-D slices, some empty (grad None)
-        pytest.param("hsdp1", 4, marks=_NEEDS_TRACKER_CHANGE),  # FSDP1 HYBRID_SHARD, shard groups of 2
+        ("fsdp1", 2),  # 1-D slices, some empty (grad None on that rank)
+        ("hsdp1", 4),  # FSDP1 HYBRID_SHARD, shard groups of 2
         ("fsdp1_noshard", 2),  # FSDP1 NO_SHARD: whole tensors everywhere, so no collective at all
     ],
 )

@@ -89,3 +89,39 @@ def test_tracker_without_a_trainer() -> None:
     assert record.value("grad_l2", "2") == pytest.approx(expected, rel=1e-6)
     assert record.to_frame().shape == (10, 5)
     assert not tracker.pending
+
+
+def test_a_cross_rank_reduction_gets_a_column_for_every_trainable_parameter() -> None:
+    """FSDP1 gives a rank no gradient for an empty slice: columns must still line up across ranks."""
+    seen: list[int] = []
+
+    def probe(sums: torch.Tensor, maxima: torch.Tensor, params: list[torch.Tensor]) -> tuple:
+        seen.append(len(params))
+        return sums, maxima
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1), nn.Linear(1, 1))
+    net[2].weight.requires_grad_(False)  # frozen: no column anywhere
+    local = GradientFlowTracker(net)
+    aligned = GradientFlowTracker(net, reduction=probe)
+    net(torch.randn(4, 2)).sum().backward()
+    net[0].bias.grad = None  # "this rank holds no elements" of one parameter of layer 0
+    net[1].weight.grad = None  # and of the whole of layer 1's weight...
+    net[1].bias.grad = None  # ...and bias: no gradient for layer 1 on any rank
+    records = []
+    for tracker in (local, aligned):
+        tracker.capture(0, net.parameters())
+        records.append(tracker.finalize())
+    assert seen == [5]  # 6 parameters, one frozen
+    want, got = records
+    assert got.layers == want.layers == ["0", "2"]  # a layer nobody has a gradient for is left out
+    for metric in ("grad_l2", "grad_max_abs", "param_l2", "update_ratio"):
+        np.testing.assert_allclose(got.metrics[metric], want.metrics[metric], rtol=1e-7, err_msg=metric)
+    assert got.global_metrics["global_grad_l2"] == pytest.approx(want.global_metrics["global_grad_l2"])
+
+
+def test_no_gradient_at_all_gives_a_nan_global_norm_not_zero() -> None:
+    net = nn.Linear(2, 1)
+    tracker = GradientFlowTracker(net)
+    tracker.capture(0, net.parameters())  # e.g. DeepSpeed ZeRO >= 2 keeps no param.grad
+    record = tracker.finalize()
+    assert record.layers == [] and math.isnan(record.global_metrics["global_grad_l2"])
