@@ -36,7 +36,7 @@ from gradlight.history import GLOBAL_LAYER, HistoryWriter, list_segments, write_
 from gradlight.layers import GroupBy, validate_group_by
 from gradlight.mixin import GradientFlowSpec, find_spec
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
-from gradlight.stats import CrossRankReduction
+from gradlight.stats import CrossRankReduction, local_tensor
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
 __all__ = ["GradientFlowMonitor"]
@@ -82,6 +82,13 @@ class GradientFlowMonitor(Callback):
         track_activations: Tap activation modules on logged steps (forward hooks, removed after the step's
             micro-batches) and record ``act_saturation``, ``act_dead``, ``act_mean`` and ``act_std`` per
             site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
+        log_figures_every_n_epochs: Send the heat map and the gradient-flow profile as figures to every
+            logger that takes images (TensorBoard, W&B, MLflow, Comet; see :mod:`gradlight.report.loggers`)
+            at the end of every this many training epochs and at the end of fit; ``None`` never. Rank zero
+            reads the history back from disk for it, so it costs nothing on training steps; without an
+            image-taking logger nothing is drawn.
+        log_histograms: Also send one gradient histogram per layer to TensorBoard on logged steps. Costs a
+            copy of every gradient to the host on those steps; under sharded strategies rank zero's shard.
 
     Example:
         >>> import lightning as L
@@ -109,14 +116,29 @@ class GradientFlowMonitor(Callback):
         diagnosis: DiagnosisConfig | None = None,
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
+        log_figures_every_n_epochs: int | None = 1,
+        log_histograms: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         _check_positive_int("edge_layers", edge_layers)
         _check_positive_int("flush_every_n_records", flush_every_n_records)
+        _check_positive_int("log_figures_every_n_epochs", log_figures_every_n_epochs, allow_none=True)
         validate_group_by(group_by)
         if isinstance(exclude, str):
             raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: got {exclude!r}.")
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(pattern, str) for pattern in exclude):
+            raise ValueError(f"`exclude` must be a list or tuple of fnmatch pattern strings, got {exclude!r}.")
+        for flag, flag_value in (
+            ("log_per_layer", log_per_layer),
+            ("track_update_ratio", track_update_ratio),
+            ("overwrite", overwrite),
+            ("diagnose", diagnose),
+            ("track_activations", track_activations),
+            ("log_histograms", log_histograms),
+        ):
+            if not isinstance(flag_value, bool):
+                raise ValueError(f"`{flag}` must be True or False, got {flag_value!r}.")
         if save_dir is not None and not isinstance(save_dir, (str, Path)):
             raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
         self.log_every_n_steps = log_every_n_steps
@@ -128,9 +150,13 @@ class GradientFlowMonitor(Callback):
         self.edge_layers = edge_layers
         self.flush_every_n_records = flush_every_n_records
         self.overwrite = overwrite
-        if isinstance(sharding, str) and sharding not in SHARDING_MODES:
+        if (isinstance(sharding, str) and sharding not in SHARDING_MODES) or not (
+            isinstance(sharding, str) or callable(sharding)
+        ):
             raise ValueError(f"`sharding` must be one of {SHARDING_MODES} or a CrossRankReduction, got {sharding!r}.")
         self.sharding = sharding
+        self.log_figures_every_n_epochs = log_figures_every_n_epochs
+        self.log_histograms = log_histograms
 
         self.tracker: GradientFlowTracker | None = None
         self.last_recorded_step = -1
@@ -144,11 +170,9 @@ class GradientFlowMonitor(Callback):
         self._records_since_flush = 0
         self._run_info: dict[str, Any] = {}
         self._trainer: pl.Trainer | None = None
+        self._figures_step: int | None = None
 
         # diagnosis and activation taps (gradlight.diagnosis, gradlight.activations)
-        for flag, flag_value in (("diagnose", diagnose), ("track_activations", track_activations)):
-            if not isinstance(flag_value, bool):
-                raise ValueError(f"`{flag}` must be True or False, got {flag_value!r}.")
         if diagnosis is not None and not isinstance(diagnosis, DiagnosisConfig):
             raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {diagnosis!r}.")
         self.diagnose = diagnose
@@ -290,8 +314,13 @@ class GradientFlowMonitor(Callback):
         if not self.is_logged_step(step) or step <= self.last_recorded_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        tracker.capture(step, params, grad_scale=_amp_scale_left_in_grads(trainer, optimizer), owner=optimizer)
+        grad_scale = _amp_scale_left_in_grads(trainer, optimizer)
+        tracker.capture(step, params, grad_scale=grad_scale, owner=optimizer)
         self._trainer = trainer
+        if self.log_histograms and trainer.is_global_zero and trainer.loggers:
+            from gradlight.report.loggers import log_gradient_histograms
+
+            log_gradient_histograms(trainer.loggers, _layer_gradients(tracker, params, grad_scale), step)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         tracker = self.tracker
@@ -387,6 +416,26 @@ class GradientFlowMonitor(Callback):
         self._step_hooks.clear()
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self.log_figures_every_n_epochs
+        if every is not None and (trainer.current_epoch + 1) % every == 0:
+            self._log_figures(trainer)
+
+    def _log_figures(self, trainer: pl.Trainer) -> None:
+        """Heat map and profile to the loggers that take images (rank zero, from the flushed history)."""
+        from gradlight.report.loggers import log_figures, logger_kind  # matplotlib only when figures are sent
+
+        if not (trainer.is_global_zero and self.records_written and self.save_dir is not None):
+            return
+        if self._figures_step == trainer.global_step:
+            return  # already sent at this step (the last epoch's end is also the end of fit)
+        if not any(logger_kind(logger) != "none" for logger in trainer.loggers):
+            return
+        self.flush()
+        log_figures(trainer.loggers, self.save_dir, trainer.global_step, findings=self.findings, prefix=LOG_PREFIX)
+        self._figures_step = trainer.global_step
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.taps is not None:
             self.taps.stop()  # validation between accumulated micro-batches is not training; resumes next batch
@@ -400,6 +449,8 @@ class GradientFlowMonitor(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
+        if self.log_figures_every_n_epochs is not None:
+            self._log_figures(trainer)  # the whole run, whatever the epoch count
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -478,12 +529,10 @@ class GradientFlowMonitor(Callback):
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
             return []
+        # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
+        # it (does the loss still move?). No collective for it: rank zero writes the findings, and raise /
+        # stop decisions are agreed across ranks in `_act_on`.
         loss = record.global_metrics.get("loss")
-        if loss is not None and trainer.world_size > 1 and not final:
-            # Records are identical on every rank and activation statistics are reduced; the loss is
-            # each rank's own, so average it: every rank then reaches the same findings.
-            value = torch.tensor([loss], dtype=torch.float64, device=trainer.strategy.root_device)
-            loss = float(trainer.strategy.reduce(value, reduce_op="mean").item())
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16 AMP: overflow is routine
         findings = self.diagnosis.update(record, acts, loss, loss_scaled=scaled)
         if findings and self._findings_writer is not None:
@@ -563,6 +612,19 @@ def _amp_scale_left_in_grads(trainer: pl.Trainer, optimizer: Optimizer) -> float
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0
     return float(scaler.get_scale())
+
+
+def _layer_gradients(tracker: GradientFlowTracker, params: Sequence[torch.Tensor], scale: float) -> dict[str, Any]:
+    """``layer -> its local gradient elements`` (flattened, unscaled) for histograms."""
+    layer_map = tracker.layer_map
+    parts: dict[str, list[torch.Tensor]] = {}
+    for param in params:
+        position = layer_map.params_by_id.get(id(param))
+        if position is None or param.grad is None:
+            continue
+        grad = local_tensor(param.grad.detach()).flatten()
+        parts.setdefault(layer_map.layers[layer_map.param_layer[position]], []).append(grad)
+    return {layer: torch.cat(grads) / scale for layer, grads in parts.items()}
 
 
 def _loss_of(outputs: Any) -> float | None:

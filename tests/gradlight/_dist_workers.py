@@ -110,6 +110,7 @@ class CollectiveCounter:
     def __init__(self) -> None:
         self.active = False
         self.count = 0
+        self.window = 0
         self._lock = threading.Lock()
         import torch.distributed._functional_collectives as funcol
         import torch.distributed.distributed_c10d as c10d
@@ -122,8 +123,9 @@ class CollectiveCounter:
 
     def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                with self._lock:
+            with self._lock:
+                self.window += 1  # every collective since the window was last opened
+                if self.active:
                     self.count += 1
             return original(*args, **kwargs)
 
@@ -281,6 +283,15 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
     from gradlight import GradientFlowMonitor
 
     counter = CollectiveCounter()
+    step_counts: list[int] = []
+
+    class OpenStepWindow(Callback):  # first callback: the logged step's window opens before the monitor's hook
+        def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+            counter.window = 0
+
+    class CloseStepWindow(Callback):  # last callback: closes after the monitor's on_train_batch_end
+        def on_train_batch_end(self, *args: Any) -> None:
+            step_counts.append(counter.window)
 
     class CountFinalize(Callback):
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -294,6 +305,7 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
             info = {
                 "fsdp1_shard_group_size": fsdp1[0].process_group.size() if fsdp1 else None,
                 "collectives_per_finalize": counter.per_call,
+                "collectives_per_logged_step": step_counts,
                 "reduction": type(monitor.tracker.reduction).__name__,
                 "latest_layers": monitor.latest.layers if monitor.latest is not None else None,
             }
@@ -324,7 +336,7 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[monitor, CountFinalize()],
+        callbacks=[OpenStepWindow(), monitor, CountFinalize(), CloseStepWindow()],
     )
     trainer.fit(_module_class()(mode))
 

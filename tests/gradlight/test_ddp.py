@@ -30,6 +30,33 @@ class DumpLatest(L.Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
 
 
+class OpenStepWindow(L.Callback):
+    """First callback: counts the collectives of each optimizer step from its hook on (backward is over)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from tests.gradlight._dist_workers import CollectiveCounter
+
+        self.counter = CollectiveCounter()  # wraps torch.distributed in this (spawned) process
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.counter.window = 0
+
+
+class CloseStepWindow(L.Callback):
+    """Last callback: after the monitor's ``on_train_batch_end``, writes each step's count at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.counts: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        opener = next(c for c in trainer.callbacks if isinstance(c, OpenStepWindow))
+        self.counts.append(opener.counter.window)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (self.folder / f"collectives{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+
+
 @pytest.mark.slow
 def test_two_process_ddp_history_equals_single_process(tmp_path: Path) -> None:
     per_rank_batch = 8
@@ -45,7 +72,7 @@ def test_two_process_ddp_history_equals_single_process(tmp_path: Path) -> None:
         strategy="ddp_spawn",
         use_distributed_sampler=False,
         max_steps=4,
-        callbacks=[GradientFlowMonitor(1, ddp), DumpLatest(tmp_path)],
+        callbacks=[OpenStepWindow(), GradientFlowMonitor(1, ddp), DumpLatest(tmp_path), CloseStepWindow(tmp_path)],
     )
     trainer.fit(Net("mlp", batch_size=per_rank_batch))
 
@@ -61,3 +88,5 @@ def test_two_process_ddp_history_equals_single_process(tmp_path: Path) -> None:
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == rank1, "every rank computes the same statistics"
+    for rank in (0, 1):  # DDP gradients are already averaged: a logged step costs no collective at all
+        assert json.loads((tmp_path / f"collectives{rank}.json").read_text()) == [0, 0, 0, 0]
