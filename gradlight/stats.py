@@ -104,14 +104,15 @@ def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Te
             norms = foreach_norms([tensors[i] for i in filled], float("inf"), home)
             out[torch.tensor(filled, device=home)] = norms
         return out
-    values = []
+    zero = torch.zeros((), dtype=torch.float32)
+    lows, highs = [], []
     for tensor in tensors:
-        if tensor.numel() == 0:
-            values.append(torch.zeros((), dtype=torch.float32))
-            continue
-        low, high = torch.aminmax(tensor)
-        values.append(torch.maximum(high, -low).float())
-    return torch.stack(values).to(home)
+        low, high = torch.aminmax(tensor) if tensor.numel() else (zero, zero)
+        if low.dtype != torch.float32:
+            low, high = low.float(), high.float()
+        lows.append(low)
+        highs.append(high)
+    return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).abs_().to(home)  # abs_: no -0.0
 
 
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
