@@ -19,6 +19,10 @@ from torch.utils.data import DataLoader
 import gradlight
 from gradlight import GradientFlowMonitor, load_history
 
+#: The only verdict classes of the summary (the issue's "holds / holds only when ... / does not hold").
+HOLDS, HOLDS_ONLY_WHEN, DOES_NOT_HOLD = "holds", "holds only when", "does not hold"
+VERDICT_CLASSES = (HOLDS, HOLDS_ONLY_WHEN, DOES_NOT_HOLD)
+
 
 @dataclass
 class Claim:
@@ -29,14 +33,42 @@ class Claim:
         claim: The textbook statement.
         claimed: The value or behaviour the statement implies.
         measured: What this run measured (numbers come from the run, never typed in).
-        verdict: ``holds``, ``holds only when ...`` or ``does not hold``.
+        verdict_class: One of :data:`VERDICT_CLASSES`, chosen by the code that judges the claim.
+        verdict: The class followed by its free-text explanation (``holds only when <condition>``, ...);
+            empty means the class alone.
+
+    Raises:
+        ValueError: If ``verdict_class`` is not one of the three, or ``verdict`` does not start with it.
     """
 
     experiment: str
     claim: str
     claimed: str
     measured: str
-    verdict: str
+    verdict_class: str
+    verdict: str = ""
+
+    def __post_init__(self) -> None:
+        self.verdict = self.verdict or self.verdict_class
+        if self.verdict_class not in VERDICT_CLASSES:
+            raise ValueError(f"verdict_class must be one of {VERDICT_CLASSES}, got {self.verdict_class!r}")
+        if verdict_class_of(self.verdict) != self.verdict_class:
+            raise ValueError(f"verdict {self.verdict!r} does not start with its class {self.verdict_class!r}")
+
+
+def verdict_class_of(verdict: str) -> str | None:
+    """The class a verdict text starts with (the longest matching one), ``None`` if none.
+
+    ``holds`` and ``does not hold`` must be followed by nothing, ``:``, ``;`` or `` (`` (an explanation),
+    ``holds only when`` by a space (the condition), so "holds only partly" or "holds for ..." match no class.
+    """
+    if verdict.startswith(HOLDS_ONLY_WHEN + " "):
+        return HOLDS_ONLY_WHEN
+    for name in (DOES_NOT_HOLD, HOLDS):
+        rest = verdict[len(name) :]
+        if verdict.startswith(name) and (rest == "" or rest[0] in ":;" or rest.startswith(" (")):
+            return name
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -70,11 +102,12 @@ def fit(
     epochs: int,
     log_every_n_steps: int = 1,
     gradient_clip_val: float | None = None,
+    callbacks: list[L.Callback] | None = None,
 ) -> pd.DataFrame:
     """Train ``module`` on CPU under a :class:`GradientFlowMonitor`; return the run's history.
 
-    Lightning's own logging, checkpoints and progress bars are off: the history and the module's own
-    per-epoch table are the only outputs.
+    Lightning's own logging, checkpoints and progress bars are off: the history, the module's own
+    per-epoch table and the extra ``callbacks`` are the only outputs.
     """
     monitor = make_monitor(save_dir, log_every_n_steps)
     trainer = L.Trainer(
@@ -87,7 +120,7 @@ def fit(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=gradient_clip_val,
-        callbacks=[monitor],
+        callbacks=[monitor, *(callbacks or [])],
         default_root_dir=str(save_dir),
     )
     with warnings.catch_warnings():

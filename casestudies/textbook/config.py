@@ -97,7 +97,14 @@ class StudyConfig:
         """A seconds-long version for tests: same effects, smaller nets, fewer steps and configurations."""
         config = cls(
             classic_epochs=5,
-            classic_variants=("sigmoid_sgd", "relu_he_adam"),
+            classic_variants=(
+                "sigmoid_sgd",
+                "sigmoid_adam",
+                "relu_sgd",
+                "sigmoid_bn_sgd",
+                "sigmoid_res_sgd",
+                "relu_he_adam",
+            ),
             decay_activations=("sigmoid", "relu"),
             decay_inits=("default", "he"),
             decay_probe=128,

@@ -27,7 +27,16 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from casestudies.textbook.common import Claim, fit_decay, fmt, seed_everything, write_table
+from casestudies.textbook.common import (
+    DOES_NOT_HOLD,
+    HOLDS,
+    HOLDS_ONLY_WHEN,
+    Claim,
+    fit_decay,
+    fmt,
+    seed_everything,
+    write_table,
+)
 from casestudies.textbook.config import StudyConfig
 from casestudies.textbook.models import CNN, MLP, NetSpec, sum_sign_data
 from gradlight import GradientFlowTracker
@@ -165,24 +174,22 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
         # "at most 0.25": the measured factor per layer (10^-slope) is <= 0.25, with 10% tolerance
         within = at_init[10**-at_init.decades_per_layer <= CLAIMED_FACTOR * 1.1]
         beyond = at_init.drop(within.index)
-        if beyond.empty:
-            verdict = "holds"
-        elif len(within):
+        verdict_class, verdict = _partial_verdict(len(within), len(beyond))
+        if verdict_class == HOLDS_ONLY_WHEN:
             verdict = (
-                "holds only for "
+                f"{HOLDS_ONLY_WHEN} the net is "
                 + ", ".join(f"{r.arch}/{r.init}" for r in within.itertuples())
                 + "; not for "
                 + ", ".join(f"{r.arch}/{r.init} (x{fmt(10**-r.decades_per_layer)})" for r in beyond.itertuples())
                 + ", whose larger weights offset part of the 0.25"
             )
-        else:
-            verdict = "does not hold"
         found.append(
             Claim(
                 "decay",
                 "Each sigmoid layer multiplies the gradient by at most 0.25 (plain nets, at init)",
                 f"{CLAIMED_DECADES:.2f} decades lost per layer (x0.25)",
                 f"decades/layer {detail}",
+                verdict_class,
                 verdict,
             )
         )
@@ -190,18 +197,8 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
             column = f"ratio_{layers}_layers"
             ratios = at_init[column]
             worst, best = float(ratios.min()), float(ratios.max())
-            if best <= claimed * 3:
-                verdict = "holds at init"
-            elif worst <= claimed * 3:
-                ok = at_init[at_init[column] <= claimed * 3]
-                verdict = "holds only for " + ", ".join(f"{r.arch}/{r.init}" for r in ok.itertuples()) + " at init"
-            else:
-                verdict = "does not hold (less decay than claimed)"
             trained = sigmoid[(sigmoid.when != "init") & (sigmoid[column] > claimed * 3)]
-            if len(trained):
-                verdict += "; after training not for " + ", ".join(
-                    f"{r.arch}/{r.init} ({fmt(getattr(r, column))})" for r in trained.itertuples()
-                )
+            verdict_class, verdict = _depth_verdict(at_init, trained, column, claimed * 3)
             found.append(
                 Claim(
                     "decay",
@@ -209,11 +206,42 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
                     fmt(claimed),
                     f"{fmt(worst)} .. {fmt(best)} over {len(at_init)} sigmoid nets (MLP/CNN x inits); "
                     f"after training: {_range(sigmoid[sigmoid.when != 'init'][column])}",
+                    verdict_class,
                     verdict,
                 )
             )
     found += _remedy_claims(table)
     return found
+
+
+def _partial_verdict(matching: int, failing: int) -> tuple[str, str]:
+    """``holds`` if every configuration matches, ``holds only when`` (explained by the caller) if some do."""
+    if not failing:
+        return HOLDS, ""
+    return (HOLDS_ONLY_WHEN, "") if matching else (DOES_NOT_HOLD, "")
+
+
+def _depth_verdict(at_init: pd.DataFrame, trained: pd.DataFrame, column: str, bound: float) -> tuple[str, str]:
+    """Verdict of "N sigmoid layers shrink the gradient by ~0.25^N": every net at init, and after training.
+
+    Args:
+        at_init: The plain sigmoid nets at initialisation.
+        trained: The trained plain sigmoid nets whose ratio exceeds ``bound`` (decay weaker than claimed).
+        column: ``ratio_5_layers`` or ``ratio_10_layers``.
+        bound: The largest ratio that still counts as the claimed decay (3x the claimed value).
+    """
+    ok = at_init[at_init[column] <= bound]
+    names = ", ".join(f"{r.arch}/{r.init}" for r in ok.itertuples())
+    exceptions = ", ".join(f"{r.arch}/{r.init} ({fmt(getattr(r, column))})" for r in trained.itertuples())
+    if ok.empty:
+        return DOES_NOT_HOLD, f"{DOES_NOT_HOLD} (less decay than claimed)"
+    if len(ok) == len(at_init) and trained.empty:
+        return HOLDS, ""
+    if len(ok) == len(at_init):
+        verdict = f"{HOLDS_ONLY_WHEN} measured at init (all {len(ok)} nets); after training not for {exceptions}"
+        return HOLDS_ONLY_WHEN, verdict
+    verdict = f"{HOLDS_ONLY_WHEN} the net is {names} (at init)"
+    return HOLDS_ONLY_WHEN, verdict + (f"; after training not for {exceptions}" if exceptions else "")
 
 
 def _range(values: pd.Series) -> str:
@@ -231,19 +259,17 @@ def _remedy_claims(table: pd.DataFrame) -> list[Claim]:
     if not relu.empty and not sigmoid.empty:
         flat_inits = relu[relu.decades_per_layer.abs() <= flat]
         detail = "; ".join(f"{r.arch}/{r.init}: {r.decades_per_layer:.2f}" for r in relu.itertuples())
-        if len(flat_inits) == len(relu):
-            verdict = "holds"
-        elif len(flat_inits):
+        verdict_class, verdict = _partial_verdict(len(flat_inits), len(relu) - len(flat_inits))
+        if verdict_class == HOLDS_ONLY_WHEN:
             names = ", ".join(sorted({f"{r.arch}/{r.init}" for r in flat_inits.itertuples()}))
-            verdict = f"holds only with the right init ({names})"
-        else:
-            verdict = "does not hold"
+            verdict = f"{HOLDS_ONLY_WHEN} the init is right ({names})"
         found.append(
             Claim(
                 "decay",
                 "ReLU (derivative 1 for positive inputs) does not vanish",
                 f"~0 decades per layer (|slope| <= {flat})",
                 f"plain ReLU nets at init, decades/layer {detail}",
+                verdict_class,
                 verdict,
             )
         )
@@ -253,21 +279,16 @@ def _remedy_claims(table: pd.DataFrame) -> list[Claim]:
             continue
         fixed = rows[rows.decades_per_layer.abs() <= 0.2]
         detail = "; ".join(f"{r.arch}/{r.init}: {r.decades_per_layer:.2f}" for r in rows.itertuples())
-        verdict = (
-            "holds"
-            if len(fixed) == len(rows)
-            else (
-                "holds only when " + ", ".join(f"{r.arch}/{r.init}" for r in fixed.itertuples())
-                if len(fixed)
-                else "does not hold"
-            )
-        )
+        verdict_class, verdict = _partial_verdict(len(fixed), len(rows) - len(fixed))
+        if verdict_class == HOLDS_ONLY_WHEN:
+            verdict = f"{HOLDS_ONLY_WHEN} the net is " + ", ".join(f"{r.arch}/{r.init}" for r in fixed.itertuples())
         found.append(
             Claim(
                 "decay",
                 f"{name} the sigmoid stack's gradient from vanishing",
                 "~0 decades per layer (|slope| <= 0.2)",
                 f"sigmoid+{structure} at init, decades/layer {detail}",
+                verdict_class,
                 verdict,
             )
         )
@@ -287,7 +308,7 @@ def _remedy_claims(table: pd.DataFrame) -> list[Claim]:
                 name,
                 f"~0 decades per layer (|slope| <= {flat})",
                 f"decades/layer {detail}",
-                "holds" if worst <= flat else "does not hold",
+                HOLDS if worst <= flat else DOES_NOT_HOLD,
             )
         )
     return found

@@ -25,7 +25,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from casestudies.textbook.common import Claim, fit_decay, fmt, seed_everything, write_table
+from casestudies.textbook.common import (
+    DOES_NOT_HOLD,
+    HOLDS,
+    HOLDS_ONLY_WHEN,
+    Claim,
+    fit_decay,
+    fmt,
+    seed_everything,
+    write_table,
+)
 from casestudies.textbook.config import StudyConfig
 from casestudies.textbook.models import RecurrentClassifier, first_token_data
 
@@ -138,7 +147,8 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
         init = float(first.loc["rnn", "long_range_ratio"])
         later = rnn_rows[rnn_rows.train_step > 0]
         text = f"{fmt(init)} at init ({first.loc['rnn', 'decades_per_step']:.2f} decades/step)"
-        verdict = "holds" if init < SURVIVES**2 else "does not hold"
+        verdict_class = HOLDS if init < SURVIVES**2 else DOES_NOT_HOLD
+        verdict = ""
         if len(later):
             peak = later.loc[later.long_range_ratio.idxmax()]
             zero = later[later.long_range_ratio == 0]
@@ -150,9 +160,10 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
                     f"{first.loc['rnn', 'saturated_fraction']:.0%} at init)"
                 )
             if init < SURVIVES**2 and peak.long_range_ratio >= SURVIVES:
+                verdict_class = HOLDS_ONLY_WHEN
                 verdict = (
-                    f"holds at initialisation; during training the gradient reached the label token "
-                    f"(x{fmt(float(peak.long_range_ratio))} at step {int(peak.train_step)})"
+                    f"{HOLDS_ONLY_WHEN} measured at initialisation; during training the gradient reached the "
+                    f"label token (x{fmt(float(peak.long_range_ratio))} at step {int(peak.train_step)})"
                 )
         found.append(
             Claim(
@@ -160,6 +171,7 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
                 f"A vanilla RNN's gradient vanishes over {steps} time steps",
                 f"||dL/dh_0|| / ||dL/dh_{steps - 1}|| << 1 (exponential in the distance)",
                 text,
+                verdict_class,
                 verdict,
             )
         )
@@ -174,26 +186,14 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
                 text += f" -> {fmt(float(last.loc[name, 'long_range_ratio']))}"
             parts.append(text)
             (survive if init >= SURVIVES else default_cells).append(name)
-        if not default_cells:
-            verdict = "holds"
-        elif survive:
-            others = ", ".join(f"{n} {fmt(float(first.loc[n, 'long_range_ratio']))}" for n in default_cells)
-            verdict = (
-                f"holds only when the forget gate starts open ({', '.join(survive)}); default-init gated cells "
-                f"also vanish ({others}), only more slowly than the RNN"
-            )
-        else:
-            best = max(gated, key=lambda n: float(first.loc[n, "long_range_ratio"]))
-            verdict = (
-                f"does not hold at initialisation: the best gated cell ({best}) keeps "
-                f"{fmt(float(first.loc[best, 'long_range_ratio']))} of the gradient (RNN: {fmt(rnn)})"
-            )
+        verdict_class, verdict = _gated_verdict(first, survive, default_cells, rnn)
         found.append(
             Claim(
                 "recurrent",
                 "LSTM / GRU gates keep the long-range gradient from vanishing",
                 f"long-range ratio of order 1 (>= {fmt(SURVIVES)}) at init, far above the RNN's",
                 f"RNN {fmt(rnn)}; " + "; ".join(parts) + (" (init -> trained)" if trained else " (init)"),
+                verdict_class,
                 verdict,
             )
         )
@@ -203,24 +203,51 @@ def claims(table: pd.DataFrame, config: StudyConfig) -> list[Claim]:
         rnn_learns = "rnn" in learners
         lstm_learns = [n for n in learners if n.startswith("lstm")]
         if lstm_learns and not rnn_learns:
-            verdict = "holds" if "lstm" in learners else "holds only when the LSTM's forget gate starts open"
+            verdict_class = HOLDS if "lstm" in learners else HOLDS_ONLY_WHEN
+            verdict = "" if "lstm" in learners else f"{HOLDS_ONLY_WHEN} the LSTM's forget gate starts open"
         elif rnn_learns:
             failing = [n for n in last.index if n not in learners]
-            verdict = "does not hold: the vanilla RNN learns it too" + (
+            verdict_class = DOES_NOT_HOLD
+            verdict = f"{DOES_NOT_HOLD}: the vanilla RNN learns it too" + (
                 f", while {', '.join(failing)} do not (yet)" if failing else ""
             )
         else:
-            verdict = "does not hold: no LSTM learns it in this budget"
+            verdict_class, verdict = DOES_NOT_HOLD, f"{DOES_NOT_HOLD}: no LSTM learns it in this budget"
         found.append(
             Claim(
                 "recurrent",
                 f"So an LSTM learns a {steps}-step dependency that a vanilla RNN cannot",
                 "LSTM solves the task, RNN stays at chance",
                 f"held-out accuracy after {int(last.train_step.max())} Adam steps: {accs}",
+                verdict_class,
                 verdict,
             )
         )
     return found
+
+
+def _gated_verdict(first: pd.DataFrame, survive: list[str], default_cells: list[str], rnn: float) -> tuple[str, str]:
+    """Verdict of "gates keep the long-range gradient": which gated cells keep >= ``SURVIVES`` at init.
+
+    Args:
+        first: The measurements at initialisation, indexed by cell.
+        survive: Gated cells whose long-range ratio at init is at least ``SURVIVES``.
+        default_cells: Gated cells below it.
+        rnn: The vanilla RNN's long-range ratio at init.
+    """
+    if not default_cells:
+        return HOLDS, ""
+    if survive:
+        others = ", ".join(f"{n} {fmt(float(first.loc[n, 'long_range_ratio']))}" for n in default_cells)
+        return HOLDS_ONLY_WHEN, (
+            f"{HOLDS_ONLY_WHEN} the forget gate starts open ({', '.join(survive)}); default-init gated cells "
+            f"also vanish ({others}), only more slowly than the RNN"
+        )
+    best = max(default_cells, key=lambda n: float(first.loc[n, "long_range_ratio"]))
+    return DOES_NOT_HOLD, (
+        f"{DOES_NOT_HOLD} (at initialisation): the best gated cell ({best}) keeps "
+        f"{fmt(float(first.loc[best, 'long_range_ratio']))} of the gradient (RNN: {fmt(rnn)})"
+    )
 
 
 def plot(table: pd.DataFrame, frame: pd.DataFrame, config: StudyConfig, path: Path) -> None:
