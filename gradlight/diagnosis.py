@@ -7,8 +7,9 @@ once per kind and layer. Kinds (see :data:`KINDS`, thresholds in :class:`Diagnos
 
 * ``vanishing``: a layer's gradient L2 stays orders of magnitude below the reference layers' (the last
   layers in forward order), or the early-to-late ratio falls by several decades within a window.
-* ``exploding``: the global or a layer's gradient norm grows by a large factor within a window, passes an
-  absolute threshold, or stays far above the gradient-clipping value.
+* ``exploding``: the global or a layer's gradient norm grows by a large factor over its median in a window,
+  passes an absolute threshold (global or per layer, both off by default), or stays far above the
+  gradient-clipping value.
 * ``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss (highest depth).
 * ``dormant``: a layer's parameters barely move (``update_ratio``) for a window while the loss still
   changes.
@@ -107,11 +108,23 @@ class DiagnosisConfig:
         trend_decades: Report vanishing when ``early_late_ratio`` falls by at least this many decades within
             ``trend_window`` logged steps (early layers losing their gradient while training).
         exploding_factor: Report exploding when the global or a layer's gradient L2 is this many times its
-            minimum over the previous ``exploding_window`` logged steps. Lower reports earlier, but the
-            sharp drop-and-rise of the first steps of training can trip low factors.
-        exploding_window: Logged steps the growth factor looks back over.
+            median over the previous ``exploding_window`` logged steps. Lower reports earlier, but per-batch
+            norms are heavy-tailed (a well-fitted batch has a near-zero gradient, the next normal one is
+            100x larger): on healthy runs the largest ratio to the median of the previous 10 steps measured
+            47 (docs/diagnosis.md), so factors much below 100 report spikes, not blow-ups.
+        exploding_window: Logged steps the growth factor looks back over; their median is the baseline, so
+            near-zero batches in up to 4 of 10 steps leave it unchanged. The median of a steadily growing
+            window is its middle value: growth of ``r`` per logged step reads as about ``r ** (window / 2)``.
+            Longer windows tolerate more dips and catch slower growth, but compare with older norms, which
+            may sit at another scale (norms usually fall early in training). Sudden blow-ups are reported at
+            once either way.
         exploding_norm: Also report when the global gradient L2 exceeds this absolute value. ``None`` (off)
-            by default: healthy norms depend on the loss' scale (sum- versus mean-reduced losses).
+            by default: healthy norms depend on the loss' scale (sum- versus mean-reduced losses) and the
+            model's size, so a useful value comes from a healthy run of the same model.
+        exploding_layer_norm: Also report when any single layer's gradient L2 exceeds this absolute value
+            (the layer with the largest norm is named). ``None`` (off) by default, for the same reason as
+            ``exploding_norm``; per layer it catches one layer blowing up while the global norm, dominated by
+            larger layers, still looks normal, but it needs a value that fits every layer of the model.
         exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
             the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
             grows by large factors without being a blow-up.
@@ -155,8 +168,9 @@ class DiagnosisConfig:
     trend_window: int = 10
     trend_decades: float = 2.0
     exploding_factor: float = 100.0
-    exploding_window: int = 5
+    exploding_window: int = 10
     exploding_norm: float | None = None
+    exploding_layer_norm: float | None = None
     exploding_min_share: float = 0.01
     clip_factor: float = 10.0
     clip_patience: int = 3
@@ -208,10 +222,10 @@ class DiagnosisConfig:
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 1, got {value!r}.")
         if not isinstance(self.dormant_loss_change, (int, float)) or self.dormant_loss_change < 0:
             raise ValueError(f"DiagnosisConfig `dormant_loss_change` must be >= 0, got {self.dormant_loss_change!r}.")
-        if self.exploding_norm is not None and not (
-            isinstance(self.exploding_norm, (int, float)) and self.exploding_norm > 0
-        ):
-            raise ValueError(f"DiagnosisConfig `exploding_norm` must be > 0 or None, got {self.exploding_norm!r}.")
+        for name in ("exploding_norm", "exploding_layer_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")
 
 
 def resolve_actions(on_anomaly: str | Mapping[str, str]) -> dict[str, str]:
@@ -582,12 +596,31 @@ def _fmt(value: float) -> str:
     return f"{value:.1e}" if math.isfinite(value) else str(value)
 
 
+@dataclass
+class _Growth:
+    """One step's gradient norms against the exploding window (see ``GradientDiagnosis._measure_growth``)."""
+
+    norm: float  # global gradient L2
+    growth: float  # norm / baseline (1.0 without history)
+    baseline: float  # median of the previous window's positive global norms
+    window_min: float
+    previous: int  # logged steps in that window
+    layers: dict[str, float]  # layer -> its L2 over the median of its previous window
+    current: dict[str, float]  # layer -> its L2 at this step
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """Layers by growth, largest first."""
+        return sorted(self.layers.items(), key=lambda item: -item[1])
+
+
 # -------------------------------------------------------------------------------------------- the engine
 class GradientDiagnosis:
     """Turns a stream of step records into findings. Trainer-free; deterministic given its inputs.
 
-    Given identical inputs (under DDP every rank holds the same records; activation statistics are reduced
-    across ranks; pass the same loss on every rank) every rank reaches the same findings.
+    Given identical inputs every rank reaches the same findings. Under DDP every rank holds the same records
+    (gradients are all-reduced) and activation statistics are reduced across ranks; the loss is each rank's
+    own, and only the findings that read it can differ between ranks: ``dormant`` (its loss-change gate) and
+    the cause of a ``non_finite`` finding (``loss_finite``).
 
     Args:
         config: Thresholds; defaults to :class:`DiagnosisConfig()`.
@@ -906,73 +939,107 @@ class GradientDiagnosis:
 
     def _check_exploding(self, record: StepRecord, found: list[Finding]) -> None:
         config = self.config
-        grad = record.metrics["grad_l2"]
-        norm = float(record.global_metrics.get("global_grad_l2", np.nan))
-        history = [value for _, value in self._global_norms if value > 0]
-        growth = norm / min(history) if history and not math.isnan(norm) else 1.0
-        layer_growth: dict[str, float] = {}
-        for name, value in zip(record.layers, grad):
-            window = self._layer_norms.setdefault(name, deque(maxlen=config.exploding_window))
-            previous = [v for v in window if v > 0]
-            if previous and not math.isnan(value):
-                layer_growth[name] = float(value) / min(previous)
-            if math.isfinite(value):
-                window.append(float(value))
-        if math.isfinite(norm):
-            self._global_norms.append((record.step, norm))
-        exceeded = (config.exploding_norm is not None and norm > config.exploding_norm) or (
-            growth >= config.exploding_factor
-        )
-        finite = grad[np.isfinite(grad)]
-        floor = config.exploding_min_share * float(finite.max()) if finite.size else 0.0
+        growth = self._measure_growth(record)
+        finite = [value for value in growth.current.values() if math.isfinite(value)]
+        floor = config.exploding_min_share * max(finite, default=0.0)
         # a layer counts once it matters at the model's scale (not a tiny gradient recovering from ~0)
-        current = dict(zip(record.layers, grad))
         growing = {
             name: factor
-            for name, factor in layer_growth.items()
-            if factor >= config.exploding_factor and current[name] >= floor
+            for name, factor in growth.layers.items()
+            if factor >= config.exploding_factor and growth.current[name] >= floor
         }
+        limit = config.exploding_layer_norm
+        over = {name: value for name, value in growth.current.items() if limit is not None and value > limit}
+        over_norm = config.exploding_norm is not None and growth.norm > config.exploding_norm
+        exceeded = over_norm or growth.growth >= config.exploding_factor
         clip_ratio = self._clip_ratio(record)
         clip_count = 0
         if clip_ratio is not None:
             clip_count, _ = self._streak("clip", GLOBAL, clip_ratio >= config.clip_factor, record.step)
         clipped = clip_count >= config.clip_patience
-        if not (exceeded or growing or clipped):
+        if not (exceeded or growing or over or clipped):
             return
         self._exploded = True
-        ranked = sorted(layer_growth.items(), key=lambda item: -item[1])
-        relevant = [name for name, _ in ranked if current[name] >= floor]
+        relevant = [name for name, _ in growth.ranked() if growth.current[name] >= floor]
         layer = GLOBAL  # the clipping rule, or no per-layer history yet
         if growing:
             layer = max(growing, key=lambda name: growing[name])
+        elif over:
+            layer = max(over, key=lambda name: over[name])  # the largest layer above the absolute threshold
         elif exceeded and relevant:
             layer = relevant[0]  # the layer that grew most among those that matter
         since = record.step
-        if clipped and not (exceeded or growing):
+        if clipped and not (exceeded or growing or over):
             since = self._streaks["clip"][GLOBAL][1]
+        evidence, message = self._exploding_evidence(record.step, growth, layer, over, over_norm, clip_ratio)
+        layers = list(dict.fromkeys([layer, *growing, *over]))
+        found.append(self._finding("exploding", layer, since, record.step, message, evidence, layers))
+
+    def _measure_growth(self, record: StepRecord) -> _Growth:
+        """The global and per-layer norms over their window medians; then add this step to the windows."""
+        norm = float(record.global_metrics.get("global_grad_l2", np.nan))
+        history = [value for _, value in self._global_norms if value > 0]
+        baseline = float(np.median(history)) if history else float("nan")
+        if math.isfinite(norm):
+            self._global_norms.append((record.step, norm))
+        current = {name: float(value) for name, value in zip(record.layers, record.metrics["grad_l2"])}
+        layers: dict[str, float] = {}
+        for name, value in current.items():
+            window = self._layer_norms.setdefault(name, deque(maxlen=self.config.exploding_window))
+            previous = [v for v in window if v > 0]
+            if previous and not math.isnan(value):
+                layers[name] = value / float(np.median(previous))
+            if math.isfinite(value):
+                window.append(value)
+        growth = norm / baseline if history and not math.isnan(norm) else 1.0
+        window_min = min(history) if history else float("nan")
+        return _Growth(norm, growth, baseline, window_min, len(history), layers, current)
+
+    def _exploding_evidence(
+        self,
+        step: int,
+        growth: _Growth,
+        layer: str,
+        over: dict[str, float],
+        over_norm: bool,
+        clip_ratio: float | None,
+    ) -> tuple[dict[str, Any], str]:
+        """The evidence and message of an exploding finding."""
+        config = self.config
         evidence: dict[str, Any] = {
-            "global_grad_l2": norm,
-            "growth": growth,
+            "global_grad_l2": growth.norm,
+            "growth": growth.growth,
             "window": config.exploding_window,
             "factor": config.exploding_factor,
-            "window_min": min(history) if history else float("nan"),
-            "layer_growth": dict(ranked[: config.max_layers_in_evidence]),
+            "window_median": growth.baseline,
+            "window_min": growth.window_min,
+            "layer_growth": dict(growth.ranked()[: config.max_layers_in_evidence]),
         }
+        parts = [f"global gradient L2 {_fmt(growth.norm)}"]
+        if growth.previous:
+            parts.append(f"{growth.growth:.0f}x its median over the previous {growth.previous} logged steps")
         if config.exploding_norm is not None:
             evidence["exploding_norm"] = config.exploding_norm
-        parts = [f"global gradient L2 {_fmt(norm)}"]
-        if history:
-            parts.append(f"{growth:.0f}x its minimum over the previous {len(history)} logged steps")
-        if layer != GLOBAL:
-            parts.append(f"{layer} grew {layer_growth.get(layer, float('nan')):.0f}x")
+            if over_norm:
+                parts.append(f"above exploding_norm {_fmt(config.exploding_norm)}")
+        if layer in growth.layers:
+            parts.append(f"{layer} grew {growth.layers[layer]:.0f}x")
+        if config.exploding_layer_norm is not None:
+            largest = sorted(over.items(), key=lambda item: -item[1])
+            evidence["exploding_layer_norm"] = config.exploding_layer_norm
+            evidence["layers_over_norm"] = dict(largest[: config.max_layers_in_evidence])
+            if largest:
+                parts.append(
+                    f"{len(largest)} layer(s) above exploding_layer_norm {_fmt(config.exploding_layer_norm)} "
+                    f"(largest: {largest[0][0]} at {_fmt(largest[0][1])})"
+                )
         if clip_ratio is not None:
             evidence["clip_ratio"] = clip_ratio
             evidence["clip_value"] = self.gradient_clip_val
             evidence["clip_algorithm"] = self.gradient_clip_algorithm
-            parts.append(f"pre-clip {clip_ratio:.1f}x the clip value {self.gradient_clip_val}")
-        message = f"exploding gradient at step {record.step}: " + ", ".join(parts)
-        layers = [layer] + [name for name in growing if name != layer]
-        found.append(self._finding("exploding", layer, since, record.step, message, evidence, layers))
+            what = "largest gradient element" if self.gradient_clip_algorithm == "value" else "global norm"
+            parts.append(f"pre-clip {what} {clip_ratio:.1f}x the clip value {self.gradient_clip_val}")
+        return evidence, f"exploding gradient at step {step}: " + ", ".join(parts)
 
     def _clip_ratio(self, record: StepRecord) -> float | None:
         if not self.gradient_clip_val:

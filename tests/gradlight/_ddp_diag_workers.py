@@ -130,27 +130,47 @@ def init_env(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def gradlight_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The ``gradlight:`` messages among ``caught``."""
+    return [str(w.message) for w in caught if str(w.message).startswith("gradlight:")]
+
+
 def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
-    """Run 1: vanishing -> "stop". Run 2: a NaN injected at step 3 -> "raise". Also activation taps."""
+    """Run 1: vanishing -> "stop" (other kinds warn). Run 2: a NaN injected at step 3 -> "raise". Run 3: a
+    vanishing gradient that persists for 8 logged steps -> "warn". Also activation taps.
+
+    Writes ``rank{rank}.json`` (what happened, identical on every rank) and ``warnings_rank{rank}.json``
+    (the ``gradlight:`` warnings this rank emitted, per run).
+    """
     init_env(rank, world, port)
     warnings.simplefilter("ignore")
     from gradlight import GradientAnomalyError, GradientFlowMonitor
 
     out = Path(folder)
     result: dict[str, Any] = {}
+    emitted: dict[str, list[str]] = {}
+
+    def fit(name: str, trainer: L.Trainer, model: L.LightningModule) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                trainer.fit(model)
+            finally:
+                emitted[name] = gradlight_warnings(caught)
 
     torch.manual_seed(0)
     model = Regressor(mlp(12), batch_size=16)
     monitor = GradientFlowMonitor(
-        1, out / "stop", on_anomaly={"vanishing": "stop", "default": "ignore"}, track_activations=True
+        1, out / "stop", on_anomaly={"vanishing": "stop", "default": "warn"}, track_activations=True
     )
     trainer = L.Trainer(
         **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
         max_steps=12, callbacks=[monitor],
     )  # fmt: skip
-    trainer.fit(model)
+    fit("stop", trainer, model)
     result["stop_global_step"] = trainer.global_step
     result["stop_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
+    result["stop_messages"] = [f.message for f in monitor.findings]
 
     torch.manual_seed(0)
     model = Regressor(mlp(4, act=nn.ReLU), batch_size=16)
@@ -166,9 +186,22 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
         max_steps=12, callbacks=[monitor],
     )  # fmt: skip
     try:
-        trainer.fit(model)
+        fit("raise", trainer, model)
         result["raised"] = None
     except GradientAnomalyError as error:
         result["raised"] = [(f.kind, f.layer, f.step) for f in error.findings]
     result["raise_global_step"] = trainer.global_step
+
+    torch.manual_seed(0)
+    model = Regressor(mlp(12), batch_size=16)
+    monitor = GradientFlowMonitor(1, out / "warn", on_anomaly="warn")
+    trainer = L.Trainer(
+        **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
+        max_steps=8, callbacks=[monitor],
+    )  # fmt: skip
+    fit("warn", trainer, model)
+    result["warn_global_step"] = trainer.global_step
+    result["warn_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
+    result["warn_messages"] = [f.message for f in monitor.findings]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    (out / f"warnings_rank{rank}.json").write_text(json.dumps(emitted))

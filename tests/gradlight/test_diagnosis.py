@@ -132,14 +132,84 @@ def test_clipping_that_hides_a_blow_up_is_flagged_with_pre_clip_evidence() -> No
     assert "clipping_hides_growth" in finding.evidence["rules"]
 
 
-def test_trainer_gradient_clipping_is_read_from_the_trainer(tmp_path: Path) -> None:
+def test_value_clipping_compares_the_largest_element_with_the_clip_value() -> None:
+    diagnosis = GradientDiagnosis(gradient_clip_val=0.5, gradient_clip_algorithm="value")
+    found: list[Finding] = []
+    for step in range(4):  # global L2 35 (69x the clip value) but the largest element only 8x: no finding
+        found += diagnosis.update(record(step, [20.0, 20.0, 20.0], global_grad_max_abs=4.0))
+    assert found == []
+    for step in range(4, 8):
+        found += diagnosis.update(record(step, [20.0, 20.0, 20.0], global_grad_max_abs=6.0))  # 12x
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("exploding", "__global__", 4, 6)]
+    assert found[0].evidence["clip_ratio"] == pytest.approx(12.0)
+    assert found[0].evidence["clip_algorithm"] == "value"
+    assert "largest gradient element 12.0x the clip value 0.5" in found[0].message
+
+
+@pytest.mark.parametrize(("algorithm", "metric"), [("norm", "global_grad_l2"), ("value", "global_grad_max_abs")])
+def test_trainer_gradient_clipping_is_read_from_the_trainer(tmp_path: Path, algorithm: str, metric: str) -> None:
     torch.manual_seed(0)
     model = Regressor(mlp(3, act=nn.ReLU, he=True), lr=1e-4)
-    fit(model, tmp_path, steps=4, trainer_kwargs={"gradient_clip_val": 1e-3}, on_anomaly="ignore")
+    clip = {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": algorithm}
+    fit(model, tmp_path, steps=4, trainer_kwargs=clip, on_anomaly="ignore")
     (row,) = load_findings(tmp_path).itertuples()
     assert (row.kind, row.layer, row.step, row.reported_step) == ("exploding", "__global__", 0, 2)
-    assert row.evidence["clip_value"] == 1e-3 and row.evidence["clip_algorithm"] == "norm"
+    assert row.evidence["clip_value"] == 1e-3 and row.evidence["clip_algorithm"] == algorithm
+    history = load_history(tmp_path, metrics=[metric])
+    pre_clip = float(history[history.step == 2].value.iloc[0])  # the monitor reads gradients before clipping
+    assert row.evidence["clip_ratio"] == pytest.approx(pre_clip / 1e-3)
     assert row.evidence["clip_ratio"] > 10 and "pre-clip" in row.message
+
+
+def test_global_norm_above_exploding_norm_is_flagged() -> None:
+    steady, large = [1.0, 1.0, 1.0], [8.0, 8.0, 8.0]  # global L2 1.7, then 13.9: only 8x, below the growth rule
+    assert [f for s, g in enumerate([steady, large]) for f in GradientDiagnosis().update(record(s, g))] == []
+    diagnosis = GradientDiagnosis(DiagnosisConfig(exploding_norm=10.0))
+    assert diagnosis.update(record(0, steady)) == []
+    assert diagnosis.update(record(1, [5.0, 5.0, 5.0])) == []  # 8.7: below the threshold
+    (finding,) = diagnosis.update(record(2, large))
+    assert (finding.kind, finding.layer, finding.step) == ("exploding", "l0", 2)
+    assert finding.evidence["exploding_norm"] == 10.0
+    assert finding.evidence["global_grad_l2"] == pytest.approx(math.sqrt(3) * 8)
+    assert "above exploding_norm 1.0e+01" in finding.message
+
+
+def test_one_layer_above_exploding_layer_norm_is_flagged_at_that_layer() -> None:
+    config = DiagnosisConfig(exploding_norm=10.0, exploding_layer_norm=5.0)
+    diagnosis = GradientDiagnosis(config)
+    assert diagnosis.update(record(0, [1.0, 1.0, 1.0])) == []
+    assert diagnosis.update(record(1, [1.0, 4.9, 1.0])) == []  # below the per-layer threshold
+    # l1 at 6 and l2 at 5.5: 6x and 5.5x growth and a global L2 of 8.2, below every other rule
+    (finding,) = diagnosis.update(record(2, [1.0, 6.0, 5.5]))
+    assert (finding.kind, finding.layer, finding.step, finding.layers) == ("exploding", "l1", 2, ["l1", "l2"])
+    assert finding.evidence["layers_over_norm"] == {"l1": 6.0, "l2": 5.5}
+    assert finding.evidence["exploding_layer_norm"] == 5.0
+    assert "2 layer(s) above exploding_layer_norm 5.0e+00 (largest: l1 at 6.0e+00)" in finding.message
+    assert "above exploding_norm" not in finding.message
+    default = GradientDiagnosis()  # off by default
+    assert [f for s, g in enumerate([[1.0, 1.0, 1.0], [1.0, 6.0, 5.5]]) for f in default.update(record(s, g))] == []
+
+
+def test_a_single_batch_dip_is_not_a_blow_up() -> None:
+    # global grad L2 of the textbook's sigmoid+SGD demo, steps 77-89: a nearly balanced batch at step 88 has
+    # a near-zero gradient, the next batch is back at the usual scale. The old minimum-based rule read 344x.
+    norms = [0.3698, 0.5708, 0.7044, 0.281, 1.016, 0.02053, 0.1631, 0.5782, 0.01636, 0.5606, 0.3962, 0.001056, 0.3628]
+    assert norms[-1] / min(norms[-6:-1]) > 300
+    diagnosis = GradientDiagnosis()
+    found = [f for step, norm in enumerate(norms) for f in diagnosis.update(record(step, [norm / 100, norm]))]
+    assert found == []
+
+
+def test_steady_growth_after_a_plateau_is_flagged_within_five_steps() -> None:
+    diagnosis = GradientDiagnosis()
+    found: list[Finding] = []
+    for step in range(10):
+        found += diagnosis.update(record(step, [1.0, 1.0, 1.0]))
+    for k in range(1, 8):  # x3 per logged step
+        found += diagnosis.update(record(9 + k, [1.0, 3.0**k, 1.0]))
+    assert [(f.kind, f.layer, f.step) for f in found] == [("exploding", "l1", 14)]  # 3^5 = 243x the median
+    assert found[0].evidence["window_median"] == pytest.approx(math.sqrt(3))
+    assert found[0].evidence["layer_growth"]["l1"] == pytest.approx(243.0)
 
 
 def test_growth_within_the_window_is_flagged_at_the_growing_layer() -> None:
@@ -334,7 +404,16 @@ def test_constructor_validates(kwargs: dict[str, Any], match: str) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("vanishing_ratio", 0.0), ("vanishing_patience", 0), ("exploding_factor", 1.0), ("dead_fraction", 2.0)],
+    [
+        ("vanishing_ratio", 0.0),
+        ("vanishing_patience", 0),
+        ("exploding_factor", 1.0),
+        ("dead_fraction", 2.0),
+        ("exploding_norm", 0.0),
+        ("exploding_layer_norm", -1.0),
+        ("exploding_layer_norm", "5"),
+        ("exploding_layer_norm", True),
+    ],
 )
 def test_config_validates(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
@@ -377,8 +456,27 @@ def test_stop_and_raise_under_two_process_ddp(tmp_path: Path) -> None:
         assert result["stop_findings"][0] == ["vanishing", "net.0", 0]
         assert result["raised"] == [["non_finite", "net.2", 3]]  # both ranks raised, same finding
         assert result["raise_global_step"] == 4  # raised after step 3's optimizer step
-    assert results[0] == results[1]
+        assert result["warn_global_step"] == 8  # "warn" does not stop
+    # same findings on both ranks; the messages may differ where they quote the rank's own loss (dormant)
+    same = [{k: v for k, v in result.items() if not k.endswith("_messages")} for result in results]
+    assert same[0] == same[1]
     assert load_history(tmp_path / "raise").step.max() == 3  # flushed before raising
     assert load_findings(tmp_path / "stop").kind.tolist()[0] == "vanishing"
     acts = load_history(tmp_path / "stop", metrics=["act_saturation"])
     assert set(acts.step) == {0, 1, 2}
+
+    # warnings: rank zero only, once per kind and layer (the vanishing gradient persists for all 8 steps)
+    emitted = [json.loads((tmp_path / f"warnings_rank{r}.json").read_text()) for r in range(2)]
+    assert emitted[1] == {"stop": [], "raise": [], "warn": []}
+    rank0, result = emitted[0], results[0]
+    assert result["warn_findings"][0] == ["vanishing", "net.0", 0]
+    for run in ("stop", "warn"):
+        expected = [f"gradlight: {message}. Likely cause:" for message in result[f"{run}_messages"]]
+        warned = [m for m in rank0[run] if not m.startswith("gradlight: stopping the run")]
+        assert len(warned) == len(expected) >= 1
+        assert all(m.startswith(e) for m, e in zip(warned, expected))
+    assert sum("vanishing gradient: layer net.0 " in m for m in rank0["warn"]) == 1
+    assert [m for m in rank0["stop"] if m.startswith("gradlight: stopping the run")] == [
+        "gradlight: stopping the run at step 3 (vanishing)."
+    ]
+    assert rank0["raise"] == []  # non_finite raises (no warning), the rest is ignored
