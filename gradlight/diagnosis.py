@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
+from torch import Tensor, nn
 
 from gradlight.activations import DEAD_KINDS, SATURATING_KINDS, ActivationStats, activation_kind
 from gradlight.stats import local_tensor
@@ -347,7 +347,7 @@ def _init_scale(module: nn.Module) -> tuple[float, float] | None:
     if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
         return None
     weight = module.weight
-    if weight.dim() < 2 or local_tensor(weight).numel() < 16 or weight.is_meta:
+    if weight.dim() < 2 or local_tensor(weight).numel() < 16 or weight.is_meta or not _holds_its_data(weight):
         return None
     receptive = math.prod(weight.shape[2:])
     fan_in = weight.shape[1] * receptive
@@ -356,6 +356,19 @@ def _init_scale(module: nn.Module) -> tuple[float, float] | None:
     he = math.sqrt(2.0 / fan_in)
     xavier = math.sqrt(2.0 / (fan_in + fan_out))
     return std / max(he, xavier), std / min(he, xavier)
+
+
+def _holds_its_data(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s storage really holds its elements.
+
+    FSDP1 with ``use_orig_params=False`` leaves views into a freed flat parameter outside forward: reading
+    them crashes the process instead of raising.
+    """
+    local = local_tensor(tensor.detach())
+    if local.numel() == 0:
+        return True
+    last = local.storage_offset() + sum((size - 1) * stride for size, stride in zip(local.shape, local.stride()))
+    return local.untyped_storage().nbytes() >= (last + 1) * local.element_size()
 
 
 # ------------------------------------------------------------------------------------------------- rules

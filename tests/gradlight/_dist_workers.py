@@ -321,11 +321,9 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
         strategy = _fsdp1_strategy(
             use_orig_params=mode != "fsdp1_flat", hybrid=mode == "hsdp1", no_shard=mode == "fsdp1_noshard"
         )
-    # diagnose=False under flat FSDP1: the diagnosis' init-scale profile reads `module.weight`, which there is
-    # a view into a freed flat parameter outside forward (segfault; reported to the diagnosis owner).
-    monitor = GradientFlowMonitor(
-        log_every_n_steps=1, save_dir=Path(out_dir) / "history", diagnose=mode != "fsdp1_flat"
-    )
+    # The diagnosis runs in every mode: under flat FSDP1 its init-scale profile must skip the `module.weight`
+    # views into freed flat parameters (reading them segfaulted).
+    monitor = GradientFlowMonitor(log_every_n_steps=1, save_dir=Path(out_dir) / "history")
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
