@@ -136,6 +136,10 @@ class DiagnosisConfig:
         dormant_update_ratio: A layer is dormant while ``update_ratio`` (update L2 / parameter L2) stays
             below this. Healthy SGD layers move ~1e-3 per step; ``1e-6`` flags layers that effectively do
             not train (learning rate 0, frozen by accident) without flagging slowly converging ones.
+        dormant_relative: ...and below this fraction of the median ``update_ratio`` of all layers at that step:
+            a dormant *section* sits still while the rest of the model moves. Without it a converged run,
+            where every layer's update is tiny and the loss is near zero (so its relative change is large),
+            is reported as dormant. ``1`` checks the absolute threshold only.
         dormant_window: Logged steps a layer must stay below ``dormant_update_ratio``.
         dormant_loss_change: ...while the loss' range over those steps is at least this fraction of its
             mean magnitude (the rest of the model still trains). ``0`` reports dormancy even when the whole
@@ -175,6 +179,7 @@ class DiagnosisConfig:
     clip_factor: float = 10.0
     clip_patience: int = 3
     dormant_update_ratio: float = 1e-6
+    dormant_relative: float = 0.01
     dormant_window: int = 5
     dormant_loss_change: float = 0.01
     saturated_fraction: float = 0.5
@@ -208,6 +213,7 @@ class DiagnosisConfig:
             ("dead_fraction", 0.0, 1.0),
             ("exploding_min_share", 0.0, 1.0),
             ("saturation_derivative", 0.0, 1.0),
+            ("dormant_relative", 0.0, 1.0),
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not low < value <= high:
@@ -1075,9 +1081,16 @@ class GradientDiagnosis:
         grad = record.metrics["grad_l2"]
         ref_value = reference[0]
         new: list[tuple[int, int]] = []
+        finite = np.asarray(update, dtype=np.float64)
+        finite = finite[np.isfinite(finite)]
+        typical = float(np.median(finite)) if finite.size else float("nan")
         for i, name in enumerate(record.layers):
             value = float(update[i])
-            holds = math.isfinite(value) and value < config.dormant_update_ratio
+            holds = (
+                math.isfinite(value)
+                and value < config.dormant_update_ratio
+                and value <= config.dormant_relative * typical
+            )
             count, since = self._streak("dormant", name, holds, record.step)
             if count >= config.dormant_window and ("dormant", name) not in self.reported:
                 new.append((i, since))

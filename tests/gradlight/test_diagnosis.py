@@ -290,6 +290,18 @@ def test_dormant_needs_the_loss_to_change() -> None:
     assert found == []
 
 
+def test_a_converged_run_is_not_dormant_but_a_still_section_of_a_converged_run_is() -> None:
+    # Adam near convergence: every layer moves ~1e-7 and the loss, near 0, changes by 150% of its mean.
+    still = [6.6e-7, 9e-7, 1.2e-6]
+    losses = [1e-6 * (1 + (s % 2) * 1.5) for s in range(6)]
+    diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))
+    found = [f for s in range(6) for f in diagnosis.update(record(s, [1e-4] * 3, still), loss=losses[s])]
+    assert found == []
+    diagnosis = GradientDiagnosis(DiagnosisConfig(dormant_window=3))  # one layer 100x stiller than the rest
+    found = [f for s in range(6) for f in diagnosis.update(record(s, [1e-4] * 3, [1e-9, *still[1:]]), loss=losses[s])]
+    assert [(f.kind, f.layer) for f in found] == [("dormant", "l0")]
+
+
 # ---------------------------------------------------------------------------------------- actions
 def test_stop_action_stops_the_trainer_and_flushes_the_history(tmp_path: Path) -> None:
     torch.manual_seed(0)
