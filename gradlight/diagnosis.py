@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import statistics
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -998,7 +999,7 @@ class GradientDiagnosis:
         """The global and per-layer norms over their window medians; then add this step to the windows."""
         norm = float(record.global_metrics.get("global_grad_l2", np.nan))
         history = [value for _, value in self._global_norms if value > 0]
-        baseline = float(np.median(history)) if history else float("nan")
+        baseline = statistics.median(history) if history else float("nan")  # small lists: no numpy overhead
         if math.isfinite(norm):
             self._global_norms.append((record.step, norm))
         current = {name: float(value) for name, value in zip(record.layers, record.metrics["grad_l2"])}
@@ -1007,7 +1008,7 @@ class GradientDiagnosis:
             window = self._layer_norms.setdefault(name, deque(maxlen=self.config.exploding_window))
             previous = [v for v in window if v > 0]
             if previous and not math.isnan(value):
-                layers[name] = value / float(np.median(previous))
+                layers[name] = value / statistics.median(previous)
             if math.isfinite(value):
                 window.append(value)
         growth = norm / baseline if history and not math.isnan(norm) else 1.0
