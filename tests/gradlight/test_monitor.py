@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from gradlight import GLOBAL_LAYER, GradientFlowMonitor, GradientFlowSpec, load_history
+from gradlight.stats import LocalReduction
 from tests.gradlight.models import Net, ReferenceNorms
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -469,3 +470,18 @@ def test_no_figures_without_an_image_logger_or_when_switched_off(tmp_path: Path)
         max_epochs=1,
         logger=CSVLogger(tmp_path / "csv"),
     )  # no logger takes images: nothing drawn, nothing fails
+
+
+def test_a_custom_sharding_reduction_is_used_as_given(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    class Counting(LocalReduction):
+        def __call__(self, sums: torch.Tensor, maxima: torch.Tensor, params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            calls.append(sums.shape[1])
+            return sums, maxima
+
+    reduction = Counting()
+    monitor = GradientFlowMonitor(1, tmp_path, sharding=reduction, diagnose=False)
+    fit(Net("mlp"), [monitor], max_steps=2)
+    assert monitor.tracker is not None and monitor.tracker.reduction is reduction
+    assert calls == [len(list(Net("mlp").parameters()))] * 2  # every parameter, every logged step
