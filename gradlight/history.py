@@ -23,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,10 +259,36 @@ def find_history_dir(path: str | Path) -> Path:
     )
 
 
-def _read_segment(path: Path) -> tuple[list[pa.RecordBatch], SegmentInfo]:
+#: Called by :func:`read_history` with the number of bytes read since its previous call.
+ProgressCallback = Callable[[int], None]
+
+
+def _read_segment(path: Path, progress: ProgressCallback | None = None) -> tuple[list[pa.RecordBatch], SegmentInfo]:
+    """Read the complete batches of one segment, reporting the bytes consumed after each batch and at the end."""
+    try:
+        source = pa.OSFile(str(path), "rb")
+    except OSError as err:
+        return [], SegmentInfo(path, 0, 0, truncated=True, error=str(err))
+    with source:
+        size, reported = source.size(), 0
+
+        def advance(position: int) -> None:
+            nonlocal reported
+            if progress is not None and position > reported:
+                progress(position - reported)
+                reported = position
+
+        batches, info = _read_batches(path, source, advance)
+        advance(size)  # the torn tail, the end marker: the calls for a segment sum to its size
+    return batches, info
+
+
+def _read_batches(
+    path: Path, source: pa.NativeFile, advance: Callable[[int], None]
+) -> tuple[list[pa.RecordBatch], SegmentInfo]:
     batches: list[pa.RecordBatch] = []
     try:
-        reader = pa.ipc.open_stream(pa.OSFile(str(path), "rb"))
+        reader = pa.ipc.open_stream(source)
     except (pa.ArrowInvalid, OSError) as err:  # torn before the schema was complete
         return [], SegmentInfo(path, 0, 0, truncated=True, error=str(err))
     metadata = reader.schema.metadata or {}
@@ -276,23 +302,36 @@ def _read_segment(path: Path) -> tuple[list[pa.RecordBatch], SegmentInfo]:
         except (pa.ArrowInvalid, OSError) as err:
             truncated, error = True, str(err)
             break
+        advance(source.tell())
     rows = sum(batch.num_rows for batch in batches)
     return batches, SegmentInfo(path, start_step, rows, truncated, error)
 
 
-def read_history(path: str | Path) -> HistoryReadResult:
+def read_history(path: str | Path, progress: ProgressCallback | None = None) -> HistoryReadResult:
     """Read every segment of a history, superseding rows a resumed run recomputed.
 
     Torn tails are skipped; :attr:`HistoryReadResult.segments` says what each segment held.
 
+    Args:
+        path: The monitor's ``save_dir`` (or its ``history`` sub-folder).
+        progress: Called with the number of bytes read since its previous call, after every record batch
+            and at the end of every segment; the calls sum to the total size of the segment files (e.g.
+            pass a progress bar's ``update``).
+
     Raises:
         FileNotFoundError: If ``path`` holds no history.
+
+    Example:
+        >>> read = []
+        >>> result = read_history("runs/exp1/gradlight", progress=read.append)  # doctest: +SKIP
+        >>> sum(read)  # bytes of the segment files  # doctest: +SKIP
+        48213
     """
     history_dir = find_history_dir(path)
     frames: list[pd.DataFrame] = []
     infos: list[SegmentInfo] = []
     for _, segment in list_segments(history_dir):
-        batches, info = _read_segment(segment)
+        batches, info = _read_segment(segment, progress)
         infos.append(info)
         if not batches and info.truncated:
             continue

@@ -12,9 +12,10 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -32,6 +33,7 @@ from gradlight.report.summary import (
     Run,
     RunSpec,
     RunSummary,
+    history_bytes,
     load_run,
     resolve_run_specs,
     summarize,
@@ -84,8 +86,9 @@ def build_report(
         out_dir: Folder for ``report.html`` and the figures (created if needed).
         title: Page title (default: "Gradient flow: <labels>").
         dpi: Resolution of the PNG figures.
-        progress: Show a progress bar on stderr while reading and drawing; ``None`` shows it when stderr is
-            a terminal.
+        progress: Show progress bars on stderr: while reading (in bytes, advancing per record batch and
+            history segment read) and while drawing (per figure); ``None`` shows them when stderr is a
+            terminal.
 
     Returns:
         The path of ``report.html``.
@@ -108,38 +111,17 @@ def build_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {str(out)!r} is a file; pass a folder")
-    comparing = len(specs) > 1
-    builders_per_run = 6
-    total = len(specs) * (1 + builders_per_run) + (2 if comparing else 0) + 1
-    if progress is None:
-        progress = sys.stderr.isatty()
-    bar = tqdm(total=total, desc="reading", unit="task", file=sys.stderr, disable=not progress, leave=False)
-    try:
-        loaded: list[Run] = []
-        for label, save_dir in specs:
-            bar.set_postfix_str(label, refresh=False)
-            run = load_run(save_dir, label)
-            for message in run.warnings:
-                category = TruncatedHistoryWarning if "truncated" in message else UserWarning
-                warnings.warn(message, category, stacklevel=2)
-            loaded.append(run)
-            bar.update(1)
-        out.mkdir(parents=True, exist_ok=True)  # only once every run is readable
-        bar.set_description("drawing")
-        taken: set[str] = set()
-        sections: list[RunSection] = []
-        for run in loaded:
-            slug = _slug(run.label, taken)
-            bar.set_postfix_str(run.label, refresh=False)
-            images: list[ImageBlock] = []
-            for build in figure_builders(run):
-                result = build()
-                if result is not None:
-                    images.append(_save(result, out, f"{slug}_{result.name}.png", dpi))
-                bar.update(1)
-            sections.append(
-                RunSection(run.label, run.save_dir, run.info, summarize(run), images, run.findings, run.warnings)
-            )
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    loaded = _load_runs(specs, show)
+    out.mkdir(parents=True, exist_ok=True)  # only once every run is readable
+    builders = [figure_builders(run) for run in loaded]
+    comparing = len(loaded) > 1
+    total = sum(len(run_builders) for run_builders in builders) + (2 if comparing else 0) + 1
+    with _bar(show, total=total, desc="drawing", unit="figure") as bar:
+        sections = [
+            _draw_run(run, run_builders, out, slug, dpi, bar)
+            for run, run_builders, slug in zip(loaded, builders, _slugs(loaded))
+        ]
         comparison: list[ImageBlock] = []
         if comparing:
             bar.set_postfix_str("comparison", refresh=False)
@@ -147,6 +129,7 @@ def build_report(
                 result = draw(loaded)
                 comparison.append(_save(result, out, f"{result.name}.png", dpi))
                 bar.update(1)
+        bar.set_postfix_str(REPORT_FILE, refresh=False)
         labels = ", ".join(run.label for run in loaded)
         page = render_page(
             title or f"Gradient flow: {labels}",
@@ -158,6 +141,43 @@ def build_report(
         path = out / REPORT_FILE
         path.write_text(page, encoding="utf-8")
         bar.update(1)
-    finally:
-        bar.close()
     return path
+
+
+def _bar(show: bool, *, total: int, desc: str, unit: str, **kwargs: Any) -> Any:
+    """A progress bar on stderr (a silent one when ``show`` is false); use it as a context manager."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not show, leave=False, **kwargs)
+
+
+def _load_runs(specs: list[tuple[str, Path]], show: bool) -> list[Run]:
+    """Read every run, the bar advancing by the bytes of each record batch and segment read."""
+    loaded: list[Run] = []
+    total = sum(history_bytes(save_dir) for _, save_dir in specs)
+    with _bar(show, total=total, desc="reading", unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        for label, save_dir in specs:
+            bar.set_postfix_str(label, refresh=False)
+            run = load_run(save_dir, label, progress=bar.update)
+            for message in run.warnings:
+                category = TruncatedHistoryWarning if "truncated" in message else UserWarning
+                warnings.warn(message, category, stacklevel=3)
+            loaded.append(run)
+    return loaded
+
+
+def _slugs(runs: list[Run]) -> list[str]:
+    taken: set[str] = set()
+    return [_slug(run.label, taken) for run in runs]
+
+
+def _draw_run(
+    run: Run, builders: list[Callable[[], FigureResult | None]], out: Path, slug: str, dpi: int, bar: Any
+) -> RunSection:
+    """Draw and save one run's figures, the bar advancing per figure."""
+    bar.set_postfix_str(run.label, refresh=False)
+    images: list[ImageBlock] = []
+    for build in builders:
+        result = build()
+        if result is not None:
+            images.append(_save(result, out, f"{slug}_{result.name}.png", dpi))
+        bar.update(1)
+    return RunSection(run.label, run.save_dir, run.info, summarize(run), images, run.findings, run.warnings)

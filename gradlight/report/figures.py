@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import matplotlib as mpl
@@ -22,7 +23,8 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator
+from matplotlib.transforms import ScaledTranslation
 
 from gradlight.report.summary import (
     Run,
@@ -36,6 +38,8 @@ from gradlight.report.summary import (
 
 __all__ = [
     "FINDING_MARKERS",
+    "METRIC_LABELS",
+    "RUN_COLORS",
     "UPDATE_RATIO_BAND",
     "UPDATE_RATIO_TARGET",
     "FigureResult",
@@ -45,9 +49,11 @@ __all__ = [
     "figure_builders",
     "global_norm_figure",
     "heatmap_figure",
+    "metric_label",
     "profile_figure",
     "ratio_figure",
     "run_figures",
+    "run_style",
     "shorten_label",
     "update_ratio_figure",
 ]
@@ -71,7 +77,27 @@ WIDTH = 7.0
 ZERO_COLOR = "#000000"
 NONFINITE_COLOR = "#e8198b"
 MISSING_COLOR = "#d9d9d9"
-RUN_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#f0e442")
+#: One colour per run (Okabe-Ito, with a dark wine instead of its yellow, which hardly shows on white).
+RUN_COLORS = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#000000", "#882255")
+#: Line style and marker of the runs past each full round of :data:`RUN_COLORS` (run 9 is dashed, ...).
+RUN_LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", (0, (5, 1.5, 1, 1.5, 1, 1.5)))
+RUN_MARKERS = ("o", "s", "^", "D")
+#: Readable names of the recorded metrics, for titles, axes and legends.
+METRIC_LABELS = {
+    "grad_l2": "gradient L2 norm",
+    "grad_max_abs": "largest |gradient| element",
+    "grad_nonfinite": "non-finite gradient elements",
+    "param_l2": "parameter L2 norm",
+    "update_ratio": "update-to-parameter ratio",
+    "global_grad_l2": "global gradient norm",
+    "early_late_ratio": "early-to-late gradient ratio",
+    "act_saturation": "saturated outputs",
+    "act_dead": "dead units",
+    "loss": "loss",
+}
+ZERO_LABEL = "0 (exactly)"
+RATIO_AXIS_LABEL = "gradient norm, first / last layer"
+ZERO_MARKER = "v"
 STYLE: dict[Any, Any] = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -162,9 +188,27 @@ def _decade_formatter() -> FuncFormatter:
     return FuncFormatter(fmt)
 
 
+class _ReadableLogFormatter(LogFormatterSciNotation):
+    """Decades as ``10^k``; on an axis spanning under two decades, plain numbers (``4``, ``6``, ``10``).
+
+    Matplotlib labels minor ticks by itself on a short log axis, but as ``4 x 10^0``, which reads badly.
+    """
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        text = super().__call__(x, pos)
+        if not text or self.axis is None:
+            return text
+        low, high = sorted(self.axis.get_view_interval())
+        if low > 0 and math.log10(high / low) < 2 and 1e-3 <= abs(x) < 1e4:
+            return f"{x:g}"
+        return text
+
+
 def _log_axis(ax: Axes) -> None:
-    """Log y axis; matplotlib labels minor ticks by itself when the data span less than about a decade."""
+    """Log y axis labelled by :class:`_ReadableLogFormatter`."""
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_ReadableLogFormatter())
+    ax.yaxis.set_minor_formatter(_ReadableLogFormatter(labelOnlyBase=False))
 
 
 def _step_axis(ax: Axes) -> None:
@@ -178,11 +222,117 @@ def _legend_right(ax: Axes, handles: list[Any] | None = None, labels: list[str] 
     ax.legend(handles=handles, labels=labels, loc="center left", bbox_to_anchor=(1.01, 0.5), borderaxespad=0.0)
 
 
+def metric_label(metric: str) -> str:
+    """A readable name of a metric for titles and axes (the raw name when it has none).
+
+    Example:
+        >>> metric_label("grad_l2"), metric_label("my_metric")
+        ('gradient L2 norm', 'my_metric')
+    """
+    return METRIC_LABELS.get(metric, metric)
+
+
+def run_style(index: int) -> dict[str, Any]:
+    """Colour, line style and marker of the ``index``-th run of a comparison, distinct for 32 runs.
+
+    The first 8 runs are solid lines in the 8 colours; the next 8 reuse the colours dashed with square
+    markers, then dash-dotted with triangles, then dash-dot-dotted with diamonds.
+
+    Example:
+        >>> run_style(0)["linestyle"], run_style(8)["linestyle"], run_style(8)["color"] == run_style(0)["color"]
+        ('-', '--', True)
+    """
+    cycle = index // len(RUN_COLORS)
+    return {
+        "color": RUN_COLORS[index % len(RUN_COLORS)],
+        "linestyle": RUN_LINESTYLES[cycle % len(RUN_LINESTYLES)],
+        "marker": RUN_MARKERS[cycle % len(RUN_MARKERS)],
+    }
+
+
 def _positive(values: np.ndarray) -> np.ndarray:
     """Values fit for a log axis: non-positive and non-finite become NaN (a gap)."""
     out = np.asarray(values, dtype=np.float64).copy()
     out[~np.isfinite(out) | (out <= 0)] = np.nan
     return out
+
+
+def _plot_log(
+    ax: Axes, x: np.ndarray, y: np.ndarray, *, color: Any, dodge: float = 0.0, zorder: float = 2.5, **kwargs: Any
+) -> bool:
+    """Plot ``y`` on a log axis; exact zeros, which a log axis cannot show, as markers on its bottom edge.
+
+    Args:
+        ax: The axes (log y).
+        x: Positions.
+        y: Values; non-finite and negative ones are gaps.
+        color: Line and zero-marker colour.
+        dodge: Horizontal shift of the zero markers in points, so the zeros of series that share x
+            positions (the steps of a profile) sit side by side.
+        zorder: Line z-order.
+        **kwargs: Passed to ``ax.plot`` for the line.
+
+    Returns:
+        Whether there were zeros (then add :func:`_zero_handle` to the legend).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ax.plot(x, _positive(y), color=color, zorder=zorder, **kwargs)
+    return _zero_markers(ax, x, y, color=color, dodge=dodge)
+
+
+def _zero_markers(ax: Axes, x: np.ndarray, y: np.ndarray, *, color: Any, dodge: float = 0.0) -> bool:
+    zero = np.asarray(y) == 0
+    if not zero.any():
+        return False
+    where = np.asarray(x, dtype=np.float64)[zero]
+    # x in data, y in axes fraction (0 is the bottom edge), lifted so the triangle's tip rests on the edge.
+    lift = ScaledTranslation(dodge / 72.0, 3.5 / 72.0, ax.figure.dpi_scale_trans)
+    ax.plot(
+        where,
+        np.zeros(where.size),
+        transform=ax.get_xaxis_transform() + lift,
+        linestyle="none",
+        marker=ZERO_MARKER,
+        markersize=5,
+        markerfacecolor=color,
+        markeredgecolor="white",
+        markeredgewidth=0.5,
+        clip_on=False,
+        zorder=4,
+        gid="zeros",
+    )
+    ax.update_datalim(np.column_stack([where, np.ones(where.size)]), updatey=False)  # the x range includes them
+    return True
+
+
+def _dodge(index: int, count: int, spacing: float = 4.5) -> float:
+    """Shift in points of series ``index`` of ``count`` whose zero markers share x positions."""
+    return (index - (count - 1) / 2) * spacing
+
+
+def _zero_handle() -> Line2D:
+    return Line2D(
+        [],
+        [],
+        linestyle="none",
+        marker=ZERO_MARKER,
+        markersize=5,
+        markerfacecolor="#555555",
+        markeredgecolor="white",
+        markeredgewidth=0.5,
+        label=ZERO_LABEL,
+    )
+
+
+def _legend(ax: Axes, zeros: bool, *, minimum: int = 2, **kwargs: Any) -> None:
+    """A legend of the labelled artists (plus the zero marker when there were zeros), if at least ``minimum``."""
+    handles, labels = ax.get_legend_handles_labels()
+    if zeros:
+        handles.append(_zero_handle())
+        labels.append(ZERO_LABEL)
+    if len(handles) >= minimum:
+        ax.legend(handles=handles, labels=labels, **kwargs)
 
 
 def _edges(centers: np.ndarray) -> np.ndarray:
@@ -232,12 +382,16 @@ def heatmap_figure(
     """Heat map of ``log10(metric)``: layers in forward order (depth 0 at the top) by optimizer step.
 
     Zero norms (``log10 = -inf``) are drawn black, non-finite values magenta and steps a layer was not
-    recorded light grey; the colour bar is in decades. Findings are marked at their ``(step, layer)``.
+    recorded light grey; the colour bar is in decades, labelled at whole decades up to the top one.
+    Findings are marked at their onset: the row of their ``layer`` at their ``step`` (the first step the
+    condition held; the diagnosis reports it at ``reported_step``, a patience window later). A finding about
+    an activation site (``saturated``, ``dead_units``), which has no row, goes on the layer the site feeds
+    (``evidence["feeds"]``), else on the first of its ``layers`` that has a row.
 
     Args:
         frame: A history in long format.
         findings: Findings to mark: dicts (``findings.jsonl`` lines) or objects (``gradlight.diagnosis.Finding``)
-            with ``kind``, ``layer``, ``step``.
+            with ``kind``, ``layer``, ``step`` and optionally ``evidence`` and ``layers``.
         metric: The per-layer metric to show.
         title: Figure title.
 
@@ -258,7 +412,7 @@ def heatmap_figure(
     row_of = {name: i for i, name in enumerate(layers)}
     f_steps, f_rows, f_kinds = [], [], []
     for finding in findings:
-        row = row_of.get(str(_field(finding, "layer", "")))
+        row = _finding_row(finding, row_of)
         step = _field(finding, "step", -1)
         if row is None or step is None or int(step) < 0:
             continue
@@ -279,17 +433,16 @@ def heatmap_figure(
     with _style():
         fig = _new_figure(height)
         ax = fig.add_subplot()
-        ax.set_title(title or f"{metric} per layer and step")
+        ax.set_title(title or _heatmap_title(metric))
         if grid.empty:
-            _no_data(fig, ax, f"no {metric} recorded")
+            _no_data(fig, ax, f"no {metric_label(metric)} recorded")
             return FigureResult(fig, data, "heatmap", ax.get_title(), "")
         finite = log[np.isfinite(log)]
         if finite.size:
             vmin, vmax = math.floor(float(finite.min())), math.ceil(float(finite.max()))
         else:
             vmin, vmax = -1, 0
-        if vmax - vmin < 1:
-            vmax = vmin + 1
+        vmin, vmax, stride = _decade_range(vmin, vmax)
         zero = grid.present & (log == -np.inf)
         nonfinite = grid.present & ~np.isfinite(grid.values)
         display = log.copy()
@@ -315,12 +468,12 @@ def heatmap_figure(
         ax.tick_params(axis="y", labelsize=7 if num_layers > 20 else 8, length=2)
         _step_axis(ax)
         ax.set_ylabel("layer (forward order, input at top)")
-        span = vmax - vmin
         colorbar = fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.04, aspect=max(15.0, (height - 1.3) / 0.14))
-        colorbar.locator = FixedLocator(list(range(vmin, vmax + 1, max(1, math.ceil(span / 8)))))
+        colorbar.locator = FixedLocator(list(range(vmin, vmax + 1, stride)))
         colorbar.formatter = _decade_formatter()
         colorbar.update_ticks()
-        colorbar.set_label(f"{metric} (log scale)")
+        colorbar.set_label(f"{metric_label(metric)} (log scale)")
+        data["colorbar_ticks"] = list(range(vmin, vmax + 1, stride))
         handles: list[Any] = []
         for kind in dict.fromkeys(f_kinds):
             handles.append(
@@ -375,12 +528,52 @@ def heatmap_figure(
             )
             ax.set_title(ax.get_title(), pad=6 + 14 * rows)
     caption = (
-        f"Each row is a layer (input at the top), each column a recorded step; colour is {metric} on a log "
-        "scale. A dark band at the top that stays dark is the picture of vanishing gradients."
+        f"Each row is a layer (input at the top), each column a recorded step; colour is the "
+        f"{metric_label(metric)} on a log scale. A dark band at the top that stays dark is the picture of "
+        "vanishing gradients."
     )
     if f_steps:
-        caption += " Markers show where diagnosis findings were raised."
-    return FigureResult(fig, data, "heatmap", title or f"{metric} per layer and step", caption)
+        caption += (
+            " Markers show each diagnosis finding at its onset, the first step its condition held (it is "
+            "reported a few logged steps later); findings about an activation site sit on the layer it feeds."
+        )
+    return FigureResult(fig, data, "heatmap", title or _heatmap_title(metric), caption)
+
+
+def _heatmap_title(metric: str) -> str:
+    label = metric_label(metric)
+    return f"{label[:1].upper()}{label[1:]} per layer and step"
+
+
+def _finding_row(finding: Mapping[str, Any] | Any, row_of: Mapping[str, int]) -> int | None:
+    """The heat-map row of a finding: its layer's, else the layer its activation site feeds, else a listed one."""
+    candidates: list[Any] = [_field(finding, "layer", "")]
+    evidence = _field(finding, "evidence", None)
+    if isinstance(evidence, Mapping):
+        candidates.append(evidence.get("feeds"))
+    layers = _field(finding, "layers", None)
+    if isinstance(layers, (list, tuple)):
+        candidates.extend(layers)
+    for name in candidates:
+        if name is not None and str(name) in row_of:
+            return row_of[str(name)]
+    return None
+
+
+def _decade_range(vmin: int, vmax: int, max_ticks: int = 8) -> tuple[int, int, int]:
+    """Colour-bar range and tick stride in whole decades: both ends multiples of the stride, so both labelled.
+
+    Example:
+        >>> _decade_range(-7, 2)  # 10 decades do not fit 8 ticks: every second one, from -8 to 2
+        (-8, 2, 2)
+    """
+    vmax = max(vmax, vmin + 1)
+    for stride in (1, 2, 3, 5, 10, 20, 50, 100):
+        low, high = math.floor(vmin / stride) * stride, math.ceil(vmax / stride) * stride
+        if (high - low) // stride + 1 <= max_ticks:
+            return low, high, stride
+    stride = math.ceil((vmax - vmin) / (max_ticks - 1))
+    return math.floor(vmin / stride) * stride, math.ceil(vmax / stride) * stride, stride
 
 
 # ------------------------------------------------------------------------------------------- profile
@@ -392,14 +585,35 @@ def _profile_steps(steps: np.ndarray, count: int = 3) -> np.ndarray:
 
 
 def _depth_axis(ax: Axes, layers: Sequence[str], max_names: int = 24) -> None:
+    """Layer names as x tick labels (horizontal; call :func:`_rotate_if_crowded` once the figure is drawn)."""
     if len(layers) <= max_names:
         ax.set_xticks(np.arange(len(layers)))
-        ax.set_xticklabels([shorten_label(name, 20) for name in layers], rotation=45, ha="right")
+        ax.set_xticklabels([shorten_label(name, 20) for name in layers])
         ax.set_xlabel("layer (forward order)")
     else:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
         ax.set_xlabel("depth (layer index in forward order)")
     ax.set_xlim(-0.5, max(len(layers) - 0.5, 0.5))
+
+
+def _rotate_if_crowded(fig: Figure, ax: Axes, gap_points: float = 3.0) -> bool:
+    """Rotate the x tick labels by 45 degrees if, laid out horizontally, two neighbours would overlap.
+
+    Returns:
+        Whether the labels were rotated.
+    """
+    labels = [label for label in ax.get_xticklabels() if label.get_text()]
+    if len(labels) < 2:
+        return False
+    fig.draw_without_rendering()  # runs the constrained layout: the labels' final positions
+    extents = sorted((label.get_window_extent() for label in labels), key=lambda box: box.x0)
+    gap = gap_points * fig.dpi / 72.0
+    crowded = any(right.x0 < left.x1 + gap for left, right in pairwise(extents))
+    if crowded:
+        ax.tick_params(axis="x", labelrotation=45, labelrotation_mode="anchor")
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    return crowded
 
 
 def profile_figure(
@@ -446,23 +660,27 @@ def profile_figure(
         ax = fig.add_subplot()
         ax.set_title(title or "Gradient-flow profile")
         if not len(chosen):
-            _no_data(fig, ax, "no grad_l2 recorded")
+            _no_data(fig, ax, "no gradient norm recorded")
         else:
             colors = mpl.colormaps["viridis"](np.linspace(0.85, 0.05, len(chosen)))
             x = np.arange(len(grid.layers))
-            for row, step, slope, color in zip(values, chosen, slopes, colors):
+            zeros = False
+            for k, (row, step, slope, color) in enumerate(zip(values, chosen, slopes, colors)):
                 label = f"step {int(step)}"
                 if math.isfinite(slope):
                     label += f" (slope {slope:+.2f} dec/layer)"
-                ax.plot(x, _positive(row), marker="o" if not many else None, color=color, label=label)
+                dodge = _dodge(k, len(chosen))
+                zeros |= _plot_log(ax, x, row, marker="o" if not many else None, color=color, label=label, dodge=dodge)
             _log_axis(ax)
             ax.grid(True, axis="y", which="major")
             _depth_axis(ax, grid.layers)
-            ax.set_ylabel("grad_l2 (log scale)")
-            ax.legend(loc="best")
+            ax.set_ylabel(f"{metric_label('grad_l2')} (log scale)")
+            _legend(ax, zeros, minimum=1, loc="best")
+            _rotate_if_crowded(fig, ax)
     caption = (
         "Gradient norm of each layer at the first, middle and last recorded step. A line rising steeply "
-        "from input to output (positive slope, in decades per layer) means the first layers barely learn."
+        "from input to output (positive slope, in decades per layer) means the first layers barely learn. "
+        "Triangles on the bottom edge are layers whose gradient was exactly zero."
     )
     return FigureResult(fig, data, "profile", title or "Gradient-flow profile", caption)
 
@@ -484,17 +702,19 @@ def ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> FigureResu
         ax = fig.add_subplot()
         ax.set_title(title or "Early-to-late gradient ratio")
         if series.empty:
-            _no_data(fig, ax, "no early/late ratio recorded")
+            _no_data(fig, ax, "no early-to-late ratio recorded")
         else:
-            ax.plot(data["steps"], _positive(data["ratio"]), color=RUN_COLORS[0])
+            zeros = _plot_log(ax, data["steps"], data["ratio"], color=RUN_COLORS[0])
             _balanced_line(ax)
             _log_axis(ax)
             ax.grid(True, axis="y", which="major")
             _step_axis(ax)
-            ax.set_ylabel("first / last layer grad_l2")
+            ax.set_ylabel(RATIO_AXIS_LABEL)
+            _legend(ax, zeros, minimum=1, loc="best")
     caption = (
         "Gradient norm of the first layer(s) over that of the last layer(s). Far below 1: the input side "
-        "receives little gradient (vanishing); far above 1: it receives too much (exploding)."
+        "receives little gradient (vanishing); far above 1: it receives too much (exploding). Triangles on "
+        "the bottom edge are steps where the first layers' gradient was exactly zero."
     )
     return FigureResult(fig, data, "ratio", title or "Early-to-late gradient ratio", caption)
 
@@ -543,13 +763,16 @@ def global_norm_figure(
         if norm.empty:
             _no_data(fig, ax, "no global norm recorded")
         else:
-            ax.plot(data["steps"], _positive(data["global_grad_l2"]), color=RUN_COLORS[0], label="global grad_l2")
+            zeros = _plot_log(
+                ax, data["steps"], data["global_grad_l2"], color=RUN_COLORS[0], label=metric_label("global_grad_l2")
+            )
             if "max_abs" in data:
-                ax.plot(
+                zeros |= _plot_log(
+                    ax,
                     max_abs.index.to_numpy(),
-                    _positive(data["max_abs"]),
+                    data["max_abs"],
                     color=RUN_COLORS[2],
-                    label="largest |gradient| element",
+                    label=metric_label("grad_max_abs"),
                 )
             if clip_value is not None:
                 what = "clip value (per element)" if clip_algorithm == "value" else "clip norm"
@@ -558,13 +781,10 @@ def global_norm_figure(
                 )
             _log_axis(ax)
             ax.grid(True, axis="y", which="major")
-            ax.set_ylabel("gradient norm (log)")
-            ax.legend(loc="best")
+            ax.set_ylabel("gradient norm (log scale)")
+            _legend(ax, zeros, loc="best")  # one line alone needs no legend: the axis says what it is
         if has_loss:
-            loss_ax = axes[1]
-            loss_ax.plot(data["loss_steps"], data["loss"], color="#444444", linewidth=1.1)
-            loss_ax.set_ylabel("loss")
-            loss_ax.grid(True, axis="y")
+            data["loss_log_scale"] = _loss_panel(axes[1], data["loss_steps"], data["loss"])
         _step_axis(axes[-1])
     caption = "Norm of the whole gradient before clipping"
     caption += (
@@ -573,8 +793,21 @@ def global_norm_figure(
         else "."
     )
     if has_loss:
-        caption += " Below: the training loss of the recorded steps."
+        caption += " Below: the training loss of the recorded steps"
+        caption += " (log scale)." if data["loss_log_scale"] else "."
     return FigureResult(fig, data, "global_norm", title or "Global gradient norm", caption)
+
+
+def _loss_panel(ax: Axes, steps: np.ndarray, loss: np.ndarray) -> bool:
+    """The loss over the steps: log scale when every finite value is positive. Returns whether it is log."""
+    finite = loss[np.isfinite(loss)]
+    log = bool(finite.size) and bool((finite > 0).all())
+    ax.plot(steps, loss, color="#444444", linewidth=1.1)
+    if log:
+        _log_axis(ax)
+    ax.set_ylabel("loss (log scale)" if log else "loss")
+    ax.grid(True, axis="y", which="major")
+    return log
 
 
 # ---------------------------------------------------------------------------------------- per layer
@@ -584,15 +817,18 @@ def update_ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> Fig
     The shaded band is the rule of thumb (about ``1e-3`` per step, half a decade either side): far below,
     the layer hardly moves; far above, the learning rate is likely too high for it.
 
+    A layer that did not move at all (a ratio of exactly 0: frozen, or no gradient) counts in the statistics
+    with its zeros, and a median or last value of 0 is a marker on the bottom edge of the log axis.
+
     Returns:
-        The figure; ``data["median"]``, ``data["p10"]``, ``data["p90"]``, ``data["last"]`` per layer, with
-        ``data["layers"]``. ``None`` when the history holds no finite ``update_ratio``.
+        The figure; ``data["median"]``, ``data["p10"]``, ``data["p90"]``, ``data["last"]`` per layer (over the
+        finite values), with ``data["layers"]``. ``None`` when the history holds no finite ``update_ratio``.
 
     Example:
         >>> result = update_ratio_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
     """
     grid = layer_grid(frame, "update_ratio")
-    values = _positive(grid.values)
+    values = np.where(np.isfinite(grid.values), grid.values, np.nan)
     if grid.empty or not np.isfinite(values).any():
         return None
     with np.errstate(all="ignore"), _quiet_nan_warnings():
@@ -608,25 +844,40 @@ def update_ratio_figure(frame: pd.DataFrame, *, title: str | None = None) -> Fig
         x = np.arange(len(grid.layers))
         ax.axhspan(*UPDATE_RATIO_BAND, color="#bfe3c8", alpha=0.6, linewidth=0, label="rule of thumb ~1e-3")
         ax.axhline(UPDATE_RATIO_TARGET, color="#3a9a55", linestyle="--", linewidth=0.9)
+        # A 10th percentile of 0 takes the band down to the bottom edge (a log axis clips it there).
         ax.fill_between(x, p10, p90, color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="10-90 % of steps")
-        ax.plot(x, median, color=RUN_COLORS[0], label="median over steps")
-        ax.plot(
+        few = len(grid.layers) <= 60
+        zeros = _plot_log(
+            ax,
+            x,
+            median,
+            color=RUN_COLORS[0],
+            marker="o" if few else None,
+            markersize=3,
+            label="median over steps",
+            dodge=_dodge(0, 2),
+        )
+        zeros |= _plot_log(
+            ax,
             x,
             last,
+            dodge=_dodge(1, 2),
             linestyle="none",
-            marker="o",
+            marker="x",
             color=RUN_COLORS[1],
-            markersize=3 if len(grid.layers) <= 60 else 2,
+            markersize=4.5 if few else 2.5,
             label=f"step {int(grid.steps[-1])}",
         )
         _log_axis(ax)
         ax.grid(True, axis="y", which="major")
         _depth_axis(ax, grid.layers)
-        ax.set_ylabel("|Δθ| / |θ| per step (log)")
-        ax.legend(loc="best", ncol=2)
+        ax.set_ylabel("|Δθ| / |θ| per step (log scale)")
+        _legend(ax, zeros, loc="best", ncol=2)
+        _rotate_if_crowded(fig, ax)
     caption = (
         "How far each layer's parameters move per step relative to their size. The green band marks the "
-        "usual rule of thumb (about 1e-3); layers far below it barely learn, far above it may be unstable."
+        "usual rule of thumb (about 1e-3); layers far below it barely learn, far above it may be unstable. "
+        "Triangles on the bottom edge are a median or last value of exactly zero: the layer did not move."
     )
     return FigureResult(fig, data, "update_ratio", title or "Update-to-parameter ratio per layer", caption)
 
@@ -673,32 +924,46 @@ def activation_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figur
             with _quiet_nan_warnings():
                 mean = np.nanmean(values, axis=1)
                 low, high = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
-            # Only the sites this metric applies to (e.g. ReLUs for dead units), joined to each other.
+            # Only the sites this metric applies to (e.g. ReLUs for dead units); separate sites, so no lines.
             keep = np.isfinite(mean)
-            ax.fill_between(
-                x[keep], low[keep], high[keep], color=RUN_COLORS[0], alpha=0.18, linewidth=0, label="min-max over steps"
+            few = keep.sum() <= 60
+            mean_handle = ax.errorbar(
+                x[keep],
+                mean[keep],
+                yerr=np.clip(np.vstack([mean[keep] - low[keep], high[keep] - mean[keep]]), 0.0, None),  # rounding
+                fmt="o",
+                markersize=4 if few else 2,
+                color=RUN_COLORS[0],
+                ecolor="#7fb2d6",
+                elinewidth=1.2,
+                capsize=2.5 if few else 0,
+                label="mean over steps (bar: min to max)",
             )
-            marker = "o" if keep.sum() <= 60 else None
-            ax.plot(x[keep], mean[keep], color=RUN_COLORS[0], marker=marker, label="mean over steps")
-            ax.plot(
+            (last_handle,) = ax.plot(
                 x[keep],
                 values[keep, -1],
                 linestyle="none",
                 marker="x",
+                markersize=4.5 if few else 2.5,
                 color=RUN_COLORS[1],
                 label=f"step {int(data['steps'][-1])}",
+                zorder=3,
             )
             ax.set_ylabel(f"{label} (%)")
             ax.set_ylim(-2, 102)
             ax.grid(True, axis="y")
-        axes[0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, borderaxespad=0.2)
+        axes[0].legend(
+            handles=[mean_handle, last_handle], loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, borderaxespad=0.2
+        )
         axes[0].set_title(axes[0].get_title(), loc="left")
         axes[0].set_title("", loc="center")
         _depth_axis(axes[-1], sites)
         axes[-1].set_xlabel("activation site (forward order)")
+        _rotate_if_crowded(fig, axes[-1])
     caption = (
         "Share of activation outputs in the flat region of a saturating non-linearity, and share of "
-        "ReLU-family units that never fired on a recorded step's batch, per activation site."
+        "ReLU-family units that never fired on a recorded step's batch, per activation site: the mean over "
+        "the recorded steps with a bar from the smallest to the largest, and the last step."
     )
     return FigureResult(fig, data, "activations", title or "Activations per site", caption)
 
@@ -727,8 +992,10 @@ def compare_profiles_figure(runs: Sequence[Run], *, title: str | None = None) ->
         fig = _new_figure(3.6)
         ax = fig.add_subplot()
         ax.set_title(title or "Gradient-flow profiles")
+        zeros = False
         for i, (run, grid) in enumerate(zip(runs, grids)):
-            color = RUN_COLORS[i % len(RUN_COLORS)]
+            style = run_style(i)
+            dodge = _dodge(i, len(runs), spacing=min(4.5, 36.0 / max(1, len(runs))))
             if grid.empty:
                 continue
             x = _relative_depth(len(grid.layers)) if relative else np.arange(len(grid.layers), dtype=np.float64)
@@ -740,24 +1007,39 @@ def compare_profiles_figure(runs: Sequence[Run], *, title: str | None = None) ->
                 "first_step": int(grid.steps[0]),
                 "last_step": int(grid.steps[-1]),
             }
-            marker = "o" if len(x) <= 24 else None
-            ax.plot(x, _positive(last), color=color, marker=marker, label=f"{run.label} (step {int(grid.steps[-1])})")
+            zeros |= _plot_log(
+                ax,
+                x,
+                last,
+                color=style["color"],
+                linestyle=style["linestyle"],
+                marker=style["marker"] if len(x) <= 24 or len(runs) > len(RUN_COLORS) else None,
+                markevery=1 if len(x) <= 24 else max(1, len(x) // 8),
+                label=f"{run.label} (step {int(grid.steps[-1])})",
+                dodge=dodge,
+            )
             if len(grid.steps) > 1:
-                ax.plot(x, _positive(first), color=color, linestyle=":", linewidth=1.0, alpha=0.8)
+                zeros |= _plot_log(
+                    ax, x, first, color=style["color"], linestyle=":", linewidth=1.0, alpha=0.8, dodge=dodge
+                )
         _log_axis(ax)
         ax.grid(True, axis="y", which="major")
         if relative:
             ax.set_xlabel("relative depth (0 = first layer, 1 = last layer)")
         elif grids and grids[0].layers:
             _depth_axis(ax, grids[0].layers)
-        ax.set_ylabel("grad_l2 (log scale)")
+        ax.set_ylabel(f"{metric_label('grad_l2')} (log scale)")
         handles, labels = ax.get_legend_handles_labels()
         handles.append(Line2D([], [], color="#555555", linestyle=":", linewidth=1.0))
         labels.append("first recorded step")
+        if zeros:
+            handles.append(_zero_handle())
+            labels.append(ZERO_LABEL)
         _legend_right(ax, handles, labels)
+        _rotate_if_crowded(fig, ax)
     caption = (
-        "Each run's layer gradient norms at its last recorded step (solid) and first step (dotted). "
-        "Steeper lines mean stronger vanishing (rising) or exploding (falling) toward the input."
+        "Each run's layer gradient norms at its last recorded step (bold line) and first step (thin dotted "
+        "line). Steeper lines mean stronger vanishing (rising) or exploding (falling) toward the input."
     )
     return FigureResult(fig, data, "compare_profiles", title or "Gradient-flow profiles", caption)
 
@@ -776,21 +1058,32 @@ def compare_ratios_figure(runs: Sequence[Run], *, title: str | None = None) -> F
         fig = _new_figure(3.0)
         ax = fig.add_subplot()
         ax.set_title(title or "Early-to-late gradient ratio")
+        zeros = False
+        many = len(runs) > len(RUN_COLORS)  # colours repeat: line style and markers tell the runs apart
         for i, run in enumerate(runs):
             series = early_late_series(run.frame)
             data[run.label] = {"steps": series.index.to_numpy(), "ratio": series.to_numpy(dtype=np.float64)}
-            ax.plot(
+            style = run_style(i)
+            zeros |= _plot_log(
+                ax,
                 data[run.label]["steps"],
-                _positive(data[run.label]["ratio"]),
-                color=RUN_COLORS[i % len(RUN_COLORS)],
+                data[run.label]["ratio"],
+                color=style["color"],
+                linestyle=style["linestyle"],
+                marker=style["marker"] if many else None,
+                markevery=max(1, len(series) // 10),
                 label=run.label,
             )
         _balanced_line(ax)
         _log_axis(ax)
         ax.grid(True, axis="y", which="major")
         _step_axis(ax)
-        ax.set_ylabel("first / last layer grad_l2")
-        _legend_right(ax)
+        ax.set_ylabel(RATIO_AXIS_LABEL)
+        handles, labels = ax.get_legend_handles_labels()
+        if zeros:
+            handles.append(_zero_handle())
+            labels.append(ZERO_LABEL)
+        _legend_right(ax, handles, labels)
     caption = "Early-to-late gradient ratio of every run; the dotted line is 1 (balanced flow)."
     return FigureResult(fig, data, "compare_ratios", title or "Early-to-late gradient ratio", caption)
 

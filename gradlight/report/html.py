@@ -242,8 +242,8 @@ def render_page(
     parts.append(_summary_table([section.summary for section in sections]))
     parts.append(
         '<p class="meta">Early/late ratio: first over last layer gradient norm (1 = balanced). Smallest '
-        "layer grad_l2 and profile slope (decades of grad_l2 per layer; positive = vanishing toward the "
-        "input) are at the last recorded step.</p>"
+        "layer gradient norm (L2) and profile slope (decades of gradient norm per layer; positive = vanishing "
+        "toward the input) are at the last recorded step.</p>"
     )
     if comparison:
         parts.append("<h2>Comparison</h2>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 
-from gradlight.history import GLOBAL_LAYER, HISTORY_SUBDIR, list_segments, read_history
+from gradlight.diagnosis import load_findings
+from gradlight.history import GLOBAL_LAYER, HISTORY_SUBDIR, ProgressCallback, list_segments, read_history
 
 __all__ = [
     "FINDINGS_FILE",
@@ -32,6 +34,7 @@ __all__ = [
     "early_late_series",
     "global_norm_series",
     "global_series",
+    "history_bytes",
     "layer_grid",
     "load_run",
     "parse_run_spec",
@@ -202,11 +205,14 @@ def read_run_info(save_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str
 
 
 def read_findings(save_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
-    """Read ``findings.jsonl``: ``(findings, skipped)``, tolerating a torn last line.
+    """Read ``findings.jsonl`` as :func:`gradlight.diagnosis.load_findings` does: ``(findings, skipped)``.
 
-    Every finding gets the keys ``kind, layer, step, message, cause, remedy, evidence`` (filled with
-    ``""``, ``-1`` or ``{}`` when absent). Lines that are not JSON objects (a writer killed mid-line) are
-    skipped and counted.
+    A finding a resumed run wrote twice (same ``kind``, ``layer`` and ``step``) is kept once, the last copy,
+    and the findings come sorted by ``reported_step``, so the report counts what the API returns. Every
+    finding gets the keys ``kind, layer, step, reported_step, message, cause, remedy, evidence, layers``
+    (``""``, ``-1``, ``{}`` or ``[]`` when absent). Lines that are not JSON (a writer killed mid-line) are
+    skipped and counted; a file ``load_findings`` rejects (a line without a step, a line that is not a
+    JSON object) is read line by line with the same rules, its unusable lines counted as skipped.
 
     Example:
         >>> read_findings("/nonexistent")
@@ -215,7 +221,29 @@ def read_findings(save_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]
     path = Path(save_dir) / FINDINGS_FILE
     if not path.is_file():
         return [], 0
-    findings: list[dict[str, Any]] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            frame = load_findings(path)
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            return _read_findings_tolerantly(path)
+    skipped = sum(1 for warning in caught if "skipped a torn" in str(warning.message))
+    records = frame.to_dict("records") if not frame.empty else []
+    findings = [_normalize_finding({str(k): _missing_to_none(v) for k, v in row.items()}) for row in records]
+    return findings, skipped
+
+
+def _missing_to_none(value: Any) -> Any:
+    """A cell of the findings frame as JSON would have it: NaN (a key the line lacked) becomes ``None``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_findings_tolerantly(path: Path) -> tuple[list[dict[str, Any]], int]:
+    findings: dict[tuple[str, str, int], dict[str, Any]] = {}
     skipped = 0
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
@@ -224,13 +252,23 @@ def read_findings(save_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]
             try:
                 item = json.loads(line)
             except json.JSONDecodeError:
-                skipped += 1
-                continue
+                item = None
             if not isinstance(item, dict):
                 skipped += 1
                 continue
-            findings.append(_normalize_finding(item))
-    return findings, skipped
+            finding = _normalize_finding(item)
+            key = (finding["kind"], finding["layer"], finding["step"])
+            findings.pop(key, None)  # keep the last copy, where it stands (load_findings' drop_duplicates)
+            findings[key] = finding
+    ordered = sorted(findings.values(), key=lambda finding: finding["reported_step"])
+    return ordered, skipped
+
+
+def _as_int(value: Any, default: int = -1) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
 
 
 def _normalize_finding(item: dict[str, Any]) -> dict[str, Any]:
@@ -238,13 +276,13 @@ def _normalize_finding(item: dict[str, Any]) -> dict[str, Any]:
     for key in ("kind", "layer", "message", "cause", "remedy"):
         value = finding.get(key)
         finding[key] = "" if value is None else str(value)
-    try:
-        finding["step"] = int(finding.get("step", -1))
-    except (TypeError, ValueError):
-        finding["step"] = -1
+    finding["step"] = _as_int(finding.get("step", -1))
+    finding["reported_step"] = _as_int(finding.get("reported_step"), finding["step"])
     if not isinstance(finding.get("evidence"), dict):
         evidence = finding.get("evidence")
         finding["evidence"] = {} if evidence is None else {"value": evidence}
+    layers = finding.get("layers")
+    finding["layers"] = [str(name) for name in layers] if isinstance(layers, (list, tuple)) else []
     return finding
 
 
@@ -290,7 +328,9 @@ class Run:
         return str(self.info.get("gradient_clip_algorithm") or "norm")
 
 
-def load_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
+def load_run(
+    path: str | os.PathLike[str], label: str | None = None, *, progress: ProgressCallback | None = None
+) -> Run:
     """Read one run for a report: history, ``run.json`` and findings.
 
     A torn history keeps the rows before the tear and says so in :attr:`Run.warnings`.
@@ -298,6 +338,9 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
     Args:
         path: A monitor ``save_dir`` (or a folder with exactly one, see :func:`resolve_run_dir`).
         label: The run's name; defaults to its folder name.
+        progress: Called with the number of history bytes read since its previous call, after every record
+            batch and segment (see :func:`gradlight.history.read_history`); the calls sum to
+            :func:`history_bytes`.
 
     Raises:
         ReportInputError: If there is no history, or nothing readable in it.
@@ -312,7 +355,7 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
     segments = list_segments(history_dir)
     if not segments:
         raise ReportInputError(f"the history in {str(history_dir)!r} is empty: no segment-*.arrow files")
-    result = read_history(history_dir)
+    result = read_history(history_dir, progress)
     frame = result.frame
     torn = [segment for segment in result.segments if segment.truncated]
     if frame.empty:
@@ -323,24 +366,34 @@ def load_run(path: str | os.PathLike[str], label: str | None = None) -> Run:
     if not (frame["metric"] == "grad_l2").any():
         metrics = ", ".join(sorted(frame["metric"].unique()))
         raise ReportInputError(f"the history in {str(history_dir)!r} holds no per-layer grad_l2 rows (only: {metrics})")
-    warnings: list[str] = []
+    notes: list[str] = []
     if torn:
         steps = frame["step"]
         names = ", ".join(segment.path.name for segment in torn)
-        warnings.append(
+        notes.append(
             f"the history of {label!r} is truncated ({names} ends in a torn write); the report shows the "
             f"{len(frame)} readable rows, steps {int(steps.min())}-{int(steps.max())}"
         )
     info, problem = read_run_info(save_dir)
     if problem:
-        warnings.append(problem)
+        notes.append(problem)
     findings, skipped = read_findings(save_dir)
     if skipped:
-        warnings.append(
+        notes.append(
             f"{save_dir / FINDINGS_FILE}: skipped {skipped} unreadable line(s) (a torn write); "
             f"{len(findings)} finding(s) kept"
         )
-    return Run(label, save_dir, frame, info, findings, warnings, truncated=bool(torn))
+    return Run(label, save_dir, frame, info, findings, notes, truncated=bool(torn))
+
+
+def history_bytes(save_dir: str | os.PathLike[str]) -> int:
+    """Total size of a run's history segment files: what :func:`load_run` reports progress against.
+
+    Example:
+        >>> history_bytes("/nonexistent")
+        0
+    """
+    return sum(segment.stat().st_size for _, segment in list_segments(Path(save_dir) / HISTORY_SUBDIR))
 
 
 # ---------------------------------------------------------------------------------------- reshaping
@@ -526,10 +579,10 @@ class RunSummary:
             "steps": f"{self.first_step}-{self.last_step} ({self.steps_recorded} recorded)",
             "layers": self.num_layers,
             "final early/late ratio": self.final_early_late_ratio,
-            "smallest layer grad_l2": self.min_grad_l2,
+            "smallest layer gradient norm": self.min_grad_l2,
             "smallest at layer": self.min_grad_l2_layer,
             "profile slope (decades/layer)": self.profile_slope,
-            "final global grad_l2": self.final_global_grad_l2,
+            "final global gradient norm": self.final_global_grad_l2,
             "final loss": self.final_loss,
             "findings": self.findings,
         }

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from gradlight import GradientFlowMonitor
 from gradlight.cli import build_parser, main
+from gradlight.diagnosis import load_findings
 from gradlight.history import HistoryWriter
 from gradlight.report.loggers import log_figures
 from tests.gradlight.models import Net
@@ -76,7 +78,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
     try:
         # While that starts up: a real Lightning run of a sigmoid MLP (it vanishes) logging to TensorBoard.
         logger = TensorBoardLogger(root / "tb", name="lightning_logs")
-        monitor = GradientFlowMonitor(log_every_n_steps=2)
+        monitor = GradientFlowMonitor(log_every_n_steps=2, track_activations=True)  # taps the MLP's sigmoids
         trainer = L.Trainer(
             max_steps=12,
             log_every_n_steps=2,
@@ -118,10 +120,14 @@ def test_end_to_end_on_a_real_lightning_run(cli: CliRun, capsys: pytest.CaptureF
     assert result.stdout.strip() == str(out / "report.html")
     page = (out / "report.html").read_text()
     # heat map, profile, ratio, norm, update ratio, activations (the MLP's sigmoids are tapped)
-    assert len(IMG.findall(page)) == len(list(out.glob("*.png"))) >= 5
+    names = ["heatmap", "profile", "ratio", "global_norm", "update_ratio", "activations"]
+    assert sorted(path.name for path in out.glob("*.png")) == sorted(f"version_0_{name}.png" for name in names)
+    assert len(IMG.findall(page)) == 6
     assert "Run: version_0" in page and "Net" in page  # label from the log_dir, model from run.json
-    findings = (cli.e2e_log_dir / "gradlight" / "findings.jsonl").read_text().splitlines()
-    assert f"Findings ({len(findings)})" in page
+    findings = load_findings(cli.e2e_log_dir / "gradlight")  # the count the API gives (duplicates dropped)
+    assert len(findings) > 0 and f"Findings ({len(findings)})" in page
+    for message in findings["message"]:
+        assert escape(message) in page
     assert (out / "version_0_heatmap.png").stat().st_size > 10_000
     # log_figures sent the heat map and the profile to TensorBoard
     assert cli.e2e_figures_logged == 2

@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradlight.history import GLOBAL_LAYER, HistoryWriter, TruncatedHistoryWarning, load_history
+from gradlight.diagnosis import load_findings
+from gradlight.history import GLOBAL_LAYER, HistoryWriter, TruncatedHistoryWarning, load_history, read_history
 from gradlight.report import ReportInputError, build_report, load_run, summarize
 from gradlight.report.figures import (
+    RUN_COLORS,
     activation_figure,
     compare_profiles_figure,
     compare_ratios_figure,
@@ -21,6 +23,8 @@ from gradlight.report.figures import (
     heatmap_figure,
     profile_figure,
     ratio_figure,
+    run_figures,
+    run_style,
     shorten_label,
     update_ratio_figure,
 )
@@ -131,6 +135,8 @@ def vanishing_finding(layer: str = "net.0", step: int = 100) -> dict[str, Any]:
         "kind": "vanishing",
         "layer": layer,
         "step": step,
+        "reported_step": step + 30,
+        "layers": [layer],
         "message": f"gradient of {layer} is 1e-07 of the last layer's",
         "cause": "saturating sigmoid activations stacked 8 deep",
         "remedy": "use ReLU/GELU, residual connections or normalization",
@@ -150,7 +156,15 @@ def tear(writer: HistoryWriter, cut: int = 17) -> None:
 def test_single_run_report_embeds_every_figure_and_names_findings(tmp_path: Path) -> None:
     run = tmp_path / "vanishing"
     finding = vanishing_finding()
-    write_run(run, findings=[finding, {**vanishing_finding("net.2", 200), "kind": "saturated"}])
+    saturated = {
+        **vanishing_finding("net.2.act", 200),
+        "kind": "saturated",
+        "message": "net.2.act: 93% of outputs saturated",
+        "remedy": "lower the init scale",
+        "evidence": {"feeds": "net.4", "saturation": 0.93},
+    }
+    findings = [finding, saturated]
+    write_run(run, findings=findings)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean history gives no warning
         page_path = build_report([str(run)], tmp_path / "out", progress=False)
@@ -161,8 +175,9 @@ def test_single_run_report_embeds_every_figure_and_names_findings(tmp_path: Path
     for name in names:
         png = tmp_path / "out" / f"vanishing_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "vanishing" in page
-    assert escape(finding["message"]) in page and escape(finding["remedy"]) in page
+    assert "vanishing" in page and "Findings (2)" in page
+    for item in findings:  # every finding in words, not only the first
+        assert escape(item["message"]) in page and escape(item["remedy"]) in page, item["kind"]
     assert "early_late_ratio" in page and "1.20e-07" in page  # evidence
     assert "SyntheticVanishing" in page  # run.json
     assert "http://" not in page and "https://" not in page and "<script" not in page
@@ -290,6 +305,158 @@ def test_shorten_label_keeps_the_end() -> None:
     assert short.startswith("…") and short.endswith("output_projection") and len(short) <= 25
 
 
+def _lines(result: Any, gid: str) -> list[Any]:
+    return [line for ax in result.figure.axes for line in ax.get_lines() if line.get_gid() == gid]
+
+
+def _legend_texts(ax: Any) -> list[str]:
+    legend = ax.get_legend()
+    return [text.get_text() for text in legend.get_texts()] if legend is not None else []
+
+
+def _zero_history(tmp_path: Path) -> Any:
+    """Layer `a` gets exactly zero gradient from step 3 on, and stops moving from step 2 on."""
+    writer = HistoryWriter(tmp_path)
+    for step in range(6):
+        grad = np.array([0.0 if step >= 3 else 1e-3, 1.0])
+        update = np.array([0.0 if step >= 2 else 1e-4, 1e-3])
+        writer.append_step(step, ["a", "b"], np.arange(2), {"grad_l2": grad, "update_ratio": update})
+    writer.close()
+    return load_history(tmp_path)
+
+
+def test_log_plots_show_exact_zeros_on_the_bottom_edge(tmp_path: Path) -> None:
+    history = _zero_history(tmp_path)
+    ratio = ratio_figure(history)
+    np.testing.assert_array_equal(ratio.data["ratio"][3:], 0.0)  # the data keep the zeros
+    (zeros,) = _lines(ratio, "zeros")
+    assert zeros.get_xdata().tolist() == [3, 4, 5]
+    assert "0 (exactly)" in _legend_texts(ratio.figure.axes[0])
+    ratio.figure.draw_without_rendering()
+    assert ratio.figure.axes[0].get_xlim()[1] >= 5  # the axis reaches the zeros, not only the last positive step
+    profile = profile_figure(history)  # steps 0, 2 and 5; at step 5 layer a (x = 0) is zero
+    assert profile.data["steps"].tolist() == [0, 2, 5]
+    assert [line.get_xdata().tolist() for line in _lines(profile, "zeros")] == [[0.0]]
+    assert "0 (exactly)" in _legend_texts(profile.figure.axes[0])
+    update = update_ratio_figure(history)
+    assert update is not None and update.data["median"][0] == 0.0  # zeros count: the layer's median is 0
+    assert update.data["last"].tolist() == [0.0, 1e-3]
+    assert "0 (exactly)" in _legend_texts(update.figure.axes[0])
+    positive = ratio_figure(load_history(_positive_run(tmp_path / "positive")))
+    assert _lines(positive, "zeros") == [] and _legend_texts(positive.figure.axes[0]) == []
+
+
+def _positive_run(save_dir: Path) -> Path:
+    write_run(save_dir, steps=4, activations=False)
+    return save_dir
+
+
+def test_heatmap_marks_activation_site_findings_on_the_layer_they_feed(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    history = load_history(tmp_path)
+    findings = [
+        {"kind": "saturated", "layer": "net.2.act", "step": 50, "evidence": {"feeds": "net.4"}, "layers": []},
+        {"kind": "dead_units", "layer": "net.4.act", "step": 60, "layers": ["net.4.act", "net.6"]},
+        {"kind": "dormant", "layer": "not.a.layer", "step": 70},  # nowhere to put it
+    ]
+    result = heatmap_figure(history, findings)
+    order = result.data["layers"]
+    assert result.data["finding_rows"].tolist() == [order.index("net.4"), order.index("net.6")]
+    assert result.data["finding_steps"].tolist() == [50, 60]
+    assert _legend_texts(result.figure.axes[0]) == ["saturated", "dead units"]
+    as_object = SimpleNamespace(kind="saturated", layer="net.0.act", step=10, evidence={"feeds": "net.2"}, layers=[])
+    assert heatmap_figure(history, [as_object]).data["finding_rows"].tolist() == [order.index("net.2")]
+    assert "onset" in result.caption
+
+
+def test_heatmap_colour_bar_is_labelled_at_whole_decades_up_to_the_top(tmp_path: Path) -> None:
+    writer = HistoryWriter(tmp_path)
+    writer.append_step(0, ["a", "b", "c"], np.arange(3), {"grad_l2": np.array([2e-7, 1e-2, 10**1.5])})
+    writer.close()
+    result = heatmap_figure(load_history(tmp_path))
+    ticks = result.data["colorbar_ticks"]
+    assert ticks == [-8, -6, -4, -2, 0, 2]  # 10 decades (-7 to 2) need a stride of 2; both ends labelled
+    colorbar_ax = result.figure.axes[1]
+    assert colorbar_ax.get_ylim() == (-8.0, 2.0)
+    assert colorbar_ax.get_yticks().tolist() == ticks
+    writer = HistoryWriter(tmp_path / "short")
+    writer.append_step(0, ["a", "b"], np.arange(2), {"grad_l2": np.array([2e-3, 5.0])})
+    writer.close()
+    assert heatmap_figure(load_history(tmp_path / "short")).data["colorbar_ticks"] == [-3, -2, -1, 0, 1]
+
+
+def test_global_norm_has_a_legend_only_for_several_lines_and_a_log_loss(tmp_path: Path) -> None:
+    write_run(tmp_path, steps=5, activations=False)
+    history = load_history(tmp_path)
+    alone = global_norm_figure(history)
+    assert alone.figure.axes[0].get_legend() is None  # one line: the axis label says what it is
+    assert alone.data["loss_log_scale"] and alone.figure.axes[1].get_yscale() == "log"
+    assert _legend_texts(global_norm_figure(history, clip_value=1.0).figure.axes[0]) == [
+        "global gradient norm",
+        "clip norm 1",
+    ]
+    negative = history.copy()
+    loss_rows = negative.index[(negative.layer == GLOBAL_LAYER) & (negative.metric == "loss")]
+    negative.loc[loss_rows[0], "value"] = -0.5  # e.g. a negative log-likelihood bonus: no log scale
+    linear = global_norm_figure(negative)
+    assert not linear.data["loss_log_scale"] and linear.figure.axes[1].get_yscale() == "linear"
+
+
+def test_activation_sites_are_markers_with_min_max_bars_not_joined(tmp_path: Path) -> None:
+    write_run(tmp_path, steps=5)
+    history = load_history(tmp_path)
+    result = activation_figure(history)
+    assert result is not None
+    ax = result.figure.axes[0]
+    assert all(line.get_linestyle() == "None" for line in ax.get_lines())  # no line joins two sites
+    assert not any(type(c).__name__.endswith("PolyCollection") for c in ax.collections)  # no band
+    (container,) = ax.containers
+    segments = container.lines[2][0].get_segments()
+    values = result.data["act_saturation"] * 100
+    np.testing.assert_allclose([seg[0][1] for seg in segments], values.min(axis=1))
+    np.testing.assert_allclose([seg[1][1] for seg in segments], values.max(axis=1))
+
+
+def test_layer_labels_are_rotated_only_when_they_would_overlap(tmp_path: Path) -> None:
+    write_run(tmp_path / "short", steps=3, activations=False)
+    short = profile_figure(load_history(tmp_path / "short"))
+    assert {label.get_rotation() for label in short.figure.axes[0].get_xticklabels()} == {0.0}
+    names = [f"backbone.stage{i}.block.conv_{i}" for i in range(12)]
+    write_run(tmp_path / "long", names=names, steps=3, activations=False)
+    long = profile_figure(load_history(tmp_path / "long"))
+    assert {label.get_rotation() for label in long.figure.axes[0].get_xticklabels()} == {45.0}
+
+
+def test_many_runs_stay_distinguishable(tmp_path: Path) -> None:
+    assert "#f0e442" not in RUN_COLORS  # the yellow that hardly shows on white
+    assert len({(run_style(i)["color"], str(run_style(i)["linestyle"])) for i in range(32)}) == 32
+    runs = []
+    for i in range(9):
+        write_run(tmp_path / f"r{i}", steps=3, activations=False, update_ratio=False)
+        runs.append(load_run(tmp_path / f"r{i}", f"run{i}"))
+    for result in (compare_ratios_figure(runs), compare_profiles_figure(runs)):
+        lines = [line for line in result.figure.axes[0].get_lines() if line.get_label().startswith("run")]
+        assert len(lines) == 9
+        assert len({(line.get_color(), str(line.get_linestyle())) for line in lines}) == 9, result.name
+    ninth = next(line for line in compare_ratios_figure(runs).figure.axes[0].get_lines() if line.get_label() == "run8")
+    assert ninth.get_color() == RUN_COLORS[0] and ninth.get_linestyle() == "--" and ninth.get_marker() == "s"
+
+
+def test_figures_use_readable_metric_names(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", clip=1.0)
+    write_run(tmp_path / "b", "healthy")
+    runs = [load_run(tmp_path / "a"), load_run(tmp_path / "b")]
+    results = [*run_figures(runs[0]), compare_profiles_figure(runs), compare_ratios_figure(runs)]
+    assert len(results) == 8
+    assert results[0].title == "Gradient L2 norm per layer and step"
+    for result in results:
+        for ax in result.figure.axes:
+            texts = [ax.get_title(loc) for loc in ("left", "center", "right")] + [ax.get_xlabel(), ax.get_ylabel()]
+            texts += _legend_texts(ax)
+            raw = [text for text in texts if re.search(r"grad_l2|update_ratio|act_\w+|early_late", text)]
+            assert raw == [], (result.name, raw)
+
+
 # ----------------------------------------------------------------------------------- reading inputs
 def test_truncated_history_is_reported_with_a_warning(tmp_path: Path) -> None:
     writer = write_run(tmp_path / "torn", steps=5, keep_open=True, run_info=False)
@@ -309,6 +476,120 @@ def test_torn_last_findings_line_is_skipped(tmp_path: Path) -> None:
     assert [f["layer"] for f in findings] == ["net.0", "net.2"] and skipped == 1
     run = load_run(tmp_path)
     assert any("skipped 1 unreadable line" in w for w in run.warnings)
+
+
+def test_findings_a_resumed_run_wrote_twice_are_counted_once(tmp_path: Path) -> None:
+    first = vanishing_finding("net.0", 100)
+    again = {**first, "reported_step": 130, "message": "recomputed after the resume"}  # same kind, layer, step
+    dormant = {**vanishing_finding("net.2", 110), "kind": "dormant", "message": "net.2 does not move"}
+    write_run(tmp_path, findings=[first, dormant, again])
+    findings, skipped = read_findings(tmp_path)
+    api = load_findings(tmp_path)  # what gradlight.diagnosis returns
+    assert skipped == 0 and len(findings) == len(api) == 2
+    assert [(f["kind"], f["layer"], f["step"]) for f in findings] == list(zip(api.kind, api.layer, api.step))
+    assert next(f for f in findings if f["kind"] == "vanishing")["message"] == "recomputed after the resume"
+    assert all(isinstance(f["step"], int) and isinstance(f["reported_step"], int) for f in findings)
+    run = load_run(tmp_path)
+    assert summarize(run).findings == 2 and summarize(run).findings_by_kind == {"vanishing": 1, "dormant": 1}
+    page = build_report([tmp_path], tmp_path / "out", progress=False).read_text()
+    assert "Findings (2)" in page and "recomputed after the resume" in page
+    assert escape(first["message"]) not in page
+
+
+def test_findings_the_api_rejects_are_read_line_by_line_with_its_rules(tmp_path: Path) -> None:
+    write_run(tmp_path)
+    lines = [
+        {"kind": "dormant", "layer": "net.2", "message": "no step"},  # load_findings cannot cast a missing step
+        {**vanishing_finding(), "message": "old copy"},
+        {**vanishing_finding(), "message": "new copy"},
+        [1, 2],  # not an object
+    ]
+    (tmp_path / "findings.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    findings, skipped = read_findings(tmp_path)
+    assert skipped == 1
+    assert [(f["kind"], f["step"], f["message"]) for f in findings] == [
+        ("dormant", -1, "no step"),
+        ("vanishing", 100, "new copy"),
+    ]
+
+
+class RecordingBar:
+    """Stands in for tqdm: records what the report tells its progress bars."""
+
+    def __init__(self, bars: list[RecordingBar], **kwargs: Any) -> None:
+        self.total, self.desc, self.disable = kwargs["total"], kwargs["desc"], kwargs["disable"]
+        self.updates: list[int] = []
+        self.postfixes: list[str] = []
+        bars.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.updates.append(n)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfixes.append(text)
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _resumed_run(save_dir: Path) -> list[Path]:
+    """30 record batches in a first segment, 5 in a second one (a run resumed at step 200)."""
+    write_run(save_dir, findings=[vanishing_finding()])
+    writer = HistoryWriter(save_dir, start_step=200)
+    for step in range(200, 250, 10):
+        writer.append_step(step, [f"net.{2 * i}" for i in range(8)], np.arange(8), {"grad_l2": np.ones(8)})
+        writer.flush()
+    writer.close()
+    return sorted((save_dir / "history").glob("segment-*.arrow"))
+
+
+def test_progress_advances_per_record_batch_segment_and_figure(tmp_path: Path, monkeypatch: Any) -> None:
+    segments = _resumed_run(tmp_path / "a")
+    write_run(tmp_path / "b", "healthy")
+    bars: list[RecordingBar] = []
+    monkeypatch.setattr("gradlight.report.tqdm", lambda **kwargs: RecordingBar(bars, **kwargs))
+    build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", progress=True)
+    reading, drawing = bars
+    assert reading.desc == "reading" and drawing.desc == "drawing" and not reading.disable
+    sizes = sum(path.stat().st_size for path in segments) + sum(
+        path.stat().st_size for path in (tmp_path / "b" / "history").glob("segment-*.arrow")
+    )
+    assert reading.total == sum(reading.updates) == sizes
+    assert len(reading.updates) >= 30 + 5 + 30  # one update per record batch at least: the bar moves while reading
+    assert reading.postfixes == ["a", "b"]
+    assert drawing.total == 2 * 6 + 2 + 1 and drawing.updates == [1] * drawing.total
+    assert drawing.postfixes == ["a", "b", "comparison", "report.html"]
+    bars.clear()
+    build_report([tmp_path / "b"], tmp_path / "quiet", progress=False)
+    assert [bar.disable for bar in bars] == [True, True]
+
+
+def test_progress_bars_are_drawn_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path / "run", steps=5, activations=False)
+    build_report([tmp_path / "run"], tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "reading:" in err and "drawing:" in err and "figure" in err
+    build_report([tmp_path / "run"], tmp_path / "out2", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_history_reader_reports_the_bytes_of_every_batch_and_segment(tmp_path: Path) -> None:
+    segments = _resumed_run(tmp_path)
+    tear(write_run(tmp_path / "torn", steps=5, keep_open=True))
+    for save_dir, files in ((tmp_path, segments), (tmp_path / "torn", [writer_path(tmp_path / "torn")])):
+        calls: list[int] = []
+        result = read_history(save_dir, progress=calls.append)
+        assert sum(calls) == sum(path.stat().st_size for path in files)  # torn tails included
+        assert len(calls) >= sum(segment.rows > 0 for segment in result.segments) and all(n > 0 for n in calls)
+    assert len(calls) >= 5  # the 4 complete batches of the torn segment, then its tail
+
+
+def writer_path(save_dir: Path) -> Path:
+    (path,) = (save_dir / "history").glob("segment-*.arrow")
+    return path
 
 
 def test_bad_inputs_raise_one_line_errors(tmp_path: Path) -> None:
