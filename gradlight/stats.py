@@ -28,6 +28,7 @@ __all__ = [
     "nonfinite_counts",
     "reduce_to_layers",
     "snapshot",
+    "squares",
     "update_squares",
 ]
 
@@ -115,6 +116,20 @@ def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Te
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).abs_().to(home)  # abs_: no -0.0
 
 
+def squares(norms: Tensor) -> Tensor:
+    """``norms ** 2`` in float64 (float32 on MPS, which has no float64).
+
+    A float32 norm of 1e20 is fine, its square is not: squares and their sums stay wide so that huge but
+    finite gradients are not counted as non-finite.
+
+    Example:
+        >>> squares(torch.tensor([2.0**70])).item() == 2.0**140  # float32 tops out near 2**128
+        True
+    """
+    wide = norms if norms.device.type == "mps" else norms.double()
+    return wide.square()
+
+
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` (fused), e.g. parameters before an optimizer step."""
     with torch.no_grad():
@@ -122,7 +137,7 @@ def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def update_squares(after: Sequence[Tensor], before: list[Tensor], device: torch.device | None = None) -> Tensor:
-    """Squared L2 norm of ``after[i] - before[i]`` for each pair, in float32.
+    """Squared L2 norm of ``after[i] - before[i]`` for each pair (see :func:`squares`).
 
     ``before`` (a :func:`snapshot`) is overwritten with the differences, which saves an allocation.
     """
@@ -130,7 +145,7 @@ def update_squares(after: Sequence[Tensor], before: list[Tensor], device: torch.
         return torch.zeros(0, device=device)
     with torch.no_grad():
         torch._foreach_sub_(before, [t.detach() for t in after])
-        return foreach_norms(before, 2.0, device).square()
+        return squares(foreach_norms(before, 2.0, device))
 
 
 def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
@@ -139,7 +154,8 @@ def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = No
         return torch.zeros(0, device=device)
     home = device if device is not None else tensors[0].device
     with torch.no_grad():
-        return torch.stack([(~torch.isfinite(t)).sum().to(home, torch.float32) for t in tensors])
+        counts = torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).to(home)
+        return counts if home.type == "mps" else counts.double()  # exact beyond 2**24 elements
 
 
 def reduce_to_layers(sums: Tensor, maxima: Tensor, layer_index: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:

@@ -29,6 +29,7 @@ from gradlight.stats import (
     nonfinite_counts,
     reduce_to_layers,
     snapshot,
+    squares,
     update_squares,
 )
 
@@ -239,9 +240,9 @@ class GradientFlowTracker:
             tensors.append(local)
             originals.append(param)
         device = tensors[0].device if tensors else torch.device("cpu")
-        grad_sq = foreach_norms(grads, 2.0, device).square()
+        grad_sq = squares(foreach_norms(grads, 2.0, device))
         grad_max = max_abs(grads, device)
-        grad_count = torch.tensor(has_grad, dtype=torch.float32).to(device) if aligned else None
+        grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if aligned else None
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
@@ -254,7 +255,7 @@ class GradientFlowTracker:
             originals=originals,
             grad_sq=grad_sq,
             grad_max=grad_max,
-            param_sq=foreach_norms(tensors, 2.0, device).square(),
+            param_sq=squares(foreach_norms(tensors, 2.0, device)),
             before=snapshot(tensors) if self.track_update_ratio else [],
             grad_scale=grad_scale,
             grad_count=grad_count,
@@ -294,16 +295,40 @@ class GradientFlowTracker:
         # Layers whose parameters had a gradient on some rank (all of them unless columns are aligned).
         keep = layer_rows[3] > 0 if pending.grad_count is not None else np.ones(len(candidates), dtype=bool)
         present = [layer for layer, kept in zip(candidates, keep) if kept]
-        grad_sq, param_sq, upd_sq = layer_rows[:3, keep]
         nonfinite = np.zeros(len(candidates))
-        if not np.isfinite(layer_rows[0]).all():  # rare: count NaN/Inf elements exactly
-            local_counts = nonfinite_counts(pending.grads, device).unsqueeze(0)
-            counts, _ = self.reduction(local_counts, maxima[:0], pending.originals)
-            nonfinite = reduce_to_layers(counts, maxima[:0], layer_index, len(candidates))[0][0].cpu().numpy()
+        if not np.isfinite(layer_rows[0]).all():  # rare: one more collective, on this step only
+            nonfinite, layer_rows[0] = self._recount_nonfinite(pending, layer_index, len(candidates))
+        grad_sq, param_sq, upd_sq = layer_rows[:3, keep]
         record = self._record(pending.step, present, grad_sq, grad_max[keep], nonfinite[keep], param_sq, upd_sq)
         if pending.grad_scale != 1.0:
             record.global_metrics["grad_scale"] = pending.grad_scale
         return record
+
+    def _recount_nonfinite(
+        self, pending: _Pending, layer_index: Tensor, num_layers: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact NaN/Inf element counts and layer ``grad_sq`` for a step whose fused norms were not finite.
+
+        A float32 norm also overflows when every element is finite but their squares' sum is above ~3e38
+        (elements of ~1e19 and more): those tensors' norms are recomputed in float64, so a huge but finite
+        gradient is reported as huge, not as non-finite. Counts and squares share one reduction.
+        """
+        device = pending.grad_sq.device
+        counts = nonfinite_counts(pending.grads, device)
+        grad_sq = pending.grad_sq.clone()
+        overflowed = ((~torch.isfinite(grad_sq)) & (counts == 0)).nonzero().flatten().tolist()  # host sync
+        for i in overflowed:
+            grad = pending.grads[i]
+            wide = torch.linalg.vector_norm(grad, dtype=torch.float64 if device.type != "mps" else torch.float32)
+            grad_sq[i] = squares(wide.to(device)) / (pending.grad_scale * pending.grad_scale)
+        rows = torch.stack([counts.to(grad_sq.dtype), grad_sq])
+        if pending.grad_count is not None:
+            rows = torch.cat([rows, pending.grad_count.unsqueeze(0)])
+        sums, _ = self.reduction(rows, pending.grad_max.unsqueeze(0)[:0], pending.originals)
+        if pending.grad_count is not None:
+            sums = sums[:2] * (sums[2:] > 0)
+        layer_sums = reduce_to_layers(sums, sums[:0], layer_index, num_layers)[0].cpu().numpy()
+        return layer_sums[0], layer_sums[1].astype(np.float64)
 
     def _layer_index(self, indices: list[int], present: list[int], device: torch.device) -> Tensor:
         key = tuple(indices)

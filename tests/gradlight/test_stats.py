@@ -125,3 +125,14 @@ def test_no_gradient_at_all_gives_a_nan_global_norm_not_zero() -> None:
     tracker.capture(0, net.parameters())  # e.g. DeepSpeed ZeRO >= 2 keeps no param.grad
     record = tracker.finalize()
     assert record.layers == [] and math.isnan(record.global_metrics["global_grad_l2"])
+
+
+def test_huge_finite_gradients_are_not_counted_as_non_finite() -> None:
+    net = nn.Linear(3, 1)
+    tracker = GradientFlowTracker(net)
+    net.weight.grad = torch.full_like(net.weight, 3e25)  # finite in float32; its square is not
+    net.bias.grad = torch.ones_like(net.bias)
+    tracker.capture(0, net.parameters())
+    record = tracker.finalize()
+    assert record.metrics["grad_nonfinite"].tolist() == [0.0]
+    assert record.global_metrics["global_grad_l2"] == pytest.approx(math.sqrt(3 * 9e50 + 1), rel=1e-6)
