@@ -186,6 +186,7 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         self.gradient_flow_group_by = gradient_flow_group_by
         self.ema: ModelEMA | None = None
         self._pending_ema_state: dict[str, Any] | None = None
+        self._pending_criterion_updates: int | None = None
         self._val_detections: dict[int, list[dict[str, Any]]] = {}
         self._val_ground_truth: dict[str, Any] | None = None
 
@@ -239,8 +240,12 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         return linear_or_cosine(self.recipe, max(int(self.trainer.max_epochs or 1), 1))(epoch)
 
     def configure_optimizers(self) -> Any:
-        """SGD (Nesterov) with Ultralytics' parameter groups and per-epoch linear/cosine LR."""
-        batch_size = self._train_batch_size()
+        """SGD (Nesterov) with Ultralytics' parameter groups and per-epoch linear/cosine LR.
+
+        Weight decay is scaled like Ultralytics' ``weight_decay * batch * accumulate / nbs``, where ``batch`` is
+        the global batch (Ultralytics' ``batch`` counts all devices): per-process batch times world size.
+        """
+        batch_size = self._train_batch_size() * max(int(self.trainer.world_size), 1)
         accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
         weight_decay = self.recipe.weight_decay * batch_size * accumulate / self.recipe.nbs
         groups = ultralytics_param_groups(self.model, weight_decay)
@@ -270,35 +275,65 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
     def on_train_epoch_end(self) -> None:
         """Per-epoch bookkeeping: YOLO26 loss weight decay and mosaic closing for the next epoch."""
         criterion = getattr(self.model, "criterion", None)
-        if criterion is not None and hasattr(criterion, "update"):
+        if hasattr(criterion, "update"):
             criterion.update()
         datamodule = getattr(self.trainer, "datamodule", None)
         if hasattr(datamodule, "update_epoch"):
             datamodule.update_epoch(self.current_epoch + 1)
 
-    # ---------------------------------------------------------------------------------------------- EMA
+    # ------------------------------------------------------------------------------------- EMA, criterion
     def on_fit_start(self) -> None:
-        """Create the EMA on the training device (restoring it when resuming)."""
-        if not self.recipe.ema:
-            return
-        self.ema = ModelEMA(self.model, decay=self.recipe.ema_decay, tau=self.recipe.ema_tau)
-        if self._pending_ema_state is not None:
-            self.ema.ema.load_state_dict(self._pending_ema_state["state_dict"])
-            self.ema.updates = self._pending_ema_state["updates"]
-            self._pending_ema_state = None
+        """Create the EMA and the loss on the training device (restoring both when resuming)."""
+        if self.recipe.ema:
+            self.ema = ModelEMA(self.model, decay=self.recipe.ema_decay, tau=self.recipe.ema_tau)
+            if self._pending_ema_state is not None:
+                self._restore_ema(self._pending_ema_state)
+        self._build_criterion()
+
+    def _restore_ema(self, state: dict[str, Any]) -> None:
+        assert self.ema is not None
+        self.ema.ema.load_state_dict(state["state_dict"])
+        self.ema.updates = state["updates"]
+        self._pending_ema_state = None
+
+    def _build_criterion(self) -> None:
+        """Build the loss for this fit's epochs, as Ultralytics' trainer does (``model.args = trainer args``).
+
+        YOLO26's ``E2ELoss`` decays its one-to-many weight from 0.8 to 0.1 over ``hyp.epochs - 1`` per-epoch
+        updates; ``hyp`` is ``model.args``, whose default ``epochs`` (100) is not this run's. It is built after
+        the EMA (which copies the model), like Ultralytics builds it lazily at the first loss.
+        """
+        epochs = int(self.trainer.max_epochs or 0)
+        if epochs > 0:  # max_epochs=-1 (a max_steps run): the epoch count is unknown, keep Ultralytics' default
+            self.model.args.epochs = epochs
+        self.model.criterion = self.model.init_criterion()
+        if self._pending_criterion_updates is not None:
+            self._restore_criterion(self._pending_criterion_updates)
+
+    def _restore_criterion(self, updates: int) -> None:
+        """Continue the loss schedule after ``updates`` epochs (Ultralytics' resume: ``updates - 1``, then update)."""
+        criterion = getattr(self.model, "criterion", None)
+        if updates > 0 and hasattr(criterion, "update"):
+            criterion.updates = updates - 1
+            criterion.update()
+        self._pending_criterion_updates = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the EMA weights next to the raw ones."""
+        """Store the EMA weights next to the raw ones, and the loss schedule's position (YOLO26)."""
         if self.ema is not None:
             checkpoint["ema"] = {"state_dict": self.ema.ema.state_dict(), "updates": self.ema.updates}
+        updates = getattr(getattr(self.model, "criterion", None), "updates", None)
+        if updates is not None:
+            checkpoint["criterion_updates"] = int(updates)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the EMA weights until ``on_fit_start`` builds the EMA (or load them if it already exists)."""
+        """Keep the EMA weights and loss schedule until ``on_fit_start`` builds them (or load them now)."""
         self._pending_ema_state = checkpoint.get("ema")
+        self._pending_criterion_updates = checkpoint.get("criterion_updates")
         if self.ema is not None and self._pending_ema_state is not None:  # strategies that restore after setup
-            self.ema.ema.load_state_dict(self._pending_ema_state["state_dict"])
-            self.ema.updates = self._pending_ema_state["updates"]
-            self._pending_ema_state = None
+            self._restore_ema(self._pending_ema_state)
+        if getattr(self.model, "criterion", None) is not None and self._pending_criterion_updates is not None:
+            self._restore_criterion(self._pending_criterion_updates)
 
     @property
     def eval_model(self) -> nn.Module:

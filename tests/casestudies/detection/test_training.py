@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pandas as pd
 import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from casestudies.detection import offline
 
@@ -109,10 +112,71 @@ def test_two_process_ddp_training_step_on_cpu(coco8_yaml: Path, tmp_path: Path) 
     assert sorted(history.step.unique()) == [0, 1]
 
 
-def test_yolo26_trains_with_its_end_to_end_loss_updated_each_epoch(coco8_yaml: Path) -> None:
+def ultralytics_o2m(updates: int, epochs: int) -> float:
+    """``E2ELoss.decay`` (ultralytics/utils/loss.py): 0.8 -> 0.1 linearly over ``epochs - 1`` updates."""
+    return max(1 - updates / max(epochs - 1, 1), 0) * (0.8 - 0.1) + 0.1
+
+
+class CriterionRecorder(L.Callback):
+    """The E2ELoss schedule as each epoch starts: (epoch, updates, o2m, o2o)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, float, float]] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        criterion = pl_module.model.criterion
+        self.seen.append((trainer.current_epoch, criterion.updates, criterion.o2m, criterion.o2o))
+
+
+def fit_yolo26(coco8_yaml: Path, epochs: int, checkpoints: Path, ckpt_path: Path | None = None) -> CriterionRecorder:
     dm = YoloDataModule(str(coco8_yaml), imgsz=64, batch_size=2, workers=0)
     module = DetectorModule("yolo26n.yaml", "no_residual", num_classes=dm.num_classes, names=dm.names, scope="all")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_train_batches=1, limit_val_batches=0, **QUIET)
-    trainer.fit(module, dm)
-    assert type(module.model.criterion).__name__ == "E2ELoss"
-    assert module.model.criterion.updates == 2  # o2m weight decays once per epoch, as in Ultralytics' trainer
+    recorder = CriterionRecorder()
+    saver = ModelCheckpoint(dirpath=checkpoints, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    quiet = {**QUIET, "enable_checkpointing": True}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        callbacks=[recorder, saver],
+        **quiet,
+    )
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    criterion = module.model.criterion
+    assert type(criterion).__name__ == "E2ELoss"
+    assert criterion.one2one.hyp.epochs == criterion.one2many.hyp.epochs == epochs  # not the cfg's 100
+    assert criterion.updates == epochs  # one update per epoch, as in Ultralytics' trainer
+    assert criterion.o2m == pytest.approx(0.1) and criterion.o2o == pytest.approx(0.9)  # the final gains
+    return recorder
+
+
+def test_yolo26_end_to_end_loss_follows_ultralytics_schedule_and_resumes(coco8_yaml: Path, tmp_path: Path) -> None:
+    epochs = 4
+    full = fit_yolo26(coco8_yaml, epochs, tmp_path / "full")
+    expected = [(e, e, ultralytics_o2m(e, epochs), 1 - ultralytics_o2m(e, epochs)) for e in range(epochs)]
+    assert full.seen == [pytest.approx(row) for row in expected]
+    assert [round(row[2], 4) for row in full.seen] == [0.8, 0.5667, 0.3333, 0.1]
+
+    # Killed after epoch 2 (index 1): the resumed run continues the schedule instead of restarting at 0.8.
+    checkpoint = tmp_path / "full" / "epoch=1.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["criterion_updates"] == 2
+    resumed = fit_yolo26(coco8_yaml, epochs, tmp_path / "resumed", ckpt_path=checkpoint)
+    assert resumed.seen == full.seen[2:]
+
+
+@pytest.mark.parametrize(("world_size", "accumulate", "expected"), [(1, 1, 0.25), (1, 4, 1.0), (8, 1, 2.0)])
+def test_weight_decay_scales_with_the_global_batch_like_ultralytics(
+    world_size: int, accumulate: int, expected: float
+) -> None:
+    # Ultralytics: weight_decay * batch * accumulate / nbs, batch counting every device (16 per process here).
+    module = DetectorModule("yolo11n.yaml", "intact", num_classes=3, training={"nbs": 64})
+    module._trainer = SimpleNamespace(
+        world_size=world_size,
+        accumulate_grad_batches=accumulate,
+        datamodule=SimpleNamespace(batch_size=16),
+        max_epochs=10,
+    )
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    decay = {group["param_group"]: group["weight_decay"] for group in groups}
+    assert decay == {"weight": pytest.approx(module.recipe.weight_decay * expected), "bn": 0.0, "bias": 0.0}
