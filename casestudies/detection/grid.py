@@ -256,7 +256,10 @@ def _check_model(model: str) -> None:
 
 
 def _check_data(data: str) -> None:
-    if data == "synthetic" or Path(data).expanduser().exists():
+    if data == "synthetic":
+        return
+    if Path(data).expanduser().exists():
+        _check_local_data(Path(data).expanduser())
         return
     bare = "/" not in data and data.endswith((".yaml", ".yml"))
     if bare and (_ultralytics_cfg_dir() / "datasets" / data).exists():
@@ -265,6 +268,27 @@ def _check_data(data: str) -> None:
         f"--data {data!r} does not exist; give 'synthetic', an existing data YAML, or the bare name of a "
         "dataset Ultralytics ships (e.g. coco8.yaml, downloaded on first use)"
     )
+
+
+def _check_local_data(path: Path) -> None:
+    """Read a local data YAML as both trainers will (never downloading); its image folders must exist."""
+    from casestudies.detection.data import resolve_data
+
+    if not path.is_file():
+        raise GridError(f"--data {str(path)!r} is a folder; give the data YAML file inside it")
+    try:
+        checked = resolve_data(str(path), allow_download=False)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, yaml.YAMLError) as error:
+        message = " ".join(str(error).replace("❌", "").split())
+        raise GridError(f"--data {str(path)!r} is not a usable data YAML: {message}") from error
+    for split in ("train", "val"):
+        entries = checked.get(split) or []
+        missing = [str(p) for p in (entries if isinstance(entries, list) else [entries]) if not Path(p).exists()]
+        if missing:
+            raise GridError(
+                f"--data {str(path)!r}: the {split!r} images are missing at {', '.join(missing)}; fix the paths "
+                "in the YAML (a YAML without 'path:' resolves them relative to its own folder)"
+            )
 
 
 def _check_out(out: Path, resume: bool) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +33,17 @@ def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 400
     )
 
 
+#: The issue's contract for the smoke preset ("finishes in under 3 minutes"); it takes ~40 s here.
+SMOKE_SECONDS = 180
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("grid") / "smoke"
-    return run_script("--preset", "smoke", "--out", str(out)), out
+    started = time.perf_counter()
+    process = run_script("--preset", "smoke", "--out", str(out))
+    (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
+    return process, out
 
 
 @pytest.mark.slow
@@ -55,10 +64,27 @@ def test_smoke_preset_writes_every_column_and_a_row_per_variant(smoke):
     for name in ("report.html", "map_vs_grad_ratio.png", "loss_curves.png", "grad_profiles.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "Ablation grid: summary" in (out / "report.html").read_text()
+    assert float((out / "wall_seconds.txt").read_text()) < SMOKE_SECONDS
     assert all(name in process.stdout for name in SMOKE_VARIANTS)  # the printed table
     # The textbook net starves its first layer; the intact one does not.
     ratios = frame.set_index("variant")["grad_ratio_early_late"]
     assert ratios["stripped_sigmoid"] < 1e-2 * ratios["intact"]
+
+
+@pytest.mark.slow
+def test_report_holds_the_gradlight_report_of_every_run(smoke):
+    process, out = smoke
+    assert process.returncode == 0, process.stdout + process.stderr
+    gradlight_page = (out / "report" / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "could not be built" not in page
+    for name in SMOKE_VARIANTS:
+        assert name in gradlight_page
+        heatmap = out / "report" / f"{name}_heatmap.png"
+        assert heatmap.stat().st_size > 1000, name
+        # The grid page embeds the gradlight report itself: this run's heat map, byte for byte.
+        assert base64.b64encode(heatmap.read_bytes()).decode() in page, name
+    assert page.index("Ablation grid: summary") < page.index(base64.b64encode(heatmap.read_bytes()).decode())
 
 
 @pytest.mark.slow
@@ -125,6 +151,28 @@ def test_bad_options_exit_non_zero_before_training(tmp_path, capsys, args, messa
     out = tmp_path / "out"
     assert grid.main([*args, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was prepared or trained
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ("val", "images not found, missing path"),  # Ultralytics' own check, reworded
+        ("train", "the 'train' images are missing at"),  # Ultralytics checks val only
+    ],
+)
+def test_local_data_yaml_with_missing_images_exits_before_training(tmp_path, capsys, missing, message):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        if split != missing:
+            (root / "images" / split).mkdir(parents=True)
+    data = root / "broken.yaml"
+    data.write_text("train: images/train\nval: images/val\nnames: {0: thing}\n")
+    out = tmp_path / "out"
+    assert grid.main(["--preset", "smoke", "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {str(data)!r}" in err and message in err, err
+    assert str(root / "images" / missing) in err  # names the missing folder
     assert not out.exists()  # nothing was prepared or trained
 
 
