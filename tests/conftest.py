@@ -1,12 +1,13 @@
-"""Suite-wide test settings: no network, one thread, offline Ultralytics."""
+"""Suite-wide test settings: no network (in this process and in every process a test starts), one thread,
+offline Ultralytics."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
+import sys
+import tempfile
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -15,48 +16,60 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
+#: The guard and the ``sitecustomize.py`` that installs it in child processes (put on their PYTHONPATH).
+NETGUARD_DIR = Path(__file__).resolve().parent / "casestudies" / "detection" / "_netguard"
+if str(NETGUARD_DIR) not in sys.path:
+    sys.path.insert(0, str(NETGUARD_DIR))
 
-class NetworkAccessError(RuntimeError):
-    """A test tried to open a connection to a non-loopback address."""
+import gradlight_netguard as netguard  # noqa: E402
+
+NetworkAccessError = netguard.NetworkAccessError
 
 
-def _is_loopback(address: Any) -> bool:
-    if isinstance(address, (str, bytes)):
-        return True  # AF_UNIX socket path
-    if not (isinstance(address, tuple) and address):
-        return False
-    host = address[0]
-    if host in ("localhost", "", None):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _install_network_guard() -> str | None:
+    """Guard this process now, and every Python process started from here on (env is inherited).
+
+    Returns:
+        The attempts log when this session created it (removed at the end), None when inherited.
+    """
+    created = None
+    if not os.environ.get(netguard.LOG_ENV):
+        handle, created = tempfile.mkstemp(prefix="gradlight-netguard-", suffix=".jsonl")
+        os.close(handle)
+        os.environ[netguard.LOG_ENV] = created
+    paths = [str(NETGUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    netguard.install()
+    return created
+
+
+_CREATED_LOG = _install_network_guard()
+
+
+def _describe(attempts: list[dict]) -> str:
+    lines = [f"  pid {a['pid']} ({a['argv']}): {a['kind']} {a['target']}" for a in attempts[:10]]
+    more = f"\n  ... and {len(attempts) - 10} more" if len(attempts) > 10 else ""
+    return "\n".join(lines) + more
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail the test if anything opens a socket to, or resolves, a non-loopback address."""
-    real_connect = socket.socket.connect
-    real_connect_ex = socket.socket.connect_ex
-    real_getaddrinfo = socket.getaddrinfo
+def no_network() -> Iterator[None]:
+    """Fail the test if it, its fixtures, or any process they started tried to reach a non-loopback address.
 
-    def guarded_connect(self: socket.socket, address: Any) -> Any:
-        if not _is_loopback(address):
-            raise NetworkAccessError(f"test opened a network connection to {address!r}")
-        return real_connect(self, address)
-
-    def guarded_connect_ex(self: socket.socket, address: Any) -> Any:
-        if not _is_loopback(address):
-            raise NetworkAccessError(f"test opened a network connection to {address!r}")
-        return real_connect_ex(self, address)
-
-    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _is_loopback((host,)):
-            raise NetworkAccessError(f"test resolved the host name {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    Each attempt already raised ``NetworkAccessError`` where it happened; the log catches the ones that an
+    ``except Exception`` swallowed, or that happened in a child process whose failure went unnoticed.
+    """
     yield
+    attempts = netguard.take_unreported()
+    if attempts:
+        pytest.fail(f"network access attempted (blocked) during this test:\n{_describe(attempts)}", pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Attempts after the last test's teardown (session fixtures' teardown) fail the run too."""
+    attempts = netguard.take_unreported()
+    if attempts:
+        print(f"\nnetwork access attempted (blocked) outside any test:\n{_describe(attempts)}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if _CREATED_LOG:
+        Path(_CREATED_LOG).unlink(missing_ok=True)
