@@ -63,3 +63,29 @@ def test_layer_names_are_those_of_the_lightning_module(baseline_run):
     depths = history.groupby("layer")["depth"].first().sort_values()
     assert depths.index[0] == "model.model.0" and depths.index[-1] == "model.model.23"
     assert not math.isnan(history["value"].min())
+
+
+@pytest.mark.slow
+def test_yolo26n_baseline_trains_one_epoch_offline(tmp_path: Path) -> None:
+    """The issue's quick-start call, ``YOLO("yolo26n.yaml").train(...)``, made offline: 1 epoch, 32 px."""
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=8, num_val=4, imgsz=32)
+    config = BaselineConfig(
+        data=str(data),
+        run_dir=str(tmp_path / "run"),
+        model="yolo26n.yaml",
+        epochs=1,
+        imgsz=32,
+        batch=4,
+        workers=0,
+        log_every_n_steps=1,
+    )
+    result = train_baseline(config)
+    assert result["optimizer_steps"] == 2 and result["epochs"] == 1  # 8 images / batch 4
+    expected = DetectorModule("yolo26n.yaml", variant="intact", num_classes=3).model
+    assert result["params"] == sum(p.numel() for p in expected.parameters())  # YOLO26, not YOLO11
+    assert 0.0 <= result["map50_95"] <= result["map50"] <= 1.0
+    history = load_history(tmp_path / "run" / "gradlight", metrics=["grad_l2"])
+    assert sorted(history["step"].unique()) == [0, 1]
+    depths = history.groupby("layer")["depth"].first().sort_values()
+    assert depths.index[0] == "model.model.0" and depths.index[-1] == f"model.model.{len(expected.model) - 1}"
+    assert np.isfinite(history["value"]).all()
