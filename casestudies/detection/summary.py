@@ -191,15 +191,17 @@ def plot_map_vs_ratio(frame: pd.DataFrame, path: Path) -> Path:
     """mAP50-95 against the early/late gradient ratio, one labelled point per variant, log x."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for index, (_, row) in enumerate(frame.iterrows()):
+    for _, row in frame.iterrows():
         x, y = row["grad_ratio_early_late"], row["map50_95"]
         if not (np.isfinite(x) and np.isfinite(y) and x > 0):
             continue
         baseline = row["trainer"] == "ultralytics"
-        ax.scatter(x, y, s=60, marker="*" if baseline else "o", color="black" if baseline else None, zorder=3)
-        offset = (6, 6) if index % 2 == 0 else (6, -12)  # alternate so neighbouring labels do not collide
-        ax.annotate(str(row["variant"]), (x, y), textcoords="offset points", xytext=offset, fontsize=9)
+        style = {"marker": "*", "color": "black", "s": 110} if baseline else {"marker": "o", "s": 60}
+        ax.scatter(x, y, label=str(row["variant"]), zorder=3, **style)  # a legend: close points never collide
     ax.set_xscale("log")
+    ax.margins(x=0.1, y=0.08)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("early/late gradient ratio (median, last quarter of training; log)")
     ax.set_ylabel("mAP50-95 (pycocotools)")
     ax.set_title("Gradient reaching the first layer vs. detection quality")
