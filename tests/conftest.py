@@ -17,7 +17,7 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "0")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 #: The guard and the ``sitecustomize.py`` that installs it in child processes (put on their PYTHONPATH).
-NETGUARD_DIR = Path(__file__).resolve().parent / "casestudies" / "detection" / "_netguard"
+NETGUARD_DIR = Path(__file__).resolve().parent / "_netguard"
 if str(NETGUARD_DIR) not in sys.path:
     sys.path.insert(0, str(NETGUARD_DIR))
 
