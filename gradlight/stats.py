@@ -133,7 +133,7 @@ def squares(norms: Tensor) -> Tensor:
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Copy ``tensors`` (fused), e.g. parameters before an optimizer step."""
     with torch.no_grad():
-        return list(torch._foreach_mul([t.detach() for t in tensors], 1.0)) if tensors else []
+        return list(torch._foreach_mul(list(tensors), 1.0)) if tensors else []
 
 
 def update_squares(after: Sequence[Tensor], before: list[Tensor], device: torch.device | None = None) -> Tensor:
@@ -144,7 +144,7 @@ def update_squares(after: Sequence[Tensor], before: list[Tensor], device: torch.
     if not after:
         return torch.zeros(0, device=device)
     with torch.no_grad():
-        torch._foreach_sub_(before, [t.detach() for t in after])
+        torch._foreach_sub_(before, list(after))
         return squares(foreach_norms(before, 2.0, device))
 
 

@@ -80,7 +80,7 @@ def early_late_ratio(grad_l2: np.ndarray, edge_layers: int = 1) -> float:
     """Geometric mean of the first ``edge_layers`` layers' norms over that of the last ones.
 
     Example:
-        >>> early_late_ratio(np.array([1e-6, 1e-3, 1.0]))
+        >>> round(early_late_ratio(np.array([1e-6, 1e-3, 1.0])), 12)
         1e-06
     """
     if grad_l2.size == 0:
@@ -226,19 +226,37 @@ class GradientFlowTracker:
         # parameter, even one whose gradient is None on this rank (FSDP1 gives empty slices no gradient).
         aligned = not isinstance(self.reduction, LocalReduction)
         has_grad: list[bool] = []
-        for param in params:
-            position = layer_map.params_by_id.get(id(param))
-            if position is None or position in seen or not param.requires_grad:
-                continue
-            if param.grad is None and not aligned:
-                continue
-            seen.add(position)
-            indices.append(position)
-            local = local_tensor(param.detach())
-            grads.append(local_tensor(param.grad.detach()) if param.grad is not None else local.new_zeros(0))
-            has_grad.append(param.grad is not None)
-            tensors.append(local)
-            originals.append(param)
+        lookup = layer_map.params_by_id.get
+        with torch.no_grad():  # no autograd views (DTensor.to_local), no .detach() per tensor needed
+            for param in params:
+                position = lookup(id(param))
+                if position is None or position in seen or not param.requires_grad:
+                    continue
+                grad = param.grad
+                if grad is None and not aligned:
+                    continue
+                seen.add(position)
+                indices.append(position)
+                local = local_tensor(param)
+                grads.append(local_tensor(grad) if grad is not None else local.new_zeros(0))
+                has_grad.append(grad is not None)
+                tensors.append(local)
+                originals.append(param)
+            self._pending = self._measure(step, owner, indices, grads, tensors, originals, has_grad, grad_scale)
+
+    def _measure(
+        self,
+        step: int,
+        owner: object,
+        indices: list[int],
+        grads: list[Tensor],
+        tensors: list[Tensor],
+        originals: list[Tensor],
+        has_grad: list[bool],
+        grad_scale: float,
+    ) -> _Pending:
+        """The fused, device-side part of :meth:`capture` (no host synchronisation)."""
+        aligned = not isinstance(self.reduction, LocalReduction)
         device = tensors[0].device if tensors else torch.device("cpu")
         grad_sq = squares(foreach_norms(grads, 2.0, device))
         grad_max = max_abs(grads, device)
@@ -246,7 +264,7 @@ class GradientFlowTracker:
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
-        self._pending = _Pending(
+        return _Pending(
             step=step,
             owner=owner,
             indices=indices,
