@@ -36,7 +36,7 @@ from gradlight.history import GLOBAL_LAYER, HistoryWriter, list_segments, write_
 from gradlight.layers import GroupBy, validate_group_by
 from gradlight.mixin import GradientFlowSpec, find_spec
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
-from gradlight.stats import CrossRankReduction, local_tensor
+from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
 __all__ = ["GradientFlowMonitor"]
@@ -314,13 +314,12 @@ class GradientFlowMonitor(Callback):
         if not self.is_logged_step(step) or step <= self.last_recorded_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_scale = _amp_scale_left_in_grads(trainer, optimizer)
-        tracker.capture(step, params, grad_scale=grad_scale, owner=optimizer)
+        tracker.capture(step, params, grad_scale=_amp_scale_left_in_grads(trainer, optimizer), owner=optimizer)
         self._trainer = trainer
         if self.log_histograms and trainer.is_global_zero and trainer.loggers:
             from gradlight.report.loggers import log_gradient_histograms
 
-            log_gradient_histograms(trainer.loggers, _layer_gradients(tracker, params, grad_scale), step)
+            log_gradient_histograms(trainer.loggers, tracker.pending_gradients(), step)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         tracker = self.tracker
@@ -612,19 +611,6 @@ def _amp_scale_left_in_grads(trainer: pl.Trainer, optimizer: Optimizer) -> float
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return 1.0
     return float(scaler.get_scale())
-
-
-def _layer_gradients(tracker: GradientFlowTracker, params: Sequence[torch.Tensor], scale: float) -> dict[str, Any]:
-    """``layer -> its local gradient elements`` (flattened, unscaled) for histograms."""
-    layer_map = tracker.layer_map
-    parts: dict[str, list[torch.Tensor]] = {}
-    for param in params:
-        position = layer_map.params_by_id.get(id(param))
-        if position is None or param.grad is None:
-            continue
-        grad = local_tensor(param.grad.detach()).flatten()
-        parts.setdefault(layer_map.layers[layer_map.param_layer[position]], []).append(grad)
-    return {layer: torch.cat(grads) / scale for layer, grads in parts.items()}
 
 
 def _loss_of(outputs: Any) -> float | None:

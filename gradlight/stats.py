@@ -30,6 +30,7 @@ __all__ = [
     "snapshot",
     "squares",
     "update_squares",
+    "wide_dtype",
 ]
 
 #: Per-tensor statistics reduced by summation (across shards and into layers), in row order.
@@ -116,6 +117,16 @@ def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Te
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).abs_().to(home)  # abs_: no -0.0
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype statistics are summed in: float64, or float32 on MPS (which has no float64).
+
+    Example:
+        >>> wide_dtype(torch.device("cpu"))
+        torch.float64
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def squares(norms: Tensor) -> Tensor:
     """``norms ** 2`` in float64 (float32 on MPS, which has no float64).
 
@@ -126,8 +137,7 @@ def squares(norms: Tensor) -> Tensor:
         >>> squares(torch.tensor([2.0**70])).item() == 2.0**140  # float32 tops out near 2**128
         True
     """
-    wide = norms if norms.device.type == "mps" else norms.double()
-    return wide.square()
+    return norms.to(wide_dtype(norms.device)).square()
 
 
 def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -155,7 +165,7 @@ def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = No
     home = device if device is not None else tensors[0].device
     with torch.no_grad():
         counts = torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).to(home)
-        return counts if home.type == "mps" else counts.double()  # exact beyond 2**24 elements
+        return counts.to(wide_dtype(home))  # exact beyond 2**24 elements
 
 
 def reduce_to_layers(sums: Tensor, maxima: Tensor, layer_index: Tensor, num_layers: int) -> tuple[Tensor, Tensor]:

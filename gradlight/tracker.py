@@ -31,6 +31,7 @@ from gradlight.stats import (
     snapshot,
     squares,
     update_squares,
+    wide_dtype,
 )
 
 __all__ = ["LAYER_METRICS", "GradientFlowTracker", "StepRecord", "early_late_ratio"]
@@ -242,7 +243,8 @@ class GradientFlowTracker:
                 has_grad.append(grad is not None)
                 tensors.append(local)
                 originals.append(param)
-            self._pending = self._measure(step, owner, indices, grads, tensors, originals, has_grad, grad_scale)
+            flags = has_grad if aligned else None
+            self._pending = self._measure(step, owner, indices, grads, tensors, originals, flags, grad_scale)
 
     def _measure(
         self,
@@ -252,15 +254,17 @@ class GradientFlowTracker:
         grads: list[Tensor],
         tensors: list[Tensor],
         originals: list[Tensor],
-        has_grad: list[bool],
+        has_grad: list[bool] | None,
         grad_scale: float,
     ) -> _Pending:
-        """The fused, device-side part of :meth:`capture` (no host synchronisation)."""
-        aligned = not isinstance(self.reduction, LocalReduction)
+        """The fused, device-side part of :meth:`capture` (no host synchronisation).
+
+        ``has_grad`` is given for aligned columns only (a cross-rank reduction), else ``None``.
+        """
         device = tensors[0].device if tensors else torch.device("cpu")
         grad_sq = squares(foreach_norms(grads, 2.0, device))
         grad_max = max_abs(grads, device)
-        grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if aligned else None
+        grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if has_grad is not None else None
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
@@ -278,6 +282,27 @@ class GradientFlowTracker:
             grad_scale=grad_scale,
             grad_count=grad_count,
         )
+
+    def pending_gradients(self) -> dict[str, Tensor]:
+        """``layer -> its captured local gradient elements`` (flattened, unscaled) of the pending step.
+
+        Example:
+            >>> net = nn.Linear(2, 1)
+            >>> tracker = GradientFlowTracker(net)
+            >>> net(torch.ones(1, 2)).sum().backward()
+            >>> tracker.capture(step=0, params=net.parameters())
+            >>> {layer: grad.numel() for layer, grad in tracker.pending_gradients().items()}
+            {'(root)': 3}
+        """
+        pending = self._pending
+        if pending is None:
+            return {}
+        layer_map = self.layer_map
+        parts: dict[str, list[Tensor]] = {}
+        for position, grad in zip(pending.indices, pending.grads):
+            if grad.numel():
+                parts.setdefault(layer_map.layers[layer_map.param_layer[position]], []).append(grad.flatten())
+        return {layer: torch.cat(grads) / pending.grad_scale for layer, grads in parts.items()}
 
     def discard(self) -> None:
         """Drop a captured step without recording it."""
@@ -337,7 +362,7 @@ class GradientFlowTracker:
         overflowed = ((~torch.isfinite(grad_sq)) & (counts == 0)).nonzero().flatten().tolist()  # host sync
         for i in overflowed:
             grad = pending.grads[i]
-            wide = torch.linalg.vector_norm(grad, dtype=torch.float64 if device.type != "mps" else torch.float32)
+            wide = torch.linalg.vector_norm(grad, dtype=wide_dtype(device))
             grad_sq[i] = squares(wide.to(device)) / (pending.grad_scale * pending.grad_scale)
         rows = torch.stack([counts.to(grad_sq.dtype), grad_sq])
         if pending.grad_count is not None:
