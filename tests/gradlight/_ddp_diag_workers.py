@@ -150,6 +150,12 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
     result: dict[str, Any] = {}
     emitted: dict[str, list[str]] = {}
 
+    def ddp_trainer(max_steps: int, monitor: GradientFlowMonitor) -> L.Trainer:
+        return L.Trainer(
+            **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
+            max_steps=max_steps, callbacks=[monitor],
+        )  # fmt: skip
+
     def fit(name: str, trainer: L.Trainer, model: L.LightningModule) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -163,10 +169,7 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
     monitor = GradientFlowMonitor(
         1, out / "stop", on_anomaly={"vanishing": "stop", "default": "warn"}, track_activations=True
     )
-    trainer = L.Trainer(
-        **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
-        max_steps=12, callbacks=[monitor],
-    )  # fmt: skip
+    trainer = ddp_trainer(12, monitor)
     fit("stop", trainer, model)
     result["stop_global_step"] = trainer.global_step
     result["stop_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
@@ -181,10 +184,7 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
 
     target.register_hook(poison)
     monitor = GradientFlowMonitor(1, out / "raise", on_anomaly={"non_finite": "raise", "default": "ignore"})
-    trainer = L.Trainer(
-        **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
-        max_steps=12, callbacks=[monitor],
-    )  # fmt: skip
+    trainer = ddp_trainer(12, monitor)
     try:
         fit("raise", trainer, model)
         result["raised"] = None
@@ -195,10 +195,7 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.manual_seed(0)
     model = Regressor(mlp(12), batch_size=16)
     monitor = GradientFlowMonitor(1, out / "warn", on_anomaly="warn")
-    trainer = L.Trainer(
-        **QUIET, accelerator="cpu", devices=world, strategy="ddp", use_distributed_sampler=False,
-        max_steps=8, callbacks=[monitor],
-    )  # fmt: skip
+    trainer = ddp_trainer(8, monitor)
     fit("warn", trainer, model)
     result["warn_global_step"] = trainer.global_step
     result["warn_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
