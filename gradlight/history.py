@@ -119,7 +119,12 @@ class HistoryWriter:
         self.path = segment_path(self.history_dir, self.segment_index)
         self.start_step = int(start_step)
         self.max_buffered_rows = max_buffered_rows
+        # Buffered chunks hold ``layer`` and ``metric`` as codes into ``_names``: turning a few hundred distinct
+        # names into Arrow strings once per flush (then ``take``) is far cheaper than converting every row's.
         self._chunks: list[dict[str, np.ndarray]] = []
+        self._names: list[str] = []
+        self._codes: dict[str, int] = {}
+        self._last_layers: tuple[tuple[str, ...], np.ndarray] | None = None
         self._buffered_rows = 0
         self._sink: Any = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
@@ -148,13 +153,12 @@ class HistoryWriter:
                 f"every metric must have one value per layer ({num_layers}); got sizes "
                 f"{ {name: np.asarray(metrics[name]).size for name in names} }"
             )
-        layer_array = np.asarray(layers, dtype=object)
         self._append_chunk(
             {
                 "step": np.full(values.size, step, dtype=np.int64),
-                "layer": np.tile(layer_array, len(names)),
+                "layer": np.tile(self._layer_codes(layers), len(names)),
                 "depth": np.tile(np.asarray(depths, dtype=np.int32), len(names)),
-                "metric": np.repeat(np.asarray(names, dtype=object), num_layers),
+                "metric": np.repeat(self._encode(names), num_layers),
                 "value": values,
             }
         )
@@ -167,12 +171,28 @@ class HistoryWriter:
         self._append_chunk(
             {
                 "step": np.full(count, step, dtype=np.int64),
-                "layer": np.full(count, GLOBAL_LAYER, dtype=object),
+                "layer": np.full(count, self._encode([GLOBAL_LAYER])[0], dtype=np.int32),
                 "depth": np.full(count, -1, dtype=np.int32),
-                "metric": np.asarray(list(metrics), dtype=object),
+                "metric": self._encode(list(metrics)),
                 "value": np.asarray([float(v) for v in metrics.values()], dtype=np.float64),
             }
         )
+
+    def _encode(self, names: Sequence[str]) -> np.ndarray:
+        """Codes of ``names`` in the writer's name table (new names are added)."""
+        codes = self._codes
+        for name in names:
+            if name not in codes:
+                codes[name] = len(self._names)
+                self._names.append(str(name))
+        return np.fromiter((codes[name] for name in names), dtype=np.int32, count=len(names))
+
+    def _layer_codes(self, layers: Sequence[str]) -> np.ndarray:
+        """:meth:`_encode` for a step's layer list, which is usually the previous step's."""
+        key = tuple(layers)
+        if self._last_layers is None or self._last_layers[0] != key:
+            self._last_layers = (key, self._encode(key))
+        return self._last_layers[1]
 
     def _append_chunk(self, chunk: dict[str, np.ndarray]) -> None:
         self._chunks.append(chunk)
@@ -184,10 +204,13 @@ class HistoryWriter:
         """Write the buffered rows as one record batch and fsync the segment."""
         if not self._chunks:
             return
-        columns = {name: np.concatenate([chunk[name] for chunk in self._chunks]) for name in COLUMNS}
-        batch = pa.record_batch(
-            [pa.array(columns[name], type=SCHEMA.field(name).type) for name in COLUMNS], schema=self._schema()
-        )
+        names = pa.array(self._names, type=pa.string())
+        arrays = []
+        for name in COLUMNS:
+            values = np.concatenate([chunk[name] for chunk in self._chunks])
+            coded = name in ("layer", "metric")
+            arrays.append(names.take(pa.array(values)) if coded else pa.array(values, type=SCHEMA.field(name).type))
+        batch = pa.record_batch(arrays, schema=self._schema())
         writer = self._open()
         writer.write_batch(batch)
         self._sink.flush()

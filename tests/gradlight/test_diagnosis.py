@@ -227,6 +227,34 @@ def test_a_tiny_gradient_recovering_from_zero_is_not_exploding() -> None:
     assert [f.kind for f in found] == []
 
 
+def test_layer_windows_match_a_deque_per_layer_and_survive_a_state_round_trip() -> None:
+    from collections import deque
+    from statistics import median
+
+    from gradlight.diagnosis import _LayerWindows
+
+    rng = np.random.default_rng(0)
+    size, names = 4, ["a", "b", "c", "d"]
+    windows, reference = _LayerWindows(size), {name: deque(maxlen=size) for name in names}
+    specials = [0.0, float("nan"), float("inf"), -1.0]
+    for step in range(40):
+        layers = [name for name in names if name != "d" or step >= 20]  # a layer that appears later
+        values = rng.lognormal(size=len(layers))
+        values[rng.random(len(layers)) < 0.25] = specials[step % len(specials)]
+        columns = windows.columns_of(layers)
+        medians = windows.positive_medians(columns)
+        for name, got in zip(layers, medians):
+            positive = [v for v in reference[name] if v > 0]
+            assert (math.isnan(got) and not positive) or got == median(positive)
+        windows.push(columns, values)
+        for name, value in zip(layers, values):
+            if math.isfinite(value):
+                reference[name].append(float(value))
+        if step == 30:
+            windows = _LayerWindows.from_lists(size, windows.to_lists())
+    assert windows.to_lists() == {name: list(values) for name, values in reference.items()}
+
+
 # -------------------------------------------------------------------------------------- non-finite
 def test_nan_injected_into_one_layer_is_reported_at_that_step_and_layer_and_raises(tmp_path: Path) -> None:
     torch.manual_seed(0)
