@@ -23,12 +23,12 @@ from gradlight.layers import ForwardOrderRecorder, GroupBy, LayerMap
 from gradlight.stats import (
     CrossRankReduction,
     LocalReduction,
-    foreach_norms,
+    Snapshot,
+    gradient_statistics,
     local_tensor,
-    max_abs,
     nonfinite_counts,
+    parameter_statistics,
     reduce_to_layers,
-    snapshot,
     squares,
     update_squares,
     wide_dtype,
@@ -103,7 +103,7 @@ class _Pending:
     grad_sq: Tensor
     grad_max: Tensor
     param_sq: Tensor
-    before: list[Tensor]
+    before: Snapshot | None  # the parameters before the step, if the update ratio is tracked
     grad_scale: float
     grad_count: Tensor | None  # 1 where this rank read a gradient (aligned columns only), else None
 
@@ -262,12 +262,12 @@ class GradientFlowTracker:
         ``has_grad`` is given for aligned columns only (a cross-rank reduction), else ``None``.
         """
         device = tensors[0].device if tensors else torch.device("cpu")
-        grad_sq = squares(foreach_norms(grads, 2.0, device))
-        grad_max = max_abs(grads, device)
+        grad_sq, grad_max = gradient_statistics(grads, device)
         grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if has_grad is not None else None
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
+        param_sq, before = parameter_statistics(tensors, device, copy=self.track_update_ratio)
         return _Pending(
             step=step,
             owner=owner,
@@ -277,8 +277,8 @@ class GradientFlowTracker:
             originals=originals,
             grad_sq=grad_sq,
             grad_max=grad_max,
-            param_sq=squares(foreach_norms(tensors, 2.0, device)),
-            before=snapshot(tensors) if self.track_update_ratio else [],
+            param_sq=param_sq,
+            before=before,
             grad_scale=grad_scale,
             grad_count=grad_count,
         )
@@ -319,7 +319,7 @@ class GradientFlowTracker:
             raise RuntimeError("finalize() called without a captured step: call capture() first")
         self._pending = None
         device = pending.grad_sq.device
-        if self.track_update_ratio:
+        if pending.before is not None:
             update_sq = update_squares(pending.params, pending.before, device)
         else:
             update_sq = torch.full_like(pending.param_sq, float("nan"))

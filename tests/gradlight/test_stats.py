@@ -8,7 +8,17 @@ import torch
 from torch import nn
 
 from gradlight.layers import ForwardOrderRecorder, LayerMap, clean_parameter_name, layer_name_for
-from gradlight.stats import foreach_norms, nonfinite_counts, reduce_to_layers, snapshot, update_squares
+from gradlight.stats import (
+    STACK_MAX_NUMEL,
+    Batching,
+    foreach_norms,
+    gradient_statistics,
+    nonfinite_counts,
+    parameter_statistics,
+    reduce_to_layers,
+    snapshot,
+    update_squares,
+)
 from gradlight.tracker import GradientFlowTracker, early_late_ratio
 
 
@@ -45,6 +55,46 @@ def test_update_and_nonfinite_helpers() -> None:
     assert update_squares(params, before).tolist() == pytest.approx([12.0, 0.0])
     bad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf")])
     assert nonfinite_counts([bad, torch.ones(2)]).tolist() == [3.0, 0.0]
+
+
+def _mixed_tensors(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """BatchNorm-like small tensors of repeated shapes between big, odd and empty ones."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(16,), (8, 3, 3, 3), (16,), (STACK_MAX_NUMEL + 1,), (32,), (8, 3, 3, 3), (16,), (0,), (5,), (32,)]
+    return [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+
+
+def test_batching_stacks_small_tensors_of_one_shape_and_restores_input_order() -> None:
+    tensors = _mixed_tensors()
+    batching = Batching.plan(tensors)
+    assert batching.stacks == ((0, 2, 6), (1, 5), (4, 9))
+    assert batching.singles == (3, 7, 8)  # too big, empty, a shape of its own
+    stack_results = [torch.tensor([0.0, 2.0, 6.0]), torch.tensor([1.0, 5.0]), torch.tensor([4.0, 9.0])]
+    assert batching.gather(torch.tensor([3.0, 7.0, 8.0]), stack_results).tolist() == list(range(10))
+    mixed = [torch.ones(4), torch.ones(4, dtype=torch.float64)]
+    assert Batching.plan(mixed).stacks == ()  # one kernel needs one dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_statistics_equal_per_tensor_references(dtype: torch.dtype) -> None:
+    grads = _mixed_tensors(dtype)
+    params = [g.flip(0) * 3 for g in grads]
+    grads[2][3] = float("nan")  # inside a stack: propagates to that tensor only
+    reference_sq = [float(g.double().square().sum()) for g in grads]
+    reference_max = [float(g.double().abs().max()) if g.numel() else 0.0 for g in grads]
+    rel = 1e-6 if dtype == torch.float32 else 1e-5  # half types accumulate in float32
+    for batching in (Batching.plan(grads), Batching((), tuple(range(len(grads))), None)):
+        grad_sq, grad_max = gradient_statistics(grads, batching=batching)
+        assert grad_sq.tolist() == pytest.approx(reference_sq, rel=rel, nan_ok=True)
+        assert grad_max.tolist() == pytest.approx(reference_max, rel=1e-6, nan_ok=True)
+        param_sq, before = parameter_statistics(params, copy=True, batching=batching)
+        assert param_sq.tolist() == pytest.approx([float(p.double().square().sum()) for p in params], rel=rel)
+        moved = [p + 0.5 for p in params]
+        expected = [float((m.double() - p.double()).square().sum()) for m, p in zip(moved, params)]
+        assert before is not None
+        assert update_squares(moved, before).tolist() == pytest.approx(
+            expected, rel=1e-2 if dtype != torch.float32 else 1e-6
+        )
 
 
 def test_early_late_ratio_geometric_edges() -> None:
