@@ -843,6 +843,22 @@ class GradientDiagnosis:
         entry[0] += 1
         return entry[0], entry[1]
 
+    def _streaks_for(self, rule: str, layers: list[str], holds: np.ndarray, step: int) -> list[tuple[int, int]]:
+        """:meth:`_streak` for every layer of a step at once; ``holds`` is a boolean array."""
+        table = self._streaks.setdefault(rule, {})
+        out: list[tuple[int, int]] = []
+        for layer, held in zip(layers, holds.tolist()):
+            if not held:
+                table.pop(layer, None)
+                out.append((0, step))
+                continue
+            entry = table.get(layer)
+            if entry is None:
+                entry = table[layer] = [0, step]
+            entry[0] += 1
+            out.append((entry[0], entry[1]))
+        return out
+
     def _finding(self, kind: str, layer: str, step: int, record_step: int, message: str,
                  evidence: dict[str, Any], layers: list[str]) -> Finding:  # fmt: skip
         context = _Context(kind, self.profile, {**evidence, "layer": layer}, self.config)
@@ -920,14 +936,12 @@ class GradientDiagnosis:
         if not math.isfinite(ref_value) or candidates < 1:
             return
         ratios = grad / ref_value
-        sustained: list[int] = []
-        for i in range(len(record.layers)):
-            # exactly zero is no gradient at all this step (a branch without targets, an unused path), not
-            # a gradient that decayed on its way from the loss
-            holds = i < candidates and bool(0.0 < ratios[i] < config.vanishing_ratio)
-            count, _ = self._streak("vanishing", record.layers[i], holds, record.step)
-            if count >= config.vanishing_patience:
-                sustained.append(i)
+        # exactly zero is no gradient at all this step (a branch without targets, an unused path), not a
+        # gradient that decayed on its way from the loss
+        holds = (ratios > 0.0) & (ratios < config.vanishing_ratio)
+        holds[candidates:] = False
+        streaks = self._streaks_for("vanishing", record.layers, holds, record.step)
+        sustained = [i for i, (count, _) in enumerate(streaks) if count >= config.vanishing_patience]
         if not sustained:
             return
         first = sustained[0]
@@ -1150,14 +1164,15 @@ class GradientDiagnosis:
         finite = np.asarray(update, dtype=np.float64)
         finite = finite[np.isfinite(finite)]
         typical = float(np.median(finite)) if finite.size else float("nan")
-        for i, name in enumerate(record.layers):
-            value = float(update[i])
+        values = np.asarray(update, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
             holds = (
-                math.isfinite(value)
-                and value < config.dormant_update_ratio
-                and value <= config.dormant_relative * typical
+                np.isfinite(values)
+                & (values < config.dormant_update_ratio)
+                & (values <= config.dormant_relative * typical)
             )
-            count, since = self._streak("dormant", name, holds, record.step)
+        streaks = self._streaks_for("dormant", record.layers, holds, record.step)
+        for i, (name, (count, since)) in enumerate(zip(record.layers, streaks)):
             if count >= config.dormant_window and ("dormant", name) not in self.reported:
                 new.append((i, since))
         if not new:

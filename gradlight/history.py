@@ -125,6 +125,7 @@ class HistoryWriter:
         self._names: list[str] = []
         self._codes: dict[str, int] = {}
         self._last_layers: tuple[tuple[str, ...], np.ndarray] | None = None
+        pa.array([""]).take(pa.array([0]))  # loads Arrow's compute kernels now, not in the first flush (~10 ms)
         self._buffered_rows = 0
         self._sink: Any = None
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None

@@ -329,7 +329,8 @@ class GradientFlowTracker:
         sums, maxima = self.reduction(torch.stack(rows), pending.grad_max.unsqueeze(0), pending.originals)
         if pending.grad_count is not None:  # a parameter no rank has a gradient for is skipped, as in one process
             sums = torch.cat([sums[:3] * (sums[3:] > 0), sums[3:]])
-        candidates = sorted({self.layer_map.param_layer[i] for i in pending.indices})
+        param_layer = self.layer_map.param_layer
+        candidates = sorted({param_layer[i] for i in pending.indices})
         layer_index = self._layer_index(pending.indices, candidates, device)
         layer_sums, layer_max = reduce_to_layers(sums, maxima, layer_index, len(candidates))
         host = torch.cat([layer_sums.flatten(), layer_max.flatten()]).cpu().numpy().astype(np.float64)

@@ -97,6 +97,21 @@ def test_stacked_statistics_equal_per_tensor_references(dtype: torch.dtype) -> N
         )
 
 
+def test_per_tensor_cpu_path_is_bitwise_the_fused_one() -> None:
+    generator = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, generator=generator) for n in (5000, 70_001, 9000, 0)]
+    params = [torch.randn(n, generator=generator) for n in (5000, 70_001, 9000, 0)]
+    per_tensor = Batching.plan(grads)
+    fused = Batching(per_tensor.stacks, per_tensor.singles, per_tensor.restore, per_tensor=False)
+    assert per_tensor.per_tensor and per_tensor.stacks == ()
+    for left, right in zip(gradient_statistics(grads, batching=per_tensor), gradient_statistics(grads, batching=fused)):
+        assert torch.equal(left, right)
+    (sq_a, before_a), (sq_b, before_b) = (parameter_statistics(params, batching=b) for b in (per_tensor, fused))
+    assert torch.equal(sq_a, sq_b) and before_a is not None and before_b is not None
+    moved = [q * 1.5 for q in params]
+    assert torch.equal(update_squares(moved, before_a), update_squares(moved, before_b))
+
+
 def test_early_late_ratio_geometric_edges() -> None:
     norms = np.array([1e-6, 1e-4, 1e-2, 1.0])
     assert early_late_ratio(norms, 1) == pytest.approx(1e-6)
