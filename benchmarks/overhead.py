@@ -1,6 +1,6 @@
 """What the monitor costs: step time of a real detector, side by side, in one run.
 
-    python benchmarks/overhead.py                       # yolo11n, 320 px, batch 8, CPU, 1 thread (~11 min)
+    python benchmarks/overhead.py                       # yolo11n, 320 px, batch 8, CPU, 1 thread (~23 min)
     python benchmarks/overhead.py --rounds 1 --steps 12 # quicker, noisier (no logged default-interval step)
 
 Trains an Ultralytics ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its real loss on
