@@ -835,16 +835,13 @@ class GradientDiagnosis:
     # -------------------------------------------------------------------------------------- helpers
     def _streak(self, rule: str, layer: str, holds: bool, step: int) -> tuple[int, int]:
         """Advance (or reset) a per-layer streak; returns ``(count, first step)``."""
-        table = self._streaks.setdefault(rule, {})
-        if not holds:
-            table.pop(layer, None)
-            return 0, step
-        entry = table.setdefault(layer, [0, step])
-        entry[0] += 1
-        return entry[0], entry[1]
+        return self._streaks_for(rule, [layer], np.array([holds]), step)[0]
 
     def _streaks_for(self, rule: str, layers: list[str], holds: np.ndarray, step: int) -> list[tuple[int, int]]:
-        """:meth:`_streak` for every layer of a step at once; ``holds`` is a boolean array."""
+        """Advance (or reset) the streak of every layer of a step at once; ``holds`` is a boolean array.
+
+        Returns ``(count, first step)`` per layer.
+        """
         table = self._streaks.setdefault(rule, {})
         out: list[tuple[int, int]] = []
         for layer, held in zip(layers, holds.tolist()):
