@@ -90,6 +90,15 @@ def _single_group(tensors: Sequence[Tensor]) -> bool:
     return len(set(map(_DTYPE, tensors))) == 1 and len(set(map(_DEVICE, tensors))) == 1
 
 
+def _all_on_cpu(tensors: Sequence[Tensor]) -> bool:
+    return all(device.type == "cpu" for device in set(map(_DEVICE, tensors)))
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """float32 for half types (norms accumulate in at least float32), else ``None`` (the input's own)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+
+
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _SHAPE = attrgetter("shape")
@@ -97,8 +106,7 @@ _SHAPE = attrgetter("shape")
 
 def _fused_norms(tensors: list[Tensor], ord: float) -> Tensor:
     """One ``_foreach_norm`` over same-device, same-dtype tensors, accumulated in at least float32."""
-    low_precision = tensors[0].dtype in (torch.float16, torch.bfloat16)
-    norms = torch._foreach_norm(tensors, ord, dtype=torch.float32 if low_precision else None)
+    norms = torch._foreach_norm(tensors, ord, dtype=_accumulation_dtype(tensors[0].dtype))
     return torch.stack(norms).to(torch.float32)
 
 
@@ -115,7 +123,7 @@ def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Te
     if not tensors:
         return torch.zeros(0, device=device)
     home = device if device is not None else tensors[0].device
-    if any(device.type != "cpu" for device in set(map(_DEVICE, tensors))):
+    if not _all_on_cpu(tensors):
         if all(t.numel() for t in tensors):
             return foreach_norms(tensors, float("inf"), home)
         # Empty shards (FSDP2 gives some ranks 0 rows, FSDP1 empty slices): _foreach_norm(inf) refuses them.
@@ -207,8 +215,7 @@ class Batching:
 
         There ``_foreach`` kernels already serve many tensors in one launch.
         """
-        devices = set(map(_DEVICE, tensors))
-        if not tensors or any(device.type != "cpu" for device in devices):
+        if not tensors or not _all_on_cpu(tensors):
             return Batching((), tuple(range(len(tensors))), None)
         if len(set(map(_DTYPE, tensors))) == 1:
             return _plan_by_shape(tuple(map(_SHAPE, tensors)))
@@ -255,8 +262,7 @@ def _norm_squares(single_norms: Tensor, stacks: list[Tensor], batching: Batching
 
 def _norm(tensor: Tensor, dim: int | None = None) -> Tensor:
     """L2 norm accumulated in at least float32 (the kernel ``_foreach_norm`` runs per tensor on CPU)."""
-    low_precision = tensor.dtype in (torch.float16, torch.bfloat16)
-    return torch.linalg.vector_norm(tensor, dim=dim, dtype=torch.float32 if low_precision else None)
+    return torch.linalg.vector_norm(tensor, dim=dim, dtype=_accumulation_dtype(tensor.dtype))
 
 
 def _stack_norms(norms: list[Tensor]) -> Tensor:
