@@ -51,6 +51,12 @@ class StepRecord:
         metrics: ``metric -> values`` with one value per layer (see :data:`LAYER_METRICS`).
         global_metrics: Run-wide values: ``global_grad_l2``, ``global_grad_max_abs``,
             ``global_grad_nonfinite``, ``early_late_ratio``, ``grad_l2_min``, ``grad_l2_max``.
+        missing: Layers that are trainable and handed to the optimizer but whose parameters all had no
+            gradient (``.grad is None``) at this step: ``layer -> its parameter names``. Such layers are not
+            in :attr:`layers`. Not written to the history; the diagnosis reads it (``no_gradient``).
+        learning_rates: The learning rate of each layer in :attr:`layers` (the largest of its parameters'
+            param groups), when the capture's ``owner`` was an optimizer; else ``None``.
+        max_learning_rate: The largest learning rate over every captured parameter group, or ``None``.
     """
 
     step: int
@@ -58,6 +64,9 @@ class StepRecord:
     depths: np.ndarray
     metrics: dict[str, np.ndarray]
     global_metrics: dict[str, float] = field(default_factory=dict)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    learning_rates: np.ndarray | None = None
+    max_learning_rate: float | None = None
 
     def value(self, metric: str, layer: str) -> float:
         """One layer's value of one metric."""
@@ -106,6 +115,8 @@ class _Pending:
     before: Snapshot | None  # the parameters before the step, if the update ratio is tracked
     grad_scale: float
     grad_count: Tensor | None  # 1 where this rank read a gradient (aligned columns only), else None
+    missing: list[int]  # trainable parameters without a gradient (not aligned columns), by position
+    learning_rates: dict[int, float] | None  # position -> its param group's learning rate
 
 
 class GradientFlowTracker:
@@ -227,6 +238,7 @@ class GradientFlowTracker:
         # parameter, even one whose gradient is None on this rank (FSDP1 gives empty slices no gradient).
         aligned = not isinstance(self.reduction, LocalReduction)
         has_grad: list[bool] = []
+        missing: list[int] = []
         lookup = layer_map.params_by_id.get
         with torch.no_grad():  # no autograd views (DTensor.to_local), no .detach() per tensor needed
             for param in params:
@@ -235,6 +247,8 @@ class GradientFlowTracker:
                     continue
                 grad = param.grad
                 if grad is None and not aligned:
+                    seen.add(position)
+                    missing.append(position)
                     continue
                 seen.add(position)
                 indices.append(position)
@@ -244,7 +258,10 @@ class GradientFlowTracker:
                 tensors.append(local)
                 originals.append(param)
             flags = has_grad if aligned else None
-            self._pending = self._measure(step, owner, indices, grads, tensors, originals, flags, grad_scale)
+            pending = self._measure(step, owner, indices, grads, tensors, originals, flags, grad_scale)
+        pending.missing = missing
+        pending.learning_rates = _learning_rates(owner, layer_map.params_by_id)
+        self._pending = pending
 
     def _measure(
         self,
@@ -281,6 +298,8 @@ class GradientFlowTracker:
             before=before,
             grad_scale=grad_scale,
             grad_count=grad_count,
+            missing=[],
+            learning_rates=None,
         )
 
     def pending_gradients(self) -> dict[str, Tensor]:
@@ -346,7 +365,30 @@ class GradientFlowTracker:
         record = self._record(pending.step, present, grad_sq, grad_max[keep], nonfinite[keep], param_sq, upd_sq)
         if pending.grad_scale != 1.0:
             record.global_metrics["grad_scale"] = pending.grad_scale
+        self._attach_optimizer_view(record, pending, [layer for layer, kept in zip(candidates, keep) if not kept])
         return record
+
+    def _attach_optimizer_view(self, record: StepRecord, pending: _Pending, absent: list[int]) -> None:
+        """Layers without any gradient (``missing``) and per-layer learning rates, from the host-side lists."""
+        layer_map = self.layer_map
+        names = layer_map.layers
+        missing: dict[str, list[str]] = {}
+        for position in pending.missing:  # whole tensors: a parameter without .grad on this rank
+            missing.setdefault(names[layer_map.param_layer[position]], []).append(layer_map.param_names[position])
+        for layer in absent:  # aligned columns: no rank had a gradient for any of the layer's parameters
+            members = [n for n, i in zip(layer_map.param_names, layer_map.param_layer) if i == layer]
+            missing.setdefault(names[layer], members)
+        present = set(record.layers)
+        record.missing = {layer: params for layer, params in missing.items() if layer not in present}
+        rates = pending.learning_rates
+        if rates is None:
+            return
+        per_layer: dict[str, float] = {}
+        for position, rate in rates.items():
+            name = names[layer_map.param_layer[position]]
+            per_layer[name] = max(per_layer.get(name, rate), rate)
+        record.learning_rates = np.array([per_layer.get(layer, np.nan) for layer in record.layers])
+        record.max_learning_rate = max(rates.values(), default=None)
 
     def _recount_nonfinite(
         self, pending: _Pending, layer_index: Tensor, num_layers: int
@@ -426,3 +468,28 @@ class GradientFlowTracker:
         )
         self.latest = record
         return record
+
+
+def _learning_rates(owner: object, params_by_id: dict[int, int]) -> dict[int, float] | None:
+    """``parameter position -> learning rate of its param group`` when ``owner`` is an optimizer, else ``None``.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> optimizer = torch.optim.SGD([{"params": [net.weight], "lr": 0.1}, {"params": [net.bias], "lr": 0.0}])
+        >>> _learning_rates(optimizer, {id(net.weight): 0, id(net.bias): 1})
+        {0: 0.1, 1: 0.0}
+    """
+    groups = getattr(owner, "param_groups", None)
+    if not isinstance(groups, list):
+        return None
+    rates: dict[int, float] = {}
+    for group in groups:
+        rate = group.get("lr") if isinstance(group, dict) else None
+        if rate is None:
+            continue
+        value = float(rate)  # a tensor learning rate (capturable optimizers) is read once per logged step
+        for param in group.get("params", ()):
+            position = params_by_id.get(id(param))
+            if position is not None:
+                rates[position] = value
+    return rates
