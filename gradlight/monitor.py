@@ -186,6 +186,7 @@ class GradientFlowMonitor(Callback):
         self._unwritten_acts: ActivationStats | None = None
         self._findings_writer: FindingsWriter | None = None
         self._module_layers: dict[str, tuple[str, int]] | None = None
+        self._profiled = False
 
     # --------------------------------------------------------------------------------- public read access
     @property
@@ -314,6 +315,13 @@ class GradientFlowMonitor(Callback):
         if not self.is_logged_step(step) or step <= self.last_recorded_step:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.diagnosis is not None and not self._profiled:
+            config = self.diagnosis_config
+            self.diagnosis.profile = ModelProfile.from_tracker(
+                tracker, config.init_scale_tolerance, gain_threshold=config.gain_threshold
+            )
+            self.diagnosis.modules_run = set(tracker.forward_order) if tracker.forward_order is not None else None
+            self._profiled = True
         tracker.capture(step, params, grad_scale=_amp_scale_left_in_grads(trainer, optimizer), owner=optimizer)
         self._trainer = trainer
         if self.log_histograms and trainer.is_global_zero and trainer.loggers:
@@ -395,6 +403,7 @@ class GradientFlowMonitor(Callback):
                 metrics[f"{LOG_PREFIX}/grad_l2/{layer}"] = float(value)
         if self.diagnosis is not None:
             metrics[f"{LOG_PREFIX}/findings"] = float(self.diagnosis.findings_count)
+            metrics[f"{LOG_PREFIX}/notes"] = float(self.diagnosis.notes_count)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=record.step)
 
@@ -468,7 +477,8 @@ class GradientFlowMonitor(Callback):
     def _setup_diagnosis(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.diagnosis_config
         if self.diagnosis is not None:
-            self.diagnosis.profile = ModelProfile.from_model(pl_module, config.init_scale_tolerance)
+            self._profiled = False  # profiled at the first capture: lazy modules are initialised by then
+            self.diagnosis.world_size = trainer.world_size
             clip = trainer.gradient_clip_val
             algorithm = trainer.gradient_clip_algorithm
             self.diagnosis.gradient_clip_val = float(clip) if clip else None
@@ -540,6 +550,7 @@ class GradientFlowMonitor(Callback):
 
     def _act_on(self, trainer: pl.Trainer, findings: list[Finding], final: bool) -> None:
         """Warn, stop or raise for new findings; raise/stop decisions are agreed across ranks."""
+        findings = [finding for finding in findings if finding.is_warning]  # notes are only recorded
         for finding in findings:
             action = self._actions[finding.kind]
             if action in ("warn", "stop"):

@@ -373,7 +373,7 @@ class GradientFlowTracker:
         layer_map = self.layer_map
         names = layer_map.layers
         missing: dict[str, list[str]] = {}
-        for position in pending.missing:  # whole tensors: a parameter without .grad on this rank
+        for position in sorted(pending.missing, key=lambda p: layer_map.param_layer[p]):  # in forward order
             missing.setdefault(names[layer_map.param_layer[position]], []).append(layer_map.param_names[position])
         for layer in absent:  # aligned columns: no rank had a gradient for any of the layer's parameters
             members = [n for n, i in zip(layer_map.param_names, layer_map.param_layer) if i == layer]

@@ -72,10 +72,11 @@ def test_relu_he_batchnorm_mlp_is_not_flagged(tmp_path: Path) -> None:
     assert messages == []
 
 
-def test_a_branch_with_exactly_zero_gradient_is_not_vanishing() -> None:
+def test_a_branch_with_exactly_zero_gradient_is_not_vanishing_but_no_gradient() -> None:
     diagnosis = GradientDiagnosis()
     found = [f for step in range(4) for f in diagnosis.update(record(step, [0.0, 1e-5, 1.0, 1.0]))]
-    assert [(f.kind, f.layer, f.layers) for f in found] == [("vanishing", "l1", ["l1"])]
+    assert [(f.kind, f.layer, f.layers) for f in found] == [("vanishing", "l1", ["l1"]), ("no_gradient", "l0", ["l0"])]
+    assert found[1].evidence["zero"] == ["l0"] and "zero_gradient" in found[1].evidence["rules"]
 
 
 def test_a_falling_early_to_late_ratio_is_a_vanishing_trend() -> None:
@@ -119,17 +120,21 @@ def record(step: int, grad: list[float], update: list[float] | None = None, **gl
     return StepRecord(step, layers, np.arange(len(grad)), metrics, glob)
 
 
-def test_clipping_that_hides_a_blow_up_is_flagged_with_pre_clip_evidence() -> None:
+def test_clipping_on_every_step_is_a_note_and_clipping_that_hides_a_blow_up_a_warning() -> None:
     diagnosis = GradientDiagnosis(gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     found: list[Finding] = []
-    for step in range(4):
+    for step in range(6):
         found += diagnosis.update(record(step, [20.0, 20.0, 20.0]))  # steady, 35x the clip value
-    assert [f.kind for f in found] == ["exploding"]
-    finding = found[0]
-    assert finding.layer == "__global__" and finding.step == 0 and finding.reported_step == 2
-    assert finding.evidence["clip_ratio"] == pytest.approx(math.sqrt(3) * 20)
-    assert finding.evidence["rules"][0] in ("no_normalization", "clipping_hides_growth")
-    assert "clipping_hides_growth" in finding.evidence["rules"]
+    assert [(f.kind, f.severity) for f in found] == [("exploding", "note")]
+    note = found[0]
+    assert note.layer == "__global__" and note.step == 0 and note.reported_step == 2
+    assert note.evidence["clip_ratio"] == pytest.approx(math.sqrt(3) * 20)
+    assert note.evidence["rules"] == ["clipping_active"] and "learning-rate cut" in note.cause
+    for step, scale in zip(range(6, 9), (1, 300, 400)):  # now the pre-clip norm blows up and stays up
+        found += diagnosis.update(record(step, [20.0, 20.0 * scale, 20.0]))
+    (warning,) = [f for f in found if f.severity == "warning"]
+    assert (warning.kind, warning.layer, warning.step, warning.reported_step) == ("exploding", "l1", 7, 8)
+    assert "clipping_hides_growth" in warning.evidence["rules"] and warning.evidence["clip_ratio"] > 1000
 
 
 def test_value_clipping_compares_the_largest_element_with_the_clip_value() -> None:
@@ -140,10 +145,12 @@ def test_value_clipping_compares_the_largest_element_with_the_clip_value() -> No
     assert found == []
     for step in range(4, 8):
         found += diagnosis.update(record(step, [20.0, 20.0, 20.0], global_grad_max_abs=6.0))  # 12x
-    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("exploding", "__global__", 4, 6)]
+    assert [(f.kind, f.layer, f.step, f.reported_step, f.severity) for f in found] == [
+        ("exploding", "__global__", 4, 6, "note")
+    ]
     assert found[0].evidence["clip_ratio"] == pytest.approx(12.0)
     assert found[0].evidence["clip_algorithm"] == "value"
-    assert "largest gradient element 12.0x the clip value 0.5" in found[0].message
+    assert "largest gradient element is 12.0x the clip value 0.5" in found[0].message
 
 
 @pytest.mark.parametrize(("algorithm", "metric"), [("norm", "global_grad_l2"), ("value", "global_grad_max_abs")])
@@ -207,17 +214,18 @@ def test_steady_growth_after_a_plateau_is_flagged_within_five_steps() -> None:
         found += diagnosis.update(record(step, [1.0, 1.0, 1.0]))
     for k in range(1, 8):  # x3 per logged step
         found += diagnosis.update(record(9 + k, [1.0, 3.0**k, 1.0]))
-    assert [(f.kind, f.layer, f.step) for f in found] == [("exploding", "l1", 14)]  # 3^5 = 243x the median
-    assert found[0].evidence["window_median"] == pytest.approx(math.sqrt(3))
-    assert found[0].evidence["layer_growth"]["l1"] == pytest.approx(243.0)
+    # 3^5 = 243x the median at step 14, still there (729x) at step 15: reported then, since step 14
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("exploding", "l1", 14, 15)]
+    assert found[0].evidence["window_median"] == pytest.approx(math.sqrt(3))  # from before the rise
+    assert found[0].evidence["layer_growth"]["l1"] == pytest.approx(729.0)
 
 
 def test_growth_within_the_window_is_flagged_at_the_growing_layer() -> None:
     diagnosis = GradientDiagnosis(DiagnosisConfig(exploding_factor=50, exploding_window=3))
     found: list[Finding] = []
-    for step, scale in enumerate([1, 1, 2, 10, 200]):
+    for step, scale in enumerate([1, 1, 2, 10, 200, 300]):
         found += diagnosis.update(record(step, [1.0, 1.0 * scale, 1.0]))
-    assert [(f.kind, f.layer, f.step) for f in found] == [("exploding", "l1", 4)]
+    assert [(f.kind, f.layer, f.step, f.reported_step) for f in found] == [("exploding", "l1", 4, 5)]
 
 
 def test_a_tiny_gradient_recovering_from_zero_is_not_exploding() -> None:
@@ -231,7 +239,7 @@ def test_layer_windows_match_a_deque_per_layer_and_survive_a_state_round_trip() 
     from collections import deque
     from statistics import median
 
-    from gradlight.diagnosis import _LayerWindows
+    from gradlight.diagnosis import LayerWindows as _LayerWindows
 
     rng = np.random.default_rng(0)
     size, names = 4, ["a", "b", "c", "d"]
@@ -303,7 +311,7 @@ def test_layer_with_learning_rate_zero_is_flagged_dormant(tmp_path: Path) -> Non
     assert findings[["kind", "layer", "step", "reported_step"]].values.tolist() == [["dormant", "net.2", 0, 4]]
     row = findings.iloc[0]
     assert row.evidence["update_ratio"] == 0.0 and row.evidence["loss_change"] > 0.01
-    assert row.evidence["rules"] == ["optimizer_does_not_move"]
+    assert row.evidence["rules"] == ["learning_rate_zero"] and row.evidence["learning_rate"] == 0.0
 
 
 def test_dormant_needs_the_loss_to_change() -> None:
@@ -393,7 +401,7 @@ def test_resumed_run_does_not_report_again(tmp_path: Path) -> None:
         Regressor(mlp(12)), ckpt_path=ckpt
     )
     assert resumed.findings == [] or all(f.kind != "vanishing" for f in resumed.findings)
-    assert resumed.diagnosis is not None and ("vanishing", "net.0") in resumed.diagnosis.reported
+    assert resumed.diagnosis is not None and ("vanishing", "net.0", "warning") in resumed.diagnosis.reported
     assert (load_findings(tmp_path).kind == "vanishing").sum() == 1
 
 

@@ -1,0 +1,193 @@
+"""The diagnosis' thresholds: one dataclass, every field with the trade-off it controls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DiagnosisConfig"]
+
+
+@dataclass
+class DiagnosisConfig:
+    """Thresholds of the diagnosis. Windows and patiences count *logged* steps, not optimizer steps.
+
+    Attributes:
+        reference_layers: The gradient of the last this-many layers (forward order) is the reference a
+            layer's gradient is compared to. More layers average out a noisy head; a reference that reaches
+            into the body hides vanishing in the body's last layers.
+        vanishing_ratio: A layer vanishes when its gradient L2 is below this fraction of the reference
+            (``1e-3``: three decades). Lower flags only severe cases; higher (``1e-2``) also flags the
+            ordinary spread between the head and the stem of healthy deep nets.
+        vanishing_patience: Logged steps the ratio must stay below ``vanishing_ratio`` before it is
+            reported. Higher ignores transients (a spike in the head's gradient) but reports later.
+        trend_window: Logged steps over which the early-to-late ratio trend is measured.
+        trend_decades: Report vanishing when ``early_late_ratio`` falls by at least this many decades within
+            ``trend_window`` logged steps (early layers losing their gradient while training).
+        exploding_factor: Report exploding when the global or a layer's gradient L2 is this many times its
+            median over the previous ``exploding_window`` logged steps. Lower reports earlier, but per-batch
+            norms are heavy-tailed (a well-fitted batch has a near-zero gradient, the next normal one is
+            100x larger): on healthy runs the largest ratio to the median of the previous 10 steps measured
+            47 (docs/diagnosis.md), so factors much below 100 report spikes, not blow-ups.
+        exploding_min_history: Logged steps the growth rule needs in its window before it compares at all:
+            a window holding one or two early steps says nothing about the run's usual scale (norms change by
+            orders of magnitude in the first steps of healthy runs, e.g. behind a zero-initialised head).
+        exploding_confirm_steps: Logged steps a growth must persist after it is first seen (still at least
+            ``exploding_factor`` times the baseline from before it) before it is reported. A blow-up rises and
+            stays up; one batch with a large loss late in a converged run, or an ordinary spike, does not.
+            ``0`` reports at the first step over the factor.
+        exploding_window: Logged steps the growth factor looks back over; their median is the baseline, so
+            near-zero batches in up to 4 of 10 steps leave it unchanged. The median of a steadily growing
+            window is its middle value: growth of ``r`` per logged step reads as about ``r ** (window / 2)``.
+            Longer windows tolerate more dips and catch slower growth, but compare with older norms, which
+            may sit at another scale (norms usually fall early in training). Sudden blow-ups are reported at
+            once either way.
+        exploding_norm: Also report when the global gradient L2 exceeds this absolute value. ``None`` (off)
+            by default: healthy norms depend on the loss' scale (sum- versus mean-reduced losses) and the
+            model's size, so a useful value comes from a healthy run of the same model.
+        exploding_layer_norm: Also report when any single layer's gradient L2 exceeds this absolute value
+            (the layer with the largest norm is named). ``None`` (off) by default, for the same reason as
+            ``exploding_norm``; per layer it catches one layer blowing up while the global norm, dominated by
+            larger layers, still looks normal, but it needs a value that fits every layer of the model.
+        exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
+            the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
+            grows by large factors without being a blow-up.
+        clip_factor: With gradient clipping on, a pre-clip norm (``"norm"`` clipping) or largest gradient
+            element (``"value"`` clipping) at least this many times the clip value for ``clip_patience``
+            logged steps is reported as a ``note``: clipping then acts on every step, as a learning-rate cut.
+            It is a warning only together with growth (the growth rule): clipping hiding a blow-up.
+        clip_patience: See ``clip_factor``.
+        dormant_update_ratio: A layer is dormant while ``update_ratio`` (update L2 / parameter L2) stays
+            below this. Healthy SGD layers move ~1e-3 per step; ``1e-6`` flags layers that effectively do
+            not train (learning rate 0, frozen by accident) without flagging slowly converging ones.
+        dormant_relative: ...and below this fraction of the median ``update_ratio`` of all layers at that step:
+            a dormant *section* sits still while the rest of the model moves. Without it a converged run,
+            where every layer's update is tiny and the loss is near zero (so its relative change is large),
+            is reported as dormant. ``1`` checks the absolute threshold only.
+        dormant_window: Logged steps a layer must stay below ``dormant_update_ratio``.
+        dormant_loss_change: ...while the loss' range over those steps is at least this fraction of its
+            mean magnitude (the rest of the model still trains). ``0`` reports dormancy even when the whole
+            run has converged.
+        stalled_update_ratio: The run is ``stalled`` when no layer's ``update_ratio`` reaches this for
+            ``stalled_window`` logged steps while the learning rate is not 0. ``1e-7`` is float32's resolution:
+            a smaller relative update is (partly) rounded away, so the weights do not move measurably.
+        stalled_window: Logged steps every layer must stay below ``stalled_update_ratio``.
+        stalled_lr_fraction: A learning rate at or below this fraction of the largest one seen in the run is
+            a schedule's annealed end, not a stall (``0`` counts only a learning rate of exactly 0).
+        no_gradient_patience: Logged steps in a row a trainable parameter handed to the optimizer must have no
+            gradient (``.grad is None``, or exactly zero) before ``no_gradient`` is reported. Parameters that
+            miss a gradient on some steps only (a detection head without targets in a batch) stay quiet.
+        gain_threshold: A learnable gain that scales a residual branch (LayerScale, a zero-initialised last
+            BatchNorm of a block, ReZero/SkipInit) counts as near zero when its largest initial magnitude is at
+            most this. The branch's gradients are then multiplied by the gain by design: a small branch
+            gradient is reported as a ``note`` (expected at initialisation), judged against the gain's value.
+        gain_patience: Logged steps a gated branch may stay below ``vanishing_ratio`` while its gain has not
+            grown (still within twice its initial size) before it is a ``warning``: the gain is not training.
+        saturated_fraction: Report an activation site when at least this fraction of its outputs are in the
+            flat region (see ``saturation_derivative``). Sites that feed no layer (an output sigmoid) are not
+            reported: confident predictions saturate them by design.
+        dead_fraction: Report a ReLU-family site when at least this fraction of its units were zero for the
+            whole batch. A few dead units are normal; half of a layer is capacity thrown away.
+        activation_patience: Logged steps a site must stay above the saturated/dead fraction.
+        scaled_non_finite_patience: Under a dynamic loss scaler (fp16 AMP) an overflow is routine (the
+            scaler skips the step and lowers its scale): non-finite gradients are reported only when they
+            persist for this many consecutive logged steps. Without a scaler they are reported at once.
+        saturation_derivative: Used by the activation taps: an output counts as saturated where the
+            activation's derivative is below this fraction of its peak (0.05: sigmoid ``|x| > 4.4``).
+        deep_stack_layers: A model with at least this many parameter layers and no residual structure is a
+            "deep plain stack" for the cause rules.
+        init_scale_tolerance: A weight's initial standard deviation counts as tiny (huge) when it is more
+            than this factor below (above) both the He and the Xavier expectation for its fan-in/fan-out.
+        max_layers_in_evidence: Cap on per-layer entries stored in a finding's evidence.
+
+    Example:
+        >>> DiagnosisConfig(vanishing_ratio=1e-4, vanishing_patience=5).vanishing_patience
+        5
+    """
+
+    reference_layers: int = 2
+    vanishing_ratio: float = 1e-3
+    vanishing_patience: int = 3
+    trend_window: int = 10
+    trend_decades: float = 2.0
+    exploding_factor: float = 100.0
+    exploding_window: int = 10
+    exploding_min_history: int = 3
+    exploding_confirm_steps: int = 1
+    exploding_norm: float | None = None
+    exploding_layer_norm: float | None = None
+    exploding_min_share: float = 0.01
+    clip_factor: float = 10.0
+    clip_patience: int = 3
+    dormant_update_ratio: float = 1e-6
+    dormant_relative: float = 0.01
+    dormant_window: int = 5
+    dormant_loss_change: float = 0.01
+    stalled_update_ratio: float = 1e-7
+    stalled_window: int = 5
+    stalled_lr_fraction: float = 1e-3
+    no_gradient_patience: int = 3
+    gain_threshold: float = 1e-2
+    gain_patience: int = 50
+    saturated_fraction: float = 0.5
+    dead_fraction: float = 0.5
+    activation_patience: int = 2
+    scaled_non_finite_patience: int = 3
+    saturation_derivative: float = 0.05
+    deep_stack_layers: int = 8
+    init_scale_tolerance: float = 4.0
+    max_layers_in_evidence: int = 16
+
+    def __post_init__(self) -> None:
+        for name in (
+            "reference_layers",
+            "vanishing_patience",
+            "trend_window",
+            "exploding_window",
+            "exploding_min_history",
+            "clip_patience",
+            "stalled_window",
+            "no_gradient_patience",
+            "gain_patience",
+            "dormant_window",
+            "activation_patience",
+            "scaled_non_finite_patience",
+            "deep_stack_layers",
+            "max_layers_in_evidence",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DiagnosisConfig `{name}` must be a positive int, got {value!r}.")
+        for name, low, high in (
+            ("vanishing_ratio", 0.0, 1.0),
+            ("saturated_fraction", 0.0, 1.0),
+            ("dead_fraction", 0.0, 1.0),
+            ("exploding_min_share", 0.0, 1.0),
+            ("saturation_derivative", 0.0, 1.0),
+            ("dormant_relative", 0.0, 1.0),
+            ("gain_threshold", 0.0, 1.0),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not low < value <= high:
+                raise ValueError(f"DiagnosisConfig `{name}` must be in ({low}, {high}], got {value!r}.")
+        for name in ("trend_decades", "dormant_update_ratio", "stalled_update_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"DiagnosisConfig `{name}` must be > 0, got {value!r}.")
+        for name in ("exploding_factor", "clip_factor", "init_scale_tolerance"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 1:
+                raise ValueError(f"DiagnosisConfig `{name}` must be > 1, got {value!r}.")
+        for name in ("exploding_confirm_steps",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"DiagnosisConfig `{name}` must be an int >= 0, got {value!r}.")
+        if not isinstance(self.stalled_lr_fraction, (int, float)) or not 0 <= self.stalled_lr_fraction < 1:
+            raise ValueError(
+                f"DiagnosisConfig `stalled_lr_fraction` must be in [0, 1), got {self.stalled_lr_fraction!r}."
+            )
+        if not isinstance(self.dormant_loss_change, (int, float)) or self.dormant_loss_change < 0:
+            raise ValueError(f"DiagnosisConfig `dormant_loss_change` must be >= 0, got {self.dormant_loss_change!r}.")
+        for name in ("exploding_norm", "exploding_layer_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")

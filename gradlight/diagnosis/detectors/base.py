@@ -1,0 +1,146 @@
+"""The interface every detector implements, and what it is given at each logged step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gradlight.activations import ActivationStats
+from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.finding import Finding
+from gradlight.diagnosis.profile import ModelProfile
+from gradlight.diagnosis.rules import RuleContext, explain
+from gradlight.diagnosis.windows import Streaks
+from gradlight.tracker import StepRecord
+
+__all__ = ["Detector", "Reference", "RunState", "StepContext"]
+
+
+@dataclass
+class Reference:
+    """The gradient a layer is compared to: the geometric mean of the last matrix layers' ``grad_l2``."""
+
+    value: float
+    layers: list[str]
+
+
+@dataclass
+class RunState:
+    """Facts about the run that one detector establishes and others read (kept in the engine's state)."""
+
+    exploded: bool = False  # an exploding gradient was reported, or a growth is being confirmed
+    peak_learning_rate: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values."""
+        return {"exploded": self.exploded, "peak_learning_rate": self.peak_learning_rate}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.exploded = bool(state.get("exploded", False))
+        self.peak_learning_rate = float(state.get("peak_learning_rate", 0.0))
+
+
+@dataclass
+class StepContext:
+    """Everything a detector may read about one logged step.
+
+    Attributes:
+        record: The step's gradient statistics.
+        activations: The step's activation statistics, if taps are on.
+        loss: The step's training loss, if known.
+        loss_scaled: Whether a dynamic loss scaler (fp16 AMP) handles overflow.
+        config: The thresholds.
+        profile: The model profile.
+        reference: The reference gradient (see :class:`Reference`).
+        run: Run-wide facts shared between detectors.
+        gradient_clip_val: The clip value when clipping is on.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        modules_run: Names of the parameter-owning modules seen running in forward (discovery), if known.
+        world_size: Number of processes.
+        is_reported: ``(kind, layer, severity) -> bool``: whether that finding was already reported.
+    """
+
+    record: StepRecord
+    activations: ActivationStats | None
+    loss: float | None
+    loss_scaled: bool
+    config: DiagnosisConfig
+    profile: ModelProfile
+    reference: Reference
+    run: RunState
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    modules_run: set[str] | None = None
+    world_size: int = 1
+    is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
+
+    @property
+    def gradients_finite(self) -> bool:
+        """Whether no gradient element of the step is NaN/Inf."""
+        counts = self.record.metrics.get("grad_nonfinite")
+        return counts is None or not bool(np.any(counts > 0))
+
+    def finding(
+        self,
+        kind: str,
+        layer: str,
+        since: int,
+        message: str,
+        evidence: dict[str, Any],
+        layers: list[str],
+        severity: str = "warning",
+    ) -> Finding:
+        """A finding for this step, its cause and remedy taken from the rule table."""
+        context = RuleContext(kind, self.profile, {**evidence, "layer": layer}, self.config)
+        cause, remedy, ids = explain(context)
+        evidence = {**evidence, "rules": ids}
+        return Finding(kind, layer, since, self.record.step, message, cause, remedy, evidence, layers, severity)
+
+
+class Detector:
+    """One finding kind: its condition, its running state, and its part of the diagnosis' state.
+
+    Subclasses set :attr:`kind` and implement :meth:`check`; state beyond :attr:`streaks` is saved by
+    overriding :meth:`state_dict` / :meth:`load_state_dict` (call the base methods).
+
+    Attributes:
+        kind: The finding kind it reports.
+        needs_finite_gradients: Skipped on steps whose gradients hold NaN/Inf (the non-finite detector
+            speaks for those steps).
+        needs_activations: Run only on steps with activation statistics.
+    """
+
+    kind: ClassVar[str] = ""
+    needs_finite_gradients: ClassVar[bool] = True
+    needs_activations: ClassVar[bool] = False
+
+    def __init__(self, config: DiagnosisConfig) -> None:
+        self.config = config
+        self.streaks = Streaks()
+
+    def check(self, step: StepContext) -> list[Finding]:
+        """The findings of this kind at ``step`` (the engine drops already reported ones)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The detector's running state."""
+        return {"streaks": self.streaks.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.streaks.load_state_dict(state.get("streaks", {}))
+
+
+def finite_positive(values: np.ndarray) -> np.ndarray:
+    """The finite, positive entries of ``values``."""
+    return values[np.isfinite(values) & (values > 0)]
+
+
+def decades_below(ratio: float) -> float:
+    """``-log10(ratio)``; infinite for a ratio of 0."""
+    return -math.log10(ratio) if ratio > 0 else float("inf")

@@ -1,0 +1,270 @@
+"""``exploding``: gradient norms that blow up, pass an absolute threshold, or sit far above the clip value.
+
+* **growth**: the global or a layer's ``grad_l2`` reaches ``exploding_factor`` times its median over the
+  previous ``exploding_window`` logged steps, once the window holds ``exploding_min_history`` steps, and stays
+  that high for ``exploding_confirm_steps`` more logged steps (against the baseline from before it rose). A
+  blow-up rises and stays up; a large-loss batch late in a converged run, or an ordinary spike, comes down at
+  the next step. A layer counts only if its norm is at least ``exploding_min_share`` of the largest layer's (a
+  tiny gradient recovering from ~0 grows by large factors without blowing up).
+* **absolute**: ``exploding_norm`` (global) or ``exploding_layer_norm`` (any layer), both off by default.
+* **clipping**: with clipping on, a pre-clip value ``clip_factor`` times the clip value for ``clip_patience``
+  logged steps is a ``note`` (clipping acts on every step, as a learning-rate cut); with growth it is part of
+  the warning (clipping hides the blow-up).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.finding import GLOBAL, Finding, fmt
+from gradlight.diagnosis.windows import LayerWindows
+
+__all__ = ["ExplodingDetector"]
+
+
+@dataclass
+class _Growth:
+    """One step's gradient norms against the window (measured before the step joins it)."""
+
+    norm: float  # global gradient L2
+    growth: float  # norm / baseline (1.0 without enough history)
+    baseline: float  # median of the previous window's positive global norms
+    window_min: float
+    previous: int  # logged steps in that window
+    layers: dict[str, float]  # layer -> its L2 over the median of its previous window (enough history only)
+    baselines: dict[str, float]  # layer -> that median
+    current: dict[str, float]  # layer -> its L2 at this step
+
+    def ranked(self) -> list[tuple[str, float]]:
+        """Layers by growth, largest first."""
+        return sorted(self.layers.items(), key=lambda item: -item[1])
+
+
+@dataclass
+class _Rise:
+    """A growth seen but not yet confirmed: when it started and the baselines from before it."""
+
+    step: int
+    baseline: float
+    layer_baselines: dict[str, float]
+    confirmations: int = 0
+
+
+class ExplodingDetector(Detector):
+    """See the module docstring."""
+
+    kind = "exploding"
+
+    def __init__(self, config: DiagnosisConfig) -> None:
+        super().__init__(config)
+        self.global_norms: deque[tuple[int, float]] = deque(maxlen=config.exploding_window)
+        self.layer_norms = LayerWindows(config.exploding_window)
+        self.rise: _Rise | None = None
+
+    def check(self, step: StepContext) -> list[Finding]:
+        """Growth (confirmed), absolute thresholds, clipping note."""
+        config, record = self.config, step.record
+        growth = self._measure(step)
+        finite = [value for value in growth.current.values() if math.isfinite(value)]
+        floor = config.exploding_min_share * max(finite, default=0.0)
+        growing = self._confirmed_growth(record.step, growth, floor)
+        limit = config.exploding_layer_norm
+        over = {name: value for name, value in growth.current.items() if limit is not None and value > limit}
+        over_norm = config.exploding_norm is not None and growth.norm > config.exploding_norm
+        clip_ratio = _clip_ratio(step)
+        clip_count = 0
+        if clip_ratio is not None:
+            clip_count, _ = self.streaks.one("clip", clip_ratio >= config.clip_factor, record.step)
+        clipped = clip_count >= config.clip_patience
+        grew = growing is not None
+        if not (grew or over or over_norm or clipped):
+            return []
+        if not (grew or over or over_norm):  # clipping alone: a note
+            since = self.streaks.since("clip")
+            return [self._clipping_note(step, growth, clip_ratio, since if since is not None else record.step)]
+        step.run.exploded = True
+        layers_grown = growing[1] if growing is not None else {}
+        relevant = [name for name, _ in growth.ranked() if growth.current[name] >= floor]
+        layer = GLOBAL
+        if layers_grown:
+            layer = max(layers_grown, key=lambda name: layers_grown[name])
+        elif over:
+            layer = max(over, key=lambda name: over[name])  # the largest layer above the absolute threshold
+        elif relevant:
+            layer = relevant[0]  # the layer that grew most among those that matter
+        elif finite:
+            layer = max(growth.current, key=lambda name: growth.current[name])  # no per-layer history yet
+        since = growing[0] if growing is not None else record.step
+        evidence, message = self._evidence(step, growth, layer, over, over_norm, clip_ratio)
+        layers = list(dict.fromkeys([layer, *layers_grown, *over]))
+        return [step.finding(self.kind, layer, since, message, evidence, layers)]
+
+    # ------------------------------------------------------------------------------------------ growth
+    def _measure(self, step: StepContext) -> _Growth:
+        """The global and per-layer norms over their window medians; then add this step to the windows."""
+        record, config = step.record, self.config
+        norm = float(record.global_metrics.get("global_grad_l2", np.nan))
+        history = [value for _, value in self.global_norms if value > 0]
+        enough = len(history) >= min(config.exploding_min_history, config.exploding_window)
+        baseline = statistics.median(history) if history else float("nan")  # small lists: no numpy overhead
+        if math.isfinite(norm):
+            self.global_norms.append((record.step, norm))
+        values = np.asarray(record.metrics["grad_l2"], dtype=np.float64)
+        current = dict(zip(record.layers, values.tolist()))
+        columns = self.layer_norms.columns_of(record.layers)
+        medians = self.layer_norms.positive_medians(columns)
+        held = np.minimum(self.layer_norms.count[columns], config.exploding_window)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            factors = values / medians
+        compared = ~np.isnan(factors) & (held >= min(config.exploding_min_history, config.exploding_window))
+        names = [name for name, kept in zip(record.layers, compared) if kept]
+        layers = dict(zip(names, factors[compared].tolist()))
+        baselines = dict(zip(names, medians[compared].tolist()))
+        self.layer_norms.push(columns, values)
+        growth = norm / baseline if enough and not math.isnan(norm) else 1.0
+        window_min = min(history) if history else float("nan")
+        return _Growth(norm, growth, baseline, window_min, len(history), layers, baselines, current)
+
+    def _confirmed_growth(self, step: int, growth: _Growth, floor: float) -> tuple[int, dict[str, float]] | None:
+        """``(first step, layer -> growth)`` of a growth that rose and stayed up, else ``None``.
+
+        A rise is remembered with the baselines from before it; each following logged step either confirms it
+        (the global norm or a risen layer still ``exploding_factor`` above those baselines) or drops it.
+        """
+        factor = self.config.exploding_factor
+        layers = {n: f for n, f in growth.layers.items() if f >= factor and growth.current[n] >= floor}
+        rising = growth.growth >= factor or bool(layers)
+        rise = self.rise
+        if rise is not None and step != rise.step:
+            still_global = math.isfinite(growth.norm) and growth.norm >= factor * rise.baseline
+            still_layers = {
+                n: growth.current[n] / base
+                for n, base in rise.layer_baselines.items()
+                if n in growth.current and base > 0 and growth.current[n] >= factor * base
+            }
+            if still_global or still_layers:
+                rise.confirmations += 1
+            else:
+                self.rise = rise = None
+        if rise is None and rising:
+            baselines = {n: growth.baselines[n] for n in layers}
+            baseline = growth.baseline if growth.growth >= factor else float("inf")
+            self.rise = rise = _Rise(step, baseline, baselines)
+        if rise is None or rise.confirmations < self.config.exploding_confirm_steps:
+            return None
+        grown = {n: growth.current[n] / base for n, base in rise.layer_baselines.items() if n in growth.current}
+        return rise.step, grown
+
+    # ---------------------------------------------------------------------------------------- messages
+    def _clipping_note(self, step: StepContext, growth: _Growth, clip_ratio: float | None, since: int) -> Finding:
+        ratio = float(clip_ratio or 0.0)
+        what = "largest gradient element" if step.gradient_clip_algorithm == "value" else "global norm"
+        evidence = {
+            "clip_ratio": ratio,
+            "clip_value": step.gradient_clip_val,
+            "clip_algorithm": step.gradient_clip_algorithm,
+            "clip_factor": self.config.clip_factor,
+            "global_grad_l2": growth.norm,
+            "clipping_only": True,
+        }
+        message = (
+            f"gradient clipping is active on every logged step since step {since}: the pre-clip {what} is "
+            f"{ratio:.1f}x the clip value {step.gradient_clip_val} and not growing"
+        )
+        return step.finding(self.kind, GLOBAL, since, message, evidence, [GLOBAL], severity="note")
+
+    def _evidence(
+        self,
+        step: StepContext,
+        growth: _Growth,
+        layer: str,
+        over: dict[str, float],
+        over_norm: bool,
+        clip_ratio: float | None,
+    ) -> tuple[dict[str, Any], str]:
+        """The evidence and message of an exploding warning."""
+        config = self.config
+        evidence: dict[str, Any] = {
+            "global_grad_l2": growth.norm,
+            "growth": growth.growth,
+            "window": config.exploding_window,
+            "factor": config.exploding_factor,
+            "window_median": growth.baseline,
+            "window_min": growth.window_min,
+            "layer_growth": dict(growth.ranked()[: config.max_layers_in_evidence]),
+        }
+        rise = self.rise
+        if rise is not None and rise.confirmations >= config.exploding_confirm_steps:
+            # growth against the baselines from before the rise (the window has taken the rise in since)
+            evidence["rise_step"] = rise.step
+            evidence["confirmed_steps"] = rise.confirmations
+            if math.isfinite(rise.baseline):
+                evidence["window_median"] = rise.baseline
+                evidence["growth"] = growth.norm / rise.baseline
+            risen = {n: growth.current[n] / b for n, b in rise.layer_baselines.items() if n in growth.current}
+            evidence["layer_growth"] = {**evidence["layer_growth"], **risen}
+            growth.layers.update(risen)
+        parts = [f"global gradient L2 {fmt(growth.norm)}"]
+        if growth.previous:
+            parts.append(f"{growth.growth:.0f}x its median over the previous {growth.previous} logged steps")
+        if config.exploding_norm is not None:
+            evidence["exploding_norm"] = config.exploding_norm
+            if over_norm:
+                parts.append(f"above exploding_norm {fmt(config.exploding_norm)}")
+        if layer in growth.layers:
+            parts.append(f"{layer} grew {growth.layers[layer]:.0f}x")
+        if config.exploding_layer_norm is not None:
+            largest = sorted(over.items(), key=lambda item: -item[1])
+            evidence["exploding_layer_norm"] = config.exploding_layer_norm
+            evidence["layers_over_norm"] = dict(largest[: config.max_layers_in_evidence])
+            if largest:
+                parts.append(
+                    f"{len(largest)} layer(s) above exploding_layer_norm {fmt(config.exploding_layer_norm)} "
+                    f"(largest: {largest[0][0]} at {fmt(largest[0][1])})"
+                )
+        if clip_ratio is not None:
+            evidence["clip_ratio"] = clip_ratio
+            evidence["clip_value"] = step.gradient_clip_val
+            evidence["clip_algorithm"] = step.gradient_clip_algorithm
+            what = "largest gradient element" if step.gradient_clip_algorithm == "value" else "global norm"
+            parts.append(f"pre-clip {what} {clip_ratio:.1f}x the clip value {step.gradient_clip_val}")
+        return evidence, f"exploding gradient at step {step.record.step}: " + ", ".join(parts)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Streaks, windows and an unconfirmed rise."""
+        rise = self.rise
+        return {
+            **super().state_dict(),
+            "global_norms": list(self.global_norms),
+            "layer_norms": self.layer_norms.to_lists(),
+            "rise": None
+            if rise is None
+            else [rise.step, rise.baseline, dict(rise.layer_baselines), rise.confirmations],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        window = self.config.exploding_window
+        self.global_norms = deque(((int(s), float(v)) for s, v in state.get("global_norms", [])), window)
+        self.layer_norms = LayerWindows.from_lists(window, state.get("layer_norms", {}))
+        rise = state.get("rise")
+        self.rise = None if not rise else _Rise(int(rise[0]), float(rise[1]), dict(rise[2]), int(rise[3]))
+
+
+def _clip_ratio(step: StepContext) -> float | None:
+    if not step.gradient_clip_val:
+        return None
+    key = "global_grad_max_abs" if step.gradient_clip_algorithm == "value" else "global_grad_l2"
+    value = float(step.record.global_metrics.get(key, np.nan))
+    return value / step.gradient_clip_val if math.isfinite(value) else None

@@ -1,0 +1,57 @@
+"""``stalled``: no layer's weights move measurably for a window while the learning rate is not 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.finding import GLOBAL, Finding, fmt
+
+__all__ = ["StalledDetector"]
+
+
+class StalledDetector(Detector):
+    """Every layer's ``update_ratio`` stays below ``stalled_update_ratio`` for ``stalled_window`` logged steps.
+
+    Not a stall: a learning rate of 0, or one at most ``stalled_lr_fraction`` of the largest seen in the run
+    (a schedule's annealed end); a step without update ratios (``track_update_ratio=False``); a step whose
+    learning rate is unknown (the capture's owner was not an optimizer), since a schedule at 0 looks the same.
+    """
+
+    kind = "stalled"
+
+    def check(self, step: StepContext) -> list[Finding]:
+        """See the class docstring."""
+        config, record, run = self.config, step.record, step.run
+        update = record.metrics.get("update_ratio")
+        if update is None:
+            return []
+        values = np.asarray(update, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        rate = record.max_learning_rate
+        if rate is not None:
+            run.peak_learning_rate = max(run.peak_learning_rate, rate)
+        moving_rate = rate is not None and rate > config.stalled_lr_fraction * run.peak_learning_rate
+        holds = moving_rate and finite.size > 0 and float(finite.max()) < config.stalled_update_ratio
+        count, since = self.streaks.one(GLOBAL, bool(holds), record.step)
+        if count < config.stalled_window:
+            return []
+        largest = float(finite.max())
+        evidence: dict[str, Any] = {
+            "max_update_ratio": largest,
+            "threshold": config.stalled_update_ratio,
+            "window": config.stalled_window,
+            "learning_rate": rate,
+            "peak_learning_rate": run.peak_learning_rate,
+            "loss_scaled": step.loss_scaled,
+            "global_grad_l2": float(record.global_metrics.get("global_grad_l2", np.nan)),
+        }
+        lr_text = f"the learning rate is {fmt(float(rate or 0.0))}"
+        message = (
+            f"training has stalled: no layer's weights moved more than {fmt(largest)} of their norm per step "
+            f"(below {fmt(config.stalled_update_ratio)}) for {config.stalled_window} logged steps since step "
+            f"{since}, while {lr_text}"
+        )
+        return [step.finding(self.kind, GLOBAL, since, message, evidence, [GLOBAL])]

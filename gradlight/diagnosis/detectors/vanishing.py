@@ -1,0 +1,245 @@
+"""``vanishing``: a layer's gradient stays orders of magnitude below the reference, or the early layers lose it.
+
+Two conditions, one kind:
+
+* **level**: a layer's ``grad_l2`` stays below ``vanishing_ratio`` of the reference (the last matrix layers in
+  forward order) for ``vanishing_patience`` logged steps;
+* **trend**: the early-to-late ratio falls by ``trend_decades`` within ``trend_window`` logged steps *and ends
+  that far below balanced* (a ratio that falls from too large to balanced is a recovery, not a loss).
+
+A small gradient that the model's design explains is a ``note``, not a warning:
+
+* a layer inside a residual branch scaled by a near-zero learnable gain (LayerScale, a zero-initialised last
+  BatchNorm, ReZero) is judged against the gain's current value: its gradient carries the gain as a factor.
+  It becomes a warning when the gain stays near zero for ``gain_patience`` logged steps, or when the branch is
+  still below the threshold after dividing by the gain;
+* the query/key projections of attention blocks (second-order gradients while attention is near uniform).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gradlight.activations import SATURATING_KINDS, ActivationStats
+from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.detectors.base import Detector, StepContext, decades_below
+from gradlight.diagnosis.finding import Finding, fmt
+
+__all__ = ["VanishingDetector"]
+
+
+class VanishingDetector(Detector):
+    """See the module docstring."""
+
+    kind = "vanishing"
+
+    def __init__(self, config: DiagnosisConfig) -> None:
+        super().__init__(config)
+        self.trend: deque[tuple[int, float]] = deque(maxlen=config.trend_window)
+
+    def check(self, step: StepContext) -> list[Finding]:
+        """Level findings (warning and notes), then the trend."""
+        return self._level(step) + self._trend(step)
+
+    # ------------------------------------------------------------------------------------------ level
+    def _level(self, step: StepContext) -> list[Finding]:
+        config, record, profile = self.config, step.record, step.profile
+        reference = step.reference
+        grad = record.metrics["grad_l2"]
+        if not math.isfinite(reference.value) or len(record.layers) - len(reference.layers) < 1:
+            return []
+        ratios = grad / reference.value
+        # exactly zero is no gradient at all this step (a branch without targets, an unused path), not a
+        # gradient that decayed on its way from the loss: that is `no_gradient`'s business
+        holds = (ratios > 0.0) & (ratios < config.vanishing_ratio)
+        excluded = set(reference.layers) | profile.tied_layers
+        holds &= np.array([layer not in excluded for layer in record.layers], dtype=bool)
+        streaks = self.streaks.advance(record.layers, holds, record.step)
+        sustained = [i for i, (count, _) in enumerate(streaks) if count >= config.vanishing_patience]
+        if not sustained:
+            return []
+        real: list[int] = []
+        gated: list[tuple[int, dict[str, Any]]] = []
+        attention: list[int] = []
+        for i in sustained:
+            layer = record.layers[i]
+            gain = profile.gain_of(layer)
+            if gain is not None:
+                rms = gain.current_rms()
+                compensated = float(ratios[i]) / max(rms, 1e-30)
+                stuck = streaks[i][0] >= config.gain_patience and rms <= 2.0 * gain.initial_rms + 1e-12
+                if compensated >= config.vanishing_ratio or stuck:
+                    explained = "stuck_gain" if stuck else "residual_gain"
+                    gated.append((i, {"gain": gain.parameter, "gain_rms": rms, "explained_by": explained,
+                                      "gain_initial_rms": gain.initial_rms, "compensated_ratio": compensated,
+                                      "streak": streaks[i][0]}))  # fmt: skip
+                    continue
+            elif layer in profile.attention_logit_layers:
+                attention.append(i)
+                continue
+            real.append(i)
+        found: list[Finding] = []
+        if real:
+            found.append(self._warning(step, real, ratios))
+        not_growing = [(i, extra) for i, extra in gated if extra["explained_by"] == "stuck_gain"]
+        expected = [(i, extra) for i, extra in gated if extra["explained_by"] == "residual_gain"]
+        if not_growing:
+            found.append(self._explained(step, not_growing, ratios, "warning"))
+        if expected:
+            found.append(self._explained(step, expected, ratios, "note"))
+        if attention:
+            extra = {"explained_by": "attention_logits"}
+            found.append(self._explained(step, [(i, extra) for i in attention], ratios, "note"))
+        return found
+
+    def _warning(self, step: StepContext, sustained: list[int], ratios: np.ndarray) -> Finding:
+        config, record, reference = self.config, step.record, step.reference
+        first = sustained[0]
+        layer = record.layers[first]
+        ratio = float(ratios[first])
+        decades = decades_below(ratio)
+        since = self.streaks.since(layer)
+        onset = record.layers[sustained[-1]]
+        limit = config.max_layers_in_evidence
+        evidence: dict[str, Any] = {
+            "ratio": ratio,
+            "decades": decades,
+            "grad_l2": float(record.metrics["grad_l2"][first]),
+            "reference": reference.value,
+            "reference_layers": reference.layers,
+            "threshold": config.vanishing_ratio,
+            "patience": config.vanishing_patience,
+            "onset_layer": onset,
+            "num_layers": len(sustained),
+            "ratios": {record.layers[i]: float(ratios[i]) for i in sustained[:limit]},
+            "early_late_ratio": float(record.global_metrics.get("early_late_ratio", np.nan)),
+        }
+        detail = ""
+        if step.activations is not None:
+            detail = _saturation_detail(step.activations, layer, int(record.depths[first]), evidence)
+        message = (
+            f"vanishing gradient: layer {layer} gets {fmt(ratio)} of the reference gradient "
+            f"({', '.join(reference.layers)}), {decades:.1f} decades below, sustained since step {since}; "
+            f"{len(sustained)} layer(s) below {fmt(config.vanishing_ratio)} from {layer} to {onset}{detail}"
+        )
+        layers = [record.layers[i] for i in sustained]
+        return step.finding(self.kind, layer, since if since is not None else record.step, message, evidence, layers)
+
+    def _explained(
+        self, step: StepContext, items: list[tuple[int, dict[str, Any]]], ratios: np.ndarray, severity: str
+    ) -> Finding:
+        """One finding for layers whose small gradient the design explains (or a gain that does not grow)."""
+        record, config = step.record, self.config
+        first, extra = items[0]
+        layer = record.layers[first]
+        since = self.streaks.since(layer)
+        ratio = float(ratios[first])
+        evidence: dict[str, Any] = {
+            **extra,
+            "ratio": ratio,
+            "decades": decades_below(ratio),
+            "reference": step.reference.value,
+            "reference_layers": step.reference.layers,
+            "threshold": config.vanishing_ratio,
+            "num_layers": len(items),
+            "ratios": {record.layers[i]: float(ratios[i]) for i, _ in items[: config.max_layers_in_evidence]},
+        }
+        what = {
+            "residual_gain": f"its residual branch is scaled by the near-zero gain {extra.get('gain')} "
+            f"(rms {fmt(float(extra.get('gain_rms', 0.0)))}); divided by the gain it is "
+            f"{fmt(float(extra.get('compensated_ratio', 0.0)))} of the reference: expected at initialisation",
+            "stuck_gain": f"the residual gain {extra.get('gain')} scaling its branch is still "
+            f"{fmt(float(extra.get('gain_rms', 0.0)))} (initially {fmt(float(extra.get('gain_initial_rms', 0.0)))}) "
+            f"after {extra.get('streak')} logged steps",
+            "attention_logits": "it is an attention query/key projection (second-order gradient while the "
+            "attention is near uniform): expected early in training",
+        }[str(extra["explained_by"])]
+        message = (
+            f"{'small gradient by design' if severity == 'note' else 'vanishing gradient'}: layer {layer} gets "
+            f"{fmt(ratio)} of the reference gradient, {decades_below(ratio):.1f} decades below, since step "
+            f"{since}; {what}; {len(items)} layer(s) like it"
+        )
+        layers = [record.layers[i] for i, _ in items]
+        when = since if since is not None else record.step
+        return step.finding(self.kind, layer, when, message, evidence, layers, severity=severity)
+
+    # ------------------------------------------------------------------------------------------ trend
+    def _trend(self, step: StepContext) -> list[Finding]:
+        record, config = step.record, self.config
+        ratio = float(record.global_metrics.get("early_late_ratio", np.nan))
+        if not (math.isfinite(ratio) and ratio > 0) or not record.layers:
+            return []
+        self.trend.append((record.step, math.log10(ratio)))
+        if len(self.trend) < config.trend_window:
+            return []
+        (first_step, first), (_, last) = self.trend[0], self.trend[-1]
+        drop = first - last
+        # falling *into* the starving range: a ratio that falls from 400 to 1 gets balanced, not vanishing
+        if drop < config.trend_decades or last > -config.trend_decades:
+            return []
+        layer = record.layers[0]
+        evidence = {
+            "trend_decades": drop,
+            "early_late_ratio": ratio,
+            "early_late_ratio_before": 10.0**first,
+            "window_steps": [first_step, record.step],
+            "ratio": ratio,
+            "decades": -math.log10(ratio),
+        }
+        message = (
+            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades "
+            f"(from {fmt(10.0**first)} to {fmt(ratio)}) between steps {first_step} and {record.step}; "
+            f"the first layer {layer} is losing its gradient"
+        )
+        return [step.finding(self.kind, layer, first_step, message, evidence, [layer])]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Streaks plus the trend window."""
+        return {**super().state_dict(), "trend": list(self.trend)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.trend = deque(((int(s), float(v)) for s, v in state.get("trend", [])), self.config.trend_window)
+
+
+def _saturation_detail(activations: ActivationStats, layer: str, depth: int, evidence: dict[str, Any]) -> str:
+    """Saturating activations on the layer's gradient path, added to ``evidence``; the message's detail."""
+    downstream = sorted(
+        {kind for kind, d in zip(activations.kinds, activations.depths) if kind in SATURATING_KINDS and int(d) > depth}
+    )
+    evidence["saturating_downstream"] = downstream
+    detail = ""
+    feeding = [i for i in activations.feeding(layer) if activations.kinds[i] in SATURATING_KINDS]
+    if feeding:
+        site = feeding[0]
+        saturation = float(activations.metrics["act_saturation"][site])
+        evidence["feeding_site"] = activations.sites[site]
+        evidence["feeding_saturation"] = saturation
+        detail = (
+            f"; {saturation:.0%} of the {activations.kinds[site]} outputs feeding it "
+            f"({activations.sites[site]}) are saturated"
+        )
+    between = [
+        i
+        for i, (kind, d) in enumerate(zip(activations.kinds, activations.depths))
+        if kind in SATURATING_KINDS and int(d) > depth
+    ]
+    values = activations.metrics["act_saturation"][between]
+    if between and np.isfinite(values).any():
+        worst = between[int(np.nanargmax(values))]
+        evidence["downstream_saturation_mean"] = float(np.nanmean(values))
+        evidence["downstream_saturation_max"] = float(activations.metrics["act_saturation"][worst])
+        evidence["downstream_saturation_site"] = activations.sites[worst]
+        detail += (
+            f"; its gradient passes {len(between)} saturating activation site(s) "
+            f"({', '.join(sorted({activations.kinds[i] for i in between}))}) on the way from the loss, "
+            f"{float(np.nanmean(values)):.0%} saturated on average "
+            f"(max {evidence['downstream_saturation_max']:.0%} at {activations.sites[worst]})"
+        )
+    return detail

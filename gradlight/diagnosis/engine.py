@@ -1,0 +1,179 @@
+"""The engine: runs every detector on each logged step, de-duplicates findings, and keeps the state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gradlight.activations import ActivationStats
+from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.detectors import DETECTORS, Detector, Reference, RunState, StepContext
+from gradlight.diagnosis.finding import Finding
+from gradlight.diagnosis.profile import ModelProfile
+from gradlight.tracker import StepRecord
+
+__all__ = ["GradientDiagnosis"]
+
+
+class GradientDiagnosis:
+    """Turns a stream of step records into findings. Trainer-free; deterministic given its inputs.
+
+    Given identical inputs every rank reaches the same findings. Under DDP every rank holds the same records
+    (gradients are all-reduced) and activation statistics are reduced across ranks; the loss is each rank's
+    own, and only the findings that read it can differ between ranks: ``dormant`` (its loss-change gate) and
+    the cause of a ``non_finite`` finding (``loss_finite``).
+
+    Args:
+        config: Thresholds; defaults to :class:`DiagnosisConfig()`.
+        profile: The model profile (:meth:`ModelProfile.from_model`); an empty profile if ``None``.
+        gradient_clip_val: The clip value when gradient clipping is on (``trainer.gradient_clip_val``).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        detectors: The detector classes to run (default :data:`~gradlight.diagnosis.detectors.DETECTORS`).
+
+    Attributes:
+        findings: Findings reported by this instance, oldest first (a resumed run starts empty).
+        findings_count: Warning-level findings reported over the run (survives resume).
+        notes_count: Note-level findings reported over the run (survives resume).
+        modules_run: Names of the parameter-owning modules seen running in forward, when known (the monitor
+            sets it from the tracker's discovery); lets ``no_gradient`` tell "never called" from "cut off".
+        world_size: Number of processes (for the wording of causes).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradlight.tracker import GradientFlowTracker
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> layers = []
+        >>> for _ in range(12):
+        ...     layers += [nn.Linear(16, 16), nn.Sigmoid()]
+        >>> net = nn.Sequential(*layers, nn.Linear(16, 1))
+        >>> tracker = GradientFlowTracker(net)
+        >>> diagnosis = GradientDiagnosis(profile=ModelProfile.from_model(net))
+        >>> findings = []
+        >>> for step in range(3):
+        ...     net.zero_grad()
+        ...     net(torch.randn(32, 16)).pow(2).mean().backward()
+        ...     tracker.capture(step, net.parameters())
+        ...     findings += diagnosis.update(tracker.finalize())
+        >>> findings[0].kind, findings[0].layer, findings[0].step, findings[0].severity
+        ('vanishing', '0', 0, 'warning')
+    """
+
+    def __init__(
+        self,
+        config: DiagnosisConfig | None = None,
+        profile: ModelProfile | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = "norm",
+        detectors: Sequence[type[Detector]] = DETECTORS,
+    ) -> None:
+        self.config = config if config is not None else DiagnosisConfig()
+        self.profile = profile if profile is not None else ModelProfile()
+        self.gradient_clip_val = float(gradient_clip_val) if gradient_clip_val else None
+        self.gradient_clip_algorithm = gradient_clip_algorithm or "norm"
+        self.detectors = [detector(self.config) for detector in detectors]
+        self.reported: set[tuple[str, str, str]] = set()  # (kind, layer, severity)
+        self.findings_count = 0
+        self.notes_count = 0
+        self.findings: list[Finding] = []
+        self.modules_run: set[str] | None = None
+        self.world_size = 1
+        self.run = RunState()
+
+    def update(
+        self,
+        record: StepRecord,
+        activations: ActivationStats | None = None,
+        loss: float | None = None,
+        loss_scaled: bool = False,
+    ) -> list[Finding]:
+        """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
+
+        Args:
+            record: The step's gradient statistics.
+            activations: The step's activation statistics, if taps are on.
+            loss: The step's training loss, if known (used by the dormant rule and non-finite causes).
+            loss_scaled: A dynamic loss scaler (fp16 AMP) handles overflow: it skips the step and lowers its
+                scale, so non-finite gradients are reported only when they persist for
+                ``scaled_non_finite_patience`` logged steps.
+        """
+        step = StepContext(
+            record=record,
+            activations=activations,
+            loss=loss,
+            loss_scaled=loss_scaled,
+            config=self.config,
+            profile=self.profile,
+            reference=self.reference(record),
+            run=self.run,
+            gradient_clip_val=self.gradient_clip_val,
+            gradient_clip_algorithm=self.gradient_clip_algorithm,
+            modules_run=self.modules_run,
+            world_size=self.world_size,
+            is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
+        )
+        finite = step.gradients_finite
+        found: list[Finding] = []
+        for detector in self.detectors:
+            if (detector.needs_finite_gradients and not finite) or (detector.needs_activations and activations is None):
+                continue
+            found += detector.check(step)
+        new = [f for f in found if (f.kind, f.layer, f.severity) not in self.reported]
+        for finding in new:
+            for layer in (finding.layer, *finding.layers):
+                self.reported.add((finding.kind, layer, finding.severity))
+            if finding.is_warning:
+                self.findings_count += 1
+            else:
+                self.notes_count += 1
+        self.findings.extend(new)
+        return new
+
+    def reference(self, record: StepRecord) -> Reference:
+        """The reference gradient: geometric mean of the last ``reference_layers`` matrix layers' ``grad_l2``.
+
+        Matrix layers (Linear, Conv, Embedding weights) only, and no tied layer: a trailing scalar owned by
+        the root module or a tied embedding says nothing about the gradient that reaches the output layers.
+        Falls back to every layer when the profile knows none of the record's layers.
+        """
+        grad = record.metrics["grad_l2"]
+        matrix = self.profile.matrix_layers
+        tied = self.profile.tied_layers
+        eligible = [i for i, layer in enumerate(record.layers) if (not matrix or layer in matrix) and layer not in tied]
+        if not eligible:
+            eligible = list(range(len(record.layers)))
+        count = min(self.config.reference_layers, max(1, len(eligible) - 1))
+        chosen = eligible[-count:]
+        values = grad[chosen] if chosen else grad[:0]
+        keep = np.isfinite(values) & (values > 0)
+        if not keep.any():
+            return Reference(float("nan"), [])
+        return Reference(float(np.exp(np.log(values[keep]).mean())), [record.layers[i] for i in chosen])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What was reported and every detector's running state, so a resumed run does not re-report."""
+        return {
+            "version": 2,
+            "reported": sorted([kind, layer, severity] for kind, layer, severity in self.reported),
+            "findings_count": self.findings_count,
+            "notes_count": self.notes_count,
+            "run": self.run.state_dict(),
+            "detectors": {detector.kind: detector.state_dict() for detector in self.detectors},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a version-1 state restores what was reported and the count)."""
+        self.reported = {
+            (str(entry[0]), str(entry[1]), str(entry[2]) if len(entry) > 2 else "warning")
+            for entry in state.get("reported", [])
+        }
+        self.findings_count = int(state.get("findings_count", 0))
+        self.notes_count = int(state.get("notes_count", 0))
+        self.run.load_state_dict(state.get("run", {"exploded": state.get("exploded", False)}))
+        detectors = state.get("detectors", {})
+        for detector in self.detectors:
+            if detector.kind in detectors:
+                detector.load_state_dict(detectors[detector.kind])

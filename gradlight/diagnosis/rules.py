@@ -1,0 +1,333 @@
+"""The cause/remedy table: why a finding's condition usually arises and what usually fixes it.
+
+:data:`RULES` is data: each :class:`Rule` names the finding kinds it can explain, a predicate over the model
+profile and the finding's evidence, and its cause and remedy text. :func:`explain` returns the first few rules
+that apply, in table order (documented in docs/diagnosis.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.profile import ModelProfile
+
+__all__ = ["RULES", "Rule", "RuleContext", "explain"]
+
+
+@dataclass
+class RuleContext:
+    """What a rule's predicate sees: the finding's kind, the model profile, the evidence and the config."""
+
+    kind: str
+    profile: ModelProfile
+    evidence: dict[str, Any]
+    config: DiagnosisConfig
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the cause/remedy table.
+
+    Attributes:
+        id: Short identifier, stored in a finding's ``evidence["rules"]``.
+        kinds: Finding kinds the rule can explain.
+        applies: Predicate on the finding's context (kind, model profile, evidence, config).
+        cause: Cause text; ``{...}`` fields are filled from ``describe(context)``.
+        remedy: What usually fixes it.
+        describe: Values for the ``cause`` template.
+        conclusive: When this rule applies it alone explains the finding, whatever its place in the table:
+            it names the whole mechanism (a small gradient by design, clipping on every step), so structural
+            guesses would mislead.
+    """
+
+    id: str
+    kinds: tuple[str, ...]
+    applies: Callable[[RuleContext], bool]
+    cause: str
+    remedy: str
+    describe: Callable[[RuleContext], dict[str, Any]] = lambda context: {}
+    conclusive: bool = False
+
+
+def _short(names: Iterable[str], limit: int = 3) -> str:
+    items = list(names)
+    text = ", ".join(items[:limit])
+    return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+#: The cause/remedy table, in priority order (documented in docs/diagnosis.md).
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "loss_non_finite",
+        ("non_finite",),
+        lambda c: c.evidence.get("loss_finite") is False,
+        "the loss itself is NaN/Inf (log of 0, division by 0, overflow in the loss)",
+        "guard the loss (clamp log/softmax inputs, add an epsilon to divisions); use bf16 or a loss scaler",
+    ),
+    Rule(
+        "after_exploding",
+        ("non_finite",),
+        lambda c: bool(c.evidence.get("after_exploding")),
+        "it follows exploding gradients: the weights overflowed",
+        "gradient clipping (Trainer(gradient_clip_val=1.0)) or a lower learning rate / warm-up",
+    ),
+    Rule(
+        "backward_op",
+        ("non_finite",),
+        lambda c: c.evidence.get("loss_finite") is not False and not c.evidence.get("after_exploding"),
+        "a NaN/Inf appeared inside the backward pass at {layer} (closest to the loss): an op with an "
+        "infinite derivative (sqrt/log/pow/division at 0), fp16 overflow, or a gradient hook",
+        "check that layer's forward for sqrt/log/div at 0 (add an epsilon); run one step under "
+        "torch.autograd.set_detect_anomaly(True) to name the op",
+        lambda c: {"layer": c.evidence.get("layer", "?")},
+    ),
+    Rule(
+        "residual_gain_near_zero",
+        ("vanishing",),
+        lambda c: c.evidence.get("explained_by") == "residual_gain",
+        "by design: the branch is scaled by a learnable residual gain near zero ({gain} = {value}), which "
+        "multiplies every gradient inside it; the gradient reaches the block through the shortcut, and the "
+        "branch catches up as the gain grows",
+        "nothing to fix at initialisation; if the gain stays near zero, check that it is in the optimizer with "
+        "a non-zero learning rate (and no weight decay pinning it at 0)",
+        lambda c: {"gain": c.evidence.get("gain", "?"), "value": f"{float(c.evidence.get('gain_rms', 0.0)):.1e}"},
+        conclusive=True,
+    ),
+    Rule(
+        "gain_stays_near_zero",
+        ("vanishing",),
+        lambda c: c.evidence.get("explained_by") == "stuck_gain",
+        "the residual gain {gain} that scales the branch is still {value} after {steps} logged steps: it does "
+        "not grow, so the branch never trains",
+        "give the gain a learning rate (it may be in a param group with lr 0 or excluded from the optimizer); "
+        "exclude it from weight decay; or initialise it larger (LayerScale init_values 1e-4..1e-1)",
+        lambda c: {
+            "gain": c.evidence.get("gain", "?"),
+            "value": f"{float(c.evidence.get('gain_rms', 0.0)):.1e}",
+            "steps": c.evidence.get("streak", "?"),
+        },
+        conclusive=True,
+    ),
+    Rule(
+        "attention_at_init",
+        ("vanishing",),
+        lambda c: c.evidence.get("explained_by") == "attention_logits",
+        "by design: query/key projections reach the loss only through the softmax of q.k; with near-zero "
+        "logits the attention is near uniform and their gradient is second order (it carries the other "
+        "projection's weights as a factor), far below the value/output projections until attention sharpens",
+        "nothing to fix; it is a warning only if the value/output projections of the same blocks vanish too",
+        conclusive=True,
+    ),
+    Rule(
+        "saturating_activation",
+        ("vanishing", "saturated"),
+        lambda c: bool(c.evidence.get("saturating_downstream") or c.profile.saturating),
+        "saturating activations ({acts}) between the layer and the loss: their derivative is at most "
+        "0.25 (sigmoid) or 1 (tanh) and near 0 when saturated, so each one shrinks the gradient",
+        "use a non-saturating activation in hidden layers (ReLU, SiLU/GELU)",
+        lambda c: {"acts": _short(c.evidence.get("saturating_downstream") or c.profile.saturating)},
+    ),
+    Rule(
+        "no_normalization",
+        ("vanishing", "exploding", "saturated", "dead_units"),
+        lambda c: not c.profile.normalization,
+        "no normalisation layers: activation and gradient scales drift from layer to layer",
+        "add BatchNorm (CNNs) or LayerNorm (transformers, MLPs, RNNs) before the activations",
+    ),
+    Rule(
+        "deep_plain_stack",
+        ("vanishing", "exploding"),
+        lambda c: not c.profile.residual and c.profile.num_layers >= c.config.deep_stack_layers,
+        "a deep plain stack ({layers} parameter layers, no residual connections): the gradient is a "
+        "product of one Jacobian per layer",
+        "add residual (skip) connections",
+        lambda c: {"layers": c.profile.num_layers},
+    ),
+    Rule(
+        "recurrent_chain",
+        ("vanishing", "exploding"),
+        lambda c: c.profile.plain_recurrent,
+        "an ungated recurrent chain ({modules}): the same weights multiply the gradient once per time step",
+        "use gated cells (LSTM/GRU), truncate backpropagation through time, clip gradients",
+        lambda c: {"modules": _short(c.profile.recurrent)},
+    ),
+    Rule(
+        "init_small",
+        ("vanishing", "dead_units"),
+        lambda c: bool(c.profile.init_small),
+        "initial weights far below the He/Xavier scale ({modules})",
+        "He (Kaiming) init for ReLU-family layers, Xavier (Glorot) for tanh/sigmoid layers",
+        lambda c: {"modules": _short(c.profile.init_small)},
+    ),
+    Rule(
+        "init_large",
+        ("exploding", "saturated", "non_finite"),
+        lambda c: bool(c.profile.init_large),
+        "initial weights far above the He/Xavier scale ({modules})",
+        "He (Kaiming) init for ReLU-family layers, Xavier (Glorot) for tanh/sigmoid layers",
+        lambda c: {"modules": _short(c.profile.init_large)},
+    ),
+    Rule(
+        "clipping_active",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("clipping_only")),
+        "gradient clipping acts on every logged step: the pre-clip value sits {ratio:.0f}x above the clip "
+        "value without growing, so every update is rescaled and clipping works as a learning-rate cut",
+        "nothing is wrong if intended; otherwise raise gradient_clip_val to about the typical pre-clip norm "
+        "(see the history's global_grad_l2) so that clipping only trims spikes",
+        lambda c: {"ratio": float(c.evidence.get("clip_ratio", 0.0))},
+        conclusive=True,
+    ),
+    Rule(
+        "clipping_hides_growth",
+        ("exploding",),
+        lambda c: "clip_ratio" in c.evidence and not c.evidence.get("clipping_only"),
+        "gradient clipping is hiding a blow-up: the pre-clip value is {ratio:.0f}x the clip value and growing",
+        "lower the learning rate (clipping only bounds the step, not the cause)",
+        lambda c: {"ratio": float(c.evidence.get("clip_ratio", 0.0))},
+    ),
+    Rule(
+        "learning_rate",
+        ("exploding", "non_finite", "dead_units"),
+        lambda c: not c.evidence.get("clipping_only"),
+        "a learning rate too high for the loss' curvature: updates overshoot and weights and gradients grow",
+        "gradient clipping (Trainer(gradient_clip_val=...)) or a lower learning rate / warm-up",
+    ),
+    Rule(
+        "learning_rate_zero",
+        ("dormant",),
+        lambda c: c.evidence.get("learning_rate") == 0.0,
+        "the learning rate of the layer's parameter group is 0",
+        "give the group a learning rate (check the optimizer's param groups and the scheduler); if the layer "
+        "is meant to be frozen, set requires_grad=False (or exclude it from the monitor)",
+        conclusive=True,
+    ),
+    Rule(
+        "optimizer_does_not_move",
+        ("dormant",),
+        lambda c: not c.evidence.get("starved") and c.evidence.get("learning_rate") != 0.0,
+        "the layer receives gradient but its parameters do not move: learning rate 0 for its parameter "
+        "group, a scheduler at 0, or weights reset after each step",
+        "check the optimizer's param groups and LR schedule; if the layer is meant to be frozen, set "
+        "requires_grad=False (or exclude it from the monitor)",
+    ),
+    Rule(
+        "starved",
+        ("dormant",),
+        lambda c: bool(c.evidence.get("starved")),
+        "it barely receives gradient (its gradient is below the vanishing threshold)",
+        "fix the vanishing gradient (see the vanishing finding's remedy)",
+    ),
+    Rule(
+        "never_called",
+        ("no_gradient",),
+        lambda c: bool(c.evidence.get("never_called")),
+        "{modules} never ran in forward (built, and handed to the optimizer, but not called)",
+        "call the module in forward, or remove it (and its parameters) from the model and the optimizer; under "
+        "DDP an unused module also needs find_unused_parameters=True",
+        lambda c: {"modules": _short(c.evidence.get("never_called", []))},
+    ),
+    Rule(
+        "graph_cut",
+        ("no_gradient",),
+        lambda c: bool(c.evidence.get("cut_off")),
+        "{modules} ran in forward but their output never reaches the loss through autograd: an input or "
+        "output cut by .detach(), a torch.no_grad() block, or an output the loss does not use",
+        "remove the .detach() / torch.no_grad() on the path to the loss (or use the output); if the layers are "
+        "meant to be frozen, set requires_grad=False",
+        lambda c: {"modules": _short(c.evidence.get("cut_off", []))},
+    ),
+    Rule(
+        "zero_gradient",
+        ("no_gradient",),
+        lambda c: bool(c.evidence.get("zero")),
+        "the gradient of {modules} is exactly zero: every path from the loss is blocked (dead ReLUs, a "
+        "multiplication by zero, a fully masked output)",
+        "look for dead units (GradientFlowMonitor(track_activations=True)), zero-initialised gains or masks",
+        lambda c: {"modules": _short(c.evidence.get("zero", []))},
+    ),
+    Rule(
+        "learning_rate_too_small",
+        ("stalled",),
+        lambda c: (c.evidence.get("learning_rate") or 0.0) > 0 and not c.evidence.get("loss_scaled"),
+        "the learning rate ({lr}) is too small for these gradients: the largest update is {update} of its "
+        "layer's weights, below float32's resolution",
+        "raise the learning rate (a learning-rate finder, e.g. Lightning's Tuner.lr_find, gives a start)",
+        lambda c: {
+            "lr": f"{float(c.evidence.get('learning_rate') or 0.0):.1e}",
+            "update": f"{float(c.evidence.get('max_update_ratio', 0.0)):.1e}",
+        },
+    ),
+    Rule(
+        "loss_scale_skips",
+        ("stalled",),
+        lambda c: bool(c.evidence.get("loss_scaled")),
+        "the AMP loss scaler may be skipping every step (it skips steps whose scaled gradients overflow)",
+        "check for inf/NaN in the loss; use bf16-mixed, or lower GradScaler's init_scale",
+    ),
+    Rule(
+        "optimizer_setup",
+        ("stalled",),
+        lambda c: True,
+        "no parameter moves: the optimizer may hold other tensors than the model's (built before a model copy "
+        "or a .to() that made new parameters), its step may not run, or the weights are reset after it",
+        "build the optimizer from model.parameters() after moving the model; check that optimizer.step() runs",
+    ),
+    Rule(
+        "dead_relu",
+        ("dead_units",),
+        lambda c: True,
+        "pre-activations stuck below zero (a large negative bias, a learning-rate spike, or poor init): "
+        "dead ReLU units pass no gradient and never recover",
+        "LeakyReLU/GELU/SiLU, a lower learning rate, zero-initialised biases, BatchNorm before the ReLU",
+    ),
+    Rule(
+        "large_preactivations",
+        ("saturated",),
+        lambda c: True,
+        "pre-activations far from zero push the activation into its flat region",
+        "normalise before the activation (BatchNorm/LayerNorm) and use Xavier init; or a non-saturating activation",
+    ),
+)
+
+_FALLBACK_REMEDY = {
+    "no_gradient": "make sure the parameters take part in the loss, or freeze them (requires_grad=False)",
+    "stalled": "check the learning rate, the loss scale and that the optimizer steps the model's parameters",
+    "vanishing": "residual connections, normalisation, non-saturating activations, He/Xavier init",
+    "exploding": "gradient clipping or a lower learning rate",
+    "non_finite": "lower the learning rate, clip gradients, guard log/div in the loss",
+    "dormant": "check the optimizer's param groups and learning rates",
+    "saturated": "normalisation before the activation, or a non-saturating activation",
+    "dead_units": "LeakyReLU/GELU, lower learning rate, zero-initialised biases",
+}
+
+
+def explain(context: RuleContext, limit: int = 3) -> tuple[str, str, list[str]]:
+    """The cause, remedy and rule ids for a finding: the first ``limit`` rules that apply, in table order.
+
+    Example:
+        >>> context = RuleContext("stalled", ModelProfile(), {"learning_rate": 1e-12}, DiagnosisConfig())
+        >>> explain(context)[2]
+        ['learning_rate_too_small', 'optimizer_setup']
+    """
+    causes: list[str] = []
+    remedies: list[str] = []
+    ids: list[str] = []
+    for rule in RULES:  # a conclusive rule names the whole mechanism: it alone explains the finding
+        if rule.conclusive and context.kind in rule.kinds and rule.applies(context):
+            return rule.cause.format(**rule.describe(context)), rule.remedy, [rule.id]
+    for rule in RULES:
+        if context.kind not in rule.kinds or not rule.applies(context):
+            continue
+        causes.append(rule.cause.format(**rule.describe(context)))
+        if rule.remedy not in remedies:
+            remedies.append(rule.remedy)
+        ids.append(rule.id)
+        if len(ids) >= limit:
+            break
+    if not causes:
+        return "no structural cause found in the model profile", _FALLBACK_REMEDY[context.kind], ids
+    return "; ".join(causes), "; ".join(remedies), ids
