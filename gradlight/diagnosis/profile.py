@@ -98,6 +98,8 @@ class ModelProfile:
         attention_logit_layers: Layers that are query/key projections or relative-position biases of an
             attention block.
         tied_layers: Layers holding a parameter that another module uses too (tied embeddings).
+        upstream_of_gains: Layers that run before the first branch scaled by a residual gain.
+        layer_sizes: Number of trainable elements per layer (per-element comparisons).
         matrix_layers: Layers that own a parameter of two or more dimensions.
         uninitialized: Whether some parameters were still lazy (uninitialised) when profiled; profile again
             after the first forward pass.
@@ -123,6 +125,8 @@ class ModelProfile:
     tied_layers: set[str] = field(default_factory=set)
     matrix_layers: set[str] | None = None
     uninitialized: bool = False
+    upstream_of_gains: set[str] = field(default_factory=set)
+    layer_sizes: dict[str, int] = field(default_factory=dict)
 
     def gain_of(self, layer: str) -> ResidualGain | None:
         """The near-zero residual gain that scales ``layer``'s branch, if any."""
@@ -130,6 +134,18 @@ class ModelProfile:
             if layer in gain.gated:
                 return gain
         return None
+
+    def gains_for(self, layer: str) -> list[ResidualGain]:
+        """The gains a layer's gradient may carry as a factor: its branch's, or every gain for a layer upstream.
+
+        A layer that runs before the first gated block can reach the loss only through the gated branches when
+        the stream it writes to is read out through them (patch tokens reach a class-token head only through
+        attention): its gradient is then scaled by the largest of the gains.
+        """
+        own = self.gain_of(layer)
+        if own is not None:
+            return [own]
+        return list(self.gains) if layer in self.upstream_of_gains else []
 
     @classmethod
     def from_tracker(
@@ -224,8 +240,11 @@ class ModelProfile:
             profile.num_layers += 1
             for param_name, param in trainable:
                 layer = layer_of(_join(name, param_name), param)
-                if layer is not None and param.dim() >= 2:
+                if layer is None:
+                    continue
+                if param.dim() >= 2:
                     profile.matrix_layers.add(layer)
+                profile.layer_sizes[layer] = profile.layer_sizes.get(layer, 0) + param.numel()
             scale = _init_scale(module)
             if scale is not None:
                 to_larger, to_smaller = scale  # std / max(He, Xavier), std / min(He, Xavier)
@@ -238,6 +257,7 @@ class ModelProfile:
         profile.recurrent = sorted(recurrent)
         order = list(forward_order) or list(modules)
         profile.gains = _residual_gains(model, modules, module_layers, order, layer_of, gain_threshold)
+        profile.upstream_of_gains = _upstream_of(profile.gains, module_layers, order)
         for gain in profile.gains[: max(0, 3 - len(profile.residual_evidence))]:
             profile.residual_evidence.append(f"{gain.parameter} (residual gain)")
         profile.residual = bool(profile.residual_evidence)
@@ -279,21 +299,30 @@ def _looks_residual(module: nn.Module) -> bool:
     return any(getattr(module, flag, None) is True for flag in _RESIDUAL_FLAGS)
 
 
-def _is_block(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``module`` is a block of a network (where a residual gain can live), not the model itself.
+def _enclosing_block(owner: str, module: nn.Module, modules: dict[str, nn.Module]) -> str | None:
+    """The residual block a gain parameter of ``owner`` lives in, or ``None`` (then it is no residual gain).
 
-    A block is one of several same-class siblings in a container (a stage's ``Sequential`` of blocks), or a
-    module whose class says it is a block (``*Block``, ``*Layer``, ``Bottleneck``, ``*Residual*``).
+    The search starts at the owner when it has parameterised children (a block that owns its gain, like
+    ConvNeXt's ``gamma``), else at its parent (a gain module: timm ``LayerScale``, a BatchNorm), and walks up
+    to the model's root, excluded. The first ancestor whose class says it is a block (``*Block``, ``*Layer``,
+    ``Bottleneck``, ``*Residual*``, ``*Stage``) wins; failing that, the first one that is one of several
+    same-class siblings in a container (a stage's ``Sequential`` of blocks).
     """
-    if not name:
-        return False
-    parent_name = name.rpartition(".")[0]
-    parent = modules.get(parent_name)
-    if parent is not None:
-        siblings = sum(1 for child in parent.children() if type(child) is type(module))
-        if siblings >= 2:
-            return True
-    return bool(_BLOCK_PATTERN.search(type(module).__name__))
+    owns_layers = any(True for child in module.children() for _ in child.parameters())
+    chain: list[str] = []
+    name = owner if owns_layers else owner.rpartition(".")[0]
+    while name:
+        chain.append(name)
+        name = name.rpartition(".")[0] if "." in name else ""
+    for candidate in chain:
+        if _BLOCK_PATTERN.search(type(modules[candidate]).__name__):
+            return candidate
+    for candidate in chain:
+        parent = modules.get(candidate.rpartition(".")[0])
+        block = modules[candidate]
+        if parent is not None and sum(1 for child in parent.children() if type(child) is type(block)) >= 2:
+            return candidate
+    return None
 
 
 def _gain_shaped(name: str, tensor: Tensor) -> bool:
@@ -321,9 +350,8 @@ def _residual_gains(
             local = local_tensor(param.detach())
             if local.numel() == 0 or float(local.abs().max()) > threshold:
                 continue
-            has_children = any(True for _ in module.children())
-            block = owner if has_children else owner.rpartition(".")[0]
-            if block not in modules or not _is_block(block, modules[block], modules):
+            block = _enclosing_block(owner, module, modules)
+            if block is None:
                 continue
             found.append((block, owner, _join(owner, param_name), param))
     gains: list[ResidualGain] = []
@@ -342,6 +370,22 @@ def _residual_gains(
             initial = float(local_tensor(tensor.detach()).float().pow(2).mean().sqrt())
             gains.append(ResidualGain(parameter, initial, gated, tensor))
     return gains
+
+
+def _upstream_of(gains: list[ResidualGain], module_layers: dict[str, set[str]], order: list[str]) -> set[str]:
+    """Layers of the modules that start before the first module of any gated branch."""
+    gated = {layer for gain in gains for layer in gain.gated}
+    if not gated:
+        return set()
+    rank = {name: i for i, name in enumerate(order)}
+    first = min((rank.get(m, len(rank)) for m, layers in module_layers.items() if layers & gated), default=0)
+    return {
+        layer
+        for module, layers in module_layers.items()
+        if rank.get(module, len(rank)) < first
+        for layer in layers
+        if layer not in gated
+    }
 
 
 def _first_rank(rank: dict[str, int], modules: list[str]) -> Callable[[str], int]:

@@ -253,12 +253,12 @@ RULES: tuple[Rule, ...] = (
         "learning_rate_too_small",
         ("stalled",),
         lambda c: (c.evidence.get("learning_rate") or 0.0) > 0 and not c.evidence.get("loss_scaled"),
-        "the learning rate ({lr}) is too small for these gradients: the largest update is {update} of its "
-        "layer's weights, below float32's resolution",
+        "the learning rate ({lr}) is too small for these gradients: the weights move {update} of their norm "
+        "per step, below float32's resolution",
         "raise the learning rate (a learning-rate finder, e.g. Lightning's Tuner.lr_find, gives a start)",
         lambda c: {
             "lr": f"{float(c.evidence.get('learning_rate') or 0.0):.1e}",
-            "update": f"{float(c.evidence.get('max_update_ratio', 0.0)):.1e}",
+            "update": f"{float(c.evidence.get('update_ratio', 0.0)):.1e}",
         },
     ),
     Rule(

@@ -12,7 +12,7 @@ import numpy as np
 from gradlight.activations import ActivationStats
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.finding import Finding
-from gradlight.diagnosis.profile import ModelProfile
+from gradlight.diagnosis.profile import ModelProfile, ResidualGain
 from gradlight.diagnosis.rules import RuleContext, explain
 from gradlight.diagnosis.windows import Streaks
 from gradlight.tracker import StepRecord
@@ -78,6 +78,21 @@ class StepContext:
     modules_run: set[str] | None = None
     world_size: int = 1
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
+    _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def gain_scale(self, layer: str) -> tuple[ResidualGain, float] | None:
+        """The largest near-zero residual gain ``layer``'s gradient may carry, with its current rms, if any.
+
+        Each gain is read from the model once per logged step, and only when asked for.
+        """
+        best: tuple[ResidualGain, float] | None = None
+        for gain in self.profile.gains_for(layer):
+            rms = self._gain_rms.get(gain.parameter)
+            if rms is None:
+                rms = self._gain_rms[gain.parameter] = gain.current_rms()
+            if best is None or rms > best[1]:
+                best = (gain, rms)
+        return best
 
     @property
     def gradients_finite(self) -> bool:

@@ -54,9 +54,12 @@ class VanishingDetector(Detector):
         if not math.isfinite(reference.value) or len(record.layers) - len(reference.layers) < 1:
             return []
         ratios = grad / reference.value
+        per_element = _per_element_ratios(grad, record.layers, reference, profile.layer_sizes)
         # exactly zero is no gradient at all this step (a branch without targets, an unused path), not a
         # gradient that decayed on its way from the loss: that is `no_gradient`'s business
-        holds = (ratios > 0.0) & (ratios < config.vanishing_ratio)
+        # below the threshold in L2 and per element: a small layer has a small L2 by its size (a squeeze-excite
+        # projection against a wide head), a large one a small RMS; a gradient that vanished is small in both
+        holds = (ratios > 0.0) & (ratios < config.vanishing_ratio) & (per_element < config.vanishing_ratio)
         excluded = set(reference.layers) | profile.tied_layers
         holds &= np.array([layer not in excluded for layer in record.layers], dtype=bool)
         streaks = self.streaks.advance(record.layers, holds, record.step)
@@ -68,16 +71,16 @@ class VanishingDetector(Detector):
         attention: list[int] = []
         for i in sustained:
             layer = record.layers[i]
-            gain = profile.gain_of(layer)
-            if gain is not None:
-                rms = gain.current_rms()
+            scaled = step.gain_scale(layer)
+            if scaled is not None:
+                gain, rms = scaled
                 compensated = float(ratios[i]) / max(rms, 1e-30)
                 stuck = streaks[i][0] >= config.gain_patience and rms <= 2.0 * gain.initial_rms + 1e-12
                 if compensated >= config.vanishing_ratio or stuck:
                     explained = "stuck_gain" if stuck else "residual_gain"
                     gated.append((i, {"gain": gain.parameter, "gain_rms": rms, "explained_by": explained,
                                       "gain_initial_rms": gain.initial_rms, "compensated_ratio": compensated,
-                                      "streak": streaks[i][0]}))  # fmt: skip
+                                      "streak": streaks[i][0], "upstream": layer not in gain.gated}))  # fmt: skip
                     continue
             elif layer in profile.attention_logit_layers:
                 attention.append(i)
@@ -117,6 +120,11 @@ class VanishingDetector(Detector):
             "onset_layer": onset,
             "num_layers": len(sustained),
             "ratios": {record.layers[i]: float(ratios[i]) for i in sustained[:limit]},
+            "per_element_ratio": float(
+                _per_element_ratios(record.metrics["grad_l2"], record.layers, reference, step.profile.layer_sizes)[
+                    first
+                ]
+            ),
             "early_late_ratio": float(record.global_metrics.get("early_late_ratio", np.nan)),
         }
         detail = ""
@@ -150,8 +158,13 @@ class VanishingDetector(Detector):
             "ratios": {record.layers[i]: float(ratios[i]) for i, _ in items[: config.max_layers_in_evidence]},
         }
         what = {
-            "residual_gain": f"its residual branch is scaled by the near-zero gain {extra.get('gain')} "
-            f"(rms {fmt(float(extra.get('gain_rms', 0.0)))}); divided by the gain it is "
+            "residual_gain": (
+                "it runs before residual blocks whose branches are scaled by near-zero gains and may reach the "
+                f"loss only through them (largest gain: {extra.get('gain')}"
+                if extra.get("upstream")
+                else f"its residual branch is scaled by the near-zero gain {extra.get('gain')}"
+            )
+            + f" (rms {fmt(float(extra.get('gain_rms', 0.0)))}); divided by the gain it is "
             f"{fmt(float(extra.get('compensated_ratio', 0.0)))} of the reference: expected at initialisation",
             "stuck_gain": f"the residual gain {extra.get('gain')} scaling its branch is still "
             f"{fmt(float(extra.get('gain_rms', 0.0)))} (initially {fmt(float(extra.get('gain_initial_rms', 0.0)))}) "
@@ -206,6 +219,17 @@ class VanishingDetector(Detector):
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.trend = deque(((int(s), float(v)) for s, v in state.get("trend", [])), self.config.trend_window)
+
+
+def _per_element_ratios(grad: np.ndarray, layers: list[str], reference: Any, sizes: dict[str, int]) -> np.ndarray:
+    """Each layer's gradient RMS over the reference layers' (the L2 ratios where sizes are unknown)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l2 = grad / reference.value
+        if not sizes or not all(layer in sizes for layer in (*layers, *reference.layers)):
+            return l2
+        ref_size = float(np.exp(np.mean([np.log(sizes[layer]) for layer in reference.layers])))
+        counts = np.array([sizes[layer] for layer in layers], dtype=np.float64)
+        return l2 * np.sqrt(ref_size / counts)
 
 
 def _saturation_detail(activations: ActivationStats, layer: str, depth: int, evidence: dict[str, Any]) -> str:
