@@ -60,11 +60,19 @@ class ResidualGain:
         initial_rms: Root mean square of its values when the model was profiled.
         gated: Layers inside the branch it scales (their gradients carry the gain as a factor).
         tensor: The parameter itself, read again when a gated layer's gradient is judged.
+        block: The residual block it lives in.
+        block_class: That block's class name: blocks of one class form one stage of the network.
+        rank: The block's position in forward order.
+        layer: The layer the gain parameter itself belongs to.
     """
 
     parameter: str
     initial_rms: float
     gated: list[str]
+    block: str = ""
+    block_class: str = ""
+    rank: int = 0
+    layer: str = ""
     tensor: Tensor | None = field(default=None, repr=False, compare=False)
 
     def current_rms(self) -> float:
@@ -135,17 +143,25 @@ class ModelProfile:
                 return gain
         return None
 
-    def gains_for(self, layer: str) -> list[ResidualGain]:
-        """The gains a layer's gradient may carry as a factor: its branch's, or every gain for a layer upstream.
+    def gain_path(self, layer: str) -> list[list[ResidualGain]]:
+        """The gains a layer's gradient may carry as factors, one group per stage of gated blocks it passes.
 
-        A layer that runs before the first gated block can reach the loss only through the gated branches when
-        the stream it writes to is read out through them (patch tokens reach a class-token head only through
-        attention): its gradient is then scaled by the largest of the gains.
+        A layer inside a gated branch carries its own gain, then, for every later stage of gated blocks of
+        another class (CaiT's class-attention blocks, which alone read the patch tokens out to the class token),
+        the largest gain of that stage. A layer that runs before the first gated block (a ViT's patch
+        embedding: patch tokens reach a class-token head only through the gated attention branches) carries
+        the largest gain of every stage. The product of the stages' factors is the attenuation by design.
         """
         own = self.gain_of(layer)
-        if own is not None:
-            return [own]
-        return list(self.gains) if layer in self.upstream_of_gains else []
+        after = own or next((gain for gain in self.gains if gain.layer == layer), None)  # a gain's own layer
+        if after is None and layer not in self.upstream_of_gains:
+            return []
+        stages: dict[str, list[ResidualGain]] = {}
+        for gain in sorted(self.gains, key=lambda g: g.rank):
+            if after is not None and (gain.block_class == after.block_class or gain.rank <= after.rank):
+                continue
+            stages.setdefault(gain.block_class, []).append(gain)
+        return ([[own]] if own is not None else []) + list(stages.values())
 
     @classmethod
     def from_tracker(
@@ -343,6 +359,8 @@ def _residual_gains(
     """Near-zero gains inside blocks, each with the layers of the branch it scales."""
     rank = {name: i for i, name in enumerate(order)}
     found: list[tuple[str, str, str, Tensor]] = []  # (block, owner module, parameter name, tensor)
+    block_rank = {name: rank.get(name, min((rank[m] for m in rank if m.startswith(name + ".")), default=len(rank)))
+                  for name in modules}  # fmt: skip
     for owner, module in modules.items():
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or not _gain_shaped(param_name, param) or not _holds_its_data(param):
@@ -368,7 +386,19 @@ def _residual_gains(
         gated = [layer for layer in gated if layer_of(parameter, tensor) != layer]  # not the gain's own layer
         if gated:
             initial = float(local_tensor(tensor.detach()).float().pow(2).mean().sqrt())
-            gains.append(ResidualGain(parameter, initial, gated, tensor))
+            kind = type(modules[block]).__name__
+            gains.append(
+                ResidualGain(
+                    parameter,
+                    initial,
+                    gated,
+                    block,
+                    kind,
+                    block_rank[block],
+                    layer_of(parameter, tensor) or "",
+                    tensor=tensor,
+                )
+            )
     return gains
 
 

@@ -17,7 +17,7 @@ from gradlight.diagnosis.rules import RuleContext, explain
 from gradlight.diagnosis.windows import Streaks
 from gradlight.tracker import StepRecord
 
-__all__ = ["Detector", "Reference", "RunState", "StepContext"]
+__all__ = ["Detector", "GainScale", "Reference", "RunState", "StepContext"]
 
 
 @dataclass
@@ -26,6 +26,15 @@ class Reference:
 
     value: float
     layers: list[str]
+
+
+@dataclass
+class GainScale:
+    """The residual gain(s) a layer's gradient carries by design (see :meth:`StepContext.gain_scale`)."""
+
+    gain: ResidualGain  # the first on the layer's path (its own branch's)
+    rms: float  # that gain's current rms
+    factor: float  # the product of the largest current rms of every stage on the path
 
 
 @dataclass
@@ -80,19 +89,26 @@ class StepContext:
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
 
-    def gain_scale(self, layer: str) -> tuple[ResidualGain, float] | None:
-        """The largest near-zero residual gain ``layer``'s gradient may carry, with its current rms, if any.
+    def gain_scale(self, layer: str) -> GainScale | None:
+        """The near-zero residual gain(s) ``layer``'s gradient carries by design, if any.
 
-        Each gain is read from the model once per logged step, and only when asked for.
+        Returns:
+            The gain of the first stage on the layer's path (its own branch's, or the largest of the first
+            stage for a layer upstream) and the product of every stage's largest current rms
+            (:meth:`ModelProfile.gain_path`). Each gain is read from the model once per logged step, and only
+            when asked for.
         """
-        best: tuple[ResidualGain, float] | None = None
-        for gain in self.profile.gains_for(layer):
-            rms = self._gain_rms.get(gain.parameter)
-            if rms is None:
-                rms = self._gain_rms[gain.parameter] = gain.current_rms()
-            if best is None or rms > best[1]:
-                best = (gain, rms)
-        return best
+        path = [stage for stage in self.profile.gain_path(layer) if stage]
+        if not path:
+            return None
+        largest = [max(stage, key=self._rms) for stage in path]
+        return GainScale(largest[0], self._rms(largest[0]), math.prod(self._rms(gain) for gain in largest))
+
+    def _rms(self, gain: ResidualGain) -> float:
+        rms = self._gain_rms.get(gain.parameter)
+        if rms is None:
+            rms = self._gain_rms[gain.parameter] = gain.current_rms()
+        return rms
 
     @property
     def gradients_finite(self) -> bool:

@@ -51,7 +51,7 @@ class DormantDetector(Detector):
             )
         for i in np.flatnonzero(holds):  # a branch behind a gain that is still near zero moves little by design
             scaled = step.gain_scale(record.layers[i])
-            if scaled is not None and scaled[1] < config.gain_threshold:
+            if scaled is not None and scaled.factor < config.gain_threshold:
                 holds[i] = False
         streaks = self.streaks.advance(record.layers, holds, record.step)
         new = [

@@ -10,9 +10,10 @@ Two conditions, one kind:
 A small gradient that the model's design explains is a ``note``, not a warning:
 
 * a layer inside a residual branch scaled by a near-zero learnable gain (LayerScale, a zero-initialised last
-  BatchNorm, ReZero) is judged against the gain's current value: its gradient carries the gain as a factor.
-  It becomes a warning when the gain stays near zero for ``gain_patience`` logged steps, or when the branch is
-  still below the threshold after dividing by the gain;
+  BatchNorm, ReZero) carries the gain as a factor: while the gains on its path are below ``gain_threshold`` a
+  small gradient is expected (a note); once they have grown, its ratio is divided by them and judged. It is a
+  warning when the gain does not grow for ``gain_patience`` logged steps, or when the branch is still below
+  the threshold after dividing by grown gains;
 * the query/key projections of attention blocks (second-order gradients while attention is near uniform).
 """
 
@@ -73,14 +74,18 @@ class VanishingDetector(Detector):
             layer = record.layers[i]
             scaled = step.gain_scale(layer)
             if scaled is not None:
-                gain, rms = scaled
-                compensated = float(ratios[i]) / max(rms, 1e-30)
+                gain, rms = scaled.gain, scaled.rms
+                compensated = float(ratios[i]) / max(scaled.factor, 1e-30)
                 stuck = streaks[i][0] >= config.gain_patience and rms <= 2.0 * gain.initial_rms + 1e-12
-                if compensated >= config.vanishing_ratio or stuck:
+                # while the gains are still near zero their compounded effect on the path (the readout through
+                # other gated blocks, the averaging of a near-uniform attention) is not measured: expected; once
+                # they have grown, the gradient is judged against them
+                if scaled.factor < config.gain_threshold or compensated >= config.vanishing_ratio or stuck:
                     explained = "stuck_gain" if stuck else "residual_gain"
                     gated.append((i, {"gain": gain.parameter, "gain_rms": rms, "explained_by": explained,
                                       "gain_initial_rms": gain.initial_rms, "compensated_ratio": compensated,
-                                      "streak": streaks[i][0], "upstream": layer not in gain.gated}))  # fmt: skip
+                                      "streak": streaks[i][0], "upstream": layer not in gain.gated,
+                                      "gain_factor": scaled.factor}))  # fmt: skip
                     continue
             elif layer in profile.attention_logit_layers:
                 attention.append(i)
@@ -164,7 +169,8 @@ class VanishingDetector(Detector):
                 if extra.get("upstream")
                 else f"its residual branch is scaled by the near-zero gain {extra.get('gain')}"
             )
-            + f" (rms {fmt(float(extra.get('gain_rms', 0.0)))}); divided by the gain it is "
+            + f" (rms {fmt(float(extra.get('gain_rms', 0.0)))}); divided by the gain(s) on its path "
+            f"({fmt(float(extra.get('gain_factor', 0.0)))}) it is "
             f"{fmt(float(extra.get('compensated_ratio', 0.0)))} of the reference: expected at initialisation",
             "stuck_gain": f"the residual gain {extra.get('gain')} scaling its branch is still "
             f"{fmt(float(extra.get('gain_rms', 0.0)))} (initially {fmt(float(extra.get('gain_initial_rms', 0.0)))}) "
