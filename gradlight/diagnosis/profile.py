@@ -108,6 +108,11 @@ class ModelProfile:
         tied_layers: Layers holding a parameter that another module uses too (tied embeddings).
         upstream_of_gains: Layers that run before the first branch scaled by a residual gain.
         layer_sizes: Number of trainable elements per layer (per-element comparisons).
+        output_branches: Parallel branches of the model's output head: ``branch module -> its layers`` in
+            forward order. The head is the outermost module whose layers all run after every other layer (a
+            detection head), and its branches are the members of a ``ModuleList``/``ModuleDict`` in it (one per
+            scale and task). Each branch gets the loss' gradient only through its own outputs: a detection
+            scale without targets in a batch gets almost none, and all of its layers with it.
         matrix_layers: Layers that own a parameter of two or more dimensions.
         uninitialized: Whether some parameters were still lazy (uninitialised) when profiled; profile again
             after the first forward pass.
@@ -135,6 +140,14 @@ class ModelProfile:
     uninitialized: bool = False
     upstream_of_gains: set[str] = field(default_factory=set)
     layer_sizes: dict[str, int] = field(default_factory=dict)
+    output_branches: dict[str, list[str]] = field(default_factory=dict)
+
+    def output_branch_of(self, layer: str) -> list[str] | None:
+        """The layers (in forward order) of the parallel output branch ``layer`` belongs to, if any."""
+        for layers in self.output_branches.values():
+            if layer in layers:
+                return layers
+        return None
 
     def gain_of(self, layer: str) -> ResidualGain | None:
         """The near-zero residual gain that scales ``layer``'s branch, if any."""
@@ -274,6 +287,7 @@ class ModelProfile:
         order = list(forward_order) or list(modules)
         profile.gains = _residual_gains(model, modules, module_layers, order, layer_of, gain_threshold)
         profile.upstream_of_gains = _upstream_of(profile.gains, module_layers, order)
+        profile.output_branches = _output_branches(modules, module_layers, order)
         for gain in profile.gains[: max(0, 3 - len(profile.residual_evidence))]:
             profile.residual_evidence.append(f"{gain.parameter} (residual gain)")
         profile.residual = bool(profile.residual_evidence)
@@ -400,6 +414,42 @@ def _residual_gains(
                 )
             )
     return gains
+
+
+def _output_branches(
+    modules: dict[str, nn.Module], module_layers: dict[str, set[str]], order: list[str]
+) -> dict[str, list[str]]:
+    """``branch -> layers`` for the parallel branches of the output head (see ``ModelProfile.output_branches``)."""
+    rank = {name: i for i, name in enumerate(order)}
+    owners = sorted(module_layers, key=lambda name: rank.get(name, len(rank)))
+    if not owners:
+        return {}
+
+    def inside(ancestor: str, name: str) -> bool:
+        return name == ancestor or name.startswith(ancestor + ".")
+
+    last = owners[-1]
+    head = ""
+    candidate = last.rpartition(".")[0]
+    while candidate:
+        members = [i for i, name in enumerate(owners) if inside(candidate, name)]
+        if len(members) == len(owners):
+            break  # the whole model: no head
+        if members and members == list(range(len(owners) - len(members), len(owners))):
+            head = candidate  # its layers are a suffix of the forward order
+        candidate = candidate.rpartition(".")[0]
+    if not head:
+        return {}
+    branches: dict[str, list[str]] = {}
+    for name, module in modules.items():
+        if not inside(head, name) or not isinstance(module, nn.ModuleList | nn.ModuleDict):
+            continue
+        for child, _ in module.named_children():
+            branch = f"{name}.{child}"
+            layers = [layer for owner in owners if inside(branch, owner) for layer in sorted(module_layers[owner])]
+            if layers:
+                branches[branch] = list(dict.fromkeys(layers))
+    return branches if len(branches) >= 2 else {}
 
 
 def _upstream_of(gains: list[ResidualGain], module_layers: dict[str, set[str]], order: list[str]) -> set[str]:

@@ -222,6 +222,16 @@ RULES: tuple[Rule, ...] = (
         "fix the vanishing gradient (see the vanishing finding's remedy)",
     ),
     Rule(
+        "output_without_targets",
+        ("no_gradient",),
+        lambda c: bool(c.evidence.get("output_branch")),
+        "the layers form a parallel branch of the output head whose own output gets no gradient: the loss has "
+        "nothing for that output in these batches (a detection scale without assigned targets)",
+        "nothing to fix if the data has no targets for that output (objects of that size); otherwise check the "
+        "loss covers every output of the head",
+        conclusive=True,
+    ),
+    Rule(
         "never_called",
         ("no_gradient",),
         lambda c: bool(c.evidence.get("never_called")),

@@ -263,3 +263,51 @@ def test_a_model_with_lazy_modules_trains_with_the_monitor_and_the_diagnosis(tmp
     vanishing = vanishing[vanishing.kind == "vanishing"]
     assert vanishing.iloc[0].layer == "net.1"  # profiled after the first forward: the deep sigmoid stack is seen
     assert "saturating_activation" in vanishing.iloc[0].evidence["rules"]
+
+
+# ------------------------------------------------------------------------------------ detection head
+def _yolo_findings(ablate: bool, steps: int = 5) -> list[Any]:
+    """An untrained yolo11n (3 classes) on random 64 px images with one small box each, SGD, every step."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils import DEFAULT_CFG
+
+    from casestudies.detection.ablations import Ablation
+    from gradlight import GradientDiagnosis, GradientFlowTracker, ModelProfile
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=3, verbose=False)
+    model.args = get_cfg(DEFAULT_CFG)
+    if ablate:
+        Ablation(residual=False, batchnorm=False, activation="sigmoid").apply(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    tracker = GradientFlowTracker(model)
+    diagnosis = GradientDiagnosis()
+    found = []
+    for step in range(steps):
+        batch = {
+            "img": torch.rand(4, 3, 64, 64),
+            "cls": torch.randint(0, 3, (4, 1)).float(),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.15, 0.15]]).repeat(4, 1),  # small boxes: the finest scale only
+            "batch_idx": torch.arange(4).float(),
+        }
+        optimizer.zero_grad()
+        if step == 0:
+            tracker.start_discovery()
+        loss, _ = model.loss(batch)
+        loss.sum().backward()
+        if step == 0:
+            tracker.stop_discovery()
+            diagnosis.profile = ModelProfile.from_tracker(tracker)
+        tracker.capture(step, [p for g in optimizer.param_groups for p in g["params"]], owner=optimizer)
+        optimizer.step()
+        found += diagnosis.update(tracker.finalize(), loss=float(loss.sum()))
+    return found
+
+
+def test_detection_head_scales_without_targets_are_quiet_and_a_stripped_sigmoid_yolo_vanishes() -> None:
+    healthy = _yolo_findings(ablate=False)
+    assert [f for f in healthy if f.is_warning] == []  # the P4/P5 box branches get ~1e-9 of the head's gradient
+    stripped = _yolo_findings(ablate=True)
+    vanishing = [f for f in stripped if f.kind == "vanishing" and f.is_warning]
+    assert vanishing and vanishing[0].layer == "model.0.conv" and vanishing[0].step == 0

@@ -89,6 +89,19 @@ class StepContext:
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
 
+    def output_starved(self, layer: str, threshold: float) -> bool:
+        """Whether ``layer`` sits in a parallel output branch whose last layer gets < ``threshold`` x the reference.
+
+        Such a branch receives almost no gradient at its own output (a detection scale without targets in the
+        batch): its small gradients say nothing about the gradient's flow through depth.
+        """
+        branch = self.profile.output_branch_of(layer)
+        if not branch or not math.isfinite(self.reference.value) or self.reference.value <= 0:
+            return False
+        values = dict(zip(self.record.layers, self.record.metrics["grad_l2"].tolist()))
+        last = values.get(branch[-1])
+        return last is not None and last < threshold * self.reference.value
+
     def gain_scale(self, layer: str) -> GainScale | None:
         """The near-zero residual gain(s) ``layer``'s gradient carries by design, if any.
 

@@ -53,6 +53,8 @@ class DormantDetector(Detector):
             scaled = step.gain_scale(record.layers[i])
             if scaled is not None and scaled.factor < config.gain_threshold:
                 holds[i] = False
+            elif step.output_starved(record.layers[i], config.vanishing_ratio):
+                holds[i] = False  # an output branch that gets (almost) no loss gradient moves little
         streaks = self.streaks.advance(record.layers, holds, record.step)
         new = [
             (i, since)

@@ -43,8 +43,21 @@ class NoGradientDetector(Detector):
             for layer, (count, since) in zip(keys, streaks)
             if count >= config.no_gradient_patience and not step.is_reported(self.kind, layer, "warning")
         ]
-        if not due:
-            return []
+        # a parallel output branch whose own output gets no gradient (a detection scale with no targets in the
+        # batches so far) is a note: the loss simply has nothing for that output
+        silent = set(keys)
+        outputs = [(layer, since) for layer, since in due if _output_silent(step, layer, silent)]
+        cut = [(layer, since) for layer, since in due if (layer, since) not in outputs]
+        found = []
+        if cut:
+            found.append(self._finding(step, cut, "warning"))
+        outputs = [(layer, since) for layer, since in outputs if not step.is_reported(self.kind, layer, "note")]
+        if outputs:
+            found.append(self._finding(step, outputs, "note"))
+        return found
+
+    def _finding(self, step: StepContext, due: list[tuple[str, int]], severity: str) -> Finding:
+        config, record = self.config, step.record
         never: list[str] = []
         cut: list[str] = []
         zeros: list[str] = []
@@ -63,6 +76,7 @@ class NoGradientDetector(Detector):
             "parameters": {layer: record.missing.get(layer, []) for layer in layers[: config.max_layers_in_evidence]},
             "patience": config.no_gradient_patience,
             "world_size": step.world_size,
+            "output_branch": severity == "note",
         }
         parts = []
         if never:
@@ -71,12 +85,18 @@ class NoGradientDetector(Detector):
             parts.append(f"{len(cut)} ran but got no gradient (.grad is None)")
         if zeros:
             parts.append(f"{len(zeros)} got an exactly zero gradient")
+        where = "is trainable and in the optimizer but has" if severity == "warning" else "is in an output branch that"
         message = (
-            f"no gradient: {layers[0]} is trainable and in the optimizer but has received no gradient for "
-            f"{config.no_gradient_patience} logged steps since step {since}; {len(layers)} layer(s): "
-            + ", ".join(parts)
+            f"no gradient: {layers[0]} {where} received no gradient for {config.no_gradient_patience} logged "
+            f"steps since step {since}; {len(layers)} layer(s): " + ", ".join(parts)
         )
-        return [step.finding(self.kind, layers[0], since, message, evidence, layers)]
+        return step.finding(self.kind, layers[0], since, message, evidence, layers, severity=severity)
+
+
+def _output_silent(step: StepContext, layer: str, silent: set[str]) -> bool:
+    """Whether ``layer`` is in a parallel output branch whose last layer gets no gradient either."""
+    branch = step.profile.output_branch_of(layer)
+    return branch is not None and branch[-1] in silent
 
 
 def _ran(layer: str, modules_run: set[str]) -> bool:

@@ -63,6 +63,9 @@ class VanishingDetector(Detector):
         holds = (ratios > 0.0) & (ratios < config.vanishing_ratio) & (per_element < config.vanishing_ratio)
         excluded = set(reference.layers) | profile.tied_layers
         holds &= np.array([layer not in excluded for layer in record.layers], dtype=bool)
+        for i in np.flatnonzero(holds).tolist():  # an output branch without loss signal at its output: not depth decay
+            if step.output_starved(record.layers[i], config.vanishing_ratio):
+                holds[i] = False
         streaks = self.streaks.advance(record.layers, holds, record.step)
         sustained = [i for i, (count, _) in enumerate(streaks) if count >= config.vanishing_patience]
         if not sustained:
