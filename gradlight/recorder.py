@@ -229,7 +229,7 @@ def grad_scale_left(scaler: Any, optimizer: Optimizer) -> float:
     from torch.amp.grad_scaler import OptState
 
     # GradScaler keeps no public "unscaled?" flag: its per-optimizer stage is the only record of it.
-    state = scaler._per_optimizer_states.get(id(optimizer))
+    state = scaler._per_optimizer_states.get(id(_unwrap_optimizer(optimizer)))
     if state is not None and state.get("stage") is not OptState.READY:
         return 1.0
     return float(scaler.get_scale())
@@ -290,7 +290,9 @@ class GradientFlowRecorder:
             info); ``None`` for no clipping.
         gradient_clip_algorithm: ``"norm"`` or ``"value"``.
         loss_scaled: A dynamic loss scaler (fp16 AMP) skips steps that overflow: non-finite gradients are
-            reported only when they persist.
+            reported only when they persist. ``True`` by default when ``grad_scaler`` is given.
+        grad_scaler: The ``torch.amp.GradScaler`` of an fp16 AMP loop: :meth:`capture` then divides out the
+            scale the gradients still carry (none once ``scaler.unscale_(optimizer)`` ran).
         run_info: What ``run.json`` says about the trainer (``trainer``, ``strategy``, ``precision``,
             ``accumulate_grad_batches``, ``extra``); the recorder fills in the version, the interval, the
             clip settings, the world size, the layers and the activation sites.
@@ -345,6 +347,7 @@ class GradientFlowRecorder:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = "norm",
         loss_scaled: bool = False,
+        grad_scaler: Any = None,
         run_info: RunInfo | None = None,
         discover_forward_order: bool = True,
         warn: Callable[[str], None] | None = None,
@@ -395,7 +398,8 @@ class GradientFlowRecorder:
             if diagnose
             else None
         )
-        self.loss_scaled = bool(loss_scaled)
+        self.grad_scaler = grad_scaler
+        self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
         self.taps: ActivationTaps | None = None
         self._actions = resolve_actions(on_anomaly)
         template = (
@@ -435,6 +439,88 @@ class GradientFlowRecorder:
         self._profiled = False
         if discover_forward_order:
             self.tracker.start_discovery()
+
+    @classmethod
+    def for_fabric(
+        cls,
+        fabric: Any,
+        model: nn.Module,
+        save_dir: str | Path | None,
+        *,
+        sharding: str | CrossRankReduction = "auto",
+        **kwargs: Any,
+    ) -> GradientFlowRecorder:
+        """A recorder for a Lightning Fabric loop: ranks, collectives, AMP scaler and run info from ``fabric``.
+
+        Call it on every rank after ``fabric.setup(...)`` and drive it as a plain loop, with
+        ``fabric.backward(loss)`` for the backward pass. Under DDP every rank computes the same statistics
+        from its already-averaged gradients with no extra collective, and rank zero writes the run folder.
+
+        Args:
+            fabric: The launched ``lightning.fabric.Fabric``.
+            model: The model as returned by ``fabric.setup`` (its wrappers are looked through) or the
+                original module.
+            save_dir: The run folder.
+            sharding: How statistics combine across ranks (see :mod:`gradlight.sharding`); ``"auto"``
+                detects it from ``fabric.strategy``.
+            **kwargs: Any other argument of :class:`GradientFlowRecorder`.
+
+        Example:
+            >>> import lightning as L
+            >>> fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")  # doctest: +SKIP
+            >>> fabric.launch()  # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> model, optimizer = fabric.setup(model, optimizer)  # doctest: +SKIP
+            >>> loader = fabric.setup_dataloaders(loader)  # doctest: +SKIP
+            >>> recorder = GradientFlowRecorder.for_fabric(fabric, model, "runs/fabric")  # doctest: +SKIP
+            >>> for step, (x, y) in enumerate(loader):  # doctest: +SKIP
+            ...     loss = nn.functional.mse_loss(model(x), y)
+            ...     fabric.backward(loss)
+            ...     recorder.capture(step, optimizer)
+            ...     optimizer.step()
+            ...     recorder.end_step(loss)
+            ...     optimizer.zero_grad()
+            ...     if recorder.should_stop:  # with on_anomaly="stop"
+            ...         break
+            >>> recorder.close()  # doctest: +SKIP
+        """
+        from gradlight.sharding import resolve_reduction
+
+        strategy = fabric.strategy
+        precision = getattr(strategy, "precision", None)
+        world_size = int(fabric.world_size)
+        if world_size > 1:
+
+            def all_reduce_sum(tensor: Tensor) -> Tensor:
+                return fabric.all_reduce(tensor, reduce_op="sum")
+
+            def broadcast(obj: Any) -> Any:
+                return fabric.broadcast(obj, src=0)
+
+            collectives = Collectives(world_size, int(fabric.global_rank), all_reduce_sum, broadcast)
+        else:
+            collectives = Collectives()
+        module = _unwrap_model(model)
+        kwargs.setdefault("grad_scaler", getattr(precision, "scaler", None))
+        kwargs.setdefault(
+            "run_info",
+            RunInfo(
+                gradlight_version=__version__,
+                trainer="fabric",
+                log_every_n_steps=0,
+                strategy=type(strategy).__name__,
+                precision=str(getattr(precision, "precision", "")),
+                model=type(module).__qualname__,
+            ),
+        )
+        return cls(
+            module,
+            save_dir,
+            reduction=resolve_reduction(strategy, sharding),
+            collectives=collectives,
+            **kwargs,
+        )
 
     # --------------------------------------------------------------------------------- public read access
     @property
@@ -580,14 +666,15 @@ class GradientFlowRecorder:
         step: int,
         optimizer: Optimizer | Iterable[Tensor],
         *,
-        grad_scale: float = 1.0,
+        grad_scale: float | None = None,
     ) -> bool:
         """Read the gradients of optimizer step ``step`` if it is logged; call after backward, before the step.
 
         Args:
             step: The optimizer step (counting from 0; one per ``optimizer.step()``, whatever the accumulation).
             optimizer: The optimizer about to step (a torch, Lightning or Fabric optimizer), or the parameters.
-            grad_scale: An AMP loss scale the gradients still carry (see :func:`grad_scale_left`).
+            grad_scale: An AMP loss scale the gradients still carry; ``None`` asks the recorder's
+                ``grad_scaler`` (see :func:`grad_scale_left`), 1.0 without one.
 
         Returns:
             Whether the step is being recorded (a second capture of the same step is ignored).
@@ -606,13 +693,15 @@ class GradientFlowRecorder:
             self.after_step()
         if not self.is_logged_step(step):
             return False
-        owner: object = None
+        owner: Optimizer | None = None
         if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
-            raw = _unwrap_optimizer(optimizer)  # type: ignore[arg-type]
-            params = [p for group in raw.param_groups for p in group["params"]]
-            owner = raw
+            owner = _unwrap_optimizer(optimizer)
+            params = [p for group in owner.param_groups for p in group["params"]]
         else:
             params = list(optimizer)
+        if grad_scale is None:
+            scaler = self.grad_scaler
+            grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
         if self.diagnosis is not None and not self._profiled:
             # Built at the first captured step: lazy modules have parameters only after a forward pass.
             self.diagnosis.profile = ModelProfile.from_model(self.model, self.diagnosis_config.init_scale_tolerance)
@@ -869,6 +958,16 @@ def _unwrap_optimizer(optimizer: Any) -> Optimizer:
     if not isinstance(raw, Optimizer):
         raise ValueError(f"`optimizer` must be a torch, Lightning or Fabric optimizer, got {type(optimizer).__name__}.")
     return raw
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's ``_FabricModule`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        wrapped = hasattr(model, "_forward_module") or isinstance(model, nn.parallel.DistributedDataParallel)
+        if not (wrapped and isinstance(inner, nn.Module)):
+            return model
+        model = inner  # Fabric's wrapper and DDP keep the user's module as `.module`
 
 
 def _loss_value(loss: float | Tensor | None) -> float | None:
