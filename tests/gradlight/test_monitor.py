@@ -489,3 +489,39 @@ def test_a_custom_sharding_reduction_is_used_as_given(tmp_path: Path) -> None:
     fit(Net("mlp"), [monitor], max_steps=2)
     assert monitor.tracker is not None and monitor.tracker.reduction is reduction
     assert calls == [len(list(Net("mlp").parameters()))] * 2  # every parameter, every logged step
+
+
+def test_lazy_modules_are_profiled_at_the_first_captured_step(tmp_path: Path) -> None:
+    class Lazy(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.LazyLinear(16), nn.Sigmoid(), nn.LazyLinear(1))
+
+    monitor = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
+    fit(Lazy(), [monitor], max_steps=2)
+    assert monitor.diagnosis is not None
+    profile = monitor.diagnosis.profile
+    assert profile.num_layers == 2 and profile.saturating == ["sigmoid"]  # the initialised layers
+    assert sorted(load_history(tmp_path, metrics=["grad_l2"]).layer.unique()) == ["net.0", "net.2"]
+
+
+def test_two_monitors_both_record_under_manual_optimization(tmp_path: Path) -> None:
+    class Manual(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.record_gradient_flow(opt)
+            opt.step()
+            return loss
+
+    monitors = [GradientFlowMonitor(1, tmp_path / "a", diagnose=False), GradientFlowMonitor(2, tmp_path / "b")]
+    fit(Manual(), monitors, max_steps=4)
+    assert sorted(load_history(tmp_path / "a").step.unique()) == [0, 1, 2, 3]
+    assert sorted(load_history(tmp_path / "b").step.unique()) == [0, 2]
+    assert monitors[0].state_key != monitors[1].state_key
