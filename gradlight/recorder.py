@@ -725,7 +725,7 @@ class GradientFlowRecorder:
         self._unwritten = _Unwritten(record, self._finalize_taps(record.step))
         return record
 
-    def end_step(self, loss: float | Tensor | None = None) -> list[Finding]:
+    def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
         """Close the step: attach ``loss`` to the record, diagnose it, write it, act on new findings.
 
         Call after ``optimizer.step()`` on every step (it returns at once on steps that are not logged). If
@@ -733,6 +733,7 @@ class GradientFlowRecorder:
 
         Args:
             loss: The step's training loss (a number or a one-element tensor), used by the ``dormant`` rule.
+            metrics: More run-wide values of the step for the history (e.g. a trainer's own clip norm).
 
         Returns:
             The findings reported at this step (warnings and notes).
@@ -744,9 +745,12 @@ class GradientFlowRecorder:
             self.after_step()
         if self._unwritten is None:
             return []
+        record = self._unwritten.record
+        for name, extra in (metrics or {}).items():
+            record.global_metrics[str(name)] = float(extra)
         value = _loss_value(loss)
         if value is not None:
-            self._unwritten.record.global_metrics["loss"] = value
+            record.global_metrics["loss"] = value
         return self._emit()
 
     def _emit(self, final: bool = False) -> list[Finding]:
@@ -926,6 +930,23 @@ class GradientFlowRecorder:
             "warnings": self._counts.warnings,
             "notes": self._counts.notes,
         }
+
+    def resume_at(self, step: int) -> None:
+        """Continue a run folder from optimizer step ``step`` when the recorder's own state was not saved.
+
+        The history keeps the earlier records; rows it holds from ``step`` on are superseded by the new ones
+        (a trainer resumed from an older checkpoint recomputes them). The diagnosis starts over. Prefer
+        :meth:`load_state_dict` when the checkpoint can carry :meth:`state_dict`.
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative int.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        if step == 0:
+            return
+        self.last_recorded_step = step - 1
+        self._resumed = True
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue the run of ``state_dict`` (from :meth:`state_dict`): call before the first step.
