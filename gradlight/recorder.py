@@ -624,6 +624,7 @@ class GradientFlowRecorder:
             self._writer = HistoryWriter(folder.root, start_step=self.last_recorded_step + 1)
             if self.diagnosis is not None:
                 self._findings_writer = FindingsWriter(folder.root)
+                self._findings_writer.touch()
 
     def watch(self, optimizer: Optimizer) -> None:
         """Finish a captured step right after ``optimizer.step()`` (a step post-hook of ``optimizer``).

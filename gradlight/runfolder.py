@@ -387,6 +387,11 @@ class FindingsWriter:
     def __init__(self, save_dir: str | os.PathLike[str]) -> None:
         self.path = RunFolder(save_dir).findings_file
 
+    def touch(self) -> None:
+        """Create the file if it is missing: an empty findings file says the diagnosis ran and found nothing."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch(exist_ok=True)
+
     def append(self, findings: Iterable[Finding]) -> None:
         """Write ``findings`` and make them durable."""
         lines = [json.dumps(finding.to_dict(), default=str) for finding in findings]
