@@ -7,6 +7,7 @@ Layout of a run folder (the monitor's or recorder's ``save_dir``)::
         history/segment-00001.arrow   # a resumed run opens a new segment
         findings.jsonl                # one JSON object per diagnosis finding, appended and fsynced
         run.json                      # what was monitored (RunInfo): layers, settings, trainer
+        recorder_state.pt             # integrations whose trainer keeps no callback state (Ultralytics)
 
 Every file that carries a format version (the history segments' schema metadata, ``run.json``) is checked
 on read: a file written by a newer gradlight raises :class:`UnsupportedFormatError` naming both versions
@@ -43,6 +44,7 @@ __all__ = [
     "GLOBAL_LAYER",
     "HISTORY_SUBDIR",
     "RUN_INFO_FILE",
+    "STATE_FILE",
     "ActivationSiteInfo",
     "FindingsRead",
     "FindingsWriter",
@@ -66,6 +68,8 @@ HISTORY_SUBDIR = "history"
 FINDINGS_FILE = "findings.jsonl"
 #: The run's settings and layers (:class:`RunInfo`).
 RUN_INFO_FILE = "run.json"
+#: A recorder's ``state_dict`` kept beside the history by integrations whose trainer cannot checkpoint it.
+STATE_FILE = "recorder_state.pt"
 #: Name used in the history's ``layer`` column for run-wide statistics (global norm, loss, ...).
 GLOBAL_LAYER = "__global__"
 #: The newest run-folder format this gradlight writes and reads (history segments and ``run.json``).
@@ -172,15 +176,20 @@ class RunFolder:
         """``run.json``."""
         return self.root / RUN_INFO_FILE
 
+    @property
+    def state_file(self) -> Path:
+        """``recorder_state.pt`` (see :data:`STATE_FILE`)."""
+        return self.root / STATE_FILE
+
     def has_history(self) -> bool:
         """Whether the folder holds at least one history segment."""
         return bool(list_segments(self.history_dir))
 
     def clear(self) -> None:
-        """Delete the history, the findings and the run info (what a new run with ``overwrite=True`` replaces)."""
+        """Delete the history, findings, run info and recorder state (what ``overwrite=True`` replaces)."""
         shutil.rmtree(self.history_dir, ignore_errors=True)
-        self.findings_file.unlink(missing_ok=True)
-        self.run_info_file.unlink(missing_ok=True)
+        for file in (self.findings_file, self.run_info_file, self.state_file):
+            file.unlink(missing_ok=True)
 
     def check_usable(self, owner: str = "save_dir") -> None:
         """Raise if the path exists but is not a folder.

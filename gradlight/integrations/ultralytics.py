@@ -42,14 +42,12 @@ from gradlight.diagnosis import DiagnosisConfig
 from gradlight.recorder import GradientFlowRecorder, RecorderOptions
 from gradlight.runfolder import RunFolder, RunInfo
 
-__all__ = ["CLIP_VALUE", "SETTINGS_ENV", "STATE_FILE", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
+__all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
 
 #: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
 CLIP_VALUE = 10.0
 #: Environment variable carrying :class:`UltralyticsRecording` (JSON) to the trainer and its DDP workers.
 SETTINGS_ENV = "GRADLIGHT_ULTRALYTICS"
-#: The recorder's checkpoint state, written beside the history after each of Ultralytics' ``last.pt`` saves.
-STATE_FILE = "recorder_state.pt"
 
 
 @dataclass
@@ -203,7 +201,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             ),
         )
         self.recorder.run_info.world_size = world  # DDP ranks other than zero do not record
-        state_file = RunFolder(self.gradlight_dir).root / STATE_FILE
+        state_file = RunFolder(self.gradlight_dir).state_file
         if self.start_epoch and state_file.is_file():  # Ultralytics' resume: continue the same history
             state = torch.load(state_file, weights_only=False)
             self.optimizer_steps = int(state["optimizer_steps"])
@@ -231,7 +229,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         """Right after Ultralytics saved ``last.pt``: the recorder state a resume of it continues from."""
         if self.recorder is not None:
             self.recorder.flush()
-            path = RunFolder(self.gradlight_dir).root / STATE_FILE
+            path = RunFolder(self.gradlight_dir).state_file
             tmp = path.with_suffix(".tmp")
             torch.save({"optimizer_steps": self.optimizer_steps, "recorder": self.recorder.state_dict()}, tmp)
             os.replace(tmp, path)
