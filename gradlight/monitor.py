@@ -394,6 +394,15 @@ class GradientFlowMonitor(Callback):
         return {"version": 1, "forward_order": None, "diagnosis": None, **self._state}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        states = checkpoint.get("callbacks", {})
+        legacy = type(self).__qualname__  # the key of checkpoints written before `state_key` existed
+        if self.state_key not in states and legacy in states:
+            self.load_state_dict(states[legacy])
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._state = dict(state_dict)
         if self.recorder is not None:

@@ -479,3 +479,16 @@ def test_two_monitors_both_record_under_manual_optimization(tmp_path: Path) -> N
     assert sorted(load_history(tmp_path / "a").step.unique()) == [0, 1, 2, 3]
     assert sorted(load_history(tmp_path / "b").step.unique()) == [0, 2]
     assert monitors[0].state_key != monitors[1].state_key
+
+
+def test_a_checkpoint_written_before_state_key_existed_still_resumes(tmp_path: Path) -> None:
+    save = tmp_path / "gradlight"
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit(Net("mlp"), [GradientFlowMonitor(2, save), checkpoints], max_epochs=1, enable_checkpointing=True)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("GradientFlowMonitor")]
+    checkpoint["callbacks"]["GradientFlowMonitor"] = checkpoint["callbacks"].pop(key)  # the old key
+    torch.save(checkpoint, path)
+    fit(Net("mlp"), [GradientFlowMonitor(2, save)], max_epochs=2, ckpt_path=str(path))  # no "already holds"
+    assert sorted(load_history(save).step.unique()) == list(range(0, 12, 2))
