@@ -206,7 +206,7 @@ class Collectives:
         return cls(world_size, int(strategy.global_rank), all_reduce_sum, broadcast)
 
 
-def grad_scale_left(scaler: Any, optimizer: Optimizer) -> float:
+def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -> float:
     """The AMP loss scale ``optimizer``'s gradients still carry: 1.0 once ``scaler.unscale_(optimizer)`` ran.
 
     Args:
@@ -347,7 +347,7 @@ class GradientFlowRecorder:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = "norm",
         loss_scaled: bool = False,
-        grad_scaler: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         run_info: RunInfo | None = None,
         discover_forward_order: bool = True,
         warn: Callable[[str], None] | None = None,

@@ -91,9 +91,11 @@ class UnsupportedFormatError(ValueError):
         self.path = Path(path)
         self.found = found
         self.supported = supported
+        newer = isinstance(found, int) and found > supported
+        why = "it was written by a newer gradlight; upgrade gradlight to read it" if newer else "not a valid version"
         super().__init__(
             f"{str(self.path)!r} is in gradlight run-folder format version {found}, but this gradlight reads "
-            f"versions up to {supported}: it was written by a newer gradlight; upgrade gradlight to read it"
+            f"versions 1 to {supported}: {why}"
         )
 
 
