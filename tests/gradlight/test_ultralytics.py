@@ -51,7 +51,6 @@ def fit(tmp_path: Path, name: str, trainer: type[GradientFlowDetectionTrainer], 
         save_dir=save_dir,
         trainer=trainer,
         data=str(data),
-        epochs=1,
         imgsz=64,
         batch=BATCH,
         device="cpu",
@@ -62,7 +61,7 @@ def fit(tmp_path: Path, name: str, trainer: type[GradientFlowDetectionTrainer], 
         project=str(tmp_path / "ultralytics"),
         name=name,
         exist_ok=True,
-        **{"nbs": NBS, **offline.OFFLINE_OVERRIDES, **kwargs},
+        **{"nbs": NBS, "epochs": 1, **offline.OFFLINE_OVERRIDES, **kwargs},
     )
     return save_dir
 
@@ -97,3 +96,48 @@ def test_the_stripped_sigmoid_yolo_gets_a_vanishing_finding(tmp_path: Path) -> N
     findings = load_findings(save_dir)
     vanishing = findings[findings.kind == "vanishing"]
     assert len(vanishing) >= 1 and vanishing.layer.iloc[0].startswith("model.0")
+
+
+class Killed(RuntimeError):
+    """Stands for the process dying mid-epoch."""
+
+
+class Counted(GradientFlowDetectionTrainer):
+    """Counts Ultralytics' optimizer steps (``optimizer_step`` calls) and those done before the last save."""
+
+    calls = 0
+    calls_at_save = 0
+
+    def optimizer_step(self) -> None:
+        Counted.calls += 1  # on the base class: subclasses share the counters
+        super().optimizer_step()
+
+    def run_callbacks(self, event: str) -> None:
+        if event == "on_model_save":
+            Counted.calls_at_save = Counted.calls
+        super().run_callbacks(event)
+
+
+class KilledInEpoch2(Counted):
+    """Dies in the second epoch after one optimizer step, once Ultralytics saved ``last.pt`` for the first."""
+
+    def run_callbacks(self, event: str) -> None:
+        super().run_callbacks(event)
+        if event == "on_train_batch_start" and self.epoch == 1 and Counted.calls == Counted.calls_at_save + 1:
+            raise Killed("killed")
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_last_pt_continues_its_history(tmp_path: Path) -> None:
+    with pytest.raises(Killed):
+        fit(tmp_path, "resumed", KilledInEpoch2, log_every_n_steps=1, epochs=2)
+    saved, died = Counted.calls_at_save, Counted.calls
+    save_dir = tmp_path / "resumed" / "gradlight"
+    assert sorted(load_history(save_dir).step.unique()) == list(range(died))  # the step after last.pt is on disk
+    Counted.calls = 0
+    last = tmp_path / "ultralytics" / "resumed" / "weights" / "last.pt"
+    train(YOLO(str(last)), save_dir=save_dir, log_every_n_steps=1, resume=True, trainer=Counted)
+    history = load_history(save_dir)
+    assert not history.duplicated(["step", "layer", "metric"]).any()  # the recomputed step superseded the old
+    assert sorted(history.step.unique()) == list(range(saved + Counted.calls))
+    assert len(list((save_dir / "history").glob("segment-*.arrow"))) == 2
