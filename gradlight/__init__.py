@@ -9,28 +9,37 @@ from gradlight.diagnosis import (
     GradientAnomalyError,
     GradientDiagnosis,
     ModelProfile,
-    load_findings,
 )
-from gradlight.history import GLOBAL_LAYER, load_history
+from gradlight.history import load_history
 from gradlight.mixin import GradientFlowMixin, GradientFlowSpec
 from gradlight.monitor import GradientFlowMonitor
+from gradlight.recorder import Collectives, GradientFlowRecorder, HistoryExistsError, RecorderOptions
+from gradlight.runfolder import GLOBAL_LAYER, RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
 __all__ = [
     "GLOBAL_LAYER",
     "ActivationStats",
     "ActivationTaps",
+    "Collectives",
     "DiagnosisConfig",
     "Finding",
     "GradientAnomalyError",
     "GradientDiagnosis",
     "GradientFlowMixin",
     "GradientFlowMonitor",
+    "GradientFlowRecorder",
     "GradientFlowSpec",
     "GradientFlowTracker",
+    "HistoryExistsError",
     "ModelProfile",
+    "RecorderOptions",
+    "RunFolder",
+    "RunInfo",
     "StepRecord",
+    "UnsupportedFormatError",
     "__version__",
     "load_findings",
     "load_history",
+    "read_run_info",
 ]

@@ -31,7 +31,8 @@ examples:
   gradlight report sigmoid=runs/sigmoid relu=runs/relu --out compare/
 
 exit status: 0 on success (a truncated history is reported up to the tear, with a warning),
-2 on bad input (missing path, no history, empty or unreadable history, bad or duplicate labels).
+2 on bad input (missing path, no history, empty or unreadable history, a history written by a newer
+gradlight, bad or duplicate labels).
 """
 
 
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     from gradlight.report.summary import ReportInputError
+    from gradlight.runfolder import UnsupportedFormatError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return int(args.func(args))
-    except ReportInputError as err:
+    except (ReportInputError, UnsupportedFormatError) as err:
         return _fail(str(err))
     except OSError as err:
         print(f"gradlight: error: {err}", file=sys.stderr)

@@ -1,12 +1,7 @@
 """The durable on-disk record of a monitored run, and :func:`load_history` to read it back.
 
-Layout of a monitor's ``save_dir``::
-
-    save_dir/
-        history/segment-00000.arrow   # Arrow IPC streams, one per writer session (a resume opens a new one)
-        history/segment-00001.arrow
-        findings.jsonl                # one JSON object per diagnosis finding (see gradlight.diagnosis)
-        run.json                      # what was monitored: layers, depth order, settings
+The run folder's layout (``history/``, ``findings.jsonl``, ``run.json``) is owned by
+:mod:`gradlight.runfolder`; this module writes and reads the ``history/`` segments.
 
 Each segment is an Arrow IPC *stream* of record batches in long format with the columns
 ``step, layer, depth, metric, value``. The writer appends one record batch per flush and fsyncs it, so a
@@ -19,9 +14,7 @@ with no duplicate and no missing step.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +25,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gradlight.runfolder import (
+    FORMAT_VERSION,
+    GLOBAL_LAYER,
+    HISTORY_SUBDIR,
+    RunFolder,
+    check_format_version,
+    list_segments,
+    segment_path,
+    write_json_atomic,
+)
+
 __all__ = [
     "COLUMNS",
     "GLOBAL_LAYER",
@@ -39,20 +43,17 @@ __all__ = [
     "HistoryWriter",
     "TruncatedHistoryWarning",
     "find_history_dir",
+    "list_segments",
     "load_history",
     "read_history",
+    "segment_path",
+    "write_json_atomic",
 ]
 
 #: Column order of :func:`load_history`'s frame.
 COLUMNS = ("step", "layer", "depth", "metric", "value")
-#: Name used in the ``layer`` column for run-wide statistics (global norm, early/late ratio, loss, ...).
-GLOBAL_LAYER = "__global__"
-
-HISTORY_SUBDIR = "history"
-_SEGMENT_PATTERN = re.compile(r"^segment-(\d{5,})\.arrow$")
 _START_STEP_KEY = b"gradlight.start_step"
 _FORMAT_KEY = b"gradlight.format"
-_FORMAT_VERSION = b"1"
 
 SCHEMA = pa.schema(
     [
@@ -67,23 +68,6 @@ SCHEMA = pa.schema(
 
 class TruncatedHistoryWarning(UserWarning):
     """A history segment ended in a torn record batch (its writer was killed); the rows before it are kept."""
-
-
-def segment_path(history_dir: Path, index: int) -> Path:
-    """Return the path of segment ``index`` inside ``history_dir``."""
-    return history_dir / f"segment-{index:05d}.arrow"
-
-
-def list_segments(history_dir: Path) -> list[tuple[int, Path]]:
-    """Return ``(index, path)`` of every segment in ``history_dir``, oldest first."""
-    if not history_dir.is_dir():
-        return []
-    found = []
-    for child in history_dir.iterdir():
-        match = _SEGMENT_PATTERN.match(child.name)
-        if match:
-            found.append((int(match.group(1)), child))
-    return sorted(found)
 
 
 class HistoryWriter:
@@ -112,7 +96,7 @@ class HistoryWriter:
     def __init__(self, save_dir: str | Path, start_step: int = 0, max_buffered_rows: int = 200_000) -> None:
         if max_buffered_rows < 1:
             raise ValueError(f"`max_buffered_rows` must be a positive integer, got {max_buffered_rows!r}.")
-        self.history_dir = Path(save_dir) / HISTORY_SUBDIR
+        self.history_dir = RunFolder(save_dir).history_dir
         self.history_dir.mkdir(parents=True, exist_ok=True)
         existing = list_segments(self.history_dir)
         self.segment_index = existing[-1][0] + 1 if existing else 0
@@ -232,7 +216,9 @@ class HistoryWriter:
             self._sink = None
 
     def _schema(self) -> pa.Schema:
-        return SCHEMA.with_metadata({_START_STEP_KEY: str(self.start_step).encode(), _FORMAT_KEY: _FORMAT_VERSION})
+        return SCHEMA.with_metadata(
+            {_START_STEP_KEY: str(self.start_step).encode(), _FORMAT_KEY: str(FORMAT_VERSION).encode()}
+        )
 
     def _open(self) -> pa.ipc.RecordBatchStreamWriter:
         if self._writer is None:
@@ -316,6 +302,7 @@ def _read_batches(
     except (pa.ArrowInvalid, OSError) as err:  # torn before the schema was complete
         return [], SegmentInfo(path, 0, 0, truncated=True, error=str(err))
     metadata = reader.schema.metadata or {}
+    check_format_version(path, metadata.get(_FORMAT_KEY, b"1"))  # raises for a newer format: never misread
     start_step = int(metadata.get(_START_STEP_KEY, b"0"))
     truncated, error = False, ""
     while True:
@@ -344,6 +331,7 @@ def read_history(path: str | Path, progress: ProgressCallback | None = None) -> 
 
     Raises:
         FileNotFoundError: If ``path`` holds no history.
+        gradlight.runfolder.UnsupportedFormatError: If a segment was written in a newer format.
 
     Example:
         >>> read = []
@@ -388,6 +376,8 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
 
     Raises:
         FileNotFoundError: If ``path`` holds no history.
+        gradlight.runfolder.UnsupportedFormatError: If a segment was written in a newer format (the
+            error names its version).
 
     Example:
         >>> history = load_history("runs/exp1/gradlight")  # doctest: +SKIP
@@ -406,10 +396,3 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
     if metrics is not None:
         frame = frame[frame["metric"].isin(list(metrics))].reset_index(drop=True)
     return frame
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

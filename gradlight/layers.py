@@ -24,6 +24,8 @@ GroupBy = int | Callable[[str], str] | None
 # Name components that wrappers insert and that users never see in the unwrapped model.
 _WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module")
 ROOT_LAYER = "(root)"
+#: Layer name of run-wide values (the history's rows of global metrics, findings about the whole model).
+GLOBAL_LAYER = "__global__"
 
 
 def clean_parameter_name(name: str) -> str:

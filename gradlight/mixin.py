@@ -58,40 +58,50 @@ class GradientFlowMixin:
         return None
 
     @property
+    def gradient_flow_monitors(self) -> list[GradientFlowMonitor]:
+        """Every :class:`~gradlight.GradientFlowMonitor` among the Trainer's callbacks, in callback order."""
+        from gradlight.monitor import GradientFlowMonitor
+
+        callbacks = trainer.callbacks if (trainer := _trainer_of(self)) is not None else []
+        return [callback for callback in callbacks if isinstance(callback, GradientFlowMonitor)]
+
+    @property
     def gradient_flow_monitor(self) -> GradientFlowMonitor:
-        """The :class:`~gradlight.GradientFlowMonitor` among the Trainer's callbacks.
+        """The first :class:`~gradlight.GradientFlowMonitor` among the Trainer's callbacks.
 
         Raises:
             MisconfigurationException: If the module is not attached to a Trainer with a monitor.
         """
-        from gradlight.monitor import GradientFlowMonitor
-
-        callbacks = trainer.callbacks if (trainer := _trainer_of(self)) is not None else []
-        for callback in callbacks:
-            if isinstance(callback, GradientFlowMonitor):
-                return callback
-        raise MisconfigurationException(
-            "No GradientFlowMonitor found: add one with `Trainer(callbacks=[GradientFlowMonitor()])`."
-        )
+        monitors = self.gradient_flow_monitors
+        if not monitors:
+            raise MisconfigurationException(
+                "No GradientFlowMonitor found: add one with `Trainer(callbacks=[GradientFlowMonitor()])`."
+            )
+        return monitors[0]
 
     @property
     def gradient_flow(self) -> StepRecord | None:
-        """The latest recorded statistics (``StepRecord``), or ``None`` before the first logged step."""
+        """The first monitor's latest statistics (``StepRecord``), or ``None`` before the first logged step."""
         return self.gradient_flow_monitor.latest
 
     def record_gradient_flow(self, optimizer: Any) -> None:
         """Record this step's gradients under manual optimization: call after backward, before ``step()``.
 
+        Every monitor of the Trainer records (each on its own interval).
+
         Args:
             optimizer: The optimizer about to step (a ``LightningOptimizer`` or a torch optimizer).
+
+        Raises:
+            MisconfigurationException: If the module is not attached to a Trainer with a monitor.
         """
         raw = getattr(optimizer, "optimizer", optimizer)
         if not isinstance(raw, Optimizer):
             raise ValueError(f"`optimizer` must be a torch or Lightning optimizer, got {type(optimizer).__name__}.")
-        monitor = self.gradient_flow_monitor
+        self.gradient_flow_monitor  # noqa: B018 - raises with a clear message when there is none
         trainer = _trainer_of(self)
-        assert trainer is not None  # gradient_flow_monitor raised otherwise
-        monitor.capture(trainer, raw)
+        for monitor in self.gradient_flow_monitors:
+            monitor.capture(trainer, raw)
 
 
 def _trainer_of(module: object) -> Any:

@@ -21,7 +21,8 @@ it) or a ``note`` (worth knowing, expected in this situation). Kinds (:data:`KIN
 Causes and remedies come from :data:`RULES`, a rule table evaluated against a :class:`ModelProfile` and the
 finding's evidence. The package's parts: :mod:`~gradlight.diagnosis.config` (thresholds),
 :mod:`~gradlight.diagnosis.profile` (the model), :mod:`~gradlight.diagnosis.rules` (the table),
-:mod:`~gradlight.diagnosis.detectors` (one per kind), :mod:`~gradlight.diagnosis.engine` (runs them).
+:mod:`~gradlight.diagnosis.detectors` (one per kind), :mod:`~gradlight.diagnosis.engine` (runs them). The
+findings file (``findings.jsonl``) belongs to the run folder: :mod:`gradlight.runfolder`.
 """
 
 from gradlight.diagnosis.actions import ACTIONS, KINDS, resolve_actions
@@ -30,19 +31,16 @@ from gradlight.diagnosis.engine import GradientDiagnosis
 from gradlight.diagnosis.finding import GLOBAL, SEVERITIES, Finding, GradientAnomalyError
 from gradlight.diagnosis.profile import ModelProfile, ResidualGain
 from gradlight.diagnosis.rules import RULES, Rule, RuleContext, explain
-from gradlight.diagnosis.storage import FINDINGS_FILE, FindingsWriter, load_findings
 from gradlight.diagnosis.windows import LayerWindows
 
 __all__ = [
     "ACTIONS",
-    "FINDINGS_FILE",
     "GLOBAL",
     "KINDS",
     "RULES",
     "SEVERITIES",
     "DiagnosisConfig",
     "Finding",
-    "FindingsWriter",
     "GradientAnomalyError",
     "GradientDiagnosis",
     "LayerWindows",
@@ -51,6 +49,5 @@ __all__ = [
     "Rule",
     "RuleContext",
     "explain",
-    "load_findings",
     "resolve_actions",
 ]

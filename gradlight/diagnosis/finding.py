@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from gradlight.history import GLOBAL_LAYER
+from gradlight.layers import GLOBAL_LAYER
 
 __all__ = ["GLOBAL", "SEVERITIES", "Finding", "GradientAnomalyError"]
 

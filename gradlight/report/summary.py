@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any, Union
 import numpy as np
 import pandas as pd
 
-from gradlight.diagnosis import load_findings
+from gradlight import runfolder
 from gradlight.history import GLOBAL_LAYER, HISTORY_SUBDIR, ProgressCallback, list_segments, read_history
+from gradlight.runfolder import FINDINGS_FILE, RUN_INFO_FILE
 
 __all__ = [
     "FINDINGS_FILE",
@@ -46,8 +46,6 @@ __all__ = [
     "summarize",
 ]
 
-FINDINGS_FILE = "findings.jsonl"
-RUN_INFO_FILE = "run.json"
 
 #: A run as the caller names it: a path, a ``"label=path"`` string, or a ``(label, path)`` pair.
 RunSpec = Union[str, "os.PathLike[str]", tuple[str, Union[str, "os.PathLike[str]"]]]
@@ -186,51 +184,41 @@ def _default_label(save_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------- run contents
 def read_run_info(save_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
-    """Read ``run.json``; returns ``(info, problem)`` with ``info == {}`` when it is missing or unreadable.
+    """``run.json`` as a dict for the report, through :func:`gradlight.runfolder.read_run_info`.
+
+    Returns ``(info, problem)``: ``info == {}`` when the file is missing or unreadable, ``problem`` says why
+    (a newer format than this gradlight reads, a file that is not a JSON object, a torn write).
 
     Example:
         >>> read_run_info("/nonexistent")
         ({}, None)
     """
     path = Path(save_dir) / RUN_INFO_FILE
-    if not path.is_file():
-        return {}, None
     try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        info = runfolder.read_run_info(save_dir)
+    except runfolder.UnsupportedFormatError:  # a ValueError, but one the report must not hide
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         return {}, f"{path} could not be read ({err}); run settings are not shown"
-    if not isinstance(info, dict):
-        return {}, f"{path} does not hold a JSON object; run settings are not shown"
-    return info, None
+    return ({} if info is None else info.to_dict()), None
 
 
 def read_findings(save_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
-    """Read ``findings.jsonl`` as :func:`gradlight.diagnosis.load_findings` does: ``(findings, skipped)``.
+    """The run's findings as dicts for the report, through :func:`gradlight.runfolder.read_findings`.
 
-    A finding a resumed run wrote twice (same ``kind``, ``layer`` and ``step``) is kept once, the last copy,
-    and the findings come sorted by ``reported_step``, so the report counts what the API returns. Every
-    finding gets the keys ``kind, layer, step, reported_step, message, cause, remedy, evidence, layers``
-    (``""``, ``-1``, ``{}`` or ``[]`` when absent). Lines that are not JSON (a writer killed mid-line) are
-    skipped and counted; a file ``load_findings`` rejects (a line without a step, a line that is not a
-    JSON object) is read line by line with the same rules, its unusable lines counted as skipped.
+    Returns ``(findings, skipped)``: the findings sorted by ``reported_step`` (a finding a resumed run wrote
+    twice kept once), each with the keys ``kind, layer, step, reported_step, message, cause, remedy,
+    evidence, layers, severity`` (``""``, ``-1``, ``{}`` or ``[]`` when absent), and the number of lines the
+    reader skipped (a writer killed mid-line).
 
     Example:
         >>> read_findings("/nonexistent")
         ([], 0)
     """
-    path = Path(save_dir) / FINDINGS_FILE
-    if not path.is_file():
-        return [], 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            frame = load_findings(path)
-        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
-            return _read_findings_tolerantly(path)
-    skipped = sum(1 for warning in caught if "skipped a torn" in str(warning.message))
-    records = frame.to_dict("records") if not frame.empty else []
+    result = runfolder.read_findings(save_dir)
+    records = result.frame.to_dict("records") if not result.frame.empty else []
     findings = [_normalize_finding({str(k): _missing_to_none(v) for k, v in row.items()}) for row in records]
-    return findings, skipped
+    return findings, len(result.skipped)
 
 
 def _missing_to_none(value: Any) -> Any:
@@ -240,28 +228,6 @@ def _missing_to_none(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _read_findings_tolerantly(path: Path) -> tuple[list[dict[str, Any]], int]:
-    findings: dict[tuple[str, str, int], dict[str, Any]] = {}
-    skipped = 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                item = None
-            if not isinstance(item, dict):
-                skipped += 1
-                continue
-            finding = _normalize_finding(item)
-            key = (finding["kind"], finding["layer"], finding["step"])
-            findings.pop(key, None)  # keep the last copy, where it stands (load_findings' drop_duplicates)
-            findings[key] = finding
-    ordered = sorted(findings.values(), key=lambda finding: finding["reported_step"])
-    return ordered, skipped
 
 
 def _as_int(value: Any, default: int = -1) -> int:
@@ -278,6 +244,7 @@ def _normalize_finding(item: dict[str, Any]) -> dict[str, Any]:
         finding[key] = "" if value is None else str(value)
     finding["step"] = _as_int(finding.get("step", -1))
     finding["reported_step"] = _as_int(finding.get("reported_step"), finding["step"])
+    finding["severity"] = str(finding.get("severity") or "warning")
     if not isinstance(finding.get("evidence"), dict):
         evidence = finding.get("evidence")
         finding["evidence"] = {} if evidence is None else {"value": evidence}

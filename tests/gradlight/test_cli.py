@@ -24,9 +24,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from gradlight import GradientFlowMonitor
 from gradlight.cli import build_parser, main
-from gradlight.diagnosis import load_findings
 from gradlight.history import HistoryWriter
 from gradlight.report.loggers import log_figures
+from gradlight.runfolder import load_findings
 from tests.gradlight.models import Net
 from tests.gradlight.test_report import IMG, tear, vanishing_finding, write_run
 

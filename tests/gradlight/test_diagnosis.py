@@ -25,7 +25,8 @@ from gradlight import (
     load_findings,
     load_history,
 )
-from gradlight.diagnosis import FINDINGS_FILE, RULES, Finding, FindingsWriter, resolve_actions
+from gradlight.diagnosis import RULES, Finding, resolve_actions
+from gradlight.runfolder import FINDINGS_FILE, FindingsWriter
 from tests.gradlight._ddp_diag_workers import QUIET, Regressor, ddp_actions_worker, mlp, spawn
 
 

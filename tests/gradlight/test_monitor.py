@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -407,67 +407,21 @@ def test_two_optimizers_under_manual_optimization(tmp_path: Path) -> None:
     assert layer_values(history, 1, "grad_l2")["critic"] == pytest.approx(critic, rel=1e-6)
 
 
-class FakeTensorBoardExperiment:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, int]] = []
-
-    def add_figure(self, tag: str, figure: Any, global_step: int, close: bool = True) -> None:
-        self.calls.append(("figure", tag, global_step))
-
-    def add_histogram(self, tag: str, values: Any, global_step: int) -> None:
-        self.calls.append(("histogram", tag, global_step))
-
-
-class FakeTensorBoardLogger(Logger):
-    """A Lightning logger whose ``experiment`` takes figures and histograms like TensorBoard's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fake = FakeTensorBoardExperiment()
-        self.metrics: list[dict[str, float]] = []
-
-    @property
-    def name(self) -> str:
-        return "fake"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @property
-    def experiment(self) -> Any:
-        return self.fake
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append(metrics)
-
-
-def test_figures_go_to_image_loggers_each_epoch_and_histograms_on_logged_steps(tmp_path: Path) -> None:
-    logger = FakeTensorBoardLogger()
-    monitor = GradientFlowMonitor(2, tmp_path / "gl", log_histograms=True, diagnose=False)
-    module = Net("mlp", samples=32, batch_size=8)  # 4 steps per epoch
-    fit(module, [monitor], max_epochs=2, logger=logger)
-    figures = [call for call in logger.fake.calls if call[0] == "figure"]
-    # end of epoch 1 (step 4) and end of epoch 2, which is also the end of fit (sent once): heat map + profile
-    assert figures == [("figure", f"gradflow/{name}", step) for step in (4, 8) for name in ("heatmap", "profile")]
-    histograms = [call for call in logger.fake.calls if call[0] == "histogram"]
-    layers = sorted(load_history(tmp_path / "gl").query("metric == 'grad_l2'").layer.unique())
-    assert sorted({tag for _, tag, _ in histograms}) == [f"gradflow/grad/{layer}" for layer in layers]
-    assert sorted({step for _, _, step in histograms}) == [0, 2, 4, 6]  # logged steps only
-
-
 def test_no_figures_without_an_image_logger_or_when_switched_off(tmp_path: Path) -> None:
-    logger = FakeTensorBoardLogger()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path / "tb", name="run")
     fit(
         Net("mlp", samples=32, batch_size=8),
         [GradientFlowMonitor(2, tmp_path / "a", log_figures_every_n_epochs=None)],
         max_epochs=1,
         logger=logger,
     )
-    assert logger.fake.calls == []
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = events.Tags()
+    assert "gradflow/global_grad_l2" in tags["scalars"]  # the summary still arrives (the reader works)
+    assert tags["images"] == [] and tags["histograms"] == []
     fit(
         Net("mlp", samples=32, batch_size=8),
         [GradientFlowMonitor(2, tmp_path / "b")],
@@ -489,3 +443,52 @@ def test_a_custom_sharding_reduction_is_used_as_given(tmp_path: Path) -> None:
     fit(Net("mlp"), [monitor], max_steps=2)
     assert monitor.tracker is not None and monitor.tracker.reduction is reduction
     assert calls == [len(list(Net("mlp").parameters()))] * 2  # every parameter, every logged step
+
+
+def test_lazy_modules_are_profiled_at_the_first_captured_step(tmp_path: Path) -> None:
+    class Lazy(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.LazyLinear(16), nn.Sigmoid(), nn.LazyLinear(1))
+
+    monitor = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
+    fit(Lazy(), [monitor], max_steps=2)
+    assert monitor.diagnosis is not None
+    profile = monitor.diagnosis.profile
+    assert profile.num_layers == 2 and profile.saturating == ["sigmoid"]  # the initialised layers
+    assert sorted(load_history(tmp_path, metrics=["grad_l2"]).layer.unique()) == ["net.0", "net.2"]
+
+
+def test_two_monitors_both_record_under_manual_optimization(tmp_path: Path) -> None:
+    class Manual(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.record_gradient_flow(opt)
+            opt.step()
+            return loss
+
+    monitors = [GradientFlowMonitor(1, tmp_path / "a", diagnose=False), GradientFlowMonitor(2, tmp_path / "b")]
+    fit(Manual(), monitors, max_steps=4)
+    assert sorted(load_history(tmp_path / "a").step.unique()) == [0, 1, 2, 3]
+    assert sorted(load_history(tmp_path / "b").step.unique()) == [0, 2]
+    assert monitors[0].state_key != monitors[1].state_key
+
+
+def test_a_checkpoint_written_before_state_key_existed_still_resumes(tmp_path: Path) -> None:
+    save = tmp_path / "gradlight"
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit(Net("mlp"), [GradientFlowMonitor(2, save), checkpoints], max_epochs=1, enable_checkpointing=True)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    (key,) = [key for key in checkpoint["callbacks"] if key.startswith("GradientFlowMonitor")]
+    checkpoint["callbacks"]["GradientFlowMonitor"] = checkpoint["callbacks"].pop(key)  # the old key
+    torch.save(checkpoint, path)
+    fit(Net("mlp"), [GradientFlowMonitor(2, save)], max_epochs=2, ckpt_path=str(path))  # no "already holds"
+    assert sorted(load_history(save).step.unique()) == list(range(0, 12, 2))

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradlight.diagnosis import load_findings
 from gradlight.history import GLOBAL_LAYER, HistoryWriter, TruncatedHistoryWarning, load_history, read_history
 from gradlight.report import ReportInputError, build_report, load_run, summarize
 from gradlight.report.figures import (
@@ -35,6 +34,7 @@ from gradlight.report.summary import (
     resolve_run_dir,
     resolve_run_specs,
 )
+from gradlight.runfolder import load_findings
 
 IMG = re.compile(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"')
 
@@ -496,21 +496,20 @@ def test_findings_a_resumed_run_wrote_twice_are_counted_once(tmp_path: Path) -> 
     assert escape(first["message"]) not in page
 
 
-def test_findings_the_api_rejects_are_read_line_by_line_with_its_rules(tmp_path: Path) -> None:
+def test_the_report_reads_findings_with_the_run_folders_rules(tmp_path: Path) -> None:
     write_run(tmp_path)
     lines = [
-        {"kind": "dormant", "layer": "net.2", "message": "no step"},  # load_findings cannot cast a missing step
+        {"kind": "dormant", "layer": "net.2", "message": "no step"},  # no integer step: skipped
         {**vanishing_finding(), "message": "old copy"},
         {**vanishing_finding(), "message": "new copy"},
         [1, 2],  # not an object
     ]
     (tmp_path / "findings.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     findings, skipped = read_findings(tmp_path)
-    assert skipped == 1
-    assert [(f["kind"], f["step"], f["message"]) for f in findings] == [
-        ("dormant", -1, "no step"),
-        ("vanishing", 100, "new copy"),
-    ]
+    assert skipped == 2  # the line without a step and the one that is not an object, as gradlight.runfolder
+    assert [(f["kind"], f["step"], f["message"]) for f in findings] == [("vanishing", 100, "new copy")]
+    api = load_findings(tmp_path)
+    assert list(api.message) == ["new copy"]
 
 
 class RecordingBar:

@@ -1,0 +1,212 @@
+"""Record a Hugging Face ``transformers.Trainer`` run: :class:`GradientFlowCallback`.
+
+The Trainer clips gradients *before* its first callback event of an optimizer step
+(``on_pre_optimizer_step``), and no event runs between the last backward pass and the clipping. To read the
+gradients before clipping, the callback takes the clipping over for the run: on ``on_train_begin`` it sets
+``args.max_grad_norm`` to 0 (restored on ``on_train_end``), so the Trainer only measures the pre-clip norm
+it logs as ``grad_norm`` (after AMP unscaling), and the callback clips with ``torch.nn.utils.clip_grad_norm_``
+and the original threshold right after reading, before ``optimizer.step()``, as the Trainer would have.
+Under DeepSpeed or FSDP, where the Trainer's clipping is the engine's own, the callback leaves clipping to
+the Trainer and reads the clipped gradients (and says so once).
+
+Per optimizer step (one per ``gradient_accumulation_steps`` micro-batches): ``on_step_begin`` starts the
+forward-order discovery and the activation taps, ``on_pre_optimizer_step`` reads the gradients,
+``on_optimizer_step`` measures the update ratios, ``on_step_end`` diagnoses and writes the record. The
+``step`` of a record is ``state.global_step`` when the gradients were read (0 for the first optimizer
+step); the Trainer logs that step's ``grad_norm`` at ``global_step + 1``. The run folder is the same as
+the Lightning monitor's (``gradlight report`` works on it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from typing_extensions import override
+
+from gradlight import __version__
+from gradlight.diagnosis import DiagnosisConfig
+from gradlight.layers import GroupBy
+from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions, _check_positive_int
+from gradlight.runfolder import RunInfo
+from gradlight.tracker import StepRecord
+
+__all__ = ["GradientFlowCallback"]
+
+
+class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
+    """A ``transformers.TrainerCallback`` recording per-layer gradient statistics at every logged optimizer step.
+
+    Args:
+        save_dir: The run folder; ``None`` uses ``<args.output_dir>/gradlight``.
+        log_every_n_steps: Record every this many optimizer steps; ``None`` uses ``args.logging_steps``
+            (50 when that is a fraction of the run).
+        group_by: Layer grouping (see :class:`gradlight.RecorderOptions`); e.g. ``3`` groups GPT-2 by block
+            (``transformer.h.0``).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        track_update_ratio: Record ``update_ratio`` (a copy of the parameters on logged steps).
+        diagnose: Diagnose the gradient flow; findings go to ``save_dir/findings.jsonl``.
+        diagnosis: Thresholds of the diagnosis.
+        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"`` (ends training through ``control``) or ``"ignore"``;
+            or a mapping per kind.
+        track_activations: Tap activation modules on logged steps.
+        overwrite: Replace a history already in ``save_dir``.
+        take_over_clipping: Read the gradients before clipping by clipping in the callback (see the module
+            docstring). ``False`` leaves the Trainer's clipping alone and records clipped gradients.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+        >>> model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=2))
+        >>> args = TrainingArguments("runs/gpt2", gradient_accumulation_steps=2, report_to=[])  # doctest: +SKIP
+        >>> callback = GradientFlowCallback(log_every_n_steps=10)
+        >>> Trainer(model, args, train_dataset=data, callbacks=[callback]).train()  # doctest: +SKIP
+        >>> load_history("runs/gpt2/gradlight")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path | None = None,
+        log_every_n_steps: int | None = None,
+        *,
+        group_by: GroupBy = None,
+        exclude: Sequence[str] = (),
+        track_update_ratio: bool = True,
+        diagnose: bool = True,
+        diagnosis: DiagnosisConfig | None = None,
+        on_anomaly: str | Mapping[str, str] = "warn",
+        track_activations: bool = False,
+        overwrite: bool = False,
+        take_over_clipping: bool = True,
+    ) -> None:
+        _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        if save_dir is not None and not isinstance(save_dir, (str, Path)):
+            raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
+        if not isinstance(take_over_clipping, bool):
+            raise ValueError(f"`take_over_clipping` must be True or False, got {take_over_clipping!r}.")
+        self.options = RecorderOptions(  # validated now, not when training starts
+            log_every_n_steps=log_every_n_steps or 50,
+            group_by=group_by,
+            exclude=exclude,
+            track_update_ratio=track_update_ratio,
+            diagnose=diagnose,
+            diagnosis=diagnosis,
+            on_anomaly=on_anomaly,
+            track_activations=track_activations,
+            overwrite=overwrite,
+        )
+        self.log_every_n_steps = log_every_n_steps
+        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.take_over_clipping = take_over_clipping
+        #: The recorder of the current (or last) run; ``None`` before ``on_train_begin``.
+        self.recorder: GradientFlowRecorder | None = None
+        self._clip: float | None = None  # the threshold the callback applies after reading
+        self._restore_max_grad_norm: float | None = None
+        self._model: nn.Module | None = None
+
+    @property
+    def latest(self) -> StepRecord | None:
+        """The most recent record, or ``None`` before the first logged step."""
+        return None if self.recorder is None else self.recorder.latest
+
+    @override
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model = kwargs["model"]
+        interval = self.log_every_n_steps
+        if interval is None:
+            steps = args.logging_steps
+            interval = int(steps) if steps >= 1 and float(steps).is_integer() else 50
+        save_dir = self.save_dir if self.save_dir is not None else Path(args.output_dir or ".") / "gradlight"
+        clip = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
+        engine = bool(getattr(args, "deepspeed", None)) or bool(getattr(args, "fsdp", None))
+        self._clip = None
+        if clip is not None and self.take_over_clipping:
+            if engine:
+                warnings.warn(
+                    "gradlight: under DeepSpeed/FSDP the Trainer's clipping is the engine's own; gradients are "
+                    "recorded after clipping",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                self._clip, self._restore_max_grad_norm = clip, args.max_grad_norm
+                args.max_grad_norm = 0.0  # the Trainer now only measures the pre-clip norm; we clip after reading
+        precision = "fp16-mixed" if args.fp16 else "bf16-mixed" if args.bf16 else "32-true"
+        options = {**self.options.as_kwargs(), "log_every_n_steps": interval}
+        collectives = Collectives.from_torch_distributed()
+        self.recorder = GradientFlowRecorder(
+            model,
+            save_dir,
+            **options,
+            collectives=collectives,
+            gradient_clip_val=clip,
+            gradient_clip_algorithm="norm",
+            loss_scaled=bool(args.fp16),
+            run_info=RunInfo(
+                gradlight_version=__version__,
+                trainer="huggingface",
+                log_every_n_steps=interval,
+                accumulate_grad_batches=int(args.gradient_accumulation_steps),
+                strategy=str(getattr(args.parallel_mode, "value", args.parallel_mode)),
+                precision=precision,
+                extra={"max_grad_norm": clip, "clipped_by": "gradlight" if self._clip else "trainer"},
+            ),
+        )
+        self._model = model
+        if state.global_step > 0:  # resumed from a Trainer checkpoint: continue the history from here
+            self.recorder.resume_at(state.global_step)
+
+    @override
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.recorder is not None:
+            self.recorder.start_step(state.global_step)
+
+    @override
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        recorder.capture(state.global_step, kwargs["optimizer"])  # AMP-unscaled by the Trainer's norm
+        if self._clip is not None and self._model is not None:
+            torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._clip)
+
+    @override
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.recorder is not None:
+            self.recorder.after_step()
+
+    @override
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        recorder = self.recorder
+        if recorder is None:
+            return
+        recorder.end_step()
+        if recorder.should_stop:
+            control.should_training_stop = True
+
+    @override
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()  # the history up to the checkpoint is on disk before training goes on
+
+    @override
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+        if self._restore_max_grad_norm is not None:
+            args.max_grad_norm = self._restore_max_grad_norm
+            self._restore_max_grad_norm = None

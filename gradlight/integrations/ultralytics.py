@@ -1,0 +1,331 @@
+"""Record any Ultralytics ``YOLO(...).train(...)`` run with gradlight.
+
+Ultralytics' trainer has no usable hook between the backward pass and the optimizer step: its
+``optimizer_step`` / ``on_before_zero_grad`` callbacks are never run, ``on_train_batch_end`` fires after
+``zero_grad``, and per-parameter hooks see AMP-scaled gradients. :class:`GradientFlowDetectionTrainer`
+therefore overrides ``DetectionTrainer.optimizer_step`` with the same sequence (unscale, clip at
+:data:`CLIP_VALUE`, step, update the scaler, zero_grad, EMA) and reads the gradients between unscaling and
+clipping. The norm the clipping computes is kept as the global metric ``clip_norm``. One record per
+optimizer step, whatever Ultralytics' accumulation (``nbs``); under Ultralytics' DDP the gradients are
+averaged, so rank zero records alone. The run folder is the Lightning monitor's (``gradlight report``
+works on it); its default is ``<Ultralytics run folder>/gradlight``.
+
+The one call::
+
+    from ultralytics import YOLO
+    from gradlight.integrations.ultralytics import train
+
+    results = train(YOLO("yolo11n.yaml"), data="coco8.yaml", epochs=10, log_every_n_steps=10)
+
+Settings reach Ultralytics' DDP worker processes (which rebuild the trainer from its class) through the
+environment variable :data:`SETTINGS_ENV`, so they must be JSON values (``group_by`` an int or ``None``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, RANK
+from ultralytics.utils.torch_utils import unwrap_model
+
+from gradlight import __version__
+from gradlight.diagnosis import DiagnosisConfig
+from gradlight.recorder import GradientFlowRecorder, RecorderOptions
+from gradlight.runfolder import RunFolder, RunInfo
+
+__all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
+
+#: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
+CLIP_VALUE = 10.0
+#: Environment variable carrying :class:`UltralyticsRecording` (JSON) to the trainer and its DDP workers.
+SETTINGS_ENV = "GRADLIGHT_ULTRALYTICS"
+
+
+@dataclass
+class UltralyticsRecording:
+    """How :class:`GradientFlowDetectionTrainer` records (JSON-serialisable, for Ultralytics' DDP workers).
+
+    Attributes:
+        save_dir: The run folder; ``None`` uses ``<trainer.save_dir>/gradlight``.
+        log_every_n_steps: Record every this many optimizer steps.
+        group_by: ``None`` (one layer per module that owns parameters, e.g. ``model.0.conv``) or an int
+            (that many leading name components: ``2`` is one layer per YOLO block, ``model.7``).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        prefix: Put the ``DetectionModel`` under this attribute name for naming (``"model"`` gives
+            ``model.model.0``, the names of a LightningModule holding it as ``.model``).
+        track_update_ratio: Record ``update_ratio``.
+        flush_every_n_records: Write the history every this many records (and at every epoch end).
+        overwrite: Replace a history already in the run folder.
+        diagnose: Diagnose the gradient flow; findings go to ``findings.jsonl``.
+        diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
+        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"`` (sets the trainer's ``stop``: the run ends after
+            the current epoch, all ranks) or ``"ignore"``; or a mapping per kind.
+
+    Example:
+        >>> UltralyticsRecording(log_every_n_steps=5, group_by=2).to_json()[:27]
+        '{"save_dir": null, "log_eve'
+    """
+
+    save_dir: str | None = None
+    log_every_n_steps: int = 10
+    group_by: int | None = None
+    exclude: Sequence[str] = ()
+    prefix: str = ""
+    track_update_ratio: bool = True
+    flush_every_n_records: int = 20
+    overwrite: bool = False
+    diagnose: bool = True
+    diagnosis: dict[str, Any] = field(default_factory=dict)
+    on_anomaly: str | Mapping[str, str] = "warn"
+
+    def __post_init__(self) -> None:
+        if self.group_by is not None and (isinstance(self.group_by, bool) or not isinstance(self.group_by, int)):
+            raise ValueError(f"`group_by` must be an int or None (a JSON value for DDP), got {self.group_by!r}.")
+        if not isinstance(self.prefix, str) or "." in self.prefix:
+            raise ValueError(f"`prefix` must be one attribute name without dots, got {self.prefix!r}.")
+        self.exclude = list(self.exclude)
+        self.recorder_options()  # validates the rest (ValueError naming the argument)
+
+    def diagnosis_config(self) -> DiagnosisConfig:
+        """The :class:`~gradlight.DiagnosisConfig` with :attr:`diagnosis` applied."""
+        return DiagnosisConfig(**self.diagnosis)
+
+    def recorder_options(self) -> RecorderOptions:
+        """The recorder's options for these settings."""
+        return RecorderOptions(
+            log_every_n_steps=self.log_every_n_steps,
+            group_by=self.group_by,
+            exclude=tuple(self.exclude),
+            track_update_ratio=self.track_update_ratio,
+            flush_every_n_records=self.flush_every_n_records,
+            overwrite=self.overwrite,
+            diagnose=self.diagnose,
+            diagnosis=self.diagnosis_config(),
+            on_anomaly=self.on_anomaly,
+        )
+
+    def to_json(self) -> str:
+        """The settings as JSON (what :data:`SETTINGS_ENV` holds)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> UltralyticsRecording:
+        """The settings in :data:`SETTINGS_ENV`, or the defaults when it is not set."""
+        text = os.environ.get(SETTINGS_ENV)
+        return cls(**json.loads(text)) if text else cls()
+
+
+class _Named(nn.Module):
+    """Holds the detector under ``prefix`` so that parameter names carry it (``model.model.0``)."""
+
+    def __init__(self, prefix: str, detector: nn.Module) -> None:
+        super().__init__()
+        self.add_module(prefix, detector)
+
+
+class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
+    """Ultralytics' ``DetectionTrainer`` recording per-layer gradient statistics, diagnosis and history.
+
+    Pass it to ``YOLO(...).train(trainer=GradientFlowDetectionTrainer, ...)``, or call :func:`train`, which
+    also sets the recording options. Subclass it (e.g. ``get_model``) like any Ultralytics trainer.
+
+    Args:
+        cfg: Ultralytics cfg (defaults to ``DEFAULT_CFG``).
+        overrides: Ultralytics overrides (``model``, ``data``, ``epochs``, ...).
+        _callbacks: Ultralytics callbacks.
+        recording: How to record; ``None`` reads :data:`SETTINGS_ENV` (how DDP workers get it).
+
+    Attributes:
+        recorder: The run's :class:`gradlight.GradientFlowRecorder` (rank zero, from ``on_train_start``).
+        optimizer_steps: Optimizer steps taken (the ``step`` of the records).
+    """
+
+    def __init__(
+        self,
+        cfg: Any = DEFAULT_CFG,
+        overrides: dict[str, Any] | None = None,
+        _callbacks: dict[str, Any] | None = None,
+        recording: UltralyticsRecording | None = None,
+    ) -> None:
+        self.recording = recording if recording is not None else UltralyticsRecording.from_env()
+        os.environ[SETTINGS_ENV] = self.recording.to_json()  # Ultralytics' DDP workers rebuild this trainer
+        self.recorder: GradientFlowRecorder | None = None
+        self.optimizer_steps = 0
+        super().__init__(cfg, overrides, _callbacks)
+
+    @property
+    def gradlight_dir(self) -> Path:
+        """The run folder of the recording."""
+        given = self.recording.save_dir
+        return Path(given) if given is not None else Path(self.save_dir) / "gradlight"
+
+    # ------------------------------------------------------------------------------------------ events
+    def run_callbacks(self, event: str) -> None:
+        """Drive the recorder from Ultralytics' events (methods, not callbacks: DDP pickles the callbacks)."""
+        handler = getattr(self, f"_gradlight_{event}", None)
+        if handler is not None and RANK in {-1, 0}:
+            handler()
+        super().run_callbacks(event)
+
+    def _gradlight_on_train_start(self) -> None:
+        detector = unwrap_model(self._module())
+        model = _Named(self.recording.prefix, detector) if self.recording.prefix else detector
+        options = self.recording.recorder_options().as_kwargs()
+        world = max(int(self.world_size), 1)
+        self.recorder = GradientFlowRecorder(
+            model,
+            self.gradlight_dir,
+            **options,
+            gradient_clip_val=CLIP_VALUE,
+            gradient_clip_algorithm="norm",
+            loss_scaled=bool(self.amp),
+            grad_scaler=None,  # optimizer_step unscales before reading
+            run_info=RunInfo(
+                gradlight_version=__version__,
+                trainer="ultralytics",
+                log_every_n_steps=self.recording.log_every_n_steps,
+                accumulate_grad_batches=int(self.accumulate),
+                strategy="ultralytics-ddp" if world > 1 else "ultralytics",
+                precision="16-mixed" if self.amp else "32-true",
+                model=type(detector).__qualname__,
+                extra={"clip_value": CLIP_VALUE, "nbs": int(self.args.nbs)},
+            ),
+        )
+        self.recorder.run_info.world_size = world  # DDP ranks other than zero do not record
+        state_file = RunFolder(self.gradlight_dir).state_file
+        if self.start_epoch and state_file.is_file():  # Ultralytics' resume: continue the same history
+            state = torch.load(state_file, weights_only=False)
+            self.optimizer_steps = int(state["optimizer_steps"])
+            self.recorder.load_state_dict(state["recorder"])
+        elif self.start_epoch:
+            warnings.warn(
+                f"gradlight: resuming without {state_file}: the history restarts its diagnosis, steps count on "
+                "from the resumed epoch's first batch",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.optimizer_steps = self.start_epoch * len(self.train_loader) // max(int(self.accumulate), 1)
+            self.recorder.resume_at(self.optimizer_steps)
+        self.recorder.open()
+
+    def _gradlight_on_train_batch_start(self) -> None:
+        if self.recorder is not None:
+            self.recorder.start_step(self.optimizer_steps)
+
+    def _gradlight_on_train_epoch_end(self) -> None:
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def _gradlight_on_model_save(self) -> None:
+        """Right after Ultralytics saved ``last.pt``: the recorder state a resume of it continues from."""
+        if self.recorder is not None:
+            self.recorder.flush()
+            path = RunFolder(self.gradlight_dir).state_file
+            tmp = path.with_suffix(".tmp")
+            torch.save({"optimizer_steps": self.optimizer_steps, "recorder": self.recorder.state_dict()}, tmp)
+            os.replace(tmp, path)
+
+    def _gradlight_on_train_end(self) -> None:
+        self._close_recorder()
+
+    def _gradlight_teardown(self) -> None:
+        self._close_recorder()
+
+    def _close_recorder(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    # ------------------------------------------------------------------------------------ optimizer step
+    def _module(self) -> nn.Module:
+        """``self.model`` once set up (Ultralytics types it as the model's name or path before)."""
+        model = self.model
+        if not isinstance(model, nn.Module):
+            raise RuntimeError(f"the trainer's model is not built yet (it is {model!r})")
+        return model
+
+    def optimizer_step(self) -> None:
+        """Ultralytics' step (unscale, clip at 10, step, zero_grad, EMA) with gradients read before clipping."""
+        recorder = self.recorder if RANK in {-1, 0} else None
+        optimizer = self.optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer):  # Ultralytics declares it Optional
+            raise RuntimeError("optimizer_step() before the optimizer was built")
+        self.scaler.unscale_(optimizer)
+        step = self.optimizer_steps
+        if recorder is not None:
+            recorder.capture(step, optimizer)
+        clip_norm = torch.nn.utils.clip_grad_norm_(self._module().parameters(), max_norm=CLIP_VALUE)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if recorder is not None:
+            recorder.after_step()
+        optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+        self.optimizer_steps += 1
+        if recorder is not None:
+            loss = self.loss.detach().sum() if isinstance(self.loss, torch.Tensor) else None
+            recorder.end_step(loss, metrics={"clip_norm": float(clip_norm)})
+            if recorder.should_stop:
+                self.stop = True  # Ultralytics broadcasts it to every rank at the epoch's end
+
+
+def train(
+    yolo: Any,
+    *,
+    save_dir: str | Path | None = None,
+    log_every_n_steps: int = 10,
+    group_by: int | None = None,
+    exclude: Sequence[str] = (),
+    diagnose: bool = True,
+    diagnosis: Mapping[str, Any] | None = None,
+    on_anomaly: str | Mapping[str, str] = "warn",
+    trainer: type[GradientFlowDetectionTrainer] = GradientFlowDetectionTrainer,
+    **train_kwargs: Any,
+) -> Any:
+    """``yolo.train(**train_kwargs)`` recorded by gradlight; returns what ``YOLO.train`` returns.
+
+    Args:
+        yolo: An ``ultralytics.YOLO`` detection model (e.g. ``YOLO("yolo11n.yaml")``).
+        save_dir: The run folder; ``None`` is ``<Ultralytics run folder>/gradlight``.
+        log_every_n_steps: Record every this many optimizer steps.
+        group_by: ``None`` or an int (see :class:`UltralyticsRecording`).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        diagnose: Diagnose the gradient flow.
+        diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
+        on_anomaly: What a new warning finding does (see :class:`UltralyticsRecording`).
+        trainer: The trainer class (a subclass of :class:`GradientFlowDetectionTrainer`).
+        **train_kwargs: Ultralytics' training arguments (``data``, ``epochs``, ``imgsz``, ...).
+
+    Example:
+        >>> from ultralytics import YOLO  # doctest: +SKIP
+        >>> train(YOLO("yolo11n.yaml"), data="coco8.yaml", epochs=3, log_every_n_steps=5)  # doctest: +SKIP
+    """
+    if not (isinstance(trainer, type) and issubclass(trainer, GradientFlowDetectionTrainer)):
+        raise ValueError(f"`trainer` must be a subclass of GradientFlowDetectionTrainer, got {trainer!r}.")
+    recording = UltralyticsRecording(
+        save_dir=str(save_dir) if save_dir is not None else None,
+        log_every_n_steps=log_every_n_steps,
+        group_by=group_by,
+        exclude=list(exclude),
+        diagnose=diagnose,
+        diagnosis=dict(diagnosis or {}),
+        on_anomaly=dict(on_anomaly) if isinstance(on_anomaly, Mapping) else on_anomaly,
+    )
+    previous = os.environ.get(SETTINGS_ENV)
+    os.environ[SETTINGS_ENV] = recording.to_json()  # read by the trainer and by Ultralytics' DDP workers
+    try:
+        return yolo.train(trainer=trainer, **train_kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(SETTINGS_ENV, None)
+        else:
+            os.environ[SETTINGS_ENV] = previous

@@ -1,0 +1,1013 @@
+"""The Trainer-free recorder: one object that owns one monitored run.
+
+:class:`GradientFlowRecorder` ties together what a recorded run needs: the tracker that reads a step's
+gradients (:class:`~gradlight.tracker.GradientFlowTracker`), the diagnosis, the activation taps, the
+durable history, the findings file and the run info (all in one run folder, :mod:`gradlight.runfolder`),
+and its own checkpoint state. It knows no trainer: a plain PyTorch loop, Lightning Fabric, the Lightning
+callback (:class:`gradlight.GradientFlowMonitor`) and the trainer integrations
+(:mod:`gradlight.integrations`) all drive it with the same three calls per optimizer step::
+
+    recorder.capture(step, optimizer)   # after backward, before optimizer.step(): reads the gradients
+    optimizer.step()
+    recorder.end_step(loss)             # after the step: update ratios, loss, diagnosis, history
+
+On steps that are not logged both calls return at once and no tensor work is done.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from gradlight import __version__
+from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.diagnosis import (
+    DiagnosisConfig,
+    Finding,
+    GradientAnomalyError,
+    GradientDiagnosis,
+    ModelProfile,
+    resolve_actions,
+)
+from gradlight.history import HistoryWriter
+from gradlight.layers import GroupBy, validate_group_by
+from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
+from gradlight.stats import CrossRankReduction
+from gradlight.tracker import GradientFlowTracker, StepRecord
+
+__all__ = [
+    "LOG_PREFIX",
+    "Collectives",
+    "GradientFlowRecorder",
+    "HistoryExistsError",
+    "RecorderOptions",
+    "grad_scale_left",
+]
+
+#: Prefix of the summary metrics sent to loggers (:meth:`GradientFlowRecorder.summary_metrics`).
+LOG_PREFIX = "gradflow"
+
+
+class HistoryExistsError(FileExistsError):
+    """The run folder already holds a history from another run (and ``overwrite`` is off)."""
+
+
+def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        valid = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"`{name}` must be {valid}, got {value!r}.")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class RecorderOptions:
+    """What a recorder records and how; validated on construction (shared by the recorder and the callback).
+
+    Attributes:
+        log_every_n_steps: Record every this many optimizer steps (steps ``0, n, 2n, ...``).
+        group_by: ``None`` (one layer per module that owns parameters), an int (aggregate to that many
+            leading name components, e.g. ``2`` -> ``model.3``) or a callable ``param_name -> layer_name``.
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        track_update_ratio: Record ``update_ratio`` (needs a copy of the parameters on logged steps).
+        edge_layers: Number of first and last layers the early-to-late ratio compares.
+        flush_every_n_records: Write the history to disk every this many records.
+        overwrite: Replace a history already in the run folder instead of refusing to start.
+        diagnose: Diagnose vanishing, exploding, non-finite, dormant, saturated and dead layers.
+        diagnosis: Thresholds of the diagnosis; ``None`` is ``DiagnosisConfig()``.
+        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"``, ``"ignore"``, or a mapping per kind (see
+            :func:`gradlight.diagnosis.resolve_actions`). Only ``warning`` findings trigger actions;
+            ``note`` findings are recorded only.
+        track_activations: Tap activation modules on logged steps (needed for ``saturated`` and
+            ``dead_units`` findings).
+
+    Example:
+        >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
+        10
+        >>> RecorderOptions(log_every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `log_every_n_steps` must be a positive int, got 0.
+    """
+
+    log_every_n_steps: int = 50
+    group_by: GroupBy = None
+    exclude: Sequence[str] = ()
+    track_update_ratio: bool = True
+    edge_layers: int = 1
+    flush_every_n_records: int = 20
+    overwrite: bool = False
+    diagnose: bool = True
+    diagnosis: DiagnosisConfig | None = None
+    on_anomaly: str | Mapping[str, str] = "warn"
+    track_activations: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive_int("log_every_n_steps", self.log_every_n_steps)
+        _check_positive_int("edge_layers", self.edge_layers)
+        _check_positive_int("flush_every_n_records", self.flush_every_n_records)
+        validate_group_by(self.group_by)
+        exclude = self.exclude
+        if isinstance(exclude, str):
+            raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: got {exclude!r}.")
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(pattern, str) for pattern in exclude):
+            raise ValueError(f"`exclude` must be a list or tuple of fnmatch pattern strings, got {exclude!r}.")
+        object.__setattr__(self, "exclude", tuple(exclude))
+        for name in ("track_update_ratio", "overwrite", "diagnose", "track_activations"):
+            _check_bool(name, getattr(self, name))
+        if self.diagnosis is not None and not isinstance(self.diagnosis, DiagnosisConfig):
+            raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {self.diagnosis!r}.")
+        resolve_actions(self.on_anomaly)  # raises ValueError naming a bad action or kind
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :class:`GradientFlowRecorder`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The few cross-process operations a recorder needs, from whatever runs the processes.
+
+    A single process needs none of them (the default). Under DDP every rank drives its own recorder with
+    the same calls: gradients are already averaged, so the records are computed locally; rank zero
+    writes; activation sums and raise/stop decisions are summed across ranks.
+
+    Attributes:
+        world_size: Number of processes.
+        global_rank: This process's rank.
+        all_reduce_sum: Sums a tensor over all ranks and returns the result (every rank calls it).
+        broadcast: Returns rank zero's value of a picklable object (every rank calls it).
+
+    Example:
+        >>> Collectives().is_global_zero
+        True
+        >>> Collectives.from_torch_distributed().world_size  # torch.distributed not initialised here
+        1
+    """
+
+    world_size: int = 1
+    global_rank: int = 0
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+    broadcast: Callable[[Any], Any] | None = None
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Whether this is rank zero (the rank that writes the run folder)."""
+        return self.global_rank == 0
+
+    @classmethod
+    def from_torch_distributed(cls) -> Collectives:
+        """The default process group of ``torch.distributed`` if it is initialised, else a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return cls()
+
+        def all_reduce_sum(tensor: Tensor) -> Tensor:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            return tensor
+
+        def broadcast(obj: Any) -> Any:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+
+        return cls(dist.get_world_size(), dist.get_rank(), all_reduce_sum, broadcast)
+
+    @classmethod
+    def from_lightning(cls, strategy: Any) -> Collectives:
+        """From a Lightning Trainer's strategy (``trainer.strategy``) or a Fabric's (``fabric.strategy``)."""
+        world_size = int(getattr(strategy, "world_size", 1) or 1)
+        if world_size == 1:
+            return cls()
+        # The Trainer's strategies sum with `reduce`, Fabric's with `all_reduce`; both broadcast the same way.
+        reduce = getattr(strategy, "all_reduce", None) or strategy.reduce
+
+        def all_reduce_sum(tensor: Tensor) -> Tensor:
+            return reduce(tensor, reduce_op="sum")
+
+        def broadcast(obj: Any) -> Any:
+            return strategy.broadcast(obj, src=0)
+
+        return cls(world_size, int(strategy.global_rank), all_reduce_sum, broadcast)
+
+
+def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -> float:
+    """The AMP loss scale ``optimizer``'s gradients still carry: 1.0 once ``scaler.unscale_(optimizer)`` ran.
+
+    Args:
+        scaler: A ``torch.amp.GradScaler`` (or ``None``: no scaling).
+        optimizer: The optimizer about to step.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        >>> scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+        >>> grad_scale_left(scaler, opt)
+        1024.0
+        >>> scaler.unscale_(opt)
+        >>> grad_scale_left(scaler, opt)
+        1.0
+    """
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    from torch.amp.grad_scaler import OptState
+
+    # GradScaler keeps no public "unscaled?" flag: its per-optimizer stage is the only record of it.
+    state = scaler._per_optimizer_states.get(id(_unwrap_optimizer(optimizer)))
+    if state is not None and state.get("stage") is not OptState.READY:
+        return 1.0
+    return float(scaler.get_scale())
+
+
+@dataclass
+class _Unwritten:
+    """A finalized record waiting for its loss (it is emitted once the loss is known, or at the end)."""
+
+    record: StepRecord
+    activations: ActivationStats | None = None
+
+
+@dataclass
+class _Counts:
+    warnings: int = 0
+    notes: int = 0
+
+
+def _severity(finding: Finding) -> str:
+    return finding.severity
+
+
+class GradientFlowRecorder:
+    r"""Records one model's per-layer gradient statistics, diagnosis and history; no trainer needed.
+
+    One recorder owns one run folder (``save_dir``, see :mod:`gradlight.runfolder`): the history of
+    every logged step (read it with :func:`gradlight.load_history`), the diagnosis findings
+    (:func:`gradlight.load_findings`) and ``run.json`` (:func:`gradlight.runfolder.read_run_info`). Per
+    optimizer step, call :meth:`capture` after ``backward()`` and before ``optimizer.step()``, then
+    :meth:`end_step` after the step. Gradients are read at :meth:`capture`: pass them unscaled (call
+    ``scaler.unscale_(optimizer)`` first, or pass ``grad_scale``) and before clipping. Depths follow the
+    forward-execution order, found with hooks on the first forward pass after construction.
+
+    Args:
+        model: The model whose parameters are monitored (unwrapped: names come from ``named_parameters()``).
+        save_dir: The run folder. ``None`` records in memory only (diagnosis and :attr:`latest`, no files).
+        log_every_n_steps: Record every this many optimizer steps.
+        group_by: Layer grouping (see :class:`RecorderOptions`).
+        exclude: ``fnmatch`` patterns of parameter names not to monitor.
+        track_update_ratio: Record ``update_ratio`` (a copy of the parameters on logged steps).
+        edge_layers: Number of first and last layers the early-to-late ratio compares.
+        flush_every_n_records: Write the history to disk every this many records (and at :meth:`flush` and
+            :meth:`close`).
+        overwrite: Replace a history already in ``save_dir`` instead of raising :class:`HistoryExistsError`.
+        diagnose: Diagnose the gradient flow on logged steps; findings go to ``save_dir/findings.jsonl``.
+        diagnosis: Thresholds of the diagnosis (:class:`gradlight.DiagnosisConfig`).
+        on_anomaly: What a new warning finding does: ``"warn"``, ``"raise"``
+            (:class:`gradlight.GradientAnomalyError`), ``"stop"`` (sets :attr:`should_stop`; your loop checks
+            it) or ``"ignore"``; or a mapping per kind.
+        track_activations: Tap activation modules during logged steps' forward passes; call
+            :meth:`start_step` before each micro-batch's forward pass for them.
+        reduction: How statistics combine across ranks (sharded models; see :mod:`gradlight.sharding`).
+            ``None``: every rank holds whole gradients (single process, DDP).
+        collectives: Cross-process operations; ``None`` takes them from ``torch.distributed`` if it is
+            initialised.
+        gradient_clip_val: The clip threshold your loop applies after :meth:`capture` (diagnosis and run
+            info); ``None`` for no clipping.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        loss_scaled: A dynamic loss scaler (fp16 AMP) skips steps that overflow: non-finite gradients are
+            reported only when they persist. ``True`` by default when ``grad_scaler`` is given.
+        grad_scaler: The ``torch.amp.GradScaler`` of an fp16 AMP loop: :meth:`capture` then divides out the
+            scale the gradients still carry (none once ``scaler.unscale_(optimizer)`` ran).
+        run_info: What ``run.json`` says about the trainer (``trainer``, ``strategy``, ``precision``,
+            ``accumulate_grad_batches``, ``extra``); the recorder fills in the version, the interval, the
+            clip settings, the world size, the layers and the activation sites.
+        discover_forward_order: Install the forward-order hooks at construction. ``False`` waits for
+            :meth:`start_step` (the Lightning callback: not during the sanity-check validation).
+        warn: Called with the text of each ``warn``/``stop`` finding on rank zero; ``None`` uses
+            :func:`warnings.warn`.
+
+    Example:
+        A plain PyTorch loop:
+
+        >>> import tempfile
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> save_dir = tempfile.mkdtemp()
+        >>> recorder = GradientFlowRecorder(model, save_dir, log_every_n_steps=2)
+        >>> for step in range(4):
+        ...     x, y = torch.randn(32, 8), torch.randn(32, 1)
+        ...     loss = nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     logged = recorder.capture(step, optimizer)  # before the step: reads gradients if logged
+        ...     optimizer.step()
+        ...     findings = recorder.end_step(loss)  # after it: update ratios, loss, diagnosis, history
+        ...     optimizer.zero_grad()
+        >>> recorder.close()
+        >>> from gradlight import load_history
+        >>> history = load_history(save_dir)
+        >>> sorted(history.step.unique().tolist()), sorted(history.layer.unique().tolist())
+        ([0, 2], ['0', '2', '__global__'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str | Path | None,
+        *,
+        log_every_n_steps: int = 50,
+        group_by: GroupBy = None,
+        exclude: Sequence[str] = (),
+        track_update_ratio: bool = True,
+        edge_layers: int = 1,
+        flush_every_n_records: int = 20,
+        overwrite: bool = False,
+        diagnose: bool = True,
+        diagnosis: DiagnosisConfig | None = None,
+        on_anomaly: str | Mapping[str, str] = "warn",
+        track_activations: bool = False,
+        reduction: CrossRankReduction | None = None,
+        collectives: Collectives | None = None,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = "norm",
+        loss_scaled: bool = False,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        run_info: RunInfo | None = None,
+        discover_forward_order: bool = True,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if save_dir is not None and not isinstance(save_dir, (str, Path)):
+            raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
+        if gradient_clip_val is not None and not (
+            isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
+        ):
+            raise ValueError(f"`gradient_clip_val` must be a number or None, got {gradient_clip_val!r}.")
+        if gradient_clip_algorithm not in (None, "norm", "value"):
+            raise ValueError(
+                f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}."
+            )
+        self.options = RecorderOptions(
+            log_every_n_steps=log_every_n_steps,
+            group_by=group_by,
+            exclude=exclude,
+            track_update_ratio=track_update_ratio,
+            edge_layers=edge_layers,
+            flush_every_n_records=flush_every_n_records,
+            overwrite=overwrite,
+            diagnose=diagnose,
+            diagnosis=diagnosis,
+            on_anomaly=on_anomaly,
+            track_activations=track_activations,
+        )
+        self.model = model
+        self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
+        if self.folder is not None:
+            self.folder.check_usable()
+        self.collectives = collectives if collectives is not None else Collectives.from_torch_distributed()
+        self.tracker = GradientFlowTracker(
+            model,
+            group_by=group_by,
+            exclude=self.options.exclude,
+            track_update_ratio=track_update_ratio,
+            edge_layers=edge_layers,
+            reduction=reduction,
+        )
+        config = diagnosis if diagnosis is not None else DiagnosisConfig()
+        self.diagnosis_config = config
+        clip = float(gradient_clip_val) if gradient_clip_val else None
+        self.diagnosis: GradientDiagnosis | None = (
+            GradientDiagnosis(config, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
+            if diagnose
+            else None
+        )
+        self.grad_scaler = grad_scaler
+        self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
+        self.taps: ActivationTaps | None = None
+        self._actions = resolve_actions(on_anomaly)
+        template = (
+            run_info
+            if run_info is not None
+            else RunInfo(gradlight_version=__version__, trainer="pytorch", log_every_n_steps=0)
+        )
+        self.run_info = replace(
+            template,
+            gradlight_version=__version__,
+            log_every_n_steps=self.options.log_every_n_steps,
+            gradient_clip_val=clip,
+            gradient_clip_algorithm=gradient_clip_algorithm if clip else None,
+            world_size=self.collectives.world_size,
+            model=template.model or type(model).__qualname__,
+            layers=[],
+            activation_sites=[],
+        )
+        self._warn = warn
+        #: The last optimizer step recorded (``-1`` before the first); steps up to it are never recorded again.
+        self.last_recorded_step = -1
+        #: Records this recorder (or the run it resumes) appended to the history.
+        self.records_written = 0
+        #: Set when a finding's action is ``"stop"``: a loop that honours it ends the run.
+        self.should_stop = False
+        self._counts = _Counts()
+        self._listeners: list[Callable[[StepRecord], None]] = []
+        self._opened = False
+        self._resumed = False
+        self._writer: HistoryWriter | None = None
+        self._findings_writer: FindingsWriter | None = None
+        self._records_since_flush = 0
+        self._unwritten: _Unwritten | None = None
+        self._taps_step: int | None = None
+        self._step_hooks: list[RemovableHandle] = []
+        self._module_layers: dict[str, tuple[str, int]] | None = None
+        self._profiled = False
+        if discover_forward_order:
+            self.tracker.start_discovery()
+
+    @classmethod
+    def for_fabric(
+        cls,
+        fabric: Any,
+        model: nn.Module,
+        save_dir: str | Path | None,
+        *,
+        sharding: str | CrossRankReduction = "auto",
+        **kwargs: Any,
+    ) -> GradientFlowRecorder:
+        """A recorder for a Lightning Fabric loop: ranks, collectives, AMP scaler and run info from ``fabric``.
+
+        Call it on every rank after ``fabric.setup(...)`` and drive it as a plain loop, with
+        ``fabric.backward(loss)`` for the backward pass. Under DDP every rank computes the same statistics
+        from its already-averaged gradients with no extra collective, and rank zero writes the run folder.
+
+        Args:
+            fabric: The launched ``lightning.fabric.Fabric``.
+            model: The model as returned by ``fabric.setup`` (its wrappers are looked through) or the
+                original module.
+            save_dir: The run folder.
+            sharding: How statistics combine across ranks (see :mod:`gradlight.sharding`); ``"auto"``
+                detects it from ``fabric.strategy``.
+            **kwargs: Any other argument of :class:`GradientFlowRecorder`.
+
+        Example:
+            >>> import lightning as L
+            >>> fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")  # doctest: +SKIP
+            >>> fabric.launch()  # doctest: +SKIP
+            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> model, optimizer = fabric.setup(model, optimizer)  # doctest: +SKIP
+            >>> loader = fabric.setup_dataloaders(loader)  # doctest: +SKIP
+            >>> recorder = GradientFlowRecorder.for_fabric(fabric, model, "runs/fabric")  # doctest: +SKIP
+            >>> for step, (x, y) in enumerate(loader):  # doctest: +SKIP
+            ...     loss = nn.functional.mse_loss(model(x), y)
+            ...     fabric.backward(loss)
+            ...     recorder.capture(step, optimizer)
+            ...     optimizer.step()
+            ...     recorder.end_step(loss)
+            ...     optimizer.zero_grad()
+            ...     if recorder.should_stop:  # with on_anomaly="stop"
+            ...         break
+            >>> recorder.close()  # doctest: +SKIP
+        """
+        from gradlight.sharding import resolve_reduction
+
+        strategy = fabric.strategy
+        precision = getattr(strategy, "precision", None)
+        world_size = int(fabric.world_size)
+        if world_size > 1:
+
+            def all_reduce_sum(tensor: Tensor) -> Tensor:
+                return fabric.all_reduce(tensor, reduce_op="sum")
+
+            def broadcast(obj: Any) -> Any:
+                return fabric.broadcast(obj, src=0)
+
+            collectives = Collectives(world_size, int(fabric.global_rank), all_reduce_sum, broadcast)
+        else:
+            collectives = Collectives()
+        module = _unwrap_model(model)
+        kwargs.setdefault("grad_scaler", getattr(precision, "scaler", None))
+        kwargs.setdefault(
+            "run_info",
+            RunInfo(
+                gradlight_version=__version__,
+                trainer="fabric",
+                log_every_n_steps=0,
+                strategy=type(strategy).__name__,
+                precision=str(getattr(precision, "precision", "")),
+                model=type(module).__qualname__,
+            ),
+        )
+        return cls(
+            module,
+            save_dir,
+            reduction=resolve_reduction(strategy, sharding),
+            collectives=collectives,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------------------------- public read access
+    @property
+    def save_dir(self) -> Path | None:
+        """The run folder, or ``None`` when recording in memory only."""
+        return None if self.folder is None else self.folder.root
+
+    @property
+    def interval(self) -> int:
+        """The recording interval in optimizer steps."""
+        return self.options.log_every_n_steps
+
+    @property
+    def latest(self) -> StepRecord | None:
+        """The most recent record (on every rank), or ``None`` before the first logged step."""
+        return self.tracker.latest
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Findings (warnings and notes) reported so far in this process (every rank), oldest first."""
+        return [] if self.diagnosis is None else list(self.diagnosis.findings)
+
+    @property
+    def warnings_count(self) -> int:
+        """Warning findings reported in this run (a resumed run includes the checkpoint's)."""
+        return self._counts.warnings
+
+    @property
+    def notes_count(self) -> int:
+        """Note findings reported in this run (a resumed run includes the checkpoint's)."""
+        return self._counts.notes
+
+    def is_logged_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is recorded (not yet recorded and on the interval)."""
+        return step % self.interval == 0 and step > self.last_recorded_step
+
+    def add_listener(self, on_record: Callable[[StepRecord], None]) -> None:
+        """Call ``on_record(record)`` on rank zero after each record is written (e.g. to send it to a logger).
+
+        Example:
+            >>> recorder = GradientFlowRecorder(nn.Linear(2, 1), None, log_every_n_steps=1)
+            >>> seen = []
+            >>> recorder.add_listener(lambda record: seen.append(record.step))
+        """
+        self._listeners.append(on_record)
+
+    def summary_metrics(self, record: StepRecord, per_layer: bool = False) -> dict[str, float]:
+        """The small summary a logger gets for ``record``: ``gradflow/<global metric>`` and finding counts.
+
+        Args:
+            record: A record of this recorder.
+            per_layer: Add ``gradflow/grad_l2/<layer>`` for every layer.
+
+        Returns:
+            Metric name -> value; ``gradflow/findings`` counts warnings and ``gradflow/notes`` notes when the
+            diagnosis is on.
+        """
+        metrics = {f"{LOG_PREFIX}/{name}": float(value) for name, value in record.global_metrics.items()}
+        if per_layer:
+            for layer, value in zip(record.layers, record.metrics["grad_l2"]):
+                metrics[f"{LOG_PREFIX}/grad_l2/{layer}"] = float(value)
+        if self.diagnosis is not None:
+            metrics[f"{LOG_PREFIX}/findings"] = float(self._counts.warnings)
+            metrics[f"{LOG_PREFIX}/notes"] = float(self._counts.notes)
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- run folder
+    def open(self) -> None:
+        """Check the run folder and open its writers (rank zero); every rank calls it (one broadcast).
+
+        The first :meth:`start_step` or :meth:`capture` does it; call it earlier to fail early.
+
+        Raises:
+            HistoryExistsError: If ``save_dir`` holds a history of another run and ``overwrite`` is off (a run
+                resumed with :meth:`load_state_dict` continues its history instead).
+        """
+        if self._opened:
+            return
+        self._opened = True
+        folder = self.folder
+        if folder is None:
+            return
+        coll = self.collectives
+        found = folder.has_history() if coll.is_global_zero else False
+        if coll.broadcast is not None:
+            found = bool(coll.broadcast(found))
+        if found and not (self._resumed or self.records_written):
+            if not self.options.overwrite:
+                self._opened = False
+                raise HistoryExistsError(
+                    f"{str(folder.root)!r} already holds a gradlight history from another run. Pass a new "
+                    "`save_dir`, resume that run (load the recorder's state_dict, or "
+                    "`trainer.fit(..., ckpt_path=...)`), or set `overwrite=True` to replace it."
+                )
+            if coll.is_global_zero:
+                folder.clear()
+            if coll.broadcast is not None:
+                coll.broadcast(True)  # the other ranks wait until rank zero has cleared the folder
+        if coll.is_global_zero:
+            # A resumed run recomputes every step after the checkpoint's last record: those rows supersede.
+            self._writer = HistoryWriter(folder.root, start_step=self.last_recorded_step + 1)
+            if self.diagnosis is not None:
+                self._findings_writer = FindingsWriter(folder.root)
+                self._findings_writer.touch()
+
+    def watch(self, optimizer: Optimizer) -> None:
+        """Finish a captured step right after ``optimizer.step()`` (a step post-hook of ``optimizer``).
+
+        Without it the step is finished by :meth:`end_step`; with it the update ratios are measured before
+        anything else can change the parameters, and :meth:`end_step` only adds the loss.
+        """
+        raw = _unwrap_optimizer(optimizer)
+        self._step_hooks.append(raw.register_step_post_hook(self._after_optimizer_step))
+
+    def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if self.tracker.pending and self.tracker.pending_owner() is optimizer:
+            self.after_step()
+
+    # ------------------------------------------------------------------------------------ one logged step
+    def start_step(self, step: int) -> None:
+        """Call before the forward pass of each micro-batch that feeds optimizer step ``step`` (optional).
+
+        Starts the forward-order discovery if the order is not known yet and, with ``track_activations``,
+        the activation taps on logged steps (idempotent over the micro-batches of one step).
+        """
+        self.open()
+        if self.tracker.forward_order is None and not self.tracker.discovering:
+            self.tracker.start_discovery()
+        if self.options.track_activations and self.is_logged_step(step):
+            if self.taps is None:  # built at first use: after lazy modules, configure_model and wrapping
+                self.taps = ActivationTaps(
+                    self.model, saturation_derivative=self.diagnosis_config.saturation_derivative
+                )
+            self.taps.start()
+            self._taps_step = step
+
+    def pause_activations(self) -> None:
+        """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
+        if self.taps is not None:
+            self.taps.stop()
+
+    def capture(
+        self,
+        step: int,
+        optimizer: Optimizer | Iterable[Tensor],
+        *,
+        grad_scale: float | None = None,
+    ) -> bool:
+        """Read the gradients of optimizer step ``step`` if it is logged; call after backward, before the step.
+
+        Args:
+            step: The optimizer step (counting from 0; one per ``optimizer.step()``, whatever the accumulation).
+            optimizer: The optimizer about to step (a torch, Lightning or Fabric optimizer), or the parameters.
+            grad_scale: An AMP loss scale the gradients still carry; ``None`` asks the recorder's
+                ``grad_scaler`` (see :func:`grad_scale_left`), 1.0 without one.
+
+        Returns:
+            Whether the step is being recorded (a second capture of the same step is ignored).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        self.open()
+        tracker = self.tracker
+        if tracker.discovering:
+            tracker.stop_discovery()
+        if self.taps is not None:
+            self.taps.stop()  # the forward passes of this step are over
+        if tracker.pending:
+            if tracker.pending_step == step:
+                return True  # already captured for this step (e.g. by the mixin under manual optimization)
+            self.after_step()
+        if not self.is_logged_step(step):
+            return False
+        owner: Optimizer | None = None
+        if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
+            owner = _unwrap_optimizer(optimizer)
+            params = [p for group in owner.param_groups for p in group["params"]]
+        else:
+            params = list(optimizer)
+        if grad_scale is None:
+            scaler = self.grad_scaler
+            grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
+        if self.diagnosis is not None and not self._profiled:
+            # Built at the first captured step: lazy modules have parameters only after a forward pass.
+            config = self.diagnosis_config
+            self.diagnosis.profile = ModelProfile.from_tracker(
+                tracker, config.init_scale_tolerance, gain_threshold=config.gain_threshold
+            )
+            order = tracker.forward_order
+            self.diagnosis.modules_run = set(order) if order is not None else None
+            self.diagnosis.world_size = self.collectives.world_size
+            self._profiled = True
+        tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
+        return True
+
+    def after_step(self) -> StepRecord | None:
+        """Finish the captured step after ``optimizer.step()``: update ratios and one host copy.
+
+        :meth:`end_step` does this when it was not done; call it separately when the loss is known later.
+
+        Returns:
+            The step's record, or ``None`` if no step was captured.
+        """
+        if not self.tracker.pending:
+            return None
+        self._emit()  # a record still waiting for its loss goes out without it
+        record = self.tracker.finalize()
+        self.last_recorded_step = record.step
+        self._unwritten = _Unwritten(record, self._finalize_taps(record.step))
+        return record
+
+    def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
+        """Close the step: attach ``loss`` to the record, diagnose it, write it, act on new findings.
+
+        Call after ``optimizer.step()`` on every step (it returns at once on steps that are not logged). If
+        the optimizer skipped its step (AMP overflow) the parameters did not move and the update ratio is 0.
+
+        Args:
+            loss: The step's training loss (a number or a one-element tensor), used by the ``dormant`` rule.
+            metrics: More run-wide values of the step for the history (e.g. a trainer's own clip norm).
+
+        Returns:
+            The findings reported at this step (warnings and notes).
+
+        Raises:
+            GradientAnomalyError: For a new warning finding whose action is ``"raise"``.
+        """
+        if self.tracker.pending:
+            self.after_step()
+        if self._unwritten is None:
+            return []
+        record = self._unwritten.record
+        for name, extra in (metrics or {}).items():
+            record.global_metrics[str(name)] = float(extra)
+        value = _loss_value(loss)
+        if value is not None:
+            record.global_metrics["loss"] = value
+        return self._emit()
+
+    def _emit(self, final: bool = False) -> list[Finding]:
+        unwritten, self._unwritten = self._unwritten, None
+        if unwritten is None:
+            return []
+        record, acts = unwritten.record, unwritten.activations
+        findings = self._diagnose(record, acts)
+        if self.collectives.is_global_zero:
+            self._write(record, acts)
+            for listener in self._listeners:
+                listener(record)
+        if self.diagnosis is not None:
+            self._act_on(findings, record.step, final)
+        return findings
+
+    def _diagnose(self, record: StepRecord, acts: ActivationStats | None) -> list[Finding]:
+        """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
+        if self.diagnosis is None:
+            return []
+        # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
+        # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
+        loss = record.global_metrics.get("loss")
+        findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled)
+        for finding in findings:
+            if _severity(finding) == "note":
+                self._counts.notes += 1
+            else:
+                self._counts.warnings += 1
+        if findings and self._findings_writer is not None:
+            self._findings_writer.append(findings)
+        return findings
+
+    def _write(self, record: StepRecord, acts: ActivationStats | None) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        if self.records_written == 0:
+            self._write_run_info()
+        writer.append_step(record.step, record.layers, record.depths, record.metrics)
+        writer.append_global(record.step, record.global_metrics)
+        if acts is not None:
+            writer.append_step(acts.step, acts.sites, acts.depths, acts.metrics)
+        self.records_written += 1
+        self._records_since_flush += 1
+        if self._records_since_flush >= self.options.flush_every_n_records:
+            self.flush()
+
+    def _write_run_info(self) -> None:
+        assert self.folder is not None  # only called with a writer
+        layer_map = self.tracker.layer_map
+        self.run_info.layers = [
+            LayerInfo(name, depth, size)
+            for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
+        ]
+        self.run_info.write(self.folder.root)
+
+    def _act_on(self, findings: list[Finding], step: int, final: bool) -> None:
+        """Warn, stop or raise for new warning findings; raise/stop decisions are agreed across ranks."""
+        coll = self.collectives
+        actionable = [f for f in findings if _severity(f) != "note"]
+        for finding in actionable:
+            if self._actions[finding.kind] in ("warn", "stop") and coll.is_global_zero:
+                self._emit_warning(
+                    f"gradlight: {finding.message}. Likely cause: {finding.cause}. Remedy: {finding.remedy}."
+                )
+        if final:
+            return  # the run is ending (or an exception is under way): no collectives, nothing to stop
+        to_raise = [f for f in actionable if self._actions[f.kind] == "raise"]
+        to_stop = [f for f in actionable if self._actions[f.kind] == "stop"]
+        do_raise, do_stop = bool(to_raise), bool(to_stop)
+        if coll.all_reduce_sum is not None and any(a in ("raise", "stop") for a in self._actions.values()):
+            # Like EarlyStopping's reduce_boolean_decision: any rank's decision is every rank's (one op).
+            device = _device_of(self.model)
+            flags = coll.all_reduce_sum(torch.tensor([float(do_raise), float(do_stop)], device=device))
+            do_raise, do_stop = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        if not (do_raise or do_stop):
+            return
+        self.flush()  # the history up to this step is on disk before the run stops
+        if do_raise:
+            raise GradientAnomalyError(to_raise or actionable or findings)
+        self.should_stop = True
+        if coll.is_global_zero:
+            kinds = ", ".join(sorted({f.kind for f in to_stop})) or "a finding on another rank"
+            # The step after the reported one is the first not taken (Lightning's `global_step` at this point).
+            self._emit_warning(f"gradlight: stopping the run at step {step + 1} ({kinds}).")
+
+    def _emit_warning(self, message: str) -> None:
+        if self._warn is not None:
+            self._warn(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------------------ activation statistics
+    def _layers_of_modules(self) -> dict[str, tuple[str, int]]:
+        """``module name -> (layer, depth)`` for the modules whose parameters are monitored."""
+        if self._module_layers is None:
+            layer_map = self.tracker.layer_map
+            mapping: dict[str, tuple[str, int]] = {}
+            for name, index in zip(layer_map.param_names, layer_map.param_layer):
+                mapping.setdefault(name.rpartition(".")[0], (layer_map.layers[index], index))
+            self._module_layers = mapping
+        return self._module_layers
+
+    def _finalize_taps(self, step: int) -> ActivationStats | None:
+        """Activation statistics of ``step``: one all-reduce (every rank calls it) and one host copy."""
+        taps = self.taps
+        if taps is None or self._taps_step != step:
+            return None
+        taps.stop()
+        self._taps_step = None
+        if not taps.sites:
+            return None
+        stats = taps.finalize(
+            step,
+            self.collectives.all_reduce_sum,
+            self._layers_of_modules(),
+            default_depth=len(self.tracker.layer_map.layers),
+        )
+        if stats is not None and not self.run_info.activation_sites:
+            self.run_info.activation_sites = [
+                ActivationSiteInfo(site, kind, fed, int(depth))
+                for site, kind, fed, depth in zip(stats.sites, stats.kinds, stats.feeds, stats.depths)
+            ]
+        return stats
+
+    # --------------------------------------------------------------------------------------------- closing
+    def flush(self) -> None:
+        """Write buffered records to disk now (rank zero; a no-op elsewhere)."""
+        if self._writer is not None:
+            self._writer.flush()
+        self._records_since_flush = 0
+
+    def close(self) -> None:
+        """Emit a record still waiting for its loss, close the history, remove every hook. Idempotent.
+
+        A step captured but never finished is dropped. The recorder can record again after :meth:`open`.
+        """
+        self.tracker.stop_discovery()
+        self.tracker.discard()
+        if self.taps is not None:
+            self.taps.discard()
+        self._emit(final=True)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._findings_writer = None
+        self._opened = False
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks.clear()
+
+    def __enter__(self) -> GradientFlowRecorder:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the same history and diagnosis (small, picklable).
+
+        Example:
+            >>> recorder = GradientFlowRecorder(nn.Linear(2, 1), None)
+            >>> sorted(recorder.state_dict())  # doctest: +NORMALIZE_WHITESPACE
+            ['diagnosis', 'forward_order', 'last_recorded_step', 'notes', 'records_written', 'version',
+             'warnings']
+        """
+        order = self.tracker.forward_order
+        return {
+            "version": 1,
+            "last_recorded_step": self.last_recorded_step,
+            "records_written": self.records_written,
+            "forward_order": list(order) if order is not None else None,
+            "diagnosis": self.diagnosis.state_dict() if self.diagnosis is not None else None,
+            "warnings": self._counts.warnings,
+            "notes": self._counts.notes,
+        }
+
+    def resume_at(self, step: int) -> None:
+        """Continue a run folder from optimizer step ``step`` when the recorder's own state was not saved.
+
+        The history keeps the earlier records; rows it holds from ``step`` on are superseded by the new ones
+        (a trainer resumed from an older checkpoint recomputes them). The diagnosis starts over. Prefer
+        :meth:`load_state_dict` when the checkpoint can carry :meth:`state_dict`.
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative int.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        if step == 0:
+            return
+        self.last_recorded_step = step - 1
+        self._resumed = True
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Continue the run of ``state_dict`` (from :meth:`state_dict`): call before the first step.
+
+        Raises:
+            ValueError: If the state was written by a newer gradlight.
+        """
+        version = int(state_dict.get("version", 1))
+        if version > 1:
+            raise ValueError(
+                f"recorder state version {version} is newer than this gradlight reads (1): upgrade gradlight"
+            )
+        self.last_recorded_step = int(state_dict.get("last_recorded_step", -1))
+        self.records_written = int(state_dict.get("records_written", 0))
+        order = state_dict.get("forward_order")
+        if order is not None:
+            self.tracker.set_forward_order(list(order))
+        if self.diagnosis is not None and state_dict.get("diagnosis"):
+            self.diagnosis.load_state_dict(state_dict["diagnosis"])
+        fallback = self.diagnosis.findings_count if self.diagnosis is not None else 0
+        self._counts = _Counts(int(state_dict.get("warnings", fallback)), int(state_dict.get("notes", 0)))
+        self._resumed = True
+
+
+def _unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside a Lightning ``LightningOptimizer`` or Fabric ``_FabricOptimizer``."""
+    raw = optimizer
+    while not isinstance(raw, Optimizer) and hasattr(raw, "optimizer"):
+        raw = raw.optimizer
+    if not isinstance(raw, Optimizer):
+        raise ValueError(f"`optimizer` must be a torch, Lightning or Fabric optimizer, got {type(optimizer).__name__}.")
+    return raw
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's ``_FabricModule`` and ``DistributedDataParallel`` wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        wrapped = hasattr(model, "_forward_module") or isinstance(model, nn.parallel.DistributedDataParallel)
+        if not (wrapped and isinstance(inner, nn.Module)):
+            return model
+        model = inner  # Fabric's wrapper and DDP keep the user's module as `.module`
+
+
+def _loss_value(loss: float | Tensor | None) -> float | None:
+    if isinstance(loss, Tensor):
+        return float(loss.detach()) if loss.numel() == 1 else None
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the device of collective flags); CPU for a model without any."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")

@@ -1,0 +1,97 @@
+"""The Hugging Face Trainer integration, on a tiny GPT-2 built from a config (no download)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from gradlight import GLOBAL_LAYER, load_findings, load_history, read_run_info
+from gradlight.integrations.huggingface import GradientFlowCallback
+
+STEPS, ACCUMULATE, BATCH, MAX_GRAD_NORM = 4, 2, 4, 0.5
+
+
+class Tokens(Dataset):  # type: ignore[type-arg]
+    def __init__(self, samples: int = 32, length: int = 16) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 128, (samples, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+class Logs(TrainerCallback):  # type: ignore[misc]
+    """What the Trainer itself logged, and how many micro-batches it ran."""
+
+    def __init__(self) -> None:
+        self.grad_norm: dict[int, float] = {}
+        self.substeps = 0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "grad_norm" in logs:
+            self.grad_norm[state.global_step] = float(logs["grad_norm"])
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.substeps += 1
+
+
+def train(out: Path, callbacks: list[Any]) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATE,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        max_grad_norm=MAX_GRAD_NORM,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=callbacks).train()
+    assert args.max_grad_norm == MAX_GRAD_NORM, "the callback restores the Trainer's clipping setting"
+    return model
+
+
+@pytest.mark.slow
+def test_one_record_per_optimizer_step_with_the_trainers_pre_clip_norm(tmp_path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logs = Logs()
+    callback = GradientFlowCallback(tmp_path / "gl", log_every_n_steps=1, group_by=3)
+    recorded_model = train(tmp_path / "run", [logs, callback])
+
+    history = load_history(tmp_path / "gl")
+    assert sorted(history.step.unique()) == list(range(STEPS))  # one record per optimizer step, not per batch
+    assert logs.substeps == STEPS * (ACCUMULATE - 1)  # the run really accumulated
+    norms = history[history.metric == "global_grad_l2"].set_index("step").value
+    trainer_norms = {step - 1: value for step, value in logs.grad_norm.items()}  # logged after global_step += 1
+    assert sorted(trainer_norms) == list(range(STEPS))
+    np.testing.assert_allclose([norms[s] for s in range(STEPS)], [trainer_norms[s] for s in range(STEPS)], rtol=1e-5)
+    assert max(trainer_norms.values()) > MAX_GRAD_NORM  # clipping was active: the norms are pre-clip ones
+
+    layers = history[(history.metric == "grad_l2") & (history.layer != GLOBAL_LAYER)]
+    assert {"transformer.h.0", "transformer.h.1", "transformer.wte"} <= set(layers.layer)
+    info = read_run_info(tmp_path / "gl")
+    assert info is not None and (info.trainer, info.accumulate_grad_batches) == ("huggingface", ACCUMULATE)
+    assert info.gradient_clip_val == MAX_GRAD_NORM and info.extra["clipped_by"] == "gradlight"
+    load_findings(tmp_path / "gl")  # readable (possibly empty) findings
+
+    # Taking the clipping over changes nothing in the training itself: the same weights as without gradlight.
+    reference_model = train(tmp_path / "reference", [])
+    for (name, recorded), (_, reference) in zip(recorded_model.named_parameters(), reference_model.named_parameters()):
+        torch.testing.assert_close(recorded, reference, rtol=1e-6, atol=1e-7, msg=name)
