@@ -39,10 +39,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from lightning.fabric import strategies as fabric_strategies
+from lightning.pytorch import strategies as trainer_strategies
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from gradlight.stats import CrossRankReduction, LocalReduction
+from gradlight.stats import CrossRankReduction, LocalReduction, StatisticTable
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -153,7 +155,7 @@ class ShardedReduction:
     meshes), tensor parallelism, FSDP1 (Lightning's ``FSDPStrategy``) and models where only some modules are
     sharded. Parameters that are DTensors, FSDP1 views or plain tensors may be mixed in one call. Which rank
     contributes what is decided once per parameter list from the layouts and cached; every call then costs
-    one collective of ``world x (K + M) x P`` floats (``group x ...`` when one mesh dimension shards), or none
+    one collective of ``world x statistics x P`` floats (``group x ...`` when one mesh dimension shards), or none
     when nothing is sharded.
 
     Args:
@@ -162,10 +164,11 @@ class ShardedReduction:
             ``use_orig_params=False`` runs apart; without it FSDP1 views are taken as sharded over the world.
 
     Example:
-        >>> reduction = ShardedReduction()
-        >>> sums, maxima = torch.tensor([[9.0, 16.0]]), torch.tensor([[3.0, 4.0]])
-        >>> reduction(sums, maxima, [torch.zeros(1), torch.zeros(1)])  # not distributed: unchanged
-        (tensor([[ 9., 16.]]), tensor([[3., 4.]]))
+        >>> from gradlight.stats import Statistic, StatisticSet
+        >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"))
+        >>> table = stats.stack({"sq": torch.tensor([9.0, 16.0]), "top": torch.tensor([3.0, 4.0])})
+        >>> ShardedReduction()(table, [torch.zeros(1), torch.zeros(1)]) is table  # not distributed: unchanged
+        True
     """
 
     def __init__(self, model: ModelSource = None) -> None:
@@ -175,32 +178,34 @@ class ShardedReduction:
         #: Number of collectives this reduction issued (diagnostics and tests).
         self.collectives = 0
 
-    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Reduce ``(K, P)`` sums and ``(M, P)`` maxima over the ranks holding parts of ``params``.
+    def __call__(self, table: StatisticTable, params: Sequence[Tensor]) -> StatisticTable:
+        """Reduce each statistic of ``table`` (one column per parameter) over the ranks holding parts of ``params``.
+
+        Sums add up the contributing ranks' values; maxima take the maximum over all ranks (``-inf`` for
+        "nothing here").
 
         Args:
-            sums: Local statistics that add up over shards.
-            maxima: Local statistics reduced by maximum (``-inf`` for "nothing here").
-            params: The ``P`` parameters as the model holds them, identical in number and order on every rank.
+            table: Local statistics, one column per parameter.
+            params: The parameters as the model holds them, identical in number and order on every rank.
 
         Returns:
-            The global ``(K, P)`` sums and ``(M, P)`` maxima, identical on every rank.
+            The global statistics, identical on every rank.
         """
-        if not (dist.is_available() and dist.is_initialized()) or sums.shape[1] == 0:
-            return sums, maxima
-        plan = self._plan(params, sums.device)
+        if not (dist.is_available() and dist.is_initialized()) or table.columns == 0:
+            return table
+        plan = self._plan(params, table.sums.device)
         if not plan.gather:
-            return sums, maxima
-        rows = sums.shape[0]
+            return table
+        sums, maxima = table.sums, table.maxima
         dtype = torch.promote_types(sums.dtype, maxima.dtype)
         local = torch.cat([torch.where(plan.contributes, sums, 0.0).to(dtype), maxima.to(dtype)]).contiguous()
         gathered = local.new_empty((plan.group_size * local.shape[0], local.shape[1]))
         dist.all_gather_into_tensor(gathered, local, group=plan.group)
         self.collectives += 1
         blocks = gathered.view(plan.group_size, local.shape[0], local.shape[1])
-        global_sums = blocks[:, :rows].sum(0).to(sums.dtype)
-        global_max = blocks[:, rows:].amax(0).to(maxima.dtype) if maxima.shape[0] else maxima
-        return global_sums, global_max
+        global_sums = blocks[:, : sums.shape[0]].sum(0).to(sums.dtype)
+        global_max = blocks[:, sums.shape[0] :].amax(0).to(maxima.dtype) if maxima.shape[0] else maxima
+        return table.with_values(global_sums, global_max)
 
     # ----------------------------------------------------------------------------------------- planning
     def _plan(self, params: Sequence[Tensor], device: torch.device) -> _Plan:
@@ -378,14 +383,20 @@ def _deepspeed_stage(strategy: object) -> int | None:
     return None
 
 
+#: Strategy classes whose runs shard gradients, checked in order: ``(classes, mode)``. Fabric's and the
+#: Trainer's classes are distinct; both are recognised. ``DeepSpeedStrategy`` subclasses ``DDPStrategy``.
+_STRATEGY_MODES: tuple[tuple[tuple[type, ...], str], ...] = (
+    ((trainer_strategies.DeepSpeedStrategy, fabric_strategies.DeepSpeedStrategy), "deepspeed"),
+    ((trainer_strategies.ModelParallelStrategy, fabric_strategies.ModelParallelStrategy), "fsdp2"),
+    ((trainer_strategies.FSDPStrategy, fabric_strategies.FSDPStrategy), "fsdp1"),
+)
+
+
 def _detect(strategy: object) -> str:
-    names = [cls.__name__ for cls in type(strategy).__mro__]
-    if any("DeepSpeed" in name for name in names):
-        return "deepspeed"
-    if any("ModelParallel" in name for name in names):
-        return "fsdp2"
-    if any("FSDP" in name for name in names):
-        return "fsdp1"
+    """The sharding mode of a Lightning strategy (``"none"`` for any other object)."""
+    for classes, mode in _STRATEGY_MODES:
+        if isinstance(strategy, classes):
+            return mode
     return "none"
 
 

@@ -348,9 +348,11 @@ def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from gradlight.sharding import ShardedReduction
-    from gradlight.stats import foreach_norms, local_tensor
+    from gradlight.stats import Statistic, StatisticSet, foreach_norms, local_tensor
 
     counter = CollectiveCounter()
+    # Declared in an order that differs from the stacked layout (sums first): rows are read back by name.
+    statistics = StatisticSet(Statistic("max", "max"), Statistic("sq", "sum"), Statistic("numel", "sum"))
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     generator = torch.Generator().manual_seed(0)
     full = [torch.randn(shape, generator=generator) for shape in [(5, 3), (1, 4), (3,), (6, 2), (2, 3), (4,)]]
@@ -375,16 +377,21 @@ def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name, tensors in cases.items():
         reduction = ShardedReduction()
         locals_ = [local_tensor(t) for t in tensors]
-        sums = torch.stack([foreach_norms(locals_, 2.0).square(), torch.tensor([t.numel() for t in locals_]).float()])
-        maxima = torch.stack([torch.stack([t.abs().max() if t.numel() else torch.tensor(0.0) for t in locals_])])
+        table = statistics.stack(
+            {
+                "max": torch.stack([t.abs().max() if t.numel() else torch.tensor(0.0) for t in locals_]),
+                "sq": foreach_norms(locals_, 2.0).square(),
+                "numel": torch.tensor([t.numel() for t in locals_]).float(),
+            }
+        )
         reduce = counter.measure(reduction)
-        global_sums, global_max = reduce(sums, maxima, tensors)
+        reduced = reduce(table, tensors)
         plan = next(iter(reduction._plans.values()))
         results[name] = {
             "group_size": plan.group_size,
-            "sq": global_sums[0].tolist(),
-            "numel": global_sums[1].tolist(),
-            "max": global_max[0].tolist(),
+            "sq": reduced["sq"].tolist(),
+            "numel": reduced["numel"].tolist(),
+            "max": reduced["max"].tolist(),
             "collectives": counter.per_call,
         }
     results["expected"] = {

@@ -16,7 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -28,7 +35,7 @@ from gradlight.sharding import (
     replication_factor,
     resolve_reduction,
 )
-from gradlight.stats import LocalReduction
+from gradlight.stats import LocalReduction, Statistic, StatisticSet
 from tests.gradlight import _dist_workers as workers
 
 COMPARED = ("grad_l2", "grad_max_abs", "param_l2", "update_ratio")
@@ -70,14 +77,20 @@ def test_partial_placements_are_refused_with_a_reason() -> None:
 
 def test_without_a_process_group_the_reduction_changes_nothing() -> None:
     sums, maxima = torch.tensor([[1.0, 4.0], [2.0, 3.0]]), torch.tensor([[1.0, float("-inf")]])
-    out_sums, out_max = ShardedReduction()(sums, maxima, [torch.zeros(2), torch.zeros(3)])
-    assert torch.equal(out_sums, sums) and torch.equal(out_max, maxima)
+    table = StatisticSet(Statistic("a", "sum"), Statistic("b", "sum"), Statistic("top", "max")).stack(
+        {"a": sums[0], "b": sums[1], "top": maxima[0]}
+    )
+    out = ShardedReduction()(table, [torch.zeros(2), torch.zeros(3)])
+    assert torch.equal(out.sums, sums) and torch.equal(out.maxima, maxima)
 
 
 # ---------------------------------------------------------------------------------- strategy -> mode
-class DeepSpeedStrategy:  # stand-in: DeepSpeed is not installed here; detection goes by the class name
-    def __init__(self, stage: int) -> None:
-        self.config = {"zero_optimization": {"stage": stage}}
+def deepspeed_strategy(stage: int) -> DeepSpeedStrategy:
+    """Lightning's own ``DeepSpeedStrategy`` with a ZeRO config, built without ``__init__`` (which needs the
+    ``deepspeed`` package, not installed here): detection reads the class and ``config`` only."""
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.config = {"zero_optimization": {"stage": stage}}
+    return strategy
 
 
 def test_modes_are_detected_from_the_strategy() -> None:
@@ -92,13 +105,25 @@ def test_modes_are_detected_from_the_strategy() -> None:
     assert set(SHARDING_MODES) >= {"auto", "none", "fsdp1", "fsdp2", "deepspeed"}
 
 
+def test_detection_goes_by_the_strategy_classes_not_by_names() -> None:
+    class CPUFSDPStrategy(FSDPStrategy):  # a subclass (like the test workers' CPU shim) is still FSDP1
+        pass
+
+    class FSDPStatsLogger:  # a name that merely contains "FSDP" is not a strategy
+        pass
+
+    assert isinstance(resolve_reduction(CPUFSDPStrategy()), ShardedReduction)
+    assert isinstance(resolve_reduction(FabricFSDPStrategy()), ShardedReduction)  # Fabric's own class
+    assert isinstance(resolve_reduction(FSDPStatsLogger()), LocalReduction)
+
+
 def test_deepspeed_zero2_says_once_what_is_missing() -> None:
     with pytest.warns(UserWarning, match="ZeRO stage 3"):
-        reduction = resolve_reduction(DeepSpeedStrategy(stage=3))
+        reduction = resolve_reduction(deepspeed_strategy(stage=3))
     assert isinstance(reduction, LocalReduction)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # stage 0/1 hold whole gradients on every rank: exact like DDP, silent
-        assert isinstance(resolve_reduction(DeepSpeedStrategy(stage=1)), LocalReduction)
+        assert isinstance(resolve_reduction(deepspeed_strategy(stage=1)), LocalReduction)
 
 
 def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
