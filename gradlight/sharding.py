@@ -44,15 +44,10 @@ from lightning.pytorch import strategies as trainer_strategies
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from gradlight.stats import CrossRankReduction, LocalReduction, StatisticTable
+from gradlight.stats import CrossRankReduction, LocalReduction, StatisticTable, is_dtensor
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch
-    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "SHARDING_MODES",
@@ -222,25 +217,25 @@ class ShardedReduction:
         rank = dist.get_rank()
         world = dist.get_world_size()
         fsdp1_groups = self._fsdp1_groups()
-        is_dtensor = [DTensor is not None and isinstance(p, DTensor) for p in params]
-        is_fsdp1 = [not d and _is_fsdp1_sharded(p, fsdp1_groups) for p, d in zip(params, is_dtensor)]
+        dtensor_flags = [is_dtensor(p) for p in params]
+        is_fsdp1 = [not d and _is_fsdp1_sharded(p, fsdp1_groups) for p, d in zip(params, dtensor_flags)]
         self._warn_flat_parameters(params)
-        self._warn_layout_mismatch(params, is_dtensor)
+        self._warn_layout_mismatch(params, dtensor_flags)
 
         def sharded(p: Tensor) -> bool:
             return any(not _is_replicate(pl) for pl in p.placements)  # type: ignore[attr-defined]
 
-        if not any(is_fsdp1) and not any(sharded(p) for p, d in zip(params, is_dtensor) if d):
+        if not any(is_fsdp1) and not any(sharded(p) for p, d in zip(params, dtensor_flags) if d):
             # Nothing is sharded: every rank holds every element, the local statistics are global ones.
             return _Plan(False, None, 1, torch.ones(len(params), dtype=torch.bool, device=device))
 
-        narrow = None if any(is_fsdp1) else _single_shard_dim(params, is_dtensor, world)
+        narrow = None if any(is_fsdp1) else _single_shard_dim(params, dtensor_flags, world)
         flags: list[bool] = []
         if narrow is not None:  # gather over one mesh dimension's group
             mesh, dim = narrow
             coordinate = mesh.get_coordinate()
             assert coordinate is not None  # the mesh spans the world
-            for p, d in zip(params, is_dtensor):
+            for p, d in zip(params, dtensor_flags):
                 if d:
                     _check_placements(p.placements)  # type: ignore[attr-defined]
                     flags.append(not _is_replicate(p.placements[dim]) or coordinate[dim] == 0)  # type: ignore[attr-defined]
@@ -249,7 +244,7 @@ class ShardedReduction:
             group: dist.ProcessGroup | None = mesh.get_group(dim)
             size = dist.get_world_size(group)
         else:  # gather over the world
-            for p, d, f in zip(params, is_dtensor, is_fsdp1):
+            for p, d, f in zip(params, dtensor_flags, is_fsdp1):
                 if d:
                     mesh = p.device_mesh  # type: ignore[attr-defined]
                     holds_rank_zero = 0 in mesh.mesh.flatten().tolist()
@@ -298,11 +293,11 @@ class ShardedReduction:
                 groups[id(view)] = group
         return groups
 
-    def _warn_layout_mismatch(self, params: Sequence[Tensor], is_dtensor: Sequence[bool]) -> None:
+    def _warn_layout_mismatch(self, params: Sequence[Tensor], dtensor_flags: Sequence[bool]) -> None:
         mismatched = sum(
             True
-            for p, d in zip(params, is_dtensor)
-            if d and isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements)  # type: ignore[attr-defined]
+            for p, d in zip(params, dtensor_flags)
+            if d and is_dtensor(p.grad) and tuple(p.grad.placements) != tuple(p.placements)  # type: ignore[attr-defined]
         )
         if mismatched:
             rank_zero_warn(
@@ -340,10 +335,10 @@ def _is_fsdp1_sharded(param: Tensor, groups: dict[int, dist.ProcessGroup | None]
 
 
 def _single_shard_dim(
-    params: Sequence[Tensor], is_dtensor: Sequence[bool], world: int
+    params: Sequence[Tensor], dtensor_flags: Sequence[bool], world: int
 ) -> tuple[DeviceMesh, int] | None:
     """``(mesh, dim)`` if every DTensor is on one world-spanning mesh sharded along ``dim`` only."""
-    meshes = {id(p.device_mesh): p.device_mesh for p, d in zip(params, is_dtensor) if d}  # type: ignore[attr-defined]
+    meshes = {id(p.device_mesh): p.device_mesh for p, d in zip(params, dtensor_flags) if d}  # type: ignore[attr-defined]
     if len(meshes) != 1:
         return None
     (mesh,) = meshes.values()
@@ -351,7 +346,7 @@ def _single_shard_dim(
         return None
     dims = {
         i
-        for p, d in zip(params, is_dtensor)
+        for p, d in zip(params, dtensor_flags)
         if d
         for i, placement in enumerate(p.placements)  # type: ignore[attr-defined]
         if not _is_replicate(placement)

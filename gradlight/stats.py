@@ -24,7 +24,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeGuard, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "StatisticTable",
     "foreach_norms",
     "gradient_statistics",
+    "is_dtensor",
     "kernels_for",
     "local_tensor",
     "nonfinite_counts",
@@ -237,9 +238,19 @@ class StatisticTable:
 
 
 # --------------------------------------------------------------------------------- basic operations
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallelism): each rank holds a part of it.
+
+    Example:
+        >>> is_dtensor(torch.ones(2))
+        False
+    """
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
 def local_tensor(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this rank holds (a DTensor's local shard, else the tensor itself)."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor.to_local()
     return tensor
 

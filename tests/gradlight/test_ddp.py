@@ -34,7 +34,7 @@ class OpenStepWindow(L.Callback):
     """First callback: counts the collectives of each optimizer step from its hook on (backward is over)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from tests.gradlight._dist_workers import CollectiveCounter
+        from tests._distributed import CollectiveCounter
 
         self.counter = CollectiveCounter()  # wraps torch.distributed in this (spawned) process
 

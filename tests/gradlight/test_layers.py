@@ -37,8 +37,6 @@ def test_forward_order_recorder_removes_its_hooks() -> None:
     assert all(not module._forward_pre_hooks for module in net.modules())
 
 
-
-
 def test_layers_follow_forward_order_and_modules_that_never_ran_come_last() -> None:
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2))
     net.register_parameter("scale", nn.Parameter(torch.ones(1)))  # owned by the root

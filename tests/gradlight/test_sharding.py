@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import (
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from gradlight import GradientFlowMonitor, load_history
+from gradlight import GLOBAL_LAYER, GradientFlowMonitor, load_history
 from gradlight.sharding import (
     SHARDING_MODES,
     ShardedReduction,
@@ -195,7 +195,7 @@ def test_sharded_run_equals_one_process_with_one_collective(
 def test_fsdp1_flat_parameters_fall_back_to_exact_per_unit_statistics(reference: pd.DataFrame, tmp_path: Path) -> None:
     ranks = _run("fsdp1_flat", tmp_path)
     sharded = _per_layer(tmp_path / "history")
-    layers = sorted({layer for _, layer in sharded.index} - {"__global__"})
+    layers = sorted({layer for _, layer in sharded.index} - {GLOBAL_LAYER})
     assert layers == ["(root)", "net.0", "net.3", "net.5"]  # the root unit holds the LayerNorm (net.2)
     units = [(step, layer) for step, layer in reference.index if layer in ("net.0", "net.3", "net.5")]
     for metric in COMPARED:  # each Linear is one wrapped unit: its statistics are the layer's
@@ -211,7 +211,7 @@ def test_nonfinite_counts_are_global_under_fsdp2(tmp_path: Path) -> None:
     frame = load_history(tmp_path / "history", metrics=["grad_nonfinite"])
     last = frame[(frame.step == workers.STEPS - 1)].set_index("layer")["value"]
     assert last["net.0"] == 2.0  # one NaN in each rank's shard, counted once each
-    assert last.drop(["net.0", "__global__"], errors="ignore").eq(0).all()
+    assert last.drop(["net.0", GLOBAL_LAYER], errors="ignore").eq(0).all()
     # The rare non-finite path costs one more collective, on that step only.
     assert ranks[0]["collectives_per_finalize"] == [1] * (workers.STEPS - 1) + [2]
 
