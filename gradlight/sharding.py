@@ -44,7 +44,7 @@ from lightning.pytorch import strategies as trainer_strategies
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from gradlight.stats import CrossRankReduction, LocalReduction, StatisticTable, is_dtensor
+from gradlight.stats import CrossRankReduction, LocalReduction, is_dtensor
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -159,11 +159,10 @@ class ShardedReduction:
             ``use_orig_params=False`` runs apart; without it FSDP1 views are taken as sharded over the world.
 
     Example:
-        >>> from gradlight.stats import Statistic, StatisticSet
-        >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"))
-        >>> table = stats.stack({"sq": torch.tensor([9.0, 16.0]), "top": torch.tensor([3.0, 4.0])})
-        >>> ShardedReduction()(table, [torch.zeros(1), torch.zeros(1)]) is table  # not distributed: unchanged
-        True
+        >>> reduction = ShardedReduction()
+        >>> sums, maxima = torch.tensor([[9.0, 16.0]]), torch.tensor([[3.0, 4.0]])
+        >>> reduction(sums, maxima, [torch.zeros(1), torch.zeros(1)])  # not distributed: unchanged
+        (tensor([[ 9., 16.]]), tensor([[3., 4.]]))
     """
 
     def __init__(self, model: ModelSource = None) -> None:
@@ -173,34 +172,35 @@ class ShardedReduction:
         #: Number of collectives this reduction issued (diagnostics and tests).
         self.collectives = 0
 
-    def __call__(self, table: StatisticTable, params: Sequence[Tensor]) -> StatisticTable:
-        """Reduce each statistic of ``table`` (one column per parameter) over the ranks holding parts of ``params``.
+    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Reduce ``(K, P)`` sums and ``(M, P)`` maxima over the ranks holding parts of ``params``.
 
-        Sums add up the contributing ranks' values; maxima take the maximum over all ranks (``-inf`` for
-        "nothing here").
+        These are the two blocks of a :class:`~gradlight.stats.StatisticTable`: sums add up the contributing
+        ranks' values, maxima take the maximum over all ranks.
 
         Args:
-            table: Local statistics, one column per parameter.
-            params: The parameters as the model holds them, identical in number and order on every rank.
+            sums: Local statistics that add up over shards.
+            maxima: Local statistics reduced by maximum (``-inf`` for "nothing here").
+            params: The ``P`` parameters as the model holds them, identical in number and order on every rank.
 
         Returns:
-            The global statistics, identical on every rank.
+            The global ``(K, P)`` sums and ``(M, P)`` maxima, identical on every rank.
         """
-        if not (dist.is_available() and dist.is_initialized()) or table.columns == 0:
-            return table
-        plan = self._plan(params, table.sums.device)
+        if not (dist.is_available() and dist.is_initialized()) or sums.shape[1] == 0:
+            return sums, maxima
+        plan = self._plan(params, sums.device)
         if not plan.gather:
-            return table
-        sums, maxima = table.sums, table.maxima
+            return sums, maxima
+        rows = sums.shape[0]
         dtype = torch.promote_types(sums.dtype, maxima.dtype)
         local = torch.cat([torch.where(plan.contributes, sums, 0.0).to(dtype), maxima.to(dtype)]).contiguous()
         gathered = local.new_empty((plan.group_size * local.shape[0], local.shape[1]))
         dist.all_gather_into_tensor(gathered, local, group=plan.group)
         self.collectives += 1
         blocks = gathered.view(plan.group_size, local.shape[0], local.shape[1])
-        global_sums = blocks[:, : sums.shape[0]].sum(0).to(sums.dtype)
-        global_max = blocks[:, sums.shape[0] :].amax(0).to(maxima.dtype) if maxima.shape[0] else maxima
-        return table.with_values(global_sums, global_max)
+        global_sums = blocks[:, :rows].sum(0).to(sums.dtype)
+        global_max = blocks[:, rows:].amax(0).to(maxima.dtype) if maxima.shape[0] else maxima
+        return global_sums, global_max
 
     # ----------------------------------------------------------------------------------------- planning
     def _plan(self, params: Sequence[Tensor], device: torch.device) -> _Plan:

@@ -121,7 +121,7 @@ class StatisticSet:
         self.statistics = tuple(statistics)
         self.sums = tuple(s.name for s in statistics if s.reduce == "sum")
         self.maxima = tuple(s.name for s in statistics if s.reduce == "max")
-        self._rows = {name: ("sum", row) for row, name in enumerate(self.sums)}
+        self._rows: dict[str, tuple[Reduce, int]] = {name: ("sum", row) for row, name in enumerate(self.sums)}
         self._rows.update({name: ("max", row) for row, name in enumerate(self.maxima)})
 
     def __iter__(self) -> Iterator[Statistic]:
@@ -164,6 +164,21 @@ class StatisticSet:
         maxima = _stack_rows([values[name] for name in self.maxima], values)
         return StatisticTable(self, sums, maxima)
 
+    def row(self, name: str) -> tuple[Reduce, int]:
+        """Where ``name`` lives in the stacked form: ``("sum", row of the sums)`` or ``("max", row of the maxima)``.
+
+        Raises:
+            KeyError: If ``name`` is not declared.
+
+        Example:
+            >>> StatisticSet(Statistic("top", "max"), Statistic("sq", "sum")).row("sq")
+            ('sum', 0)
+        """
+        where = self._rows.get(name)
+        if where is None:
+            raise KeyError(f"{name!r} is not a declared statistic; declared: {[s.name for s in self.statistics]}")
+        return where
+
     def split(self, sums: _Array, maxima: _Array) -> dict[str, _Array]:
         """Name the rows of stacked ``sums`` and ``maxima`` (tensors or host arrays), in declaration order.
 
@@ -199,8 +214,8 @@ class StatisticTable:
     maxima: Tensor
 
     def __getitem__(self, name: str) -> Tensor:
-        """The row of one statistic."""
-        reduce, row = self.statistics._rows[name]
+        """The row of one statistic (``KeyError`` if it is not declared)."""
+        reduce, row = self.statistics.row(name)
         return (self.sums if reduce == "sum" else self.maxima)[row]
 
     @property
@@ -223,6 +238,16 @@ class StatisticTable:
         values = self.statistics.split(self.sums, self.maxima)
         values.update(rows)
         return self.statistics.stack(values)
+
+    def across_ranks(self, reduction: CrossRankReduction, params: Sequence[Tensor]) -> StatisticTable:
+        """Each statistic reduced over the ranks holding parts of the columns' ``params`` (one collective at most).
+
+        Example:
+            >>> table = StatisticSet(Statistic("sq", "sum")).stack({"sq": torch.tensor([4.0])})
+            >>> table.across_ranks(LocalReduction(), [torch.ones(2)])["sq"].tolist()
+            [4.0]
+        """
+        return self.with_values(*reduction(self.sums, self.maxima, params))
 
     def to_layers(self, layer_index: Tensor, num_layers: int) -> StatisticTable:
         """Each statistic reduced over the columns of each layer (see :func:`reduce_to_layers`)."""
@@ -516,8 +541,6 @@ class CpuKernels:
 
     def gradient_statistics(self, grads: Sequence[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
         """Squared L2 norm and largest absolute value of each tensor (``0`` for empty ones)."""
-        if not grads:
-            return torch.zeros(0, dtype=wide_dtype(torch.device("cpu"))), torch.zeros(0)
         norms, lows, highs = [], [], []
         for block, dim in self._blocks(grads):
             norms.append(_norm(block, dim))
@@ -536,8 +559,7 @@ class CpuKernels:
             norms.append(_norm(block, dim))
             if copy:
                 copies.append(block.clone() if dim is None else block)
-        squared = squares(self._gather(norms).float()) if params else torch.zeros(0, dtype=torch.float64)
-        return squared, Snapshot(self, copies) if copy else None
+        return squares(self._gather(norms).float()), Snapshot(self, copies) if copy else None
 
     def snapshot(self, tensors: Sequence[Tensor]) -> Snapshot:
         """Copies of ``tensors``: each single cloned, each stack built as a new matrix."""
@@ -661,19 +683,21 @@ class CrossRankReduction(Protocol):
     """Turns this rank's per-tensor statistics into exact global ones.
 
     Implementations must issue the same collectives on every rank, in the same order, whatever the values,
-    and at most one collective per call. Each statistic reduces as its :class:`Statistic` declares.
+    and at most one collective per call. They get a :class:`StatisticTable`'s two blocks, each reduced as its
+    statistics declare (see :meth:`StatisticTable.across_ranks`).
     """
 
-    def __call__(self, table: StatisticTable, params: Sequence[Tensor]) -> StatisticTable:
+    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Reduce statistics over the ranks that hold parts of each tensor.
 
         Args:
-            table: Local statistics, one column per parameter.
-            params: The parameters the columns belong to, as the model holds them (DTensors under FSDP2,
-                flat-parameter views under FSDP1), so the reduction can tell sharded from replicated.
+            sums: ``(K, P)`` local statistics that add up over shards (sums of squares, counts).
+            maxima: ``(M, P)`` local statistics reduced by maximum.
+            params: The ``P`` parameters the columns belong to, as the model holds them (DTensors under
+                FSDP2, flat-parameter views under FSDP1), so the reduction can tell sharded from replicated.
 
         Returns:
-            The global statistics (same rows and columns), identical on every rank.
+            The global ``(K, P)`` sums and ``(M, P)`` maxima, identical on every rank.
         """
         ...
 
@@ -682,11 +706,11 @@ class LocalReduction:
     """No reduction: every rank already holds whole tensors (single process, DDP).
 
     Example:
-        >>> table = StatisticSet(Statistic("sq", "sum")).stack({"sq": torch.tensor([4.0])})
-        >>> LocalReduction()(table, [torch.ones(2)]) is table
+        >>> sums, maxima = torch.tensor([[4.0]]), torch.tensor([[2.0]])
+        >>> LocalReduction()(sums, maxima, [torch.ones(2)]) == (sums, maxima)
         True
     """
 
-    def __call__(self, table: StatisticTable, params: Sequence[Tensor]) -> StatisticTable:
+    def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Return the statistics unchanged."""
-        return table
+        return sums, maxima

@@ -379,19 +379,10 @@ class GradientFlowTracker:
         # Layers whose parameters had a gradient on some rank (all of them unless columns are aligned).
         keep = layers["grad_count"] > 0 if "grad_count" in layers else np.ones(len(candidates), dtype=bool)
         present = [layer for layer, kept in zip(candidates, keep) if kept]
-        nonfinite = np.zeros(len(candidates))
-        grad_sq = layers["grad_sq"]
-        if not np.isfinite(grad_sq).all():  # rare: one more collective, on this step only
-            nonfinite, grad_sq = self._recount_nonfinite(pending, layer_index, len(candidates))
-        record = self._record(
-            pending.step,
-            present,
-            grad_sq[keep],
-            layers["grad_max"][keep],
-            nonfinite[keep],
-            layers["param_sq"][keep],
-            layers["update_sq"][keep],
-        )
+        layers["grad_nonfinite"] = np.zeros(len(candidates))
+        if not np.isfinite(layers["grad_sq"]).all():  # rare: one more collective, on this step only
+            layers.update(self._recount_nonfinite(pending, layer_index, len(candidates)))
+        record = self._record(pending.step, present, {name: values[keep] for name, values in layers.items()})
         if pending.grad_scale != 1.0:
             record.global_metrics["grad_scale"] = pending.grad_scale
         self._attach_optimizer_view(record, pending, [layer for layer, kept in zip(candidates, keep) if not kept])
@@ -404,10 +395,9 @@ class GradientFlowTracker:
         gradient (that column's parameter is skipped, as in one process).
         """
         if pending.grad_count is None:
-            return self.reduction(statistics.stack(values), pending.originals)
-        table = self.reduction(
-            statistics.extend(GRAD_COUNT).stack({**values, "grad_count": pending.grad_count}), pending.originals
-        )
+            return statistics.stack(values).across_ranks(self.reduction, pending.originals)
+        table = statistics.extend(GRAD_COUNT).stack({**values, "grad_count": pending.grad_count})
+        table = table.across_ranks(self.reduction, pending.originals)
         read = table["grad_count"] > 0
         return table.replace({name: table[name] * read for name in statistics.sums})
 
@@ -433,10 +423,8 @@ class GradientFlowTracker:
         record.learning_rates = np.array([per_layer.get(layer, np.nan) for layer in record.layers])
         record.max_learning_rate = max(rates.values(), default=None)
 
-    def _recount_nonfinite(
-        self, pending: _Pending, layer_index: Tensor, num_layers: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact NaN/Inf element counts and layer ``grad_sq`` for a step whose fused norms were not finite.
+    def _recount_nonfinite(self, pending: _Pending, layer_index: Tensor, num_layers: int) -> dict[str, np.ndarray]:
+        """Exact per-layer ``grad_nonfinite`` counts and ``grad_sq`` for a step whose fused norms were not finite.
 
         A float32 norm also overflows when every element is finite but their squares' sum is above ~3e38
         (elements of ~1e19 and more): those tensors' norms are recomputed in float64, so a huge but finite
@@ -452,8 +440,7 @@ class GradientFlowTracker:
             grad_sq[i] = squares(wide.to(device)) / (pending.grad_scale * pending.grad_scale)
         values = {"grad_nonfinite": counts.to(grad_sq.dtype), "grad_sq": grad_sq}
         table = self._reduce(NONFINITE_STATISTICS, values, pending)
-        layers = table.to_layers(layer_index, num_layers).to_host()
-        return layers["grad_nonfinite"], layers["grad_sq"]
+        return table.to_layers(layer_index, num_layers).to_host()
 
     def _layer_index(self, indices: list[int], present: list[int], device: torch.device) -> Tensor:
         key = tuple(indices)
@@ -467,20 +454,13 @@ class GradientFlowTracker:
             self._index_cache[key] = cached
         return cached
 
-    def _record(
-        self,
-        step: int,
-        present: list[int],
-        grad_sq: np.ndarray,
-        grad_max: np.ndarray,
-        nonfinite: np.ndarray,
-        param_sq: np.ndarray,
-        update_sq: np.ndarray,
-    ) -> StepRecord:
+    def _record(self, step: int, present: list[int], layers: dict[str, np.ndarray]) -> StepRecord:
+        """The record of the ``present`` layers from their reduced statistics (see :data:`STEP_STATISTICS`)."""
+        grad_sq, grad_max, nonfinite = layers["grad_sq"], layers["grad_max"], layers["grad_nonfinite"]
         grad_l2 = np.sqrt(grad_sq)
-        param_l2 = np.sqrt(param_sq)
+        param_l2 = np.sqrt(layers["param_sq"])
         with np.errstate(divide="ignore", invalid="ignore"):
-            update_ratio = np.where(param_l2 > 0, np.sqrt(update_sq) / param_l2, np.nan)
+            update_ratio = np.where(param_l2 > 0, np.sqrt(layers["update_sq"]) / param_l2, np.nan)
         names = self.layer_map.layers
         finite = grad_l2[np.isfinite(grad_l2)]
         global_metrics = {

@@ -271,8 +271,7 @@ def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 "numel": torch.tensor([t.numel() for t in locals_]).float(),
             }
         )
-        reduce = counter.measure(reduction)
-        reduced = reduce(table, tensors)
+        reduced = table.across_ranks(counter.measure(reduction), tensors)
         plan = next(iter(reduction._plans.values()))
         results[name] = {
             "group_size": plan.group_size,

@@ -35,7 +35,7 @@ from gradlight.sharding import (
     replication_factor,
     resolve_reduction,
 )
-from gradlight.stats import LocalReduction, Statistic, StatisticSet
+from gradlight.stats import LocalReduction
 from tests.gradlight import _dist_workers as workers
 
 COMPARED = ("grad_l2", "grad_max_abs", "param_l2", "update_ratio")
@@ -77,11 +77,8 @@ def test_partial_placements_are_refused_with_a_reason() -> None:
 
 def test_without_a_process_group_the_reduction_changes_nothing() -> None:
     sums, maxima = torch.tensor([[1.0, 4.0], [2.0, 3.0]]), torch.tensor([[1.0, float("-inf")]])
-    table = StatisticSet(Statistic("a", "sum"), Statistic("b", "sum"), Statistic("top", "max")).stack(
-        {"a": sums[0], "b": sums[1], "top": maxima[0]}
-    )
-    out = ShardedReduction()(table, [torch.zeros(2), torch.zeros(3)])
-    assert torch.equal(out.sums, sums) and torch.equal(out.maxima, maxima)
+    out_sums, out_max = ShardedReduction()(sums, maxima, [torch.zeros(2), torch.zeros(3)])
+    assert torch.equal(out_sums, sums) and torch.equal(out_max, maxima)
 
 
 # ---------------------------------------------------------------------------------- strategy -> mode

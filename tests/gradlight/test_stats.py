@@ -163,7 +163,7 @@ def test_adding_a_statistic_is_one_declaration() -> None:
     for statistics in (STEP_STATISTICS, extended):
         table = statistics.stack({name: values[name] for name in (s.name for s in statistics)})
         for reduction in (LocalReduction(), ShardedReduction()):  # no process group: both leave it as it is
-            table = reduction(table, grads)
+            table = table.across_ranks(reduction, grads)
         results[len(statistics)] = table.to_layers(layer_index, num_layers).to_host()
     base, more = results[len(STEP_STATISTICS)], results[len(extended)]
     for name in ("grad_sq", "param_sq", "update_sq", "grad_max"):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from gradlight.stats import StatisticTable
 from gradlight.tracker import GradientFlowTracker, early_late_ratio
 
 
@@ -42,9 +41,9 @@ def test_a_cross_rank_reduction_gets_a_column_for_every_trainable_parameter() ->
     """FSDP1 gives a rank no gradient for an empty slice: columns must still line up across ranks."""
     seen: list[int] = []
 
-    def probe(table: StatisticTable, params: Sequence[torch.Tensor]) -> StatisticTable:
+    def probe(sums: torch.Tensor, maxima: torch.Tensor, params: Sequence[torch.Tensor]) -> tuple:
         seen.append(len(params))
-        return table
+        return sums, maxima
 
     net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1), nn.Linear(1, 1))
     net[2].weight.requires_grad_(False)  # frozen: no column anywhere
