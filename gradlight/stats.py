@@ -191,6 +191,8 @@ class StatisticSet:
 
 
 def _stack_rows(rows: list[Tensor], values: Mapping[str, Tensor]) -> Tensor:
+    if len(rows) == 1:
+        return rows[0].unsqueeze(0)  # a view: no copy
     if rows:
         return torch.stack(rows)
     reference = next(iter(values.values()), None)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-#: ``fork`` starts a worker in milliseconds (it inherits the parent's imports); ``spawn`` re-imports torch
-#: and Lightning in every worker, several seconds each on a busy 2-core machine.
+#: How workers start (``GRADLIGHT_TEST_START_METHOD`` overrides): ``fork`` where available, since a forked
+#: worker inherits the parent's imports, while ``spawn`` imports torch and Lightning again in every worker.
 START_METHOD = os.environ.get(
     "GRADLIGHT_TEST_START_METHOD",
     "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn",
