@@ -30,6 +30,10 @@ Statistics per site (over every element of every tapped micro-batch, summed over
 * ``act_mean``, ``act_std``: mean and standard deviation of all outputs.
 
 In-place activations (``nn.ReLU(inplace=True)``) are fine: the hooks only read the output.
+
+Activation names: one table (:data:`ACTIVATION_KINDS`, :data:`ACTIVATIONS`) names the activations that the
+taps recognise and that :func:`create_activation` builds (``create_activation("silu")``: a fresh module, never
+shared), so that models built by name and the statistics recorded about them use the same words.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ __all__ = [
 #: Metrics written to the history for every activation site, in this order.
 ACTIVATION_METRICS = ("act_saturation", "act_dead", "act_mean", "act_std")
 
-#: Module type -> kind, checked in order (``ReLU6`` subclasses ``Hardtanh``, so it comes first).
+#: Module type -> kind, checked in order (``ReLU6`` subclasses ``Hardtanh``, so it comes first). The kinds are
+#: gradlight's activation names: :func:`create_activation` builds a module from one.
 ACTIVATION_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.ReLU6, "relu6"),
     (nn.ReLU, "relu"),
