@@ -473,12 +473,9 @@ class ActivationTaps:
         if not slots:
             return None
         device, dtype = self._device_dtype()
-        blocks: list[Tensor] = []
-        for slot in slots:
-            if slot.sums is None:
-                blocks.append(torch.zeros(len(SITE_STATISTICS.sums), dtype=dtype, device=device))
-            else:
-                blocks.append(slot.sums)
+        unseen = torch.zeros(len(SITE_STATISTICS.sums), dtype=dtype, device=device)
+        sums = torch.stack([unseen if slot.sums is None else slot.sums.to(device, dtype) for slot in slots], dim=1)
+        blocks = [sums.flatten()]  # SITE_STATISTICS' rows, one column per site
         for slot in slots:
             if slot.site.kind in DEAD_KINDS and slot.site.units is not None:
                 units = slot.site.units
@@ -512,7 +509,7 @@ class ActivationTaps:
         slots = self._site_order
         count = len(slots)
         rows = len(SITE_STATISTICS.sums)
-        named = SITE_STATISTICS.split(host[: rows * count].reshape(count, rows).T, np.empty((0, count)))
+        named = SITE_STATISTICS.split(host[: rows * count].reshape(rows, count))
         n, total, squares, saturated = (named[name] for name in ("count", "total", "sum_sq", "saturated"))
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(n > 0, total / n, np.nan)

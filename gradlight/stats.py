@@ -10,11 +10,11 @@ Statistics are addressed by name. A :class:`StatisticSet` declares each one once
 (:class:`CrossRankReduction`) and into layers (:meth:`StatisticTable.to_layers`) as a whole, and read back
 by name, on the device or after one host copy (:meth:`StatisticTable.to_host`).
 
-The per-tensor kernels are chosen once per list of tensors (:func:`kernels_for`): :class:`FusedKernels`
-(one ``_foreach`` kernel per statistic over all tensors: accelerators, where one launch serves many
-tensors) or :class:`CpuKernels` (on CPU, where every kernel call pays a dispatch cost: small tensors of one
-shape are stacked into one matrix, and each tensor's statistics are taken back to back while it is in
-cache). Each statistic is written once per path.
+The per-tensor kernels follow the tensors' device (:func:`kernels_for`), one path each, and each statistic is
+written once per path: :class:`FusedKernels` on accelerators (one ``_foreach`` kernel per statistic over all
+tensors: one launch serves many tensors) and :class:`CpuKernels` on CPU (where every kernel call pays a
+dispatch cost: small tensors of one shape are stacked into one matrix, planned once per list of shapes, and
+each tensor's statistics are taken back to back while it is in cache).
 """
 
 from __future__ import annotations
@@ -179,15 +179,25 @@ class StatisticSet:
             raise KeyError(f"{name!r} is not a declared statistic; declared: {[s.name for s in self.statistics]}")
         return where
 
-    def split(self, sums: _Array, maxima: _Array) -> dict[str, _Array]:
+    def split(self, sums: _Array, maxima: _Array | None = None) -> dict[str, _Array]:
         """Name the rows of stacked ``sums`` and ``maxima`` (tensors or host arrays), in declaration order.
+
+        Args:
+            sums: One row per statistic of :attr:`sums`.
+            maxima: One row per statistic of :attr:`maxima`; may be left out when there are none.
+
+        Raises:
+            ValueError: If ``maxima`` is left out although maxima are declared.
 
         Example:
             >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"))
             >>> stats.split(np.array([[25.0]]), np.array([[4.0]]))
             {'sq': array([25.]), 'top': array([4.])}
         """
-        return {s.name: (sums if s.reduce == "sum" else maxima)[self._rows[s.name][1]] for s in self.statistics}
+        if maxima is None and self.maxima:
+            raise ValueError(f"StatisticSet.split: `maxima` is needed for the declared maxima {self.maxima}.")
+        blocks = {"sum": sums, "max": sums[:0] if maxima is None else maxima}
+        return {s.name: blocks[s.reduce][self._rows[s.name][1]] for s in self.statistics}
 
 
 def _stack_rows(rows: list[Tensor], values: Mapping[str, Tensor]) -> Tensor:
@@ -497,8 +507,8 @@ class CpuKernels:
 
     A *block* is either one tensor (a *single*) or a stack of small same-shape, same-dtype tensors as the
     rows of one new matrix (see :data:`STACK_MAX_NUMEL`). All statistics of a block are taken back to back,
-    so that every pass after the first reads it from cache; results are bitwise those of
-    :class:`FusedKernels` on the same tensors (``_foreach_norm`` runs tensor by tensor on CPU).
+    so that every pass after the first reads it from cache. A single's results are bitwise those of
+    :class:`FusedKernels` (``_foreach_norm`` runs tensor by tensor on CPU); a stack's agree to rounding.
 
     Attributes:
         stacks: Positions of the tensors of each stack.
