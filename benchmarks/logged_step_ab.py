@@ -10,8 +10,9 @@ on random 320 px images, batch 8, SGD with momentum, one thread. Each round take
 forward and backward, not timed), then times ``--repeats`` logged steps of each version, alternating, the
 first version swapped every round. Besides the medians over all steps it reports the median of the per-round
 ratios, which pairs steps taken at the same moment and so cancels most of the drift of a shared machine.
-Before timing, both versions record the same step from the same state and the script reports whether their
-records are bitwise equal.
+Before timing, both versions record the same step from the same state: the script reports whether their
+records are bitwise equal and how many aten operators each dispatched for it (optimizer step included),
+a count that does not depend on the machine's load.
 
 Usage::
 
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BASELINE_PACKAGE = "gradlight_baseline"
 
@@ -89,6 +91,18 @@ def logged_step(tracker: Any, optimizer: torch.optim.Optimizer, params: list[tor
     return tracker.finalize()
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the aten operators dispatched while active: a load-independent measure of a step's work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def records_equal(left: Any, right: Any) -> bool:
     """Same layers, bitwise the same per-layer metrics and global metrics (NaN equal to NaN)."""
     if left.layers != right.layers or set(left.metrics) != set(right.metrics):
@@ -123,11 +137,13 @@ def main() -> None:
 
         backward()
         state = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
-        records = {}
+        records, operators = {}, {}
         for name, tracker in versions.items():  # the same step from the same state
             model.load_state_dict(state[0])
             optimizer.load_state_dict(state[1])
-            records[name] = logged_step(tracker, optimizer, params, 0)
+            with OperatorCount() as counter:
+                records[name] = logged_step(tracker, optimizer, params, 0)
+            operators[name] = counter.count
         equal = records_equal(records["baseline"], records["working tree"])
 
         times: dict[str, list[float]] = {name: [] for name in versions}
@@ -153,9 +169,10 @@ def main() -> None:
         f"{torch.get_num_threads()} thread; {args.rounds} rounds x {args.repeats} logged steps per version"
     )
     print(f"baseline: {args.baseline}; records of the same step bitwise equal: {equal}")
-    print(f"{'version':<14}{'median ms':>11}{'mean ms':>10}")
+    print(f"{'version':<14}{'median ms':>11}{'mean ms':>10}{'aten ops':>10}")
     for name, values in times.items():
-        print(f"{name:<14}{statistics.median(values) * 1e3:>11.2f}{statistics.mean(values) * 1e3:>10.2f}")
+        median, mean = statistics.median(values) * 1e3, statistics.mean(values) * 1e3
+        print(f"{name:<14}{median:>11.2f}{mean:>10.2f}{operators[name]:>10}")
     ratio = statistics.median(times["working tree"]) / statistics.median(times["baseline"])
     print(f"ratio of the medians, working tree / baseline: {ratio:.4f}")
     low, middle, high = np.percentile(paired, [25, 50, 75])
