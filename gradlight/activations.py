@@ -30,13 +30,18 @@ Statistics per site (over every element of every tapped micro-batch, summed over
 * ``act_mean``, ``act_std``: mean and standard deviation of all outputs.
 
 In-place activations (``nn.ReLU(inplace=True)``) are fine: the hooks only read the output.
+
+Activation names: one table (:data:`ACTIVATION_KINDS`, :data:`ACTIVATIONS`) names the activations that the
+taps recognise and that :func:`create_activation` builds (``create_activation("silu")``: a fresh module, never
+shared), so that models built by name and the statistics recorded about them use the same words.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -44,23 +49,29 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from gradlight.layers import clean_parameter_name
+from gradlight.layers import clean_parameter_name, owns_parameters
+from gradlight.stats import Statistic, StatisticSet, wide_dtype
 
 __all__ = [
+    "ACTIVATIONS",
     "ACTIVATION_KINDS",
     "ACTIVATION_METRICS",
     "DEAD_KINDS",
     "SATURATING_KINDS",
+    "SITE_STATISTICS",
     "ActivationSite",
     "ActivationStats",
     "ActivationTaps",
+    "activation_class",
     "activation_kind",
+    "create_activation",
 ]
 
 #: Metrics written to the history for every activation site, in this order.
 ACTIVATION_METRICS = ("act_saturation", "act_dead", "act_mean", "act_std")
 
-#: Module type -> kind, checked in order (``ReLU6`` subclasses ``Hardtanh``, so it comes first).
+#: Module type -> kind, checked in order (``ReLU6`` subclasses ``Hardtanh``, so it comes first). The kinds are
+#: gradlight's activation names: :func:`create_activation` builds a module from one.
 ACTIVATION_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.ReLU6, "relu6"),
     (nn.ReLU, "relu"),
@@ -82,13 +93,59 @@ ACTIVATION_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
     (nn.Softplus, "softplus"),
     (nn.LogSigmoid, "logsigmoid"),
 )
+#: Activation name -> module class, the one registry of activation names (:func:`create_activation`).
+ACTIVATIONS: Mapping[str, type[nn.Module]] = MappingProxyType({kind: cls for cls, kind in ACTIVATION_KINDS})
 #: Kinds whose flat regions count as saturated.
 SATURATING_KINDS = frozenset({"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign", "relu6"})
 #: Kinds whose units can die (output exactly zero for all inputs, zero gradient).
 DEAD_KINDS = frozenset({"relu", "relu6", "hardswish"})
 
+#: What each site sums over the elements of a logged step's outputs (all summed over micro-batches and ranks).
+SITE_STATISTICS = StatisticSet(
+    Statistic("count", "sum"),  # elements
+    Statistic("total", "sum"),  # their sum
+    Statistic("sum_sq", "sum"),  # the sum of their squares
+    Statistic("saturated", "sum"),  # elements in a flat region
+)
+
 # Modules before which a 3-D output's units are its channels (dim 1) rather than its last dim.
 _CHANNEL_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The module class of an activation name (see :data:`ACTIVATIONS`).
+
+    Raises:
+        ValueError: If ``name`` is not a known activation.
+
+    Example:
+        >>> activation_class("silu")
+        <class 'torch.nn.modules.activation.SiLU'>
+    """
+    cls = ACTIVATIONS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown activation name {name!r}; valid names: {sorted(ACTIVATIONS)}.")
+    return cls
+
+
+def create_activation(name: str, **kwargs: Any) -> nn.Module:
+    """A new activation module by name, never shared with another caller (like timm's ``create_act_layer``).
+
+    Args:
+        name: A name from :data:`ACTIVATIONS` (``"sigmoid"``, ``"relu"``, ``"silu"``, ...).
+        kwargs: Passed to the module's constructor (e.g. ``negative_slope`` for ``"leaky_relu"``); torch's
+            defaults otherwise (``inplace=False``).
+
+    Raises:
+        ValueError: If ``name`` is not a known activation.
+
+    Example:
+        >>> create_activation("leaky_relu", negative_slope=0.2)
+        LeakyReLU(negative_slope=0.2)
+        >>> create_activation("relu") is create_activation("relu")
+        False
+    """
+    return activation_class(name)(**kwargs)
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -166,7 +223,7 @@ class _Slot:
     def __init__(self, site: ActivationSite, bounds: tuple[float, float] = (-1.0, 1.0)) -> None:
         self.site = site
         self.bounds = bounds
-        self.sums: Tensor | None = None  # (4,): count, sum, sum of squares, saturated count
+        self.sums: Tensor | None = None  # SITE_STATISTICS' sums, one value each
         self.active: Tensor | None = None  # (units,): elements > 0 per unit
 
 
@@ -235,11 +292,6 @@ class ActivationTaps:
             self._kinds[id(module)] = kind
 
     @property
-    def num_modules(self) -> int:
-        """Number of distinct activation modules found."""
-        return len(self._kinds)
-
-    @property
     def sites(self) -> list[ActivationSite]:
         """Sites seen so far, in the order they first ran."""
         return [slot.site for slot in self._site_order]
@@ -248,11 +300,6 @@ class ActivationTaps:
     def active(self) -> bool:
         """Whether the hooks are installed."""
         return bool(self._handles)
-
-    @property
-    def pending(self) -> bool:
-        """Whether statistics were collected that :meth:`finalize` has not consumed yet."""
-        return any(slot.sums is not None for slot in self._site_order)
 
     # ------------------------------------------------------------------------------------- hook control
     def start(self) -> None:
@@ -269,7 +316,7 @@ class ActivationTaps:
         if not self._discovered:
             self._discovering = True
             for name, module in self.model.named_modules():
-                if any(True for _ in module.parameters(recurse=False)):
+                if owns_parameters(module):
                     self._handles.append(
                         module.register_forward_pre_hook(self._make_param_hook(clean_parameter_name(name)))
                     )
@@ -364,13 +411,17 @@ class ActivationTaps:
             y = output.detach()
             if y.dtype not in (torch.float32, torch.float64):
                 y = y.float()
-            acc_dtype = torch.float32 if y.device.type == "mps" else torch.float64
+            acc_dtype = wide_dtype(y.device)
             count = y.numel()
             var, mean = torch.var_mean(y, correction=0)  # one pass, no temporary the size of y
             mean, var = mean.to(acc_dtype), var.to(acc_dtype)
-            saturated = self._saturated(site.kind, y, slot).to(acc_dtype)
-            total = torch.full((), float(count), dtype=acc_dtype, device=y.device)
-            sums = torch.stack([total, mean * count, (var + mean * mean) * count, saturated])
+            values = {
+                "count": torch.full((), float(count), dtype=acc_dtype, device=y.device),
+                "total": mean * count,
+                "sum_sq": (var + mean * mean) * count,
+                "saturated": self._saturated(site.kind, y, slot).to(acc_dtype),
+            }
+            sums = SITE_STATISTICS.stack(values).sums
             slot.sums = sums if slot.sums is None else slot.sums + sums
             if site.kind in DEAD_KINDS:
                 active = _active_per_unit(y, site.unit_dim).to(acc_dtype)
@@ -422,9 +473,9 @@ class ActivationTaps:
         if not slots:
             return None
         device, dtype = self._device_dtype()
-        blocks: list[Tensor] = []
-        for slot in slots:
-            blocks.append(slot.sums if slot.sums is not None else torch.zeros(4, dtype=dtype, device=device))
+        unseen = torch.zeros(len(SITE_STATISTICS.sums), dtype=dtype, device=device)
+        sums = torch.stack([unseen if slot.sums is None else slot.sums.to(device, dtype) for slot in slots], dim=1)
+        blocks = [sums.flatten()]  # SITE_STATISTICS' rows, one column per site
         for slot in slots:
             if slot.site.kind in DEAD_KINDS and slot.site.units is not None:
                 units = slot.site.units
@@ -446,7 +497,7 @@ class ActivationTaps:
                 return slot.sums.device, slot.sums.dtype
         param = next(iter(self.model.parameters()), None)
         device = param.device if param is not None else torch.device("cpu")
-        return device, torch.float32 if device.type == "mps" else torch.float64
+        return device, wide_dtype(device)
 
     def _derive(
         self,
@@ -457,15 +508,16 @@ class ActivationTaps:
     ) -> ActivationStats:
         slots = self._site_order
         count = len(slots)
-        sums = host[: 4 * count].reshape(count, 4)
-        n, total, squares, saturated = sums.T
+        rows = len(SITE_STATISTICS.sums)
+        named = SITE_STATISTICS.split(host[: rows * count].reshape(rows, count))
+        n, total, squares, saturated = (named[name] for name in ("count", "total", "sum_sq", "saturated"))
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(n > 0, total / n, np.nan)
             var = np.where(n > 0, squares / n - mean * mean, np.nan)
             std = np.sqrt(np.clip(var, 0.0, None))
             saturation = np.where(n > 0, saturated / n, np.nan)
         dead = np.full(count, np.nan)
-        offset = 4 * count
+        offset = rows * count
         for i, slot in enumerate(slots):
             site = slot.site
             if site.kind not in SATURATING_KINDS:
@@ -495,9 +547,6 @@ class ActivationTaps:
                 "act_std": std,
             },
         )
-
-    def __iter__(self) -> Iterator[ActivationSite]:
-        return iter(self.sites)
 
 
 def _active_per_unit(y: Tensor, unit_dim: int) -> Tensor:

@@ -12,17 +12,26 @@ import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ForwardOrderRecorder", "GroupBy", "LayerMap", "clean_parameter_name", "layer_name_for"]
+__all__ = [
+    "ROOT_LAYER",
+    "ForwardOrderRecorder",
+    "GroupBy",
+    "LayerMap",
+    "clean_parameter_name",
+    "layer_name_for",
+    "owns_parameters",
+    "validate_group_by",
+]
 
 #: How parameters are grouped into layers: ``None`` (owning module), an int, or ``param_name -> layer_name``.
 GroupBy = int | Callable[[str], str] | None
 
 # Name components that wrappers insert and that users never see in the unwrapped model.
 _WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module")
+#: Layer name of parameters owned by the model itself (no module prefix).
 ROOT_LAYER = "(root)"
 #: Layer name of run-wide values (the history's rows of global metrics, findings about the whole model).
 GLOBAL_LAYER = "__global__"
@@ -62,6 +71,16 @@ def layer_name_for(param_name: str, group_by: GroupBy) -> str:
     return ".".join(module.split(".")[:group_by])
 
 
+def owns_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` directly owns parameters (not through its children): a layer by default.
+
+    Example:
+        >>> owns_parameters(nn.Linear(2, 2)), owns_parameters(nn.Sequential(nn.Linear(2, 2)))
+        (True, False)
+    """
+    return any(True for _ in module.parameters(recurse=False))
+
+
 def validate_group_by(group_by: object) -> None:
     """Raise ``ValueError`` unless ``group_by`` is ``None``, a positive int, or a callable."""
     if group_by is None or callable(group_by):
@@ -74,9 +93,10 @@ def validate_group_by(group_by: object) -> None:
 
 
 class ForwardOrderRecorder:
-    """Records the order in which modules first run, through forward pre-hooks removed after one batch.
+    """Records the order in which parameter-owning modules first run, through forward pre-hooks removed after use.
 
     Example:
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
         >>> recorder = ForwardOrderRecorder(net)
         >>> _ = net(torch.zeros(1, 2))
@@ -85,12 +105,12 @@ class ForwardOrderRecorder:
         ['0', '2']
     """
 
-    def __init__(self, model: nn.Module, only_parameter_owners: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.order: list[str] = []
         self._seen: set[str] = set()
         self._handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
-            if only_parameter_owners and not any(True for _ in module.parameters(recurse=False)):
+            if not owns_parameters(module):
                 continue
             self._handles.append(module.register_forward_pre_hook(self._make_hook(clean_parameter_name(name))))
 
@@ -131,11 +151,6 @@ class LayerMap:
     params_by_id: dict[int, int] = field(default_factory=dict)
     num_elements: list[int] = field(default_factory=list)
 
-    @property
-    def depths(self) -> list[int]:
-        """Depth of each layer (layers are stored in depth order)."""
-        return list(range(len(self.layers)))
-
     @classmethod
     def build(
         cls,
@@ -147,7 +162,7 @@ class LayerMap:
         """Group trainable parameters into layers ordered by ``forward_order`` (module names).
 
         Parameters that do not require gradients, or whose clean name matches a pattern in ``exclude``
-        (``fnmatch`` syntax), are not monitored. Layers whose modules never ran come last, in name order.
+        (``fnmatch`` syntax), are not monitored. Layers whose modules never ran come last, in parameter order.
 
         Example:
             >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
@@ -191,9 +206,3 @@ class LayerMap:
         for layer, count in zip(self.param_layer, self.num_elements):
             sizes[layer] += count
         return sizes
-
-    def index_tensor(self, param_indices: Sequence[int], device: torch.device) -> torch.Tensor:
-        """Layer index of each parameter in ``param_indices``, as a long tensor on ``device``."""
-        return torch.tensor([self.param_layer[i] for i in param_indices], dtype=torch.long).to(
-            device, non_blocking=True
-        )

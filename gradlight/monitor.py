@@ -122,6 +122,7 @@ class GradientFlowMonitor(Callback):
         log_histograms: bool = False,
     ) -> None:
         super().__init__()
+        self._logger_warnings: set[tuple[str, str]] = set()  # loggers that failed: each warned about once
         _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         _check_positive_int("log_figures_every_n_epochs", log_figures_every_n_epochs, allow_none=True)
         _check_bool("log_per_layer", log_per_layer)
@@ -303,7 +304,8 @@ class GradientFlowMonitor(Callback):
         if captured and new and self.log_histograms and trainer.is_global_zero and trainer.loggers:
             from gradlight.report.loggers import log_gradient_histograms
 
-            log_gradient_histograms(trainer.loggers, recorder.tracker.pending_gradients(), step)
+            gradients = recorder.tracker.pending_gradients()
+            log_gradient_histograms(trainer.loggers, gradients, step, warned=self._logger_warnings)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         recorder = self.recorder
@@ -358,7 +360,14 @@ class GradientFlowMonitor(Callback):
         if not any(logger_kind(logger) != "none" for logger in trainer.loggers):
             return
         self.flush()
-        log_figures(trainer.loggers, self.save_dir, trainer.global_step, findings=self.findings, prefix=LOG_PREFIX)
+        log_figures(
+            trainer.loggers,
+            self.save_dir,
+            trainer.global_step,
+            findings=self.findings,
+            prefix=LOG_PREFIX,
+            warned=self._logger_warnings,
+        )
         self._figures_step = trainer.global_step
 
     @override

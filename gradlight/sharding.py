@@ -39,18 +39,15 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from lightning.fabric import strategies as fabric_strategies
+from lightning.pytorch import strategies as trainer_strategies
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from gradlight.stats import CrossRankReduction, LocalReduction
+from gradlight.stats import CrossRankReduction, LocalReduction, is_dtensor
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - older torch
-    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "SHARDING_MODES",
@@ -153,7 +150,7 @@ class ShardedReduction:
     meshes), tensor parallelism, FSDP1 (Lightning's ``FSDPStrategy``) and models where only some modules are
     sharded. Parameters that are DTensors, FSDP1 views or plain tensors may be mixed in one call. Which rank
     contributes what is decided once per parameter list from the layouts and cached; every call then costs
-    one collective of ``world x (K + M) x P`` floats (``group x ...`` when one mesh dimension shards), or none
+    one collective of ``world x statistics x P`` floats (``group x ...`` when one mesh dimension shards), or none
     when nothing is sharded.
 
     Args:
@@ -177,6 +174,9 @@ class ShardedReduction:
 
     def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Reduce ``(K, P)`` sums and ``(M, P)`` maxima over the ranks holding parts of ``params``.
+
+        These are the two blocks of a :class:`~gradlight.stats.StatisticTable`: sums add up the contributing
+        ranks' values, maxima take the maximum over all ranks.
 
         Args:
             sums: Local statistics that add up over shards.
@@ -217,25 +217,25 @@ class ShardedReduction:
         rank = dist.get_rank()
         world = dist.get_world_size()
         fsdp1_groups = self._fsdp1_groups()
-        is_dtensor = [DTensor is not None and isinstance(p, DTensor) for p in params]
-        is_fsdp1 = [not d and _is_fsdp1_sharded(p, fsdp1_groups) for p, d in zip(params, is_dtensor)]
+        dtensor_flags = [is_dtensor(p) for p in params]
+        is_fsdp1 = [not d and _is_fsdp1_sharded(p, fsdp1_groups) for p, d in zip(params, dtensor_flags)]
         self._warn_flat_parameters(params)
-        self._warn_layout_mismatch(params, is_dtensor)
+        self._warn_layout_mismatch(params, dtensor_flags)
 
         def sharded(p: Tensor) -> bool:
             return any(not _is_replicate(pl) for pl in p.placements)  # type: ignore[attr-defined]
 
-        if not any(is_fsdp1) and not any(sharded(p) for p, d in zip(params, is_dtensor) if d):
+        if not any(is_fsdp1) and not any(sharded(p) for p, d in zip(params, dtensor_flags) if d):
             # Nothing is sharded: every rank holds every element, the local statistics are global ones.
             return _Plan(False, None, 1, torch.ones(len(params), dtype=torch.bool, device=device))
 
-        narrow = None if any(is_fsdp1) else _single_shard_dim(params, is_dtensor, world)
+        narrow = None if any(is_fsdp1) else _single_shard_dim(params, dtensor_flags, world)
         flags: list[bool] = []
         if narrow is not None:  # gather over one mesh dimension's group
             mesh, dim = narrow
             coordinate = mesh.get_coordinate()
             assert coordinate is not None  # the mesh spans the world
-            for p, d in zip(params, is_dtensor):
+            for p, d in zip(params, dtensor_flags):
                 if d:
                     _check_placements(p.placements)  # type: ignore[attr-defined]
                     flags.append(not _is_replicate(p.placements[dim]) or coordinate[dim] == 0)  # type: ignore[attr-defined]
@@ -244,7 +244,7 @@ class ShardedReduction:
             group: dist.ProcessGroup | None = mesh.get_group(dim)
             size = dist.get_world_size(group)
         else:  # gather over the world
-            for p, d, f in zip(params, is_dtensor, is_fsdp1):
+            for p, d, f in zip(params, dtensor_flags, is_fsdp1):
                 if d:
                     mesh = p.device_mesh  # type: ignore[attr-defined]
                     holds_rank_zero = 0 in mesh.mesh.flatten().tolist()
@@ -293,11 +293,11 @@ class ShardedReduction:
                 groups[id(view)] = group
         return groups
 
-    def _warn_layout_mismatch(self, params: Sequence[Tensor], is_dtensor: Sequence[bool]) -> None:
+    def _warn_layout_mismatch(self, params: Sequence[Tensor], dtensor_flags: Sequence[bool]) -> None:
         mismatched = sum(
             True
-            for p, d in zip(params, is_dtensor)
-            if d and isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements)  # type: ignore[attr-defined]
+            for p, d in zip(params, dtensor_flags)
+            if d and is_dtensor(p.grad) and tuple(p.grad.placements) != tuple(p.placements)  # type: ignore[attr-defined]
         )
         if mismatched:
             rank_zero_warn(
@@ -335,10 +335,10 @@ def _is_fsdp1_sharded(param: Tensor, groups: dict[int, dist.ProcessGroup | None]
 
 
 def _single_shard_dim(
-    params: Sequence[Tensor], is_dtensor: Sequence[bool], world: int
+    params: Sequence[Tensor], dtensor_flags: Sequence[bool], world: int
 ) -> tuple[DeviceMesh, int] | None:
     """``(mesh, dim)`` if every DTensor is on one world-spanning mesh sharded along ``dim`` only."""
-    meshes = {id(p.device_mesh): p.device_mesh for p, d in zip(params, is_dtensor) if d}  # type: ignore[attr-defined]
+    meshes = {id(p.device_mesh): p.device_mesh for p, d in zip(params, dtensor_flags) if d}  # type: ignore[attr-defined]
     if len(meshes) != 1:
         return None
     (mesh,) = meshes.values()
@@ -346,7 +346,7 @@ def _single_shard_dim(
         return None
     dims = {
         i
-        for p, d in zip(params, is_dtensor)
+        for p, d in zip(params, dtensor_flags)
         if d
         for i, placement in enumerate(p.placements)  # type: ignore[attr-defined]
         if not _is_replicate(placement)
@@ -378,14 +378,20 @@ def _deepspeed_stage(strategy: object) -> int | None:
     return None
 
 
+#: Strategy classes whose runs shard gradients, checked in order: ``(classes, mode)``. Fabric's and the
+#: Trainer's classes are distinct; both are recognised. ``DeepSpeedStrategy`` subclasses ``DDPStrategy``.
+_STRATEGY_MODES: tuple[tuple[tuple[type, ...], str], ...] = (
+    ((trainer_strategies.DeepSpeedStrategy, fabric_strategies.DeepSpeedStrategy), "deepspeed"),
+    ((trainer_strategies.ModelParallelStrategy, fabric_strategies.ModelParallelStrategy), "fsdp2"),
+    ((trainer_strategies.FSDPStrategy, fabric_strategies.FSDPStrategy), "fsdp1"),
+)
+
+
 def _detect(strategy: object) -> str:
-    names = [cls.__name__ for cls in type(strategy).__mro__]
-    if any("DeepSpeed" in name for name in names):
-        return "deepspeed"
-    if any("ModelParallel" in name for name in names):
-        return "fsdp2"
-    if any("FSDP" in name for name in names):
-        return "fsdp1"
+    """The sharding mode of a Lightning strategy (``"none"`` for any other object)."""
+    for classes, mode in _STRATEGY_MODES:
+        if isinstance(strategy, classes):
+            return mode
     return "none"
 
 

@@ -1,19 +1,32 @@
-"""Pure tensor math: fused per-tensor norms, per-layer reduction, reduction across ranks.
+"""Pure tensor math: per-tensor statistics, their declaration by name, per-layer and cross-rank reduction.
 
 Everything here stays on the device and never synchronises with the host; the caller copies one stacked
 tensor to the host per logged step. Statistics are kept in their reducible form (sums of squares, maxima,
 counts) until the very end, like torchmetrics' states, so that sharded tensors reduce exactly.
+
+Statistics are addressed by name. A :class:`StatisticSet` declares each one once, with how it reduces
+(``"sum"`` or ``"max"``, like torchmetrics' ``add_state(name, default, dist_reduce_fx)``); from it a
+:class:`StatisticTable` is stacked (one row per statistic, one column per tensor), reduced across ranks
+(:class:`CrossRankReduction`) and into layers (:meth:`StatisticTable.to_layers`) as a whole, and read back
+by name, on the device or after one host copy (:meth:`StatisticTable.to_host`).
+
+The per-tensor kernels follow the tensors' device (:func:`kernels_for`), one path each, and each statistic is
+written once per path: :class:`FusedKernels` on accelerators (one ``_foreach`` kernel per statistic over all
+tensors: one launch serves many tensors) and :class:`CpuKernels` on CPU (where every kernel call pays a
+dispatch cost: small tensors of one shape are stacked into one matrix, planned once per list of shapes, and
+each tensor's statistics are taken back to back while it is in cache).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Protocol
+from typing import Literal, Protocol, TypeGuard, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,15 +37,21 @@ except ImportError:  # pragma: no cover - older torch
 
 __all__ = [
     "STACK_MAX_NUMEL",
-    "SUM_STATS",
-    "Batching",
+    "CpuKernels",
     "CrossRankReduction",
+    "FusedKernels",
+    "Kernels",
     "LocalReduction",
+    "Reduce",
     "Snapshot",
+    "Statistic",
+    "StatisticSet",
+    "StatisticTable",
     "foreach_norms",
     "gradient_statistics",
+    "is_dtensor",
+    "kernels_for",
     "local_tensor",
-    "max_abs",
     "nonfinite_counts",
     "parameter_statistics",
     "reduce_to_layers",
@@ -42,15 +61,233 @@ __all__ = [
     "wide_dtype",
 ]
 
-#: Per-tensor statistics reduced by summation (across shards and into layers), in row order.
-SUM_STATS = ("grad_sq", "param_sq", "update_sq")
-#: Per-tensor statistics reduced by maximum.
-MAX_STATS = ("grad_max",)
+# ------------------------------------------------------------------------------------- declarations
+
+#: How a statistic combines over the shards of a tensor, the tensors of a layer and the ranks of a run.
+Reduce = Literal["sum", "max"]
+_REDUCES: tuple[str, ...] = ("sum", "max")
+_Array = TypeVar("_Array", Tensor, np.ndarray)
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-tensor statistic: its name and how it reduces.
+
+    Attributes:
+        name: How the statistic is addressed (``"grad_sq"``).
+        reduce: ``"sum"`` for statistics that add up over elements (sums of squares, counts), ``"max"`` for
+            maxima (a maximum over duplicated elements is the same maximum).
+
+    Example:
+        >>> Statistic("grad_sq", "sum")
+        Statistic(name='grad_sq', reduce='sum')
+    """
+
+    name: str
+    reduce: Reduce
+
+    def __post_init__(self) -> None:
+        if self.reduce not in _REDUCES:
+            raise ValueError(f"Statistic {self.name!r}: `reduce` must be one of {_REDUCES}, got {self.reduce!r}.")
+
+
+class StatisticSet:
+    """An ordered declaration of statistics, one :class:`Statistic` each; the rows of a :class:`StatisticTable`.
+
+    Sums come first in the stacked form, then maxima, each in declaration order: the layout follows from
+    the declaration, so adding a statistic is one more :class:`Statistic`.
+
+    Args:
+        statistics: The statistics, with distinct names.
+
+    Raises:
+        ValueError: If two statistics share a name.
+
+    Example:
+        >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"), Statistic("count", "sum"))
+        >>> stats.sums, stats.maxima
+        (('sq', 'count'), ('top',))
+        >>> table = stats.stack({"sq": torch.tensor([9.0, 16.0]), "count": torch.tensor([1.0, 1.0]),
+        ...                      "top": torch.tensor([3.0, 4.0])})
+        >>> table["top"].tolist(), table.to_layers(torch.tensor([0, 0]), 1).to_host()["sq"].tolist()
+        ([3.0, 4.0], [25.0])
+    """
+
+    def __init__(self, *statistics: Statistic) -> None:
+        names = [statistic.name for statistic in statistics]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"StatisticSet: each name may be declared once; repeated: {repeated}.")
+        self.statistics = tuple(statistics)
+        self.sums = tuple(s.name for s in statistics if s.reduce == "sum")
+        self.maxima = tuple(s.name for s in statistics if s.reduce == "max")
+        self._rows: dict[str, tuple[Reduce, int]] = {name: ("sum", row) for row, name in enumerate(self.sums)}
+        self._rows.update({name: ("max", row) for row, name in enumerate(self.maxima)})
+
+    def __iter__(self) -> Iterator[Statistic]:
+        return iter(self.statistics)
+
+    def __len__(self) -> int:
+        return len(self.statistics)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rows
+
+    def __repr__(self) -> str:
+        return f"StatisticSet{self.statistics!r}"
+
+    def extend(self, *statistics: Statistic) -> StatisticSet:
+        """This set followed by more statistics.
+
+        Example:
+            >>> StatisticSet(Statistic("sq", "sum")).extend(Statistic("count", "sum")).sums
+            ('sq', 'count')
+        """
+        return StatisticSet(*self.statistics, *statistics)
+
+    def stack(self, values: Mapping[str, Tensor]) -> StatisticTable:
+        """Stack one tensor per declared statistic (all of one shape, e.g. one value per tensor) into a table.
+
+        Args:
+            values: ``name -> values`` for exactly the declared names.
+
+        Raises:
+            ValueError: If a declared name is missing or an undeclared one is given.
+        """
+        if set(values) != set(self._rows):
+            missing, unknown = sorted(set(self._rows) - set(values)), sorted(set(values) - set(self._rows))
+            raise ValueError(
+                f"StatisticSet.stack: `values` must have exactly the declared names {sorted(self._rows)}; "
+                f"missing {missing}, undeclared {unknown}."
+            )
+        sums = _stack_rows([values[name] for name in self.sums], values)
+        maxima = _stack_rows([values[name] for name in self.maxima], values)
+        return StatisticTable(self, sums, maxima)
+
+    def row(self, name: str) -> tuple[Reduce, int]:
+        """Where ``name`` lives in the stacked form: ``("sum", row of the sums)`` or ``("max", row of the maxima)``.
+
+        Raises:
+            KeyError: If ``name`` is not declared.
+
+        Example:
+            >>> StatisticSet(Statistic("top", "max"), Statistic("sq", "sum")).row("sq")
+            ('sum', 0)
+        """
+        where = self._rows.get(name)
+        if where is None:
+            raise KeyError(f"{name!r} is not a declared statistic; declared: {[s.name for s in self.statistics]}")
+        return where
+
+    def split(self, sums: _Array, maxima: _Array | None = None) -> dict[str, _Array]:
+        """Name the rows of stacked ``sums`` and ``maxima`` (tensors or host arrays), in declaration order.
+
+        Args:
+            sums: One row per statistic of :attr:`sums`.
+            maxima: One row per statistic of :attr:`maxima`; may be left out when there are none.
+
+        Raises:
+            ValueError: If ``maxima`` is left out although maxima are declared.
+
+        Example:
+            >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"))
+            >>> stats.split(np.array([[25.0]]), np.array([[4.0]]))
+            {'sq': array([25.]), 'top': array([4.])}
+        """
+        if maxima is None and self.maxima:
+            raise ValueError(f"StatisticSet.split: `maxima` is needed for the declared maxima {self.maxima}.")
+        blocks = {"sum": sums, "max": sums[:0] if maxima is None else maxima}
+        return {s.name: blocks[s.reduce][self._rows[s.name][1]] for s in self.statistics}
+
+
+def _stack_rows(rows: list[Tensor], values: Mapping[str, Tensor]) -> Tensor:
+    if len(rows) == 1:
+        return rows[0].unsqueeze(0)  # a view: no copy
+    if rows:
+        return torch.stack(rows)
+    reference = next(iter(values.values()), None)
+    if reference is None:
+        return torch.zeros(0, 0)
+    return reference.new_zeros((0, *reference.shape))
+
+
+@dataclass(frozen=True, eq=False)
+class StatisticTable:
+    """Statistics stacked for reduction: rows named by a :class:`StatisticSet`, columns per tensor (or layer).
+
+    Attributes:
+        statistics: What the rows are.
+        sums: ``(K, C)``: one row per statistic reduced by sum, in :attr:`StatisticSet.sums` order.
+        maxima: ``(M, C)``: one row per statistic reduced by maximum.
+    """
+
+    statistics: StatisticSet
+    sums: Tensor
+    maxima: Tensor
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The row of one statistic (``KeyError`` if it is not declared)."""
+        reduce, row = self.statistics.row(name)
+        return (self.sums if reduce == "sum" else self.maxima)[row]
+
+    @property
+    def columns(self) -> int:
+        """Number of columns (tensors or layers)."""
+        return int(self.sums.shape[-1] if self.sums.shape[0] else self.maxima.shape[-1])
+
+    def with_values(self, sums: Tensor, maxima: Tensor) -> StatisticTable:
+        """The same statistics with new stacked values (e.g. after a reduction)."""
+        return StatisticTable(self.statistics, sums, maxima)
+
+    def replace(self, rows: Mapping[str, Tensor]) -> StatisticTable:
+        """A copy with the named rows replaced.
+
+        Example:
+            >>> table = StatisticSet(Statistic("sq", "sum")).stack({"sq": torch.tensor([4.0])})
+            >>> table.replace({"sq": table["sq"] * 2})["sq"].tolist()
+            [8.0]
+        """
+        values = self.statistics.split(self.sums, self.maxima)
+        values.update(rows)
+        return self.statistics.stack(values)
+
+    def across_ranks(self, reduction: CrossRankReduction, params: Sequence[Tensor]) -> StatisticTable:
+        """Each statistic reduced over the ranks holding parts of the columns' ``params`` (one collective at most).
+
+        Example:
+            >>> table = StatisticSet(Statistic("sq", "sum")).stack({"sq": torch.tensor([4.0])})
+            >>> table.across_ranks(LocalReduction(), [torch.ones(2)])["sq"].tolist()
+            [4.0]
+        """
+        return self.with_values(*reduction(self.sums, self.maxima, params))
+
+    def to_layers(self, layer_index: Tensor, num_layers: int) -> StatisticTable:
+        """Each statistic reduced over the columns of each layer (see :func:`reduce_to_layers`)."""
+        return self.with_values(*reduce_to_layers(self.sums, self.maxima, layer_index, num_layers))
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        """Every statistic as a float64 host array, with one device-to-host copy for the whole table."""
+        sums, maxima = self.sums, self.maxima
+        host = torch.cat([sums.flatten(), maxima.flatten()]).cpu().numpy().astype(np.float64)
+        return self.statistics.split(
+            host[: sums.numel()].reshape(sums.shape), host[sums.numel() :].reshape(maxima.shape)
+        )
+
+
+# --------------------------------------------------------------------------------- basic operations
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallelism): each rank holds a part of it.
+
+    Example:
+        >>> is_dtensor(torch.ones(2))
+        False
+    """
+    return DTensor is not None and isinstance(tensor, DTensor)
 
 
 def local_tensor(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this rank holds (a DTensor's local shard, else the tensor itself)."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor.to_local()
     return tensor
 
@@ -85,6 +322,11 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0, device: torch.dev
     return out
 
 
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_SHAPE = attrgetter("shape")
+
+
 def _single_group(tensors: Sequence[Tensor]) -> bool:
     """Whether all ``tensors`` share one device and one dtype."""
     return len(set(map(_DTYPE, tensors))) == 1 and len(set(map(_DEVICE, tensors))) == 1
@@ -99,61 +341,10 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
 
 
-_DTYPE = attrgetter("dtype")
-_DEVICE = attrgetter("device")
-_SHAPE = attrgetter("shape")
-
-
 def _fused_norms(tensors: list[Tensor], ord: float) -> Tensor:
     """One ``_foreach_norm`` over same-device, same-dtype tensors, accumulated in at least float32."""
     norms = torch._foreach_norm(tensors, ord, dtype=_accumulation_dtype(tensors[0].dtype))
     return torch.stack(norms).to(torch.float32)
-
-
-def max_abs(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """Largest absolute value of each tensor, in float32 (``0`` for empty tensors).
-
-    On accelerators this is one fused ``_foreach_norm(ord=inf)`` per group; on CPU, where that kernel is
-    several times slower than the L2 one, one ``aminmax`` per tensor is faster.
-
-    Example:
-        >>> max_abs([torch.tensor([1.0, -3.0]), torch.tensor([2.0])]).tolist()
-        [3.0, 2.0]
-    """
-    if not tensors:
-        return torch.zeros(0, device=device)
-    home = device if device is not None else tensors[0].device
-    if not _all_on_cpu(tensors):
-        if all(t.numel() for t in tensors):
-            return foreach_norms(tensors, float("inf"), home)
-        # Empty shards (FSDP2 gives some ranks 0 rows, FSDP1 empty slices): _foreach_norm(inf) refuses them.
-        filled = [i for i, t in enumerate(tensors) if t.numel()]
-        out = torch.zeros(len(tensors), dtype=torch.float32, device=home)
-        if filled:
-            norms = foreach_norms([tensors[i] for i in filled], float("inf"), home)
-            out[torch.tensor(filled, device=home)] = norms
-        return out
-    extremes = [_extremes(tensor) for tensor in tensors]
-    return _largest_magnitudes(extremes).to(home)
-
-
-_ZERO = torch.zeros((), dtype=torch.float32)
-
-
-def _extremes(tensor: Tensor) -> tuple[Tensor, Tensor]:
-    """``(min, max)`` of a tensor in float32; zeros for an empty one."""
-    if not tensor.numel():
-        return _ZERO, _ZERO
-    low, high = torch.aminmax(tensor)
-    return low.float(), high.float()
-
-
-def _largest_magnitudes(extremes: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """``max(|min|, |max|)`` of each ``(min, max)`` pair, as one float32 vector."""
-    if not extremes:
-        return torch.zeros(0)
-    lows, highs = zip(*extremes)
-    return torch.maximum(torch.stack(highs), torch.stack(lows).neg_()).abs_()  # abs_: no -0.0
 
 
 def wide_dtype(device: torch.device) -> torch.dtype:
@@ -179,217 +370,13 @@ def squares(norms: Tensor) -> Tensor:
     return norms.to(wide_dtype(norms.device)).square()
 
 
-#: On CPU, tensors with at most this many elements are stacked with the others of their shape and dtype, and
-#: one kernel serves the stack: there every kernel call costs microseconds of dispatch, which for a
-#: BatchNorm-sized tensor is most of its cost (yolo11n: 180 of its 255 trainable tensors, 1.7% of its elements).
-STACK_MAX_NUMEL = 4096
-
-
-@dataclass(frozen=True, eq=False)
-class Batching:
-    """Which tensors of a list share one kernel (see :data:`STACK_MAX_NUMEL`).
-
-    Attributes:
-        stacks: Positions of same-shape small CPU tensors, each group processed as one stacked matrix.
-        singles: Positions of the other tensors.
-        restore: For each input position, its position among the results laid out as ``singles`` then each
-            stack; ``None`` when nothing is stacked.
-        per_tensor: Take all statistics of one single tensor back to back (CPU), so that every pass after
-            the first reads it from cache: ~20% less time for yolo11n's gradients, bitwise the same results.
-            Otherwise (accelerators) each statistic is one fused ``_foreach`` kernel over all singles.
-
-    Example:
-        >>> batching = Batching.plan([torch.ones(3), torch.ones(5000), torch.ones(3)])
-        >>> batching.stacks, batching.singles
-        (((0, 2),), (1,))
-    """
-
-    stacks: tuple[tuple[int, ...], ...]
-    singles: tuple[int, ...]
-    restore: Tensor | None
-    per_tensor: bool = False
-
-    @staticmethod
-    def plan(tensors: Sequence[Tensor]) -> Batching:
-        """The CPU plan for a CPU list; on accelerators nothing is stacked and ``per_tensor`` is off.
-
-        There ``_foreach`` kernels already serve many tensors in one launch.
-        """
-        if not tensors or not _all_on_cpu(tensors):
-            return Batching((), tuple(range(len(tensors))), None)
-        if len(set(map(_DTYPE, tensors))) == 1:
-            return _plan_by_shape(tuple(map(_SHAPE, tensors)))
-        return Batching((), tuple(range(len(tensors))), None, per_tensor=True)
-
-    def gather(self, singles: Tensor, stacks: Sequence[Tensor]) -> Tensor:
-        """Per-tensor results in input order, from the singles' results and each stack's."""
-        if self.restore is None:
-            return singles
-        return torch.cat([singles, *stacks])[self.restore]
-
-
-@functools.lru_cache(maxsize=16)
-def _plan_by_shape(shapes: tuple[torch.Size, ...]) -> Batching:
-    groups: dict[torch.Size, list[int]] = {}
-    for position, shape in enumerate(shapes):
-        if 0 < math.prod(shape) <= STACK_MAX_NUMEL:
-            groups.setdefault(shape, []).append(position)
-    stacks = tuple(tuple(positions) for positions in groups.values() if len(positions) > 1)
-    stacked = {position for stack in stacks for position in stack}
-    singles = tuple(position for position in range(len(shapes)) if position not in stacked)
-    if not stacks:
-        return Batching((), singles, None, per_tensor=True)
-    layout = torch.tensor([*singles, *(position for stack in stacks for position in stack)])
-    restore = torch.empty_like(layout)
-    restore[layout] = torch.arange(len(layout))
-    return Batching(stacks, singles, restore, per_tensor=True)
-
-
-def _stacked(tensors: Sequence[Tensor], positions: tuple[int, ...]) -> Tensor:
-    """The tensors at ``positions`` as the rows of one new matrix."""
-    return torch.stack([tensors[i] for i in positions]).flatten(1)
-
-
-def _row_norms(matrix: Tensor) -> Tensor:
-    """L2 norm of each row in float32, like :func:`foreach_norms`."""
-    return _norm(matrix, dim=1).float()
-
-
-def _norm_squares(single_norms: Tensor, stacks: list[Tensor], batching: Batching) -> Tensor:
-    """Squared L2 norms (see :func:`squares`) in input order, from the singles' norms and the stacks' rows."""
-    return squares(batching.gather(single_norms, [_row_norms(matrix) for matrix in stacks]))
-
-
-def _norm(tensor: Tensor, dim: int | None = None) -> Tensor:
-    """L2 norm accumulated in at least float32 (the kernel ``_foreach_norm`` runs per tensor on CPU)."""
-    return torch.linalg.vector_norm(tensor, dim=dim, dtype=_accumulation_dtype(tensor.dtype))
-
-
-def _stack_norms(norms: list[Tensor]) -> Tensor:
-    return torch.stack(norms).float() if norms else torch.zeros(0)
-
-
-def gradient_statistics(
-    grads: Sequence[Tensor], device: torch.device | None = None, batching: Batching | None = None
-) -> tuple[Tensor, Tensor]:
-    """Squared L2 norm (see :func:`squares`) and largest absolute value (see :func:`max_abs`) of each tensor.
-
-    Example:
-        >>> sq, top = gradient_statistics([torch.tensor([3.0, -4.0]), torch.tensor([6.0, 8.0])])
-        >>> sq.tolist(), top.tolist()
-        ([25.0, 100.0], [4.0, 8.0])
-    """
-    batching = batching if batching is not None else Batching.plan(grads)
-    singles = [grads[i] for i in batching.singles]
-    with torch.no_grad():
-        if batching.per_tensor:
-            norms, extremes = [], []
-            for grad in singles:
-                norms.append(_norm(grad))
-                extremes.append(_extremes(grad))
-            single_norms, single_max = _stack_norms(norms), _largest_magnitudes(extremes)
-        else:
-            single_norms, single_max = foreach_norms(singles, 2.0, device), max_abs(singles, device)
-        matrices = [_stacked(grads, positions) for positions in batching.stacks]
-        maxima = []
-        for matrix in matrices:
-            low, high = torch.aminmax(matrix, dim=1)
-            maxima.append(torch.maximum(high, low.neg()).abs_().float())
-        return _norm_squares(single_norms, matrices, batching), batching.gather(single_max, maxima)
-
-
-class Snapshot:
-    """Copies of tensors before they change (e.g. parameters before an optimizer step), see :func:`snapshot`.
-
-    Attributes:
-        batching: How the copies are laid out.
-        singles: Copies of the tensors at ``batching.singles``.
-        stacks: One matrix per ``batching.stacks`` group, a copy of its tensors as rows.
-    """
-
-    def __init__(self, batching: Batching, singles: list[Tensor], stacks: list[Tensor]) -> None:
-        self.batching = batching
-        self.singles = singles
-        self.stacks = stacks
-
-
-def snapshot(tensors: Sequence[Tensor], batching: Batching | None = None) -> Snapshot:
-    """Copy ``tensors`` (fused, small ones stacked), e.g. parameters before an optimizer step.
-
-    Example:
-        >>> weight = torch.ones(2)
-        >>> before = snapshot([weight])
-        >>> weight.add_(torch.tensor([3.0, 4.0]))
-        tensor([4., 5.])
-        >>> update_squares([weight], before).tolist()
-        [25.0]
-    """
-    batching = batching if batching is not None else Batching.plan(tensors)
-    with torch.no_grad():
-        singles = [tensors[i] for i in batching.singles]
-        if _foreach_clone is None:  # pragma: no cover - torch without _foreach_clone
-            copies = [tensor.clone() for tensor in singles]
-        else:  # a plain copy: faster than _foreach_mul(tensors, 1.0)
-            copies = list(_foreach_clone(singles)) if singles else []
-        return Snapshot(batching, copies, [_stacked(tensors, positions) for positions in batching.stacks])
-
-
-_foreach_clone = getattr(torch, "_foreach_clone", None)
-
-
-def parameter_statistics(
-    params: Sequence[Tensor],
-    device: torch.device | None = None,
-    copy: bool = True,
-    batching: Batching | None = None,
-) -> tuple[Tensor, Snapshot | None]:
-    """Squared L2 norm of each tensor and, if ``copy``, a :func:`snapshot` of them.
-
-    Stacked tensors' norms are read from their copy, which saves reading them twice.
-
-    Example:
-        >>> sq, before = parameter_statistics([torch.tensor([3.0, 4.0])], copy=False)
-        >>> sq.tolist(), before
-        ([25.0], None)
-    """
-    batching = batching if batching is not None else Batching.plan(params)
-    singles = [params[i] for i in batching.singles]
-    with torch.no_grad():
-        if not copy:
-            matrices = [_stacked(params, positions) for positions in batching.stacks]
-            return _norm_squares(foreach_norms(singles, 2.0, device), matrices, batching), None
-        if not batching.per_tensor:
-            before = snapshot(params, batching)
-            return _norm_squares(foreach_norms(singles, 2.0, device), before.stacks, batching), before
-        norms, copies = [], []
-        for param in singles:
-            norms.append(_norm(param))
-            copies.append(param.clone())
-        matrices = [_stacked(params, positions) for positions in batching.stacks]
-        return _norm_squares(_stack_norms(norms), matrices, batching), Snapshot(batching, copies, matrices)
-
-
-def update_squares(after: Sequence[Tensor], before: Snapshot, device: torch.device | None = None) -> Tensor:
-    """Squared L2 norm of ``after[i] - before[i]`` for each tensor (see :func:`squares`).
-
-    ``before`` (a :func:`snapshot`) is overwritten with the differences, which saves an allocation.
-    """
-    if not after:
-        return torch.zeros(0, device=device)
-    batching = before.batching
-    with torch.no_grad():
-        for positions, matrix in zip(batching.stacks, before.stacks):
-            matrix.sub_(_stacked(after, positions))
-        if not batching.per_tensor:
-            if before.singles:
-                torch._foreach_sub_(before.singles, [after[i] for i in batching.singles])
-            return _norm_squares(foreach_norms(before.singles, 2.0, device), before.stacks, batching)
-        norms = [_norm(copy.sub_(after[i])) for copy, i in zip(before.singles, batching.singles)]
-        return _norm_squares(_stack_norms(norms), before.stacks, batching)
-
-
 def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """Number of NaN/Inf elements in each tensor (one small kernel per tensor: use only when needed)."""
+    """Number of NaN/Inf elements in each tensor (one small kernel per tensor: use only when needed).
+
+    Example:
+        >>> nonfinite_counts([torch.tensor([1.0, float("nan"), float("inf")]), torch.ones(2)]).tolist()
+        [2.0, 0.0]
+    """
     if not tensors:
         return torch.zeros(0, device=device)
     home = device if device is not None else tensors[0].device
@@ -423,11 +410,293 @@ def reduce_to_layers(sums: Tensor, maxima: Tensor, layer_index: Tensor, num_laye
     return layer_sums, layer_max
 
 
+# --------------------------------------------------------------------------- per-tensor kernels
+class Snapshot:
+    """Copies of tensors before they change (e.g. parameters before an optimizer step), see :func:`snapshot`.
+
+    Attributes:
+        kernels: The kernels that made the copies (and that :func:`update_squares` uses on them).
+        copies: The copies, laid out as ``kernels`` lays tensors out (:class:`CpuKernels` stacks some).
+    """
+
+    def __init__(self, kernels: Kernels, copies: list[Tensor]) -> None:
+        self.kernels = kernels
+        self.copies = copies
+
+
+class Kernels(Protocol):
+    """The per-tensor statistics of one list of tensors, one implementation per kind of device."""
+
+    def gradient_statistics(self, grads: Sequence[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
+        """Squared L2 norm (see :func:`squares`) and largest absolute value (float32) of each tensor."""
+        ...
+
+    def parameter_statistics(
+        self, params: Sequence[Tensor], device: torch.device | None, copy: bool
+    ) -> tuple[Tensor, Snapshot | None]:
+        """Squared L2 norm of each tensor and, if ``copy``, a :class:`Snapshot` of them."""
+        ...
+
+    def snapshot(self, tensors: Sequence[Tensor]) -> Snapshot:
+        """Copies of ``tensors``."""
+        ...
+
+    def update_squares(self, after: Sequence[Tensor], before: Snapshot, device: torch.device | None) -> Tensor:
+        """Squared L2 norm of ``after[i] - before[i]``; overwrites ``before``'s copies with the differences."""
+        ...
+
+
+_foreach_clone = getattr(torch, "_foreach_clone", None)
+
+
+class FusedKernels:
+    """One fused ``_foreach`` kernel per statistic over all tensors (accelerators, mixed devices).
+
+    Example:
+        >>> sq, top = FusedKernels().gradient_statistics([torch.tensor([3.0, -4.0]), torch.zeros(0)], None)
+        >>> sq.tolist(), top.tolist()
+        ([25.0, 0.0], [4.0, 0.0])
+    """
+
+    def gradient_statistics(self, grads: Sequence[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
+        """Squared L2 norm and largest absolute value of each tensor (``0`` for empty ones)."""
+        return squares(foreach_norms(grads, 2.0, device)), self._max_abs(grads, device)
+
+    @staticmethod
+    def _max_abs(tensors: Sequence[Tensor], device: torch.device | None) -> Tensor:
+        if all(t.numel() for t in tensors):
+            return foreach_norms(tensors, float("inf"), device)
+        # Empty shards (FSDP2 gives some ranks 0 rows, FSDP1 empty slices): _foreach_norm(inf) refuses them.
+        home = device if device is not None else tensors[0].device
+        filled = [i for i, t in enumerate(tensors) if t.numel()]
+        out = torch.zeros(len(tensors), dtype=torch.float32, device=home)
+        if filled:
+            out[torch.tensor(filled, device=home)] = foreach_norms([tensors[i] for i in filled], float("inf"), home)
+        return out
+
+    def parameter_statistics(
+        self, params: Sequence[Tensor], device: torch.device | None, copy: bool
+    ) -> tuple[Tensor, Snapshot | None]:
+        """Squared L2 norm of each tensor and, if ``copy``, a snapshot of them."""
+        return squares(foreach_norms(params, 2.0, device)), self.snapshot(params) if copy else None
+
+    def snapshot(self, tensors: Sequence[Tensor]) -> Snapshot:
+        """A plain ``_foreach_clone`` of ``tensors``."""
+        if not tensors:
+            return Snapshot(self, [])
+        if _foreach_clone is None:  # pragma: no cover - torch without _foreach_clone
+            return Snapshot(self, [tensor.clone() for tensor in tensors])
+        return Snapshot(self, list(_foreach_clone(list(tensors))))
+
+    def update_squares(self, after: Sequence[Tensor], before: Snapshot, device: torch.device | None) -> Tensor:
+        """Squared L2 norm of each ``after[i] - before[i]`` (one ``_foreach_sub_``, one ``_foreach_norm``)."""
+        if before.copies:
+            torch._foreach_sub_(before.copies, list(after))
+        return squares(foreach_norms(before.copies, 2.0, device))
+
+
+#: On CPU, tensors with at most this many elements are stacked with the others of their shape and dtype, and
+#: one kernel serves the stack: there every kernel call pays a fixed dispatch cost, which for a
+#: BatchNorm-sized tensor is most of its cost.
+STACK_MAX_NUMEL = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class CpuKernels:
+    """CPU kernels: small same-shape tensors stacked into one matrix, each statistic taken per block.
+
+    A *block* is either one tensor (a *single*) or a stack of small same-shape, same-dtype tensors as the
+    rows of one new matrix (see :data:`STACK_MAX_NUMEL`). All statistics of a block are taken back to back,
+    so that every pass after the first reads it from cache. A single's results are bitwise those of
+    :class:`FusedKernels` (``_foreach_norm`` runs tensor by tensor on CPU); a stack's agree to rounding.
+
+    Attributes:
+        stacks: Positions of the tensors of each stack.
+        singles: Positions of the other tensors.
+        restore: For each input position, its position among the per-block results laid out as ``singles``
+            then each stack; ``None`` when nothing is stacked.
+
+    Example:
+        >>> grads = [torch.tensor([3.0, 4.0]), torch.zeros(5000), torch.tensor([-6.0, 8.0])]
+        >>> kernels = CpuKernels.plan(grads)
+        >>> kernels.stacks, kernels.singles
+        (((0, 2),), (1,))
+        >>> [t.tolist() for t in kernels.gradient_statistics(grads, None)]
+        [[25.0, 0.0, 100.0], [4.0, 0.0, 8.0]]
+    """
+
+    stacks: tuple[tuple[int, ...], ...] = ()
+    singles: tuple[int, ...] = ()
+    restore: Tensor | None = None
+
+    @staticmethod
+    def plan(tensors: Sequence[Tensor]) -> CpuKernels:
+        """Stack the small tensors of ``tensors`` that share a shape (only when all share one dtype)."""
+        if tensors and len(set(map(_DTYPE, tensors))) == 1:
+            return _plan_by_shape(tuple(map(_SHAPE, tensors)))
+        return CpuKernels((), tuple(range(len(tensors))), None)
+
+    def _blocks(self, tensors: Sequence[Tensor]) -> Iterator[tuple[Tensor, int | None]]:
+        """``(block, dim)``: each single as itself (``dim=None``), then each stack as a new matrix (``dim=1``)."""
+        for position in self.singles:
+            yield tensors[position], None
+        for positions in self.stacks:
+            yield torch.stack([tensors[i] for i in positions]).flatten(1), 1
+
+    def _gather(self, parts: Sequence[Tensor]) -> Tensor:
+        """Per-tensor results in input order, from the per-block ones (0-d for singles, 1-d for stacks)."""
+        count = len(self.singles)
+        singles = torch.stack(list(parts[:count])) if count else torch.zeros(0)
+        if self.restore is None:
+            return singles
+        return torch.cat([singles, *parts[count:]])[self.restore]
+
+    def gradient_statistics(self, grads: Sequence[Tensor], device: torch.device | None) -> tuple[Tensor, Tensor]:
+        """Squared L2 norm and largest absolute value of each tensor (``0`` for empty ones)."""
+        norms, lows, highs = [], [], []
+        for block, dim in self._blocks(grads):
+            norms.append(_norm(block, dim))
+            low, high = _extremes(block, dim)
+            lows.append(low)
+            highs.append(high)
+        largest = torch.maximum(self._gather(highs), self._gather(lows).neg_()).abs_()  # abs_: no -0.0
+        return squares(self._gather(norms).float()), largest.float()
+
+    def parameter_statistics(
+        self, params: Sequence[Tensor], device: torch.device | None, copy: bool
+    ) -> tuple[Tensor, Snapshot | None]:
+        """Squared L2 norm of each tensor and, if ``copy``, a snapshot of them (a stack is its own copy)."""
+        norms, copies = [], []
+        for block, dim in self._blocks(params):
+            norms.append(_norm(block, dim))
+            if copy:
+                copies.append(block.clone() if dim is None else block)
+        return squares(self._gather(norms).float()), Snapshot(self, copies) if copy else None
+
+    def snapshot(self, tensors: Sequence[Tensor]) -> Snapshot:
+        """Copies of ``tensors``: each single cloned, each stack built as a new matrix."""
+        return Snapshot(self, [block.clone() if dim is None else block for block, dim in self._blocks(tensors)])
+
+    def update_squares(self, after: Sequence[Tensor], before: Snapshot, device: torch.device | None) -> Tensor:
+        """Squared L2 norm of each ``after[i] - before[i]``, block by block."""
+        norms = [_norm(copy.sub_(block), dim) for copy, (block, dim) in zip(before.copies, self._blocks(after))]
+        return squares(self._gather(norms).float())
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_by_shape(shapes: tuple[torch.Size, ...]) -> CpuKernels:
+    groups: dict[torch.Size, list[int]] = {}
+    for position, shape in enumerate(shapes):
+        if 0 < math.prod(shape) <= STACK_MAX_NUMEL:
+            groups.setdefault(shape, []).append(position)
+    stacks = tuple(tuple(positions) for positions in groups.values() if len(positions) > 1)
+    stacked = {position for stack in stacks for position in stack}
+    singles = tuple(position for position in range(len(shapes)) if position not in stacked)
+    if not stacks:
+        return CpuKernels((), singles, None)
+    layout = torch.tensor([*singles, *(position for stack in stacks for position in stack)])
+    restore = torch.empty_like(layout)
+    restore[layout] = torch.arange(len(layout))
+    return CpuKernels(stacks, singles, restore)
+
+
+def _norm(tensor: Tensor, dim: int | None) -> Tensor:
+    """L2 norm (of each row with ``dim=1``) accumulated in at least float32, as ``_foreach_norm`` on CPU."""
+    return torch.linalg.vector_norm(tensor, dim=dim, dtype=_accumulation_dtype(tensor.dtype))
+
+
+def _extremes(tensor: Tensor, dim: int | None) -> tuple[Tensor, Tensor]:
+    """``(min, max)`` (of each row with ``dim=1``); zeros for an empty tensor."""
+    if dim is None and not tensor.numel():
+        zero = torch.zeros((), dtype=tensor.dtype)
+        return zero, zero
+    low, high = torch.aminmax(tensor, dim=dim)
+    return low, high
+
+
+def kernels_for(tensors: Sequence[Tensor]) -> Kernels:
+    """The kernels for ``tensors``: :class:`CpuKernels` when all are on CPU, else :class:`FusedKernels`.
+
+    Example:
+        >>> type(kernels_for([torch.ones(2)])).__name__
+        'CpuKernels'
+    """
+    if tensors and _all_on_cpu(tensors):
+        return CpuKernels.plan(tensors)
+    return FusedKernels()
+
+
+def gradient_statistics(
+    grads: Sequence[Tensor], device: torch.device | None = None, kernels: Kernels | None = None
+) -> tuple[Tensor, Tensor]:
+    """Squared L2 norm (see :func:`squares`) and largest absolute value (float32, ``0`` if empty) of each tensor.
+
+    Args:
+        grads: Plain (local) tensors.
+        device: Where the results live; defaults to the first tensor's device.
+        kernels: Which kernels to use; :func:`kernels_for` ``grads`` by default.
+
+    Example:
+        >>> sq, top = gradient_statistics([torch.tensor([3.0, -4.0]), torch.tensor([6.0, 8.0])])
+        >>> sq.tolist(), top.tolist()
+        ([25.0, 100.0], [4.0, 8.0])
+    """
+    if not grads:
+        return torch.zeros(0, dtype=torch.float64, device=device), torch.zeros(0, device=device)
+    with torch.no_grad():
+        return (kernels if kernels is not None else kernels_for(grads)).gradient_statistics(grads, device)
+
+
+def parameter_statistics(
+    params: Sequence[Tensor],
+    device: torch.device | None = None,
+    copy: bool = True,
+    kernels: Kernels | None = None,
+) -> tuple[Tensor, Snapshot | None]:
+    """Squared L2 norm of each tensor and, if ``copy``, a :func:`snapshot` of them.
+
+    Example:
+        >>> sq, before = parameter_statistics([torch.tensor([3.0, 4.0])], copy=False)
+        >>> sq.tolist(), before
+        ([25.0], None)
+    """
+    with torch.no_grad():
+        return (kernels if kernels is not None else kernels_for(params)).parameter_statistics(params, device, copy)
+
+
+def snapshot(tensors: Sequence[Tensor], kernels: Kernels | None = None) -> Snapshot:
+    """Copy ``tensors`` (fused, or small ones stacked on CPU), e.g. parameters before an optimizer step.
+
+    Example:
+        >>> weight = torch.ones(2)
+        >>> before = snapshot([weight])
+        >>> weight.add_(torch.tensor([3.0, 4.0]))
+        tensor([4., 5.])
+        >>> update_squares([weight], before).tolist()
+        [25.0]
+    """
+    with torch.no_grad():
+        return (kernels if kernels is not None else kernels_for(tensors)).snapshot(tensors)
+
+
+def update_squares(after: Sequence[Tensor], before: Snapshot, device: torch.device | None = None) -> Tensor:
+    """Squared L2 norm of ``after[i] - before[i]`` for each tensor (see :func:`squares`).
+
+    ``before`` (a :func:`snapshot`) is overwritten with the differences, which saves an allocation.
+    """
+    if not after:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        return before.kernels.update_squares(after, before, device)
+
+
+# ------------------------------------------------------------------------------- across ranks
 class CrossRankReduction(Protocol):
     """Turns this rank's per-tensor statistics into exact global ones.
 
     Implementations must issue the same collectives on every rank, in the same order, whatever the values,
-    and at most one collective per call.
+    and at most one collective per call. They get a :class:`StatisticTable`'s two blocks, each reduced as its
+    statistics declare (see :meth:`StatisticTable.across_ranks`).
     """
 
     def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -446,7 +715,13 @@ class CrossRankReduction(Protocol):
 
 
 class LocalReduction:
-    """No reduction: every rank already holds whole tensors (single process, DDP)."""
+    """No reduction: every rank already holds whole tensors (single process, DDP).
+
+    Example:
+        >>> sums, maxima = torch.tensor([[4.0]]), torch.tensor([[2.0]])
+        >>> LocalReduction()(sums, maxima, [torch.ones(2)]) == (sums, maxima)
+        True
+    """
 
     def __call__(self, sums: Tensor, maxima: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Return the statistics unchanged."""

@@ -24,20 +24,43 @@ from gradlight.stats import (
     CrossRankReduction,
     LocalReduction,
     Snapshot,
+    Statistic,
+    StatisticSet,
+    StatisticTable,
     gradient_statistics,
     local_tensor,
     nonfinite_counts,
     parameter_statistics,
-    reduce_to_layers,
     squares,
     update_squares,
     wide_dtype,
 )
 
-__all__ = ["LAYER_METRICS", "GradientFlowTracker", "StepRecord", "early_late_ratio"]
+__all__ = [
+    "GRAD_COUNT",
+    "LAYER_METRICS",
+    "NONFINITE_STATISTICS",
+    "STEP_STATISTICS",
+    "GradientFlowTracker",
+    "StepRecord",
+    "early_late_ratio",
+]
 
 #: Per-layer metrics of every record, in this order.
 LAYER_METRICS = ("grad_l2", "grad_max_abs", "grad_nonfinite", "param_l2", "update_ratio")
+
+#: Per-parameter statistics of a logged step, reduced across ranks and into layers by name.
+STEP_STATISTICS = StatisticSet(
+    Statistic("grad_sq", "sum"),
+    Statistic("param_sq", "sum"),
+    Statistic("update_sq", "sum"),
+    Statistic("grad_max", "max"),
+)
+#: Recounted when a step's fused gradient norms were not finite (rare).
+NONFINITE_STATISTICS = StatisticSet(Statistic("grad_nonfinite", "sum"), Statistic("grad_sq", "sum"))
+#: ``1`` where a rank read a gradient: added to either set when columns are aligned across ranks, so that a
+#: parameter no rank has a gradient for is left out, as in one process.
+GRAD_COUNT = Statistic("grad_count", "sum")
 
 
 @dataclass
@@ -342,31 +365,41 @@ class GradientFlowTracker:
             update_sq = update_squares(pending.params, pending.before, device)
         else:
             update_sq = torch.full_like(pending.param_sq, float("nan"))
-        rows = [pending.grad_sq, pending.param_sq, update_sq]
-        if pending.grad_count is not None:
-            rows.append(pending.grad_count)
-        sums, maxima = self.reduction(torch.stack(rows), pending.grad_max.unsqueeze(0), pending.originals)
-        if pending.grad_count is not None:  # a parameter no rank has a gradient for is skipped, as in one process
-            sums = torch.cat([sums[:3] * (sums[3:] > 0), sums[3:]])
+        values = {
+            "grad_sq": pending.grad_sq,
+            "param_sq": pending.param_sq,
+            "update_sq": update_sq,
+            "grad_max": pending.grad_max,
+        }
+        table = self._reduce(STEP_STATISTICS, values, pending)
         param_layer = self.layer_map.param_layer
         candidates = sorted({param_layer[i] for i in pending.indices})
         layer_index = self._layer_index(pending.indices, candidates, device)
-        layer_sums, layer_max = reduce_to_layers(sums, maxima, layer_index, len(candidates))
-        host = torch.cat([layer_sums.flatten(), layer_max.flatten()]).cpu().numpy().astype(np.float64)
-        layer_rows = host[: len(rows) * len(candidates)].reshape(len(rows), len(candidates))
-        grad_max = host[len(rows) * len(candidates) :]
+        layers = table.to_layers(layer_index, len(candidates)).to_host()
         # Layers whose parameters had a gradient on some rank (all of them unless columns are aligned).
-        keep = layer_rows[3] > 0 if pending.grad_count is not None else np.ones(len(candidates), dtype=bool)
+        keep = layers["grad_count"] > 0 if "grad_count" in layers else np.ones(len(candidates), dtype=bool)
         present = [layer for layer, kept in zip(candidates, keep) if kept]
-        nonfinite = np.zeros(len(candidates))
-        if not np.isfinite(layer_rows[0]).all():  # rare: one more collective, on this step only
-            nonfinite, layer_rows[0] = self._recount_nonfinite(pending, layer_index, len(candidates))
-        grad_sq, param_sq, upd_sq = layer_rows[:3, keep]
-        record = self._record(pending.step, present, grad_sq, grad_max[keep], nonfinite[keep], param_sq, upd_sq)
+        layers["grad_nonfinite"] = np.zeros(len(candidates))
+        if not np.isfinite(layers["grad_sq"]).all():  # rare: one more collective, on this step only
+            layers.update(self._recount_nonfinite(pending, layer_index, len(candidates)))
+        record = self._record(pending.step, present, {name: values[keep] for name, values in layers.items()})
         if pending.grad_scale != 1.0:
             record.global_metrics["grad_scale"] = pending.grad_scale
         self._attach_optimizer_view(record, pending, [layer for layer, kept in zip(candidates, keep) if not kept])
         return record
+
+    def _reduce(self, statistics: StatisticSet, values: dict[str, Tensor], pending: _Pending) -> StatisticTable:
+        """Stack ``values`` as ``statistics`` and reduce them across ranks (one collective at most).
+
+        With aligned columns, ``grad_count`` joins the table and every other sum is zeroed where no rank read a
+        gradient (that column's parameter is skipped, as in one process).
+        """
+        if pending.grad_count is None:
+            return statistics.stack(values).across_ranks(self.reduction, pending.originals)
+        table = statistics.extend(GRAD_COUNT).stack({**values, "grad_count": pending.grad_count})
+        table = table.across_ranks(self.reduction, pending.originals)
+        read = table["grad_count"] > 0
+        return table.replace({name: table[name] * read for name in statistics.sums})
 
     def _attach_optimizer_view(self, record: StepRecord, pending: _Pending, absent: list[int]) -> None:
         """Layers without any gradient (``missing``) and per-layer learning rates, from the host-side lists."""
@@ -390,10 +423,8 @@ class GradientFlowTracker:
         record.learning_rates = np.array([per_layer.get(layer, np.nan) for layer in record.layers])
         record.max_learning_rate = max(rates.values(), default=None)
 
-    def _recount_nonfinite(
-        self, pending: _Pending, layer_index: Tensor, num_layers: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact NaN/Inf element counts and layer ``grad_sq`` for a step whose fused norms were not finite.
+    def _recount_nonfinite(self, pending: _Pending, layer_index: Tensor, num_layers: int) -> dict[str, np.ndarray]:
+        """Exact per-layer ``grad_nonfinite`` counts and ``grad_sq`` for a step whose fused norms were not finite.
 
         A float32 norm also overflows when every element is finite but their squares' sum is above ~3e38
         (elements of ~1e19 and more): those tensors' norms are recomputed in float64, so a huge but finite
@@ -407,14 +438,9 @@ class GradientFlowTracker:
             grad = pending.grads[i]
             wide = torch.linalg.vector_norm(grad, dtype=wide_dtype(device))
             grad_sq[i] = squares(wide.to(device)) / (pending.grad_scale * pending.grad_scale)
-        rows = torch.stack([counts.to(grad_sq.dtype), grad_sq])
-        if pending.grad_count is not None:
-            rows = torch.cat([rows, pending.grad_count.unsqueeze(0)])
-        sums, _ = self.reduction(rows, pending.grad_max.unsqueeze(0)[:0], pending.originals)
-        if pending.grad_count is not None:
-            sums = sums[:2] * (sums[2:] > 0)
-        layer_sums = reduce_to_layers(sums, sums[:0], layer_index, num_layers)[0].cpu().numpy()
-        return layer_sums[0], layer_sums[1].astype(np.float64)
+        values = {"grad_nonfinite": counts.to(grad_sq.dtype), "grad_sq": grad_sq}
+        table = self._reduce(NONFINITE_STATISTICS, values, pending)
+        return table.to_layers(layer_index, num_layers).to_host()
 
     def _layer_index(self, indices: list[int], present: list[int], device: torch.device) -> Tensor:
         key = tuple(indices)
@@ -428,20 +454,13 @@ class GradientFlowTracker:
             self._index_cache[key] = cached
         return cached
 
-    def _record(
-        self,
-        step: int,
-        present: list[int],
-        grad_sq: np.ndarray,
-        grad_max: np.ndarray,
-        nonfinite: np.ndarray,
-        param_sq: np.ndarray,
-        update_sq: np.ndarray,
-    ) -> StepRecord:
+    def _record(self, step: int, present: list[int], layers: dict[str, np.ndarray]) -> StepRecord:
+        """The record of the ``present`` layers from their reduced statistics (see :data:`STEP_STATISTICS`)."""
+        grad_sq, grad_max, nonfinite = layers["grad_sq"], layers["grad_max"], layers["grad_nonfinite"]
         grad_l2 = np.sqrt(grad_sq)
-        param_l2 = np.sqrt(param_sq)
+        param_l2 = np.sqrt(layers["param_sq"])
         with np.errstate(divide="ignore", invalid="ignore"):
-            update_ratio = np.where(param_l2 > 0, np.sqrt(update_sq) / param_l2, np.nan)
+            update_ratio = np.where(param_l2 > 0, np.sqrt(layers["update_sq"]) / param_l2, np.nan)
         names = self.layer_map.layers
         finite = grad_l2[np.isfinite(grad_l2)]
         global_metrics = {

@@ -8,7 +8,8 @@ Loggers are duck-typed, none of their packages is imported here:
 * Comet (``logger.experiment.log_figure`` without ``run_id``): figures.
 * Anything else (CSV, ...): nothing.
 
-A logger that raises does not stop training: the error becomes one warning per logger type.
+A logger that raises does not stop training: the error becomes one warning per logger type and per kind of
+payload, once per call, or once per caller when it passes its own ``warned`` set (e.g. one per monitor).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = ["DEFAULT_FIGURES", "log_figures", "log_gradient_histograms", "logger_
 #: Figures :func:`log_figures` sends by default.
 DEFAULT_FIGURES = ("heatmap", "profile")
 _BUILDERS = {"heatmap", "profile"}
-_warned: set[tuple[str, str]] = set()
 
 
 def logger_kind(logger: Any) -> str:
@@ -61,11 +61,11 @@ def _experiment(logger: Any) -> Any:
         return None
 
 
-def _warn_once(logger: Any, what: str, err: Exception) -> None:
+def _warn_once(warned: set[tuple[str, str]], logger: Any, what: str, err: Exception) -> None:
     key = (type(logger).__name__, what)
-    if key in _warned:
+    if key in warned:
         return
-    _warned.add(key)
+    warned.add(key)
     warnings.warn(
         f"gradlight: could not send {what} to {type(logger).__name__}: {err!r} (training continues)",
         RuntimeWarning,
@@ -107,6 +107,7 @@ def log_figures(
     findings: Sequence[Mapping[str, Any] | Any] = (),
     figures: Sequence[str] = DEFAULT_FIGURES,
     prefix: str = "gradflow",
+    warned: set[tuple[str, str]] | None = None,
 ) -> int:
     """Draw the heat map and the gradient-flow profile and send them to every logger that takes images.
 
@@ -121,6 +122,8 @@ def log_figures(
             ``kind``, ``layer``, ``step``.
         figures: Which figures: any of ``"heatmap"``, ``"profile"``.
         prefix: Tag prefix; tags are ``<prefix>/<figure>``.
+        warned: ``(logger type, payload)`` pairs already warned about; pass the same set on every call (one
+            per monitor) so that a failing logger warns once. By default a new set per call.
 
     Returns:
         How many (logger, figure) pairs were sent.
@@ -139,6 +142,7 @@ def log_figures(
     frame = _history_frame(history)
     if frame.empty or not (frame["metric"] == "grad_l2").any():
         return 0
+    warned = set() if warned is None else warned
     sent = 0
     for name in figures:
         result: FigureResult = heatmap_figure(frame, findings) if name == "heatmap" else profile_figure(frame)
@@ -146,7 +150,7 @@ def log_figures(
             try:
                 sent += int(_send_figure(logger, kind, f"{prefix}/{name}", result.figure, step))
             except Exception as err:
-                _warn_once(logger, f"the {name} figure", err)
+                _warn_once(warned, logger, f"the {name} figure", err)
         result.figure.clear()
     return sent
 
@@ -157,6 +161,7 @@ def log_gradient_histograms(
     step: int,
     *,
     prefix: str = "gradflow/grad",
+    warned: set[tuple[str, str]] | None = None,
 ) -> int:
     """Send one histogram per layer (e.g. its gradient tensor) to the loggers that take histograms.
 
@@ -168,6 +173,7 @@ def log_gradient_histograms(
         values: ``{layer: tensor or array}``, e.g. the layer's concatenated gradients.
         step: The global step.
         prefix: Tag prefix; tags are ``<prefix>/<layer>``.
+        warned: As for :func:`log_figures`.
 
     Returns:
         How many histograms were sent.
@@ -176,6 +182,7 @@ def log_gradient_histograms(
         >>> grads = {name: p.grad for name, p in model.named_parameters()}  # doctest: +SKIP
         >>> log_gradient_histograms(trainer.loggers, grads, trainer.global_step)  # doctest: +SKIP
     """
+    warned = set() if warned is None else warned
     sent = 0
     for logger in loggers:
         if logger_kind(logger) != "tensorboard":
@@ -193,7 +200,7 @@ def log_gradient_histograms(
                 experiment.add_histogram(f"{prefix}/{layer}", array, global_step=step)
                 sent += 1
             except Exception as err:
-                _warn_once(logger, "gradient histograms", err)
+                _warn_once(warned, logger, "gradient histograms", err)
                 break
     return sent
 

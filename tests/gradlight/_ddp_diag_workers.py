@@ -1,15 +1,13 @@
 """Top-level models and 2-process workers for the diagnosis and activation-tap tests.
 
-Workers are started with ``torch.multiprocessing.start_processes`` (see :func:`spawn`), set the
-torch.distributed environment themselves and build their own Trainer (``strategy="ddp"``), so pytest is never
-re-run in a child. Results go to JSON files.
+Workers are started with :func:`tests._distributed.spawn`, set the torch.distributed environment themselves
+and build their own Trainer (``strategy="ddp"``), so pytest is never re-run in a child. Results go to JSON
+files.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,10 +18,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from tests._distributed import init_env, spawn
+
+__all__ = ["QUIET", "Regressor", "dataset", "ddp_actions_worker", "gradlight_warnings", "mlp", "spawn"]
+
 QUIET: dict[str, Any] = dict(
     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
 )
-START_METHOD = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn"
 
 
 def mlp(
@@ -104,32 +105,6 @@ class Regressor(L.LightningModule):
 
 
 # ----------------------------------------------------------------------------------------- multi-process
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` processes and wait for all of them."""
-    torch.multiprocessing.start_processes(
-        fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method=START_METHOD
-    )
-
-
-def init_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-
-
 def gradlight_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     """The ``gradlight:`` messages among ``caught``."""
     return [str(w.message) for w in caught if str(w.message).startswith("gradlight:")]

@@ -1,17 +1,12 @@
 """Top-level workers for multi-process (gloo, CPU) tests of gradlight under sharding.
 
-Each worker is started by ``torch.multiprocessing.spawn`` (see :func:`spawn`), sets the torch.distributed
-environment itself and builds its own Trainer, so pytest is never re-run in a child. Results go to files.
+Each worker is started by :func:`tests._distributed.spawn`, sets the torch.distributed environment itself
+and builds its own Trainer, so pytest is never re-run in a child. Results go to files.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from tests._distributed import CollectiveCounter, init_env, spawn
+
+__all__ = ["MODES", "CollectiveCounter", "make_net", "reduction_worker", "spawn", "train_worker"]
 
 MODES = (
     "single",
@@ -33,118 +32,6 @@ MODES = (
     "tp",
 )
 SAMPLES, GLOBAL_BATCH, STEPS = 16, 8, 3
-
-
-#: ``fork`` starts a worker in milliseconds (it inherits the parent's imports); ``spawn`` re-imports torch
-#: and Lightning in every worker, several seconds each on a busy 2-core machine.
-START_METHOD = os.environ.get(
-    "GRADLIGHT_TEST_START_METHOD",
-    "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else "spawn",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def spawn(fn: Callable[..., None], world: int, *args: Any, timeout: float = 180.0) -> None:
-    """Run ``fn(rank, world, port, *args)`` in ``world`` new processes and wait for all of them.
-
-    Raises:
-        TimeoutError: If they are not done after ``timeout`` seconds (they are terminated first).
-        torch.multiprocessing.ProcessRaisedException: If a worker raised.
-    """
-    context = torch.multiprocessing.start_processes(
-        fn, args=(world, free_port(), *args), nprocs=world, join=False, start_method=START_METHOD
-    )
-    assert context is not None
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s")
-
-
-def init_env(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-
-
-# --------------------------------------------------------------------------------- counting collectives
-_COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "all_to_all",
-    "all_to_all_single",
-    "broadcast",
-    "broadcast_object_list",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "gather",
-    "scatter",
-    "barrier",
-    "send",
-    "recv",
-)
-_FUNCTIONAL = ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast")
-
-
-class CollectiveCounter:
-    """Counts torch.distributed collectives (c10d and functional) issued while :attr:`active`."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.count = 0
-        self.window = 0
-        self._lock = threading.Lock()
-        import torch.distributed._functional_collectives as funcol
-        import torch.distributed.distributed_c10d as c10d
-
-        for module, names in ((dist, _COLLECTIVES), (c10d, _COLLECTIVES), (funcol, _FUNCTIONAL)):
-            for name in names:
-                original = getattr(module, name, None)
-                if original is not None:
-                    setattr(module, name, self._wrap(original))
-
-    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                self.window += 1  # every collective since the window was last opened
-                if self.active:
-                    self.count += 1
-            return original(*args, **kwargs)
-
-        counted.__wrapped__ = original  # type: ignore[attr-defined]
-        return counted
-
-    def measure(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap ``fn`` so that the collectives it issues are appended to :attr:`per_call`."""
-        self.per_call: list[int] = []
-
-        def measured(*args: Any, **kwargs: Any) -> Any:
-            self.count, self.active = 0, True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.active = False
-                self.per_call.append(self.count)
-
-        return measured
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -348,9 +235,11 @@ def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from gradlight.sharding import ShardedReduction
-    from gradlight.stats import foreach_norms, local_tensor
+    from gradlight.stats import Statistic, StatisticSet, foreach_norms, local_tensor
 
     counter = CollectiveCounter()
+    # Declared in an order that differs from the stacked layout (sums first): rows are read back by name.
+    statistics = StatisticSet(Statistic("max", "max"), Statistic("sq", "sum"), Statistic("numel", "sum"))
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     generator = torch.Generator().manual_seed(0)
     full = [torch.randn(shape, generator=generator) for shape in [(5, 3), (1, 4), (3,), (6, 2), (2, 3), (4,)]]
@@ -375,16 +264,20 @@ def reduction_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name, tensors in cases.items():
         reduction = ShardedReduction()
         locals_ = [local_tensor(t) for t in tensors]
-        sums = torch.stack([foreach_norms(locals_, 2.0).square(), torch.tensor([t.numel() for t in locals_]).float()])
-        maxima = torch.stack([torch.stack([t.abs().max() if t.numel() else torch.tensor(0.0) for t in locals_])])
-        reduce = counter.measure(reduction)
-        global_sums, global_max = reduce(sums, maxima, tensors)
+        table = statistics.stack(
+            {
+                "max": torch.stack([t.abs().max() if t.numel() else torch.tensor(0.0) for t in locals_]),
+                "sq": foreach_norms(locals_, 2.0).square(),
+                "numel": torch.tensor([t.numel() for t in locals_]).float(),
+            }
+        )
+        reduced = table.across_ranks(counter.measure(reduction), tensors)
         plan = next(iter(reduction._plans.values()))
         results[name] = {
             "group_size": plan.group_size,
-            "sq": global_sums[0].tolist(),
-            "numel": global_sums[1].tolist(),
-            "max": global_max[0].tolist(),
+            "sq": reduced["sq"].tolist(),
+            "numel": reduced["numel"].tolist(),
+            "max": reduced["max"].tolist(),
             "collectives": counter.per_call,
         }
     results["expected"] = {

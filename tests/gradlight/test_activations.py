@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradlight import ActivationTaps, GradientFlowMonitor, load_findings, load_history
+from gradlight.activations import ACTIVATIONS, activation_kind, create_activation
 from tests.gradlight._ddp_diag_workers import QUIET, Regressor, mlp
 
 
@@ -133,6 +134,39 @@ class Classifier(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
         return DataLoader(TensorDataset(x, x[:, :1]), batch_size=4)
+
+
+def test_every_registered_name_creates_a_fresh_module_of_that_kind() -> None:
+    assert {"sigmoid", "tanh", "relu", "leaky_relu", "silu", "gelu"} <= set(ACTIVATIONS)
+    for name in ACTIVATIONS:
+        module = create_activation(name)
+        assert activation_kind(module) == name  # the registry and the taps' kinds are one table
+        assert module is not create_activation(name)
+        assert not getattr(module, "inplace", False)
+    assert create_activation("leaky_relu", negative_slope=0.2).negative_slope == 0.2
+    with pytest.raises(ValueError, match=r"'swish'.*'silu'"):
+        create_activation("swish")
+
+
+def test_statistics_of_two_micro_batches_add_up_to_those_of_their_union() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    first, second = torch.randn(8, 4) * 3, torch.randn(5, 4) * 3
+    taps = ActivationTaps(model, saturation_derivative=0.05)
+    taps.start()
+    model(first)
+    model(second)
+    taps.stop()
+    stats = taps.finalize(step=0)
+    assert stats is not None
+    with torch.no_grad():
+        outputs = torch.tanh(model[0](torch.cat([first, second])))
+    assert stats.value("act_mean", "1") == pytest.approx(outputs.mean().item(), rel=1e-6)
+    assert stats.value("act_std", "1") == pytest.approx(outputs.std(unbiased=False).item(), rel=1e-5)
+    saturated = (1 - outputs.square() < 0.05).float().mean().item()  # tanh' = 1 - tanh^2 below 5% of its peak
+    assert stats.value("act_saturation", "1") == pytest.approx(saturated)
+    after_reset = taps.finalize(step=1)  # the sums were consumed: a site that did not run has no statistics
+    assert after_reset is not None and np.isnan(after_reset.value("act_mean", "1"))
 
 
 def test_taps_only_run_on_logged_steps_including_accumulated_micro_batches(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""gradlight under sharded training: exact global statistics with one collective (CPU, gloo).
+"""gradlight across ranks: DDP with no collective, sharded training exact with one collective (CPU, gloo).
 
 Multi-process runs use top-level workers from ``_dist_workers`` started by ``torch.multiprocessing``
 (never ``strategy="ddp"`` inside pytest), each writing its results to files compared here.
@@ -12,15 +12,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+from lightning.fabric.strategies import FSDPStrategy as FabricFSDPStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from gradlight import GradientFlowMonitor, load_history
+from gradlight import GLOBAL_LAYER, GradientFlowMonitor, load_history
 from gradlight.sharding import (
     SHARDING_MODES,
     ShardedReduction,
@@ -30,6 +38,8 @@ from gradlight.sharding import (
 )
 from gradlight.stats import LocalReduction
 from tests.gradlight import _dist_workers as workers
+from tests.gradlight._ddp_diag_workers import QUIET
+from tests.gradlight.models import Net
 
 COMPARED = ("grad_l2", "grad_max_abs", "param_l2", "update_ratio")
 RTOL = 1e-5
@@ -75,9 +85,12 @@ def test_without_a_process_group_the_reduction_changes_nothing() -> None:
 
 
 # ---------------------------------------------------------------------------------- strategy -> mode
-class DeepSpeedStrategy:  # stand-in: DeepSpeed is not installed here; detection goes by the class name
-    def __init__(self, stage: int) -> None:
-        self.config = {"zero_optimization": {"stage": stage}}
+def deepspeed_strategy(stage: int) -> DeepSpeedStrategy:
+    """Lightning's own ``DeepSpeedStrategy`` with a ZeRO config, built without ``__init__`` (which needs the
+    ``deepspeed`` package, not installed here): detection reads the class and ``config`` only."""
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    strategy.config = {"zero_optimization": {"stage": stage}}
+    return strategy
 
 
 def test_modes_are_detected_from_the_strategy() -> None:
@@ -92,13 +105,25 @@ def test_modes_are_detected_from_the_strategy() -> None:
     assert set(SHARDING_MODES) >= {"auto", "none", "fsdp1", "fsdp2", "deepspeed"}
 
 
+def test_detection_goes_by_the_strategy_classes_not_by_names() -> None:
+    class CPUFSDPStrategy(FSDPStrategy):  # a subclass (like the test workers' CPU shim) is still FSDP1
+        pass
+
+    class FSDPStatsLogger:  # a name that merely contains "FSDP" is not a strategy
+        pass
+
+    assert isinstance(resolve_reduction(CPUFSDPStrategy()), ShardedReduction)
+    assert isinstance(resolve_reduction(FabricFSDPStrategy()), ShardedReduction)  # Fabric's own class
+    assert isinstance(resolve_reduction(FSDPStatsLogger()), LocalReduction)
+
+
 def test_deepspeed_zero2_says_once_what_is_missing() -> None:
     with pytest.warns(UserWarning, match="ZeRO stage 3"):
-        reduction = resolve_reduction(DeepSpeedStrategy(stage=3))
+        reduction = resolve_reduction(deepspeed_strategy(stage=3))
     assert isinstance(reduction, LocalReduction)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # stage 0/1 hold whole gradients on every rank: exact like DDP, silent
-        assert isinstance(resolve_reduction(DeepSpeedStrategy(stage=1)), LocalReduction)
+        assert isinstance(resolve_reduction(deepspeed_strategy(stage=1)), LocalReduction)
 
 
 def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
@@ -106,6 +131,83 @@ def test_unknown_modes_are_rejected_by_monitor_and_resolver() -> None:
         GradientFlowMonitor(sharding="zero3")
     with pytest.raises(ValueError, match="sharding"):
         resolve_reduction(DDPStrategy(), "zero3")
+
+
+# ------------------------------------------------------------------- DDP: whole gradients, no collective
+class DumpLatest(L.Callback):
+    """Writes what each rank's monitor computed last, since ddp_spawn does not return callback state."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        monitor = next(c for c in trainer.callbacks if isinstance(c, GradientFlowMonitor))
+        record = monitor.latest
+        assert record is not None
+        payload = {"step": record.step, "grad_l2": record.metrics["grad_l2"].tolist()}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))
+
+
+class OpenStepWindow(L.Callback):
+    """First callback: counts the collectives of each optimizer step from its hook on (backward is over)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from tests._distributed import CollectiveCounter
+
+        self.counter = CollectiveCounter()  # wraps torch.distributed in this (spawned) process
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.counter.window = 0
+
+
+class CloseStepWindow(L.Callback):
+    """Last callback: after the monitor's ``on_train_batch_end``, writes each step's count at the end."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.counts: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        opener = next(c for c in trainer.callbacks if isinstance(c, OpenStepWindow))
+        self.counts.append(opener.counter.window)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        (self.folder / f"collectives{trainer.global_rank}.json").write_text(json.dumps(self.counts))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_history_equals_single_process(tmp_path: Path) -> None:
+    per_rank_batch = 8
+    single = tmp_path / "single"
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=4, callbacks=[GradientFlowMonitor(1, single)]).fit(
+        Net("mlp", batch_size=2 * per_rank_batch)
+    )
+    ddp = tmp_path / "ddp"
+    trainer: Any = L.Trainer(
+        **QUIET,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        use_distributed_sampler=False,
+        max_steps=4,
+        callbacks=[OpenStepWindow(), GradientFlowMonitor(1, ddp), DumpLatest(tmp_path), CloseStepWindow(tmp_path)],
+    )
+    trainer.fit(Net("mlp", batch_size=per_rank_batch))
+
+    expected, recorded = load_history(single), load_history(ddp)
+    assert len(list((ddp / "history").glob("segment-*.arrow"))) == 1, "only rank zero writes"
+    key = ["step", "layer", "metric"]
+    merged = expected.merge(recorded, on=key, suffixes=("_single", "_ddp"))
+    assert len(merged) == len(expected) == len(recorded)
+    for metric in ("grad_l2", "grad_max_abs", "param_l2", "update_ratio", "global_grad_l2"):
+        rows = merged[merged.metric == metric]
+        np.testing.assert_allclose(rows.value_ddp, rows.value_single, rtol=1e-5, err_msg=metric)
+
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1, "every rank computes the same statistics"
+    for rank in (0, 1):  # DDP gradients are already averaged: a logged step costs no collective at all
+        assert json.loads((tmp_path / f"collectives{rank}.json").read_text()) == [0, 0, 0, 0]
 
 
 # ---------------------------------------------------------------------------------- multi-process
@@ -170,7 +272,7 @@ def test_sharded_run_equals_one_process_with_one_collective(
 def test_fsdp1_flat_parameters_fall_back_to_exact_per_unit_statistics(reference: pd.DataFrame, tmp_path: Path) -> None:
     ranks = _run("fsdp1_flat", tmp_path)
     sharded = _per_layer(tmp_path / "history")
-    layers = sorted({layer for _, layer in sharded.index} - {"__global__"})
+    layers = sorted({layer for _, layer in sharded.index} - {GLOBAL_LAYER})
     assert layers == ["(root)", "net.0", "net.3", "net.5"]  # the root unit holds the LayerNorm (net.2)
     units = [(step, layer) for step, layer in reference.index if layer in ("net.0", "net.3", "net.5")]
     for metric in COMPARED:  # each Linear is one wrapped unit: its statistics are the layer's
@@ -186,7 +288,7 @@ def test_nonfinite_counts_are_global_under_fsdp2(tmp_path: Path) -> None:
     frame = load_history(tmp_path / "history", metrics=["grad_nonfinite"])
     last = frame[(frame.step == workers.STEPS - 1)].set_index("layer")["value"]
     assert last["net.0"] == 2.0  # one NaN in each rank's shard, counted once each
-    assert last.drop(["net.0", "__global__"], errors="ignore").eq(0).all()
+    assert last.drop(["net.0", GLOBAL_LAYER], errors="ignore").eq(0).all()
     # The rare non-finite path costs one more collective, on that step only.
     assert ranks[0]["collectives_per_finalize"] == [1] * (workers.STEPS - 1) + [2]
 

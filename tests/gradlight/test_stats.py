@@ -1,3 +1,5 @@
+"""Per-tensor statistics, their declaration by name, and per-layer reduction (``gradlight.stats``)."""
+
 from __future__ import annotations
 
 import math
@@ -5,21 +7,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from gradlight.layers import ForwardOrderRecorder, LayerMap, clean_parameter_name, layer_name_for
+from gradlight.sharding import ShardedReduction
 from gradlight.stats import (
     STACK_MAX_NUMEL,
-    Batching,
+    CpuKernels,
+    FusedKernels,
+    Kernels,
+    LocalReduction,
+    Statistic,
+    StatisticSet,
     foreach_norms,
     gradient_statistics,
+    kernels_for,
     nonfinite_counts,
     parameter_statistics,
     reduce_to_layers,
     snapshot,
     update_squares,
 )
-from gradlight.tracker import GradientFlowTracker, early_late_ratio
+from gradlight.tracker import STEP_STATISTICS
 
 
 def test_foreach_norms_mixed_dtypes_keep_input_order() -> None:
@@ -57,6 +64,7 @@ def test_update_and_nonfinite_helpers() -> None:
     assert nonfinite_counts([bad, torch.ones(2)]).tolist() == [3.0, 0.0]
 
 
+# ------------------------------------------------------------------------------------ the two paths
 def _mixed_tensors(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """BatchNorm-like small tensors of repeated shapes between big, odd and empty ones."""
     generator = torch.Generator().manual_seed(0)
@@ -64,30 +72,35 @@ def _mixed_tensors(dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
 
 
-def test_batching_stacks_small_tensors_of_one_shape_and_restores_input_order() -> None:
-    tensors = _mixed_tensors()
-    batching = Batching.plan(tensors)
-    assert batching.stacks == ((0, 2, 6), (1, 5), (4, 9))
-    assert batching.singles == (3, 7, 8)  # too big, empty, a shape of its own
-    stack_results = [torch.tensor([0.0, 2.0, 6.0]), torch.tensor([1.0, 5.0]), torch.tensor([4.0, 9.0])]
-    assert batching.gather(torch.tensor([3.0, 7.0, 8.0]), stack_results).tolist() == list(range(10))
+def test_cpu_kernels_stack_small_tensors_of_one_shape_and_one_dtype() -> None:
+    kernels = CpuKernels.plan(_mixed_tensors())
+    assert kernels.stacks == ((0, 2, 6), (1, 5), (4, 9))
+    assert kernels.singles == (3, 7, 8)  # too big, empty, a shape of its own
     mixed = [torch.ones(4), torch.ones(4, dtype=torch.float64)]
-    assert Batching.plan(mixed).stacks == ()  # one kernel needs one dtype
+    assert CpuKernels.plan(mixed).stacks == ()  # one kernel needs one dtype
+    assert isinstance(kernels_for(mixed), CpuKernels)
+    assert isinstance(kernels_for([]), FusedKernels)
+
+
+def _all_kernels(tensors: list[torch.Tensor]) -> list[Kernels]:
+    """The stacked CPU plan, the CPU plan with nothing stacked, and the fused path (run here on CPU)."""
+    return [CpuKernels.plan(tensors), CpuKernels((), tuple(range(len(tensors))), None), FusedKernels()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stacked_statistics_equal_per_tensor_references(dtype: torch.dtype) -> None:
+def test_every_path_equals_per_tensor_references_in_input_order(dtype: torch.dtype) -> None:
     grads = _mixed_tensors(dtype)
     params = [g.flip(0) * 3 for g in grads]
     grads[2][3] = float("nan")  # inside a stack: propagates to that tensor only
     reference_sq = [float(g.double().square().sum()) for g in grads]
     reference_max = [float(g.double().abs().max()) if g.numel() else 0.0 for g in grads]
     rel = 1e-6 if dtype == torch.float32 else 1e-5  # half types accumulate in float32
-    for batching in (Batching.plan(grads), Batching((), tuple(range(len(grads))), None)):
-        grad_sq, grad_max = gradient_statistics(grads, batching=batching)
+    for kernels in _all_kernels(grads):
+        grad_sq, grad_max = gradient_statistics(grads, kernels=kernels)
+        assert grad_sq.dtype == torch.float64 and grad_max.dtype == torch.float32
         assert grad_sq.tolist() == pytest.approx(reference_sq, rel=rel, nan_ok=True)
         assert grad_max.tolist() == pytest.approx(reference_max, rel=1e-6, nan_ok=True)
-        param_sq, before = parameter_statistics(params, copy=True, batching=batching)
+        param_sq, before = parameter_statistics(params, copy=True, kernels=kernels)
         assert param_sq.tolist() == pytest.approx([float(p.double().square().sum()) for p in params], rel=rel)
         moved = [p + 0.5 for p in params]
         expected = [float((m.double() - p.double()).square().sum()) for m, p in zip(moved, params)]
@@ -97,107 +110,79 @@ def test_stacked_statistics_equal_per_tensor_references(dtype: torch.dtype) -> N
         )
 
 
-def test_per_tensor_cpu_path_is_bitwise_the_fused_one() -> None:
+def test_the_cpu_path_is_bitwise_the_fused_one_on_single_tensors() -> None:
     generator = torch.Generator().manual_seed(1)
     grads = [torch.randn(n, generator=generator) for n in (5000, 70_001, 9000, 0)]
     params = [torch.randn(n, generator=generator) for n in (5000, 70_001, 9000, 0)]
-    per_tensor = Batching.plan(grads)
-    fused = Batching(per_tensor.stacks, per_tensor.singles, per_tensor.restore, per_tensor=False)
-    assert per_tensor.per_tensor and per_tensor.stacks == ()
-    for left, right in zip(gradient_statistics(grads, batching=per_tensor), gradient_statistics(grads, batching=fused)):
+    cpu, fused = CpuKernels.plan(grads), FusedKernels()
+    assert cpu.stacks == ()
+    for left, right in zip(gradient_statistics(grads, kernels=cpu), gradient_statistics(grads, kernels=fused)):
         assert torch.equal(left, right)
-    (sq_a, before_a), (sq_b, before_b) = (parameter_statistics(params, batching=b) for b in (per_tensor, fused))
+    (sq_a, before_a), (sq_b, before_b) = (parameter_statistics(params, kernels=k) for k in (cpu, fused))
     assert torch.equal(sq_a, sq_b) and before_a is not None and before_b is not None
     moved = [q * 1.5 for q in params]
     assert torch.equal(update_squares(moved, before_a), update_squares(moved, before_b))
 
 
-def test_early_late_ratio_geometric_edges() -> None:
-    norms = np.array([1e-6, 1e-4, 1e-2, 1.0])
-    assert early_late_ratio(norms, 1) == pytest.approx(1e-6)
-    assert early_late_ratio(norms, 2) == pytest.approx(math.sqrt(1e-6 * 1e-4) / math.sqrt(1e-2))
-    assert early_late_ratio(np.array([0.0, 1.0])) == 0.0
+def test_without_an_update_copy_no_snapshot_is_taken() -> None:
+    params = _mixed_tensors()
+    for kernels in _all_kernels(params):
+        squared, before = parameter_statistics(params, copy=False, kernels=kernels)
+        assert before is None
+        assert squared.tolist() == pytest.approx([float(p.double().square().sum()) for p in params], rel=1e-6)
 
 
-def test_layer_names_grouping_and_wrapper_prefixes() -> None:
-    assert clean_parameter_name("_orig_mod.model._checkpoint_wrapped_module.0.weight") == "model.0.weight"
-    assert layer_name_for("model.3.cv1.conv.weight", 1) == "model"
-    assert layer_name_for("weight", None) == "(root)"
-    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    net[1].weight = net[0].weight  # tied: counted once
-    layer_map = LayerMap.build(net.named_parameters())
-    assert layer_map.param_names == ["0.weight", "0.bias", "1.bias"]
-    assert layer_map.layer_sizes() == [6, 2]
+# ------------------------------------------------------------------------------- statistics by name
+def test_a_statistic_is_declared_once_with_a_valid_reduction() -> None:
+    with pytest.raises(ValueError, match="'mean'"):
+        Statistic("grad_mean", "mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grad_sq"):
+        StatisticSet(Statistic("grad_sq", "sum"), Statistic("grad_sq", "max"))
+    with pytest.raises(ValueError, match=r"missing \['grad_max'\], undeclared \['grad_min'\]"):
+        StatisticSet(Statistic("grad_sq", "sum"), Statistic("grad_max", "max")).stack(
+            {"grad_sq": torch.zeros(2), "grad_min": torch.zeros(2)}
+        )
 
 
-def test_forward_order_recorder_removes_its_hooks() -> None:
-    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
-    recorder = ForwardOrderRecorder(net)
-    net(torch.zeros(1, 2))
-    recorder.remove()
-    assert recorder.order == ["0", "2"] and not recorder.active
-    assert all(not module._forward_pre_hooks for module in net.modules())
+def test_adding_a_statistic_is_one_declaration() -> None:
+    """One more ``Statistic`` is stacked, reduced across ranks and into layers, and read back by name."""
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(shape, generator=generator) for shape in [(4, 3), (3,), (5,), (2, 2)]]
+    layer_index, num_layers = torch.tensor([0, 0, 1, 1]), 2
+    extended = STEP_STATISTICS.extend(Statistic("grad_l1", "sum"), Statistic("grad_min", "max"))  # the addition
+    grad_sq, grad_max = gradient_statistics(grads)
+    values = {
+        "grad_sq": grad_sq,
+        "param_sq": grad_sq * 2,
+        "update_sq": grad_sq / 2,
+        "grad_max": grad_max,
+        "grad_l1": torch.stack([g.double().abs().sum() for g in grads]),
+        "grad_min": torch.stack([-g.min() for g in grads]),
+    }
+    results = {}
+    for statistics in (STEP_STATISTICS, extended):
+        table = statistics.stack({name: values[name] for name in (s.name for s in statistics)})
+        for reduction in (LocalReduction(), ShardedReduction()):  # no process group: both leave it as it is
+            table = table.across_ranks(reduction, grads)
+        results[len(statistics)] = table.to_layers(layer_index, num_layers).to_host()
+    base, more = results[len(STEP_STATISTICS)], results[len(extended)]
+    for name in ("grad_sq", "param_sq", "update_sq", "grad_max"):
+        np.testing.assert_array_equal(more[name], base[name])  # the others are untouched
+    layers = [torch.cat([g.flatten() for g, i in zip(grads, layer_index) if i == layer]) for layer in range(2)]
+    np.testing.assert_allclose(more["grad_l1"], [float(x.double().abs().sum()) for x in layers], rtol=1e-12)
+    np.testing.assert_array_equal(more["grad_min"], [float(-x.min()) for x in layers])
+    np.testing.assert_allclose(more["grad_sq"], [float(x.double().square().sum()) for x in layers], rtol=1e-6)
 
 
-def test_tracker_without_a_trainer() -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    tracker = GradientFlowTracker(net)
-    tracker.start_discovery()
-    net(torch.randn(5, 4)).pow(2).mean().backward()
-    tracker.stop_discovery()
-    tracker.capture(step=0, params=net.parameters())
-    with pytest.raises(RuntimeError, match="capture"):
-        GradientFlowTracker(net).finalize()
-    record = tracker.finalize()
-    expected = float(torch.cat([net[2].weight.grad.flatten(), net[2].bias.grad.flatten()]).norm())
-    assert record.value("grad_l2", "2") == pytest.approx(expected, rel=1e-6)
-    assert record.to_frame().shape == (10, 5)
-    assert not tracker.pending
-
-
-def test_a_cross_rank_reduction_gets_a_column_for_every_trainable_parameter() -> None:
-    """FSDP1 gives a rank no gradient for an empty slice: columns must still line up across ranks."""
-    seen: list[int] = []
-
-    def probe(sums: torch.Tensor, maxima: torch.Tensor, params: list[torch.Tensor]) -> tuple:
-        seen.append(len(params))
-        return sums, maxima
-
-    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1), nn.Linear(1, 1))
-    net[2].weight.requires_grad_(False)  # frozen: no column anywhere
-    local = GradientFlowTracker(net)
-    aligned = GradientFlowTracker(net, reduction=probe)
-    net(torch.randn(4, 2)).sum().backward()
-    net[0].bias.grad = None  # "this rank holds no elements" of one parameter of layer 0
-    net[1].weight.grad = None  # and of the whole of layer 1's weight...
-    net[1].bias.grad = None  # ...and bias: no gradient for layer 1 on any rank
-    records = []
-    for tracker in (local, aligned):
-        tracker.capture(0, net.parameters())
-        records.append(tracker.finalize())
-    assert seen == [5]  # 6 parameters, one frozen
-    want, got = records
-    assert got.layers == want.layers == ["0", "2"]  # a layer nobody has a gradient for is left out
-    for metric in ("grad_l2", "grad_max_abs", "param_l2", "update_ratio"):
-        np.testing.assert_allclose(got.metrics[metric], want.metrics[metric], rtol=1e-7, err_msg=metric)
-    assert got.global_metrics["global_grad_l2"] == pytest.approx(want.global_metrics["global_grad_l2"])
-
-
-def test_no_gradient_at_all_gives_a_nan_global_norm_not_zero() -> None:
-    net = nn.Linear(2, 1)
-    tracker = GradientFlowTracker(net)
-    tracker.capture(0, net.parameters())  # e.g. DeepSpeed ZeRO >= 2 keeps no param.grad
-    record = tracker.finalize()
-    assert record.layers == [] and math.isnan(record.global_metrics["global_grad_l2"])
-
-
-def test_huge_finite_gradients_are_not_counted_as_non_finite() -> None:
-    net = nn.Linear(3, 1)
-    tracker = GradientFlowTracker(net)
-    net.weight.grad = torch.full_like(net.weight, 3e25)  # finite in float32; its square is not
-    net.bias.grad = torch.ones_like(net.bias)
-    tracker.capture(0, net.parameters())
-    record = tracker.finalize()
-    assert record.metrics["grad_nonfinite"].tolist() == [0.0]
-    assert record.global_metrics["global_grad_l2"] == pytest.approx(math.sqrt(3 * 9e50 + 1), rel=1e-6)
+def test_a_table_names_its_rows_whatever_the_declaration_order() -> None:
+    statistics = StatisticSet(Statistic("top", "max"), Statistic("sq", "sum"), Statistic("count", "sum"))
+    assert statistics.sums == ("sq", "count") and statistics.maxima == ("top",) and "count" in statistics
+    table = statistics.stack(
+        {"count": torch.tensor([1.0, 0.0]), "top": torch.tensor([3.0, 5.0]), "sq": torch.tensor([9.0, 25.0])}
+    )
+    assert table["sq"].tolist() == [9.0, 25.0] and table["top"].tolist() == [3.0, 5.0]
+    doubled = table.replace({"count": table["count"] * 2})
+    assert doubled["count"].tolist() == [2.0, 0.0] and doubled["sq"].tolist() == [9.0, 25.0]
+    host = doubled.to_layers(torch.tensor([0, 0]), 1).to_host()
+    assert list(host) == ["top", "sq", "count"]
+    assert {name: values.tolist() for name, values in host.items()} == {"top": [5.0], "sq": [34.0], "count": [2.0]}
