@@ -191,8 +191,8 @@ class StatisticSet:
 
         Example:
             >>> stats = StatisticSet(Statistic("sq", "sum"), Statistic("top", "max"))
-            >>> stats.split(np.array([[25.0]]), np.array([[4.0]]))
-            {'sq': array([25.]), 'top': array([4.])}
+            >>> {name: row.tolist() for name, row in stats.split(np.array([[25.0]]), np.array([[4.0]])).items()}
+            {'sq': [25.0], 'top': [4.0]}
         """
         if maxima is None and self.maxima:
             raise ValueError(f"StatisticSet.split: `maxima` is needed for the declared maxima {self.maxima}.")
