@@ -13,6 +13,7 @@ within a few dozen steps on CPU:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,17 +51,25 @@ class Task:
         """The scalar training loss of ``model`` on ``batch``."""
         raise NotImplementedError
 
+    @property
+    def chance(self) -> float:
+        """The loss of a uniform prediction (``ln`` of the number of classes); ``inf`` when not defined."""
+        return math.inf
+
     def trained(self, losses: Sequence[float]) -> tuple[bool, str]:
-        """Whether a run with these per-step losses trained: the mean of its last 10% of steps is below the
-        mean of its first 10% (at least 3 steps each).
+        """Whether a run with these per-step losses trained: the mean of its last 10% of steps (at least 3) is
+        below the mean of its first 10% and below :attr:`chance` (a loss that falls from a bad start to
+        worse than guessing is not training).
 
         Example:
             >>> ImageClassification().trained([2.3, 2.2, 2.1, 1.0, 0.9, 0.8])
-            (True, 'loss 2.2 -> 0.9')
+            (True, 'loss 2.2 -> 0.9 (chance 2.3)')
+            >>> ImageClassification().trained([9.0, 8.0, 7.0, 4.0, 4.0, 4.0])[0]
+            False
         """
         span = max(3, len(losses) // 10)
         first, last = float(np.mean(losses[:span])), float(np.mean(losses[-span:]))
-        return last < first, f"loss {first:.3g} -> {last:.3g}"
+        return last < first and last < self.chance, f"loss {first:.3g} -> {last:.3g} (chance {self.chance:.3g})"
 
 
 def _arithmetic_sequences(batch: int, length: int, vocab: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -86,6 +95,11 @@ class ImageClassification(Task):
     classes: int = 10
     batch: int = 16
     noise: float = 1.0
+
+    @property
+    def chance(self) -> float:
+        """See :attr:`Task.chance`."""
+        return math.log(self.classes)
 
     def batches(self, count: int, generator: torch.Generator) -> list[Batch]:
         """See :meth:`Task.batches`."""
@@ -119,6 +133,11 @@ class TokenClassification(Task):
     length: int = 32
     batch: int = 16
 
+    @property
+    def chance(self) -> float:
+        """See :attr:`Task.chance` (3 classes: the step ``k``)."""
+        return math.log(3)
+
     def batches(self, count: int, generator: torch.Generator) -> list[Batch]:
         """See :meth:`Task.batches`."""
         return [_arithmetic_sequences(self.batch, self.length, self.vocab, generator) for _ in range(count)]
@@ -142,6 +161,11 @@ class CausalLM(Task):
     vocab: int = 128
     length: int = 32
     batch: int = 8
+
+    @property
+    def chance(self) -> float:
+        """See :attr:`Task.chance` (a uniform guess over the vocabulary)."""
+        return math.log(self.vocab)
 
     def batches(self, count: int, generator: torch.Generator) -> list[Batch]:
         """See :meth:`Task.batches`."""
