@@ -244,7 +244,7 @@ CATALOG: tuple[ZooRun, ...] = (
         models.tv_regnet,
         about="converges: 400 logged steps",
     ),
-    _tv("tv_convnext", Regime(ADAMW), models.tv_convnext, about="LayerScale 1e-6"),
+    _tv("tv_convnext", Regime(ADAMW), models.tv_convnext, quick=True, about="LayerScale 1e-6"),
     _tv("tv_swin", Regime(ADAMW), models.tv_swin),
     _tv("tv_vit_dropout", Regime(ADAMW), partial(models.tv_vit, dropout=0.1), about="dropout 0.1"),
     # ------------------------------------------------------------------------------ healthy: timm
@@ -314,6 +314,7 @@ CATALOG: tuple[ZooRun, ...] = (
         MaskedLM(),
         Regime(ADAMW, gradient_clip_val=1e-3, steps=100),
         models.hf_bert,
+        quick=True,
         about="clip value 1e-3, below the pre-clip norm on every step",
     ),
     _hf(
@@ -494,6 +495,7 @@ CATALOG: tuple[ZooRun, ...] = (
         models.hf_gpt2,
         expect=Expectation("no_gradient", ("transformer.h.0.mlp.aux",)),
         faults=(UnusedModule("transformer.h.0.mlp.aux", 64),),
+        quick=True,
     ),
 )
 

@@ -108,7 +108,7 @@ def tv_convnext() -> nn.Module:
     """A small torchvision ConvNeXt (32/64 channels, 2+2 blocks; LayerScale initialised at 1e-6).
 
     Example:
-        >>> float(tv_convnext().features[1][0].layer_scale.max())
+        >>> round(tv_convnext().features[1][0].layer_scale.max().item(), 9)
         1e-06
     """
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -168,7 +168,7 @@ def timm_model(name: str, **kwargs: object) -> nn.Module:
         from timm.models.mlp_mixer import MlpMixer
 
         return MlpMixer(num_classes=CLASSES, **kwargs)  # type: ignore[arg-type]
-    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
+    return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------ transformers
@@ -268,7 +268,7 @@ def hf_t5() -> nn.Module:
     """
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]
         vocab_size=VOCAB,
         d_model=64,
         d_kv=16,
@@ -352,7 +352,7 @@ def yolo11n(classes: int = 3) -> nn.Module:
     Ultralytics is kept offline (``YOLO_OFFLINE=1``, no auto-install) before it is imported.
 
     Example:
-        >>> yolo11n().yaml["nc"]  # doctest: +SKIP
+        >>> yolo11n().yaml["nc"]
         3
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -363,5 +363,5 @@ def yolo11n(classes: int = 3) -> nn.Module:
     from ultralytics.utils import DEFAULT_CFG
 
     model = DetectionModel("yolo11n.yaml", nc=classes, verbose=False)
-    model.args = get_cfg(DEFAULT_CFG)
+    model.args = get_cfg(DEFAULT_CFG)  # type: ignore[assignment]
     return model

@@ -171,8 +171,15 @@ def _matches(name: str, patterns: tuple[str, ...], first_layer: str | None) -> b
 def _table(history: pd.DataFrame, metric: str) -> pd.DataFrame:
     """``metric`` as a step x layer table (columns in depth order)."""
     rows = history[history.metric == metric]
-    order = rows.groupby("layer")["depth"].min().sort_values().index
-    return rows.pivot_table(index="step", columns="layer", values="value", aggfunc="first")[list(order)]
+    order = list(rows.groupby("layer")["depth"].min().sort_values().index)
+    table = rows.pivot_table(index="step", columns="layer", values="value", aggfunc="first")
+    return table[order]
+
+
+def _global(history: pd.DataFrame, metric: str) -> np.ndarray:
+    """A run-wide metric (``global_grad_l2``, ...) per logged step, in step order."""
+    rows = history[history.metric == metric].sort_values("step")
+    return rows["value"].to_numpy(dtype=float)
 
 
 def _check(
@@ -182,47 +189,44 @@ def _check(
 
     ``owners`` are the full names of the modules that directly own trainable parameters.
     """
-    expect = run.expect
-    losses = pd.DataFrame(probe.losses, columns=["step", "loss"]).groupby("step")["loss"].mean()
-    kind = expect.kind
+    expect, kind = run.expect, run.expect.kind
     if expect.healthy:
+        losses = pd.DataFrame(probe.losses, columns=["step", "loss"]).groupby("step")["loss"].mean()
         trained, text = run.task.trained(losses.tolist())
         clip = run.regime.gradient_clip_val
         if clip is not None:
-            norms = _table(history, "global_grad_l2").iloc[:, 0]
+            norms = _global(history, "global_grad_l2")
             text += f"; pre-clip norm > clip on {int((norms > clip).sum())}/{len(norms)} steps"
-        return bool(trained), text
-    grads = _table(history, "grad_l2")
-    picked = [c for c in grads.columns if _matches(c, expect.layers, first_layer)]
+        return trained, text
     if kind == "vanishing":
-        row = grads.loc[expect.onset]
-        ratio = float(row.iloc[0] / math.sqrt(row.iloc[-1] * row.iloc[-2]))
+        row = _table(history, "grad_l2").loc[expect.onset].to_numpy(dtype=float)
+        ratio = float(row[0] / math.sqrt(row[-1] * row[-2]))
         return ratio < 1e-3, f"first/last-2 grad {ratio:.1e} at step {expect.onset}"
     if kind == "exploding":
-        norms = _table(history, "global_grad_l2").iloc[:, 0]
-        bad = _table(history, "global_grad_nonfinite").iloc[:, 0]
-        growth = float(norms[np.isfinite(norms)].max() / norms.iloc[0])
-        nonfinite = int(bad.gt(0).idxmax()) if bad.gt(0).any() else None
+        norms, bad = _global(history, "global_grad_l2"), _global(history, "global_grad_nonfinite")
+        growth = float(norms[np.isfinite(norms)].max() / norms[0])
+        nonfinite = int(np.argmax(bad > 0)) if (bad > 0).any() else None
         text = f"global grad x{growth:.1e} over the run" + (f", NaN/Inf from step {nonfinite}" if nonfinite else "")
         return growth >= 100 or nonfinite is not None, text
     if kind == "non_finite":
-        bad = _table(history, "grad_nonfinite")
-        steps = bad.index[bad.gt(0).any(axis=1)]
-        at = bad.loc[expect.onset] if expect.onset in bad.index else None
-        last_bad = at[at > 0].index[-1] if at is not None and (at > 0).any() else None
-        ok = len(steps) > 0 and int(steps[0]) == expect.onset and last_bad is not None and last_bad in picked
-        return ok, f"first NaN/Inf at step {int(steps[0]) if len(steps) else None}, deepest layer with it {last_bad}"
+        counts = _table(history, "grad_nonfinite")
+        rows_bad = (counts.to_numpy(dtype=float) > 0).any(axis=1)
+        first_bad = int(counts.index[int(np.argmax(rows_bad))]) if rows_bad.any() else None
+        at_onset = counts.loc[expect.onset].to_dict() if expect.onset in counts.index else {}
+        with_bad = [str(layer) for layer, count in at_onset.items() if count > 0]  # depth order
+        deepest = with_bad[-1] if with_bad else None
+        ok = first_bad == expect.onset and deepest is not None and _matches(deepest, expect.layers, first_layer)
+        return ok, f"first NaN/Inf at step {first_bad}, deepest layer with it {deepest}"
     if kind == "dormant":
         updates = _table(history, "update_ratio")
-        still = float(updates[[c for c in picked if c in updates]].max().max())
-        return (
-            still == 0.0,
-            f"update ratio of those layers max {still:.1e}, median layer {updates.median().median():.1e}",
-        )
+        picked = [c for c in updates.columns if _matches(str(c), expect.layers, first_layer)]
+        still = float(updates[picked].to_numpy(dtype=float).max())
+        median = float(np.median(updates.to_numpy(dtype=float)))
+        return still == 0.0, f"update ratio of those layers max {still:.1e}, median layer {median:.1e}"
     if kind == "stalled":
-        updates = _table(history, "update_ratio")
-        median = float(updates.median(axis=1).max())
-        return median < 1e-8, f"median layer update ratio <= {median:.1e}, largest {float(updates.max().max()):.1e}"
+        ratios = _table(history, "update_ratio").to_numpy(dtype=float)
+        median = float(np.median(ratios, axis=1).max())
+        return median < 1e-8, f"median layer update ratio <= {median:.1e}, largest {ratios.max():.1e}"
     if kind == "no_gradient":
         never = probe.never_grad or set()
         expected = [c for c in owners if _matches(c, expect.layers, first_layer)]
@@ -234,7 +238,7 @@ def _check(
     if kind in ("dead_units", "saturated"):
         metric = "act_dead" if kind == "dead_units" else "act_saturation"
         acts = _table(history, metric)
-        sites = [c for c in acts.columns if _matches(c, expect.layers, first_layer)]
+        sites = [c for c in acts.columns if _matches(str(c), expect.layers, first_layer)]
         worst = float(acts[sites].iloc[0].max()) if sites else math.nan
         return worst >= 0.5, f"{metric} {worst:.2f} at the first step, worst expected site"
     return False, f"no check for {kind!r}"
@@ -292,7 +296,7 @@ def run_one(run: ZooRun, root: Path) -> Outcome:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-            trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))
+            trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))  # type: ignore[arg-type]
         findings = load_findings(save_dir)
         history = load_history(save_dir)
         layers = _layer_names(history)

@@ -40,6 +40,7 @@ ANY_LAYER = "*"
 #: A broken run's finding must be reported within this many logged steps of the onset.
 TOLERANCE = 5
 _SEVERITIES = ("warning", "note")
+_REQUIRED = ("kind", "layer", "step", "reported_step")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,10 @@ def score(
     Returns:
         The :class:`Verdict`.
 
+    Raises:
+        ValueError: If a non-empty ``findings`` lacks a required column, or on a negative ``tolerance`` or a
+            ``log_every`` below 1.
+
     Example:
         >>> frame = pd.DataFrame([{"kind": "dormant", "layer": "m.fc", "step": 0, "reported_step": 4}])
         >>> score(frame, Expectation("dormant", ("fc",)), prefix="m.").passed
@@ -185,7 +190,10 @@ def score(
         raise ValueError(f"`tolerance` must be >= 0 logged steps, got {tolerance!r}.")
     if log_every < 1:
         raise ValueError(f"`log_every` must be >= 1, got {log_every!r}.")
-    frame = with_severity(findings) if not findings.empty else findings.assign(severity=pd.Series(dtype=str))
+    missing = [column for column in _REQUIRED if column not in findings.columns]
+    if missing and not findings.empty:
+        raise ValueError(f"`findings` lacks the columns {missing}; it needs {list(_REQUIRED)} (see load_findings).")
+    frame = with_severity(findings.reindex(columns=[*findings.columns, *missing]))
     warning_rows = frame[frame["severity"] == "warning"]
     warnings = dict(Counter(warning_rows["kind"].astype(str)))
     notes = dict(Counter(frame.loc[frame["severity"] == "note", "kind"].astype(str)))

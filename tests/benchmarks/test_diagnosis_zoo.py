@@ -8,6 +8,7 @@ until it does: that is the benchmark's purpose, so nothing here is marked xfail.
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import sys
 from collections.abc import Iterator
@@ -144,6 +145,8 @@ def test_expectation_and_score_validate_their_arguments(scoring: ModuleType) -> 
         scoring.Expectation("vanishing")
     with pytest.raises(ValueError, match="`onset`"):
         scoring.Expectation("vanishing", ("*",), onset=-1)
+    with pytest.raises(ValueError, match="reported_step"):
+        scoring.score(pd.DataFrame([{"kind": "dormant", "layer": "m.fc", "step": 0}]), scoring.Expectation())
     with pytest.raises(ValueError, match="`tolerance`"):
         scoring.score(pd.DataFrame(), scoring.Expectation(), tolerance=-1)
 
@@ -164,6 +167,18 @@ def test_catalog_is_large_and_covers_every_fault_class(zoo: ModuleType) -> None:
         catalog.select("no_such_run*")
 
 
+@pytest.mark.parametrize("name", ["catalog", "faults", "models", "runner", "scoring", "tasks"])
+def test_docstring_examples(zoo: ModuleType, name: str) -> None:
+    module = sys.modules.get(f"zoo.{name}") or importlib.import_module(f"zoo.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_cli_docstring_examples(zoo: ModuleType) -> None:
+    result = doctest.testmod(zoo)
+    assert result.attempted > 0 and result.failed == 0
+
+
 # ------------------------------------------------------------------------------------------------ quick zoo
 @pytest.fixture(scope="module")
 def quick_outcomes(zoo: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -174,11 +189,14 @@ def quick_outcomes(zoo: ModuleType, tmp_path_factory: pytest.TempPathFactory) ->
 
 #: The catalog's ``quick=True`` runs (``test_quick_names_match_the_catalog`` keeps this in step with it).
 QUICK_RUNS = (
+    "broken_gpt2_unused_projection",
     "broken_lstm_lr1e-12",
     "broken_resnet18_detached_layer2",
     "broken_resnet18_nan_at_10",
     "broken_vgg11_sigmoid",
+    "hf_bert_tiny_clip",
     "hf_gpt2",
+    "tv_convnext",
     "tv_resnet18",
 )
 
@@ -197,9 +215,8 @@ def test_quick_zoo_run_meets_its_target(quick_outcomes: dict[str, Any], name: st
     verdict = outcome.verdict
     if outcome.run.expect.healthy:
         assert verdict.warnings == {}, verdict.reason
-    else:
-        assert verdict.kind in outcome.run.expect.kinds, verdict.reason
-        assert verdict.passed, verdict.reason
+    else:  # a warning of its class, naming the faulty layer, within 5 logged steps of the onset
+        assert verdict.passed, f"expected {outcome.run.expect.describe()}: {verdict.reason}; got {verdict.listed}"
 
 
 @pytest.mark.slow
