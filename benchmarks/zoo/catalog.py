@@ -99,6 +99,7 @@ class Regime:
         reset: Modules re-initialised after pretraining (a fresh head for fine-tuning).
         track_activations: The monitor's activation taps.
         warmup_steps: Linear learning-rate warm-up from ``lr / warmup_steps`` over this many steps.
+        decay_to_zero: Cosine learning-rate decay that reaches exactly 0 at the last step (after any warm-up).
 
     Example:
         >>> Regime(Optim(), steps=300, precision="bf16-mixed", accumulate=2).describe()
@@ -115,6 +116,7 @@ class Regime:
     reset: tuple[str, ...] = ()
     track_activations: bool = False
     warmup_steps: int = 0
+    decay_to_zero: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
@@ -140,6 +142,8 @@ class Regime:
             parts.append(f"after {self.pretrain_steps} pretraining steps")
         if self.warmup_steps:
             parts.append(f"warm-up {self.warmup_steps}")
+        if self.decay_to_zero:
+            parts.append("cosine to 0")
         if self.track_activations:
             parts.append("taps")
         parts.append(f"{self.steps} steps")
@@ -306,6 +310,13 @@ CATALOG: tuple[ZooRun, ...] = (
         Regime(ADAMW, steps=300),
         partial(models.hf_gpt2, dropout=0.1, layers=2),
         about="converges: 300 logged steps, dropout 0.1",
+    ),
+    _hf(
+        "hf_gpt2_cosine_to_zero",
+        LM,
+        Regime(ADAMW, steps=60, warmup_steps=5, decay_to_zero=True),
+        models.hf_gpt2,
+        about="warm-up, then cosine decay to exactly 0: the last steps move nothing, on purpose",
     ),
     _hf("hf_llama_bf16", LM, Regime(ADAMW, precision="bf16-mixed"), models.hf_llama, about="bf16 autocast"),
     _hf("hf_mistral_clip", LM, Regime(ADAMW, gradient_clip_val=1.0), models.hf_mistral, about="ordinary clipping"),

@@ -49,6 +49,7 @@ class ZooModule(L.LightningModule):
         optim: The optimizer spec.
         clock: Advanced to ``trainer.global_step`` at the start of every batch (for faults with an onset).
         warmup_steps: Linear learning-rate warm-up over this many optimizer steps (0: none).
+        decay_steps: Cosine decay reaching 0 at optimizer step ``decay_steps - 1`` (0: none).
 
     Example:
         >>> from zoo.tasks import ImageClassification
@@ -57,13 +58,22 @@ class ZooModule(L.LightningModule):
         ['model.weight', 'model.bias']
     """
 
-    def __init__(self, model: nn.Module, task: Any, optim: Optim, clock: Clock, warmup_steps: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Any,
+        optim: Optim,
+        clock: Clock,
+        warmup_steps: int = 0,
+        decay_steps: int = 0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.task = task
         self.optim = optim
         self.clock = clock
         self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Advance the clock."""
@@ -82,11 +92,19 @@ class ZooModule(L.LightningModule):
             optimizer = torch.optim.SGD(groups, lr=self.optim.lr, momentum=self.optim.momentum)
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
-        if not self.warmup_steps:
+        if not self.warmup_steps and not self.decay_steps:
             return optimizer
-        warmup = self.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then (with ``decay_steps``) a cosine that is 0 at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not self.decay_steps:
+            return 1.0
+        span = max(1, self.decay_steps - 1 - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
 
 
 class Probe(Callback):
@@ -269,7 +287,14 @@ def run_one(run: ZooRun, root: Path) -> Outcome:
     try:
         clock = Clock()
         model, batches = _build(run, clock)
-        module = ZooModule(model, run.task, run.regime.optim, clock, run.regime.warmup_steps)
+        module = ZooModule(
+            model,
+            run.task,
+            run.regime.optim,
+            clock,
+            warmup_steps=run.regime.warmup_steps,
+            decay_steps=run.regime.steps if run.regime.decay_to_zero else 0,
+        )
         monitor = GradientFlowMonitor(
             log_every_n_steps=1,
             save_dir=save_dir,
