@@ -1,7 +1,7 @@
 """The diagnosis benchmark: real architectures, healthy and broken on purpose, scored against gradlight's findings.
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # all runs (~15 min on one core)
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's subset (< 2 min)
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # 52 runs, 7-12 min on one shared core
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's 9 runs, ~1.5 min
     python benchmarks/diagnosis_zoo.py --only 'hf_*' --out /tmp/zoo --json zoo.json
 
 Trains each run of :data:`zoo.catalog.CATALOG` (torchvision, timm, Hugging Face transformers built from
