@@ -157,14 +157,15 @@ def run_zoo(runs: list[ZooRun], root: Path, progress: bool = True) -> list[Outco
 
 
 def _commit() -> str:
+    """The checkout's short commit, with ``-dirty`` when its benchmark or gradlight files have changes."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        dirty = git("status", "--porcelain", "--", "../gradlight", ".")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

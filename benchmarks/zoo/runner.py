@@ -10,7 +10,6 @@ in the catalog, not in the diagnosis, and is shown as such.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 import time
 import traceback
@@ -114,11 +113,16 @@ class Probe(Callback):
         self.losses: list[tuple[int, float]] = []
         self.never_grad: set[str] | None = None
         self.steps = 0
+        self._step = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """Remember the optimizer step this micro-batch belongs to (``global_step`` advances before batch end)."""
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        """Record the loss."""
+        """Record the micro-batch's loss under its optimizer step."""
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append((trainer.global_step, float(loss.detach().float())))
+        self.losses.append((self._step, float(loss.detach().float())))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
         """Intersect the set of parameters without a gradient."""
@@ -129,7 +133,19 @@ class Probe(Callback):
 
 @dataclass
 class Outcome:
-    """Everything the table shows about one run."""
+    """Everything the table shows about one run.
+
+    Attributes:
+        run: The catalog entry.
+        verdict: The score of its findings.
+        check_ok: Whether the independent check holds (healthy: it trains; broken: the fault is in effect).
+        check: What the check measured, in words.
+        seconds: Wall time of the run (building, training, scoring).
+        loss_first: Loss of the first micro-batch.
+        loss_last: Loss of the last micro-batch.
+        error: ``"Type: message (file:line)"`` if the run crashed, else ``None``.
+        findings: Every finding, summarised (kind, severity, layer, steps, message, scalar evidence).
+    """
 
     run: ZooRun
     verdict: Verdict
@@ -319,8 +335,7 @@ def run_one(run: ZooRun, root: Path) -> Outcome:
             num_sanity_val_steps=0,
         )
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+            warnings.simplefilter("ignore")  # the monitor's finding warnings: the findings file has them
             trainer.fit(module, DataLoader(batches, batch_size=None, shuffle=False))  # type: ignore[arg-type]
         findings = load_findings(save_dir)
         history = load_history(save_dir)
