@@ -1,0 +1,239 @@
+"""The verdict on one run: its findings (``gradlight.load_findings``) against what the run was built to show.
+
+* A **healthy** run passes with zero warning-level findings; notes are allowed and listed.
+* A **broken** run passes when a warning of its class (the expected kind, or a kind accepted as the same
+  class, e.g. ``non_finite`` for a blow-up that reaches NaN/Inf) names the faulty layer (``layer`` or any of
+  ``layers`` matches one of the expectation's fnmatch patterns, or is the first layer in forward order) and
+  is reported within ``tolerance`` logged steps of the fault's onset (``onset <= reported_step <= onset +
+  tolerance * log_every``).
+
+A findings frame without a ``severity`` column (gradlight before severities) counts every finding as a
+warning; so does a missing value in that column.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "ANY_LAYER",
+    "FIRST_LAYER",
+    "HEALTHY",
+    "TOLERANCE",
+    "Expectation",
+    "Verdict",
+    "score",
+    "with_severity",
+]
+
+#: Expectation kind of a run with nothing wrong.
+HEALTHY = "healthy"
+#: Layer pattern meaning "the first layer in forward order" (depth 0 of the run's history).
+FIRST_LAYER = "<first layer>"
+#: Layer pattern meaning "any layer, including ``__global__``" (a fault of the whole model).
+ANY_LAYER = "*"
+#: A broken run's finding must be reported within this many logged steps of the onset.
+TOLERANCE = 5
+_SEVERITIES = ("warning", "note")
+_REQUIRED = ("kind", "layer", "step", "reported_step")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a run should produce.
+
+    Attributes:
+        kind: ``"healthy"`` or the finding kind the fault must produce.
+        layers: fnmatch patterns on layer names relative to the bare model (:data:`FIRST_LAYER`,
+            :data:`ANY_LAYER` allowed); one must be named by the finding.
+        onset: Optimizer step at which the fault starts (0: from initialisation).
+        also: Finding kinds accepted as the same class (``("non_finite",)`` where the gradients of a
+            blow-up reach NaN/Inf).
+
+    Example:
+        >>> Expectation("vanishing", (FIRST_LAYER,)).describe()
+        'vanishing @ <first layer> from step 0'
+    """
+
+    kind: str = HEALTHY
+    layers: tuple[str, ...] = ()
+    onset: int = 0
+    also: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind != HEALTHY and not self.layers:
+            raise ValueError(f"a broken expectation ({self.kind!r}) needs `layers` patterns, got {self.layers!r}.")
+        if self.onset < 0:
+            raise ValueError(f"`onset` must be a step >= 0, got {self.onset!r}.")
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the run is expected to have no warning."""
+        return self.kind == HEALTHY
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Finding kinds that count as this expectation's class."""
+        return (self.kind, *self.also)
+
+    def describe(self) -> str:
+        """One cell for the table, e.g. ``exploding|non_finite @ * from step 0``."""
+        if self.healthy:
+            return HEALTHY
+        return f"{'|'.join(self.kinds)} @ {','.join(self.layers)} from step {self.onset}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The score of one run.
+
+    Attributes:
+        passed: Whether the run meets its target.
+        reason: Why not (or what matched), in words.
+        warnings: Warning-level findings per kind.
+        notes: Note-level findings per kind.
+        kind: Kind of the finding shown (the matching one, else the closest candidate, else the first warning).
+        layer: Its layer.
+        step: Its first step (the condition's onset as the diagnosis saw it).
+        reported_step: The logged step it was reported at.
+        listed: ``kind@layer[severity]`` of every finding, in report order.
+    """
+
+    passed: bool
+    reason: str
+    warnings: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
+    kind: str | None = None
+    layer: str | None = None
+    step: int | None = None
+    reported_step: int | None = None
+    listed: tuple[str, ...] = ()
+
+
+def with_severity(findings: pd.DataFrame) -> pd.DataFrame:
+    """``findings`` with a ``severity`` column: missing column or value -> ``"warning"``.
+
+    Raises:
+        ValueError: If a severity is neither ``"warning"`` nor ``"note"``.
+
+    Example:
+        >>> with_severity(pd.DataFrame({"kind": ["dormant"]})).severity.tolist()
+        ['warning']
+    """
+    frame = findings.copy()
+    if "severity" not in frame.columns:
+        frame["severity"] = "warning"
+    frame["severity"] = frame["severity"].fillna("warning").astype(str)
+    unknown = sorted(set(frame["severity"]) - set(_SEVERITIES))
+    if unknown:
+        raise ValueError(f"findings have severities {unknown}; valid are {list(_SEVERITIES)}.")
+    return frame
+
+
+def _layer_matches(row: Any, patterns: tuple[str, ...], prefix: str, first_layer: str | None) -> bool:
+    named = [str(row["layer"])]
+    extra = row.get("layers")
+    if isinstance(extra, (list, tuple)):
+        named += [str(name) for name in extra]
+    for pattern in patterns:
+        if pattern == ANY_LAYER:
+            return True
+        if pattern == FIRST_LAYER:
+            if first_layer is not None and first_layer in named:
+                return True
+            continue
+        if any(fnmatch.fnmatchcase(name, prefix + pattern) for name in named):
+            return True
+    return False
+
+
+def score(
+    findings: pd.DataFrame,
+    expectation: Expectation,
+    *,
+    first_layer: str | None = None,
+    prefix: str = "",
+    tolerance: int = TOLERANCE,
+    log_every: int = 1,
+) -> Verdict:
+    """Score one run's findings against its expectation.
+
+    Args:
+        findings: ``gradlight.load_findings(save_dir)`` (columns ``kind, layer, step, reported_step``, optional
+            ``layers`` and ``severity``).
+        expectation: What the run should produce.
+        first_layer: The full name of the first layer in forward order (for :data:`FIRST_LAYER`).
+        prefix: Prepended to the expectation's patterns (the attribute under which the model is trained).
+        tolerance: Logged steps after the onset within which the finding must be reported.
+        log_every: Optimizer steps per logged step.
+
+    Returns:
+        The :class:`Verdict`.
+
+    Raises:
+        ValueError: If a non-empty ``findings`` lacks a required column, or on a negative ``tolerance`` or a
+            ``log_every`` below 1.
+
+    Example:
+        >>> frame = pd.DataFrame([{"kind": "dormant", "layer": "m.fc", "step": 0, "reported_step": 4}])
+        >>> score(frame, Expectation("dormant", ("fc",)), prefix="m.").passed
+        True
+        >>> score(frame, Expectation()).reason
+        '1 warning(s): dormant@m.fc'
+    """
+    if tolerance < 0:
+        raise ValueError(f"`tolerance` must be >= 0 logged steps, got {tolerance!r}.")
+    if log_every < 1:
+        raise ValueError(f"`log_every` must be >= 1, got {log_every!r}.")
+    missing = [column for column in _REQUIRED if column not in findings.columns]
+    if missing and not findings.empty:
+        raise ValueError(f"`findings` lacks the columns {missing}; it needs {list(_REQUIRED)} (see load_findings).")
+    frame = with_severity(findings.reindex(columns=[*findings.columns, *missing]))
+    warning_rows = frame[frame["severity"] == "warning"]
+    warnings = dict(Counter(warning_rows["kind"].astype(str)))
+    notes = dict(Counter(frame.loc[frame["severity"] == "note", "kind"].astype(str)))
+    listed = tuple(f"{r['kind']}@{r['layer']}[{r['severity']}]" for _, r in frame.iterrows())
+    counts: dict[str, Any] = {"warnings": warnings, "notes": notes, "listed": listed}
+
+    def shown(row: Any, passed: bool, reason: str) -> Verdict:
+        return Verdict(
+            passed,
+            reason,
+            kind=str(row["kind"]),
+            layer=str(row["layer"]),
+            step=int(row["step"]),
+            reported_step=int(row["reported_step"]),
+            **counts,
+        )
+
+    if expectation.healthy:
+        if warning_rows.empty:
+            return Verdict(True, f"no warning ({len(frame)} note(s))", **counts)
+        first = warning_rows.iloc[0]
+        where = ", ".join(f"{r['kind']}@{r['layer']}" for _, r in warning_rows.iterrows())
+        return shown(first, False, f"{len(warning_rows)} warning(s): {where}")
+
+    latest = expectation.onset + tolerance * log_every
+    candidates = warning_rows[warning_rows["kind"].isin(expectation.kinds)]
+    if candidates.empty:
+        if warning_rows.empty:
+            return Verdict(False, f"no {'/'.join(expectation.kinds)} warning (no warning at all)", **counts)
+        return shown(warning_rows.iloc[0], False, f"no {'/'.join(expectation.kinds)} warning")
+    layer_ok = candidates.apply(lambda r: _layer_matches(r, expectation.layers, prefix, first_layer), axis=1)
+    reported = candidates["reported_step"].astype(int)
+    time_ok = (reported >= expectation.onset) & (reported <= latest)
+    both = candidates[layer_ok & time_ok]
+    if not both.empty:
+        return shown(both.iloc[0], True, "flagged by class, layer and time")
+    if layer_ok.any():
+        row = candidates[layer_ok].iloc[0]
+        when = "too early" if int(row["reported_step"]) < expectation.onset else "too late"
+        return shown(
+            row, False, f"{when}: reported at step {int(row['reported_step'])}, window {expectation.onset}-{latest}"
+        )
+    return shown(candidates.iloc[0], False, f"wrong layer: {candidates.iloc[0]['layer']}")
