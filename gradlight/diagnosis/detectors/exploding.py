@@ -81,7 +81,7 @@ class ExplodingDetector(Detector):
         if step.loss is not None and math.isfinite(step.loss) and self.first_loss is None:
             self.first_loss = float(step.loss)
         diverging = step.loss is not None and self.first_loss is not None and not step.loss <= self.first_loss
-        growing = self._confirmed_growth(record.step, growth, floor, diverging)
+        growing = self._confirmed_growth(record.step, growth, floor, diverging, step)
         limit = config.exploding_layer_norm
         over = {name: value for name, value in growth.current.items() if limit is not None and value > limit}
         over_norm = config.exploding_norm is not None and growth.norm > config.exploding_norm
@@ -140,17 +140,23 @@ class ExplodingDetector(Detector):
         return _Growth(norm, growth, baseline, window_min, len(history), layers, baselines, current)
 
     def _confirmed_growth(
-        self, step: int, growth: _Growth, floor: float, diverging: bool
+        self, step: int, growth: _Growth, floor: float, diverging: bool, context: StepContext
     ) -> tuple[int, dict[str, float]] | None:
         """``(first step, layer -> growth)`` of a growth that rose and stayed up, else ``None``.
 
         A rise is remembered with the baselines from before it; each following logged step either confirms it
         (the global norm or a risen layer still ``exploding_factor`` above those baselines) or drops it. A rise
-        while the loss is above the run's first loss needs no confirmation: the run is diverging (a
-        large-loss batch late in a converged run stays below where the run started).
+        of the global norm while the loss is above the run's first loss needs no confirmation: the run is
+        diverging (a large-loss batch late in a converged run stays below where the run started). Layers of
+        the head's parallel output branches are compared only through the global norm: their own norms jump
+        by orders of magnitude whenever a batch has targets for their output (a detection scale).
         """
         factor = self.config.exploding_factor
-        layers = {n: f for n, f in growth.layers.items() if f >= factor and growth.current[n] >= floor}
+        layers = {
+            n: f
+            for n, f in growth.layers.items()
+            if f >= factor and growth.current[n] >= floor and context.profile.output_branch_of(n) is None
+        }
         rising = growth.growth >= factor or bool(layers)
         rise = self.rise
         if rise is not None and step != rise.step:
@@ -168,7 +174,7 @@ class ExplodingDetector(Detector):
             baselines = {n: growth.baselines[n] for n in layers}
             baseline = growth.baseline if growth.growth >= factor else float("inf")
             self.rise = rise = _Rise(step, baseline, baselines)
-            if diverging:
+            if diverging and growth.growth >= factor:
                 rise.confirmations = self.config.exploding_confirm_steps
         if rise is None or rise.confirmations < self.config.exploding_confirm_steps:
             return None
