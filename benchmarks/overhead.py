@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, value, met in rows:
         print(f"| {name} | {value:.4f} | {'yes' if met else 'no'} |")
     print(f"| (no target) added time below the recipe as written, gradient norms only | {recipe / every:.4f} | - |")
-    logged = max(1, logged_default)
-    extra = (taps - default) * len(timed_steps) / logged
-    print(f"| (no target) signal taps, extra ms per logged step (default interval) | {1e3 * extra:.2f} | - |")
+    if logged_default:  # the taps' in-hook time beyond the monitor's, per logged step
+        extra = (taps - default) * len(timed_steps) / logged_default
+        print(f"| (no target) signal taps, extra ms per logged step (default interval) | {1e3 * extra:.2f} | - |")
     print(
         "\n(ratios from in-hook times over the mean step without a monitor; the recipes' added times are"
         " differences of median step times)"
