@@ -175,12 +175,11 @@ class SignalStats:
 class _Slot:
     """One tapped module's per-step state (Python counters; tensors live in the taps' row list)."""
 
-    __slots__ = ("calls", "elements", "first", "has_input", "has_output", "index", "name", "segment_calls")
+    __slots__ = ("calls", "elements", "has_input", "has_output", "index", "name", "segment_calls")
 
     def __init__(self, name: str, index: int) -> None:
         self.name = name
         self.index = index  # position in forward order (fixed when the block first runs)
-        self.first = True
         self.calls = 0  # most calls in one forward pass, this step
         self.segment_calls = 0  # calls in the current forward pass
         self.elements = 0  # dL/dy elements seen
@@ -379,7 +378,9 @@ class BackwardSignalTaps:
             data_parallel_size: Number of ranks whose gradients the strategy averages (DDP, FSDP: the world
                 size); norms and maxima are divided by it (see the module docstring).
             depth_of: ``block name -> depth`` (e.g. the layers' depths, so rows line up with the parameter
-                heat map); blocks not in it get ``len(depth_of) + their position``. Default: forward order.
+                heat map); a block not in it gets the depth of the block before it in forward order (the
+                history keeps rows of equal depth in the order written, which is forward order). Default:
+                the position in forward order.
 
         Returns:
             The statistics, or ``None`` if no block has run since the taps were created.
@@ -442,10 +443,11 @@ class BackwardSignalTaps:
         in_l2[~has_input] = np.nan
         with np.errstate(divide="ignore", invalid="ignore"):
             gain = np.log10(in_l2) - np.log10(out_l2)
-        if depth_of is None:
-            depths = np.arange(len(slots), dtype=np.int32)
-        else:
-            depths = np.array([depth_of.get(slot.name, len(depth_of) + slot.index) for slot in slots], dtype=np.int32)
+        depths = np.arange(len(slots), dtype=np.int32)
+        if depth_of is not None:  # a block that is no layer (a Concat) shares the depth of the block before it
+            previous = 0
+            for i, slot in enumerate(slots):
+                previous = depths[i] = depth_of.get(slot.name, previous)
         return SignalStats(
             step=step,
             blocks=[slot.name for slot in slots],

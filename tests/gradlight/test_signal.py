@@ -269,3 +269,17 @@ def test_two_process_ddp_signals_equal_the_single_process_global_batch(tmp_path:
         np.testing.assert_allclose(result[metric], expected, rtol=1e-5, err_msg=metric)
     np.testing.assert_allclose(result["signal_gain"], np.nan_to_num(single.gain_decades, nan=-1.0), atol=1e-5)
     assert result["signal_elements"] == single.metrics["signal_elements"].tolist()
+
+
+def test_parameter_free_blocks_take_the_depth_of_the_block_before_them() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, WIDTH), nn.Sigmoid(), nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 1))
+    x, y = batch()
+    taps = BackwardSignalTaps(net, blocks=["*"])
+    assert BackwardSignalTaps(net).block_names == ["0", "2", "4"]  # default: the parameter-owning layers
+    taps.start()
+    F.mse_loss(net(x), y).backward()
+    taps.stop()
+    stats = taps.finalize(0, depth_of={"0": 0, "2": 1, "4": 2})
+    assert stats is not None and stats.blocks == ["0", "1", "2", "3", "4"]
+    assert stats.depths.tolist() == [0, 0, 1, 1, 2]
