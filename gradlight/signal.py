@@ -21,7 +21,8 @@ A grouping callable that returns names which are not module names taps nothing f
 chooses other modules: a list of module names or patterns matched component by component (``*`` does not
 cross a dot, so ``"model.*"`` taps every child of ``model``, parameter-free ones such as Ultralytics'
 ``Concat`` and ``Upsample`` included), or a predicate ``(name, module) -> bool``. Blocks are ordered by when
-they first start running in a forward pass (a parent before its children).
+they first start running with gradients enabled (a parent before its children; blocks inside a reentrant
+activation checkpoint first run so during backward, and come last).
 
 **What is measured, per block** (over every element of every call in every tapped micro-batch):
 
@@ -37,7 +38,8 @@ they first start running in a forward pass (a parent before its children).
   attenuates the signal on its way back to the input).
 * ``signal_calls``: calls per forward pass. A module called several times in one forward (a shared or
   recurrent block) has its calls *summed* (squares added, maxima taken), and ``calls > 1`` marks it. Calls
-  are counted between backward passes; recomputation by activation checkpointing counts as another pass.
+  are counted between backward passes, so the recomputation of activation checkpointing (reentrant or
+  not) is not a second call; the signals under checkpointing equal those without it (a test checks both).
 
 **What a gain means.** In a chain (each block's input is the previous block's output) the input signal of
 block ``b`` *is* the output signal of block ``b - 1``, so gains add up along the path: the decades lost

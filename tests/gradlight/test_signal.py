@@ -283,3 +283,32 @@ def test_parameter_free_blocks_take_the_depth_of_the_block_before_them() -> None
     stats = taps.finalize(0, depth_of={"0": 0, "2": 1, "4": 2})
     assert stats is not None and stats.blocks == ["0", "1", "2", "3", "4"]
     assert stats.depths.tolist() == [0, 0, 1, 1, 2]
+
+
+class Checkpointed(nn.Module):
+    """``inner`` under activation checkpointing: recomputed during backward."""
+
+    def __init__(self, inner: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=self.reentrant)
+        assert isinstance(out, Tensor)
+        return out
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_changes_neither_signals_nor_calls(reentrant: bool) -> None:
+    x, y = batch()
+    reference = reference_signals(block_mlp(), x, y)
+    net = block_mlp()
+    for i in (2, 3):
+        net[i] = Checkpointed(net[i], reentrant)
+    stats = tapped_step(net, x, y, blocks=["*", "*.inner.*"])
+    for i, grad in enumerate(reference):
+        assert stats.value("signal_l2", str(i)) == pytest.approx(grad.norm().item(), rel=1e-5)
+    # Inside the checkpointed blocks: the Linear's output feeds the Sigmoid, whose output is the block's.
+    assert stats.value("signal_l2", "3.inner.1") == pytest.approx(reference[3].norm().item(), rel=1e-5)
+    assert stats.calls.tolist() == [1] * len(stats.blocks)  # recomputation is not a second call
