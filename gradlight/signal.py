@@ -66,11 +66,14 @@ collective (:func:`all_gather_reduction`). DDP averages parameter gradients over
 ranks, which makes them the gradient of ``(1/W) sum_r L_r``; the activation gradient consistent with that
 loss is each rank's own divided by ``W``, so :meth:`BackwardSignalTaps.finalize` divides the norms and
 maxima by ``data_parallel_size``. When every rank's loss is the mean over its equal share of the global
-batch, the result equals the single-process signal of the global batch with the mean loss (a test checks
-it). Gains are ratios: the scaling cancels. FSDP1, FSDP2 and HSDP do not shard activations (every rank holds
-whole activations of its own micro-batch) and average gradients over all data-parallel ranks, so the same
-reduction over the world group is exact. Tensor parallelism is *not* covered: ranks of a tensor-parallel
-group see the same data and hold replicated or sharded activations, so the reduction would have to run over
+batch, the result equals the single-process signal of the global batch with the mean loss, bit-identical
+on every rank. Gains are ratios: the scaling cancels. FSDP1, FSDP2 and HSDP do not shard activations (every
+rank holds whole activations of its own micro-batch) and average gradients over all data-parallel ranks, so
+the same reduction over the world group is exact (tests check DDP and FSDP2 on 2 processes against a single
+process to 1e-5). The division holds whatever the loss (mean or sum): it makes the signal the gradient of
+the loss whose gradient the optimizer steps on. A DDP communication hook that sums instead of averaging
+needs ``data_parallel_size=1``. Tensor parallelism is *not* covered: ranks of a tensor-parallel group see
+the same data and hold replicated or sharded activations, so the reduction would have to run over
 the data-parallel group only, on blocks whose outputs are replicated across the tensor-parallel group.
 
 **Other things that hold.** Gradient accumulation: the tensor hooks of every micro-batch add up, so the
@@ -470,7 +473,7 @@ class BackwardSignalTaps:
 
 
 def all_gather_reduction(group: dist.ProcessGroup | None = None) -> SignalReduction:
-    """A :data:`SignalReduction` with one ``all_gather_into_tensor`` over ``group``.
+    """A :data:`SignalReduction` with one all-gather (``all_gather_single``) over ``group``.
 
     Every rank gets the same result: the gathered ``(ranks, ...)`` block is summed (sums) and max-reduced
     (maxima) locally, in the same order everywhere. Use the world group (the default) under DDP, FSDP1,
@@ -490,7 +493,7 @@ def all_gather_reduction(group: dist.ProcessGroup | None = None) -> SignalReduct
         local = torch.cat([sums.reshape(-1), maxima.reshape(-1)])
         world = dist.get_world_size(group)
         gathered = local.new_empty(world * local.numel())
-        dist.all_gather_into_tensor(gathered, local, group=group)
+        _all_gather(gathered, local, group=group)
         gathered = gathered.view(world, -1)
         split = sums.numel()
         total = gathered[:, :split].sum(0).view_as(sums)
@@ -501,6 +504,10 @@ def all_gather_reduction(group: dist.ProcessGroup | None = None) -> SignalReduct
 
 
 # ------------------------------------------------------------------------------------------- helpers
+# torch >= 2.14 names it all_gather_single and deprecates all_gather_into_tensor.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gradient_row(grad: Tensor) -> Tensor:
     """``[L2, max |g|, non-finite count]`` of one gradient, in float32, on its device.
 

@@ -234,13 +234,23 @@ def test_nonfinite_gradient_elements_are_counted() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-def ddp_signal_worker(rank: int, world: int, port: int, folder: str) -> None:
-    """Each rank backpropagates the mean loss of its half of the global batch through DDP."""
+def data_parallel_signal_worker(rank: int, world: int, port: int, folder: str, strategy: str) -> None:
+    """Each rank backpropagates the mean loss of its half of the global batch through DDP or FSDP2."""
     init_env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = block_mlp(6)
-        model = nn.parallel.DistributedDataParallel(net)
+        model: nn.Module = net
+        if strategy == "ddp":
+            model = nn.parallel.DistributedDataParallel(net)
+        else:  # FSDP2: every block and the root sharded; activations are not
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for child in net:
+                fully_shard(child, mesh=mesh)
+            fully_shard(net, mesh=mesh)
         x, y = batch(64)
         taps = BackwardSignalTaps(net, group_by=1)  # the wrapped module's names
         taps.start()
@@ -248,22 +258,21 @@ def ddp_signal_worker(rank: int, world: int, port: int, folder: str) -> None:
         taps.stop()
         stats = taps.finalize(0, all_gather_reduction(), data_parallel_size=world)
         assert stats is not None
-        payload = {key: np.nan_to_num(value, nan=-1.0).tolist() for key, value in stats.metrics.items()}
-        payload["param_grad"] = net[0][0].weight.grad.norm().item()  # type: ignore[union-attr]
+        payload: dict[str, object] = {key: np.nan_to_num(v, nan=-1.0).tolist() for key, v in stats.metrics.items()}
+        payload["blocks"] = stats.blocks
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps(payload))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_process_ddp_signals_equal_the_single_process_global_batch(tmp_path: Path) -> None:
-    spawn(ddp_signal_worker, 2, str(tmp_path))
-    net = block_mlp(6)
-    x, y = batch(64)
-    single = tapped_step(net, x, y, group_by=1)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_signals_equal_the_single_process_global_batch(tmp_path: Path, strategy: str) -> None:
+    spawn(data_parallel_signal_worker, 2, str(tmp_path), strategy)
+    single = tapped_step(block_mlp(6), *batch(64), group_by=1)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # bit-identical on every rank
     result = ranks[0]
-    assert result["param_grad"] == pytest.approx(net[0][0].weight.grad.norm().item(), rel=1e-5)  # same problem
+    assert result["blocks"] == single.blocks
     for metric in ("signal_l2", "signal_max_abs", "signal_in_l2"):
         expected = np.nan_to_num(single.metrics[metric], nan=-1.0)
         np.testing.assert_allclose(result[metric], expected, rtol=1e-5, err_msg=metric)
