@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from tests.gradlight._ddp_diag_workers import init_env, spawn
@@ -321,3 +324,62 @@ def test_activation_checkpointing_changes_neither_signals_nor_calls(reentrant: b
     # Inside the checkpointed blocks: the Linear's output feeds the Sigmoid, whose output is the block's.
     assert stats.value("signal_l2", "3.inner.1") == pytest.approx(reference[3].norm().item(), rel=1e-5)
     assert stats.calls.tolist() == [1] * len(stats.blocks)  # recomputation is not a second call
+
+
+class SignalCallback(L.Callback):
+    """The monitor's pattern: taps on every micro-batch of a logged step, finalized before its optimizer step."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.taps: BackwardSignalTaps | None = None
+        self.stats: list[SignalStats] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if self.taps is None:
+            self.taps = BackwardSignalTaps(pl_module, group_by=2)  # "net.0" .. "net.7"
+        if trainer.global_step % self.every == 0:
+            self.taps.start()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: object) -> None:
+        assert self.taps is not None
+        if self.taps.active:
+            self.taps.stop()
+            stats = self.taps.finalize(trainer.global_step)
+            assert stats is not None
+            self.stats.append(stats)
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = block_mlp(8)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_under_lightning_accumulated_micro_batches_add_up_and_unlogged_steps_are_untouched() -> None:
+    x, y = batch(64)
+    model = Net()
+    start = copy.deepcopy(model.net)
+    callback = SignalCallback(every=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=3, accumulate_grad_batches=2, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert [stats.step for stats in callback.stats] == [0, 2]  # step 1 was not logged
+    # Step 0 is two micro-batches of 16 rows, each backpropagating loss / 2 (Lightning's accumulation).
+    squares = np.zeros(8)
+    for rows in (slice(0, 16), slice(16, 32)):
+        grads = reference_signals(start, x[rows], y[rows])
+        squares += np.array([(g / 2).square().sum().item() for g in grads])
+    first = callback.stats[0]
+    assert first.blocks == [f"net.{i}" for i in range(8)]
+    np.testing.assert_allclose(first.metrics["signal_l2"], np.sqrt(squares), rtol=1e-5)
+    assert first.metrics["signal_elements"].tolist() == [32.0 * WIDTH] * 7 + [32.0]
+    assert callback.taps is not None and not callback.taps.active
