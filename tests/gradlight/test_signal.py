@@ -383,3 +383,23 @@ def test_under_lightning_accumulated_micro_batches_add_up_and_unlogged_steps_are
     np.testing.assert_allclose(first.metrics["signal_l2"], np.sqrt(squares), rtol=1e-5)
     assert first.metrics["signal_elements"].tolist() == [32.0 * WIDTH] * 7 + [32.0]
     assert callback.taps is not None and not callback.taps.active
+
+
+def test_an_in_place_activation_after_a_block_does_not_change_its_signal() -> None:
+    import torchvision  # installed with the detection extra (Ultralytics needs it)
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    # torchvision's ResNet applies ReLU(inplace=True) to bn1's output; the reference keeps that output intact.
+    z = model.bn1(model.conv1(x))
+    features = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(torch.relu(z))))))
+    (reference,) = torch.autograd.grad(model.fc(torch.flatten(model.avgpool(features), 1)).square().mean(), [z])
+    taps = BackwardSignalTaps(model)  # one block per parameter-owning module: 41 of them
+    taps.start()
+    model(x).square().mean().backward()
+    taps.stop()
+    stats = taps.finalize(0)
+    assert stats is not None and len(stats.blocks) == 41
+    assert stats.value("signal_l2", "bn1") == pytest.approx(reference.norm().item(), rel=1e-5)
+    assert np.isfinite(stats.metrics["signal_l2"]).all()
