@@ -1263,14 +1263,19 @@ def gain_profile_figure(
         top.set_ylabel("|dL/d(activation)| (log scale)")
         _legend(top, zeros, minimum=1, loc="best")
         finite = np.isfinite(at["gain"])
-        colors = np.where(at["gain"] < 0, RUN_COLORS[1], RUN_COLORS[0])
-        bottom.bar(x[finite], at["gain"][finite], color=colors[finite], width=0.6, label=f"step {chosen}")
+        for which, color, what in (
+            (at["gain"] < 0, RUN_COLORS[1], "attenuates"),
+            (at["gain"] >= 0, RUN_COLORS[0], "amplifies"),
+        ):
+            keep_bar = finite & which
+            if keep_bar.any():
+                bottom.bar(x[keep_bar], at["gain"][keep_bar], color=color, width=0.6, label=f"step {chosen}: {what}")
         keep = np.isfinite(median)
         bottom.plot(x[keep], median[keep], linestyle="none", marker="_", markersize=12, color="#222222", label="median")
         bottom.axhline(0.0, color="#888888", linewidth=0.8)
         bottom.set_ylabel("gain (decades)")
         bottom.grid(True, axis="y")
-        bottom.legend(loc="best", ncol=2)
+        bottom.legend(loc="best", ncol=3)
         _depth_axis(bottom, labels)
         bottom.set_xlabel(bottom.get_xlabel().replace("layer", "block"))
         _rotate_if_crowded(fig, bottom)
