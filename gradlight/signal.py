@@ -13,6 +13,8 @@ is lost, and a block without parameters (an activation, a pooling, a concatenati
     taps.stop()                                 # after the last backward: every hook removed
     stats = taps.finalize(step)                 # one stacked tensor -> optional reduce -> one host copy
     stats.blocks, stats.metrics["signal_l2"], stats.calls, stats.gain_decades
+    stats.path_decades("model.0", "model.4")    # e.g. -3.0: lost between block 0's input and block 4's output
+    stats.attenuating(below=-0.5)               # [("model.2", -2.0), ...]: where, strongest first
 
 **Blocks.** By default the taps sit on the modules named by the layer grouping (``group_by``, as in
 :func:`gradlight.layers.layer_name_for`): with ``group_by=None`` every module that owns parameters, with
@@ -175,6 +177,42 @@ class SignalStats:
     def value(self, metric: str, block: str) -> float:
         """One block's value of one metric."""
         return float(self.metrics[metric][self.blocks.index(block)])
+
+    def path_decades(self, first: str, last: str) -> float:
+        """Decades the signal changes by from ``last``'s output back to ``first``'s input (negative: lost).
+
+        ``log10(input signal of first / output signal of last)``: in a chain, the sum of the gains of the
+        blocks from ``first`` to ``last``, plus whatever untapped modules between them do.
+
+        Raises:
+            ValueError: If a name is not a block, or ``first`` runs after ``last``.
+
+        Example:
+            >>> stats = SignalStats(0, ["a", "b"], np.arange(2), {"signal_l2": np.array([1e-3, 1.0]),
+            ...                     "signal_in_l2": np.array([1e-4, 1e-3])})
+            >>> round(stats.path_decades("a", "b"), 6)
+            -4.0
+        """
+        for name in (first, last):
+            if name not in self.blocks:
+                raise ValueError(f"{name!r} is not a tapped block; blocks are {self.blocks[:6]}...")
+        i, j = self.blocks.index(first), self.blocks.index(last)
+        if i > j:
+            raise ValueError(f"`first` {first!r} runs after `last` {last!r}; pass them in forward order.")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.log10(self.metrics["signal_in_l2"][i]) - np.log10(self.metrics["signal_l2"][j]))
+
+    def attenuating(self, below: float = -0.5) -> list[tuple[str, float]]:
+        """Blocks whose gain is below ``below`` decades, strongest attenuation first.
+
+        Example:
+            >>> stats = SignalStats(0, ["a", "b", "c"], np.arange(3), {"signal_gain": np.array([np.nan, -2.0, -0.1])})
+            >>> stats.attenuating()
+            [('b', -2.0)]
+        """
+        gains = self.gain_decades
+        found = [(block, float(gain)) for block, gain in zip(self.blocks, gains) if gain < below]
+        return sorted(found, key=lambda item: item[1])
 
 
 class _Slot:

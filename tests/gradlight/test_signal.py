@@ -84,6 +84,18 @@ def test_sigmoid_mlp_signals_and_gains_equal_autograd_reference() -> None:
     np.testing.assert_allclose(stats.gain_decades[1:], np.log10(norms[:-1] / norms[1:]), atol=1e-5)
     np.testing.assert_allclose(stats.metrics["signal_in_l2"][1:], norms[:-1], rtol=1e-5)
     assert stats.calls.tolist() == [1] * 8 and stats.shared == []
+    # "The signal loses d decades between block 1 and block 5": the sum of their gains, read off directly.
+    assert stats.path_decades("1", "5") == pytest.approx(math.log10(norms[0] / norms[5]), abs=1e-5)
+    assert stats.path_decades("1", "5") == pytest.approx(stats.gain_decades[1:6].sum(), abs=1e-5)
+    worst = stats.attenuating(below=-0.5)
+    assert [block for block, _ in worst] == sorted(
+        [str(b) for b in range(1, 8) if stats.gain_decades[b] < -0.5], key=lambda b: stats.value("signal_gain", b)
+    )
+    assert len(worst) >= 6  # every sigmoid block
+    with pytest.raises(ValueError, match="`first` '5' runs after `last` '1'"):
+        stats.path_decades("5", "1")
+    with pytest.raises(ValueError, match="'x' is not a tapped block"):
+        stats.path_decades("x", "1")
 
 
 def test_sigmoid_gains_sit_at_the_analytic_bound() -> None:
