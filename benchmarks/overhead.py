@@ -10,6 +10,10 @@ equally:
 - ``none``: no monitor;
 - ``every_step``: ``GradientFlowMonitor(log_every_n_steps=1)``;
 - ``default``: ``GradientFlowMonitor()`` at the Trainer's default interval (50 steps);
+- ``default_taps``: the same, plus :class:`gradlight.signal.BackwardSignalTaps` on the same logged steps
+  (``group_by=3`` on the LightningModule: one block per YOLO stage, the case study's layers), started before
+  the logged step's forward and finalized before its optimizer step; its hooks' time (module and tensor
+  hooks, ``finalize``) counts as in-monitor time;
 - ``lightning_recipe``: Lightning's documented recipe as written, ``grad_norm`` + ``self.log_dict`` in
   ``on_before_optimizer_step`` every step: per-tensor gradient L2 norms and their total only, CSVLogger;
 - ``lightning_recipe_same_stats``: the same recipe extended to the statistics the monitor records, per
@@ -48,8 +52,9 @@ from lightning.pytorch.utilities import grad_norm
 from torch.utils.data import DataLoader
 
 from gradlight import GradientFlowMonitor
+from gradlight.signal import BackwardSignalTaps
 
-CONFIGS = ("none", "every_step", "default", "lightning_recipe", "lightning_recipe_same_stats")
+CONFIGS = ("none", "every_step", "default", "default_taps", "lightning_recipe", "lightning_recipe_same_stats")
 RECIPES = ("lightning_recipe", "lightning_recipe_same_stats")
 
 
@@ -149,6 +154,54 @@ class TimedMonitor(GradientFlowMonitor):
         self._timed(super().on_train_batch_end, *args)
 
 
+class TimedTaps(BackwardSignalTaps):
+    """Backward-signal taps whose hooks (module and tensor ones) add their time to the monitor's in-hook time."""
+
+    def __init__(self, monitor: TimedMonitor, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+
+    def _timing(self, hook: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return hook(*args)
+            finally:
+                self.monitor.inside[-1] += time.perf_counter() - start
+
+        return timed
+
+    def _make_enter(self, name: str) -> Any:
+        return self._timing(super()._make_enter(name))
+
+    def _make_exit(self, name: str) -> Any:
+        return self._timing(super()._make_exit(name))
+
+    def _make_reader(self, tap: Any) -> Any:
+        return self._timing(super()._make_reader(tap))
+
+
+class SignalTapsCallback(L.Callback):
+    """Runs the taps on the monitor's logged steps: start before the forward, finalize before the step."""
+
+    def __init__(self, monitor: TimedMonitor) -> None:
+        self.monitor = monitor
+        self.taps: TimedTaps | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.taps is None:
+            self.taps = TimedTaps(self.monitor, pl_module, group_by=3)
+        if self.monitor.is_logged_step(trainer.global_step):
+            self.taps.start()  # the monitor's on_train_batch_start ran first: inside[-1] is this step's
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        if self.taps is not None and self.taps.active:
+            start = time.perf_counter()
+            self.taps.stop()
+            self.taps.finalize(0)
+            self.monitor.inside[-1] += time.perf_counter() - start
+
+
 class StepTimer(L.Callback):
     """Time between consecutive batch starts (includes the optimizer step and end-of-batch logging)."""
 
@@ -172,10 +225,12 @@ def run(
     monitor = None
     if config == "every_step":
         monitor = TimedMonitor(log_every_n_steps=1, save_dir=workdir / "gl")
-    elif config == "default":
+    elif config in ("default", "default_taps"):
         monitor = TimedMonitor(save_dir=workdir / "gl")
     if monitor is not None:
         callbacks.append(monitor)
+    if monitor is not None and config == "default_taps":
+        callbacks.append(SignalTapsCallback(monitor))
     logger = CSVLogger(workdir / "csv")
     trainer = L.Trainer(
         accelerator="cpu",
@@ -202,7 +257,10 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--rounds", type=int, default=5, help="interleaved rounds of every configuration, order rotated per round"
+        "--rounds",
+        type=int,
+        default=len(CONFIGS),
+        help="interleaved rounds of every configuration, order rotated per round (default: one per position)",
     )
     parser.add_argument(
         "--steps", type=int, default=53, help="optimizer steps per configuration and round (53 = 3 warm-up + 50)"
@@ -222,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     inside: dict[str, list[float]] = {config: [] for config in CONFIGS}  # per timed step
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            # Rotate the order every round (with 5 rounds each configuration runs once in each position), so
+            # Rotate the order every round (with one round per configuration each runs once in each position), so
             # that drift between runs, e.g. a slower first run, does not favour any configuration.
             shift = round_index % len(CONFIGS)
             for config in CONFIGS[shift:] + CONFIGS[:shift]:
@@ -257,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     every = statistics.fmean(inside["every_step"])
     default = statistics.fmean(inside["default"])
+    taps = statistics.fmean(inside["default_taps"])
     recipe, same_stats = added["lightning_recipe"], added["lightning_recipe_same_stats"]
     print(
         "\nadded, mean = difference of mean step times (± standard error); the medians ignore the default"
@@ -267,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("every step <= 1.02x", (base + every) / base, (base + every) / base <= 1.02),
         ("default interval <= 1.005x", (base + default) / base, (base + default) / base <= 1.005),
+        ("default interval, signal taps on, <= 1.005x", (base + taps) / base, (base + taps) / base <= 1.005),
         (
             "added time >= 10x below the Lightning recipe's for the same statistics",
             same_stats / every,
@@ -276,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, value, met in rows:
         print(f"| {name} | {value:.4f} | {'yes' if met else 'no'} |")
     print(f"| (no target) added time below the recipe as written, gradient norms only | {recipe / every:.4f} | - |")
+    if logged_default:  # the taps' in-hook time beyond the monitor's, per logged step
+        extra = (taps - default) * len(timed_steps) / logged_default
+        print(f"| (no target) signal taps, extra ms per logged step (default interval) | {1e3 * extra:.2f} | - |")
     print(
         "\n(ratios from in-hook times over the mean step without a monitor; the recipes' added times are"
         " differences of median step times)"

@@ -26,6 +26,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, MaxNLocator
 from matplotlib.transforms import ScaledTranslation
 
+from gradlight.history import GLOBAL_LAYER
 from gradlight.report.summary import (
     Run,
     activation_sites,
@@ -39,22 +40,30 @@ from gradlight.report.summary import (
 __all__ = [
     "FINDING_MARKERS",
     "METRIC_LABELS",
+    "PROFILE_VIEWS",
     "RUN_COLORS",
+    "SIGNAL_VIEWS",
     "UPDATE_RATIO_BAND",
     "UPDATE_RATIO_TARGET",
     "FigureResult",
     "activation_figure",
+    "compare_gains_figure",
     "compare_profiles_figure",
     "compare_ratios_figure",
     "figure_builders",
+    "gain_profile_data",
+    "gain_profile_figure",
     "global_norm_figure",
     "heatmap_figure",
+    "layer_sizes",
     "metric_label",
     "profile_figure",
     "ratio_figure",
+    "repeated_block",
     "run_figures",
     "run_style",
     "shorten_label",
+    "signal_heatmap_figure",
     "update_ratio_figure",
 ]
 
@@ -94,6 +103,10 @@ METRIC_LABELS = {
     "act_saturation": "saturated outputs",
     "act_dead": "dead units",
     "loss": "loss",
+    "signal_l2": "backward signal L2 norm",
+    "signal_rms": "backward signal RMS per element",
+    "signal_in_l2": "backward signal at the block input",
+    "signal_gain": "block gain (decades)",
 }
 ZERO_LABEL = "0 (exactly)"
 RATIO_AXIS_LABEL = "gradient norm, first / last layer"
@@ -616,45 +629,129 @@ def _rotate_if_crowded(fig: Figure, ax: Axes, gap_points: float = 3.0) -> bool:
     return crowded
 
 
+#: Views of the gradient-flow profile: one point per layer (L2), per layer per element (RMS), per block.
+PROFILE_VIEWS = ("auto", "layer", "element", "block")
+
+
+def repeated_block(layer: str) -> str:
+    """The repeated block a layer belongs to: its name up to the first all-digit component (else itself).
+
+    Repeated blocks are numbered children of a ``ModuleList`` / ``Sequential`` (GPT-2's ``transformer.h.3``,
+    ResNet's ``layer1.0``, YOLO's ``model.3``); layers outside them (embeddings, final norms) stay alone.
+
+    Example:
+        >>> repeated_block("transformer.h.3.attn.c_attn"), repeated_block("transformer.ln_f")
+        ('transformer.h.3', 'transformer.ln_f')
+    """
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+def _has_repeated_blocks(layers: Sequence[str]) -> bool:
+    """Whether at least two repeated blocks hold two or more layers each."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        block = repeated_block(layer)
+        counts[block] = counts.get(block, 0) + 1
+    return sum(1 for count in counts.values() if count >= 2) >= 2
+
+
+def _profile_rows(
+    values: np.ndarray, layers: list[str], view: str, sizes: Mapping[str, int] | None
+) -> tuple[np.ndarray, list[str]]:
+    """``(layers, steps)`` L2 norms as the rows of a view: per layer, per element, or per repeated block."""
+    if view == "layer":
+        return values, layers
+    if view == "element":
+        if sizes is None or any(sizes.get(layer, 0) <= 0 for layer in layers):
+            missing = [layer for layer in layers if sizes is None or sizes.get(layer, 0) <= 0][:3]
+            raise ValueError(
+                f"`view='element'` needs the number of elements of every layer in `sizes` (run.json's "
+                f"`layers`); missing for {missing}."
+            )
+        return values / np.sqrt(np.asarray([float(sizes[layer]) for layer in layers]))[:, None], layers
+    blocks = list(dict.fromkeys(repeated_block(layer) for layer in layers))  # first appearance: depth order
+    index = {block: i for i, block in enumerate(blocks)}
+    squares = np.zeros((len(blocks), values.shape[1]))
+    seen = np.zeros((len(blocks), values.shape[1]), dtype=bool)
+    for row, layer in zip(values, layers):
+        i = index[repeated_block(layer)]
+        present = ~np.isnan(row)
+        squares[i, present] += row[present] ** 2  # a NaN (not recorded) layer leaves its block's others
+        seen[i] |= present
+    return np.where(seen, np.sqrt(squares), np.nan), blocks
+
+
 def profile_figure(
-    frame: pd.DataFrame, steps: Sequence[int] | None = None, *, title: str | None = None
+    frame: pd.DataFrame,
+    steps: Sequence[int] | None = None,
+    *,
+    view: str = "auto",
+    sizes: Mapping[str, int] | None = None,
+    title: str | None = None,
 ) -> FigureResult:
-    """Gradient-flow profile: ``grad_l2`` against depth at a few steps (default: first, middle, last).
+    """Gradient-flow profile: gradient norm against depth at a few steps (default: first, middle, last).
 
     On the log axis a vanishing network is a straight line rising from the input to the output; the
-    legend gives each line's slope in decades per layer.
+    legend gives each line's slope in decades per point.
+
+    A layer's L2 norm grows with its size, so in a model of repeated blocks the per-layer line is a
+    sawtooth (a LayerNorm's 128 parameters next to a Linear's 12,288) that hides the trend over depth.
+    ``view`` picks what a point is:
+
+    * ``"layer"``: each layer's L2 norm;
+    * ``"element"``: each layer's RMS per element, ``L2 / sqrt(elements)`` (needs ``sizes``); smaller
+      teeth, but norms and linear maps still differ per element;
+    * ``"block"``: each repeated block's L2 norm over all its layers (``sqrt`` of the summed squares; see
+      :func:`repeated_block`), so identical blocks are compared whole: no sawtooth at all;
+    * ``"auto"`` (default): ``"block"`` when the model has repeated blocks of several layers, else
+      ``"layer"``.
 
     Args:
         frame: A history in long format.
         steps: The steps to draw (default: first, middle and last recorded).
+        view: One of :data:`PROFILE_VIEWS`.
+        sizes: ``layer -> number of parameter elements`` (``run.json``'s ``layers``), for ``"element"``.
         title: Figure title.
 
     Returns:
-        The figure; ``data["grad_l2"]`` is ``(len(steps), layers)``, with ``data["steps"]``,
-        ``data["layers"]``, ``data["depths"]`` and ``data["slopes"]``.
+        The figure; ``data["grad_l2"]`` is ``(len(steps), points)`` in the chosen view, with
+        ``data["view"]``, ``data["steps"]``, ``data["layers"]`` (the points: layers or blocks),
+        ``data["depths"]`` and ``data["slopes"]``.
+
+    Raises:
+        ValueError: For an unknown ``view``, steps not in the history, or ``"element"`` without sizes.
 
     Example:
-        >>> result = profile_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+        >>> result = profile_figure(load_history("runs/exp1/gradlight"), view="block")  # doctest: +SKIP
         >>> result.data["slopes"]  # doctest: +SKIP
     """
+    if view not in PROFILE_VIEWS:
+        raise ValueError(f"`view` must be one of {PROFILE_VIEWS}, got {view!r}.")
     grid = layer_grid(frame)
+    if view == "auto":
+        view = "block" if _has_repeated_blocks(grid.layers) else "layer"
+    shown, points = _profile_rows(grid.values, list(grid.layers), view, sizes)
+    depths = np.arange(len(points), dtype=np.int64) if view == "block" else grid.depths
     chosen = _profile_steps(grid.steps) if steps is None else np.asarray(list(steps), dtype=np.int64)
     columns = {int(step): j for j, step in enumerate(grid.steps)}
     unknown = [int(s) for s in chosen if int(s) not in columns]
     if unknown:
         raise ValueError(f"steps {unknown} are not in the history (recorded: {grid.steps[:5].tolist()}...)")
-    values = (
-        np.stack([grid.values[:, columns[int(s)]] for s in chosen]) if len(chosen) else np.zeros((0, len(grid.layers)))
-    )
-    slopes = np.asarray([profile_slope(grid.depths, row) for row in values])
+    values = np.stack([shown[:, columns[int(s)]] for s in chosen]) if len(chosen) else np.zeros((0, len(points)))
+    slopes = np.asarray([profile_slope(depths, row) for row in values])
     data: dict[str, Any] = {
         "grad_l2": values,
+        "view": view,
         "steps": chosen,
-        "layers": list(grid.layers),
-        "depths": grid.depths,
+        "layers": points,
+        "depths": depths,
         "slopes": slopes,
     }
-    many = len(grid.layers) > 24
+    many = len(points) > 24
     with _style():
         fig = _new_figure(3.4 if many else 3.6)
         ax = fig.add_subplot()
@@ -663,26 +760,44 @@ def profile_figure(
             _no_data(fig, ax, "no gradient norm recorded")
         else:
             colors = mpl.colormaps["viridis"](np.linspace(0.85, 0.05, len(chosen)))
-            x = np.arange(len(grid.layers))
+            x = np.arange(len(points))
             zeros = False
+            unit = "block" if view == "block" else "layer"
             for k, (row, step, slope, color) in enumerate(zip(values, chosen, slopes, colors)):
                 label = f"step {int(step)}"
                 if math.isfinite(slope):
-                    label += f" (slope {slope:+.2f} dec/layer)"
+                    label += f" (slope {slope:+.2f} dec/{unit})"
                 dodge = _dodge(k, len(chosen))
                 zeros |= _plot_log(ax, x, row, marker="o" if not many else None, color=color, label=label, dodge=dodge)
             _log_axis(ax)
             ax.grid(True, axis="y", which="major")
-            _depth_axis(ax, grid.layers)
-            ax.set_ylabel(f"{metric_label('grad_l2')} (log scale)")
+            _depth_axis(ax, points)
+            if view == "block":
+                ax.set_xlabel(ax.get_xlabel().replace("layer", "block (repeated blocks whole)"))
+            ax.set_ylabel(_PROFILE_AXIS[view])
             _legend(ax, zeros, minimum=1, loc="best")
             _rotate_if_crowded(fig, ax)
     caption = (
-        "Gradient norm of each layer at the first, middle and last recorded step. A line rising steeply "
-        "from input to output (positive slope, in decades per layer) means the first layers barely learn. "
-        "Triangles on the bottom edge are layers whose gradient was exactly zero."
+        f"{_PROFILE_CAPTION[view]} at the first, middle and last recorded step. A line rising steeply "
+        "from input to output (positive slope, in decades per point) means the first layers barely learn. "
+        "Triangles on the bottom edge are points whose gradient was exactly zero."
     )
     return FigureResult(fig, data, "profile", title or "Gradient-flow profile", caption)
+
+
+_PROFILE_AXIS = {
+    "layer": f"{metric_label('grad_l2')} (log scale)",
+    "element": "gradient RMS per element (log scale)",
+    "block": "gradient L2 norm per block (log scale)",
+}
+_PROFILE_CAPTION = {
+    "layer": "Gradient norm of each layer",
+    "element": "Gradient RMS per element of each layer (L2 norm over the square root of its size)",
+    "block": (
+        "Gradient norm of each repeated block (all its layers together: a layer's norm grows with its "
+        "size, so whole blocks, not their layers, show the trend over depth) and of each layer outside them"
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------ over the steps
@@ -968,6 +1083,212 @@ def activation_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figur
     return FigureResult(fig, data, "activations", title or "Activations per site", caption)
 
 
+# ------------------------------------------------------------------------------------ backward signal
+#: Views of the signal heat map: the L2 norm of dL/dy per block, or its RMS per element.
+SIGNAL_VIEWS = ("l2", "rms")
+
+
+def _signal_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The history's ``signal_*`` rows (empty when the run did not tap the backward signal)."""
+    return frame[frame["metric"].str.startswith("signal_") & (frame["layer"] != GLOBAL_LAYER)]
+
+
+def _signal_rms_rows(signal: pd.DataFrame) -> pd.DataFrame:
+    """``signal_rms`` rows: ``signal_l2 / sqrt(signal_elements)`` per block and step."""
+    keys = ["step", "layer"]
+    l2 = signal[signal["metric"] == "signal_l2"].drop_duplicates(keys, keep="last")
+    elements = signal[signal["metric"] == "signal_elements"].drop_duplicates(keys, keep="last")
+    merged = l2.merge(elements[[*keys, "value"]], on=keys, suffixes=("", "_elements"), how="left")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        merged["value"] = merged["value"] / np.sqrt(merged["value_elements"].to_numpy(dtype=np.float64))
+    merged["metric"] = "signal_rms"
+    return merged[list(signal.columns)]
+
+
+def _block_label(name: str, calls: float) -> str:
+    """A block's name, with `` (calls k)`` when it is called ``k > 1`` times per forward pass (its calls summed)."""
+    return f"{name} (calls {int(calls)})" if math.isfinite(calls) and calls > 1 else name
+
+
+def signal_heatmap_figure(
+    frame: pd.DataFrame,
+    findings: Iterable[Mapping[str, Any] | Any] = (),
+    *,
+    view: str = "l2",
+    title: str | None = None,
+) -> FigureResult | None:
+    """Heat map of the backward signal: blocks in forward order (input at the top) by optimizer step.
+
+    The signal of a block is the gradient of the loss with respect to its output
+    (:mod:`gradlight.signal`); with the default blocks (the layer grouping) its rows line up with those of
+    the parameter heat map (:func:`heatmap_figure`), parameter-free blocks included when tapped.
+
+    Args:
+        frame: A history in long format.
+        findings: Findings to mark, as for :func:`heatmap_figure`.
+        view: ``"l2"`` (the norm, what the gains are ratios of) or ``"rms"`` (per element:
+            ``signal_l2 / sqrt(signal_elements)``, which compares blocks of different output sizes).
+        title: Figure title.
+
+    Returns:
+        The figure and the data of :func:`heatmap_figure` (``data["log10"]``, ``data["layers"]`` = the blocks,
+        ``data["steps"]``) plus ``data["view"]``; ``None`` when the history holds no backward signal.
+
+    Raises:
+        ValueError: For an unknown ``view``.
+
+    Example:
+        >>> result = signal_heatmap_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+    """
+    if view not in SIGNAL_VIEWS:
+        raise ValueError(f"`view` must be one of {SIGNAL_VIEWS}, got {view!r}.")
+    signal = _signal_frame(frame)
+    if not (signal["metric"] == "signal_l2").any():
+        return None
+    metric = "signal_l2" if view == "l2" else "signal_rms"
+    rows = signal if view == "l2" else _signal_rms_rows(signal)
+    shown_title = title or ("Backward signal per block and step" + (" (RMS per element)" if view == "rms" else ""))
+    result = heatmap_figure(rows, findings, metric=metric, title=shown_title)
+    result.figure.axes[0].set_ylabel("block (forward order, input at top)")
+    result.data["view"] = view
+    result.name = "signal_heatmap"
+    result.caption = (
+        "Each row is a tapped block (input at the top), each column a recorded step; colour is the norm of "
+        "the gradient of the loss with respect to the block's output, on a log scale"
+        + (", per element" if view == "rms" else "")
+        + ". Where the colour drops from one row to the row above, that block attenuates the signal on its "
+        "way back to the input."
+    )
+    return result
+
+
+def gain_profile_data(frame: pd.DataFrame, step: int | None = None) -> dict[str, Any] | None:
+    """What :func:`gain_profile_figure` draws, without drawing it (``None`` without a backward signal).
+
+    Raises:
+        ValueError: If ``step`` is not a recorded step.
+
+    Example:
+        >>> data = gain_profile_data(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+        >>> dict(zip(data["blocks"], data["gain"]))  # doctest: +SKIP
+    """
+    signal = _signal_frame(frame)
+    out = layer_grid(signal, "signal_l2")
+    if out.empty:
+        return None
+    blocks = list(out.layers)
+    inputs = layer_grid(signal, "signal_in_l2", layers=blocks)
+    gains = layer_grid(signal, "signal_gain", layers=blocks)
+    calls = layer_grid(signal, "signal_calls", layers=blocks)
+    chosen = int(out.steps[-1]) if step is None else int(step)
+    if chosen not in set(out.steps.tolist()):
+        raise ValueError(f"`step` {chosen} is not a recorded step of the backward signal ({out.steps[:5].tolist()}...)")
+    column = int(np.searchsorted(out.steps, chosen))
+    at = {name: grid.values[:, column] for name, grid in (("out", out), ("in", inputs), ("gain", gains))}
+    with _quiet_nan_warnings():
+        median = np.nanmedian(np.where(np.isfinite(gains.values), gains.values, np.nan), axis=1)
+        count = np.nanmax(calls.values, axis=1) if calls.values.size else np.ones(len(blocks))
+    last_out = at["out"][-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        to_input = np.log10(at["in"]) - np.log10(last_out)
+    data: dict[str, Any] = {
+        "blocks": blocks,
+        "step": chosen,
+        "signal_l2": at["out"],
+        "signal_in_l2": at["in"],
+        "gain": at["gain"],
+        "gain_median": median,
+        "calls": count,
+        "decades_to_input": to_input,
+    }
+    return data
+
+
+def gain_profile_figure(
+    frame: pd.DataFrame, step: int | None = None, *, title: str | None = None
+) -> FigureResult | None:
+    """Where along the network the backward signal is lost: the signal per block, and each block's gain.
+
+    Top: the signal at each block's output (circles) and input (triangles, joined to the block's circle)
+    at ``step``, on a log axis: read from the right (the loss) to the left (the input), every drop inside a
+    block is its gain, every drop between two blocks happens in untapped modules between them. Bottom: each
+    block's gain in decades, ``log10(input signal / output signal)``, at ``step`` (bars) and its median over
+    the recorded steps (ticks). A shared block (called ``k`` times per forward pass) is labelled ``(calls k)``.
+
+    Args:
+        frame: A history in long format.
+        step: The step to draw (default: the last recorded).
+        title: Figure title.
+
+    Returns:
+        The figure, or ``None`` when the history holds no backward signal. ``data["blocks"]``,
+        ``data["step"]``, ``data["signal_l2"]``, ``data["signal_in_l2"]``, ``data["gain"]`` (at ``step``),
+        ``data["gain_median"]`` (over the steps), ``data["calls"]``, and ``data["decades_to_input"]``: for each
+        block, ``log10`` of its input signal over the last block's output signal (how many decades the
+        signal has lost by the time it reaches that block's input, gaps between blocks included).
+
+    Raises:
+        ValueError: If ``step`` is not a recorded step.
+
+    Example:
+        >>> result = gain_profile_figure(load_history("runs/exp1/gradlight"))  # doctest: +SKIP
+        >>> result.data["gain"]  # doctest: +SKIP
+    """
+    data = gain_profile_data(frame, step)
+    if data is None:
+        return None
+    blocks, chosen, count, median = data["blocks"], data["step"], data["calls"], data["gain_median"]
+    at = {"out": data["signal_l2"], "in": data["signal_in_l2"], "gain": data["gain"]}
+    labels = [_block_label(name, float(c)) for name, c in zip(blocks, count)]
+    x = np.arange(len(blocks), dtype=np.float64)
+    with _style():
+        fig = _new_figure(5.4)
+        top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+        top.set_title(title or f"Backward signal and gain per block (step {chosen})")
+        zeros = _plot_log(top, x, at["out"], color=RUN_COLORS[0], marker="o", label="at the block's output")
+        offset = 0.3
+        has_input = np.isfinite(at["in"]) & (at["in"] > 0)
+        top.plot(
+            x[has_input] - offset,
+            at["in"][has_input],
+            linestyle="none",
+            marker="<",
+            color=RUN_COLORS[1],
+            label="at the block's input",
+        )
+        for i in np.flatnonzero(has_input & np.isfinite(at["out"]) & (at["out"] > 0)):
+            top.plot([x[i] - offset, x[i]], [at["in"][i], at["out"][i]], color=RUN_COLORS[1], linewidth=0.9)
+        _log_axis(top)
+        top.grid(True, axis="y", which="major")
+        top.set_ylabel("|dL/d(activation)| (log scale)")
+        _legend(top, zeros, minimum=1, loc="best")
+        finite = np.isfinite(at["gain"])
+        for which, color, what in (
+            (at["gain"] < 0, RUN_COLORS[1], "attenuates"),
+            (at["gain"] >= 0, RUN_COLORS[0], "amplifies"),
+        ):
+            keep_bar = finite & which
+            if keep_bar.any():
+                bottom.bar(x[keep_bar], at["gain"][keep_bar], color=color, width=0.6, label=f"step {chosen}: {what}")
+        keep = np.isfinite(median)
+        bottom.plot(x[keep], median[keep], linestyle="none", marker="_", markersize=12, color="#222222", label="median")
+        bottom.axhline(0.0, color="#888888", linewidth=0.8)
+        bottom.set_ylabel("gain (decades)")
+        bottom.grid(True, axis="y")
+        bottom.legend(loc="best", ncol=3)
+        _depth_axis(bottom, labels)
+        bottom.set_xlabel(bottom.get_xlabel().replace("layer", "block"))
+        _rotate_if_crowded(fig, bottom)
+    caption = (
+        "Top: norm of the gradient of the loss with respect to each block's output (circles) and input "
+        "(triangles); read from right to left, as the gradient travels. Bottom: each block's gain, "
+        "log10(input signal / output signal): -1 means the block passes a tenth of the signal back. The input "
+        "signal is the whole gradient of the input tensor, so a shortcut or concatenation that also uses it "
+        "counts; the first block has none when the data needs no gradient."
+    )
+    return FigureResult(fig, data, "gain_profile", title or "Backward signal and gain per block", caption)
+
+
 # ------------------------------------------------------------------------------------------ comparison
 def _relative_depth(count: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, count) if count > 1 else np.zeros(count)
@@ -1088,19 +1409,97 @@ def compare_ratios_figure(runs: Sequence[Run], *, title: str | None = None) -> F
     return FigureResult(fig, data, "compare_ratios", title or "Early-to-late gradient ratio", caption)
 
 
+def compare_gains_figure(runs: Sequence[Run], *, title: str | None = None) -> FigureResult | None:
+    """Each run's block gains at its last recorded step, one colour per run; ``None`` if no run has them.
+
+    When the runs tapped different numbers of blocks, depth is shown relative (0 = first block, 1 = last).
+
+    Returns:
+        The figure; per run label with a backward signal ``data[label] = {"x", "blocks", "gain", "step",
+        "decades_to_input"}``.
+
+    Example:
+        >>> result = compare_gains_figure([load_run("a"), load_run("b")])  # doctest: +SKIP
+    """
+    profiles = [(run, gain_profile_data(run.frame)) for run in runs]
+    present = [(run, profile) for run, profile in profiles if profile is not None]
+    if not present:
+        return None
+    counts = {len(profile["blocks"]) for _, profile in present}
+    relative = len(counts) > 1
+    data: dict[str, Any] = {"relative_depth": relative}
+    with _style():
+        fig = _new_figure(3.6)
+        ax = fig.add_subplot()
+        ax.set_title(title or "Block gains")
+        for i, (run, profile) in enumerate(present):
+            style = run_style(i)
+            count = len(profile["blocks"])
+            x = _relative_depth(count) if relative else np.arange(count, dtype=np.float64)
+            data[run.label] = {"x": x, **{key: profile[key] for key in ("blocks", "gain", "step", "decades_to_input")}}
+            ax.plot(
+                x,
+                profile["gain"],
+                color=style["color"],
+                linestyle=style["linestyle"],
+                marker=style["marker"] if count <= 30 else None,
+                label=f"{run.label} (step {profile['step']})",
+            )
+        ax.axhline(0.0, color="#888888", linewidth=0.8)
+        ax.grid(True, axis="y")
+        ax.set_ylabel("gain (decades)")
+        if relative:
+            ax.set_xlabel("relative depth (0 = first block, 1 = last block)")
+        else:
+            _depth_axis(ax, present[0][1]["blocks"])
+            ax.set_xlabel(ax.get_xlabel().replace("layer", "block"))
+        _legend_right(ax)
+        _rotate_if_crowded(fig, ax)
+    caption = (
+        "Gain of every tapped block, log10(input signal / output signal), at each run's last recorded step: "
+        "below 0 the block attenuates the backward signal. Runs of one architecture share the blocks, so the "
+        "block where an ablation loses the signal stands out."
+    )
+    return FigureResult(fig, data, "compare_gains", title or "Block gains", caption)
+
+
 def figure_builders(run: Run) -> list[Callable[[], FigureResult | None]]:
     """The figures of one run as zero-argument callables, in report order (a callable may return ``None``).
 
-    Lets a caller draw one figure at a time (and show progress) without holding them all in memory.
+    Lets a caller draw one figure at a time (and show progress) without holding them all in memory. The
+    backward-signal figures (beside the parameter heat map and profile) are there only when the run tapped
+    the signal (``signal_*`` rows in the history).
     """
+    signal: list[Callable[[], FigureResult | None]] = []
+    if (run.frame["metric"] == "signal_l2").any():
+        signal = [lambda: signal_heatmap_figure(run.frame, run.findings), lambda: gain_profile_figure(run.frame)]
     return [
         lambda: heatmap_figure(run.frame, run.findings),
-        lambda: profile_figure(run.frame),
+        lambda: profile_figure(run.frame, sizes=layer_sizes(run.info)),
+        *signal,
         lambda: ratio_figure(run.frame),
         lambda: global_norm_figure(run.frame, run.clip_value, run.clip_algorithm),
         lambda: update_ratio_figure(run.frame),
         lambda: activation_figure(run.frame),
     ]
+
+
+def layer_sizes(info: Mapping[str, Any]) -> dict[str, int] | None:
+    """``layer -> number of parameter elements`` from ``run.json``'s ``layers``, or ``None`` if absent.
+
+    Example:
+        >>> layer_sizes({"layers": [{"name": "net.0", "depth": 0, "num_params": 40}]})
+        {'net.0': 40}
+    """
+    layers = info.get("layers")
+    if not isinstance(layers, list):
+        return None
+    sizes = {
+        str(layer["name"]): int(layer["num_params"])
+        for layer in layers
+        if isinstance(layer, Mapping) and "name" in layer and isinstance(layer.get("num_params"), int)
+    }
+    return sizes or None
 
 
 def run_figures(run: Run) -> list[FigureResult]:
