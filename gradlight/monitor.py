@@ -84,6 +84,10 @@ class GradientFlowMonitor(Callback):
         track_activations: Tap activation modules on logged steps (forward hooks, removed after the step's
             micro-batches) and record ``act_saturation``, ``act_dead``, ``act_mean`` and ``act_std`` per
             site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
+        track_backward_signal: Tap the backward signal on logged steps (hooks removed between them): per
+            block of the layer grouping, the L2 norm, largest element and NaN/Inf count of the gradient with
+            respect to its output, and its gain in decades (``signal_*`` rows of the history; see
+            :mod:`gradlight.signal`), drawn as the signal heat map and gain profile in reports.
         log_figures_every_n_epochs: Send the heat map and the gradient-flow profile as figures to every
             logger that takes images (TensorBoard, W&B, MLflow, Comet; see :mod:`gradlight.report.loggers`)
             at the end of every this many training epochs and at the end of fit; ``None`` never. Rank zero
@@ -118,6 +122,7 @@ class GradientFlowMonitor(Callback):
         diagnosis: DiagnosisConfig | None = None,
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
+        track_backward_signal: bool = False,
         log_figures_every_n_epochs: int | None = 1,
         log_histograms: bool = False,
     ) -> None:
@@ -145,6 +150,7 @@ class GradientFlowMonitor(Callback):
             diagnosis=diagnosis,
             on_anomaly=on_anomaly,
             track_activations=track_activations,
+            track_backward_signal=track_backward_signal,
         )
         self.log_every_n_steps = log_every_n_steps
         self._save_dir_arg = Path(save_dir) if save_dir is not None else None

@@ -40,6 +40,7 @@ from gradlight.diagnosis import (
 from gradlight.history import HistoryWriter
 from gradlight.layers import GroupBy, validate_group_by
 from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
+from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
@@ -93,6 +94,9 @@ class RecorderOptions:
             ``note`` findings are recorded only.
         track_activations: Tap activation modules on logged steps (needed for ``saturated`` and
             ``dead_units`` findings).
+        track_backward_signal: Tap the backward signal (the gradient with respect to each block's output) on
+            logged steps, with the blocks of the layer grouping (:mod:`gradlight.signal`); its per-block
+            ``signal_*`` rows go to the history beside the layers' rows.
 
     Example:
         >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
@@ -114,6 +118,7 @@ class RecorderOptions:
     diagnosis: DiagnosisConfig | None = None
     on_anomaly: str | Mapping[str, str] = "warn"
     track_activations: bool = False
+    track_backward_signal: bool = False
 
     def __post_init__(self) -> None:
         _check_positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -126,7 +131,7 @@ class RecorderOptions:
         if not isinstance(exclude, (list, tuple)) or not all(isinstance(pattern, str) for pattern in exclude):
             raise ValueError(f"`exclude` must be a list or tuple of fnmatch pattern strings, got {exclude!r}.")
         object.__setattr__(self, "exclude", tuple(exclude))
-        for name in ("track_update_ratio", "overwrite", "diagnose", "track_activations"):
+        for name in ("track_update_ratio", "overwrite", "diagnose", "track_activations", "track_backward_signal"):
             _check_bool(name, getattr(self, name))
         if self.diagnosis is not None and not isinstance(self.diagnosis, DiagnosisConfig):
             raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {self.diagnosis!r}.")
@@ -241,6 +246,7 @@ class _Unwritten:
 
     record: StepRecord
     activations: ActivationStats | None = None
+    signal: SignalStats | None = None
 
 
 @dataclass
@@ -282,6 +288,9 @@ class GradientFlowRecorder:
             it) or ``"ignore"``; or a mapping per kind.
         track_activations: Tap activation modules during logged steps' forward passes; call
             :meth:`start_step` before each micro-batch's forward pass for them.
+        track_backward_signal: Tap the gradient with respect to each block's output on logged steps
+            (:class:`gradlight.signal.BackwardSignalTaps`, blocks = the layer grouping); needs
+            :meth:`start_step` before each micro-batch's forward pass. ``signal_*`` rows go to the history.
         reduction: How statistics combine across ranks (sharded models; see :mod:`gradlight.sharding`).
             ``None``: every rank holds whole gradients (single process, DDP).
         collectives: Cross-process operations; ``None`` takes them from ``torch.distributed`` if it is
@@ -342,6 +351,7 @@ class GradientFlowRecorder:
         diagnosis: DiagnosisConfig | None = None,
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
+        track_backward_signal: bool = False,
         reduction: CrossRankReduction | None = None,
         collectives: Collectives | None = None,
         gradient_clip_val: float | None = None,
@@ -376,6 +386,7 @@ class GradientFlowRecorder:
             diagnosis=diagnosis,
             on_anomaly=on_anomaly,
             track_activations=track_activations,
+            track_backward_signal=track_backward_signal,
         )
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
@@ -434,6 +445,8 @@ class GradientFlowRecorder:
         self._records_since_flush = 0
         self._unwritten: _Unwritten | None = None
         self._taps_step: int | None = None
+        self.signal_taps: BackwardSignalTaps | None = None
+        self._signal_step: int | None = None
         self._step_hooks: list[RemovableHandle] = []
         self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
@@ -656,6 +669,11 @@ class GradientFlowRecorder:
                 )
             self.taps.start()
             self._taps_step = step
+        if self.options.track_backward_signal and self.is_logged_step(step):
+            if self.signal_taps is None:  # built at first use, like the activation taps
+                self.signal_taps = BackwardSignalTaps(self.model, group_by=self.options.group_by)
+            self.signal_taps.start()  # idempotent over the micro-batches of one step
+            self._signal_step = step
 
     def pause_activations(self) -> None:
         """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
@@ -688,6 +706,8 @@ class GradientFlowRecorder:
             tracker.stop_discovery()
         if self.taps is not None:
             self.taps.stop()  # the forward passes of this step are over
+        if self.signal_taps is not None:
+            self.signal_taps.stop()  # and so are the backward passes: no hook stays between logged steps
         if tracker.pending:
             if tracker.pending_step == step:
                 return True  # already captured for this step (e.g. by the mixin under manual optimization)
@@ -729,7 +749,7 @@ class GradientFlowRecorder:
         self._emit()  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
         self.last_recorded_step = record.step
-        self._unwritten = _Unwritten(record, self._finalize_taps(record.step))
+        self._unwritten = _Unwritten(record, self._finalize_taps(record.step), self._finalize_signal(record))
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -768,6 +788,9 @@ class GradientFlowRecorder:
         findings = self._diagnose(record, acts)
         if self.collectives.is_global_zero:
             self._write(record, acts)
+            if unwritten.signal is not None and self._writer is not None:
+                signal = unwritten.signal
+                self._writer.append_step(signal.step, signal.blocks, signal.depths, signal.metrics)
             for listener in self._listeners:
                 listener(record)
         if self.diagnosis is not None:
@@ -884,6 +907,23 @@ class GradientFlowRecorder:
             ]
         return stats
 
+    def _finalize_signal(self, record: StepRecord) -> SignalStats | None:
+        """Backward-signal statistics of ``record``'s step: one collective under several ranks, one host copy."""
+        taps = self.signal_taps
+        if taps is None or self._signal_step != record.step:
+            return None
+        taps.stop()
+        self._signal_step = None
+        world = self.collectives.world_size
+        layer_map = self.tracker.layer_map
+        return taps.finalize(
+            record.step,
+            all_gather_reduction() if world > 1 else None,
+            grad_scale=float(record.global_metrics.get("grad_scale", 1.0)),
+            data_parallel_size=world,
+            depth_of={name: depth for depth, name in enumerate(layer_map.layers)},
+        )
+
     # --------------------------------------------------------------------------------------------- closing
     def flush(self) -> None:
         """Write buffered records to disk now (rank zero; a no-op elsewhere)."""
@@ -900,6 +940,8 @@ class GradientFlowRecorder:
         self.tracker.discard()
         if self.taps is not None:
             self.taps.discard()
+        if self.signal_taps is not None:
+            self.signal_taps.discard()
         self._emit(final=True)
         if self._writer is not None:
             self._writer.close()

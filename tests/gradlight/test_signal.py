@@ -415,3 +415,24 @@ def test_an_in_place_activation_after_a_block_does_not_change_its_signal() -> No
     assert stats is not None and len(stats.blocks) == 41
     assert stats.value("signal_l2", "bn1") == pytest.approx(reference.norm().item(), rel=1e-5)
     assert np.isfinite(stats.metrics["signal_l2"]).all()
+
+
+# ------------------------------------------------------------------------------------ from the monitor
+def test_the_monitor_records_the_backward_signal_on_logged_steps_only(tmp_path: Path) -> None:
+    import lightning as L
+
+    from gradlight import GradientFlowMonitor, load_history
+    from tests.gradlight._ddp_diag_workers import QUIET, Regressor, mlp
+
+    torch.manual_seed(0)
+    model = Regressor(mlp(6))
+    monitor = GradientFlowMonitor(2, tmp_path, track_backward_signal=True, diagnose=False)
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=5, callbacks=[monitor]).fit(model)
+    history = load_history(tmp_path)
+    signal = history[history.metric == "signal_l2"]
+    assert sorted(signal.step.unique()) == [0, 2, 4]  # logged steps only
+    layers = set(history[history.metric == "grad_l2"].layer)
+    assert set(signal.layer) == layers  # the blocks are the layers of the grouping: rows line up
+    gains = history[(history.metric == "signal_gain") & (history.step == 0)].dropna()
+    assert (gains.value < 0).all()  # a sigmoid stack attenuates the signal block by block
+    assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
