@@ -785,7 +785,7 @@ class GradientFlowRecorder:
         if unwritten is None:
             return []
         record, acts = unwritten.record, unwritten.activations
-        findings = self._diagnose(record, acts)
+        findings = self._diagnose(record, acts, unwritten.signal)
         if self.collectives.is_global_zero:
             self._write(record, acts)
             if unwritten.signal is not None and self._writer is not None:
@@ -797,14 +797,16 @@ class GradientFlowRecorder:
             self._act_on(findings, record.step, final)
         return findings
 
-    def _diagnose(self, record: StepRecord, acts: ActivationStats | None) -> list[Finding]:
+    def _diagnose(
+        self, record: StepRecord, acts: ActivationStats | None, signal: SignalStats | None = None
+    ) -> list[Finding]:
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
             return []
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
-        findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled)
+        findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled, signal=signal)
         for finding in findings:
             if _severity(finding) == "note":
                 self._counts.notes += 1

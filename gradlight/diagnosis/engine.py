@@ -12,6 +12,7 @@ from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors import DETECTORS, Detector, Reference, RunState, StepContext
 from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile
+from gradlight.signal import SignalStats
 from gradlight.tracker import StepRecord
 
 __all__ = ["GradientDiagnosis"]
@@ -89,6 +90,7 @@ class GradientDiagnosis:
         activations: ActivationStats | None = None,
         loss: float | None = None,
         loss_scaled: bool = False,
+        signal: SignalStats | None = None,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
 
@@ -99,6 +101,8 @@ class GradientDiagnosis:
             loss_scaled: A dynamic loss scaler (fp16 AMP) handles overflow: it skips the step and lowers its
                 scale, so non-finite gradients are reported only when they persist for
                 ``scaled_non_finite_patience`` logged steps.
+            signal: The step's backward-signal statistics, if the taps are on: ``vanishing`` and
+                ``exploding`` findings then name the blocks where the signal is lost or amplified.
         """
         step = StepContext(
             record=record,
@@ -113,6 +117,7 @@ class GradientDiagnosis:
             gradient_clip_algorithm=self.gradient_clip_algorithm,
             modules_run=self.modules_run,
             world_size=self.world_size,
+            signal=signal,
             is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
         )
         finite = step.gradients_finite

@@ -108,6 +108,8 @@ class ModelProfile:
         tied_layers: Layers holding a parameter that another module uses too (tied embeddings).
         upstream_of_gains: Layers that run before the first branch scaled by a residual gain.
         layer_sizes: Number of trainable elements per layer (per-element comparisons).
+        block_contents: ``module name -> what is inside it`` in words ("sigmoid, no normalisation, no
+            shortcut"), for the messages that name where the backward signal is lost.
         output_branches: Parallel branches of the model's output head: ``branch module -> its layers`` in
             forward order. The head is the outermost module whose layers all run after every other layer (a
             detection head), and its branches are the members of a ``ModuleList``/``ModuleDict`` in it (one per
@@ -141,6 +143,11 @@ class ModelProfile:
     upstream_of_gains: set[str] = field(default_factory=set)
     layer_sizes: dict[str, int] = field(default_factory=dict)
     output_branches: dict[str, list[str]] = field(default_factory=dict)
+    block_contents: dict[str, str] = field(default_factory=dict)
+
+    def describe_block(self, block: str) -> str:
+        """What is inside a module, in words (its activations, normalisation, shortcut), or ``""``."""
+        return self.block_contents.get(block, "")
 
     def output_branch_of(self, layer: str) -> list[str] | None:
         """The layers (in forward order) of the parallel output branch ``layer`` belongs to, if any."""
@@ -288,6 +295,7 @@ class ModelProfile:
         profile.gains = _residual_gains(model, modules, module_layers, order, layer_of, gain_threshold)
         profile.upstream_of_gains = _upstream_of(profile.gains, module_layers, order)
         profile.output_branches = _output_branches(modules, module_layers, order)
+        profile.block_contents = {name: _contents(module) for name, module in modules.items() if name}
         for gain in profile.gains[: max(0, 3 - len(profile.residual_evidence))]:
             profile.residual_evidence.append(f"{gain.parameter} (residual gain)")
         profile.residual = bool(profile.residual_evidence)
@@ -414,6 +422,18 @@ def _residual_gains(
                 )
             )
     return gains
+
+
+def _contents(module: nn.Module) -> str:
+    """A module's activations, normalisation and shortcut, in words."""
+    kinds = sorted({kind for child in module.modules() if (kind := activation_kind(child)) is not None})
+    normalised = any(_NORM_PATTERN.search(type(child).__name__) for child in module.modules())
+    shortcut = any(_looks_residual(child) for child in module.modules())
+    parts = [", ".join(kinds) if kinds else "no activation module"]
+    parts.append("normalisation" if normalised else "no normalisation")
+    if any(True for _ in module.children()):
+        parts.append("a shortcut" if shortcut else "no shortcut")
+    return ", ".join(parts)
 
 
 def _output_branches(

@@ -436,3 +436,23 @@ def test_the_monitor_records_the_backward_signal_on_logged_steps_only(tmp_path: 
     gains = history[(history.metric == "signal_gain") & (history.step == 0)].dropna()
     assert (gains.value < 0).all()  # a sigmoid stack attenuates the signal block by block
     assert all(not module._forward_hooks and not module._forward_pre_hooks for module in model.modules())
+
+
+def test_a_vanishing_finding_names_the_blocks_where_the_signal_is_lost(tmp_path: Path) -> None:
+    from torch import nn
+
+    from gradlight import GradientFlowMonitor, load_findings
+    from tests.gradlight._ddp_diag_workers import QUIET, Regressor
+
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(8 if i == 0 else 16, 16), nn.Sigmoid()) for i in range(10)]
+    model = Regressor(nn.Sequential(*blocks, nn.Linear(16, 1)))
+    monitor = GradientFlowMonitor(1, tmp_path, group_by=2, track_backward_signal=True)
+    L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=4, callbacks=[monitor]).fit(model)
+    findings = load_findings(tmp_path)
+    (row,) = findings[(findings.kind == "vanishing") & (findings.severity == "warning")].itertuples()
+    path = row.evidence["signal_path"]
+    assert path["first"] == "net.0" and path["path_decades"] < -3
+    assert len(path["attenuating"]) >= 5 and all(gain < -0.5 for gain in path["attenuating"].values())
+    assert all(block.startswith("net.") for block in path["attenuating"])
+    assert "the backward signal loses" in row.message and "(sigmoid, no normalisation, no shortcut)" in row.message

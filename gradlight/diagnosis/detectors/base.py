@@ -15,6 +15,7 @@ from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile, ResidualGain
 from gradlight.diagnosis.rules import RuleContext, explain
 from gradlight.diagnosis.windows import Streaks
+from gradlight.signal import SignalStats
 from gradlight.tracker import StepRecord
 
 __all__ = ["Detector", "GainScale", "Reference", "RunState", "StepContext"]
@@ -72,6 +73,7 @@ class StepContext:
         modules_run: Names of the parameter-owning modules seen running in forward (discovery), if known.
         world_size: Number of processes.
         is_reported: ``(kind, layer, severity) -> bool``: whether that finding was already reported.
+        signal: The step's backward-signal statistics, if the taps are on (:mod:`gradlight.signal`).
     """
 
     record: StepRecord
@@ -87,7 +89,40 @@ class StepContext:
     modules_run: set[str] | None = None
     world_size: int = 1
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
+    signal: SignalStats | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def signal_path(self, first: str, last: str, below: float = -0.5) -> dict[str, Any] | None:
+        """Where the backward signal is lost (or amplified) between ``first`` and ``last``, if it was tapped.
+
+        Returns:
+            ``None`` without signal taps or when the layers are not tapped blocks; else the decades the signal
+            changes by from ``last``'s output back to ``first``'s input (``path_decades``), and the blocks
+            between them whose gain is below ``below`` (``attenuating``: block -> gain, strongest first) or
+            above ``-below`` decades (``amplifying``), each described by what the profile knows is inside it.
+        """
+        signal = self.signal
+        if signal is None or first not in signal.blocks or last not in signal.blocks:
+            return None
+        i, j = sorted((signal.blocks.index(first), signal.blocks.index(last)))
+        first, last = signal.blocks[i], signal.blocks[j]
+        inside = set(signal.blocks[i : j + 1])
+        gains = {b: g for b, g in zip(signal.blocks, signal.gain_decades.tolist()) if b in inside and math.isfinite(g)}
+        attenuating = dict(sorted(((b, g) for b, g in gains.items() if g < below), key=lambda item: item[1]))
+        amplifying = dict(sorted(((b, g) for b, g in gains.items() if g > -below), key=lambda item: -item[1]))
+        decades = signal.path_decades(first, last)
+        if not math.isfinite(decades):  # no input signal at the first block (the model's input): output to output
+            out = signal.metrics["signal_l2"]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                decades = float(np.log10(out[i]) - np.log10(out[j]))
+        return {
+            "first": first,
+            "last": last,
+            "path_decades": decades,
+            "attenuating": attenuating,
+            "amplifying": amplifying,
+            "contents": {b: self.profile.describe_block(b) for b in [*attenuating, *amplifying][:3]},
+        }
 
     def output_starved(self, layer: str, threshold: float) -> bool:
         """Whether ``layer`` sits in a parallel output branch whose last layer gets < ``threshold`` x the reference.

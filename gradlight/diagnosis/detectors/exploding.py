@@ -26,6 +26,7 @@ import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.detectors.vanishing import signal_detail
 from gradlight.diagnosis.finding import GLOBAL, Finding, fmt
 from gradlight.diagnosis.windows import LayerWindows
 
@@ -110,6 +111,8 @@ class ExplodingDetector(Detector):
             layer = max(growth.current, key=lambda name: growth.current[name])  # no per-layer history yet
         since = growing[0] if growing is not None else record.step
         evidence, message = self._evidence(step, growth, layer, over, over_norm, clip_ratio)
+        if record.layers:
+            message += signal_detail(step, record.layers[0], record.layers[-1], evidence, "gains")
         layers = list(dict.fromkeys([layer, *layers_grown, *over]))
         return [step.finding(self.kind, layer, since, message, evidence, layers)]
 

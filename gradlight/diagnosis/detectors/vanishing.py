@@ -138,6 +138,7 @@ class VanishingDetector(Detector):
         detail = ""
         if step.activations is not None:
             detail = _saturation_detail(step.activations, layer, int(record.depths[first]), evidence)
+        detail += signal_detail(step, layer, reference.layers[-1] if reference.layers else layer, evidence, "loses")
         message = (
             f"vanishing gradient: layer {layer} gets {fmt(ratio)} of the reference gradient "
             f"({', '.join(reference.layers)}), {decades:.1f} decades below, sustained since step {since}; "
@@ -228,6 +229,28 @@ class VanishingDetector(Detector):
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.trend = deque(((int(s), float(v)) for s, v in state.get("trend", [])), self.config.trend_window)
+
+
+def signal_detail(step: StepContext, first: str, last: str, evidence: dict[str, Any], verb: str) -> str:
+    """Where the backward signal is lost (``verb="loses"``) or amplified (``"gains"``), for a finding's message.
+
+    Adds ``signal_path`` to ``evidence``; the message's detail, or ``""`` without signal taps.
+    """
+    path = step.signal_path(first, last)
+    if path is None:
+        return ""
+    evidence["signal_path"] = path
+    blocks = path["attenuating"] if verb == "loses" else path["amplifying"]
+    decades = float(path["path_decades"])
+    text = f"; the backward signal {'loses' if decades < 0 else 'gains'} {abs(decades):.1f} decades between "
+    text += f"{path['first']} and {path['last']}"
+    if blocks:
+        named = [
+            f"{abs(gain):.1f} at {block}" + (f" ({path['contents'][block]})" if path["contents"].get(block) else "")
+            for block, gain in list(blocks.items())[:3]
+        ]
+        text += ", " + "; ".join(named)
+    return text
 
 
 def _per_element_ratios(grad: np.ndarray, layers: list[str], reference: Any, sizes: dict[str, int]) -> np.ndarray:
