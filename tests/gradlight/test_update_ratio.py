@@ -82,6 +82,14 @@ ADAM_VARIANTS = {
 IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
+@pytest.fixture(params=["per_tensor", "multi_tensor"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both kernel paths on CPU: tensor by tensor (CPU's) and fused multi-tensor (accelerators')."""
+    if request.param == "multi_tensor":
+        monkeypatch.setattr(update_ratio, "_per_tensor", lambda device: False)
+    return str(request.param)
+
+
 def _assert_equal_to_copy(ours: list[Tensor], reference: list[Tensor]) -> None:
     for step, (mine, exact) in enumerate(zip(ours, reference)):
         assert mine.dtype == torch.float64 and mine.shape == exact.shape
@@ -92,7 +100,7 @@ def _assert_equal_to_copy(ours: list[Tensor], reference: list[Tensor]) -> None:
 @pytest.mark.parametrize("chunk", [None, 500])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("variant", list(SGD_VARIANTS))
-def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None) -> None:
+def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
     options = {**SGD_VARIANTS[variant], **IMPLEMENTATIONS[impl]}
     ours, reference, updates = _run(lambda p: torch.optim.SGD(p, lr=0.05, **options), chunk_numel=chunk)
     _assert_equal_to_copy(ours, reference)
@@ -102,7 +110,7 @@ def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None) -> None:
 @pytest.mark.parametrize("chunk", [None, 500])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("variant", list(ADAM_VARIANTS))
-def test_adam_matches_copy(variant: str, impl: str, chunk: int | None) -> None:
+def test_adam_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
     kind, options = ADAM_VARIANTS[variant]
     ours, reference, updates = _run(lambda p: kind(p, lr=1e-2, **options, **IMPLEMENTATIONS[impl]), chunk_numel=chunk)
     _assert_equal_to_copy(ours, reference)
@@ -110,7 +118,9 @@ def test_adam_matches_copy(variant: str, impl: str, chunk: int | None) -> None:
 
 
 @pytest.mark.parametrize("variant", ["adam_l2", "adamw_decay", "adamw_amsgrad_maximize"])
-def test_adam_with_step_counters_on_the_device_matches_copy(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adam_with_step_counters_on_the_device_matches_copy(
+    variant: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The branch taken when the counters live on an accelerator (fused/capturable there), forced on CPU."""
 
     def as_device_vector(steps: list[Tensor | None], tensors: list[Tensor]) -> Tensor:
