@@ -84,6 +84,10 @@ _CPU_CHUNK_MAX = 1 << 16
 _CHUNK_MIN = 1 << 12
 _CHUNK_FRACTION = 64
 _FULL_PRECISION = (torch.float32, torch.float64)
+#: On CPU, batches with a piece above this many elements run tensor by tensor into reused buffers (a fresh
+#: temporary that large costs page faults); batches of small tensors run as multi-tensor kernels (one Python
+#: call per operator for the whole batch).
+_SCRATCH_MIN_NUMEL = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -366,10 +370,17 @@ def _read_steps(steps: Sequence[Tensor | None], tensors: Sequence[Tensor]) -> li
     """Adam's step counters: host floats when they live on the CPU, else one device vector (no sync)."""
     present = [s for s in steps if s is not None]
     if not present or all(s.device.type == "cpu" for s in present):
-        return [float(s) if s is not None else 0.0 for s in steps]
+        return _host_values(steps)
     device = present[0].device
     zero = torch.zeros((), dtype=present[0].dtype, device=device)
     return torch.stack([s if s is not None else zero for s in steps]).to(torch.float64)
+
+
+def _host_values(steps: Sequence[Tensor | None]) -> list[float]:
+    """Values of CPU step counters (``0`` where there is none), read at once."""
+    present = [s for s in steps if s is not None]
+    values = iter(torch.stack(present).tolist() if present else [])
+    return [next(values) if s is not None else 0.0 for s in steps]
 
 
 Kernel = Callable[[list[list[Tensor]], list[int]], list[Tensor]]
@@ -428,10 +439,10 @@ def _piece_norms(
 
 
 def _per_tensor(device: torch.device) -> bool:
-    """Whether kernels run tensor by tensor into reused buffers (CPU) instead of as fused multi-tensor ones.
+    """Whether large pieces run tensor by tensor into reused buffers (CPU) instead of as multi-tensor kernels.
 
     On CPU the ``_foreach`` kernels loop over the tensors anyway, and every fresh temporary above the
-    allocator's threshold costs page faults: reused buffers are ~2x faster there.
+    allocator's mmap threshold costs page faults; on accelerators the caching allocator makes them free.
     """
     return device.type == "cpu"
 
@@ -498,7 +509,7 @@ def _sgd_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.devi
         def kernel(pieces: list[list[Tensor]], _: list[int]) -> list[Tensor]:
             if decay == 0.0 and not nesterov:
                 return _norms(pieces[0])
-            if _per_tensor(device):  # tensor by tensor into a reused buffer (see _adam_squares)
+            if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_squares
                 norms = []
                 for i, grad in enumerate(pieces[0]):
                     z = scratch.take(0, grad).copy_(grad)
@@ -539,7 +550,7 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
     params = [local_tensor(bucket.params[i]) for i in held]
     before = bucket.steps_before
     if isinstance(before, list):  # host counters: host scalars, the multi-tensor kernels' fast path
-        after = [float(states[i]["step"]) for i in held]
+        after = _host_values([states[i]["step"] for i in held])
         advanced = [a > before[i] for a, i in zip(after, held)]
         c2 = [math.sqrt(1.0 - beta2**s) for s in after]
         step_size = [lr / (1.0 - beta1**s) for s in after]
@@ -563,7 +574,7 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
 
     def kernel(pieces: list[list[Tensor]], owners: list[int]) -> list[Tensor]:
         m, v, p = pieces
-        if on_cpu:  # tensor by tensor into reused buffers: no fresh pages, the temporaries stay in cache
+        if on_cpu and any(t.numel() > _SCRATCH_MIN_NUMEL for t in v):  # tensor by tensor into reused buffers
             norms = []
             for j, moment, variance, param in zip(owners, m, v, p):
                 denom = torch.sqrt(variance, out=scratch.take(0, variance)).add_(add[j])
@@ -583,7 +594,7 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
             outs = list(torch._foreach_mul(p, [alpha[j] for j in owners]))
             torch._foreach_addcdiv_(outs, m, denoms)
         fused = _norms(outs)
-        if isinstance(scale, list):  # host factors: one more fused kernel on the 0-d norms, no host-to-device copy
+        if isinstance(scale, list) and not on_cpu:  # host factors: one fused kernel on the 0-d norms, no H2D copy
             return list(torch._foreach_mul(fused, [scale[j] for j in owners]))
         return fused
 
