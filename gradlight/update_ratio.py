@@ -21,10 +21,11 @@ Which quantity is measured: the copy measures the *applied* change ``p_new - p_o
 rounding included; the reconstruction measures the step the optimizer *computed*, before it was rounded into
 the parameter. In float32 and float64 the two agree to far better than 1e-3 (the tests check every variant
 against a real copy). In bfloat16/float16 they do not: an update smaller than half a unit in the last place of
-a weight is swallowed entirely by rounding (bfloat16 keeps 8 significant bits, so at ``lr=1e-4`` most
-weights of magnitude above ~0.03 do not move at all), and the copy reports that stall while the
-reconstruction would not. ``method="auto"`` therefore takes the copy for parameter groups holding
-low-precision parameters (it is half the size there); ``method="optimizer"`` reconstructs them anyway.
+a weight is swallowed entirely by rounding (bfloat16 keeps 8 significant bits: an Adam step moves each weight
+by about ``lr``, so at ``lr=1e-4`` weights of magnitude 2**-5 ~ 0.03 and above do not move at all), and the
+copy reports that stall while the reconstruction would not. ``method="auto"`` therefore takes the copy for
+parameter groups holding low-precision parameters (it is half the size there); ``method="optimizer"``
+reconstructs them anyway.
 
 Steps that were not applied give a zero update, as with the copy: Adam's step counter must have advanced
 (a ``GradScaler`` that skips an overflowing step either does not call ``step()`` or, for fused kernels,
@@ -34,11 +35,14 @@ a fused SGD that unscales internally leaves no trace of a skipped step, so it ta
 Cost: fused ``torch._foreach_*`` kernels over pieces of the state, never a tensor the size of all
 parameters. Tensors larger than ``chunk_numel`` elements are split into flat slices (views, no copy), and the
 kernels run on batches of at most ``chunk_numel`` elements, so the peak extra memory is at most two temporaries
-of ``chunk_numel`` elements (AdamW with weight decay; one for Adam and Nesterov SGD; none for momentum SGD or
-plain SGD without weight decay) plus one 0-d norm per piece. By default ``chunk_numel`` is 1/64 of the
-monitored elements (about 3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB in
-float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory) and
-at least 65536 on accelerators (a few dozen kernel launches per logged step in all).
+of ``chunk_numel`` elements (AdamW with weight decay; one for Adam, Nesterov SGD and SGD with weight decay;
+none for momentum SGD or plain SGD) plus one 0-d norm per piece. By default ``chunk_numel`` is 1/64 of the
+monitored elements (at most ~3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB
+in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
+large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
+and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
+number of tensors). The time is about that of the copy on CPU (both are memory-bound passes over the
+parameters and the state, see ``benchmarks/scale.py``); the memory is not.
 
 Falls back to the copy: any other optimizer (also subclasses of the listed ones, whose ``step`` may differ),
 a tensor ``lr``/``betas``/``weight_decay``, ``differentiable=True``, ``capturable=True`` on CPU, complex or
@@ -59,6 +63,10 @@ Integration plan (for :class:`gradlight.tracker.GradientFlowTracker`; nothing he
 4. ``discard``: ``self._updates.discard()``.
 5. The monitor writes ``{group: method.describe()}`` of ``tracker._updates.methods`` into ``run.json`` under
    ``update_ratio_methods`` at the first logged step.
+
+Under FSDP1 the optimizer holds flat parameters, not the original ones the tracker captures: those tensors are
+"not held by the optimizer" and take the copy. DTensors (FSDP2) are measured on their local shards, with the
+optimizer state's local shards; that path has not been run yet.
 """
 
 from __future__ import annotations
