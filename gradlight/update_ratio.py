@@ -339,7 +339,7 @@ class UpdateNorms:
             "decoupled": decoupled,
             "amsgrad": bool(group["amsgrad"]),
         }
-        steps = [optimizer.state[t].get("step") for t in tensors]
+        steps = [optimizer.state.get(t, {}).get("step") for t in tensors]  # .get: no entry added to the state
         return _Bucket("adam", positions, tensors, hyper, steps_before=_read_steps(steps, tensors))
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -547,7 +547,7 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
     hyper = bucket.hyper
     lr, beta1, beta2, eps = hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"]
     decay = hyper["weight_decay"] if hyper["decoupled"] else 0.0
-    states = [optimizer.state[p] for p in bucket.params]
+    states = [optimizer.state.get(p, {}) for p in bucket.params]
     held = [i for i, s in enumerate(states) if "exp_avg" in s]  # the others were never stepped: 0
     result = torch.zeros(len(bucket.params), dtype=wide_dtype(device), device=device)
     if not held:

@@ -241,6 +241,22 @@ def test_bfloat16_parameters_copy_by_default_because_rounding_swallows_updates()
     assert forced.after_step().item() == pytest.approx(4096 * 1e-6, rel=1e-6)  # what the optimizer computed
 
 
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.AdamW])
+def test_the_optimizer_state_is_left_alone(kind: type[torch.optim.Optimizer]) -> None:
+    net = Net()
+    params = list(net.parameters())
+    optimizer = kind(params, lr=1e-2)
+    updates = UpdateNorms()
+    for step in range(2):
+        _loss(net, step).backward()
+        updates.before_step(params, optimizer)
+        optimizer.step()
+        updates.after_step()
+    used = {id(p) for p in params if p.grad is not None}
+    assert len(used) == len(params) - 2  # the unused layer's weight and bias
+    assert {id(p) for p in optimizer.state} <= used  # no entry added for the tensors never stepped
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="method='fast' is not supported: use one of 'auto', 'optimizer', 'copy'"):
         UpdateNorms(method="fast")
