@@ -1,6 +1,6 @@
 """The monitor's cost by model size: GPT-2 configs from ~1M to ~124M parameters, CPU, one thread.
 
-    python benchmarks/scale.py                      # all sizes (~10 min on an idle core)
+    python benchmarks/scale.py                      # all sizes (about 2 min on a busy 2-core CPU)
     python benchmarks/scale.py --max-params 20e6    # the small ones only
 
 Every model is a Hugging Face ``GPT2LMHeadModel`` built from a config (no download), trained with
