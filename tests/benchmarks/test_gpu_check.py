@@ -1,0 +1,81 @@
+"""``benchmarks/gpu_check.py`` in its CPU mode: it passes on the real code and fails when a check is broken."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+import gradlight.tracker
+import gradlight.update_ratio
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses resolve their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _failed(results: list[Any]) -> list[str]:
+    return [r.name for r in results if r.passed is False]
+
+
+def test_the_cpu_mode_runs_every_check_and_passes(gpu_check: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_check.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for name in ("stats/fp32", "stats/bf16-mixed", "stats/16-mixed", "sync/default", "launches/default"):
+        assert f"PASS  {name}" in out
+    assert "PASS  memory/copy-free" in out
+    assert "overhead/yolo11n-128px/default" in out and "overhead/gpt2-1m/copy-free" in out
+
+
+def test_a_wrong_statistic_fails_the_statistics_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = gradlight.tracker.reduce_to_layers
+
+    def off_by_a_thousandth(sums: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer_sums, layer_max = original(sums, *args)
+        return layer_sums * 1.002, layer_max  # 1e-3 too large a norm
+
+    monkeypatch.setattr(gradlight.tracker, "reduce_to_layers", off_by_a_thousandth)
+    results = gpu_check.run(CPU, checks=["stats"])
+    assert _failed(results) == ["stats/fp32", "stats/bf16-mixed", "stats/16-mixed"]
+    assert gpu_check.main(["--device", "cpu", "--checks", "stats"]) == 1
+
+
+def test_a_host_read_in_the_hooks_fails_the_sync_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = gradlight.tracker.gradient_statistics
+
+    def reads_a_value(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        sq, top = original(*args, **kwargs)
+        if float(top.max()) > 1e30:  # a host read (a device sync on a GPU)
+            raise AssertionError("unexpected")
+        return sq, top
+
+    monkeypatch.setattr(gradlight.tracker, "gradient_statistics", reads_a_value)
+    assert _failed(gpu_check.run(CPU, checks=["sync"])) == ["sync/default", "sync/copy-free"]
+
+
+def test_a_parameter_sized_temporary_fails_the_memory_check(
+    gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gradlight.update_ratio, "_CHUNK_FRACTION", 1)  # one chunk: all parameters at once
+    monkeypatch.setattr(gradlight.update_ratio, "_CPU_CHUNK_MAX", 1 << 40)
+    monkeypatch.setattr(gradlight.update_ratio, "_per_tensor", lambda device: False)
+    assert _failed(gpu_check.run(CPU, checks=["memory"])) == ["memory/copy-free"]
+
+
+def test_unknown_checks_are_refused(gpu_check: ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"checks=\['speed'\] are not known"):
+        gpu_check.run(CPU, checks=["speed"])

@@ -1,0 +1,335 @@
+"""The copy-free update norms equal a real parameter copy's, for every reconstructed optimizer variant."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import gradlight.update_ratio as update_ratio
+from gradlight.tracker import GradientFlowTracker
+from gradlight.update_ratio import UpdateNorms
+
+
+class Net(nn.Module):
+    """A few layers of different sizes (one larger than the small chunks below) and one never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 3))
+        self.norm = nn.LayerNorm(12)
+        self.unused = nn.Linear(5, 5)  # never in the loss: grad stays None, no optimizer touches it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(self.norm(x))
+
+
+def _loss(net: nn.Module, step: int) -> Tensor:
+    generator = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 12, generator=generator)
+    return (net(x) - torch.randn(16, 3, generator=generator)).square().mean()
+
+
+def _copy_squares(params: list[nn.Parameter], before: list[Tensor]) -> Tensor:
+    """Independent reference: the squared norm of what the step changed, from a real copy."""
+    return torch.stack([(p.detach().double() - b.double()).square().sum() for p, b in zip(params, before)])
+
+
+def _run(
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], steps: int = 3, **norms_kwargs: Any
+) -> tuple[list[Tensor], list[Tensor], UpdateNorms]:
+    torch.manual_seed(0)
+    net = Net()
+    params = list(net.parameters())
+    optimizer = make(params)
+    updates = UpdateNorms(**norms_kwargs)
+    ours, reference = [], []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        _loss(net, step).backward()
+        updates.before_step(params, optimizer)
+        before = [p.detach().clone() for p in params]
+        optimizer.step()
+        ours.append(updates.after_step())
+        reference.append(_copy_squares(params, before))
+    return ours, reference, updates
+
+
+SGD_VARIANTS = {
+    "plain": {},
+    "weight_decay": {"weight_decay": 0.1},
+    "maximize_decay": {"maximize": True, "weight_decay": 0.1},
+    "momentum": {"momentum": 0.9},
+    "momentum_dampening_decay": {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.05},
+    "nesterov_decay": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.05},
+    "nesterov_maximize": {"momentum": 0.8, "nesterov": True, "maximize": True},
+}
+ADAM_VARIANTS = {
+    "adam": (torch.optim.Adam, {}),
+    "adam_l2": (torch.optim.Adam, {"weight_decay": 0.1}),
+    "adam_amsgrad_maximize": (torch.optim.Adam, {"amsgrad": True, "maximize": True}),
+    "adam_decoupled": (torch.optim.Adam, {"weight_decay": 0.1, "decoupled_weight_decay": True}),
+    "adamw": (torch.optim.AdamW, {}),
+    "adamw_decay": (torch.optim.AdamW, {"weight_decay": 0.3}),
+    "adamw_amsgrad_maximize": (torch.optim.AdamW, {"amsgrad": True, "maximize": True, "weight_decay": 0.1}),
+}
+IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+@pytest.fixture(params=["per_tensor", "multi_tensor"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both kernel paths on CPU: tensor by tensor (CPU's) and fused multi-tensor (accelerators')."""
+    if request.param == "multi_tensor":
+        monkeypatch.setattr(update_ratio, "_per_tensor", lambda device: False)
+    return str(request.param)
+
+
+def _assert_equal_to_copy(ours: list[Tensor], reference: list[Tensor]) -> None:
+    for step, (mine, exact) in enumerate(zip(ours, reference)):
+        assert mine.dtype == torch.float64 and mine.shape == exact.shape
+        assert (exact > 0).sum() >= 6, "the step must move every used tensor"
+        torch.testing.assert_close(mine, exact, rtol=1e-3, atol=1e-30, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("chunk", [None, 500])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("variant", list(SGD_VARIANTS))
+def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
+    options = {**SGD_VARIANTS[variant], **IMPLEMENTATIONS[impl]}
+    ours, reference, updates = _run(lambda p: torch.optim.SGD(p, lr=0.05, **options), chunk_numel=chunk)
+    _assert_equal_to_copy(ours, reference)
+    assert updates.methods["0"].describe() == f"optimizer: SGD ({impl})"
+
+
+@pytest.mark.parametrize("chunk", [None, 500])
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("variant", list(ADAM_VARIANTS))
+def test_adam_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
+    kind, options = ADAM_VARIANTS[variant]
+    ours, reference, updates = _run(lambda p: kind(p, lr=1e-2, **options, **IMPLEMENTATIONS[impl]), chunk_numel=chunk)
+    _assert_equal_to_copy(ours, reference)
+    assert updates.methods["0"].describe() == f"optimizer: {kind.__name__} ({impl})"
+
+
+@pytest.mark.parametrize("variant", ["adam_l2", "adamw_decay", "adamw_amsgrad_maximize"])
+def test_adam_with_step_counters_on_the_device_matches_copy(
+    variant: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The branch taken when the counters live on an accelerator (fused/capturable there), forced on CPU."""
+
+    def as_device_vector(steps: list[Tensor | None], tensors: list[Tensor]) -> Tensor:
+        return torch.stack([s if s is not None else torch.zeros(()) for s in steps]).double()
+
+    monkeypatch.setattr(update_ratio, "_read_steps", as_device_vector)
+    kind, options = ADAM_VARIANTS[variant]
+    ours, reference, _ = _run(lambda p: kind(p, lr=1e-2, **options), chunk_numel=700)
+    _assert_equal_to_copy(ours, reference)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, fused=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    ],
+    ids=["sgd", "sgd_fused", "adamw", "adamw_fused"],
+)
+def test_a_step_not_taken_is_a_zero_update(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
+    net = Net()
+    params = list(net.parameters())
+    optimizer = make(params)
+    updates = UpdateNorms()
+    _loss(net, 0).backward()
+    optimizer.step()  # state exists now
+    _loss(net, 1).backward()
+    updates.before_step(params, optimizer)
+    before = [p.detach().clone() for p in params]  # no step: e.g. a GradScaler skipping an overflow
+    ours = updates.after_step()
+    if not isinstance(optimizer, torch.optim.SGD) or not optimizer.param_groups[0]["fused"]:
+        assert torch.equal(ours, _copy_squares(params, before))  # all zeros
+        assert not ours.any()
+    else:  # fused SGD leaves no trace of a step not taken: why it takes the copy under a GradScaler
+        assert ours.any()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adam_under_a_grad_scaler_matches_copy_and_skips_overflow(fused: bool) -> None:
+    """Fused Adam unscales inside its kernel (the gradients keep the scale) and rewinds its counter on overflow."""
+    torch.manual_seed(0)
+    net = Net()
+    params = list(net.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    updates = UpdateNorms()
+    for step in range(4):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(_loss(net, step)).backward()
+        if step == 2:
+            params[0].grad[0, 0] = float("inf")  # an overflow: the scaler skips this step
+        updates.before_step(params, optimizer, grad_scale=scaler.get_scale())
+        before = [p.detach().clone() for p in params]
+        scaler.step(optimizer)
+        scaler.update()
+        ours, exact = updates.after_step(), _copy_squares(params, before)
+        if step == 2:
+            assert not exact.any() and not ours.any()
+        else:
+            torch.testing.assert_close(ours, exact, rtol=1e-3, atol=1e-30)
+    assert updates.methods["0"].method == "optimizer"
+
+
+class MyAdam(torch.optim.Adam):
+    """A subclass may change ``step``: it is not reconstructed."""
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda p: torch.optim.RMSprop(p, lr=1e-2), "torch.optim.rmsprop.RMSprop is not reconstructed"),
+        (lambda p: MyAdam(p, lr=1e-2), "MyAdam is not reconstructed"),
+        (lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-2)), "a tensor lr"),
+        (lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=2.0), "lr * weight_decay = 1 >= 1"),
+    ],
+    ids=["rmsprop", "subclass", "tensor_lr", "huge_decay"],
+)
+def test_other_optimizers_fall_back_to_the_copy(
+    make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], reason: str
+) -> None:
+    ours, reference, updates = _run(make)
+    assert updates.methods["0"].method == "copy"
+    assert reason in updates.methods["0"].reason
+    for mine, exact in zip(ours, reference):
+        torch.testing.assert_close(mine, exact, rtol=1e-5, atol=1e-30)  # float32 differences
+    with pytest.raises(ValueError, match="method='optimizer' cannot reconstruct the update of param group 0"):
+        _run(make, method="optimizer")
+
+
+def test_forced_copy_and_mixed_groups_keep_the_order() -> None:
+    def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        first, rest = params[:3], params[3:-2]  # the unused layer's two tensors are outside the optimizer
+        return torch.optim.SGD(
+            [{"params": first, "lr": torch.tensor(0.05)}, {"params": rest, "momentum": 0.9}], lr=0.05, foreach=False
+        )
+
+    ours, reference, updates = _run(make)
+    assert {k: v.method for k, v in updates.methods.items()} == {"0": "copy", "1": "optimizer", "outside": "copy"}
+    _assert_equal_to_copy(ours, reference)
+    forced, reference, updates = _run(lambda p: torch.optim.AdamW(p, lr=1e-2), method="copy")
+    assert updates.methods["0"].describe() == "copy: forced (method='copy')"
+    _assert_equal_to_copy(forced, reference)
+
+
+def test_bfloat16_parameters_copy_by_default_because_rounding_swallows_updates() -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.full((4096,), 1.0, dtype=torch.bfloat16))  # ulp(1) = 2**-7 in bfloat16
+    optimizer = torch.optim.SGD([weight], lr=1e-3)
+    auto, forced = UpdateNorms(), UpdateNorms(method="optimizer")
+    weight.grad = torch.ones_like(weight)  # a step of 1e-3, far below half an ulp: every element keeps its value
+    auto.before_step([weight], optimizer)
+    forced.before_step([weight], optimizer)
+    optimizer.step()
+    assert auto.methods["0"].describe() == "copy: torch.bfloat16 parameters: rounding can swallow an update"
+    assert auto.after_step().item() == 0.0  # what was applied
+    assert forced.after_step().item() == pytest.approx(4096 * 1e-6, rel=1e-6)  # what the optimizer computed
+
+
+@pytest.mark.parametrize("kind", [torch.optim.SGD, torch.optim.AdamW])
+def test_the_optimizer_state_is_left_alone(kind: type[torch.optim.Optimizer]) -> None:
+    net = Net()
+    params = list(net.parameters())
+    optimizer = kind(params, lr=1e-2)
+    updates = UpdateNorms()
+    for step in range(2):
+        _loss(net, step).backward()
+        updates.before_step(params, optimizer)
+        optimizer.step()
+        updates.after_step()
+    used = {id(p) for p in params if p.grad is not None}
+    assert len(used) == len(params) - 2  # the unused layer's weight and bias
+    assert {id(p) for p in optimizer.state} <= used  # no entry added for the tensors never stepped
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="method='fast' is not supported: use one of 'auto', 'optimizer', 'copy'"):
+        UpdateNorms(method="fast")
+    with pytest.raises(ValueError, match="chunk_numel=0 must be a positive integer"):
+        UpdateNorms(chunk_numel=0)
+    with pytest.raises(RuntimeError, match="after_step\\(\\) called without before_step\\(\\)"):
+        UpdateNorms().after_step()
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created by the operators run under it (views of them are not new memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, pointer: int) -> None:
+        entry = self.live.get(pointer)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[pointer]
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer in self.live:
+                self.live[pointer][1] += 1
+            elif pointer in inputs or not storage.nbytes():
+                continue  # in place, or a view of a tensor made before
+            else:
+                self.live[pointer] = [storage.nbytes(), 1]
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            weakref.finalize(tensor, self._release, pointer)
+        return out
+
+
+def _hook_peak(copy_free: bool) -> tuple[int, int, Tensor, Tensor]:
+    """Peak new bytes inside a logged step's hooks (capture + finalize), the parameter bytes, and both norms."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256), nn.GELU(), nn.Linear(256, 8))
+    params = list(net.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    tracker = GradientFlowTracker(net, track_update_ratio=not copy_free)
+    updates = UpdateNorms()
+    net(torch.randn(8, 256)).square().mean().backward()
+    optimizer.step()  # state exists: the measured step is a steady-state one
+    net(torch.randn(8, 256)).square().mean().backward()
+    before = [p.detach().clone() for p in params]
+    with LiveBytes() as capture:
+        tracker.capture(step=1, params=params, owner=optimizer)
+        if copy_free:
+            updates.before_step(params, optimizer)
+    optimizer.step()
+    with LiveBytes() as finalize:
+        record = tracker.finalize()
+        squares = updates.after_step() if copy_free else torch.tensor(record.metrics["update_ratio"])
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    return max(capture.peak, finalize.peak) + capture.current, param_bytes, squares, _copy_squares(params, before)
+
+
+def test_a_logged_step_with_the_copy_free_ratio_allocates_no_parameter_sized_memory() -> None:
+    peak, param_bytes, ours, exact = _hook_peak(copy_free=True)
+    assert peak < 0.05 * param_bytes, f"{peak} bytes at the peak for {param_bytes} parameter bytes"
+    torch.testing.assert_close(ours, exact, rtol=1e-3, atol=1e-30)
+    copy_peak, _, _, _ = _hook_peak(copy_free=False)  # the measurement sees the copy when there is one
+    assert copy_peak >= param_bytes
