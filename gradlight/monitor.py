@@ -84,6 +84,8 @@ class GradientFlowMonitor(Callback):
         track_activations: Tap activation modules on logged steps (forward hooks, removed after the step's
             micro-batches) and record ``act_saturation``, ``act_dead``, ``act_mean`` and ``act_std`` per
             site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
+        update_method: How ``update_ratio`` gets the update: ``"auto"`` (from the optimizer's state where
+            exact: no copy of the parameters), ``"optimizer"`` or ``"copy"`` (see :mod:`gradlight.update_ratio`).
         track_backward_signal: Tap the backward signal on logged steps (hooks removed between them): per
             block of the layer grouping, the L2 norm, largest element and NaN/Inf count of the gradient with
             respect to its output, and its gain in decades (``signal_*`` rows of the history; see
@@ -123,6 +125,7 @@ class GradientFlowMonitor(Callback):
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
         track_backward_signal: bool = False,
+        update_method: str = "auto",
         log_figures_every_n_epochs: int | None = 1,
         log_histograms: bool = False,
     ) -> None:
@@ -151,6 +154,7 @@ class GradientFlowMonitor(Callback):
             on_anomaly=on_anomaly,
             track_activations=track_activations,
             track_backward_signal=track_backward_signal,
+            update_method=update_method,
         )
         self.log_every_n_steps = log_every_n_steps
         self._save_dir_arg = Path(save_dir) if save_dir is not None else None

@@ -43,6 +43,7 @@ from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, R
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
+from gradlight.update_ratio import METHODS as UPDATE_METHODS
 
 __all__ = [
     "LOG_PREFIX",
@@ -97,6 +98,10 @@ class RecorderOptions:
         track_backward_signal: Tap the backward signal (the gradient with respect to each block's output) on
             logged steps, with the blocks of the layer grouping (:mod:`gradlight.signal`); its per-block
             ``signal_*`` rows go to the history beside the layers' rows.
+        update_method: How ``update_ratio`` gets the update: ``"auto"`` reconstructs the step from the
+            optimizer's state (SGD, Adam, AdamW in float32/64: no copy of the parameters; the step the
+            optimizer computed) and copies the parameters elsewhere (the change applied, rounding included);
+            ``"optimizer"`` or ``"copy"`` force one (:mod:`gradlight.update_ratio`).
 
     Example:
         >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
@@ -119,6 +124,7 @@ class RecorderOptions:
     on_anomaly: str | Mapping[str, str] = "warn"
     track_activations: bool = False
     track_backward_signal: bool = False
+    update_method: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -136,6 +142,8 @@ class RecorderOptions:
         if self.diagnosis is not None and not isinstance(self.diagnosis, DiagnosisConfig):
             raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {self.diagnosis!r}.")
         resolve_actions(self.on_anomaly)  # raises ValueError naming a bad action or kind
+        if self.update_method not in UPDATE_METHODS:
+            raise ValueError(f"`update_method` must be one of {UPDATE_METHODS}, got {self.update_method!r}.")
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :class:`GradientFlowRecorder`."""
@@ -291,6 +299,8 @@ class GradientFlowRecorder:
         track_backward_signal: Tap the gradient with respect to each block's output on logged steps
             (:class:`gradlight.signal.BackwardSignalTaps`, blocks = the layer grouping); needs
             :meth:`start_step` before each micro-batch's forward pass. ``signal_*`` rows go to the history.
+        update_method: ``"auto"``, ``"optimizer"`` or ``"copy"``: how ``update_ratio`` gets the update
+            (:class:`RecorderOptions`).
         reduction: How statistics combine across ranks (sharded models; see :mod:`gradlight.sharding`).
             ``None``: every rank holds whole gradients (single process, DDP).
         collectives: Cross-process operations; ``None`` takes them from ``torch.distributed`` if it is
@@ -352,6 +362,7 @@ class GradientFlowRecorder:
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
         track_backward_signal: bool = False,
+        update_method: str = "auto",
         reduction: CrossRankReduction | None = None,
         collectives: Collectives | None = None,
         gradient_clip_val: float | None = None,
@@ -387,6 +398,7 @@ class GradientFlowRecorder:
             on_anomaly=on_anomaly,
             track_activations=track_activations,
             track_backward_signal=track_backward_signal,
+            update_method=update_method,
         )
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
@@ -398,6 +410,7 @@ class GradientFlowRecorder:
             group_by=group_by,
             exclude=self.options.exclude,
             track_update_ratio=track_update_ratio,
+            update_method=update_method,
             edge_layers=edge_layers,
             reduction=reduction,
         )

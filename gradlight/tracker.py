@@ -23,7 +23,6 @@ from gradlight.layers import ForwardOrderRecorder, GroupBy, LayerMap
 from gradlight.stats import (
     CrossRankReduction,
     LocalReduction,
-    Snapshot,
     Statistic,
     StatisticSet,
     StatisticTable,
@@ -32,9 +31,9 @@ from gradlight.stats import (
     nonfinite_counts,
     parameter_statistics,
     squares,
-    update_squares,
     wide_dtype,
 )
+from gradlight.update_ratio import UpdateNorms
 
 __all__ = [
     "GRAD_COUNT",
@@ -135,7 +134,7 @@ class _Pending:
     grad_sq: Tensor
     grad_max: Tensor
     param_sq: Tensor
-    before: Snapshot | None  # the parameters before the step, if the update ratio is tracked
+    measures_update: bool  # the update ratio is tracked: ``updates.before_step`` was called
     grad_scale: float
     grad_count: Tensor | None  # 1 where this rank read a gradient (aligned columns only), else None
     missing: list[int]  # trainable parameters without a gradient (not aligned columns), by position
@@ -155,6 +154,10 @@ class GradientFlowTracker:
         edge_layers: How many first and last layers the early-to-late ratio compares.
         reduction: How statistics combine across ranks; :class:`~gradlight.stats.LocalReduction` when every
             rank holds whole tensors (single process, DDP).
+        update_method: How ``update_ratio`` gets the step's update (:class:`gradlight.update_ratio.UpdateNorms`):
+            ``"auto"`` reconstructs it from the optimizer's state where that is exact (SGD, Adam, AdamW in
+            float32/float64: no copy of the parameters) and copies the parameters elsewhere; ``"optimizer"``
+            or ``"copy"`` force one. Which method each param group used: ``tracker.updates.methods``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
@@ -174,7 +177,9 @@ class GradientFlowTracker:
         track_update_ratio: bool = True,
         edge_layers: int = 1,
         reduction: CrossRankReduction | None = None,
+        update_method: str = "auto",
     ) -> None:
+        self.updates = UpdateNorms(update_method) if track_update_ratio else None  # validates the method
         self.model = model
         self.group_by = group_by
         self.exclude = tuple(exclude)
@@ -307,7 +312,9 @@ class GradientFlowTracker:
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)
             grad_max = grad_max / grad_scale
-        param_sq, before = parameter_statistics(tensors, device, copy=self.track_update_ratio)
+        param_sq, _ = parameter_statistics(tensors, device, copy=False)
+        if self.updates is not None:
+            self.updates.before_step(originals, owner, grad_scale)
         return _Pending(
             step=step,
             owner=owner,
@@ -318,7 +325,7 @@ class GradientFlowTracker:
             grad_sq=grad_sq,
             grad_max=grad_max,
             param_sq=param_sq,
-            before=before,
+            measures_update=self.updates is not None,
             grad_scale=grad_scale,
             grad_count=grad_count,
             missing=[],
@@ -349,6 +356,8 @@ class GradientFlowTracker:
     def discard(self) -> None:
         """Drop a captured step without recording it."""
         self._pending = None
+        if self.updates is not None:
+            self.updates.discard()
 
     def finalize(self) -> StepRecord:
         """Finish the captured step after the optimizer step and return its record (one host copy).
@@ -361,8 +370,8 @@ class GradientFlowTracker:
             raise RuntimeError("finalize() called without a captured step: call capture() first")
         self._pending = None
         device = pending.grad_sq.device
-        if pending.before is not None:
-            update_sq = update_squares(pending.params, pending.before, device)
+        if pending.measures_update and self.updates is not None:
+            update_sq = self.updates.after_step().to(device, pending.param_sq.dtype)
         else:
             update_sq = torch.full_like(pending.param_sq, float("nan"))
         values = {

@@ -563,9 +563,9 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
         c2 = [math.sqrt(1.0 - beta2**s) for s in after]
         step_size = [lr / (1.0 - beta1**s) for s in after]
         # ||step|| = step_size * c2 * ||m / (sqrt(v) + eps*c2) + alpha * p_new|| / (1 - lr*wd), with
-        # alpha = lr*wd / (step_size * c2)
+        # alpha = lr*wd / (step_size * c2) = wd * (1 - beta1**s) / c2 (lr cancels: no division by a zero lr)
         add: list[Any] = [eps * c for c in c2]
-        alpha: list[Any] = [lr * decay / (s * c) for s, c in zip(step_size, c2)]
+        alpha: list[Any] = [decay * (1.0 - beta1**s) / c for s, c in zip(after, c2)]
         scale: Any = [s * c / (1.0 - lr * decay) if ok else 0.0 for s, c, ok in zip(step_size, c2, advanced)]
     else:  # counters on the device (fused or capturable on an accelerator): device scalars, no host sync
         steps = torch.stack([local_tensor(states[i]["step"]) for i in held]).to(torch.float64)
@@ -574,7 +574,7 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
         c2_t = (1.0 - beta2**steps).sqrt()
         size_t = lr / (1.0 - beta1**steps)
         add = list((eps * c2_t).unbind())
-        alpha = list((lr * decay / (size_t * c2_t)).unbind())
+        alpha = list((decay * (1.0 - beta1**steps) / c2_t).unbind())
         scale = size_t * c2_t / (1.0 - lr * decay) * moved
 
     on_cpu = _per_tensor(device)
