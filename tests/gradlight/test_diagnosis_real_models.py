@@ -311,3 +311,44 @@ def test_detection_head_scales_without_targets_are_quiet_and_a_stripped_sigmoid_
     stripped = _yolo_findings(ablate=True)
     vanishing = [f for f in stripped if f.kind == "vanishing" and f.is_warning]
     assert vanishing and vanishing[0].layer == "model.0.conv" and vanishing[0].step == 0
+
+
+class SequenceRegressor(L.LightningModule):
+    """An ``nn.LSTM`` that learns a sequence's mean; one batch late in the run carries outlier targets."""
+
+    def __init__(self, outlier_step: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 32, batch_first=True)
+        self.head = nn.Linear(32, 1)
+        self.outlier_step = outlier_step
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 12, 4, generator=generator)
+        self.data = TensorDataset(x, x.mean((1, 2)).unsqueeze(1))
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step == self.outlier_step:
+            y = y + 30.0  # mislabelled batch: a large loss and a large gradient on one step of a converged run
+        loss = nn.functional.mse_loss(self.head(self.lstm(x)[0][:, -1]), y)
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+
+def test_one_large_loss_batch_late_in_a_converged_run_is_not_exploding(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SequenceRegressor(outlier_step=150)
+    findings = fit(model, tmp_path, steps=165)
+    assert max(model.losses[140:150]) < 0.01 < 100 < model.losses[150]  # converged, then one batch far off
+    assert warnings_of(findings).empty, warnings_of(findings).message.tolist()
+    from gradlight import load_history
+
+    norms = load_history(tmp_path, metrics=["global_grad_l2"]).set_index("step").value
+    assert norms[150] > 100 * norms[140:150].median()  # the growth rule's factor: the spike is there...
+    assert norms[151:].max() < 100 * norms[140:150].median()  # ...and it does not stay up

@@ -4,8 +4,7 @@
   previous ``exploding_window`` logged steps, once the window holds ``exploding_min_history`` steps, and stays
   that high for ``exploding_confirm_steps`` more logged steps (against the baseline from before it rose). A
   blow-up rises and stays up; a large-loss batch late in a converged run, or an ordinary spike, comes down at
-  the next step; a rise while the loss is above the run's first loss (diverging) is reported at once. A
-  layer counts only if its norm is at least ``exploding_min_share`` of the largest layer's (a
+  the next step. A layer counts only if its norm is at least ``exploding_min_share`` of the largest layer's (a
   tiny gradient recovering from ~0 grows by large factors without blowing up).
 * **absolute**: ``exploding_norm`` (global) or ``exploding_layer_norm`` (any layer), both off by default.
 * **clipping**: with clipping on, a pre-clip value ``clip_factor`` times the clip value for ``clip_patience``
@@ -71,7 +70,6 @@ class ExplodingDetector(Detector):
         self.global_norms: deque[tuple[int, float]] = deque(maxlen=config.exploding_window)
         self.layer_norms = LayerWindows(config.exploding_window)
         self.rise: _Rise | None = None
-        self.first_loss: float | None = None
 
     def check(self, step: StepContext) -> list[Finding]:
         """Growth (confirmed), absolute thresholds, clipping note."""
@@ -79,10 +77,7 @@ class ExplodingDetector(Detector):
         growth = self._measure(step)
         finite = [value for value in growth.current.values() if math.isfinite(value)]
         floor = config.exploding_min_share * max(finite, default=0.0)
-        if step.loss is not None and math.isfinite(step.loss) and self.first_loss is None:
-            self.first_loss = float(step.loss)
-        diverging = step.loss is not None and self.first_loss is not None and not step.loss <= self.first_loss
-        growing = self._confirmed_growth(record.step, growth, floor, diverging, step)
+        growing = self._confirmed_growth(record.step, growth, floor, step)
         limit = config.exploding_layer_norm
         over = {name: value for name, value in growth.current.items() if limit is not None and value > limit}
         over_norm = config.exploding_norm is not None and growth.norm > config.exploding_norm
@@ -143,14 +138,14 @@ class ExplodingDetector(Detector):
         return _Growth(norm, growth, baseline, window_min, len(history), layers, baselines, current)
 
     def _confirmed_growth(
-        self, step: int, growth: _Growth, floor: float, diverging: bool, context: StepContext
+        self, step: int, growth: _Growth, floor: float, context: StepContext
     ) -> tuple[int, dict[str, float]] | None:
         """``(first step, layer -> growth)`` of a growth that rose and stayed up, else ``None``.
 
         A rise is remembered with the baselines from before it; each following logged step either confirms it
-        (the global norm or a risen layer still ``exploding_factor`` above those baselines) or drops it. A rise
-        of the global norm while the loss is above the run's first loss needs no confirmation: the run is
-        diverging (a large-loss batch late in a converged run stays below where the run started). Layers of
+        (the global norm or a risen layer still ``exploding_factor`` above those baselines) or drops it. The loss of
+        one batch says nothing here: a mislabelled or outlier batch late in a converged run can have a loss far
+        above the run's first one, and its gradient comes back down at the next batch. Layers of
         the head's parallel output branches are compared only through the global norm: their own norms jump
         by orders of magnitude whenever a batch has targets for their output (a detection scale).
         """
@@ -177,8 +172,6 @@ class ExplodingDetector(Detector):
             baselines = {n: growth.baselines[n] for n in layers}
             baseline = growth.baseline if growth.growth >= factor else float("inf")
             self.rise = rise = _Rise(step, baseline, baselines)
-            if diverging and growth.growth >= factor:
-                rise.confirmations = self.config.exploding_confirm_steps
         if rise is None or rise.confirmations < self.config.exploding_confirm_steps:
             return None
         grown = {n: growth.current[n] / base for n, base in rise.layer_baselines.items() if n in growth.current}
@@ -267,7 +260,6 @@ class ExplodingDetector(Detector):
             **super().state_dict(),
             "global_norms": list(self.global_norms),
             "layer_norms": self.layer_norms.to_lists(),
-            "first_loss": self.first_loss,
             "rise": None
             if rise is None
             else [rise.step, rise.baseline, dict(rise.layer_baselines), rise.confirmations],
@@ -279,8 +271,6 @@ class ExplodingDetector(Detector):
         window = self.config.exploding_window
         self.global_norms = deque(((int(s), float(v)) for s, v in state.get("global_norms", [])), window)
         self.layer_norms = LayerWindows.from_lists(window, state.get("layer_norms", {}))
-        first = state.get("first_loss")
-        self.first_loss = None if first is None else float(first)
         rise = state.get("rise")
         self.rise = None if not rise else _Rise(int(rise[0]), float(rise[1]), dict(rise[2]), int(rise[3]))
 
