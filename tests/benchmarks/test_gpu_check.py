@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import gradlight.stats
 import gradlight.tracker
 import gradlight.update_ratio
 
@@ -42,13 +43,13 @@ def test_the_cpu_mode_runs_every_check_and_passes(gpu_check: ModuleType, capsys:
 
 
 def test_a_wrong_statistic_fails_the_statistics_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = gradlight.tracker.reduce_to_layers
+    original = gradlight.stats.reduce_to_layers
 
     def off_by_a_thousandth(sums: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
         layer_sums, layer_max = original(sums, *args)
         return layer_sums * 1.002, layer_max  # 1e-3 too large a norm
 
-    monkeypatch.setattr(gradlight.tracker, "reduce_to_layers", off_by_a_thousandth)
+    monkeypatch.setattr(gradlight.stats, "reduce_to_layers", off_by_a_thousandth)
     results = gpu_check.run(CPU, checks=["stats"])
     assert _failed(results) == ["stats/fp32", "stats/bf16-mixed", "stats/16-mixed"]
     assert gpu_check.main(["--device", "cpu", "--checks", "stats"]) == 1
