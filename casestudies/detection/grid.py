@@ -5,6 +5,7 @@ Launch commands::
     scripts/ablate_detector.sh                       # offline default: synthetic shapes, 6 variants + baseline
     scripts/ablate_detector.sh --preset smoke        # < 3 min end to end (what the tests run)
     scripts/ablate_detector.sh --resume --out runs/ablate_detector   # continue an interrupted grid
+    scripts/ablate_detector.sh --seeds 0,1,2 --out runs/seeds        # once per seed, then mean/std/min/max
     python -m casestudies.detection.grid --preset coco8-overfit --data /tmp/coco8/coco8.yaml
     python -m casestudies.detection.grid --preset coco --devices 8  # GPUs, DDP
 
@@ -15,6 +16,11 @@ run from ``checkpoints/last.ckpt`` (the gradlight monitor continues its history)
 from ``ultralytics/weights/last.pt`` (Ultralytics' own resume; its history continues too). At the end:
 ``OUT/summary.csv``/``.json``, ``OUT/report.html`` and the plots ``OUT/map_vs_grad_ratio.png``,
 ``OUT/loss_curves.png``, ``OUT/grad_profiles.png``.
+
+With ``--seeds 0,1,2`` each seed's grid is one such folder, ``OUT/seed-<s>/`` (seeds change the initial
+weights and the data order; the synthetic data set is generated once, in ``OUT/data``, unless ``--vary-data``),
+and :mod:`casestudies.detection.seeds` aggregates them into ``OUT/aggregate.csv``/``.json``,
+``OUT/per_seed.csv`` and error-bar plots. ``--resume`` then skips every finished seed-variant pair.
 """
 
 from __future__ import annotations
@@ -76,7 +82,11 @@ class GridConfig:
         synthetic: Size of the generated dataset (``train``, ``val``, ``imgsz``) when ``data`` is synthetic.
         augment: Ultralytics augmentation overrides for both trainers (``mosaic: 0.0``, ...).
         training: Recipe overrides for every run (``lr0``, ``warmup_epochs``, ...; both trainers).
-        seed: Seed of the initial weights and of the training loop.
+        seed: Seed of the initial weights and of the training loop (data order) of a single-seed grid.
+        seeds: Train the whole grid once per seed, into ``OUT/seed-<s>/``, then aggregate over seeds
+            (``OUT/aggregate.csv``); empty means one grid with ``seed`` directly in ``OUT``.
+        vary_data: With ``seeds``, generate the synthetic data set anew per seed (its seed = the run seed);
+            by default every seed trains on the same data set (``synthetic`` drawn with seed 0).
         description: What the preset is for.
     """
 
@@ -97,6 +107,8 @@ class GridConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)
+    vary_data: bool = False
     description: str = ""
 
 
@@ -144,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, help="GPUs per run; more than 1 trains with DDP")
     parser.add_argument("--workers", type=int, help="dataloader workers on GPU (CPU runs use 0)")
     parser.add_argument("--log-every-n-steps", type=int, help="gradient-flow logging interval")
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds, e.g. 0,1,2: the grid once per seed (initial weights and data order), "
+        "into OUT/seed-<s>/, then OUT/aggregate.csv with mean, std, min and max per variant",
+    )
+    parser.add_argument(
+        "--vary-data",
+        action="store_true",
+        help="with --seeds: a new synthetic data set per seed (default: one fixed data set for every seed)",
+    )
     parser.add_argument("--out", help="output folder (default: runs/ablate_detector/<preset>)")
     parser.add_argument("--resume", action="store_true", help="skip finished runs in OUT, continue unfinished ones")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: train one run from its spec file
@@ -174,6 +196,7 @@ def _epilog() -> str:
         "examples:",
         "  scripts/ablate_detector.sh",
         "  scripts/ablate_detector.sh --preset smoke --out /tmp/smoke",
+        "  scripts/ablate_detector.sh --seeds 0,1,2 --out runs/seeds   # then OUT/aggregate.csv",
         "  scripts/ablate_detector.sh --variants intact,no_bn,ultralytics --epochs 4",
         "  scripts/ablate_detector.sh --preset coco8-overfit --data /tmp/coco8/coco8.yaml",
         "  scripts/ablate_detector.sh --preset coco --devices 8",
@@ -190,11 +213,22 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
             values[name] = getattr(args, name)
     if args.variants is not None:
         values["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.seeds is not None:
+        values["seeds"] = _parse_seeds(args.seeds)
+    if args.vary_data:
+        values["vary_data"] = True
     values["out"] = args.out or str(Path("runs/ablate_detector") / args.preset)
     values["resume"] = bool(args.resume)
     config = GridConfig(**values)
     validate(config)
     return config
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GridError(f"--seeds {text!r} is not valid; give comma-separated integers such as 0,1,2") from None
 
 
 def validate(config: GridConfig) -> None:
@@ -210,6 +244,12 @@ def validate(config: GridConfig) -> None:
             raise GridError(f"--{name.replace('_', '-')} {value!r} is not valid; it must be a positive integer")
     if config.imgsz < 32 or config.imgsz % 32:
         raise GridError(f"--imgsz {config.imgsz} is not valid; use a multiple of 32 (the YOLO stride)")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config.seeds):
+        raise GridError(f"--seeds {config.seeds!r} is not valid; give non-negative integers such as 0,1,2")
+    if len(set(config.seeds)) != len(config.seeds):
+        raise GridError(f"--seeds lists a seed twice: {','.join(map(str, config.seeds))}")
+    if config.vary_data and not (config.seeds and config.data == "synthetic"):
+        raise GridError("--vary-data needs --seeds and --data synthetic (only the generated data set has a seed)")
     if config.workers < 0:
         raise GridError(f"--workers {config.workers} is not valid; it must be 0 or more")
     _check_model(config.model)
@@ -294,7 +334,8 @@ def _check_local_data(path: Path) -> None:
 def _check_out(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise GridError(f"--out {str(out)!r} is a file; give a folder")
-    finished = sorted(p.parent.name for p in out.glob(f"runs/*/{RESULT}"))
+    results = [*out.glob(f"runs/*/{RESULT}"), *out.glob(f"seed-*/runs/*/{RESULT}")]
+    finished = sorted(str(p.parent.relative_to(out)).removeprefix("runs/") for p in results)
     if finished and not resume:
         raise GridError(
             f"--out {str(out)!r} already holds finished runs ({', '.join(finished)}); pass --resume to keep "
@@ -304,16 +345,22 @@ def _check_out(out: Path, resume: bool) -> None:
 
 #: Settings a resumed grid must share with the runs already in OUT (the variant list may change).
 RESUME_KEYS = ("data", "model", "epochs", "imgsz", "batch", "log_every_n_steps", "overfit", "synthetic")
-RESUME_KEYS += ("augment", "training", "seed")
+RESUME_KEYS += ("augment", "training", "seed", "vary_data")
 
 
 def _check_resume_settings(config: GridConfig) -> None:
     path = Path(config.out) / "grid.json"
     if not config.resume or not path.exists():
         return
-    previous = json.loads(path.read_text())
-    changed = [f"{key} {previous.get(key)!r} -> {getattr(config, key)!r}" for key in RESUME_KEYS]
-    changed = [text for key, text in zip(RESUME_KEYS, changed) if previous.get(key) != getattr(config, key)]
+    defaults = GridConfig()
+    previous = {key: getattr(defaults, key) for key in RESUME_KEYS} | json.loads(path.read_text())
+    changed = [
+        f"{key} {previous[key]!r} -> {getattr(config, key)!r}"
+        for key in RESUME_KEYS
+        if previous[key] != getattr(config, key)
+    ]
+    if bool(previous.get("seeds")) != bool(config.seeds):  # more seeds may be added, layouts never mixed
+        changed.append(f"seeds {previous.get('seeds') or []!r} -> {config.seeds!r}")
     if changed:
         raise GridError(
             f"--resume would mix settings with the runs in {str(config.out)!r}: {'; '.join(changed)}. Use the "
@@ -338,8 +385,11 @@ def run_info(name: str, config: GridConfig) -> dict[str, Any]:
     }
 
 
-def prepare_data(config: GridConfig) -> str:
-    """Resolve the data option to a data YAML both trainers read (generating or deriving it if needed)."""
+def prepare_data(config: GridConfig, data_seed: int = 0) -> str:
+    """Resolve the data option to a data YAML both trainers read (generating or deriving it if needed).
+
+    Generated or derived files go to ``OUT/data``; ``data_seed`` is the synthetic data set's seed.
+    """
     out = Path(config.out)
     data = config.data
     if data == "synthetic":
@@ -347,7 +397,7 @@ def prepare_data(config: GridConfig) -> str:
 
         sizes = config.synthetic
         root = out / "data" / "shapes"
-        data = str(generate_shapes_dataset(root, sizes["train"], sizes["val"], sizes["imgsz"]))
+        data = str(generate_shapes_dataset(root, sizes["train"], sizes["val"], sizes["imgsz"], seed=data_seed))
     elif Path(data).expanduser().exists():
         data = str(Path(data).expanduser().resolve())
     if config.overfit:
@@ -410,7 +460,7 @@ def launch(spec: dict[str, Any], resume: bool) -> subprocess.Popen:
 class Progress:
     """One progress bar across the grid, in epochs, fed by each run's ``progress.json``."""
 
-    def __init__(self, names: list[str], epochs: int) -> None:
+    def __init__(self, names: list[str], epochs: int) -> None:  # one name per run, repeated per seed
         from tqdm import tqdm
 
         self.epochs = epochs
@@ -424,13 +474,13 @@ class Progress:
         )
         self.done = 0.0
 
-    def update(self, index: int, total: int, name: str, run_dir: Path) -> None:
-        """Show run ``index`` of ``total`` at the epoch its ``progress.json`` reports."""
+    def update(self, tag: str, name: str, run_dir: Path) -> None:
+        """Show the run ``tag`` (``[2/7]``, ``[seed 1 2/7]``) at the epoch its ``progress.json`` reports."""
         try:
             epoch = float(json.loads((run_dir / "progress.json").read_text())["epoch"])
         except (OSError, ValueError, KeyError):
             epoch = 0.0
-        self.bar.set_description(f"[{index}/{total}] {name} epoch {min(epoch, self.epochs):.1f}/{self.epochs}")
+        self.bar.set_description(f"{tag} {name} epoch {min(epoch, self.epochs):.1f}/{self.epochs}")
         self._advance_to(self.done + min(epoch, self.epochs))
 
     def write(self, message: str) -> None:
@@ -454,30 +504,58 @@ class Progress:
         self.bar.close()
 
 
+def seed_config(config: GridConfig, seed: int) -> GridConfig:
+    """The single-seed grid of one seed of a multi-seed ``config`` (its folder ``OUT/seed-<seed>``)."""
+    from casestudies.detection.seeds import seed_dir
+
+    return dataclasses.replace(config, seed=seed, seeds=[], out=str(seed_dir(Path(config.out), seed)))
+
+
 def run_grid(config: GridConfig) -> int:
-    """Train every run (skipping finished ones under ``--resume``), then summarise. Returns an exit code."""
+    """Train every run (skipping finished ones under ``--resume``), then summarise. Returns an exit code.
+
+    With ``config.seeds`` the grid is trained once per seed (``OUT/seed-<s>/``, each with its own summary)
+    and aggregated over seeds (``OUT/aggregate.csv``); the data set is prepared once in ``OUT/data`` unless
+    ``vary_data`` asks for one per seed.
+    """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    data_yaml = prepare_data(config)
     names = list(config.variants)
-    print(f"gradlight ablation grid, preset {config.preset!r}: {', '.join(names)} -> {out}", flush=True)
-    progress = Progress(names, config.epochs)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the running subprocess too, like Ctrl-C
+    grids = [seed_config(config, seed) for seed in config.seeds] or [config]
+    shared = None if config.vary_data else prepare_data(config)
+    seeds = f", seeds {','.join(map(str, config.seeds))}" if config.seeds else ""
+    print(f"gradlight ablation grid, preset {config.preset!r}: {', '.join(names)}{seeds} -> {out}", flush=True)
+    progress = Progress(names * len(grids), config.epochs)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the running subprocess too, like Ctrl-C
     failed: list[str] = []
     try:
-        for index, name in enumerate(names, start=1):
-            if not _train_one(index, name, config, data_yaml, progress):
-                failed.append(name)
+        for grid in grids:
+            data_yaml = shared or prepare_data(grid, data_seed=grid.seed)
+            if config.seeds:
+                Path(grid.out).mkdir(parents=True, exist_ok=True)
+                (Path(grid.out) / "grid.json").write_text(json.dumps(dataclasses.asdict(grid), indent=2))
+            prefix = f"seed {grid.seed} " if config.seeds else ""
+            for index, name in enumerate(names, start=1):
+                if not _train_one(index, name, grid, data_yaml, progress, prefix):
+                    failed.append(f"{prefix}{name}")
+            frame = finish(grid, names)
+            print(_format(frame))
     except KeyboardInterrupt:
         progress.close()
         print(f"\ninterrupted; continue with: scripts/ablate_detector.sh --resume --out {out}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     progress.close()
-    frame = finish(config, names)
-    print(_format(frame))
+    if config.seeds:
+        from casestudies.detection import seeds as seed_stats
+
+        table = seed_stats.finish_seeds(out, config.seeds, names)
+        print(f"\naggregate over seeds {','.join(map(str, config.seeds))} (mean ± std [min, max]):")
+        print(seed_stats.format_aggregate(table))
     if failed:
-        print(f"failed runs: {', '.join(failed)} (see OUT/runs/<name>/train.log)", file=sys.stderr)
+        print(f"failed runs: {', '.join(failed)} (see their train.log)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -485,21 +563,21 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progress: Progress) -> bool:
+def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progress: Progress, prefix: str = "") -> bool:
     spec = child_spec(name, config, data_yaml)
     run_dir = Path(spec["run_dir"])
-    total = len(config.variants)
+    tag = f"[{prefix}{index}/{len(config.variants)}]"
     if config.resume and is_finished(run_dir):
-        progress.write(f"[{index}/{total}] {name}: finished earlier, kept")
+        progress.write(f"{tag} {name}: finished earlier, kept")
         progress.finish_run()
         return True
     started = time.time()
     if progress.bar.disable:
-        progress.write(f"[{index}/{total}] {name}: training ({'resuming' if config.resume else 'new'})")
+        progress.write(f"{tag} {name}: training ({'resuming' if config.resume else 'new'})")
     process = launch(spec, config.resume)
     try:
         while process.poll() is None:
-            progress.update(index, total, name, run_dir)
+            progress.update(tag, name, run_dir)
             time.sleep(1.0)
     except KeyboardInterrupt:
         process.terminate()
@@ -508,11 +586,11 @@ def _train_one(index: int, name: str, config: GridConfig, data_yaml: str, progre
     progress.finish_run()
     if process.returncode != 0 or not is_finished(run_dir):
         tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-15:]
-        progress.write(f"[{index}/{total}] {name}: FAILED (exit {process.returncode})\n  " + "\n  ".join(tail))
+        progress.write(f"{tag} {name}: FAILED (exit {process.returncode})\n  " + "\n  ".join(tail))
         return False
     result = json.loads((run_dir / RESULT).read_text())
     progress.write(
-        f"[{index}/{total}] {name}: {time.time() - started:.0f} s, mAP50-95 {result['map50_95']:.3f}, "
+        f"{tag} {name}: {time.time() - started:.0f} s, mAP50-95 {result['map50_95']:.3f}, "
         f"{result['images_per_s']:.1f} img/s"
     )
     return True
