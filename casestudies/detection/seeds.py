@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,60 +226,6 @@ def plot_map_vs_ratio(rows: pd.DataFrame, table: pd.DataFrame, path: Path) -> Pa
     return path
 
 
-def profile_band(run_dirs: Sequence[Path]) -> pd.DataFrame:
-    """Per-block median ``grad_l2`` (last quarter) of each run, combined: geometric mean, min, max, count.
-
-    Index: layer name in depth order; columns ``mean`` (geometric mean over runs), ``min``, ``max``, ``n``.
-    Runs without a history are skipped.
-    """
-    columns = []
-    for run_dir in run_dirs:
-        medians = summary.tail_layer_medians(Path(run_dir))
-        if not medians.empty:
-            columns.append(medians)
-    if not columns:
-        return pd.DataFrame(columns=["mean", "min", "max", "n"])
-    stacked = pd.concat(columns, axis=1)
-    positive = stacked.where(stacked > 0)
-    return pd.DataFrame(
-        {
-            "mean": 10 ** np.log10(positive).mean(axis=1),
-            "min": stacked.min(axis=1),
-            "max": stacked.max(axis=1),
-            "n": stacked.notna().sum(axis=1),
-        }
-    )
-
-
-def plot_gradient_profiles(runs: Mapping[str, Sequence[Path]], path: Path) -> Path:
-    """Per-block gradient L2 norm against depth, one line per variant (geometric mean) and a min-max band."""
-    fig, ax = summary.new_figure(8, 4.5)
-    labels: list[str] = []
-    for index, (name, run_dirs) in enumerate(runs.items()):
-        band = profile_band(run_dirs)
-        if band.empty:
-            continue
-        baseline = name == summary.BASELINE_NAME
-        color = "black" if baseline else f"C{index % 10}"
-        x = np.arange(len(band))
-        ax.plot(x, band["mean"], marker=".", color=color, linestyle="--" if baseline else "-", label=name)
-        ax.fill_between(x, band["min"], band["max"], color=color, alpha=0.15, linewidth=0)
-        if len(band) > len(labels):
-            labels = [layer.rsplit(".", 1)[-1] for layer in band.index]
-    if labels:
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_xlabel("YOLO block (forward order)")
-    ax.set_ylabel("gradient L2 norm (median, last quarter)")
-    ax.set_title("Per-block gradient norm: geometric mean over seeds, band = min to max seed")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def finish_seeds(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> pd.DataFrame:
     """Read every seed's summary under ``out``, write the aggregate files and plots; return the aggregate."""
     out = Path(out)
@@ -292,5 +238,5 @@ def finish_seeds(out: Path, seeds: Sequence[int], variants: Sequence[str]) -> pd
         name: [seed_dir(out, int(s)) / "runs" / name for s in done[done["variant"] == name]["seed"]]
         for name in variants
     }
-    plot_gradient_profiles(runs, out / "grad_profiles.png")
+    summary.plot_gradient_profiles(runs, out / "grad_profiles.png")
     return table

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ BASELINE_NAME = "ultralytics"
 TAIL_FRACTION = 0.25
 
 
-def tail_steps(steps: Sequence[int], fraction: float = TAIL_FRACTION) -> np.ndarray:
+def tail_steps(steps: Sequence[int] | np.ndarray, fraction: float = TAIL_FRACTION) -> np.ndarray:
     """The last ``fraction`` of the distinct logged ``steps`` (at least one).
 
     Example:
@@ -252,23 +252,59 @@ def tail_layer_medians(run_dir: Path, metric: str = "grad_l2") -> pd.Series:
     return layer_medians(tail, metric)
 
 
-def plot_gradient_profiles(runs: dict[str, Path], path: Path) -> Path:
-    """Per-layer median gradient L2 norm (last quarter of training) against depth, one line per run."""
+def profile_band(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """Per-block median ``grad_l2`` (last quarter) of each run, combined: geometric mean, min, max, count.
+
+    Index: layer name in depth order; columns ``mean`` (geometric mean over runs), ``min``, ``max``, ``n``.
+    Runs without a history are skipped.
+    """
+    columns = [medians for medians in (tail_layer_medians(Path(r)) for r in run_dirs) if not medians.empty]
+    if not columns:
+        return pd.DataFrame(columns=["mean", "min", "max", "n"])
+    stacked = pd.concat(columns, axis=1)
+    positive = stacked.where(stacked > 0)
+    return pd.DataFrame(
+        {
+            "mean": 10 ** np.log10(positive).mean(axis=1),
+            "min": stacked.min(axis=1),
+            "max": stacked.max(axis=1),
+            "n": stacked.notna().sum(axis=1),
+        }
+    )
+
+
+def plot_gradient_profiles(runs: Mapping[str, Path | Sequence[Path]], path: Path) -> Path:
+    """Per-block median gradient L2 norm (last quarter of training) against depth, one line per run.
+
+    A name with several runs (one per seed) is drawn as their geometric mean with a band from the smallest
+    to the largest run.
+    """
     fig, ax = new_figure(8, 4.5)
-    for name, run_dir in runs.items():
-        medians = tail_layer_medians(Path(run_dir))
-        if medians.empty:
+    labels: list[str] = []
+    several = False
+    for index, (name, run_dirs) in enumerate(runs.items()):
+        band = profile_band([run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs))
+        if band.empty:
             continue
-        labels = [layer.rsplit(".", 1)[-1] for layer in medians.index]
-        style = {"color": "black", "linestyle": "--"} if name == BASELINE_NAME else {}
-        ax.plot(range(len(medians)), medians.to_numpy(), marker=".", label=name, **style)
-        ax.set_xticks(range(len(medians)), labels, fontsize=7)
+        baseline = name == BASELINE_NAME
+        color = "black" if baseline else f"C{index % 10}"
+        x = np.arange(len(band))
+        ax.plot(x, band["mean"], marker=".", color=color, linestyle="--" if baseline else "-", label=name)
+        if int(band["n"].max()) > 1:
+            several = True
+            ax.fill_between(x, band["min"], band["max"], color=color, alpha=0.15, linewidth=0)
+        if len(band) > len(labels):
+            labels = [layer.rsplit(".", 1)[-1] for layer in band.index]
+    if labels:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("YOLO block (forward order)")
     ax.set_ylabel("gradient L2 norm (median, last quarter)")
-    ax.set_title("Where the gradient goes: per-block gradient norm")
+    title = "Where the gradient goes: per-block gradient norm"
+    ax.set_title(title + (" (geometric mean over seeds, band: min to max)" if several else ""))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
@@ -350,6 +386,7 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) ->
 def _cell(value: Any) -> str:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, np.floating)):
         return str(value)
-    if not np.isfinite(value):
+    number = float(value)
+    if not np.isfinite(number):
         return "-"
-    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{number:.3g}" if abs(number) < 1e-2 or abs(number) >= 1e4 else f"{number:.3f}".rstrip("0").rstrip(".")

@@ -41,7 +41,15 @@ from casestudies.detection.grid.config import (
     seed_config,
 )
 from casestudies.detection.grid.prepare import prepare_data
-from casestudies.detection.grid.runner import CHILD_COMMAND, finish, is_finished, launch, run_grid, run_info
+from casestudies.detection.grid.runner import (
+    CHILD_COMMAND,
+    finish,
+    is_finished,
+    launch,
+    run_grid,
+    run_info,
+    summarize_grid,
+)
 from casestudies.detection.grid.spec import RunSpec
 from casestudies.detection.grid.validation import validate
 
@@ -65,5 +73,6 @@ __all__ = [
     "run_grid",
     "run_info",
     "seed_config",
+    "summarize_grid",
     "validate",
 ]

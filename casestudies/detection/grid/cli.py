@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --seeds: a new synthetic data set per seed (default: one fixed data set for every seed)",
     )
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train nothing: rebuild the summaries, plots, report and aggregate from the runs in OUT "
+        "(unfinished runs are reported missing); takes the settings of the grid in OUT",
+    )
     parser.add_argument("--out", help="output folder (default: runs/ablate_detector/<preset>)")
     parser.add_argument("--resume", action="store_true", help="skip finished runs in OUT, continue unfinished ones")
     return parser
@@ -101,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
     if args.vary_data:
         values["vary_data"] = True
     values["out"] = args.out or str(Path("runs/ablate_detector") / args.preset)
-    values["resume"] = bool(args.resume)
+    values["resume"] = bool(args.resume or args.summarize_only)  # same settings as the runs in OUT
     config = GridConfig(**values)
     validate(config)
     return config
@@ -116,7 +122,7 @@ def _parse_seeds(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/ablate_detector.sh``; returns the exit code."""
-    from casestudies.detection.grid.runner import run_grid
+    from casestudies.detection.grid.runner import run_grid, summarize_grid
     from casestudies.detection.offline import configure_offline
 
     args = build_parser().parse_args(argv)
@@ -126,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as error:
         print(f"ablate_detector: error: {error}", file=sys.stderr)
         return 2
-    return run_grid(config)
+    return summarize_grid(config) if args.summarize_only else run_grid(config)

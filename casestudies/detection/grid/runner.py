@@ -111,15 +111,33 @@ def run_grid(config: GridConfig, child_command: Sequence[str] = CHILD_COMMAND) -
     finally:
         signal.signal(signal.SIGTERM, previous)
     progress.close()
-    if config.seeds:
-        from casestudies.detection import seeds as seed_stats
-
-        table = seed_stats.finish_seeds(out, config.seeds, names)
-        print(f"\naggregate over seeds {','.join(map(str, config.seeds))} (mean ± std [min, max]):")
-        print(seed_stats.format_aggregate(table))
+    _aggregate(config)
     if failed:
         print(f"failed runs: {', '.join(failed)} (see their train.log)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def summarize_grid(config: GridConfig) -> int:
+    """Rebuild every summary, plot and report of ``config``'s runs in OUT without training anything.
+
+    Runs that did not finish are rows with ``status`` ``missing`` (and missing seeds in the aggregate).
+    Returns 0.
+    """
+    names = list(config.variants)
+    for grid in [seed_config(config, seed) for seed in config.seeds] or [config]:
+        print(_format(finish(grid, names)))
+    _aggregate(config)
+    return 0
+
+
+def _aggregate(config: GridConfig) -> None:
+    if not config.seeds:
+        return
+    from casestudies.detection import seeds as seed_stats
+
+    table = seed_stats.finish_seeds(Path(config.out), config.seeds, list(config.variants))
+    print(f"\naggregate over seeds {','.join(map(str, config.seeds))} (mean ± std [min, max]):")
+    print(seed_stats.format_aggregate(table))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -162,3 +162,25 @@ def test_resume_with_seeds_skips_finished_seed_variant_pairs(two_seeds, tmp_path
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # nothing of a finished pair was touched
     assert grid.is_finished(out / "seed-1" / "runs" / "intact")
     assert (pd.read_csv(out / "aggregate.csv")["n_seeds"] == 2).all()
+
+
+@pytest.mark.slow
+def test_summarize_only_reports_an_unfinished_seed_variant_pair_as_missing(two_seeds, tmp_path):
+    process, source = two_seeds
+    assert process.returncode == 0, process.stdout + process.stderr
+    out = tmp_path / "grid"
+    shutil.copytree(source, out)
+    (out / "seed-1" / "runs" / "stripped_sigmoid" / "result.json").unlink()  # as if killed before the end
+    logs = {p: p.stat().st_mtime_ns for p in out.glob("seed-*/runs/*/train.log")}
+    done = run_script("--preset", "smoke", "--seeds", "0,1", "--out", str(out), "--summarize-only")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "training" not in done.stdout and {p: p.stat().st_mtime_ns for p in logs} == logs  # nothing trained
+    seed_one = pd.read_csv(out / "seed-1" / "summary.csv").set_index("variant")
+    assert seed_one.loc["stripped_sigmoid", "status"] == "missing"
+    table = pd.read_csv(out / "aggregate.csv", keep_default_na=False).set_index("variant")
+    assert table.loc["stripped_sigmoid", "n_seeds"] == 1 and table.loc["stripped_sigmoid", "missing_seeds"] == "1"
+    seed_zero = pd.read_csv(out / "seed-0" / "summary.csv").set_index("variant")
+    assert table.loc["stripped_sigmoid", "map50_95_mean"] == pytest.approx(
+        seed_zero.loc["stripped_sigmoid", "map50_95"]
+    )
+    assert (table.loc[["intact", "ultralytics"], "n_seeds"] == 2).all()
