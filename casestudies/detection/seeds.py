@@ -2,7 +2,7 @@
 
 A grid run with ``--seeds 0,1,2`` writes one ordinary grid per seed under ``OUT/seed-<s>/`` (its own
 ``summary.csv``, plots and report) and, from those, ``OUT/per_seed.csv`` (every seed's rows, with a ``seed``
-column), ``OUT/aggregate.csv``/``.json`` (one row per variant) and the plots
+column), ``OUT/aggregate.csv``/``.json``/``.md`` (one row per variant) and the plots
 ``OUT/map_vs_grad_ratio.png`` (mean with standard-deviation error bars, every seed as a faint dot) and
 ``OUT/grad_profiles.png`` (per-block median gradient: geometric mean over seeds, band from the smallest to
 the largest seed).
@@ -135,10 +135,11 @@ def _statistics(name: str, values: np.ndarray) -> dict[str, float]:
 
 
 def write_aggregate(rows: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
-    """``out/per_seed.csv`` (every seed's rows) and ``out/aggregate.csv``/``.json`` (one row per variant)."""
+    """``out/per_seed.csv`` (every seed's rows), ``out/aggregate.csv``/``.json``/``.md`` (one row per variant)."""
     rows.to_csv(Path(out) / "per_seed.csv", index=False)
     table.to_csv(Path(out) / "aggregate.csv", index=False)
     (Path(out) / "aggregate.json").write_text(table.to_json(orient="records", indent=2))
+    (Path(out) / "aggregate.md").write_text(markdown_aggregate(table) + "\n")
 
 
 def ranges_overlap(table: pd.DataFrame, metric: str, first: str, second: str) -> bool:
@@ -154,14 +155,14 @@ def ranges_overlap(table: pd.DataFrame, metric: str, first: str, second: str) ->
     return bool(values[:, 0].max() <= values[:, 1].min())
 
 
-def format_aggregate(table: pd.DataFrame) -> str:
-    """The aggregate as a terminal table: ``mean ± std [min, max]`` per metric, seeds and missing seeds.
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The aggregate for reading: one text cell ``mean ± std [min, max]`` per metric, seeds, missing seeds.
 
     Example:
         >>> rows = pd.DataFrame({"seed": [0, 1], "variant": ["a", "a"], "status": ["done"] * 2,
         ...                      "map50_95": [0.2, 0.3]})
-        >>> "0.250 ± 0.071 [0.200, 0.300]" in format_aggregate(aggregate(rows, [0, 1]))
-        True
+        >>> display_table(aggregate(rows, [0, 1])).loc[0, "mAP50-95"]
+        '0.250 ± 0.071 [0.200, 0.300]'
     """
     shown = {
         "map50_95": ("mAP50-95", "{:.3f}"),
@@ -174,7 +175,17 @@ def format_aggregate(table: pd.DataFrame) -> str:
     for name, (label, number) in shown.items():
         frame[label] = [_cell(row, name, number) for _, row in table.iterrows()]
     frame["missing"] = table["missing_seeds"].replace("", "-")
-    return frame.to_string(index=False)
+    return frame
+
+
+def format_aggregate(table: pd.DataFrame) -> str:
+    """The aggregate as a terminal table (see :func:`display_table`)."""
+    return display_table(table).to_string(index=False)
+
+
+def markdown_aggregate(table: pd.DataFrame) -> str:
+    """The aggregate as a Markdown table for docs (see :func:`display_table`)."""
+    return summary.markdown_table(display_table(table))
 
 
 def _cell(row: pd.Series, name: str, number: str) -> str:

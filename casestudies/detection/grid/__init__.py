@@ -48,6 +48,7 @@ from casestudies.detection.grid.runner import (
     launch,
     run_grid,
     run_info,
+    stop,
     summarize_grid,
 )
 from casestudies.detection.grid.spec import RunSpec
@@ -73,6 +74,7 @@ __all__ = [
     "run_grid",
     "run_info",
     "seed_config",
+    "stop",
     "summarize_grid",
     "validate",
 ]

@@ -69,6 +69,21 @@ def launch(spec: RunSpec, command: Sequence[str] = CHILD_COMMAND) -> subprocess.
         )
 
 
+def stop(process: subprocess.Popen, grace_seconds: float = 30.0) -> int:
+    """Stop a run's subprocess: SIGTERM, then SIGKILL if it has not exited after ``grace_seconds``.
+
+    Lightning catches SIGTERM and only stops at its next batch boundary, which a loaded machine can take
+    longer than any grace period to reach; the kill makes sure no run outlives the grid (a resumed grid would
+    otherwise train the same run twice at once). Returns the exit code.
+    """
+    process.terminate()
+    try:
+        return process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 def run_grid(config: GridConfig, child_command: Sequence[str] = CHILD_COMMAND) -> int:
     """Train every run (skipping finished ones under ``--resume``), then summarise. Returns an exit code.
 
@@ -159,8 +174,7 @@ def _train_one(tag: str, spec: RunSpec, progress: Progress, child_command: Seque
             progress.update(tag, spec.name, run_dir)
             time.sleep(1.0)
     except KeyboardInterrupt:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
         raise
     progress.finish_run()
     if process.returncode != 0 or not is_finished(run_dir):

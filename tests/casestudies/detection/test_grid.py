@@ -204,3 +204,14 @@ def test_gradient_columns_use_the_last_quarter_of_logged_steps():
     assert columns["grad_ratio_early_late"] == pytest.approx((1e-3 + 1e-5) / 2)
     assert columns["min_layer"] == "a"
     assert columns["min_layer_grad_l2"] == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_stop_kills_a_run_that_ignores_sigterm():
+    # Lightning catches SIGTERM; a run that does not exit in the grace period is killed, never left behind
+    ignoring = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    assert grid.stop(process, grace_seconds=0.5) == -signal.SIGKILL
+    assert process.poll() is not None
