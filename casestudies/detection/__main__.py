@@ -4,18 +4,18 @@ Launch commands (configs compose left to right: defaults, then a data preset, th
 
     # offline default: synthetic shapes, 128 px, yolo11n, 2 CPU cores (~2 min per variant)
     python -m casestudies.detection fit --config configs/detection/defaults.yaml \\
-        --config configs/detection/synthetic.yaml --config configs/detection/intact.yaml
+        --config configs/detection/synthetic.yaml --model.variant intact
     python -m casestudies.detection fit --config configs/detection/defaults.yaml \\
-        --config configs/detection/synthetic.yaml --config configs/detection/stripped_sigmoid.yaml
+        --config configs/detection/synthetic.yaml --model.variant stripped_sigmoid
 
     # COCO8 real images, overfit protocol (evaluates on the 4 training images)
     python -m casestudies.detection fit --config configs/detection/defaults.yaml \\
-        --config configs/detection/coco8_overfit.yaml --config configs/detection/no_bn.yaml \\
+        --config configs/detection/coco8_overfit.yaml --model.variant no_bn \\
         --data.data /path/to/coco8/coco8.yaml
 
     # full COCO on 8 GPUs (DDP is Lightning's job; nothing else changes)
     python -m casestudies.detection fit --config configs/detection/defaults.yaml \\
-        --config configs/detection/coco.yaml --config configs/detection/intact.yaml \\
+        --config configs/detection/coco.yaml --model.variant intact \\
         --trainer.devices 8 --trainer.strategy ddp
 
     # any switch on the command line: explicit ablations on top of a variant, another model
@@ -32,14 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from casestudies.detection import offline as _offline
-
-_offline.configure_offline()
-
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
-
-from casestudies.detection.data import YoloDataModule  # noqa: E402
-from casestudies.detection.module import DetectorModule  # noqa: E402
+from lightning.pytorch.cli import LightningCLI
 
 
 def run_name(data: str, overfit: bool, variant: str, explicit: dict[str, Any]) -> str:
@@ -75,7 +68,13 @@ class DetectionCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> DetectionCLI:
-    """Run the CLI (``python -m casestudies.detection fit --config ...``)."""
+    """Run the CLI (``python -m casestudies.detection fit --config ...``), with Ultralytics kept offline."""
+    from casestudies.detection.offline import configure_offline
+
+    configure_offline()  # before the first import of ultralytics (module, data)
+    from casestudies.detection.data import YoloDataModule
+    from casestudies.detection.module import DetectorModule
+
     return DetectionCLI(DetectorModule, YoloDataModule, args=args, seed_everything_default=0)
 
 

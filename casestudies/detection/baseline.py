@@ -29,35 +29,29 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, RANK
+from ultralytics.utils.torch_utils import unwrap_model
 
 from casestudies.detection import offline as _offline
-
-_offline.configure_offline()
-
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
-from ultralytics.utils import DEFAULT_CFG, RANK  # noqa: E402
-from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
-
-from casestudies.detection.ablations import Ablation  # noqa: E402
-from casestudies.detection.evaluate import evaluate_detector  # noqa: E402
-from casestudies.detection.module import build_detector  # noqa: E402
-from gradlight import __version__  # noqa: E402
-from gradlight.history import GLOBAL_LAYER, HistoryWriter, write_json_atomic  # noqa: E402
-from gradlight.tracker import GradientFlowTracker, StepRecord  # noqa: E402
+from casestudies.detection.ablations import Ablation
+from casestudies.detection.evaluate import evaluate_detector
+from casestudies.detection.module import build_detector
+from gradlight import __version__
+from gradlight.history import GLOBAL_LAYER, HistoryWriter, write_json_atomic
+from gradlight.tracker import GradientFlowTracker, StepRecord
 
 #: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
 CLIP_VALUE = 10.0
 #: Layer grouping of the Lightning runs (``DetectorModule(gradient_flow_group_by=3)``): one layer per YOLO block.
 GROUP_BY = 3
-#: Test hook, ``"<run>:<epoch>,..."``: that run exits hard at batch 1 of that epoch (like a kill after the
-#: previous epoch's checkpoint). Read by the baseline and by the grid's Lightning runs.
-CRASH_ENV = "GRADLIGHT_GRID_CRASH"
 #: Environment variable carrying :class:`RecorderSettings` into Ultralytics' DDP worker processes.
 SETTINGS_ENV = "GRADLIGHT_BASELINE_SETTINGS"
 
@@ -118,7 +112,6 @@ class GradlightDetectionTrainer(DetectionTrainer):
         self.train_seconds = 0.0
         self.images_seen = 0
         self._epoch_start = 0.0
-        self._batch_index = 0
         super().__init__(cfg, overrides, _callbacks)
 
     # ------------------------------------------------------------------------------------------------ model
@@ -153,7 +146,6 @@ class GradlightDetectionTrainer(DetectionTrainer):
 
     def _gradlight_on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
-        self._batch_index = 0
 
     def _gradlight_on_train_batch_start(self) -> None:
         if self.tracker is not None and self.tracker.forward_order is None:
@@ -166,9 +158,6 @@ class GradlightDetectionTrainer(DetectionTrainer):
         loss = float(sum(float(v) for v in torch.as_tensor(list(items)).flatten()))
         with open(self.run_dir / "loss.csv", "a") as file:
             file.write(f"{self.optimizer_steps - 1},{self.epoch},{loss:.6g}\n")
-        if self.epoch == crash_epoch("ultralytics") and self._batch_index == 1:
-            os._exit(3)  # test hook (see casestudies.detection.grid.CRASH_ENV): die like a killed process
-        self._batch_index += 1
 
     def _gradlight_on_train_epoch_end(self) -> None:
         self.train_seconds += time.perf_counter() - self._epoch_start
@@ -275,23 +264,7 @@ class GradlightDetectionTrainer(DetectionTrainer):
         write_json_atomic(self.run_dir / "gradlight" / "run.json", info)
 
 
-def crash_epoch(name: str) -> int:
-    """Test hook: the epoch at which run ``name`` exits hard (``GRADLIGHT_GRID_CRASH="<name>:<epoch>,..."``).
-
-    Example:
-        >>> os.environ[CRASH_ENV] = "no_bn:1,ultralytics:2"
-        >>> crash_epoch("ultralytics"), crash_epoch("intact")
-        (2, -1)
-        >>> del os.environ[CRASH_ENV]
-    """
-    for item in os.environ.get(CRASH_ENV, "").split(","):
-        variant, _, epoch = item.strip().partition(":")
-        if variant == name and epoch:
-            return int(epoch)
-    return -1
-
-
-def write_progress(run_dir: Path, epoch: int, epochs: int) -> None:
+def write_progress(run_dir: Path, epoch: float, epochs: int) -> None:
     """Tell the grid's progress display how far a run is (``run_dir/progress.json``)."""
     write_json_atomic(Path(run_dir) / "progress.json", {"epoch": epoch, "epochs": epochs, "time": time.time()})
 
@@ -382,8 +355,15 @@ def _clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def train_baseline(config: BaselineConfig) -> dict[str, Any]:
+def train_baseline(
+    config: BaselineConfig, callbacks: Mapping[str, Sequence[Callable[[Any], None]]] | None = None
+) -> dict[str, Any]:
     """Train the baseline, record its gradient flow, score its final EMA weights; write ``result.json``.
+
+    Args:
+        config: The run.
+        callbacks: Extra Ultralytics callbacks by event (``{"on_train_batch_end": [fn]}``, each called with
+            the trainer), run after the gradient-flow recorder's handler of the same event.
 
     Returns:
         The result: ``params``, ``epochs``, ``images_per_s``, ``train_seconds``, ``map50_95``, ``map50``,
@@ -406,6 +386,9 @@ def train_baseline(config: BaselineConfig) -> dict[str, Any]:
     else:
         _clear_run(run_dir)
     trainer = GradlightDetectionTrainer(overrides=overrides, settings=settings)
+    for event, functions in (callbacks or {}).items():
+        for function in functions:
+            trainer.add_callback(event, function)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     trainer.train()
     wall = time.perf_counter() - started

@@ -28,16 +28,13 @@ from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+from ultralytics.cfg import get_cfg
+from ultralytics.data import build_yolo_dataset
+from ultralytics.data.utils import check_det_dataset
+from ultralytics.utils import DEFAULT_CFG, ROOT
 
 from casestudies.detection import offline as _offline
 from casestudies.detection.synthetic import generate_shapes_dataset
-
-_offline.configure_offline()
-
-from ultralytics.cfg import get_cfg  # noqa: E402
-from ultralytics.data import build_yolo_dataset  # noqa: E402
-from ultralytics.data.utils import check_det_dataset  # noqa: E402
-from ultralytics.utils import DEFAULT_CFG, ROOT  # noqa: E402
 
 SYNTHETIC = "synthetic"
 #: Model stride used for rectangular batch shapes (Ultralytics uses max(model stride, 32)).

@@ -38,19 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import nn
+from ultralytics.data.utils import exif_size
+from ultralytics.utils import nms, ops
 
-from casestudies.detection import offline as _offline
-
-_offline.configure_offline()
-
-from PIL import Image  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
-from ultralytics.data.utils import exif_size  # noqa: E402
-from ultralytics.utils import nms, ops  # noqa: E402
-
-from casestudies.detection.data import build_dataset, resolve_data  # noqa: E402
+from casestudies.detection.data import build_dataset, resolve_data
 
 #: Ultralytics validator settings for the NMS that feeds mAP.
 NMS_SETTINGS: dict[str, Any] = {"conf_thres": 0.001, "iou_thres": 0.7, "multi_label": True, "max_det": 300}
@@ -415,31 +410,3 @@ def cross_check_detector(
     ground_truth, loader = _prepare(data, split, imgsz, batch, rect, workers=0)
     ids = {image["file_name"]: image["id"] for image in ground_truth["images"]}
     return cross_check(ground_truth, predict_coco(model, loader, ids))
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Score a checkpoint: ``python -m casestudies.detection.evaluate CKPT --data synthetic --imgsz 128``."""
-    import argparse
-
-    from casestudies.detection.module import load_trained_detector
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("checkpoint", help="Lightning checkpoint of a DetectorModule")
-    parser.add_argument("--data", default="synthetic", help="'synthetic', a data YAML path, ...")
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
-    parser.add_argument("--cross-check", action="store_true", help="also score with torchmetrics and Ultralytics")
-    args = parser.parse_args(argv)
-    model = load_trained_detector(args.checkpoint, use_ema=not args.raw)
-    if args.cross_check:
-        result: dict[str, Any] = cross_check_detector(model, args.data, args.imgsz, args.batch, args.split)
-    else:
-        result = evaluate_detector(model, args.data, args.imgsz, args.batch, args.split)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -29,26 +28,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import DEFAULT_CFG
+from ultralytics.utils.torch_utils import ModelEMA
 
 from casestudies.detection import offline as _offline
-
-_offline.configure_offline()
-
-from ultralytics.cfg import get_cfg  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
-from ultralytics.utils import DEFAULT_CFG  # noqa: E402
-from ultralytics.utils.torch_utils import ModelEMA  # noqa: E402
-
-from casestudies.detection.ablations import Ablation  # noqa: E402
-from casestudies.detection.evaluate import (  # noqa: E402
+from casestudies.detection.ablations import Ablation
+from casestudies.detection.evaluate import (
     coco_ground_truth,
     coco_map,
     detections_to_coco,
     postprocess,
     uses_end2end_head,
 )
-from casestudies.detection.variants import TrainingRecipe, get_variant  # noqa: E402
-from gradlight import GradientFlowMixin, GradientFlowSpec  # noqa: E402
+from casestudies.detection.variants import TrainingRecipe, get_variant
+from gradlight import GradientFlowMixin, GradientFlowSpec
 
 _NORM_TYPES = tuple(v for k, v in nn.__dict__.items() if "Norm" in k and isinstance(v, type))
 
@@ -381,22 +376,3 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         self.log("val/map50_95", scores["map50_95"], prog_bar=True, sync_dist=False)
         self.log("val/map50", scores["map50"], sync_dist=False)
         self._val_detections = {}
-
-
-def load_trained_detector(checkpoint: str, use_ema: bool = True) -> DetectionModel:
-    """Return the detector of a ``DetectorModule`` checkpoint, with its EMA weights when it has them.
-
-    Args:
-        checkpoint: Path of a Lightning checkpoint written by ``python -m casestudies.detection fit``.
-        use_ema: Load the EMA weights (what the in-loop validation scores) instead of the raw ones.
-
-    Example:
-        >>> ckpt = "runs/detection/shapes/intact/lightning_logs/version_0/checkpoints/last.ckpt"
-        >>> model = load_trained_detector(ckpt)  # doctest: +SKIP
-    """
-    module = DetectorModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    model = module.model
-    if use_ema and module._pending_ema_state is not None:
-        model = copy.deepcopy(module.model)
-        model.load_state_dict(module._pending_ema_state["state_dict"])
-    return model.eval()

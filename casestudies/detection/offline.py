@@ -1,4 +1,4 @@
-"""Offline setup for Ultralytics: import this module before anything imports ``ultralytics``.
+"""Offline setup for Ultralytics: call :func:`configure_offline` before anything imports ``ultralytics``.
 
 Ultralytics touches the network in several places (import-time connectivity checks, ``check_font`` fetching
 ``Arial.ttf``, requirement auto-install, settings sync, AMP checks that download weights). This module closes
@@ -83,6 +83,3 @@ def is_offline() -> bool:
 
     env_ok = all(os.environ.get(key) == value for key, value in OFFLINE_ENV.items())
     return env_ok and (Path(USER_CONFIG_DIR) / "Arial.ttf").exists() and not SETTINGS.get("sync", True)
-
-
-_set_environment()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,17 @@ COLUMNS = (
     "grad_ratio_early_late",
     "min_layer_grad_l2",
     "min_layer",
+    "first_layer_grad_l2",
     "findings",
 )
 EXTRA_COLUMNS = ("train_seconds", "optimizer_steps", "ultralytics_map50_95", "status", "run_dir")
+#: Variant name of the Ultralytics baseline run (drawn in black in every plot).
+BASELINE_NAME = "ultralytics"
 #: Fraction of the logged steps, counted from the end, that the gradient columns summarise.
 TAIL_FRACTION = 0.25
 
 
-def tail_steps(steps: Sequence[int], fraction: float = TAIL_FRACTION) -> np.ndarray:
+def tail_steps(steps: Sequence[int] | np.ndarray, fraction: float = TAIL_FRACTION) -> np.ndarray:
     """The last ``fraction`` of the distinct logged ``steps`` (at least one).
 
     Example:
@@ -67,7 +70,8 @@ def tail_steps(steps: Sequence[int], fraction: float = TAIL_FRACTION) -> np.ndar
 
 def gradient_columns(history: pd.DataFrame) -> dict[str, Any]:
     """``grad_ratio_early_late``, ``min_layer_grad_l2`` and ``min_layer`` of one run's history."""
-    empty = {"grad_ratio_early_late": float("nan"), "min_layer_grad_l2": float("nan"), "min_layer": ""}
+    nan = float("nan")
+    empty = {"grad_ratio_early_late": nan, "min_layer_grad_l2": nan, "min_layer": "", "first_layer_grad_l2": nan}
     if history.empty:
         return empty
     tail = history[history["step"].isin(tail_steps(history["step"].to_numpy()))]
@@ -79,6 +83,7 @@ def gradient_columns(history: pd.DataFrame) -> dict[str, Any]:
         "grad_ratio_early_late": _median(ratio),
         "min_layer_grad_l2": float(layers.min()),
         "min_layer": str(layers.idxmin()),
+        "first_layer_grad_l2": float(layers.iloc[0]),
     }
 
 
@@ -178,19 +183,23 @@ def format_table(frame: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- plots
-def _pyplot() -> Any:
-    import matplotlib
+def new_figure(width: float, height: float) -> tuple[Any, Any]:
+    """A figure and its axes, drawn without pyplot (no backend is chosen, no global state changes).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Example:
+        >>> fig, ax = new_figure(4, 3)
+        >>> type(fig).__name__
+        'Figure'
+    """
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def plot_map_vs_ratio(frame: pd.DataFrame, path: Path) -> Path:
     """mAP50-95 against the early/late gradient ratio, one labelled point per variant, log x."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(7, 4.5)
     for _, row in frame.iterrows():
         x, y = row["grad_ratio_early_late"], row["map50_95"]
         if not (np.isfinite(x) and np.isfinite(y) and x > 0):
@@ -208,21 +217,19 @@ def plot_map_vs_ratio(frame: pd.DataFrame, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_loss_curves(runs: dict[str, Path], path: Path, steps_per_epoch: float | None = None) -> Path:
     """Training loss per optimizer step of every run, overlaid (a light moving average, log y)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(7, 4.5)
     for name, run_dir in runs.items():
         losses = read_losses(run_dir)
         if losses.empty:
             continue
         window = max(1, len(losses) // 40)
         smooth = losses["loss"].rolling(window, min_periods=1).mean()
-        style = {"color": "black", "linestyle": "--"} if name == "ultralytics" else {}
+        style = {"color": "black", "linestyle": "--"} if name == BASELINE_NAME else {}
         ax.plot(losses["step"], smooth, label=name, linewidth=1.4, **style)
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
@@ -232,36 +239,74 @@ def plot_loss_curves(runs: dict[str, Path], path: Path, steps_per_epoch: float |
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
-def plot_gradient_profiles(runs: dict[str, Path], path: Path) -> Path:
-    """Per-layer median gradient L2 norm (last quarter of training) against depth, one line per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, run_dir in runs.items():
-        try:
-            history = load_history(Path(run_dir) / "gradlight", metrics=["grad_l2"])
-        except FileNotFoundError:
+def tail_layer_medians(run_dir: Path, metric: str = "grad_l2") -> pd.Series:
+    """Per-layer median of ``metric`` over the last quarter of a run's logged steps (empty: no history)."""
+    try:
+        history = load_history(Path(run_dir) / "gradlight", metrics=[metric])
+    except FileNotFoundError:
+        return pd.Series(dtype=float)
+    tail = history[history["step"].isin(tail_steps(history["step"].to_numpy()))]
+    return layer_medians(tail, metric)
+
+
+def profile_band(run_dirs: Sequence[Path]) -> pd.DataFrame:
+    """Per-block median ``grad_l2`` (last quarter) of each run, combined: geometric mean, min, max, count.
+
+    Index: layer name in depth order; columns ``mean`` (geometric mean over runs), ``min``, ``max``, ``n``.
+    Runs without a history are skipped.
+    """
+    columns = [medians for medians in (tail_layer_medians(Path(r)) for r in run_dirs) if not medians.empty]
+    if not columns:
+        return pd.DataFrame(columns=["mean", "min", "max", "n"])
+    stacked = pd.concat(columns, axis=1)
+    positive = stacked.where(stacked > 0)
+    return pd.DataFrame(
+        {
+            "mean": 10 ** np.log10(positive).mean(axis=1),
+            "min": stacked.min(axis=1),
+            "max": stacked.max(axis=1),
+            "n": stacked.notna().sum(axis=1),
+        }
+    )
+
+
+def plot_gradient_profiles(runs: Mapping[str, Path | Sequence[Path]], path: Path) -> Path:
+    """Per-block median gradient L2 norm (last quarter of training) against depth, one line per run.
+
+    A name with several runs (one per seed) is drawn as their geometric mean with a band from the smallest
+    to the largest run.
+    """
+    fig, ax = new_figure(8, 4.5)
+    labels: list[str] = []
+    several = False
+    for index, (name, run_dirs) in enumerate(runs.items()):
+        band = profile_band([run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs))
+        if band.empty:
             continue
-        tail = history[history["step"].isin(tail_steps(history["step"].to_numpy()))]
-        medians = layer_medians(tail)
-        if medians.empty:
-            continue
-        labels = [layer.rsplit(".", 1)[-1] for layer in medians.index]
-        style = {"color": "black", "linestyle": "--"} if name == "ultralytics" else {}
-        ax.plot(range(len(medians)), medians.to_numpy(), marker=".", label=name, **style)
-        ax.set_xticks(range(len(medians)), labels, fontsize=7)
+        baseline = name == BASELINE_NAME
+        color = "black" if baseline else f"C{index % 10}"
+        x = np.arange(len(band))
+        ax.plot(x, band["mean"], marker=".", color=color, linestyle="--" if baseline else "-", label=name)
+        if int(band["n"].max()) > 1:
+            several = True
+            ax.fill_between(x, band["min"], band["max"], color=color, alpha=0.15, linewidth=0)
+        if len(band) > len(labels):
+            labels = [layer.rsplit(".", 1)[-1] for layer in band.index]
+    if labels:
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("YOLO block (forward order)")
     ax.set_ylabel("gradient L2 norm (median, last quarter)")
-    ax.set_title("Where the gradient goes: per-block gradient norm")
+    title = "Where the gradient goes: per-block gradient norm"
+    ax.set_title(title + (" (geometric mean over seeds, band: min to max)" if several else ""))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -341,6 +386,7 @@ def markdown_table(frame: pd.DataFrame, columns: Sequence[str] | None = None) ->
 def _cell(value: Any) -> str:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (float, np.floating)):
         return str(value)
-    if not np.isfinite(value):
+    number = float(value)
+    if not np.isfinite(number):
         return "-"
-    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{number:.3g}" if abs(number) < 1e-2 or abs(number) >= 1e4 else f"{number:.3f}".rstrip("0").rstrip(".")

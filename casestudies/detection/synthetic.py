@@ -96,7 +96,9 @@ def _contrasting_color(rng: np.random.Generator, background: np.ndarray, box: tu
     return tuple(float(c) for c in color)
 
 
-def render_image(spec: ShapesSpec, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, float, ...]]]:
+def render_image(
+    spec: ShapesSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, list[tuple[int, float, float, float, float]]]:
     """Draw one image and return it with YOLO labels ``(cls, cx, cy, w, h)`` normalised to [0, 1].
 
     Example:
@@ -107,7 +109,7 @@ def render_image(spec: ShapesSpec, rng: np.random.Generator) -> tuple[np.ndarray
     size = spec.imgsz
     image = _background(rng, size)
     boxes: list[tuple[int, int, int, int]] = []
-    labels: list[tuple[int, float, ...]] = []
+    labels: list[tuple[int, float, float, float, float]] = []
     for _ in range(int(rng.integers(1, spec.max_objects + 1))):
         for _attempt in range(20):
             side = int(rng.integers(size // 6, int(size / 2.5)))

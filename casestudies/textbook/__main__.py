@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     timings = result["timings"]
     assert isinstance(timings, dict)
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}))
-    if result["report"] is None and result["runs"] and not args.no_report:
-        print("gradlight.report is not available in this gradlight version: no report written.")
     return 0
 
 

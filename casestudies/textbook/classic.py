@@ -11,22 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
 from casestudies.textbook.common import (
     DOES_NOT_HOLD,
     HOLDS,
+    TAB10,
     Claim,
     fit,
     fmt,
     layer_table,
     load_findings_of,
     seed_everything,
+    subplots,
     write_table,
 )
 from casestudies.textbook.config import StudyConfig
@@ -83,10 +81,8 @@ def run_variant(variant: Variant, config: StudyConfig, out: Path) -> tuple[pd.Da
 
 
 def findings_text(save_dir: Path) -> str:
-    """``kind:count`` of the run's diagnosis findings (``n/a`` without diagnosis, ``none`` if empty)."""
+    """``kind:count`` of the run's diagnosis findings (``none`` if there were none)."""
     findings = load_findings_of(save_dir)
-    if findings is None:
-        return "n/a"
     counts = findings["kind"].value_counts()
     return ", ".join(f"{kind}:{count}" for kind, count in counts.items()) or "none"
 
@@ -215,8 +211,8 @@ def plot(
     path: Path,
 ) -> None:
     """Accuracy per epoch (left) and median per-layer gradient norm vs depth (right), one line per variant."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = [c for c in plt.cm.tab10.colors if c != plt.cm.tab10.colors[3]]
+    fig, (left, right) = subplots(1, 2, figsize=(13, 5))
+    colors = [c for c in TAB10 if c != TAB10[3]]
     special = {BASELINE: "tab:blue", FIX: "tab:red"}
     for i, variant in enumerate(variants):
         color = special.get(variant.name, colors[(i + 1) % len(colors)])
@@ -238,4 +234,3 @@ def plot(
     right.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

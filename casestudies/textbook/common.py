@@ -1,8 +1,7 @@
-"""Shared plumbing: a monitored Lightning fit, optional diagnosis/report features, tables, claim rows."""
+"""Shared plumbing: a monitored Lightning fit, its diagnosis findings and report, tables, claim rows."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import warnings
@@ -14,6 +13,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib import colormaps
 from torch.utils.data import DataLoader
 
 import gradlight
@@ -71,27 +71,42 @@ def verdict_class_of(verdict: str) -> str | None:
     return None
 
 
+#: matplotlib's ``tab10`` colours, the study's palette.
+TAB10: tuple[tuple[float, ...], ...] = tuple(tuple(rgb) for rgb in colormaps["tab10"](range(10))[:, :3].tolist())
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """A figure and its axes like ``pyplot.subplots``, without pyplot (no backend chosen, no global state).
+
+    Example:
+        >>> fig, axes = subplots(1, 2, figsize=(6, 3))
+        >>> len(axes)
+        2
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (and Lightning's helpers) without the banner."""
     L.seed_everything(seed, verbose=False)
 
 
-def diagnosis_available() -> bool:
-    """Whether this gradlight version has the anomaly diagnosis (``on_anomaly=`` and ``load_findings``)."""
-    return "on_anomaly" in inspect.signature(GradientFlowMonitor.__init__).parameters and hasattr(
-        gradlight, "load_findings"
-    )
-
-
 def make_monitor(save_dir: Path, log_every_n_steps: int) -> GradientFlowMonitor:
-    """The study's monitor: every ``log_every_n_steps`` steps, per-layer, diagnosis on (warn) if available."""
-    kwargs: dict[str, Any] = {"overwrite": True}
-    parameters = inspect.signature(GradientFlowMonitor.__init__).parameters
-    if diagnosis_available():
-        kwargs["on_anomaly"] = "ignore"  # findings are only recorded (findings.jsonl); the study reads them
-    if "track_activations" in parameters:
-        kwargs["track_activations"] = True  # needed for "saturated" / "dead_units" findings
-    return GradientFlowMonitor(log_every_n_steps=log_every_n_steps, save_dir=save_dir, **kwargs)
+    """The study's monitor: every ``log_every_n_steps`` steps, per layer, with activations and the diagnosis.
+
+    Findings are only recorded (``findings.jsonl``; the study reads them), never raised or warned about;
+    activation statistics feed the ``saturated`` / ``dead_units`` findings.
+    """
+    return GradientFlowMonitor(
+        log_every_n_steps=log_every_n_steps,
+        save_dir=save_dir,
+        overwrite=True,
+        on_anomaly="ignore",
+        track_activations=True,
+    )
 
 
 def fit(
@@ -131,27 +146,19 @@ def fit(
     return load_history(save_dir)
 
 
-def load_findings_of(save_dir: Path) -> pd.DataFrame | None:
-    """The run's diagnosis findings, or ``None`` when this gradlight version has no diagnosis."""
-    if not diagnosis_available():
-        return None
+def load_findings_of(save_dir: Path) -> pd.DataFrame:
+    """The run's diagnosis findings (an empty frame with the findings' columns when there were none)."""
     path = save_dir / "findings.jsonl"
     if not path.exists():
         return pd.DataFrame(columns=["kind", "layer", "step", "message", "remedy"])
-    return gradlight.load_findings(path)  # type: ignore[attr-defined]
+    return gradlight.load_findings(path)
 
 
-def build_report(runs: list[str], out_dir: Path) -> Path | None:
-    """Run ``gradlight.report.build_report`` over ``runs`` (``label=path``) if this gradlight version has it."""
-    try:
-        from gradlight.report import build_report as gradlight_build_report  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    kwargs: dict[str, Any] = {}
-    if "progress" in inspect.signature(gradlight_build_report).parameters:
-        kwargs["progress"] = False
-    result = gradlight_build_report(runs, out_dir, **kwargs)
-    return Path(result) if isinstance(result, (str, Path)) else out_dir
+def build_report(runs: list[str], out_dir: Path) -> Path:
+    """``gradlight.report.build_report`` over ``runs`` (``label=path`` strings), without a progress bar."""
+    from gradlight.report import build_report as gradlight_build_report
+
+    return gradlight_build_report(runs, out_dir, progress=False)
 
 
 def global_series(history: pd.DataFrame, metric: str) -> pd.Series:

@@ -18,10 +18,6 @@ import itertools
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -31,10 +27,12 @@ from casestudies.textbook.common import (
     DOES_NOT_HOLD,
     HOLDS,
     HOLDS_ONLY_WHEN,
+    TAB10,
     Claim,
     fit_decay,
     fmt,
     seed_everything,
+    subplots,
     write_table,
 )
 from casestudies.textbook.config import StudyConfig
@@ -321,10 +319,10 @@ def plot_profiles(table: pd.DataFrame, config: StudyConfig, path: Path) -> None:
     """
     archs = [a for a in ARCHITECTURES if (table.arch == a).any()]
     inits = list(dict.fromkeys(table.init))
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(archs), len(inits), figsize=(5.2 * len(inits), 4.3 * len(archs)), squeeze=False, sharey="row"
     )
-    colors = dict(zip(("sigmoid", "tanh", "relu", "leaky_relu", "silu"), plt.cm.tab10.colors))
+    colors = dict(zip(("sigmoid", "tanh", "relu", "leaky_relu", "silu"), TAB10))
     styles = {"relu": "-", "leaky_relu": "--"}  # the two nearly coincide at init
     for r, arch in enumerate(archs):
         for c, init in enumerate(inits):
@@ -357,13 +355,12 @@ def plot_profiles(table: pd.DataFrame, config: StudyConfig, path: Path) -> None:
     fig.suptitle(f"Per-layer gradient norm of {config.decay_depth}-block nets at initialisation")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_slopes(table: pd.DataFrame, path: Path) -> None:
     """Heat map of decades lost per layer: rows activation/init, columns structure x (init, trained)."""
     archs = [a for a in ARCHITECTURES if (table.arch == a).any()]
-    fig, axes = plt.subplots(1, len(archs), figsize=(8 * len(archs), 7), squeeze=False)
+    fig, axes = subplots(1, len(archs), figsize=(8 * len(archs), 7), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         rows = table[table.arch == arch]
         grid = rows.pivot_table(
@@ -387,4 +384,3 @@ def plot_slopes(table: pd.DataFrame, path: Path) -> None:
         fig.colorbar(image, ax=ax, shrink=0.7, label=f"claimed for sigmoid: {CLAIMED_DECADES:.2f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -22,10 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -41,6 +37,7 @@ from casestudies.textbook.common import (
     layer_table,
     load_findings_of,
     seed_everything,
+    subplots,
     write_table,
 )
 from casestudies.textbook.config import StudyConfig
@@ -166,9 +163,7 @@ def applied_summary(applied: pd.Series, clip: float | None) -> dict[str, float]:
     }
 
 
-def _count(findings: pd.DataFrame | None, kind: str) -> float:
-    if findings is None:
-        return np.nan  # diagnosis not available in this gradlight version
+def _count(findings: pd.DataFrame, kind: str) -> float:
     return float((findings["kind"] == kind).sum()) if len(findings) else 0.0
 
 
@@ -277,7 +272,7 @@ def _clip_verdict(row: pd.Series) -> tuple[str, str]:
 def plot(histories: dict[str, pd.DataFrame], applied: dict[str, pd.Series], config: StudyConfig, path: Path) -> None:
     """Raw global gradient norm per step (log), non-finite steps marked with x at the top; clipped runs'
     applied (post-clip) norm dashed."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(13, 4.8), sharey=True)
     styles = {"baseline": ("black", "-")}
     for ax, group in zip(axes, ("large_init", "large_lr")):
         for name in ("baseline", group, f"{group}_clipped"):
@@ -302,4 +297,3 @@ def plot(histories: dict[str, pd.DataFrame], applied: dict[str, pd.Series], conf
     axes[0].set_ylabel("global grad L2 (raw; dashed: applied, after clipping)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -16,10 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -29,10 +25,12 @@ from casestudies.textbook.common import (
     DOES_NOT_HOLD,
     HOLDS,
     HOLDS_ONLY_WHEN,
+    TAB10,
     Claim,
     fit_decay,
     fmt,
     seed_everything,
+    subplots,
     write_table,
 )
 from casestudies.textbook.config import StudyConfig
@@ -254,8 +252,8 @@ def plot(table: pd.DataFrame, frame: pd.DataFrame, config: StudyConfig, path: Pa
     """Per-time-step gradient norm at init and after training (log), and the long-range ratio over training."""
     trained = bool(table.train_step.max() > 0)
     panels = 3 if trained else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6), squeeze=False)
-    colors = dict(zip(table.cell.unique(), plt.cm.tab10.colors))
+    fig, axes = subplots(1, panels, figsize=(5.2 * panels, 4.6), squeeze=False)
+    colors = dict(zip(table.cell.unique(), TAB10))
     moments = [0] + ([int(table.train_step.max())] if trained else [])
     for ax, moment in zip(axes[0], moments):
         for cell, rows in frame[frame.train_step == moment].groupby("cell", sort=False):
@@ -296,4 +294,3 @@ def plot(table: pd.DataFrame, frame: pd.DataFrame, config: StudyConfig, path: Pa
     fig.suptitle(f"Remember the first token over {config.rnn_steps} steps (hidden {config.rnn_hidden})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

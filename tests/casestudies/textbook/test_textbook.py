@@ -21,7 +21,6 @@ from casestudies.textbook.common import (
     VERDICT_CLASSES,
     Claim,
     build_report,
-    diagnosis_available,
     fit_decay,
     global_series,
     load_findings_of,
@@ -157,10 +156,9 @@ def test_classic_claims_from_the_quick_runs(quick: StudyConfig, classic_rows: di
 def test_report_over_monitored_runs(classic_runs: dict, tmp_path: Path) -> None:
     run_dir = classic_runs["out"] / "runs" / "classic" / classic.BASELINE
     report = build_report([f"sigmoid={run_dir}"], tmp_path / "report")
-    assert report is not None and (tmp_path / "report" / "report.html").stat().st_size > 0
-    assert diagnosis_available()
+    assert report == tmp_path / "report" / "report.html" and report.stat().st_size > 0
     findings = load_findings_of(run_dir)
-    assert findings is not None and (findings["kind"] == "vanishing").any()
+    assert (findings["kind"] == "vanishing").any()
 
 
 # ----------------------------------------------------------------------------------- 2. decay per layer
