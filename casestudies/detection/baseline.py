@@ -46,6 +46,7 @@ from casestudies.detection.evaluate import evaluate_detector
 from casestudies.detection.module import build_detector
 from gradlight import __version__
 from gradlight.history import GLOBAL_LAYER, HistoryWriter, write_json_atomic
+from gradlight.runfolder import RunFolder
 from gradlight.tracker import GradientFlowTracker, StepRecord
 
 #: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
@@ -260,8 +261,9 @@ class GradlightDetectionTrainer(DetectionTrainer):
             ],
             "global_layer": GLOBAL_LAYER,
         }
-        (self.run_dir / "gradlight").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "gradlight" / "run.json", info)
+        folder = RunFolder(self.run_dir / "gradlight")
+        folder.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder.run_info_file, info)
 
 
 def write_progress(run_dir: Path, epoch: float, epochs: int) -> None:

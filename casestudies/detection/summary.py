@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gradlight.history import GLOBAL_LAYER, load_history
+from gradlight.runfolder import RunFolder, read_findings
 
 #: Columns of ``summary.csv``, in this order (more may follow).
 COLUMNS = (
@@ -118,10 +119,10 @@ def final_train_loss(losses: pd.DataFrame) -> float:
 
 
 def count_findings(run_dir: Path) -> int:
-    """Rows of the run's ``findings.jsonl`` (0 when there is none)."""
-    for path in (Path(run_dir) / "gradlight" / "findings.jsonl", Path(run_dir) / "findings.jsonl"):
-        if path.exists():
-            return sum(1 for line in path.read_text().splitlines() if line.strip())
+    """The run's findings, read by :func:`gradlight.runfolder.read_findings` (0 when there are none)."""
+    for folder in (Path(run_dir) / "gradlight", Path(run_dir)):
+        if RunFolder(folder).findings_file.exists():
+            return len(read_findings(folder).frame)
     return 0
 
 

@@ -148,10 +148,7 @@ def fit(
 
 def load_findings_of(save_dir: Path) -> pd.DataFrame:
     """The run's diagnosis findings (an empty frame with the findings' columns when there were none)."""
-    path = save_dir / "findings.jsonl"
-    if not path.exists():
-        return pd.DataFrame(columns=["kind", "layer", "step", "message", "remedy"])
-    return gradlight.load_findings(path)
+    return gradlight.load_findings(save_dir)
 
 
 def build_report(runs: list[str], out_dir: Path) -> Path:
