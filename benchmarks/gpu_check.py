@@ -37,7 +37,6 @@ import statistics
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,8 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from gradlight.memory import LiveBytes
 from gradlight.tracker import GradientFlowTracker
 from gradlight.update_ratio import UpdateNorms
 
@@ -305,43 +304,6 @@ def check_launches(device: torch.device) -> list[Check]:
         passed = None if copy_free else per_tensor <= limit
         results.append(Check(name, passed, detail))
     return results
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensors created under it and alive at once (views and in-place results are not new)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, list[int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, pointer: int) -> None:
-        entry = self.live.get(pointer)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.current -= entry[0]
-                del self.live[pointer]
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer in self.live:
-                self.live[pointer][1] += 1
-            elif pointer in inputs or not storage.nbytes():
-                continue
-            else:
-                self.live[pointer] = [storage.nbytes(), 1]
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-            weakref.finalize(tensor, self._release, pointer)
-        return out
 
 
 def memory_added(model: nn.Module, device: torch.device, copy_free: bool) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -10,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import gradlight.update_ratio as update_ratio
+from gradlight.memory import LiveBytes
 from gradlight.tracker import GradientFlowTracker
 from gradlight.update_ratio import UpdateNorms
 
@@ -265,43 +263,6 @@ def test_arguments_are_checked() -> None:
         UpdateNorms(chunk_numel=0)
     with pytest.raises(RuntimeError, match="after_step\\(\\) called without before_step\\(\\)"):
         UpdateNorms().after_step()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created by the operators run under it (views of them are not new memory)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, list[int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, pointer: int) -> None:
-        entry = self.live.get(pointer)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] == 0:
-                self.current -= entry[0]
-                del self.live[pointer]
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if not isinstance(tensor, Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer in self.live:
-                self.live[pointer][1] += 1
-            elif pointer in inputs or not storage.nbytes():
-                continue  # in place, or a view of a tensor made before
-            else:
-                self.live[pointer] = [storage.nbytes(), 1]
-                self.current += storage.nbytes()
-                self.peak = max(self.peak, self.current)
-            weakref.finalize(tensor, self._release, pointer)
-        return out
 
 
 def _hook_peak(copy_free: bool) -> tuple[int, int, np.ndarray, np.ndarray]:
