@@ -52,7 +52,9 @@ from lightning.pytorch.utilities import grad_norm
 from torch.utils.data import DataLoader
 
 from gradlight import GradientFlowMonitor
-from gradlight.signal import BackwardSignalTaps
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark, also when imported by path
+from signal_overhead import TimedTaps
 
 CONFIGS = ("none", "every_step", "default", "default_taps", "lightning_recipe", "lightning_recipe_same_stats")
 RECIPES = ("lightning_recipe", "lightning_recipe_same_stats")
@@ -154,43 +156,22 @@ class TimedMonitor(GradientFlowMonitor):
         self._timed(super().on_train_batch_end, *args)
 
 
-class TimedTaps(BackwardSignalTaps):
-    """Backward-signal taps whose hooks (module and tensor ones) add their time to the monitor's in-hook time."""
-
-    def __init__(self, monitor: TimedMonitor, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.monitor = monitor
-
-    def _timing(self, hook: Any) -> Any:
-        def timed(*args: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return hook(*args)
-            finally:
-                self.monitor.inside[-1] += time.perf_counter() - start
-
-        return timed
-
-    def _make_enter(self, name: str) -> Any:
-        return self._timing(super()._make_enter(name))
-
-    def _make_exit(self, name: str) -> Any:
-        return self._timing(super()._make_exit(name))
-
-    def _make_reader(self, tap: Any) -> Any:
-        return self._timing(super()._make_reader(tap))
-
-
 class SignalTapsCallback(L.Callback):
-    """Runs the taps on the monitor's logged steps: start before the forward, finalize before the step."""
+    """Runs the taps on the monitor's logged steps: start before the forward, finalize before the step.
+
+    The taps' hooks add their time to the monitor's in-hook time of the step.
+    """
 
     def __init__(self, monitor: TimedMonitor) -> None:
         self.monitor = monitor
         self.taps: TimedTaps | None = None
 
+    def _add_to_monitor(self, seconds: float) -> None:
+        self.monitor.inside[-1] += seconds
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.taps is None:
-            self.taps = TimedTaps(self.monitor, pl_module, group_by=3)
+            self.taps = TimedTaps(pl_module, group_by=3, sink=self._add_to_monitor)
         if self.monitor.is_logged_step(trainer.global_step):
             self.taps.start()  # the monitor's on_train_batch_start ran first: inside[-1] is this step's
 

@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -38,11 +39,18 @@ INTERVAL = 50  # the Trainer's default log_every_n_steps
 
 
 class TimedTaps(BackwardSignalTaps):
-    """The taps, with the time spent inside their hooks summed (on CPU hooks run synchronously)."""
+    """The taps, with the time spent inside their hooks summed (on CPU hooks run synchronously).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``sink`` receives each hook's seconds; by default they add up in :attr:`inside`.
+    """
+
+    def __init__(self, *args: Any, sink: Callable[[float], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.inside = 0.0
+        self.sink = sink or self._add
+
+    def _add(self, seconds: float) -> None:
+        self.inside += seconds
 
     def _timing(self, hook: Any) -> Any:
         def timed(*args: Any) -> Any:
@@ -50,7 +58,7 @@ class TimedTaps(BackwardSignalTaps):
             try:
                 return hook(*args)
             finally:
-                self.inside += time.perf_counter() - start
+                self.sink(time.perf_counter() - start)
 
         return timed
 
