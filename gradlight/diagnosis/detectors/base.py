@@ -91,6 +91,7 @@ class StepContext:
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     signal: SignalStats | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
+    _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 
     def signal_path(self, first: str, last: str, below: float = -0.5) -> dict[str, Any] | None:
         """Where the backward signal is lost (or amplified) between ``first`` and ``last``, if it was tapped.
@@ -133,9 +134,14 @@ class StepContext:
         branch = self.profile.output_branch_of(layer)
         if not branch or not math.isfinite(self.reference.value) or self.reference.value <= 0:
             return False
-        values = dict(zip(self.record.layers, self.record.metrics["grad_l2"].tolist()))
-        last = values.get(branch[-1])
+        last = self._grad_l2_by_layer().get(branch[-1])
         return last is not None and last < threshold * self.reference.value
+
+    def _grad_l2_by_layer(self) -> dict[str, float]:
+        """``layer -> grad_l2`` of this step, built once."""
+        if self._grad_by_layer is None:
+            self._grad_by_layer = dict(zip(self.record.layers, self.record.metrics["grad_l2"].tolist()))
+        return self._grad_by_layer
 
     def gain_scale(self, layer: str) -> GainScale | None:
         """The near-zero residual gain(s) ``layer``'s gradient carries by design, if any.

@@ -96,7 +96,7 @@ class VanishingDetector(Detector):
             real.append(i)
         found: list[Finding] = []
         if real:
-            found.append(self._warning(step, real, ratios))
+            found.append(self._warning(step, real, ratios, per_element))
         not_growing = [(i, extra) for i, extra in gated if extra["explained_by"] == "stuck_gain"]
         expected = [(i, extra) for i, extra in gated if extra["explained_by"] == "residual_gain"]
         if not_growing:
@@ -108,7 +108,7 @@ class VanishingDetector(Detector):
             found.append(self._explained(step, [(i, extra) for i in attention], ratios, "note"))
         return found
 
-    def _warning(self, step: StepContext, sustained: list[int], ratios: np.ndarray) -> Finding:
+    def _warning(self, step: StepContext, sustained: list[int], ratios: np.ndarray, per_element: np.ndarray) -> Finding:
         config, record, reference = self.config, step.record, step.reference
         first = sustained[0]
         layer = record.layers[first]
@@ -128,11 +128,7 @@ class VanishingDetector(Detector):
             "onset_layer": onset,
             "num_layers": len(sustained),
             "ratios": {record.layers[i]: float(ratios[i]) for i in sustained[:limit]},
-            "per_element_ratio": float(
-                _per_element_ratios(record.metrics["grad_l2"], record.layers, reference, step.profile.layer_sizes)[
-                    first
-                ]
-            ),
+            "per_element_ratio": float(per_element[first]),
             "early_late_ratio": float(record.global_metrics.get("early_late_ratio", np.nan)),
         }
         detail = ""
