@@ -833,7 +833,7 @@ class GradientFlowRecorder:
         writer = self._writer
         if writer is None:
             return
-        if self.records_written == 0:
+        if self.records_written == 0 or self._update_methods() != self.run_info.update_ratio_methods:
             self._write_run_info()
         writer.append_step(record.step, record.layers, record.depths, record.metrics)
         writer.append_global(record.step, record.global_metrics)
@@ -851,7 +851,13 @@ class GradientFlowRecorder:
             LayerInfo(name, depth, size)
             for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
         ]
+        self.run_info.update_ratio_methods = self._update_methods()
         self.run_info.write(self.folder.root)
+
+    def _update_methods(self) -> dict[str, str]:
+        """How ``update_ratio`` got each param group's update so far (``{"0": "optimizer: AdamW (foreach)"}``)."""
+        updates = self.tracker.updates
+        return {} if updates is None else {group: how.describe() for group, how in updates.methods.items()}
 
     def _act_on(self, findings: list[Finding], step: int, final: bool) -> None:
         """Warn, stop or raise for new warning findings; raise/stop decisions are agreed across ranks."""

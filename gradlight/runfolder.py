@@ -230,6 +230,7 @@ class ActivationSiteInfo:
 
 
 _RUN_INFO_KEYS = (
+    "update_ratio_methods",
     "format_version",
     "gradlight_version",
     "trainer",
@@ -267,6 +268,9 @@ class RunInfo:
         layers: The monitored layers in forward order.
         activation_sites: Tapped activation sites (empty without ``track_activations``).
         global_layer: The ``layer`` name of run-wide rows in the history.
+        update_ratio_methods: How ``update_ratio`` got each param group's update, by group index
+            (``"optimizer: AdamW (foreach)"``: reconstructed from the optimizer, no parameter copy;
+            ``"copy: ..."``: from a parameter copy, with the reason). Empty without ``update_ratio``.
         extra: Anything a trainer integration adds (e.g. Ultralytics' ``nbs``); written at the top level of
             ``run.json`` beside the fields above.
         format_version: The run-folder format (:data:`FORMAT_VERSION`).
@@ -290,6 +294,7 @@ class RunInfo:
     layers: list[LayerInfo] = field(default_factory=list)
     activation_sites: list[ActivationSiteInfo] = field(default_factory=list)
     global_layer: str = GLOBAL_LAYER
+    update_ratio_methods: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -310,6 +315,8 @@ class RunInfo:
             "layers": [{"name": x.name, "depth": x.depth, "num_params": x.num_params} for x in self.layers],
             "global_layer": self.global_layer,
         }
+        if self.update_ratio_methods:
+            payload["update_ratio_methods"] = dict(self.update_ratio_methods)
         if self.activation_sites:
             payload["activation_sites"] = [
                 {"name": s.name, "kind": s.kind, "feeds": s.feeds, "depth": s.depth} for s in self.activation_sites
@@ -346,6 +353,7 @@ class RunInfo:
                 for s in payload.get("activation_sites", [])
             ],
             global_layer=str(payload.get("global_layer", GLOBAL_LAYER)),
+            update_ratio_methods={str(k): str(v) for k, v in payload.get("update_ratio_methods", {}).items()},
             extra={key: value for key, value in payload.items() if key not in _RUN_INFO_KEYS},
             format_version=version,
         )

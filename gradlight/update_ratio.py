@@ -61,8 +61,8 @@ Integration plan (for :class:`gradlight.tracker.GradientFlowTracker`; nothing he
    ``update_squares(pending.params, pending.before, device)``; the rest is unchanged (same float64 vector, one
    entry per captured tensor, on the same device, before the cross-rank reduction, so sharded runs stay exact).
 4. ``discard``: ``self._updates.discard()``.
-5. The monitor writes ``{group: method.describe()}`` of ``tracker._updates.methods`` into ``run.json`` under
-   ``update_ratio_methods`` at the first logged step.
+5. The recorder writes ``{group: method.describe()}`` of ``tracker.updates.methods`` into ``run.json`` under
+   ``update_ratio_methods`` at the first logged step (and again when it changes).
 
 Under FSDP1 the optimizer holds flat parameters, not the original ones the tracker captures: those tensors are
 "not held by the optimizer" and take the copy. DTensors (FSDP2) are measured on their local shards, with the

@@ -13,11 +13,13 @@ This is the quick-start call ``YOLO("yolo11n.yaml").train(data=..., epochs=...)`
   optimizer step is one batch (Ultralytics otherwise accumulates to a nominal batch of 64, which would make
   its steps 2x-8x larger than the Lightning runs'), and the initial weights drawn with the same seed as the
   Lightning variants (:func:`casestudies.detection.module.build_detector`);
-* recorded: :class:`GradlightDetectionTrainer` overrides ``optimizer_step`` to read the gradients right after
-  unscaling and before Ultralytics' hard-coded ``clip_grad_norm_(max_norm=10)``; the norm that clipping computes
-  is kept as the global metric ``clip_norm``. Records go through :class:`gradlight.GradientFlowTracker` and
-  :class:`gradlight.history.HistoryWriter` with the layer names of the Lightning runs (``model.model.7``: the
-  LightningModule holds the ``DetectionModel`` as ``.model``), so histories line up layer by layer.
+* recorded: by gradlight's public Ultralytics integration (:mod:`gradlight.integrations.ultralytics`, what
+  any Ultralytics user calls): gradients read right after unscaling and before Ultralytics' hard-coded
+  ``clip_grad_norm_(max_norm=10)`` (the norm that clipping computes is kept as the global metric
+  ``clip_norm``), diagnosis and ``findings.jsonl``, with the layer names of the Lightning runs
+  (``model.model.7``: ``prefix="model"``, as the LightningModule holds the ``DetectionModel`` as ``.model``),
+  so histories line up layer by layer. :class:`BaselineTrainer` adds only the case study's seeded initial
+  weights and the files the grid compares (``loss.csv``, ``train_stats.json``, ``progress.json``).
 
 The final EMA weights (what Ultralytics itself validates) are scored by
 :func:`casestudies.detection.evaluate.evaluate_detector`, the pycocotools evaluator of the Lightning runs.
@@ -37,83 +39,68 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, RANK
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils import DEFAULT_CFG
 
 from casestudies.detection import offline as _offline
 from casestudies.detection.ablations import Ablation
 from casestudies.detection.evaluate import evaluate_detector
 from casestudies.detection.module import build_detector
-from gradlight import __version__
-from gradlight.history import GLOBAL_LAYER, HistoryWriter, write_json_atomic
-from gradlight.runfolder import RunFolder
-from gradlight.tracker import GradientFlowTracker, StepRecord
+from gradlight.history import write_json_atomic
+from gradlight.integrations.ultralytics import CLIP_VALUE, GradientFlowDetectionTrainer, UltralyticsRecording
 
-#: Ultralytics' hard-coded ``clip_grad_norm_`` threshold in ``BaseTrainer.optimizer_step``.
-CLIP_VALUE = 10.0
+__all__ = ["CLIP_VALUE", "GROUP_BY", "BaselineConfig", "BaselineRun", "BaselineTrainer", "train_baseline"]
+
 #: Layer grouping of the Lightning runs (``DetectorModule(gradient_flow_group_by=3)``): one layer per YOLO block.
 GROUP_BY = 3
-#: Environment variable carrying :class:`RecorderSettings` into Ultralytics' DDP worker processes.
-SETTINGS_ENV = "GRADLIGHT_BASELINE_SETTINGS"
+#: Environment variable carrying :class:`BaselineRun` into Ultralytics' DDP worker processes.
+RUN_ENV = "GRADLIGHT_BASELINE_RUN"
 
 
 @dataclass
-class RecorderSettings:
-    """Where and how often the baseline records its gradient flow.
+class BaselineRun:
+    """What the baseline adds to gradlight's Ultralytics recording: its run folder and initial weights.
 
     Attributes:
         run_dir: Run folder; the history goes to ``run_dir/gradlight``, per-step losses to ``loss.csv``,
-            progress to ``progress.json``.
-        log_every_n_steps: Record every this many optimizer steps (like ``GradientFlowMonitor``).
+            progress to ``progress.json``, time and images to ``train_stats.json``.
         init_seed: Seed of the initial weights (the Lightning variants use the same one).
-        flush_every_n_records: Write the history to disk every this many records.
     """
 
     run_dir: str
-    log_every_n_steps: int = 10
     init_seed: int = 0
-    flush_every_n_records: int = 20
 
 
-class _NameAsLightning(nn.Module):
-    """Holds the ``DetectionModel`` as ``.model`` so parameter names match the LightningModule's."""
+class BaselineTrainer(GradientFlowDetectionTrainer):
+    """gradlight's recording Ultralytics trainer, with the case study's initial weights and run files.
 
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.model = detector
-
-
-class GradlightDetectionTrainer(DetectionTrainer):
-    """Ultralytics' ``DetectionTrainer`` that records per-layer gradient statistics with gradlight.
+    The gradient recording (read after unscaling, before Ultralytics' clipping; diagnosis; findings; resume)
+    is :class:`gradlight.integrations.ultralytics.GradientFlowDetectionTrainer`'s. This class adds what the
+    grid compares across trainers: the Lightning variants' seeded initial weights, ``loss.csv``,
+    ``train_stats.json`` (training time and images, kept over a resume) and ``progress.json``.
 
     Args:
         cfg: Ultralytics cfg (defaults to ``DEFAULT_CFG``).
         overrides: Ultralytics overrides (``model``, ``data``, ``epochs``, ...).
         _callbacks: Ultralytics callbacks.
-        settings: Recording settings; read from the ``GRADLIGHT_BASELINE_SETTINGS`` environment variable when
-            None (that is how Ultralytics' DDP workers, which rebuild the trainer, get them).
+        recording: gradlight's recording settings; ``None`` reads them from the environment (DDP workers).
+        run: The run folder and seed; ``None`` reads them from :data:`RUN_ENV` (DDP workers).
     """
 
     def __init__(
         self,
         cfg: Any = DEFAULT_CFG,
         overrides: dict[str, Any] | None = None,
-        _callbacks: dict | None = None,
-        settings: RecorderSettings | None = None,
+        _callbacks: dict[str, Any] | None = None,
+        recording: UltralyticsRecording | None = None,
+        run: BaselineRun | None = None,
     ) -> None:
-        if settings is None:
-            settings = RecorderSettings(**json.loads(os.environ[SETTINGS_ENV]))
-        self.settings = settings
-        os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
-        self.run_dir = Path(settings.run_dir)
-        self.tracker: GradientFlowTracker | None = None
-        self.writer: HistoryWriter | None = None
-        self.optimizer_steps = 0
-        self.records_written = 0
+        self.run = run if run is not None else BaselineRun(**json.loads(os.environ[RUN_ENV]))
+        os.environ[RUN_ENV] = json.dumps(asdict(self.run))  # Ultralytics' DDP workers rebuild this trainer
+        self.run_dir = Path(self.run.run_dir)
         self.train_seconds = 0.0
         self.images_seen = 0
         self._epoch_start = 0.0
-        super().__init__(cfg, overrides, _callbacks)
+        super().__init__(cfg, overrides, _callbacks, recording)
 
     # ------------------------------------------------------------------------------------------------ model
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
@@ -122,22 +109,12 @@ class GradlightDetectionTrainer(DetectionTrainer):
             return super().get_model(cfg, weights, verbose)
         if weights:
             raise ValueError("the baseline trains from scratch: pass a model YAML and pretrained=False")
-        model = build_detector(str(cfg), int(self.data["nc"]), Ablation(), seed=self.settings.init_seed)
+        model = build_detector(str(cfg), int(self.data["nc"]), Ablation(), seed=self.run.init_seed)
         return self.set_model_names_for_load(model)
 
-    # ------------------------------------------------------------------------------------------ callbacks
-    def run_callbacks(self, event: str) -> None:
-        """Drive the recorder from Ultralytics' events (methods, not callbacks: DDP pickles the callbacks)."""
-        handler = getattr(self, f"_gradlight_{event}", None)
-        if handler is not None and RANK in {-1, 0}:
-            handler()
-        super().run_callbacks(event)
-
+    # ------------------------------------------------------------------------ events (rank zero, see parent)
     def _gradlight_on_train_start(self) -> None:
-        self.tracker = GradientFlowTracker(_NameAsLightning(unwrap_model(self.model)), group_by=GROUP_BY)
-        # nbs = batch: one optimizer step per batch, so a resumed run's first step is start_epoch * batches.
-        self.optimizer_steps = self.start_epoch * len(self.train_loader)
-        self.writer = HistoryWriter(self.run_dir / "gradlight", start_step=self.optimizer_steps)
+        super()._gradlight_on_train_start()
         stats = self.run_dir / "train_stats.json"
         if self.start_epoch and stats.exists():  # resumed: keep the time and images of the finished epochs
             previous = json.loads(stats.read_text())
@@ -148,10 +125,6 @@ class GradlightDetectionTrainer(DetectionTrainer):
     def _gradlight_on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
 
-    def _gradlight_on_train_batch_start(self) -> None:
-        if self.tracker is not None and self.tracker.forward_order is None:
-            self.tracker.start_discovery()
-
     def _gradlight_on_train_batch_end(self) -> None:
         if self.loss_items is None:
             return
@@ -161,15 +134,14 @@ class GradlightDetectionTrainer(DetectionTrainer):
             file.write(f"{self.optimizer_steps - 1},{self.epoch},{loss:.6g}\n")
 
     def _gradlight_on_train_epoch_end(self) -> None:
+        super()._gradlight_on_train_epoch_end()
         self.train_seconds += time.perf_counter() - self._epoch_start
         self.images_seen += len(self.train_loader.dataset)
         write_progress(self.run_dir, self.epoch + 1, self.epochs)
-        if self.writer is not None:
-            self.writer.flush()
         self._write_stats()  # last.pt is saved after this epoch: a resume starts from these counters
 
     def _gradlight_on_train_end(self) -> None:
-        self._close_history()
+        super()._gradlight_on_train_end()
         self._write_stats()
 
     def _write_stats(self) -> None:
@@ -180,90 +152,6 @@ class GradlightDetectionTrainer(DetectionTrainer):
             "accumulate": self.accumulate,
         }
         write_json_atomic(self.run_dir / "train_stats.json", stats)
-
-    def _gradlight_teardown(self) -> None:
-        self._close_history()
-
-    def _close_history(self) -> None:
-        if self.tracker is not None:
-            self.tracker.stop_discovery()
-            self.tracker.discard()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    # ------------------------------------------------------------------------------------- optimizer step
-    def optimizer_step(self) -> None:
-        """Ultralytics' step (unscale, clip at 10, step, zero_grad, EMA) with gradients read before clipping."""
-        self.scaler.unscale_(self.optimizer)
-        step = self.optimizer_steps
-        logged = self._capture(step)
-        clip_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=CLIP_VALUE)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if logged:
-            self._finish(float(clip_norm))
-        self.optimizer.zero_grad()
-        if self.ema:
-            self.ema.update(self.model)
-        self.optimizer_steps += 1
-
-    def _capture(self, step: int) -> bool:
-        tracker = self.tracker
-        if tracker is None or RANK not in {-1, 0}:
-            return False
-        if tracker.discovering:
-            tracker.stop_discovery()
-        if step % self.settings.log_every_n_steps:
-            return False
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        tracker.capture(step, params, owner=self.optimizer)
-        return True
-
-    def _finish(self, clip_norm: float) -> None:
-        assert self.tracker is not None and self.writer is not None
-        record = self.tracker.finalize()
-        record.global_metrics["clip_norm"] = clip_norm
-        if self.loss is not None:
-            record.global_metrics["loss"] = float(self.loss.detach())
-        self._write(record)
-
-    def _write(self, record: StepRecord) -> None:
-        assert self.writer is not None
-        if self.records_written == 0:
-            self._write_run_info()
-        self.writer.append_step(record.step, record.layers, record.depths, record.metrics)
-        self.writer.append_global(record.step, record.global_metrics)
-        self.records_written += 1
-        if self.records_written % self.settings.flush_every_n_records == 0:
-            self.writer.flush()
-
-    def _write_run_info(self) -> None:
-        """``run.json`` with the monitor's keys, plus what is specific to Ultralytics' trainer."""
-        assert self.tracker is not None
-        layer_map = self.tracker.layer_map
-        info = {
-            "gradlight_version": __version__,
-            "log_every_n_steps": self.settings.log_every_n_steps,
-            "gradient_clip_val": CLIP_VALUE,
-            "gradient_clip_algorithm": "norm",
-            "clip_value": CLIP_VALUE,
-            "accumulate_grad_batches": self.accumulate,
-            "nbs": self.args.nbs,
-            "world_size": max(self.world_size, 1),
-            "strategy": "ultralytics-ddp" if self.world_size > 1 else "ultralytics",
-            "precision": "32-true",
-            "model": type(unwrap_model(self.model)).__qualname__,
-            "trainer": "ultralytics",
-            "layers": [
-                {"name": name, "depth": depth, "num_params": size}
-                for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
-            ],
-            "global_layer": GLOBAL_LAYER,
-        }
-        folder = RunFolder(self.run_dir / "gradlight")
-        folder.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder.run_info_file, info)
 
 
 def write_progress(run_dir: Path, epoch: float, epochs: int) -> None:
@@ -379,7 +267,13 @@ def train_baseline(
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    settings = RecorderSettings(str(run_dir), config.log_every_n_steps, config.init_seed)
+    run = BaselineRun(str(run_dir), config.init_seed)
+    recording = UltralyticsRecording(
+        save_dir=str(run_dir / "gradlight"),
+        log_every_n_steps=config.log_every_n_steps,
+        group_by=GROUP_BY,
+        prefix="model",
+    )
     overrides = config.ultralytics_overrides()
     last = run_dir / "ultralytics" / "weights" / "last.pt"
     resumed = config.resume and _resumable(last, config.epochs)
@@ -387,7 +281,7 @@ def train_baseline(
         overrides["resume"] = str(last)
     else:
         _clear_run(run_dir)
-    trainer = GradlightDetectionTrainer(overrides=overrides, settings=settings)
+    trainer = BaselineTrainer(overrides=overrides, recording=recording, run=run)
     for event, functions in (callbacks or {}).items():
         for function in functions:
             trainer.add_callback(event, function)

@@ -331,3 +331,33 @@ def test_bad_step_and_optimizer_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="`step` must be a non-negative int, got -1"):
         recorder.capture(-1, model.parameters())
     recorder.close()
+
+
+# ------------------------------------------------------------------------------ run info: update methods
+@pytest.mark.parametrize(
+    ("make_optimizer", "expected"),
+    [
+        (lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=True), "optimizer: AdamW (foreach)"),
+        (lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=False), "optimizer: SGD (for-loop)"),
+        (lambda params: torch.optim.RMSprop(params, lr=1e-2), "copy: torch.optim.rmsprop.RMSprop is not reconstructed"),
+    ],
+    ids=["adamw", "sgd", "rmsprop-copy"],
+)
+def test_run_info_records_the_update_method_of_each_param_group(
+    tmp_path: Path, make_optimizer: Any, expected: str
+) -> None:
+    """Listed optimizers are reconstructed from their state; others take the copy, and the run info says which."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimizer = make_optimizer([{"params": net[0].parameters()}, {"params": net[2].parameters()}])
+    recorder = GradientFlowRecorder(net, tmp_path, log_every_n_steps=1)
+    for step in range(2):
+        net(torch.randn(16, 4)).square().mean().backward()
+        recorder.capture(step, optimizer)
+        optimizer.step()
+        recorder.end_step()
+        optimizer.zero_grad()
+    recorder.close()
+    methods = read_run_info(tmp_path).update_ratio_methods
+    assert methods == {"0": expected, "1": expected}
+    assert json.loads((tmp_path / "run.json").read_text())["update_ratio_methods"] == methods

@@ -12,7 +12,7 @@ import pytest
 from casestudies.detection.baseline import CLIP_VALUE, BaselineConfig, train_baseline
 from casestudies.detection.module import DetectorModule
 from casestudies.detection.synthetic import generate_shapes_dataset
-from gradlight import GLOBAL_LAYER, load_history
+from gradlight import GLOBAL_LAYER, load_findings, load_history
 from gradlight.layers import layer_name_for
 
 
@@ -37,6 +37,19 @@ def test_result_and_run_info(baseline_run):
     assert info["gradient_clip_val"] == CLIP_VALUE == info["clip_value"] == 10.0
     assert info["accumulate_grad_batches"] == 1 and info["nbs"] == 8
     assert info["trainer"] == "ultralytics" and info["log_every_n_steps"] == 1
+    # SGD's update is reconstructed from its state (no parameter copy) in every param group Ultralytics builds
+    assert info["update_ratio_methods"] and all(
+        m.startswith("optimizer: SGD") for m in info["update_ratio_methods"].values()
+    )
+
+
+@pytest.mark.slow
+def test_the_baseline_is_diagnosed_through_the_public_integration(baseline_run):
+    _, run_dir = baseline_run
+    assert (run_dir / "gradlight" / "findings.jsonl").is_file()  # the integration's diagnosis ran
+    findings = load_findings(run_dir / "gradlight")
+    assert "severity" in findings.columns
+    assert not (findings["severity"] == "warning").any(), findings[["kind", "layer", "message"]]  # healthy run
 
 
 @pytest.mark.slow
