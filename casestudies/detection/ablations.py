@@ -38,30 +38,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gradlight.activations import ACTIVATIONS, activation_kind, create_activation
+
 Scope = Literal["backbone", "all"]
 SCOPES: tuple[str, ...] = ("backbone", "all")
-#: Activation names accepted by :func:`replace_activations`, mapped to a factory of a fresh module.
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "sigmoid": nn.Sigmoid,
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-}
-#: Module types counted as activations when replacing or counting.
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.SiLU,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.GELU,
-    nn.LeakyReLU,
-    nn.Hardswish,
-    nn.Mish,
-    nn.ELU,
-)
-
-
 class NoNorm(nn.Identity):
     """Identity in place of ``BatchNorm2d`` that still folds when Ultralytics fuses conv and BN.
 
@@ -201,7 +181,7 @@ def replace_activations(model: nn.Module, activation: str, scope: str = "backbon
 
     Args:
         model: An Ultralytics ``DetectionModel``, edited in place.
-        activation: One of ``"sigmoid"``, ``"silu"``, ``"relu"``, ``"tanh"``.
+        activation: A name from :data:`gradlight.activations.ACTIVATIONS` (``"sigmoid"``, ``"silu"``, ...).
         scope: ``"backbone"`` or ``"all"``.
 
     Returns:
@@ -213,21 +193,14 @@ def replace_activations(model: nn.Module, activation: str, scope: str = "backbon
         36
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is not valid; use one of {tuple(ACTIVATIONS)}.")
-    factory = ACTIVATIONS[activation]
+        raise ValueError(f"activation={activation!r} is not valid; use one of {sorted(ACTIVATIONS)}.")
     replaced = 0
     for _, parent in list(modules_in_scope(model, scope)):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, ACTIVATION_TYPES):
-                setattr(parent, child_name, _new_activation(factory))
+            if activation_kind(child) is not None:
+                setattr(parent, child_name, create_activation(activation))  # fresh, inplace=False
                 replaced += 1
     return replaced
-
-
-def _new_activation(factory: type[nn.Module]) -> nn.Module:
-    if factory in (nn.ReLU, nn.SiLU):
-        return factory(inplace=False)
-    return factory()
 
 
 def count_residual_adds(model: nn.Module, scope: str = "all") -> int:
@@ -266,7 +239,7 @@ def activation_census(model: nn.Module, scope: str = "all") -> dict[str, tuple[i
     uses: dict[str, list[int]] = {}
     for _, parent in modules_in_scope(model, scope):
         for child in parent.children():
-            if isinstance(child, ACTIVATION_TYPES):
+            if activation_kind(child) is not None:
                 uses.setdefault(type(child).__name__, []).append(id(child))
     return {name: (len(ids), len(set(ids))) for name, ids in sorted(uses.items())}
 
@@ -278,8 +251,8 @@ class Ablation:
     Args:
         residual: Keep additive shortcuts (False switches every ``add`` flag off).
         batchnorm: Keep BatchNorm (False replaces it by :class:`NoNorm` plus a conv bias).
-        activation: None keeps the model's activations; a name from :data:`ACTIVATIONS` installs a fresh
-            module of that type in every conv.
+        activation: None keeps the model's activations; a name from :data:`gradlight.activations.ACTIVATIONS`
+            installs a fresh module of that type in every conv.
         scope: ``"backbone"`` (default) or ``"all"``.
         weight_init: How :func:`remove_batchnorm` initialises conv weights (``"keep"`` or ``"kaiming"``).
 
@@ -297,7 +270,7 @@ class Ablation:
     def __post_init__(self) -> None:
         _check_scope(self.scope)
         if self.activation is not None and self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r} is not valid; use None or one of {tuple(ACTIVATIONS)}.")
+            raise ValueError(f"activation={self.activation!r} is not valid; use None or one of {sorted(ACTIVATIONS)}.")
         if self.weight_init not in ("keep", "kaiming"):
             raise ValueError(f"weight_init={self.weight_init!r} is not valid; use 'keep' or 'kaiming'.")
 

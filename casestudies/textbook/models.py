@@ -24,28 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gradlight.activations import create_activation
+
 Init = Literal["default", "xavier", "he"]
 INITS: tuple[str, ...] = ("default", "xavier", "he")
-#: Activation names, each mapped to a factory of a *fresh* module (no activation object is ever shared).
-ACTIVATIONS: dict[str, Any] = {
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "relu": lambda: nn.ReLU(inplace=False),
-    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=False),
-    "silu": lambda: nn.SiLU(inplace=False),
-}
 CELLS: tuple[str, ...] = ("rnn", "lstm", "gru")
-
-
-def make_activation(name: str) -> nn.Module:
-    """A new activation module by name (see :data:`ACTIVATIONS`).
-
-    Raises:
-        ValueError: If ``name`` is unknown.
-    """
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
 
 
 def initialize_(module: nn.Module, init: str, scale: float = 1.0) -> None:
@@ -82,7 +65,7 @@ class NetSpec:
     """What distinguishes one feed-forward variant from another.
 
     Attributes:
-        activation: Name in :data:`ACTIVATIONS`.
+        activation: Name in :data:`gradlight.activations.ACTIVATIONS`.
         norm: BatchNorm between each layer and its activation.
         residual: Identity shortcut ``h + block(h)`` around every block whose shapes match.
         init: ``"default"``, ``"xavier"`` or ``"he"`` (see :func:`initialize_`).
@@ -110,7 +93,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.norm = norm if norm is not None else nn.Identity()
-        self.act = make_activation(activation)
+        self.act = create_activation(activation)  # a fresh module per block, inplace=False
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
