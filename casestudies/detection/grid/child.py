@@ -174,8 +174,11 @@ def _build_lightning(spec: RunSpec) -> tuple[YoloDataModule, DetectorModule]:
 
 def _lightning_trainer(spec: RunSpec, callbacks: Sequence[Callback], overwrite: bool) -> L.Trainer:
     run_dir = Path(spec.run_dir)
-    monitor = GradientFlowMonitor(
-        log_every_n_steps=spec.log_every_n_steps, save_dir=run_dir / "gradlight", overwrite=overwrite
+    monitor = GradientFlowMonitor(  # the taps sit on the layer grouping's blocks: one per YOLO block
+        log_every_n_steps=spec.log_every_n_steps,
+        save_dir=run_dir / "gradlight",
+        overwrite=overwrite,
+        track_backward_signal=spec.backward_signal,
     )
     # One file, overwritten every epoch: `save_last` alone saves nothing when no top-k checkpoint is saved.
     checkpoint = ModelCheckpoint(

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, help="dataloader workers on GPU (CPU runs use 0)")
     parser.add_argument("--log-every-n-steps", type=int, help="gradient-flow logging interval")
     parser.add_argument(
+        "--backward-signal",
+        action=argparse.BooleanOptionalAction,
+        help="tap the backward signal (gradient w.r.t. each YOLO block's output, block gains) of the Lightning "
+        "variants on logged steps (default: on; --no-backward-signal turns it off)",
+    )
+    parser.add_argument(
         "--seeds",
         help="comma-separated seeds, e.g. 0,1,2: the grid once per seed (initial weights and data order), "
         "into OUT/seed-<s>/, then OUT/aggregate.csv with mean, std, min and max per variant",
@@ -100,6 +106,8 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
     for name in ("data", "model", "epochs", "imgsz", "batch", "devices", "workers", "log_every_n_steps"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.backward_signal is not None:
+        values["backward_signal"] = args.backward_signal
     if args.variants is not None:
         values["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.seeds is not None:

@@ -26,7 +26,7 @@ PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "detection" / "pr
 RESULT = "result.json"
 #: Settings a resumed grid must share with the runs already in OUT (the variant and seed lists may change).
 RESUME_KEYS: tuple[str, ...] = ("data", "model", "epochs", "imgsz", "batch", "log_every_n_steps", "overfit")
-RESUME_KEYS += ("synthetic", "augment", "training", "seed", "vary_data")
+RESUME_KEYS += ("synthetic", "augment", "training", "seed", "vary_data", "backward_signal")
 
 
 class GridError(ValueError):
@@ -50,6 +50,10 @@ class GridConfig:
         out: Output folder.
         resume: Skip finished runs, continue unfinished ones.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
+        backward_signal: Tap the backward signal of the Lightning variants on logged steps
+            (``GradientFlowMonitor(track_backward_signal=True)``: the gradient with respect to each YOLO
+            block's output and each block's gain, ``signal_*`` rows of the history, the signal heat map and
+            gain profile in the report). On by default; its cost is measured in ``docs/detection.md``.
         overfit: Evaluate on the training images (the COCO8 overfit protocol).
         synthetic: Size of the generated dataset (``train``, ``val``, ``imgsz``) when ``data`` is synthetic.
         augment: Ultralytics augmentation overrides for both trainers (``mosaic: 0.0``, ...).
@@ -74,6 +78,7 @@ class GridConfig:
     out: str = "runs/ablate_detector"
     resume: bool = False
     log_every_n_steps: int = 2
+    backward_signal: bool = True
     overfit: bool = False
     synthetic: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 100, "imgsz": 128})
     augment: dict[str, Any] = field(default_factory=dict)

@@ -35,6 +35,7 @@ class RunSpec:
         workers: Dataloader workers on GPU.
         devices: Number of devices.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
+        backward_signal: Tap the backward signal on logged steps (Lightning variants; the baseline has none).
         augment: Ultralytics augmentation overrides.
         training: Recipe overrides.
         seed: Seed of the initial weights and of the data order.
@@ -51,6 +52,7 @@ class RunSpec:
     workers: int
     devices: int
     log_every_n_steps: int
+    backward_signal: bool = True
     augment: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -70,6 +72,7 @@ class RunSpec:
             workers=config.workers,
             devices=config.devices,
             log_every_n_steps=config.log_every_n_steps,
+            backward_signal=config.backward_signal,
             augment=dict(config.augment),
             training=dict(config.training),
             seed=config.seed,

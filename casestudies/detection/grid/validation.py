@@ -38,6 +38,8 @@ def validate(config: GridConfig) -> None:
         raise GridError(f"--seeds lists a seed twice: {','.join(map(str, config.seeds))}")
     if config.vary_data and not (config.seeds and config.data == "synthetic"):
         raise GridError("--vary-data needs --seeds and --data synthetic (only the generated data set has a seed)")
+    if not isinstance(config.backward_signal, bool):
+        raise GridError(f"backward_signal {config.backward_signal!r} is not valid; it must be true or false")
     if config.workers < 0:
         raise GridError(f"--workers {config.workers} is not valid; it must be 0 or more")
     _check_model(config.model)
