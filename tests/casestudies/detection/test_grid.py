@@ -88,13 +88,50 @@ def test_baseline_history_has_the_layers_of_the_lightning_intact_run(smoke):
     intact = load_history(out / "runs" / "intact" / "gradlight")
     baseline = load_history(out / "runs" / "ultralytics" / "gradlight")
     assert set(baseline["layer"]) == set(intact["layer"])
-    assert set(baseline["metric"]) >= set(intact["metric"]) - {"activation"}
+    signal = {metric for metric in intact["metric"] if metric.startswith("signal_")}  # the Lightning taps only
+    assert set(baseline["metric"]) >= set(intact["metric"]) - {"activation"} - signal
     layers = [
         json.loads((out / "runs" / n / "gradlight" / "run.json").read_text())["layers"]
         for n in ("intact", "ultralytics")
     ]
     assert [layer["name"] for layer in layers[0]] == [layer["name"] for layer in layers[1]]
     assert layers[0][0]["name"] == "model.model.0"
+
+
+@pytest.mark.slow
+def test_intact_history_has_backward_signal_rows_for_the_yolo_blocks(smoke):
+    process, out = smoke
+    assert process.returncode == 0, process.stderr
+    history = load_history(out / "runs" / "intact" / "gradlight")
+    signal = history[history["metric"].str.startswith("signal_")]
+    blocks = set(history.loc[history["metric"] == "grad_l2", "layer"])  # the layer grouping: one per YOLO block
+    assert len(blocks) == 18 and "model.model.0" in blocks and "model.model.23" in blocks
+    steps = sorted(history.loc[history["metric"] == "grad_l2", "step"].unique())
+    for metric in ("signal_l2", "signal_in_l2", "signal_gain", "signal_max_abs", "signal_calls"):
+        rows = signal[signal["metric"] == metric]
+        assert set(rows["layer"]) == blocks, metric  # every block tapped, and nothing else
+        assert rows.groupby("step")["layer"].nunique().to_dict() == dict.fromkeys(steps, 18), metric
+    l2 = signal[signal["metric"] == "signal_l2"]["value"]
+    assert (l2 > 0).all() and l2.notna().all()
+    assert (signal[signal["metric"] == "signal_calls"]["value"] == 1).all()  # no YOLO block runs twice
+    baseline = load_history(out / "runs" / "ultralytics" / "gradlight")
+    assert not baseline["metric"].str.startswith("signal_").any()  # the Ultralytics recording has no taps
+    page = (out / "report.html").read_text()
+    for figure in (out / "report" / "intact_signal_heatmap.png", out / "report" / "intact_gain_profile.png"):
+        assert base64.b64encode(figure.read_bytes()).decode() in page, figure.name
+    assert base64.b64encode((out / "signal_gains.png").read_bytes()).decode() in page  # the comparison
+
+
+def test_backward_signal_is_on_by_default_and_can_be_switched_off(tmp_path):
+    def spec(*args: str) -> grid.RunSpec:
+        config = grid.config_from_args(grid.build_parser().parse_args(["--out", str(tmp_path / "g"), *args]))
+        return grid.RunSpec.of("intact", config, str(tmp_path / "data.yaml"))
+
+    assert spec().backward_signal is True
+    assert spec("--no-backward-signal").backward_signal is False
+    assert grid.RunSpec.from_json(spec("--no-backward-signal").to_json()).backward_signal is False
+    with pytest.raises(grid.GridError, match="backward_signal 'yes' is not valid"):
+        grid.validate(grid.GridConfig(out=str(tmp_path / "g"), backward_signal="yes"))  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
