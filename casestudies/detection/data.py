@@ -23,11 +23,13 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ultralytics.cfg import get_cfg
 from ultralytics.data import build_yolo_dataset
 from ultralytics.data.utils import check_det_dataset
@@ -146,6 +148,74 @@ def build_dataset(
     return build_yolo_dataset(cfg, data[split], batch, data, mode=mode, rect=rect, stride=GRID_STRIDE)
 
 
+class GlobalBatchSampler(DistributedSampler):
+    """The training order of one process, split so that N processes see the same global batches.
+
+    Every epoch draws one permutation of the data set from ``seed + epoch`` (the same on every rank), cuts it
+    into global batches of ``batch_size * num_replicas`` images and gives rank ``r`` the ``r``-th slice of
+    ``batch_size`` images of each. With a ``DataLoader(batch_size=batch_size)`` per rank, step ``k`` of the
+    ``N`` ranks together trains on exactly the images of step ``k`` of one process with the global batch
+    (what Lightning's ``DistributedSampler``, which deals images out in turn, does not give). A last,
+    incomplete global batch is split as evenly as the ranks allow; if it has fewer images than ranks it is
+    left out (with one process it never is). Being a ``DistributedSampler``, Lightning keeps it under DDP
+    rather than inserting its own, and calls :meth:`set_epoch` every epoch.
+
+    Args:
+        size: Images in the data set.
+        batch_size: Images per step and rank.
+        num_replicas: Ranks (data-parallel processes).
+        rank: This rank.
+        seed: Seed of the permutations.
+        shuffle: Draw a permutation each epoch (else the data set order).
+
+    Example:
+        >>> [list(GlobalBatchSampler(8, 2, num_replicas=2, rank=r, shuffle=False)) for r in (0, 1)]
+        [[0, 1, 4, 5], [2, 3, 6, 7]]
+        >>> list(GlobalBatchSampler(8, 4, shuffle=False))
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not valid; it must be a positive integer.")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"rank={rank!r} of num_replicas={num_replicas!r} is not valid; need 0 <= rank < num_replicas."
+            )
+        self.size, self.batch_size = size, batch_size
+        self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
+        self.epoch = 0
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.size, generator=generator)
+
+    def _slices(self) -> Iterator[torch.Tensor]:
+        order, step = self._order(), self.batch_size * self.num_replicas
+        for start in range(0, self.size, step):
+            batch = order[start : start + step]
+            if len(batch) >= self.num_replicas:
+                yield torch.tensor_split(batch, self.num_replicas)[self.rank]
+
+    def __iter__(self) -> Iterator[int]:
+        for indices in self._slices():
+            yield from indices.tolist()
+
+    def __len__(self) -> int:
+        return sum(len(indices) for indices in self._slices())
+
+
 class YoloDataModule(L.LightningDataModule):
     """Ultralytics YOLO datasets and augmentation, served by plain DataLoaders.
 
@@ -154,6 +224,8 @@ class YoloDataModule(L.LightningDataModule):
         imgsz: Training and validation image size.
         batch_size: Images per batch and process (under DDP every rank loads this many).
         workers: DataLoader worker processes.
+        seed: Seed of the training order (:class:`GlobalBatchSampler`: one permutation per epoch, the same
+            global batches for any number of processes).
         overfit: Evaluate on the training images (the "overfit" protocol for tiny sets such as COCO8).
         augment: Ultralytics augmentation overrides (``mosaic``, ``fliplr``, ``hsv_h``, ...).
         close_mosaic: Switch mosaic off for the last this many epochs, as Ultralytics does (runs of at most
@@ -180,6 +252,7 @@ class YoloDataModule(L.LightningDataModule):
         imgsz: int = 128,
         batch_size: int = 32,
         workers: int = 2,
+        seed: int = 0,
         overfit: bool = False,
         augment: dict[str, Any] | None = None,
         close_mosaic: int = 10,
@@ -197,6 +270,7 @@ class YoloDataModule(L.LightningDataModule):
             raise ValueError(f"workers={workers!r} is not valid; it must be 0 or more.")
         self.save_hyperparameters()
         self.imgsz, self.batch_size, self.workers = imgsz, batch_size, workers
+        self.seed = seed
         self.augment = dict(augment or {})
         self.close_mosaic = close_mosaic
         self.data = resolve_data(
@@ -249,24 +323,27 @@ class YoloDataModule(L.LightningDataModule):
             dataset.close_mosaic(hyp=ultralytics_cfg(self.imgsz, self.augment))
             dataset._mosaic_closed = True
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: GlobalBatchSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.workers,
             collate_fn=dataset.collate_fn,
             persistent_workers=False,  # fresh workers each epoch pick up close_mosaic()
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches (uint8 images)."""
+        """Shuffled, augmented training batches (uint8 images); under DDP this rank's part of each global batch."""
         if self.train_dataset is None:
             self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=True)
+        trainer = self.trainer
+        ranks, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+        sampler = GlobalBatchSampler(len(self.train_dataset), self.batch_size, ranks, rank, seed=self.seed)
+        return self._loader(self.train_dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order (uint8 images, letterboxed to ``imgsz``)."""
         if self.val_dataset is None:
             self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset)

@@ -6,7 +6,11 @@ What is Ultralytics' and what is Lightning's:
   (``ModelEMA``), parameter groups and the warm-up / LR schedule follow ``ultralytics.engine.trainer``;
 * devices, DDP, gradient accumulation, checkpoints and logging are Lightning's: ``devices=N,
   strategy="ddp"`` works unchanged. As in Ultralytics, the loss is multiplied by the world size because DDP
-  averages gradients over ranks.
+  averages gradients over ranks; unlike Ultralytics, each rank's loss is its share of the *global* batch's
+  loss (:class:`~casestudies.detection.distributed.GlobalBatchLoss`: the normaliser, the sum of assigned
+  target scores, is summed over ranks), so the averaged gradient is the global batch's. With the same images
+  per global batch and global BatchNorm statistics (``sync_batchnorm=True`` on GPUs,
+  :class:`~casestudies.detection.distributed.CpuSyncBatchNorm` on CPU) it equals the one-process gradient.
 
 Differences from Ultralytics' trainer, on purpose: accumulation is the Trainer's fixed
 ``accumulate_grad_batches`` (Ultralytics ramps it from 1 during warm-up); no multi-scale training; in-loop
@@ -35,6 +39,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from casestudies.detection import offline as _offline
 from casestudies.detection.ablations import Ablation
+from casestudies.detection.distributed import global_batch_loss
 from casestudies.detection.evaluate import (
     coco_ground_truth,
     coco_map,
@@ -195,12 +200,16 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         """Run the detector on float images in [0, 1]."""
         return self.model(images)
 
-    @staticmethod
-    def _to_float(batch: dict[str, Any]) -> dict[str, Any]:
-        return {**batch, "img": batch["img"].float() / 255}
+    def _to_float(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Images as floats in [0, 1], in the module's dtype (float64 under ``precision="64-true"``)."""
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point else torch.float32
+        return {**batch, "img": batch["img"].to(dtype) / 255}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Ultralytics' loss on one batch (summed components times batch size, times world size)."""
+        """Ultralytics' loss on one batch (summed components times batch size, times world size).
+
+        Under DDP the criterion gives this rank's share of the global batch's loss (see the module docstring).
+        """
         batch = self._to_float(batch)
         loss, items = self.model.loss(batch)
         batch_size = batch["img"].shape[0]
@@ -302,6 +311,8 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         if epochs > 0:  # max_epochs=-1 (a max_steps run): the epoch count is unknown, keep Ultralytics' default
             self.model.args.epochs = epochs
         self.model.criterion = self.model.init_criterion()
+        if int(self.trainer.world_size) > 1:  # each rank's loss: its share of the global batch's loss
+            self.model.criterion = global_batch_loss(self.model.criterion)
         if self._pending_criterion_updates is not None:
             self._restore_criterion(self._pending_criterion_updates)
 

@@ -8,9 +8,13 @@ Launch commands::
     scripts/ablate_detector.sh --seeds 0,1,2 --out runs/seeds        # once per seed, then mean/std/min/max
     python -m casestudies.detection.grid --preset coco8-overfit --data /tmp/coco8/coco8.yaml
     python -m casestudies.detection.grid --preset coco --devices 8  # GPUs, DDP
+    scripts/ablate_detector.sh --preset smoke --devices 2          # no GPU: 2 CPU processes (DDP, gloo)
 
 Every run (one per variant, plus ``ultralytics``) goes to ``OUT/runs/<name>/`` and is trained in its own
-subprocess (clean memory, and Lightning's DDP launcher re-runs that subprocess's command per rank). A run is
+subprocess (clean memory, and Lightning's DDP launcher re-runs that subprocess's command per rank). With
+``--devices N`` a Lightning variant trains on N processes that together compute the one-process gradient of
+the global batch ``--batch`` (:mod:`casestudies.detection.distributed`); without GPUs these are CPU processes
+and the Ultralytics baseline, whose DDP needs CUDA, trains in one (its ``result.json`` says so). A run is
 finished when its ``result.json`` exists; ``--resume`` skips finished runs, continues an unfinished Lightning
 run from ``checkpoints/last.ckpt`` (the gradlight monitor continues its history) and an unfinished baseline
 from ``ultralytics/weights/last.pt`` (Ultralytics' own resume; its history continues too). At the end:

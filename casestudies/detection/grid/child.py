@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from casestudies.detection.distributed import CpuSyncBatchNorm
 from casestudies.detection.grid.config import BASELINE, RESULT
-from casestudies.detection.grid.spec import RunSpec
+from casestudies.detection.grid.spec import RunSpec, processes
 from gradlight import GradientFlowMonitor
 from gradlight.history import write_json_atomic
 
@@ -39,6 +40,8 @@ UltralyticsCallbacks = Mapping[str, Sequence[Callable[[Any], None]]]
 
 class RunRecorder(Callback):
     """Per-step loss (``loss.csv``), training time and images, and ``progress.json`` of a Lightning run.
+
+    The loss is the global batch's, per image (summed over ranks under DDP: one collective per step).
 
     Its counters are saved in checkpoints, so a resumed run reports throughput over all its epochs.
 
@@ -64,8 +67,9 @@ class RunRecorder(Callback):
         from casestudies.detection.baseline import write_progress
 
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        images = int(batch["img"].shape[0])
-        value = float(loss.detach()) / (images * trainer.world_size)
+        step = torch.stack([loss.detach().float(), loss.new_tensor(float(batch["img"].shape[0]))])
+        total = trainer.strategy.reduce(step, reduce_op="sum")  # ranks' shares of the global batch's loss
+        value = float(total[0]) / (float(total[1]) * trainer.world_size)  # each share carries world_size
         if trainer.is_global_zero:
             with open(self.run_dir / "loss.csv", "a") as file:
                 file.write(f"{trainer.global_step - 1},{trainer.current_epoch},{value:.6g}\n")
@@ -107,10 +111,32 @@ def run(
     """
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     if spec.name == BASELINE:
-        from casestudies.detection.baseline import train_baseline
-
-        return train_baseline(baseline_config(spec), callbacks=ultralytics_callbacks)
+        return train_baseline_run(spec, ultralytics_callbacks)
     return train_variant(spec, callbacks)
+
+
+def single_process_note(spec: RunSpec) -> str | None:
+    """Why the baseline trains in one process although ``spec.devices`` asks for more; None when it does not."""
+    if processes(spec.name, spec.devices) == spec.devices:
+        return None
+    return (
+        f"--devices {spec.devices} without CUDA: Ultralytics' DDP needs CUDA, so the baseline trains in one "
+        f"process (the same global batch of {spec.batch} images)"
+    )
+
+
+def train_baseline_run(spec: RunSpec, callbacks: UltralyticsCallbacks | None = None) -> dict[str, Any]:
+    """Train the Ultralytics baseline; its result records how many processes trained it and why."""
+    from casestudies.detection.baseline import train_baseline
+
+    note = single_process_note(spec)
+    if note:
+        print(f"ultralytics: {note}", flush=True)
+    result = train_baseline(baseline_config(spec), callbacks=callbacks)
+    if result:
+        result = {**result, "devices": processes(spec.name, spec.devices), **({"devices_note": note} if note else {})}
+        write_json_atomic(Path(spec.run_dir) / RESULT, result)
+    return result
 
 
 def train_variant(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -130,7 +156,8 @@ def train_variant(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str
     trainer.fit(module, datamodule, ckpt_path=str(last) if resuming else None)
     if not trainer.is_global_zero:
         return {}
-    scores = evaluate_detector(module.eval_model, spec.data, imgsz=spec.imgsz, batch=spec.batch, device=module.device)
+    model = module.eval_model.float()  # the evaluator feeds float32 images (a 64-true run trained in float64)
+    scores = evaluate_detector(model, spec.data, imgsz=spec.imgsz, batch=spec.batch, device=module.device)
     result = {
         "trainer": "lightning",
         "params": sum(p.numel() for p in module.model.parameters()),
@@ -138,6 +165,7 @@ def train_variant(spec: RunSpec, callbacks: Sequence[Callback] = ()) -> dict[str
         "train_seconds": round(recorder.train_seconds, 2),
         "images_per_s": round(recorder.images_seen / max(recorder.train_seconds, 1e-9), 2),
         "optimizer_steps": trainer.global_step,
+        "devices": trainer.world_size,
         "map50_95": scores["map50_95"],
         "map50": scores["map50"],
         "resumed": resuming,
@@ -156,8 +184,9 @@ def _build_lightning(spec: RunSpec) -> tuple[YoloDataModule, DetectorModule]:
     datamodule = YoloDataModule(
         spec.data,
         imgsz=spec.imgsz,
-        batch_size=max(spec.batch // spec.devices, 1),
+        batch_size=spec.batch // spec.devices,  # validated: a multiple of devices
         workers=spec.workers if gpu else 0,
+        seed=spec.seed,
         augment=spec.augment or None,
         allow_download=True,
     )
@@ -185,12 +214,15 @@ def _lightning_trainer(spec: RunSpec, callbacks: Sequence[Callback], overwrite: 
         dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False
     )
     recorder, *extra = callbacks
-    gpu = torch.cuda.is_available()
+    gpu, several = torch.cuda.is_available(), spec.devices > 1
     return L.Trainer(
         max_epochs=spec.epochs,
         accelerator="gpu" if gpu else "cpu",
-        devices=spec.devices if gpu else 1,
-        strategy="ddp" if gpu and spec.devices > 1 else "auto",
+        devices=spec.devices,  # on CPU: processes (DDP over gloo)
+        strategy="ddp" if several else "auto",
+        sync_batchnorm=several and gpu,  # global-batch BN statistics: torch's SyncBatchNorm needs GPUs ...
+        plugins=[CpuSyncBatchNorm()] if several and not gpu else None,  # ... this one runs on CPU
+        precision=spec.precision,
         callbacks=[monitor, recorder, checkpoint, *extra],
         logger=False,
         limit_val_batches=0,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from casestudies.detection.grid.config import (
     BASELINE,
+    NO_AUGMENT,
+    PRECISIONS,
     STANDARD_VARIANTS,
     GridConfig,
     GridError,
@@ -42,9 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="training epochs of every run")
     parser.add_argument("--imgsz", type=int, help="image size")
     parser.add_argument("--batch", type=int, help="batch size per optimizer step (Ultralytics nbs = batch)")
-    parser.add_argument("--devices", type=int, help="GPUs per run; more than 1 trains with DDP")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        help="GPUs per run, more than 1 trains with DDP; without GPUs, CPU processes (DDP over gloo, the same "
+        "gradients as one process; the Ultralytics baseline then trains in one process). --batch is the global "
+        "batch: it must be a multiple of --devices",
+    )
     parser.add_argument("--workers", type=int, help="dataloader workers on GPU (CPU runs use 0)")
     parser.add_argument("--log-every-n-steps", type=int, help="gradient-flow logging interval")
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="switch Ultralytics' augmentation off in both trainers (mosaic, flips, HSV, scale, translate), as "
+        "the coco8-overfit preset does",
+    )
+    parser.add_argument(
+        "--precision",
+        help=f"Lightning precision of the variants: {' or '.join(PRECISIONS)} (default: 32-true; 64-true is "
+        "float64, for numerical checks such as --devices N against one process); the baseline trains in float32",
+    )
     parser.add_argument(
         "--backward-signal",
         action=argparse.BooleanOptionalAction,
@@ -95,6 +114,7 @@ def _epilog() -> str:
         "  scripts/ablate_detector.sh --variants intact,no_bn,ultralytics --epochs 4",
         "  scripts/ablate_detector.sh --preset coco8-overfit --data /tmp/coco8/coco8.yaml",
         "  scripts/ablate_detector.sh --preset coco --devices 8",
+        "  scripts/ablate_detector.sh --preset smoke --devices 2 --out /tmp/smoke2   # 2 CPU processes, no GPU",
     ]
     return "\n".join(lines)
 
@@ -103,9 +123,11 @@ def config_from_args(args: argparse.Namespace) -> GridConfig:
     """Preset values, then command-line overrides; validated (raises :class:`GridError`)."""
     values = load_preset(args.preset)
     values["preset"] = args.preset
-    for name in ("data", "model", "epochs", "imgsz", "batch", "devices", "workers", "log_every_n_steps"):
+    for name in ("data", "model", "epochs", "imgsz", "batch", "devices", "workers", "log_every_n_steps", "precision"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.no_augment:
+        values["augment"] = {**values.get("augment", {}), **NO_AUGMENT}
     if args.backward_signal is not None:
         values["backward_signal"] = args.backward_signal
     if args.variants is not None:

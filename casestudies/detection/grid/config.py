@@ -26,7 +26,19 @@ PRESET_DIR = Path(__file__).resolve().parents[3] / "configs" / "detection" / "pr
 RESULT = "result.json"
 #: Settings a resumed grid must share with the runs already in OUT (the variant and seed lists may change).
 RESUME_KEYS: tuple[str, ...] = ("data", "model", "epochs", "imgsz", "batch", "log_every_n_steps", "overfit")
-RESUME_KEYS += ("synthetic", "augment", "training", "seed", "vary_data", "backward_signal")
+RESUME_KEYS += ("synthetic", "augment", "training", "seed", "vary_data", "backward_signal", "precision")
+#: ``--no-augment``: Ultralytics' training augmentation off in both trainers (what ``coco8-overfit`` sets).
+NO_AUGMENT: dict[str, float] = {
+    "mosaic": 0.0,
+    "fliplr": 0.0,
+    "scale": 0.0,
+    "translate": 0.0,
+    "hsv_h": 0.0,
+    "hsv_s": 0.0,
+    "hsv_v": 0.0,
+}
+#: Lightning precisions the grid's variants train with (the Ultralytics baseline always trains in float32).
+PRECISIONS: tuple[str, ...] = ("32-true", "64-true")
 
 
 class GridError(ValueError):
@@ -46,7 +58,8 @@ class GridConfig:
         imgsz: Image size.
         batch: Batch size per optimizer step (all devices together); Ultralytics' ``nbs`` is set to it.
         workers: Dataloader workers on GPU (on CPU both trainers use 0, as Ultralytics forces).
-        devices: Number of devices (GPUs; DDP when more than one). 1 on CPU.
+        devices: Number of devices: GPUs (DDP when more than one), or on a machine without GPUs, CPU
+            processes (DDP over gloo) for the Lightning variants, the baseline then in one process.
         out: Output folder.
         resume: Skip finished runs, continue unfinished ones.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
@@ -54,6 +67,9 @@ class GridConfig:
             (``GradientFlowMonitor(track_backward_signal=True)``: the gradient with respect to each YOLO
             block's output and each block's gain, ``signal_*`` rows of the history, the signal heat map and
             gain profile in the report). On by default; its cost is measured in ``docs/detection.md``.
+        precision: Lightning ``precision`` of the variants: ``"32-true"`` or ``"64-true"`` (float64 weights
+            and activations, for numerical checks such as ``--devices N`` against one process); the baseline
+            trains in float32 either way.
         overfit: Evaluate on the training images (the COCO8 overfit protocol).
         synthetic: Size of the generated dataset (``train``, ``val``, ``imgsz``) when ``data`` is synthetic.
         augment: Ultralytics augmentation overrides for both trainers (``mosaic: 0.0``, ...).
@@ -79,6 +95,7 @@ class GridConfig:
     resume: bool = False
     log_every_n_steps: int = 2
     backward_signal: bool = True
+    precision: str = "32-true"
     overfit: bool = False
     synthetic: dict[str, int] = field(default_factory=lambda: {"train": 600, "val": 100, "imgsz": 128})
     augment: dict[str, Any] = field(default_factory=dict)

@@ -26,7 +26,7 @@ import pandas as pd
 from casestudies.detection.grid.config import BASELINE, RESULT, GridConfig, seed_config
 from casestudies.detection.grid.prepare import prepare_data
 from casestudies.detection.grid.progress import Progress
-from casestudies.detection.grid.spec import RunSpec
+from casestudies.detection.grid.spec import RunSpec, processes
 from casestudies.detection.variants import get_variant
 
 #: How the parent starts a run: this command, then the run's ``spec.json``.
@@ -37,7 +37,8 @@ def run_info(name: str, config: GridConfig) -> dict[str, Any]:
     """The descriptive columns of a run's summary row (switches of the variant)."""
     if name == BASELINE:
         switches = {"residual": True, "batchnorm": True, "activation": "silu"}
-        return {"variant": name, "model": config.model, "trainer": "ultralytics", **switches}
+        devices = processes(name, config.devices)
+        return {"variant": name, "model": config.model, "trainer": "ultralytics", **switches, "devices": devices}
     ablation = get_variant(name).ablation
     return {
         "variant": name,
@@ -46,6 +47,7 @@ def run_info(name: str, config: GridConfig) -> dict[str, Any]:
         "residual": ablation.residual,
         "batchnorm": ablation.batchnorm,
         "activation": ablation.activation or "silu",
+        "devices": config.devices,
     }
 
 
@@ -168,6 +170,8 @@ def _train_one(tag: str, spec: RunSpec, progress: Progress, child_command: Seque
     started = time.time()
     if progress.bar.disable:
         progress.write(f"{tag} {spec.name}: training ({'resuming' if spec.resume else 'new'})")
+    if processes(spec.name, spec.devices) < spec.devices:
+        progress.write(f"{tag} {spec.name}: one process, Ultralytics' DDP needs CUDA (--devices {spec.devices})")
     process = launch(spec, child_command)
     try:
         while process.poll() is None:

@@ -17,7 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from casestudies.detection.grid.config import GridConfig
+from casestudies.detection.grid.config import BASELINE, GridConfig
+
+
+def processes(name: str, devices: int) -> int:
+    """Processes that run ``name`` trains with on ``devices`` (the baseline: one on a machine without CUDA).
+
+    Every Lightning variant trains with ``devices`` processes (GPUs, or CPU processes without GPUs); the
+    Ultralytics baseline too on GPUs, but in one process without CUDA, which its DDP needs.
+
+    Example:
+        >>> processes("intact", 2)
+        2
+    """
+    import torch
+
+    return 1 if name == BASELINE and not torch.cuda.is_available() else devices
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,7 @@ class RunSpec:
         devices: Number of devices.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
         backward_signal: Tap the backward signal on logged steps (Lightning variants; the baseline has none).
+        precision: Lightning precision of a variant (``32-true`` or ``64-true``).
         augment: Ultralytics augmentation overrides.
         training: Recipe overrides.
         seed: Seed of the initial weights and of the data order.
@@ -53,6 +69,7 @@ class RunSpec:
     devices: int
     log_every_n_steps: int
     backward_signal: bool = True
+    precision: str = "32-true"
     augment: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -73,6 +90,7 @@ class RunSpec:
             devices=config.devices,
             log_every_n_steps=config.log_every_n_steps,
             backward_signal=config.backward_signal,
+            precision=config.precision,
             augment=dict(config.augment),
             training=dict(config.training),
             seed=config.seed,

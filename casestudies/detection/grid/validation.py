@@ -16,7 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from casestudies.detection.grid.config import BASELINE, RESULT, RESUME_KEYS, STANDARD_VARIANTS, GridConfig, GridError
+from casestudies.detection.grid.config import (
+    BASELINE,
+    PRECISIONS,
+    RESULT,
+    RESUME_KEYS,
+    STANDARD_VARIANTS,
+    GridConfig,
+    GridError,
+)
 
 
 def validate(config: GridConfig) -> None:
@@ -40,14 +48,27 @@ def validate(config: GridConfig) -> None:
         raise GridError("--vary-data needs --seeds and --data synthetic (only the generated data set has a seed)")
     if not isinstance(config.backward_signal, bool):
         raise GridError(f"backward_signal {config.backward_signal!r} is not valid; it must be true or false")
+    if config.precision not in PRECISIONS:
+        raise GridError(f"--precision {config.precision!r} is not valid; use one of {', '.join(PRECISIONS)}")
     if config.workers < 0:
         raise GridError(f"--workers {config.workers} is not valid; it must be 0 or more")
     _check_model(config.model)
     _check_data(config.data)
     _check_out(Path(config.out), config.resume)
     _check_resume_settings(config)
-    if config.devices > 1 and _gpu_count() < config.devices:
-        raise GridError(f"--devices {config.devices} needs {config.devices} GPUs; found {_gpu_count()}")
+    _check_devices(config.devices, config.batch)
+
+
+def _check_devices(devices: int, batch: int) -> None:
+    """N devices: N GPUs when the machine has any, else N CPU processes; each trains batch / N images a step."""
+    gpus = _gpu_count()
+    if devices > 1 and 0 < gpus < devices:
+        raise GridError(f"--devices {devices} needs {devices} GPUs; found {gpus}")
+    if batch % devices:
+        raise GridError(
+            f"--batch {batch} is not divisible by --devices {devices}; every process trains batch / devices "
+            f"images per step, so give a batch that is a multiple of {devices}"
+        )
 
 
 def _gpu_count() -> int:

@@ -13,7 +13,7 @@ from casestudies.detection import offline
 
 offline.configure_offline()
 
-from casestudies.detection.data import YoloDataModule, resolve_data  # noqa: E402
+from casestudies.detection.data import GlobalBatchSampler, YoloDataModule, resolve_data  # noqa: E402
 from casestudies.detection.synthetic import generate_shapes_dataset  # noqa: E402
 
 
@@ -61,3 +61,36 @@ def test_datamodule_serves_uint8_ultralytics_batches(coco8_yaml: Path) -> None:
 def test_datamodule_rejects_bad_sizes(coco8_yaml: Path) -> None:
     with pytest.raises(ValueError, match="batch_size=0"):
         YoloDataModule(str(coco8_yaml), batch_size=0)
+
+
+@pytest.mark.parametrize(("size", "batch", "ranks"), [(32, 4, 2), (30, 4, 2), (29, 3, 3), (9, 4, 2)])
+def test_ranks_share_out_the_one_process_global_batches(size: int, batch: int, ranks: int) -> None:
+    one = GlobalBatchSampler(size, batch * ranks, seed=3)
+    parts = [GlobalBatchSampler(size, batch, ranks, rank, seed=3) for rank in range(ranks)]
+    for epoch in (0, 1):
+        for sampler in (one, *parts):
+            sampler.set_epoch(epoch)
+        order = list(one)
+        assert sorted(order) == list(range(size))  # every image once per epoch
+        global_batches = [order[i : i + batch * ranks] for i in range(0, size, batch * ranks)]
+        per_rank = [list(part) for part in parts]
+        assert [len(indices) for indices in per_rank] == [len(part) for part in parts]
+        batches = [[indices[i : i + batch] for i in range(0, len(indices), batch)] for indices in per_rank]
+        assert len({len(b) for b in batches}) == 1  # the same number of steps on every rank
+        for step, expected in enumerate(global_batches):
+            if len(expected) < ranks:  # too small to give every rank an image: left out under DDP
+                assert step == len(global_batches) - 1 and step == len(batches[0])
+                continue
+            joined = [index for rank_batches in batches for index in rank_batches[step]]
+            assert joined == expected, (epoch, step)  # rank r: the r-th slice of the same global batch
+    one.set_epoch(0)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first  # a new permutation each epoch
+
+
+def test_global_batch_sampler_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="batch_size=0"):
+        GlobalBatchSampler(8, 0)
+    with pytest.raises(ValueError, match="rank=2 of num_replicas=2"):
+        GlobalBatchSampler(8, 2, num_replicas=2, rank=2)

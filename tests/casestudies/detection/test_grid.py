@@ -179,6 +179,8 @@ def test_resume_keeps_finished_runs_and_continues_interrupted_ones(tmp_path, mon
         (["--preset", "nope"], "--preset 'nope' does not exist"),
         (["--model", "yolo11n.pt"], "give a model YAML"),
         (["--imgsz", "100"], "multiple of 32"),
+        (["--batch", "9", "--devices", "2"], "--batch 9 is not divisible by --devices 2"),
+        (["--precision", "16-true"], "--precision '16-true' is not valid; use one of 32-true, 64-true"),
     ],
 )
 def test_bad_options_exit_non_zero_before_training(tmp_path, capsys, args, message):
