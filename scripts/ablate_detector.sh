@@ -6,6 +6,7 @@
 #   scripts/ablate_detector.sh --resume --out runs/ablate_detector/default
 #   scripts/ablate_detector.sh --seeds 0,1,2 --out runs/seeds                # once per seed + OUT/aggregate.csv
 #   scripts/ablate_detector.sh --seeds 0,1,2 --resume --out runs/seeds       # skips finished seed-variant pairs
+#   scripts/ablate_detector.sh --preset smoke --devices 2 --out /tmp/smoke2  # no GPU: DDP over 2 CPU processes
 #   scripts/ablate_detector.sh --help
 #
 # A thin wrapper over `python -m casestudies.detection.grid`: every option is passed through unchanged.
