@@ -487,12 +487,38 @@ def test_model_profile() -> None:
     nn.init.normal_(huge.weight, std=1.0)
     assert ModelProfile.from_model(nn.Sequential(huge)).init_large == ["0"]
 
-    class Bottleneck(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
 
-    assert ModelProfile.from_model(nn.Sequential(Bottleneck())).residual
+class Bottleneck(nn.Module):
+    """Named like a residual block, but its forward has no shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class SkipBlock(Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.fc(x))
+
+
+def test_residual_structure_is_read_from_the_code_not_the_class_name() -> None:
+    from transformers import GPT2Config, GPT2Model  # built from a config, no download
+    from ultralytics.nn.modules.block import C3k2
+
+    assert not ModelProfile.from_model(nn.Sequential(Bottleneck(), Bottleneck())).residual  # a name alone
+    profile = ModelProfile.from_model(nn.Sequential(SkipBlock(), nn.Linear(4, 4)))
+    assert profile.residual and profile.residual_evidence == ["0 (SkipBlock)"]
+    gpt2 = ModelProfile.from_model(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)))
+    assert gpt2.residual and any("GPT2Block" in evidence for evidence in gpt2.residual_evidence)
+    # Ultralytics' flag decides: the case study's no_residual ablation switches `add` off in every Bottleneck.
+    with_add, without_add = C3k2(16, 16, n=1, shortcut=True), C3k2(16, 16, n=1, shortcut=False)
+    assert ModelProfile.from_model(with_add).residual
+    stripped = ModelProfile.from_model(without_add)
+    assert not stripped.residual
+    assert stripped.block_contents["m"].endswith("no shortcut")
 
 
 # --------------------------------------------------------------------------------------------- DDP
