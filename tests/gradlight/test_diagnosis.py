@@ -89,6 +89,23 @@ def test_a_falling_early_to_late_ratio_is_a_vanishing_trend() -> None:
     assert found[0].evidence["trend_decades"] == pytest.approx(math.log10(0.3 / 0.001))
 
 
+def test_one_spike_then_one_dip_of_a_noisy_ratio_is_not_a_trend() -> None:
+    """A converged LSTM's ratio swings by decades from batch to batch (measured in the zoo's lstm_long: 0.62
+    at one step, 0.0043 nine steps later, around 0.01 in between); a trend is a change of level."""
+    noisy = [0.02, 0.01, 0.62, 0.006, 0.01, 0.012, 0.007, 0.02, 0.006, 0.0043, 0.01, 0.005]
+    diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=10))
+    found = [f for step, r in enumerate(noisy) for f in diagnosis.update(record(step, [1.0, 1.0], early_late_ratio=r))]
+    assert found == []
+    falling = [1.0, 0.8, 1.2, 0.5, 0.1, 0.05, 0.01, 0.004, 0.003, 0.002]  # the level falls from ~1 to ~3e-3
+    diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=10))
+    found = [
+        f for step, r in enumerate(falling) for f in diagnosis.update(record(step, [1.0, 1.0], early_late_ratio=r))
+    ]
+    assert [(f.kind, f.step, f.reported_step) for f in found] == [("vanishing", 0, 9)]
+    assert found[0].evidence["early_late_ratio_before"] == pytest.approx(1.0)  # median of the first third
+    assert found[0].evidence["early_late_ratio_after"] == pytest.approx(0.003)  # median of the last third
+
+
 # --------------------------------------------------------------------------------------- exploding
 def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -119,6 +136,45 @@ def record(step: int, grad: list[float], update: list[float] | None = None, **gl
     }
     glob = {"global_grad_l2": float(np.sqrt((values**2).sum())), **global_metrics}
     return StepRecord(step, layers, np.arange(len(grad)), metrics, glob)
+
+
+def test_large_updates_with_a_loss_that_does_not_fall_are_exploding_updates() -> None:
+    """The zoo's VGG-11 at SGD lr 1: every layer moves 10-80% per step for five steps, the loss stays above its
+    start, and only then does the gradient blow up. A fresh head moving as much with its loss falling is quiet."""
+    updates = [[0.02] * 3, [0.36, 0.2, 2.3], [0.4, 0.3, 0.9], [0.3, 0.25, 0.4], [0.25, 0.2, 0.3]]
+    rising = [2.307, 2.69, 3.37, 2.306, 2.49]  # the run's losses: not falling, though step 3 dips below the start
+    diagnosis = GradientDiagnosis()
+    found = [
+        f
+        for i, (u, loss) in enumerate(zip(updates, rising))
+        for f in diagnosis.update(record(i, [1.0] * 3, u), loss=loss)
+    ]
+    assert [(f.kind, f.severity, f.layer, f.step, f.reported_step) for f in found] == [
+        ("exploding", "warning", "l2", 1, 3)
+    ]
+    assert found[0].evidence["loss_before"] == pytest.approx(2.307)
+    assert found[0].evidence["median_update_ratio"] == pytest.approx(0.3)
+    assert "learning rate is far too large" in found[0].message
+    falling = [2.307, 1.9, 1.5, 1.2, 1.0]  # the same update sizes while the loss falls: a head learning fast
+    quiet = GradientDiagnosis()
+    assert [
+        f for i, (u, loss) in enumerate(zip(updates, falling)) for f in quiet.update(record(i, [1.0] * 3, u), loss=loss)
+    ] == []
+    off = GradientDiagnosis(DiagnosisConfig(exploding_update_ratio=None))
+    assert [
+        f for i, (u, loss) in enumerate(zip(updates, rising)) for f in off.update(record(i, [1.0] * 3, u), loss=loss)
+    ] == []
+
+
+def test_a_resumed_diagnosis_continues_a_run_of_large_updates() -> None:
+    updates, losses = [[0.02] * 3, [0.3] * 3, [0.3] * 3, [0.3] * 3], [1.0, 1.5, 1.6, 1.7]
+    first = GradientDiagnosis()
+    for i in range(2):
+        assert first.update(record(i, [1.0] * 3, updates[i]), loss=losses[i]) == []
+    resumed = GradientDiagnosis()
+    resumed.load_state_dict(first.state_dict())
+    found = [f for i in range(2, 4) for f in resumed.update(record(i, [1.0] * 3, updates[i]), loss=losses[i])]
+    assert [(f.kind, f.step, f.reported_step) for f in found] == [("exploding", 1, 3)]
 
 
 def test_clipping_on_every_step_is_a_note_and_clipping_that_hides_a_blow_up_a_warning() -> None:
