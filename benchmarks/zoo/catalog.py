@@ -233,7 +233,7 @@ CATALOG: tuple[ZooRun, ...] = (
     ),
     _tv("tv_resnet18_lazy_head", Regime(SGD, steps=30), _lazy_resnet, about="nn.LazyLinear classifier"),
     _tv("tv_mobilenet_v3_small", Regime(ADAMW, accumulate=4, steps=30), partial(models.tv_model, "mobilenet_v3_small")),
-    _tv("tv_efficientnet_b0", Regime(ADAMW, steps=80), partial(models.tv_model, "efficientnet_b0")),
+    _tv("tv_efficientnet_b0", Regime(ADAMW, steps=160), partial(models.tv_model, "efficientnet_b0")),
     _tv("tv_densenet", Regime(SGD), models.tv_densenet),
     _tv(
         "tv_vgg11_bn_clip",
