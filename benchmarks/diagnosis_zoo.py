@@ -1,7 +1,7 @@
 """The diagnosis benchmark: real architectures, healthy and broken on purpose, scored against gradlight's findings.
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # 52 runs, 7-12 min on one shared core
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's 9 runs, ~1.5 min
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # 52 runs, 5-12 min on one shared core
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's 12 runs, under a minute
     python benchmarks/diagnosis_zoo.py --only 'hf_*' --out /tmp/zoo --json zoo.json
 
 Trains each run of :data:`zoo.catalog.CATALOG` (torchvision, timm, Hugging Face transformers built from

@@ -228,11 +228,12 @@ CATALOG: tuple[ZooRun, ...] = (
         "tv_resnet18_frozen_backbone",
         Regime(SGD, freeze=("conv1.*", "bn1.*", "layer*")),
         RESNET,
+        quick=True,
         about="backbone requires_grad=False, all parameters handed to the optimizer",
     ),
     _tv("tv_resnet18_lazy_head", Regime(SGD, steps=30), _lazy_resnet, about="nn.LazyLinear classifier"),
     _tv("tv_mobilenet_v3_small", Regime(ADAMW, accumulate=4, steps=30), partial(models.tv_model, "mobilenet_v3_small")),
-    _tv("tv_efficientnet_b0", Regime(ADAMW, steps=80), partial(models.tv_model, "efficientnet_b0")),
+    _tv("tv_efficientnet_b0", Regime(ADAMW, steps=160), partial(models.tv_model, "efficientnet_b0")),
     _tv("tv_densenet", Regime(SGD), models.tv_densenet),
     _tv(
         "tv_vgg11_bn_clip",
@@ -351,6 +352,7 @@ CATALOG: tuple[ZooRun, ...] = (
         partial(models.recurrent, "lstm"),
         TOKENS,
         Regime(Optim("adamw", 3e-3), steps=400),
+        quick=True,
         about="converges: 400 logged steps",
     ),
     ZooRun(
@@ -397,6 +399,7 @@ CATALOG: tuple[ZooRun, ...] = (
         Regime(Optim("sgd", 1.0), steps=20),
         VGG_PLAIN,
         expect=Expectation("exploding", (ANY_LAYER,), also=("non_finite",)),
+        quick=True,
         about="VGG-11 without BN, SGD lr 1",
     ),
     ZooRun(

@@ -42,6 +42,8 @@ from gradlight.activations import ACTIVATIONS, activation_kind, create_activatio
 
 Scope = Literal["backbone", "all"]
 SCOPES: tuple[str, ...] = ("backbone", "all")
+
+
 class NoNorm(nn.Identity):
     """Identity in place of ``BatchNorm2d`` that still folds when Ultralytics fuses conv and BN.
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gradlight import __version__
 from gradlight.history import GLOBAL_LAYER, load_history
+from gradlight.report import ExtraSection, build_report
+from gradlight.report.html import ImageBlock, render_page
 from gradlight.runfolder import RunFolder, read_findings
 
 #: Columns of ``summary.csv``, in this order (more may follow).
@@ -312,30 +316,21 @@ def plot_gradient_profiles(runs: Mapping[str, Path | Sequence[Path]], path: Path
 
 
 # --------------------------------------------------------------------------------------------------- report
-def grid_section(frame: pd.DataFrame, figures: Sequence[Path]) -> str:
-    """HTML of the grid's own results: the summary table and the comparison plots (embedded PNGs)."""
-    import base64
-    import html
-
+def grid_section(frame: pd.DataFrame, figures: Sequence[Path]) -> ExtraSection:
+    """The grid's own results for gradlight's report: the summary table and the comparison plots."""
     table = frame.drop(columns=["run_dir"], errors="ignore").to_html(
         index=False, float_format=lambda v: f"{v:.4g}", na_rep="-", border=0, classes="grid-summary"
     )
-    images = []
-    for path in figures:
-        if Path(path).exists():
-            data = base64.b64encode(Path(path).read_bytes()).decode()
-            alt = html.escape(Path(path).stem)
-            images.append(f'<figure><img alt="{alt}" src="data:image/png;base64,{data}" style="max-width:100%">')
-            images.append(f"<figcaption>{alt}</figcaption></figure>")
     style = (
         "<style>.grid-summary{border-collapse:collapse;font-size:13px}"
         ".grid-summary td,.grid-summary th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style>"
     )
-    return (
-        f'<section id="grid-summary">{style}<h2>Ablation grid: summary</h2>{table}'
-        f"<p>grad_ratio_early_late and min_layer_grad_l2: medians over the last quarter of logged steps; "
-        f"mAP by pycocotools on the final EMA weights.</p>{''.join(images)}</section>"
+    images = [ImageBlock(path.stem, "", path.read_bytes(), path.name) for path in map(Path, figures) if path.exists()]
+    body = (
+        f"{style}{table}<p>grad_ratio_early_late and min_layer_grad_l2: medians over the last quarter of logged "
+        "steps; mAP by pycocotools on the final EMA weights.</p>"
     )
+    return ExtraSection("Ablation grid: summary", body, images)
 
 
 def write_report(
@@ -343,27 +338,20 @@ def write_report(
 ) -> Path:
     """``out_dir/report.html``: the grid summary on top of ``gradlight report`` over every run's history.
 
-    The gradlight report (and its PNGs) is built in ``out_dir/report/``; if it cannot be built (no history
-    yet, or the report module is missing) the page holds the grid summary alone, with the reason.
+    The gradlight report (and its PNGs) is built in ``out_dir/report/`` with the grid summary as its first
+    section; if it cannot be built (no history yet) the page holds the grid summary alone, with the reason.
     """
     section = grid_section(frame, figures)
     histories = {name: Path(run) / "gradlight" for name, run in runs.items() if (Path(run) / "gradlight").exists()}
-    page, note = "", ""
+    path = out_dir / "report.html"
     try:
-        from gradlight.report import build_report
-
-        built = build_report(histories, out_dir / "report", title=title, progress=False)
+        built = build_report(histories, out_dir / "report", title=title, progress=False, extra_sections=[section])
         page = built.read_text(encoding="utf-8")
     except Exception as error:  # the grid's results must survive a report failure
-        note = f"<p><b>gradlight report could not be built:</b> {type(error).__name__}: {error}</p>"
-    if "<body" in page:
-        head, _, rest = page.partition("<body")
-        tag_end = rest.index(">") + 1
-        page = f"{head}<body{rest[:tag_end]}{section}{rest[tag_end:]}"
-    else:
-        page = f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-        page += f"<h1>{title}</h1>{note}{section}</body></html>"
-    path = out_dir / "report.html"
+        reason = ExtraSection(
+            "gradlight report could not be built", f"<p>{html.escape(f'{type(error).__name__}: {error}')}</p>"
+        )
+        page = render_page(title, [], extra_sections=[section, reason], version=__version__)
     path.write_text(page, encoding="utf-8")
     return path
 

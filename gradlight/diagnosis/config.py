@@ -48,6 +48,17 @@ class DiagnosisConfig:
             (the layer with the largest norm is named). ``None`` (off) by default, for the same reason as
             ``exploding_norm``; per layer it catches one layer blowing up while the global norm, dominated by
             larger layers, still looks normal, but it needs a value that fits every layer of the model.
+        exploding_update_ratio: Report exploding *updates* when the median layer's ``update_ratio`` (update
+            L2 / weight L2) is at least this for ``exploding_update_patience`` logged steps while the loss has
+            not fallen since those large steps began: every step then redraws a good part of the weights and
+            the loss does not come down, the sign of a learning rate far too large, steps before the
+            gradient itself blows up. Healthy layers move ~1e-3 per step; the first Adam steps on weights of
+            std 0.02 move ``lr / 0.02`` (0.05 at ``lr=1e-3``), the largest median of any healthy run of the
+            diagnosis benchmark but one: a fresh linear head over a frozen backbone, 0.2-0.4 per step with its
+            loss rising for ten steps before it converges. Two layers at least must move that much (changes
+            compound through depth; one layer is a convex fit that overshoots and comes back). ``None`` turns
+            the rule off.
+        exploding_update_patience: See ``exploding_update_ratio``.
         exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
             the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
             grows by large factors without being a blow-up.
@@ -115,6 +126,8 @@ class DiagnosisConfig:
     exploding_confirm_steps: int = 1
     exploding_norm: float | None = None
     exploding_layer_norm: float | None = None
+    exploding_update_ratio: float | None = 0.1
+    exploding_update_patience: int = 3
     exploding_min_share: float = 0.01
     clip_factor: float = 10.0
     clip_patience: int = 3
@@ -145,6 +158,7 @@ class DiagnosisConfig:
             "exploding_window",
             "exploding_min_history",
             "clip_patience",
+            "exploding_update_patience",
             "stalled_window",
             "no_gradient_patience",
             "gain_patience",
@@ -187,7 +201,7 @@ class DiagnosisConfig:
             )
         if not isinstance(self.dormant_loss_change, (int, float)) or self.dormant_loss_change < 0:
             raise ValueError(f"DiagnosisConfig `dormant_loss_change` must be >= 0, got {self.dormant_loss_change!r}.")
-        for name in ("exploding_norm", "exploding_layer_norm"):
+        for name in ("exploding_norm", "exploding_layer_norm", "exploding_update_ratio"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")

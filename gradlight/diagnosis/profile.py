@@ -21,8 +21,12 @@ design*, so that the detectors can tell them from a vanishing gradient:
 
 from __future__ import annotations
 
+import inspect
+import io
 import math
 import re
+import textwrap
+import tokenize
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +45,10 @@ _RESIDUAL_PATTERN = re.compile(
     re.IGNORECASE,
 )
 _RESIDUAL_FLAGS = ("add", "shortcut", "residual", "use_residual")
+#: Class names of modules that may hold a shortcut: those named like a residual block, and blocks/layers.
+_MAY_ADD_PATTERN = re.compile(rf"{_RESIDUAL_PATTERN.pattern}|block|(en|de)coderlayer", re.IGNORECASE)
+#: Class -> whether its ``forward`` code adds (read once per class, see :func:`_forward_adds`).
+_FORWARD_ADDS: dict[type[nn.Module], bool] = {}
 _BLOCK_PATTERN = re.compile(r"(block|layer|bottleneck|residual|stage)", re.IGNORECASE)
 _ATTENTION_PATTERN = re.compile(r"attention|attn", re.IGNORECASE)
 _LOGIT_PROJECTION = re.compile(
@@ -93,9 +101,12 @@ class ModelProfile:
         activations: Activation kind -> number of modules.
         saturating: Saturating activation kinds present (sigmoid, tanh, ...).
         normalization: Class names of normalisation layers present.
-        residual: Whether residual structure was detected: module class names such as ``Bottleneck``,
-            ``BasicBlock``, ``*Residual*``, ``Transformer*``, ``C2f``/``C3*``, a truthy ``add``/``shortcut``
-            flag, or a residual gain. A heuristic, overridable by editing the profile.
+        residual: Whether residual structure was detected: a module whose boolean ``add``/``shortcut``/
+            ``residual`` flag is on (the flag decides when there is one: Ultralytics' ``Bottleneck`` with
+            ``add=False`` has no shortcut), or a module named like a block (``Bottleneck``, ``BasicBlock``,
+            ``*Residual*``, ``*Block``, ``*DecoderLayer``, ...) whose ``forward`` code adds something (``+``,
+            ``torch.add``), or a residual gain. A name alone is not enough. A heuristic, overridable by
+            editing the profile.
         residual_evidence: The modules that made ``residual`` true (at most a few).
         recurrent: Class names of recurrent modules present.
         plain_recurrent: Whether an ungated RNN (``nn.RNN``/``nn.RNNCell``) is present.
@@ -332,9 +343,40 @@ def _module_layers(model: nn.Module, layer_of: LayerOf) -> dict[str, set[str]]:
 
 
 def _looks_residual(module: nn.Module) -> bool:
-    if _RESIDUAL_PATTERN.search(type(module).__name__):
-        return True
-    return any(getattr(module, flag, None) is True for flag in _RESIDUAL_FLAGS)
+    """Whether ``module`` adds a shortcut: its boolean flag if it has one, else its name and its code."""
+    flags = [value for flag in _RESIDUAL_FLAGS if isinstance(value := getattr(module, flag, None), bool)]
+    if flags:
+        return any(flags)
+    cls = type(module)
+    return bool(_MAY_ADD_PATTERN.search(cls.__name__)) and _forward_adds(cls)
+
+
+def _forward_adds(cls: type[nn.Module]) -> bool:
+    """Whether the ``forward`` code of ``cls`` adds (``+``, ``+=``, ``torch.add``, ``.add_``), read once per class.
+
+    Without readable source (a compiled or generated class) the residual-looking name is all there is.
+    """
+    known = _FORWARD_ADDS.get(cls)
+    if known is None:
+        known = _FORWARD_ADDS[cls] = _reads_an_addition(cls)
+    return known
+
+
+def _reads_an_addition(cls: type[nn.Module]) -> bool:
+    forward = getattr(cls, "forward", None)
+    if forward is None or getattr(forward, "__name__", "") == "_forward_unimplemented":
+        return False
+    try:
+        source = textwrap.dedent(inspect.getsource(forward))
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndentationError):
+        return bool(_RESIDUAL_PATTERN.search(cls.__name__))
+    for before, token in zip([None, *tokens], tokens):
+        if token.type == tokenize.OP and token.string in ("+", "+="):
+            return True
+        if token.type == tokenize.NAME and token.string in ("add", "add_") and getattr(before, "string", "") == ".":
+            return True
+    return False
 
 
 def _enclosing_block(owner: str, module: nn.Module, modules: dict[str, nn.Module]) -> str | None:

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,11 +23,12 @@ from gradlight import __version__
 from gradlight.history import TruncatedHistoryWarning
 from gradlight.report.figures import (
     FigureResult,
+    compare_gains_figure,
     compare_profiles_figure,
     compare_ratios_figure,
     figure_builders,
 )
-from gradlight.report.html import ImageBlock, RunSection, render_page
+from gradlight.report.html import ExtraSection, ImageBlock, RunSection, render_page
 from gradlight.report.summary import (
     ReportInputError,
     Run,
@@ -41,6 +42,7 @@ from gradlight.report.summary import (
 
 __all__ = [
     "REPORT_FILE",
+    "ExtraSection",
     "ReportInputError",
     "Run",
     "RunSummary",
@@ -77,6 +79,7 @@ def build_report(
     title: str | None = None,
     dpi: int = 150,
     progress: bool | None = None,
+    extra_sections: Sequence[ExtraSection] = (),
 ) -> Path:
     """Write a gradient-flow report of one or several runs to ``out_dir/report.html`` (plus the PNGs).
 
@@ -89,6 +92,8 @@ def build_report(
         progress: Show progress bars on stderr: while reading (in bytes, advancing per record batch and
             history segment read) and while drawing (per figure); ``None`` shows them when stderr is a
             terminal.
+        extra_sections: Sections of your own (:class:`~gradlight.report.html.ExtraSection`: a title, HTML
+            you wrote, figures) shown first, above the runs' summary; e.g. an experiment grid's results.
 
     Returns:
         The path of ``report.html``.
@@ -116,7 +121,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)  # only once every run is readable
     builders = [figure_builders(run) for run in loaded]
     comparing = len(loaded) > 1
-    total = sum(len(run_builders) for run_builders in builders) + (2 if comparing else 0) + 1
+    comparisons = (compare_profiles_figure, compare_ratios_figure, compare_gains_figure)
+    total = sum(len(run_builders) for run_builders in builders) + (len(comparisons) if comparing else 0) + 1
     with _bar(show, total=total, desc="drawing", unit="figure") as bar:
         sections = [
             _draw_run(run, run_builders, out, slug, dpi, bar)
@@ -125,9 +131,10 @@ def build_report(
         comparison: list[ImageBlock] = []
         if comparing:
             bar.set_postfix_str("comparison", refresh=False)
-            for draw in (compare_profiles_figure, compare_ratios_figure):
+            for draw in comparisons:
                 result = draw(loaded)
-                comparison.append(_save(result, out, f"{result.name}.png", dpi))
+                if result is not None:  # the gains need a backward signal in at least one run
+                    comparison.append(_save(result, out, f"{result.name}.png", dpi))
                 bar.update(1)
         bar.set_postfix_str(REPORT_FILE, refresh=False)
         labels = ", ".join(run.label for run in loaded)
@@ -135,6 +142,7 @@ def build_report(
             title or f"Gradient flow: {labels}",
             sections,
             comparison,
+            extra_sections=extra_sections,
             generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             version=__version__,
         )

@@ -13,7 +13,7 @@ from typing import Any
 from gradlight.history import GLOBAL_LAYER
 from gradlight.report.summary import RunSummary
 
-__all__ = ["ImageBlock", "RunSection", "format_number", "format_value", "render_page"]
+__all__ = ["ExtraSection", "ImageBlock", "RunSection", "format_number", "format_value", "render_page"]
 
 
 @dataclass
@@ -31,6 +31,25 @@ class ImageBlock:
     caption: str
     png: bytes
     file: str = ""
+
+
+@dataclass
+class ExtraSection:
+    """A section the caller adds to the page, above the runs' summary (e.g. an experiment's own results).
+
+    Attributes:
+        title: Heading of the section (escaped).
+        html: Its body, inserted as given: HTML the caller wrote (tables, paragraphs); never user input.
+        images: Figures shown after the body.
+
+    Example:
+        >>> ExtraSection("Grid", "<p>7 runs</p>").title
+        'Grid'
+    """
+
+    title: str
+    html: str = ""
+    images: Sequence[ImageBlock] = ()
 
 
 @dataclass
@@ -207,6 +226,7 @@ def render_page(
     sections: Sequence[RunSection],
     comparison: Sequence[ImageBlock] = (),
     *,
+    extra_sections: Sequence[ExtraSection] = (),
     generated: str = "",
     version: str = "",
 ) -> str:
@@ -216,6 +236,7 @@ def render_page(
         title: Page title.
         sections: One section per run, in order.
         comparison: Comparison figures (shown when there are several runs).
+        extra_sections: The caller's own sections, shown first, above the runs' summary.
         generated: When the report was made (free text).
         version: gradlight version.
 
@@ -238,6 +259,13 @@ def render_page(
     ]
     all_warnings = [warning for section in sections for warning in section.warnings]
     parts.append(_warnings(all_warnings))
+    for extra in extra_sections:
+        parts.append(f"<section><h2>{_e(extra.title)}</h2>{extra.html}")
+        parts.extend(_img(block) for block in extra.images)
+        parts.append("</section>")
+    if not sections:
+        parts.append("</body></html>")
+        return "\n".join(parts)
     parts.append("<h2>Summary</h2>")
     parts.append(_summary_table([section.summary for section in sections]))
     parts.append(

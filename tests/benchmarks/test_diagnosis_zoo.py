@@ -193,11 +193,14 @@ QUICK_RUNS = (
     "broken_lstm_lr1e-12",
     "broken_resnet18_detached_layer2",
     "broken_resnet18_nan_at_10",
+    "broken_vgg11_huge_lr",  # exploding updates before the gradient blows up
     "broken_vgg11_sigmoid",
     "hf_bert_tiny_clip",
     "hf_gpt2",
+    "lstm_long",  # converged: its early-to-late ratio swings by decades per batch, no trend
     "tv_convnext",
     "tv_resnet18",
+    "tv_resnet18_frozen_backbone",  # a fresh head moving 40% per step, its loss falling
 )
 
 

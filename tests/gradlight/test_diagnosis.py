@@ -89,6 +89,23 @@ def test_a_falling_early_to_late_ratio_is_a_vanishing_trend() -> None:
     assert found[0].evidence["trend_decades"] == pytest.approx(math.log10(0.3 / 0.001))
 
 
+def test_one_spike_then_one_dip_of_a_noisy_ratio_is_not_a_trend() -> None:
+    """A converged LSTM's ratio swings by decades from batch to batch (measured in the zoo's lstm_long: 0.62
+    at one step, 0.0043 nine steps later, around 0.01 in between); a trend is a change of level."""
+    noisy = [0.02, 0.01, 0.62, 0.006, 0.01, 0.012, 0.007, 0.02, 0.006, 0.0043, 0.01, 0.005]
+    diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=10))
+    found = [f for step, r in enumerate(noisy) for f in diagnosis.update(record(step, [1.0, 1.0], early_late_ratio=r))]
+    assert found == []
+    falling = [1.0, 0.8, 1.2, 0.5, 0.1, 0.05, 0.01, 0.004, 0.003, 0.002]  # the level falls from ~1 to ~3e-3
+    diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=10))
+    found = [
+        f for step, r in enumerate(falling) for f in diagnosis.update(record(step, [1.0, 1.0], early_late_ratio=r))
+    ]
+    assert [(f.kind, f.step, f.reported_step) for f in found] == [("vanishing", 0, 9)]
+    assert found[0].evidence["early_late_ratio_before"] == pytest.approx(1.0)  # median of the first third
+    assert found[0].evidence["early_late_ratio_after"] == pytest.approx(0.003)  # median of the last third
+
+
 # --------------------------------------------------------------------------------------- exploding
 def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -99,9 +116,13 @@ def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path
     assert not exploding.empty
     first_nan = min(step for step, loss in model.losses.items() if not math.isfinite(loss))
     assert exploding.reported_step.min() < first_nan - 3
-    row = exploding.iloc[0]
-    assert row.evidence["growth"] >= 100 or max(row.evidence["layer_growth"].values()) >= 100
-    assert "learning rate" in row.remedy and "clipping" in row.remedy
+    for _, row in exploding.iterrows():  # the steps' size first (exploding updates), then the gradient's growth
+        evidence = row.evidence
+        if "median_update_ratio" in evidence:
+            assert evidence["median_update_ratio"] >= 0.1 and evidence["loss_median"] >= evidence["loss_before"]
+        else:
+            assert evidence["growth"] >= 100 or max(evidence["layer_growth"].values()) >= 100
+        assert "learning rate" in row.remedy and "clipping" in row.remedy
     # the NaN that follows is reported once, at its onset, as following the explosion
     non_finite = findings[findings.kind == "non_finite"]
     assert not non_finite.empty and non_finite.iloc[0].evidence["after_exploding"]
@@ -119,6 +140,45 @@ def record(step: int, grad: list[float], update: list[float] | None = None, **gl
     }
     glob = {"global_grad_l2": float(np.sqrt((values**2).sum())), **global_metrics}
     return StepRecord(step, layers, np.arange(len(grad)), metrics, glob)
+
+
+def test_large_updates_with_a_loss_that_does_not_fall_are_exploding_updates() -> None:
+    """The zoo's VGG-11 at SGD lr 1: every layer moves 10-80% per step for five steps, the loss stays above its
+    start, and only then does the gradient blow up. A fresh head moving as much with its loss falling is quiet."""
+    updates = [[0.02] * 3, [0.36, 0.2, 2.3], [0.4, 0.3, 0.9], [0.3, 0.25, 0.4], [0.25, 0.2, 0.3]]
+    rising = [2.307, 2.69, 3.37, 2.306, 2.49]  # the run's losses: not falling, though step 3 dips below the start
+    diagnosis = GradientDiagnosis()
+    found = [
+        f
+        for i, (u, loss) in enumerate(zip(updates, rising))
+        for f in diagnosis.update(record(i, [1.0] * 3, u), loss=loss)
+    ]
+    assert [(f.kind, f.severity, f.layer, f.step, f.reported_step) for f in found] == [
+        ("exploding", "warning", "l2", 1, 3)
+    ]
+    assert found[0].evidence["loss_before"] == pytest.approx(2.307)
+    assert found[0].evidence["median_update_ratio"] == pytest.approx(0.3)
+    assert "learning rate is far too large" in found[0].message
+    falling = [2.307, 1.9, 1.5, 1.2, 1.0]  # the same update sizes while the loss falls: a head learning fast
+    quiet = GradientDiagnosis()
+    assert [
+        f for i, (u, loss) in enumerate(zip(updates, falling)) for f in quiet.update(record(i, [1.0] * 3, u), loss=loss)
+    ] == []
+    off = GradientDiagnosis(DiagnosisConfig(exploding_update_ratio=None))
+    assert [
+        f for i, (u, loss) in enumerate(zip(updates, rising)) for f in off.update(record(i, [1.0] * 3, u), loss=loss)
+    ] == []
+
+
+def test_a_resumed_diagnosis_continues_a_run_of_large_updates() -> None:
+    updates, losses = [[0.02] * 3, [0.3] * 3, [0.3] * 3, [0.3] * 3], [1.0, 1.5, 1.6, 1.7]
+    first = GradientDiagnosis()
+    for i in range(2):
+        assert first.update(record(i, [1.0] * 3, updates[i]), loss=losses[i]) == []
+    resumed = GradientDiagnosis()
+    resumed.load_state_dict(first.state_dict())
+    found = [f for i in range(2, 4) for f in resumed.update(record(i, [1.0] * 3, updates[i]), loss=losses[i])]
+    assert [(f.kind, f.step, f.reported_step) for f in found] == [("exploding", 1, 3)]
 
 
 def test_clipping_on_every_step_is_a_note_and_clipping_that_hides_a_blow_up_a_warning() -> None:
@@ -487,12 +547,38 @@ def test_model_profile() -> None:
     nn.init.normal_(huge.weight, std=1.0)
     assert ModelProfile.from_model(nn.Sequential(huge)).init_large == ["0"]
 
-    class Bottleneck(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
 
-    assert ModelProfile.from_model(nn.Sequential(Bottleneck())).residual
+class Bottleneck(nn.Module):
+    """Named like a residual block, but its forward has no shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class SkipBlock(Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.fc(x))
+
+
+def test_residual_structure_is_read_from_the_code_not_the_class_name() -> None:
+    from transformers import GPT2Config, GPT2Model  # built from a config, no download
+    from ultralytics.nn.modules.block import C3k2
+
+    assert not ModelProfile.from_model(nn.Sequential(Bottleneck(), Bottleneck())).residual  # a name alone
+    profile = ModelProfile.from_model(nn.Sequential(SkipBlock(), nn.Linear(4, 4)))
+    assert profile.residual and profile.residual_evidence == ["0 (SkipBlock)"]
+    gpt2 = ModelProfile.from_model(GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)))
+    assert gpt2.residual and any("GPT2Block" in evidence for evidence in gpt2.residual_evidence)
+    # Ultralytics' flag decides: the case study's no_residual ablation switches `add` off in every Bottleneck.
+    with_add, without_add = C3k2(16, 16, n=1, shortcut=True), C3k2(16, 16, n=1, shortcut=False)
+    assert ModelProfile.from_model(with_add).residual
+    stripped = ModelProfile.from_model(without_add)
+    assert not stripped.residual
+    assert stripped.block_contents["m"].endswith("no shortcut")
 
 
 # --------------------------------------------------------------------------------------------- DDP

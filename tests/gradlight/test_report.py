@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gradlight.history import GLOBAL_LAYER, HistoryWriter, TruncatedHistoryWarning, load_history, read_history
-from gradlight.report import ReportInputError, build_report, load_run, summarize
+from gradlight.report import ExtraSection, ReportInputError, build_report, load_run, summarize
 from gradlight.report.figures import (
     RUN_COLORS,
     activation_figure,
@@ -27,6 +27,7 @@ from gradlight.report.figures import (
     shorten_label,
     update_ratio_figure,
 )
+from gradlight.report.html import ImageBlock, render_page
 from gradlight.report.summary import (
     layer_grid,
     parse_run_spec,
@@ -182,6 +183,23 @@ def test_single_run_report_embeds_every_figure_and_names_findings(tmp_path: Path
     assert "SyntheticVanishing" in page  # run.json
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "Comparison" not in page
+
+
+def test_extra_sections_come_first_with_their_figures(tmp_path: Path) -> None:
+    """A caller's own section (an experiment grid's results) sits above the runs' summary, figures embedded."""
+    write_run(tmp_path / "run")
+    figure = profile_figure(load_history(tmp_path / "run"))
+    png = tmp_path / "mine.png"
+    figure.figure.savefig(png, format="png")
+    section = ExtraSection(
+        "My grid", "<table><tr><td>7 variants</td></tr></table>", [ImageBlock("mine", "", png.read_bytes())]
+    )
+    page = build_report([tmp_path / "run"], tmp_path / "out", progress=False, extra_sections=[section]).read_text()
+    assert page.index("<h2>My grid</h2>") < page.index("<td>7 variants</td>") < page.index("<h2>Summary</h2>")
+    assert len(IMG.findall(page)) == 6 + 1  # the run's six figures and the section's one
+    assert page.count("<h2>My grid</h2>") == 1 and page.rstrip().endswith("</html>")
+    alone = render_page("Only mine", [], extra_sections=[section])
+    assert "<h2>My grid</h2>" in alone and "<h2>Summary</h2>" not in alone and alone.rstrip().endswith("</html>")
 
 
 def test_three_runs_compare_side_by_side(tmp_path: Path) -> None:
@@ -410,21 +428,55 @@ def test_activation_sites_are_markers_with_min_max_bars_not_joined(tmp_path: Pat
     ax = result.figure.axes[0]
     assert all(line.get_linestyle() == "None" for line in ax.get_lines())  # no line joins two sites
     assert not any(type(c).__name__.endswith("PolyCollection") for c in ax.collections)  # no band
-    (container,) = ax.containers
-    segments = container.lines[2][0].get_segments()
+    # What a reader sees: one vertical bar per site, from its smallest to its largest value over the steps.
+    bars = [segment for c in ax.collections for segment in getattr(c, "get_segments", list)()]
     values = result.data["act_saturation"] * 100
-    np.testing.assert_allclose([seg[0][1] for seg in segments], values.min(axis=1))
-    np.testing.assert_allclose([seg[1][1] for seg in segments], values.max(axis=1))
+    spans = sorted((float(seg[0][0]), *sorted((float(seg[0][1]), float(seg[1][1])))) for seg in bars)
+    expected = sorted(zip(np.arange(len(values), dtype=float), values.min(axis=1), values.max(axis=1)))
+    assert len(spans) == len(expected)
+    np.testing.assert_allclose(np.array(spans), np.array(expected, dtype=float))
 
 
-def test_layer_labels_are_rotated_only_when_they_would_overlap(tmp_path: Path) -> None:
+def _labels_overlap(result: Any) -> bool:
+    """Whether two neighbouring x tick labels of the drawn figure overlap on the page.
+
+    Horizontal labels overlap when their rendered boxes do; labels rotated by ``a`` form parallel strips, which
+    overlap when their horizontal spacing times ``sin(a)`` is less than the text's height.
+    """
+    import itertools
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = result.figure
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    labels = [label for label in figure.axes[0].get_xticklabels() if label.get_text()]
+    for left, right in itertools.pairwise(labels):
+        angle = math.radians(left.get_rotation())
+        if angle == 0.0:
+            if left.get_window_extent(renderer).overlaps(right.get_window_extent(renderer)):
+                return True
+            continue
+        spacing = abs(right.get_window_extent(renderer).x1 - left.get_window_extent(renderer).x1)
+        height = left.get_fontsize() * figure.dpi / 72
+        if spacing * math.sin(angle) < height:
+            return True
+    return False
+
+
+def test_layer_labels_stay_readable_short_or_long(tmp_path: Path) -> None:
+    """Short and long layer names alike: every layer is labelled and no two labels overlap."""
     write_run(tmp_path / "short", steps=3, activations=False)
-    short = profile_figure(load_history(tmp_path / "short"))
-    assert {label.get_rotation() for label in short.figure.axes[0].get_xticklabels()} == {0.0}
     names = [f"backbone.stage{i}.block.conv_{i}" for i in range(12)]
     write_run(tmp_path / "long", names=names, steps=3, activations=False)
-    long = profile_figure(load_history(tmp_path / "long"))
-    assert {label.get_rotation() for label in long.figure.axes[0].get_xticklabels()} == {45.0}
+    for run, count in (("short", None), ("long", len(names))):
+        result = profile_figure(load_history(tmp_path / run))
+        labels = [label.get_text() for label in result.figure.axes[0].get_xticklabels() if label.get_text()]
+        if count is not None:
+            assert len(labels) == count
+        assert not _labels_overlap(result), run
 
 
 def test_many_runs_stay_distinguishable(tmp_path: Path) -> None:
@@ -559,7 +611,7 @@ def test_progress_advances_per_record_batch_segment_and_figure(tmp_path: Path, m
     assert reading.total == sum(reading.updates) == sizes
     assert len(reading.updates) >= 30 + 5 + 30  # one update per record batch at least: the bar moves while reading
     assert reading.postfixes == ["a", "b"]
-    assert drawing.total == 2 * 6 + 2 + 1 and drawing.updates == [1] * drawing.total
+    assert drawing.total == 2 * 6 + 3 + 1 and drawing.updates == [1] * drawing.total  # 3 comparison figures
     assert drawing.postfixes == ["a", "b", "comparison", "report.html"]
     bars.clear()
     build_report([tmp_path / "b"], tmp_path / "quiet", progress=False)

@@ -159,6 +159,27 @@ def test_report_shows_the_signal_figures_only_for_runs_that_tapped_it(tmp_path: 
     assert compare_gains_figure([runs[0]]) is None
 
 
+def test_run_comparison_includes_the_gains_only_when_a_run_tapped_the_signal(tmp_path: Path) -> None:
+    train_and_record(tmp_path / "sigmoid", block_mlp())
+    train_and_record(tmp_path / "batchnorm", block_mlp(bn=True))
+    page = build_report([tmp_path / "sigmoid", tmp_path / "batchnorm"], tmp_path / "both", progress=False)
+    comparison = page.read_text().split("<h2>Comparison</h2>")[1].split("<h2>Run:")[0]
+    assert "Block gains" in comparison and (tmp_path / "both" / "compare_gains.png").is_file()
+    for name in ("sigmoid", "batchnorm"):  # the same runs without their signal rows
+        frame = load_history(tmp_path / name)
+        plain = tmp_path / f"{name}_plain"
+        writer = HistoryWriter(plain)
+        for step, rows in frame[~frame["metric"].str.startswith("signal_")].groupby("step"):
+            for metric, part in rows.groupby("metric"):
+                writer.append_step(
+                    int(step), list(part["layer"]), part["depth"].to_numpy(), {str(metric): part["value"].to_numpy()}
+                )
+        writer.close()
+        (plain / "run.json").write_text((tmp_path / name / "run.json").read_text())
+    page = build_report([tmp_path / "sigmoid_plain", tmp_path / "batchnorm_plain"], tmp_path / "plain", progress=False)
+    assert "Block gains" not in page.read_text() and not (tmp_path / "plain" / "compare_gains.png").exists()
+
+
 # ------------------------------------------------------------------------ parameter profile views
 def gpt2_frame() -> tuple[pd.DataFrame, dict[str, int]]:
     """One backward of a 6-block GPT-2 built from a config: per-module gradient norms as a history frame."""

@@ -206,34 +206,8 @@ def finish(config: GridConfig, names: list[str]) -> pd.DataFrame:
         summary.plot_loss_curves(runs, out / "loss_curves.png"),
         summary.plot_gradient_profiles(runs, out / "grad_profiles.png"),
     ]
-    gains = plot_signal_gains(runs, out / "signal_gains.png")
-    figures += [gains] if gains is not None else []
     summary.write_report(frame, runs, figures, out, title=f"gradlight ablation grid: {config.preset}")
     return frame
-
-
-def plot_signal_gains(runs: dict[str, Path], path: Path) -> Path | None:
-    """Every run's block gains on one axis (``path``), from the runs that tapped the backward signal.
-
-    gradlight's comparison figure :func:`gradlight.report.figures.compare_gains_figure`: the gain of each YOLO
-    block (``log10`` of the signal at its input over the signal at its output) at each run's last recorded
-    step. Returns ``path``, or ``None`` (and no file) when no run has a backward signal.
-    """
-    from gradlight.report.figures import compare_gains_figure
-    from gradlight.report.summary import ReportInputError, load_run
-
-    loaded = []
-    for name, run_dir in runs.items():
-        try:
-            loaded.append(load_run(Path(run_dir) / "gradlight", name))
-        except ReportInputError:  # not trained (yet): no history
-            continue
-    result = compare_gains_figure(loaded) if loaded else None
-    path.unlink(missing_ok=True)
-    if result is None:
-        return None
-    result.figure.savefig(path, dpi=120, facecolor="white")
-    return path
 
 
 def _format(frame: pd.DataFrame) -> str:

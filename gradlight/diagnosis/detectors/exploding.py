@@ -7,6 +7,13 @@
   the next step. A layer counts only if its norm is at least ``exploding_min_share`` of the largest layer's (a
   tiny gradient recovering from ~0 grows by large factors without blowing up).
 * **absolute**: ``exploding_norm`` (global) or ``exploding_layer_norm`` (any layer), both off by default.
+* **updates**: the median layer's ``update_ratio`` is at least ``exploding_update_ratio`` for
+  ``exploding_update_patience`` logged steps and the loss has not fallen since those large steps began (the
+  median loss over them is not below the loss before them), in two layers at least: a learning rate far too
+  large redraws the weights of a deep net every step, and the changes compound through its depth, before the
+  gradient norm itself blows up. One trainable layer (a fresh linear head over a frozen backbone, measured at
+  20-40% per step with its loss rising for ten steps before it converges) is a convex fit that overshoots
+  and comes back: not reported.
 * **clipping**: with clipping on, a pre-clip value ``clip_factor`` times the clip value for ``clip_patience``
   logged steps is a ``note`` (clipping acts on every step, as a learning-rate cut); with growth it is part of
   the warning (clipping hides the blow-up).
@@ -70,6 +77,10 @@ class ExplodingDetector(Detector):
         self.global_norms: deque[tuple[int, float]] = deque(maxlen=config.exploding_window)
         self.layer_norms = LayerWindows(config.exploding_window)
         self.rise: _Rise | None = None
+        self.large_update_losses: list[float] = []  # losses of the current run of large-update steps
+        self.loss_before_large_updates: float | None = None  # the loss of the step before that run
+        self.last_loss: float | None = None
+        self.updates_reported_since: int | None = None  # first step of the large-update run last reported
 
     def check(self, step: StepContext) -> list[Finding]:
         """Growth (confirmed), absolute thresholds, clipping note."""
@@ -87,6 +98,10 @@ class ExplodingDetector(Detector):
             clip_count, _ = self.streaks.one("clip", clip_ratio >= config.clip_factor, record.step)
         clipped = clip_count >= config.clip_patience
         grew = growing is not None
+        oversized = self._oversized_updates(step)
+        if oversized is not None and not (grew or over or over_norm):
+            step.run.exploded = True
+            return [oversized]
         if not (grew or over or over_norm or clipped):
             return []
         if not (grew or over or over_norm):  # clipping alone: a note
@@ -177,6 +192,60 @@ class ExplodingDetector(Detector):
         grown = {n: growth.current[n] / base for n, base in rise.layer_baselines.items() if n in growth.current}
         return rise.step, grown
 
+    # ----------------------------------------------------------------------------------------- updates
+    def _oversized_updates(self, step: StepContext) -> Finding | None:
+        """The ``updates`` condition (module docstring): a finding once it has held for its patience."""
+        config, record = self.config, step.record
+        limit, loss = config.exploding_update_ratio, step.loss
+        update = record.metrics.get("update_ratio")
+        values = np.asarray(update if update is not None else [], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        known_loss = loss is not None and math.isfinite(loss)
+        # Two layers at least: a deep net's output changes by the product of its layers' relative changes; a
+        # single trainable layer (a linear head over a frozen backbone) is a convex fit that overshoots and
+        # comes back, however large its steps.
+        large = (
+            limit is not None and known_loss and int((finite >= limit).sum()) >= 2 and float(np.median(finite)) >= limit
+        )
+        if not large:
+            self.large_update_losses = []
+            self.last_loss = loss if known_loss else None
+            self.streaks.one("updates", False, record.step)
+            return None
+        assert loss is not None  # known_loss
+        if not self.large_update_losses:
+            self.loss_before_large_updates = self.last_loss if self.last_loss is not None else loss
+        self.large_update_losses.append(loss)
+        self.last_loss = loss
+        before = self.loss_before_large_updates
+        not_falling = before is not None and statistics.median(self.large_update_losses) >= before
+        count, since = self.streaks.one("updates", not_falling, record.step)
+        if count < config.exploding_update_patience or since == self.updates_reported_since:
+            return None  # not yet, or this run of large updates was reported already
+        self.updates_reported_since = since
+        median = float(np.median(finite))
+        ranked = sorted(
+            ((name, float(v)) for name, v in zip(record.layers, values.tolist()) if math.isfinite(v)),
+            key=lambda item: -item[1],
+        )
+        layer = ranked[0][0]
+        evidence: dict[str, Any] = {
+            "median_update_ratio": median,
+            "update_ratio_threshold": limit,
+            "patience": config.exploding_update_patience,
+            "loss_before": before,
+            "loss_median": statistics.median(self.large_update_losses),
+            "layer_update_ratio": dict(ranked[: config.max_layers_in_evidence]),
+            "global_grad_l2": float(record.global_metrics.get("global_grad_l2", np.nan)),
+        }
+        message = (
+            f"exploding updates since step {since}: each optimizer step changes the median layer's weights by "
+            f"{median:.0%} of their norm (threshold {limit:.0%}; healthy steps move ~0.1%), {layer} by "
+            f"{ranked[0][1]:.0%}, and the loss has not fallen (median {fmt(evidence['loss_median'])} against "
+            f"{fmt(float(before or 0.0))} before): the learning rate is far too large for this model"
+        )
+        return step.finding(self.kind, layer, since, message, evidence, [name for name, _ in ranked[:3]])
+
     # ---------------------------------------------------------------------------------------- messages
     def _clipping_note(self, step: StepContext, growth: _Growth, clip_ratio: float | None, since: int) -> Finding:
         ratio = float(clip_ratio or 0.0)
@@ -263,6 +332,10 @@ class ExplodingDetector(Detector):
             "rise": None
             if rise is None
             else [rise.step, rise.baseline, dict(rise.layer_baselines), rise.confirmations],
+            "large_update_losses": list(self.large_update_losses),
+            "loss_before_large_updates": self.loss_before_large_updates,
+            "last_loss": self.last_loss,
+            "updates_reported_since": self.updates_reported_since,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -273,6 +346,12 @@ class ExplodingDetector(Detector):
         self.layer_norms = LayerWindows.from_lists(window, state.get("layer_norms", {}))
         rise = state.get("rise")
         self.rise = None if not rise else _Rise(int(rise[0]), float(rise[1]), dict(rise[2]), int(rise[3]))
+        self.large_update_losses = [float(v) for v in state.get("large_update_losses", [])]
+        before, last = state.get("loss_before_large_updates"), state.get("last_loss")
+        self.loss_before_large_updates = None if before is None else float(before)
+        self.last_loss = None if last is None else float(last)
+        reported = state.get("updates_reported_since")
+        self.updates_reported_since = None if reported is None else int(reported)
 
 
 def _clip_ratio(step: StepContext) -> float | None:

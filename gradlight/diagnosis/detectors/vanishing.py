@@ -5,7 +5,9 @@ Two conditions, one kind:
 * **level**: a layer's ``grad_l2`` stays below ``vanishing_ratio`` of the reference (the last matrix layers in
   forward order) for ``vanishing_patience`` logged steps;
 * **trend**: the early-to-late ratio falls by ``trend_decades`` within ``trend_window`` logged steps *and ends
-  that far below balanced* (a ratio that falls from too large to balanced is a recovery, not a loss).
+  that far below balanced* (a ratio that falls from too large to balanced is a recovery, not a loss). Both
+  ends are levels, the median of the window's first and last thirds: a single batch's ratio swings by
+  decades late in a converged run, and one spike followed by one dip is not a trend.
 
 A small gradient that the model's design explains is a ``note``, not a warning:
 
@@ -20,6 +22,7 @@ A small gradient that the model's design explains is a ``note``, not a warning:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -196,7 +199,14 @@ class VanishingDetector(Detector):
         self.trend.append((record.step, math.log10(ratio)))
         if len(self.trend) < config.trend_window:
             return []
-        (first_step, first), (_, last) = self.trend[0], self.trend[-1]
+        # Levels, not single steps: the median of the window's first and last thirds. One batch's ratio can
+        # swing two decades in a converged run (a hard sample spikes the head's gradient; a sparse embedding
+        # gets little), so two single points can "fall" 2 decades without any trend.
+        span = max(1, len(self.trend) // 3)
+        points = list(self.trend)
+        first_step = points[0][0]
+        first = statistics.median(value for _, value in points[:span])
+        last = statistics.median(value for _, value in points[-span:])
         drop = first - last
         # falling *into* the starving range: a ratio that falls from 400 to 1 gets balanced, not vanishing
         if drop < config.trend_decades or last > -config.trend_decades:
@@ -206,13 +216,15 @@ class VanishingDetector(Detector):
             "trend_decades": drop,
             "early_late_ratio": ratio,
             "early_late_ratio_before": 10.0**first,
+            "early_late_ratio_after": 10.0**last,
             "window_steps": [first_step, record.step],
             "ratio": ratio,
             "decades": -math.log10(ratio),
         }
         message = (
-            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades "
-            f"(from {fmt(10.0**first)} to {fmt(ratio)}) between steps {first_step} and {record.step}; "
+            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades between "
+            f"steps {first_step} and {record.step} (median {fmt(10.0**first)} over steps {first_step}-"
+            f"{points[span - 1][0]}, {fmt(10.0**last)} over steps {points[-span][0]}-{record.step}); "
             f"the first layer {layer} is losing its gradient"
         )
         return [step.finding(self.kind, layer, first_step, message, evidence, [layer])]

@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests._distributed import init_env
 
 
 def run_rank(rank: int, world_size: int, port: int, data_yaml: str, out_dir: str) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(world_size),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "NODE_RANK": "0",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    init_env(rank, world_size, port)
     import lightning as L
     import torch
 
-    torch.set_num_threads(1)
     from casestudies.detection import offline
 
     offline.configure_offline()

@@ -1,11 +1,11 @@
-"""Top-level workers of the 2-process tests of :mod:`casestudies.detection.distributed` (``mp.spawn`` needs them).
+"""Top-level workers of the 2-process tests of :mod:`casestudies.detection.distributed` (started by
+:func:`tests._distributed.spawn`).
 
 Each rank computes its part of a global batch and saves what it got; the tests compare with one process.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tests._distributed import init_env
+
 #: Ultralytics' BatchNorm settings (``Conv``: eps 1e-3, momentum 0.03).
 BN = {"eps": 1e-3, "momentum": 0.03}
 
 
 def init(rank: int, world_size: int, port: int) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
-    torch.set_num_threads(1)
+    init_env(rank, world_size, port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 

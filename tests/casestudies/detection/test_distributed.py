@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from casestudies.detection import offline
@@ -20,8 +19,8 @@ from casestudies.detection.distributed import (  # noqa: E402
     global_batch_loss,
 )
 from casestudies.detection.synthetic import generate_shapes_dataset  # noqa: E402
+from tests._distributed import spawn  # noqa: E402
 from tests.casestudies.detection import _distributed_worker as worker  # noqa: E402
-from tests.casestudies.detection._ddp_worker import free_port  # noqa: E402
 
 
 def one_process_batchnorm() -> dict[str, torch.Tensor]:
@@ -46,7 +45,7 @@ def one_process_batchnorm() -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_global_batchnorm_on_two_cpu_processes_is_the_one_process_batchnorm(tmp_path: Path) -> None:
     reference = one_process_batchnorm()
-    mp.spawn(worker.batchnorm_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(worker.batchnorm_rank, 2, str(tmp_path))
     ranks = [torch.load(tmp_path / f"bn_global_rank{rank}.pt") for rank in range(2)]
     for key in ("out", "input_grad"):
         joined = torch.cat([rank[key] for rank in ranks])
@@ -93,7 +92,7 @@ def test_global_batch_loss_gives_two_processes_the_one_process_gradient(tmp_path
     batch, model = worker.detection_batch(shapes_yaml, 8), worker.detector()
     model.criterion = model.init_criterion()
     reference = worker.gradients(model, model.loss(batch)[0].sum())
-    mp.spawn(worker.loss_rank, args=(2, free_port(), shapes_yaml, str(tmp_path)), nprocs=2, join=True)
+    spawn(worker.loss_rank, 2, shapes_yaml, str(tmp_path))
     for name in ("global", "per_rank"):
         ranks = [torch.load(tmp_path / f"loss_{name}_rank{rank}.pt") for rank in range(2)]
         assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])  # DDP: the same on every rank

@@ -96,11 +96,10 @@ def test_short_training_improves_intact_map_on_synthetic_shapes(synthetic_root: 
 
 @pytest.mark.slow
 def test_two_process_ddp_training_step_on_cpu(coco8_yaml: Path, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
+    from tests._distributed import spawn
+    from tests.casestudies.detection._ddp_worker import run_rank
 
-    from tests.casestudies.detection._ddp_worker import free_port, run_rank
-
-    mp.spawn(run_rank, args=(2, free_port(), str(coco8_yaml), str(tmp_path)), nprocs=2, join=True)
+    spawn(run_rank, 2, str(coco8_yaml), str(tmp_path))
 
     results = [pd.read_json(tmp_path / f"rank{rank}.json", typ="series") for rank in range(2)]
     for result in results:
