@@ -306,7 +306,7 @@ def plot_gradient_profiles(runs: Mapping[str, Path | Sequence[Path]], path: Path
     ax.set_xlabel("YOLO block (forward order)")
     ax.set_ylabel("gradient L2 norm (median, last quarter)")
     title = "Where the gradient goes: per-block gradient norm"
-    ax.set_title(title + (" (geometric mean over seeds, band: min to max)" if several else ""))
+    ax.set_title(title + ("\n(geometric mean over seeds, band: min to max)" if several else ""))  # fits the width
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
