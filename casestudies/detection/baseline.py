@@ -174,6 +174,8 @@ class BaselineConfig:
         device: Ultralytics device string (``"cpu"``, ``"0"``, ``"0,1"`` for DDP).
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
         init_seed: Seed of the initial weights.
+        backward_signal: Tap each block's backward signal on logged steps, like the Lightning variants
+            (``track_backward_signal`` of the Ultralytics recording; off under AMP).
         overrides: Further Ultralytics overrides (``lr0``, ``warmup_epochs``, ...).
         resume: Continue from ``run_dir/ultralytics/weights/last.pt`` when it holds an unfinished run
             (Ultralytics' own resume: optimizer, EMA, epoch); otherwise start from scratch.
@@ -189,6 +191,7 @@ class BaselineConfig:
     device: str = "cpu"
     log_every_n_steps: int = 10
     init_seed: int = 0
+    backward_signal: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
 
@@ -273,6 +276,7 @@ def train_baseline(
         log_every_n_steps=config.log_every_n_steps,
         group_by=GROUP_BY,
         prefix="model",
+        track_backward_signal=config.backward_signal,
     )
     overrides = config.ultralytics_overrides()
     last = run_dir / "ultralytics" / "weights" / "last.pt"

@@ -63,6 +63,10 @@ class UltralyticsRecording:
         prefix: Put the ``DetectionModel`` under this attribute name for naming (``"model"`` gives
             ``model.model.0``, the names of a LightningModule holding it as ``.model``).
         track_update_ratio: Record ``update_ratio``.
+        track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
+            and its gain; :mod:`gradlight.signal`) on logged steps. Not under AMP (``amp=True``): the tapped
+            gradients carry the loss scale there, which Ultralytics unscales for the parameters only; the
+            recording then warns and leaves the taps off.
         flush_every_n_records: Write the history every this many records (and at every epoch end).
         overwrite: Replace a history already in the run folder.
         diagnose: Diagnose the gradient flow; findings go to ``findings.jsonl``.
@@ -81,6 +85,7 @@ class UltralyticsRecording:
     exclude: Sequence[str] = ()
     prefix: str = ""
     track_update_ratio: bool = True
+    track_backward_signal: bool = False
     flush_every_n_records: int = 20
     overwrite: bool = False
     diagnose: bool = True
@@ -106,6 +111,7 @@ class UltralyticsRecording:
             group_by=self.group_by,
             exclude=tuple(self.exclude),
             track_update_ratio=self.track_update_ratio,
+            track_backward_signal=self.track_backward_signal,
             flush_every_n_records=self.flush_every_n_records,
             overwrite=self.overwrite,
             diagnose=self.diagnose,
@@ -180,6 +186,14 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         detector = unwrap_model(self._module())
         model = _Named(self.recording.prefix, detector) if self.recording.prefix else detector
         options = self.recording.recorder_options().as_kwargs()
+        if self.amp and options.get("track_backward_signal"):
+            warnings.warn(
+                "gradlight: track_backward_signal is off under Ultralytics AMP (amp=True): the tapped output "
+                "gradients carry the loss scale. Train with amp=False to record the backward signal.",
+                UserWarning,
+                stacklevel=2,
+            )
+            options["track_backward_signal"] = False
         world = max(int(self.world_size), 1)
         self.recorder = GradientFlowRecorder(
             model,
@@ -288,6 +302,7 @@ def train(
     diagnose: bool = True,
     diagnosis: Mapping[str, Any] | None = None,
     on_anomaly: str | Mapping[str, str] = "warn",
+    track_backward_signal: bool = False,
     trainer: type[GradientFlowDetectionTrainer] = GradientFlowDetectionTrainer,
     **train_kwargs: Any,
 ) -> Any:
@@ -302,6 +317,8 @@ def train(
         diagnose: Diagnose the gradient flow.
         diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
         on_anomaly: What a new warning finding does (see :class:`UltralyticsRecording`).
+        track_backward_signal: Tap each block's backward signal on logged steps (see
+            :class:`UltralyticsRecording`; not under AMP).
         trainer: The trainer class (a subclass of :class:`GradientFlowDetectionTrainer`).
         **train_kwargs: Ultralytics' training arguments (``data``, ``epochs``, ``imgsz``, ...).
 
@@ -319,6 +336,7 @@ def train(
         diagnose=diagnose,
         diagnosis=dict(diagnosis or {}),
         on_anomaly=dict(on_anomaly) if isinstance(on_anomaly, Mapping) else on_anomaly,
+        track_backward_signal=track_backward_signal,
     )
     previous = os.environ.get(SETTINGS_ENV)
     os.environ[SETTINGS_ENV] = recording.to_json()  # read by the trainer and by Ultralytics' DDP workers

@@ -98,6 +98,20 @@ def test_the_stripped_sigmoid_yolo_gets_a_vanishing_finding(tmp_path: Path) -> N
     assert len(vanishing) >= 1 and vanishing.layer.iloc[0].startswith("model.0")
 
 
+@pytest.mark.slow
+def test_the_backward_signal_of_every_block_is_tapped_on_logged_steps(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = dict(log_every_n_steps=1, group_by=2, nbs=BATCH)
+    save_dir = fit(tmp_path, "signal", GradientFlowDetectionTrainer, track_backward_signal=True, **kwargs)
+    plain = fit(tmp_path, "plain", GradientFlowDetectionTrainer, **kwargs)
+    assert load_history(plain, metrics=["signal_l2"]).empty  # off by default
+    signal = load_history(save_dir, metrics=["signal_l2", "signal_gain"])
+    # the blocks of the layer grouping: those that own parameters (Upsample and Concat own none)
+    blocks = {".".join(name.split(".")[:2]) for name, _ in DetectionModel("yolo11n.yaml", nc=3).named_parameters()}
+    norms = signal[signal.metric == "signal_l2"]
+    assert sorted(norms.step.unique()) == list(range(TRAIN_IMAGES // BATCH))  # every logged step
+    assert set(norms.layer) == blocks and (norms.value > 0).all() and np.isfinite(norms.value).all()
+
+
 class Killed(RuntimeError):
     """Stands for the process dying mid-epoch."""
 

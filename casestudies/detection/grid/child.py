@@ -252,6 +252,7 @@ def baseline_config(spec: RunSpec) -> BaselineConfig:
         log_every_n_steps=spec.log_every_n_steps,
         init_seed=spec.seed,
         resume=spec.resume,
+        backward_signal=spec.backward_signal,
         overrides={**recipe, **spec.augment, "seed": spec.seed},
     )
 

@@ -63,10 +63,11 @@ class GridConfig:
         out: Output folder.
         resume: Skip finished runs, continue unfinished ones.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
-        backward_signal: Tap the backward signal of the Lightning variants on logged steps
-            (``GradientFlowMonitor(track_backward_signal=True)``: the gradient with respect to each YOLO
-            block's output and each block's gain, ``signal_*`` rows of the history, the signal heat map and
-            gain profile in the report). On by default; its cost is measured in ``docs/detection.md``.
+        backward_signal: Tap the backward signal of every run on logged steps (the Lightning variants'
+            ``GradientFlowMonitor(track_backward_signal=True)``, the baseline's Ultralytics recording): the
+            gradient with respect to each YOLO block's output and each block's gain (``signal_*`` rows of the
+            history; the signal heat map and gain profile in the report). On by default; its cost is measured
+            in ``docs/detection.md``.
         precision: Lightning ``precision`` of the variants: ``"32-true"`` or ``"64-true"`` (float64 weights
             and activations, for numerical checks such as ``--devices N`` against one process); the baseline
             trains in float32 either way.

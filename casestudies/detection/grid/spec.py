@@ -50,7 +50,7 @@ class RunSpec:
         workers: Dataloader workers on GPU.
         devices: Number of devices.
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
-        backward_signal: Tap the backward signal on logged steps (Lightning variants; the baseline has none).
+        backward_signal: Tap the backward signal on logged steps (Lightning variants and the baseline).
         precision: Lightning precision of a variant (``32-true`` or ``64-true``).
         augment: Ultralytics augmentation overrides.
         training: Recipe overrides.
