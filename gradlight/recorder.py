@@ -833,8 +833,9 @@ class GradientFlowRecorder:
         writer = self._writer
         if writer is None:
             return
-        if self.records_written == 0 or self._update_methods() != self.run_info.update_ratio_methods:
-            self._write_run_info()
+        methods = self._update_methods()
+        if self.records_written == 0 or methods != self.run_info.update_ratio_methods:
+            self._write_run_info(methods)
         writer.append_step(record.step, record.layers, record.depths, record.metrics)
         writer.append_global(record.step, record.global_metrics)
         if acts is not None:
@@ -844,14 +845,14 @@ class GradientFlowRecorder:
         if self._records_since_flush >= self.options.flush_every_n_records:
             self.flush()
 
-    def _write_run_info(self) -> None:
+    def _write_run_info(self, update_methods: dict[str, str]) -> None:
         assert self.folder is not None  # only called with a writer
         layer_map = self.tracker.layer_map
         self.run_info.layers = [
             LayerInfo(name, depth, size)
             for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
         ]
-        self.run_info.update_ratio_methods = self._update_methods()
+        self.run_info.update_ratio_methods = update_methods
         self.run_info.write(self.folder.root)
 
     def _update_methods(self) -> dict[str, str]:

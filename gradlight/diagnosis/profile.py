@@ -21,6 +21,7 @@ design*, so that the detectors can tell them from a vanishing gradient:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import math
@@ -47,8 +48,6 @@ _RESIDUAL_PATTERN = re.compile(
 _RESIDUAL_FLAGS = ("add", "shortcut", "residual", "use_residual")
 #: Class names of modules that may hold a shortcut: those named like a residual block, and blocks/layers.
 _MAY_ADD_PATTERN = re.compile(rf"{_RESIDUAL_PATTERN.pattern}|block|(en|de)coderlayer", re.IGNORECASE)
-#: Class -> whether its ``forward`` code adds (read once per class, see :func:`_forward_adds`).
-_FORWARD_ADDS: dict[type[nn.Module], bool] = {}
 _BLOCK_PATTERN = re.compile(r"(block|layer|bottleneck|residual|stage)", re.IGNORECASE)
 _ATTENTION_PATTERN = re.compile(r"attention|attn", re.IGNORECASE)
 _LOGIT_PROJECTION = re.compile(
@@ -347,22 +346,16 @@ def _looks_residual(module: nn.Module) -> bool:
     flags = [value for flag in _RESIDUAL_FLAGS if isinstance(value := getattr(module, flag, None), bool)]
     if flags:
         return any(flags)
-    cls = type(module)
+    cls: type = type(module)
     return bool(_MAY_ADD_PATTERN.search(cls.__name__)) and _forward_adds(cls)
 
 
-def _forward_adds(cls: type[nn.Module]) -> bool:
+@functools.cache
+def _forward_adds(cls: type) -> bool:
     """Whether the ``forward`` code of ``cls`` adds (``+``, ``+=``, ``torch.add``, ``.add_``), read once per class.
 
     Without readable source (a compiled or generated class) the residual-looking name is all there is.
     """
-    known = _FORWARD_ADDS.get(cls)
-    if known is None:
-        known = _FORWARD_ADDS[cls] = _reads_an_addition(cls)
-    return known
-
-
-def _reads_an_addition(cls: type[nn.Module]) -> bool:
     forward = getattr(cls, "forward", None)
     if forward is None or getattr(forward, "__name__", "") == "_forward_unimplemented":
         return False

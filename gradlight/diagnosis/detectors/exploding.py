@@ -201,12 +201,11 @@ class ExplodingDetector(Detector):
         values = np.asarray(update if update is not None else [], dtype=np.float64)
         finite = values[np.isfinite(values)]
         known_loss = loss is not None and math.isfinite(loss)
+        median = float(np.median(finite)) if finite.size else 0.0
         # Two layers at least: a deep net's output changes by the product of its layers' relative changes; a
         # single trainable layer (a linear head over a frozen backbone) is a convex fit that overshoots and
         # comes back, however large its steps.
-        large = (
-            limit is not None and known_loss and int((finite >= limit).sum()) >= 2 and float(np.median(finite)) >= limit
-        )
+        large = limit is not None and known_loss and int((finite >= limit).sum()) >= 2 and median >= limit
         if not large:
             self.large_update_losses = []
             self.last_loss = loss if known_loss else None
@@ -218,12 +217,12 @@ class ExplodingDetector(Detector):
         self.large_update_losses.append(loss)
         self.last_loss = loss
         before = self.loss_before_large_updates
-        not_falling = before is not None and statistics.median(self.large_update_losses) >= before
+        loss_median = statistics.median(self.large_update_losses)
+        not_falling = before is not None and loss_median >= before
         count, since = self.streaks.one("updates", not_falling, record.step)
         if count < config.exploding_update_patience or since == self.updates_reported_since:
             return None  # not yet, or this run of large updates was reported already
         self.updates_reported_since = since
-        median = float(np.median(finite))
         ranked = sorted(
             ((name, float(v)) for name, v in zip(record.layers, values.tolist()) if math.isfinite(v)),
             key=lambda item: -item[1],
@@ -234,14 +233,14 @@ class ExplodingDetector(Detector):
             "update_ratio_threshold": limit,
             "patience": config.exploding_update_patience,
             "loss_before": before,
-            "loss_median": statistics.median(self.large_update_losses),
+            "loss_median": loss_median,
             "layer_update_ratio": dict(ranked[: config.max_layers_in_evidence]),
             "global_grad_l2": float(record.global_metrics.get("global_grad_l2", np.nan)),
         }
         message = (
             f"exploding updates since step {since}: each optimizer step changes the median layer's weights by "
             f"{median:.0%} of their norm (threshold {limit:.0%}; healthy steps move ~0.1%), {layer} by "
-            f"{ranked[0][1]:.0%}, and the loss has not fallen (median {fmt(evidence['loss_median'])} against "
+            f"{ranked[0][1]:.0%}, and the loss has not fallen (median {fmt(loss_median)} against "
             f"{fmt(float(before or 0.0))} before): the learning rate is far too large for this model"
         )
         return step.finding(self.kind, layer, since, message, evidence, [name for name, _ in ranked[:3]])
