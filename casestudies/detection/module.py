@@ -39,7 +39,7 @@ from ultralytics.utils.torch_utils import ModelEMA
 
 from casestudies.detection import offline as _offline
 from casestudies.detection.ablations import Ablation
-from casestudies.detection.distributed import global_batch_loss
+from casestudies.detection.distributed import global_batch_loss, world_size
 from casestudies.detection.evaluate import (
     coco_ground_truth,
     coco_map,
@@ -375,8 +375,8 @@ class DetectorModule(GradientFlowMixin, L.LightningModule):
         if self.trainer.sanity_checking or self._val_ground_truth is None:
             return
         merged = dict(self._val_detections)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
+        if world_size() > 1:
+            gathered: list[Any] = [None] * world_size()
             dist.all_gather_object(gathered, self._val_detections)
             merged = {}
             for part in gathered:

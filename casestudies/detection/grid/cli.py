@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backward-signal",
         action=argparse.BooleanOptionalAction,
-        help="tap the backward signal (gradient w.r.t. each YOLO block's output, block gains) of the Lightning "
-        "variants on logged steps (default: on; --no-backward-signal turns it off)",
+        help="tap the backward signal (gradient w.r.t. each YOLO block's output, block gains) of every run on "
+        "logged steps (default: on; --no-backward-signal turns it off)",
     )
     parser.add_argument(
         "--seeds",
