@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                      # all sizes (about 2 min on a busy 2-core CPU)
     python benchmarks/scale.py --max-params 20e6    # the small ones only
+    python benchmarks/scale.py --fused-reference    # also time a torch.compile'd (fused) reconstruction
 
 Every model is a Hugging Face ``GPT2LMHeadModel`` built from a config (no download), trained with
 ``torch.optim.AdamW`` (its CPU default, the for-loop implementation) on random tokens, batch 4 x 64. Per
@@ -17,6 +18,9 @@ size it prints, as medians over ``--rounds``:
 - ``floor``: reading every tensor a default logged step must read once (a norm of each gradient, parameter,
   first and second moment, and the parameter again: five passes over the parameter count), the least any
   implementation made of unfused torch kernels can take;
+- with ``--fused-reference``: the same AdamW update norms computed by one ``torch.compile``'d kernel per
+  tensor (one pass over both moments and the parameter; needs a C++ compiler, compiles on first use), checked
+  against the tracker's to 1e-3: what a fused reconstruction would cost. It is not part of gradlight;
 - the peak memory a logged step adds (tensors created inside capture and finalize and alive at once,
   counted with a ``TorchDispatchMode``), for ``default`` and ``copy``, as a share of the parameter bytes.
 
@@ -29,6 +33,7 @@ of one ``AdamW.step()``, and adds at most 5% of the parameter bytes. Sizes whose
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -106,7 +111,34 @@ def read_floor(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> 
             torch.linalg.vector_norm(tensor)
 
 
-def measure(name: str, rounds: int) -> dict[str, float]:
+def _fused_adamw_sq(m: Tensor, v: Tensor, p: Tensor, add: Tensor, alpha: Tensor) -> Tensor:
+    """``sum((m / (sqrt(v) + add) + alpha * p) ** 2)`` accumulated in float64 (one fused kernel once compiled)."""
+    r = (m / (v.sqrt() + add) + alpha * p).double()
+    return (r * r).sum()
+
+
+class FusedReference:
+    """AdamW's update norms per tensor from its state, one compiled kernel per tensor (the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.kernel = torch.compile(_fused_adamw_sq, dynamic=True)
+
+    def __call__(self, params: list[nn.Parameter]) -> Tensor:
+        (group,) = self.optimizer.param_groups
+        lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        out = []
+        for param in params:
+            state = self.optimizer.state[param]
+            step = float(state["step"])
+            c1, c2 = 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
+            add, alpha = torch.tensor(eps * c2), torch.tensor(decay * c1 / c2)
+            flat = (state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), param.detach().view(-1))
+            out.append(self.kernel(*flat, add, alpha) * (lr / c1 * c2 / (1.0 - lr * decay)) ** 2)
+        return torch.stack(out)
+
+
+def measure(name: str, rounds: int, fused_reference: bool = False) -> dict[str, float]:
     model, optimizer, tokens = build(name)
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -135,6 +167,7 @@ def measure(name: str, rounds: int) -> dict[str, float]:
             after = timed(hooks[variant].after)
             in_hooks[variant].append(before + after)
         floor.append(timed(lambda: read_floor(params, optimizer)))
+    fused = fused_times(hooks["default"].tracker, params, optimizer, rounds) if fused_reference else {}
     memory = {}
     for variant in ("default", "copy"):
         with LiveBytes() as capture:
@@ -152,8 +185,26 @@ def measure(name: str, rounds: int) -> dict[str, float]:
         **{variant: statistics.median(values) for variant, values in in_hooks.items()},
         "mem_default": memory["default"],
         "mem_copy": memory["copy"],
+        **fused,
     }
     return result
+
+
+def fused_times(
+    tracker: GradientFlowTracker, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, rounds: int
+) -> dict[str, float]:
+    """Median time of :class:`FusedReference` after a step, and its largest deviation from the tracker's norms."""
+    reference = FusedReference(optimizer)
+    assert tracker.updates is not None
+    tracker.updates.before_step(params, optimizer)
+    optimizer.step()
+    want = tracker.updates.after_step()
+    got = reference(params)  # compiles
+    deviation = float(((got - want).abs() / want.clamp_min(1e-300)).max())
+    if deviation > 1e-3:
+        raise SystemExit(f"the fused reference deviates from the tracker's update norms by {deviation:.2e}")
+    times = [timed(functools.partial(reference, params)) for _ in range(rounds)]
+    return {"fused": statistics.median(times), "fused_deviation": deviation}
 
 
 def estimate_seconds(name: str, rounds: int, measured: dict[str, dict[str, float]]) -> float | None:
@@ -173,6 +224,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per size (medians are printed)")
     parser.add_argument("--max-params", type=float, default=float("inf"), help="skip configs above this size")
     parser.add_argument("--budget", type=float, default=600.0, help="skip a size estimated above this (s)")
+    parser.add_argument(
+        "--fused-reference", action="store_true", help="also time a torch.compile'd reconstruction (not gradlight's)"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds} must be at least 1")
@@ -189,7 +243,7 @@ def main() -> None:
             print(f"{name}: skipped, estimated {estimate:.0f} s is above --budget {args.budget:.0f} s", flush=True)
             continue
         start = time.perf_counter()
-        results[name] = measure(name, args.rounds)
+        results[name] = measure(name, args.rounds, args.fused_reference)
         print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
     print()
     print(
@@ -216,6 +270,20 @@ def main() -> None:
             f"| {floor:.2f} | {r['mem_default']:.1%} (copy: {r['mem_copy']:.1%}) "
             f"| {'yes' if r['mem_default'] <= 0.05 else 'no'} |"
         )
+    fused = {name: r for name, r in results.items() if "fused" in r}
+    if fused:
+        print()
+        print(
+            "| model | fused reconstruction (ms) | largest deviation | no ratio + fused (ms) "
+            "| no ratio + fused / AdamW step() |"
+        )
+        print("|---|---|---|---|---|")
+        for name, r in fused.items():
+            total = r["no_ratio"] + r["fused"]
+            print(
+                f"| {name} | {r['fused'] * 1e3:.1f} | {r['fused_deviation']:.1e} | {total * 1e3:.1f} "
+                f"| {total / r['adamw']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

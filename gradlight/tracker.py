@@ -149,8 +149,9 @@ class GradientFlowTracker:
         group_by: ``None`` (one layer per module that owns parameters), an int (keep that many leading name
             components) or a callable ``param_name -> layer_name``.
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        track_update_ratio: Record ``update_ratio``. Costs one copy of the monitored parameters on logged
-            steps (memory), nothing on other steps.
+        track_update_ratio: Record ``update_ratio``. Costs nothing on steps that are not logged; on logged
+            steps, passes over the optimizer's state (see ``update_method``), or one copy of the monitored
+            parameters where the update cannot be reconstructed from it.
         edge_layers: How many first and last layers the early-to-late ratio compares.
         reduction: How statistics combine across ranks; :class:`~gradlight.stats.LocalReduction` when every
             rank holds whole tensors (single process, DDP).

@@ -41,8 +41,9 @@ monitored elements (at most ~3% of the parameter bytes at the peak), capped at 6
 in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
 large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
 and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
-number of tensors). The time is about that of the copy on CPU (both are memory-bound passes over the
-parameters and the state, see ``benchmarks/scale.py``); the memory is not.
+number of tensors). On CPU the time is more than the copy's: both are memory-bound passes, but the
+reconstruction reads three tensors per parameter (two moments and the parameter) and takes a square root and a
+division per element, in separate unfused kernels (``benchmarks/scale.py`` prints both). The memory is not.
 
 Falls back to the copy: any other optimizer (also subclasses of the listed ones, whose ``step`` may differ),
 a tensor ``lr``/``betas``/``weight_decay``, ``differentiable=True``, ``capturable=True`` on CPU, complex or
@@ -50,23 +51,15 @@ sparse tensors, ``lr * weight_decay >= 1``, gradients that still carry an AMP sc
 optimizer does not hold. :attr:`UpdateNorms.methods` says which method each param group used and why (for
 the run info).
 
-Integration plan (for :class:`gradlight.tracker.GradientFlowTracker`; nothing here imports the tracker):
-
-1. ``__init__``: ``self._updates = UpdateNorms(update_method)`` when ``track_update_ratio`` (new argument
-   ``update_method="auto"``, validated by :class:`UpdateNorms`).
-2. ``_measure`` (called by ``capture``, before the step): call ``parameter_statistics(tensors, device,
-   copy=False)`` (the norms only) and then ``self._updates.before_step(originals, owner, grad_scale)``;
-   ``_Pending.before`` (the :class:`~gradlight.stats.Snapshot`) goes away.
-3. ``finalize`` (after the step): ``update_sq = self._updates.after_step()`` replaces
-   ``update_squares(pending.params, pending.before, device)``; the rest is unchanged (same float64 vector, one
-   entry per captured tensor, on the same device, before the cross-rank reduction, so sharded runs stay exact).
-4. ``discard``: ``self._updates.discard()``.
-5. The recorder writes ``{group: method.describe()}`` of ``tracker.updates.methods`` into ``run.json`` under
-   ``update_ratio_methods`` at the first logged step (and again when it changes).
+How the tracker uses it (nothing here imports the tracker): :class:`gradlight.tracker.GradientFlowTracker` calls
+:meth:`UpdateNorms.before_step` at the end of ``capture`` and :meth:`UpdateNorms.after_step` in ``finalize``;
+the result is one float64 entry per captured tensor, on their device, before the cross-rank reduction, so
+sharded runs stay exact. The recorder writes ``UpdateNorms.methods`` into ``run.json`` under
+``update_ratio_methods``.
 
 Under FSDP1 the optimizer holds flat parameters, not the original ones the tracker captures: those tensors are
 "not held by the optimizer" and take the copy. DTensors (FSDP2) are measured on their local shards, with the
-optimizer state's local shards; that path has not been run yet.
+optimizer state's local shards (``tests/gradlight/test_sharding.py`` runs both against one process).
 """
 
 from __future__ import annotations
