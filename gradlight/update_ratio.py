@@ -57,9 +57,10 @@ the result is one float64 entry per captured tensor, on their device, before the
 sharded runs stay exact. The recorder writes ``UpdateNorms.methods`` into ``run.json`` under
 ``update_ratio_methods``.
 
-Under FSDP1 the optimizer holds flat parameters, not the original ones the tracker captures: those tensors are
-"not held by the optimizer" and take the copy. DTensors (FSDP2) are measured on their local shards, with the
-optimizer state's local shards (``tests/gradlight/test_sharding.py`` runs both against one process).
+Sharded parameters are measured on their local shards, with the optimizer state's local shards: FSDP2's
+DTensors, FSDP1's original parameters (``use_orig_params=True``) and, without them, the flat parameters the
+tracker then reads per unit. A tensor the optimizer does not hold takes the copy.
+``tests/gradlight/test_sharding.py`` runs each against one process and checks the method.
 """
 
 from __future__ import annotations
