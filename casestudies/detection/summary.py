@@ -52,6 +52,7 @@ COLUMNS = (
     "min_layer",
     "first_layer_grad_l2",
     "findings",
+    "warnings",
 )
 EXTRA_COLUMNS = ("train_seconds", "optimizer_steps", "ultralytics_map50_95", "status", "run_dir")
 #: Variant name of the Ultralytics baseline run (drawn in black in every plot).
@@ -122,12 +123,16 @@ def final_train_loss(losses: pd.DataFrame) -> float:
     return float(losses[losses["epoch"] == losses["epoch"].max()]["loss"].mean())
 
 
-def count_findings(run_dir: Path) -> int:
-    """The run's findings, read by :func:`gradlight.runfolder.read_findings` (0 when there are none)."""
+def count_findings(run_dir: Path) -> tuple[int, int]:
+    """``(findings, warnings)``: the run's findings (warnings and notes) and those of severity ``"warning"``.
+
+    Read by :func:`gradlight.runfolder.read_findings`; ``(0, 0)`` when there are none.
+    """
     for folder in (Path(run_dir) / "gradlight", Path(run_dir)):
         if RunFolder(folder).findings_file.exists():
-            return len(read_findings(folder).frame)
-    return 0
+            frame = read_findings(folder).frame
+            return len(frame), int((frame["severity"] == "warning").sum())
+    return 0, 0
 
 
 def summarize_run(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +151,7 @@ def summarize_run(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
         history = pd.DataFrame(columns=["step", "layer", "depth", "metric", "value"])
     row.update(gradient_columns(history))
     row["final_train_loss"] = final_train_loss(read_losses(run_dir))
-    row["findings"] = count_findings(run_dir)
+    row["findings"], row["warnings"] = count_findings(run_dir)
     return row
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from casestudies.detection.summary import write_report
+from casestudies.detection.summary import summarize_run, write_report
+from gradlight.diagnosis.finding import Finding
+from gradlight.runfolder import FindingsWriter
 from tests.gradlight.test_report import IMG, write_run
 
 
@@ -36,3 +38,16 @@ def test_without_histories_the_page_holds_the_grid_summary_and_the_reason(tmp_pa
     assert "Ablation grid: summary" in page and "0.41" in page
     assert "gradlight report could not be built" in page and "ReportInputError" in page
     assert page.rstrip().endswith("</html>")
+
+
+def test_the_summary_row_counts_findings_and_warnings_apart(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    FindingsWriter(run_dir / "gradlight").append(
+        [
+            Finding("vanishing", "model.0", 4, 8, "block 0 starves", "no BN", "add BN"),
+            Finding("dormant", "model.23", 2, 6, "head bias quiet", "by design", "none", severity="note"),
+        ]
+    )
+    row = summarize_run(run_dir, {"variant": "no_bn"})
+    assert (row["findings"], row["warnings"]) == (2, 1)
+    assert summarize_run(tmp_path / "empty", {"variant": "intact"})["warnings"] == 0  # no findings file
