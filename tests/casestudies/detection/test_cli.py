@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -20,7 +25,7 @@ from casestudies.detection.module import DetectorModule  # noqa: E402
 from gradlight import load_history  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "detection"
-PRESETS = ["defaults", "synthetic", "coco8", "coco8_overfit", "coco"]
+PRESETS = ["defaults", "synthetic", "coco8", "coco8_overfit", "coco", "cpu_ddp"]
 
 
 def test_every_config_uses_valid_arguments() -> None:
@@ -60,3 +65,29 @@ def test_cli_fits_a_variant_with_the_monitor_and_the_checkpoint_evaluates(tmp_pa
     assert any(not torch.equal(ema_state[k], raw_state[k]) for k in ema_state)  # the EMA was saved and loaded
     scores = evaluate_detector(model, cli.datamodule.data, imgsz=64, batch=4)
     assert scores["images"] == 4 and 0.0 <= scores["map50_95"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU DDP config (with GPUs the presets' DDP applies)")
+def test_the_cpu_ddp_config_trains_on_two_processes_with_the_cpu_batchnorm_plugin(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    command = [
+        *(sys.executable, "-m", "casestudies.detection", "fit"),
+        *(arg for name in ("defaults", "synthetic", "cpu_ddp") for arg in ("--config", str(CONFIGS / f"{name}.yaml"))),
+        *("--model.variant", "intact", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"),
+        *("--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(root)),
+        *("--trainer.enable_progress_bar", "false", "--data.synthetic_root", str(tmp_path / "shapes")),
+        *("--data.synthetic_train", "16", "--data.synthetic_val", "4", "--data.imgsz", "64", "--data.workers", "0"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # Lightning's DDP launcher runs this command once more
+    process = subprocess.run(command, cwd=CONFIGS.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    (log_dir,) = (root / "lightning_logs").iterdir()
+    info = json.loads((log_dir / "gradlight" / "run.json").read_text())
+    assert (info["world_size"], info["strategy"]) == (2, "DDPStrategy")
+    saved = yaml.safe_load((log_dir / "config.yaml").read_text())["trainer"]
+    assert [plugin["class_path"] for plugin in saved["plugins"]] == [
+        "casestudies.detection.distributed.CpuSyncBatchNorm"
+    ]
+    assert list(load_history(log_dir / "gradlight").step.unique()) == [0]
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
