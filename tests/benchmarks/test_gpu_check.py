@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -36,10 +37,10 @@ def _failed(results: list[Any]) -> list[str]:
 def test_the_cpu_mode_runs_every_check_and_passes(gpu_check: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     assert gpu_check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for name in ("stats/fp32", "stats/bf16-mixed", "stats/16-mixed", "sync/default", "launches/default"):
+    passed = ("stats/fp32", "stats/bf16-mixed", "stats/16-mixed", "sync/default", "sync/copy", "launches/default")
+    for name in (*passed, "launches/copy", "memory/default"):
         assert f"PASS  {name}" in out
-    assert "PASS  memory/copy-free" in out
-    assert "overhead/yolo11n-128px/default" in out and "overhead/gpt2-1m/copy-free" in out
+    assert "memory/copy" in out and "overhead/yolo11n-128px/default" in out and "overhead/gpt2-1m/copy" in out
 
 
 def test_a_wrong_statistic_fails_the_statistics_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +66,7 @@ def test_a_host_read_in_the_hooks_fails_the_sync_check(gpu_check: ModuleType, mo
         return sq, top
 
     monkeypatch.setattr(gradlight.tracker, "gradient_statistics", reads_a_value)
-    assert _failed(gpu_check.run(CPU, checks=["sync"])) == ["sync/default", "sync/copy-free"]
+    assert _failed(gpu_check.run(CPU, checks=["sync"])) == ["sync/default", "sync/copy"]
 
 
 def test_a_parameter_sized_temporary_fails_the_memory_check(
@@ -74,9 +75,25 @@ def test_a_parameter_sized_temporary_fails_the_memory_check(
     monkeypatch.setattr(gradlight.update_ratio, "_CHUNK_FRACTION", 1)  # one chunk: all parameters at once
     monkeypatch.setattr(gradlight.update_ratio, "_CPU_CHUNK_MAX", 1 << 40)
     monkeypatch.setattr(gradlight.update_ratio, "_per_tensor", lambda device: False)
-    assert _failed(gpu_check.run(CPU, checks=["memory"])) == ["memory/copy-free"]
+    assert _failed(gpu_check.run(CPU, checks=["memory"])) == ["memory/default"]
 
 
 def test_unknown_checks_are_refused(gpu_check: ModuleType) -> None:
     with pytest.raises(ValueError, match=r"checks=\['speed'\] are not known"):
         gpu_check.run(CPU, checks=["speed"])
+
+
+def test_a_wrong_reconstructed_update_fails_the_statistics_check(
+    gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = gradlight.update_ratio._adam_squares
+
+    def two_percent_off(*args: Any) -> torch.Tensor:
+        return original(*args) * 1.02**2  # the update norm 2% too large, the copy untouched
+
+    monkeypatch.setattr(gradlight.update_ratio, "_adam_squares", two_percent_off)
+    results = {r.name: r for r in gpu_check.run(CPU, checks=["stats"])}
+    assert _failed(list(results.values())) == ["stats/fp32", "stats/bf16-mixed", "stats/16-mixed"]
+    errors = dict(re.findall(r"(\w+) ([0-9.]+e[-+]\d+)", results["stats/fp32"].detail))
+    assert float(errors["update_ratio"]) == pytest.approx(0.02, rel=1e-3)  # the default is what failed
+    assert float(errors["update_ratio_copy"]) < 1e-3 and float(errors["grad_l2"]) < 1e-4
