@@ -310,7 +310,12 @@ class GradientFlowMonitor(Callback):
             return
         step = trainer.global_step
         new = recorder.tracker.pending_step != step  # the mixin may have captured this step already
-        captured = recorder.capture(step, optimizer, grad_scale=_amp_scale_left_in_grads(trainer, optimizer))
+        captured = recorder.capture(
+            step,
+            optimizer,
+            grad_scale=_amp_scale_left_in_grads(trainer, optimizer),
+            backward_scale=_amp_backward_scale(trainer),
+        )
         if captured and new and self.log_histograms and trainer.is_global_zero and trainer.loggers:
             from gradlight.report.loggers import log_gradient_histograms
 
@@ -435,6 +440,17 @@ def _amp_scale_left_in_grads(trainer: pl.Trainer, optimizer: Optimizer) -> float
     """
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def _amp_backward_scale(trainer: pl.Trainer) -> float:
+    """The loss scale this step's backward passes ran with (fp16 AMP; 1.0 without a scaler).
+
+    Read in ``on_before_optimizer_step``, before the scaler's ``update()``: the backward signal carries it.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
 

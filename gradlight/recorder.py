@@ -16,6 +16,7 @@ On steps that are not logged both calls return at once and no tensor work is don
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -460,6 +461,7 @@ class GradientFlowRecorder:
         self._taps_step: int | None = None
         self.signal_taps: BackwardSignalTaps | None = None
         self._signal_step: int | None = None
+        self._signal_scale = 1.0  # the loss scale the captured step's backward ran with (fp16 AMP)
         self._step_hooks: list[RemovableHandle] = []
         self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
@@ -699,6 +701,7 @@ class GradientFlowRecorder:
         optimizer: Optimizer | Iterable[Tensor],
         *,
         grad_scale: float | None = None,
+        backward_scale: float | None = None,
     ) -> bool:
         """Read the gradients of optimizer step ``step`` if it is logged; call after backward, before the step.
 
@@ -707,12 +710,23 @@ class GradientFlowRecorder:
             optimizer: The optimizer about to step (a torch, Lightning or Fabric optimizer), or the parameters.
             grad_scale: An AMP loss scale the gradients still carry; ``None`` asks the recorder's
                 ``grad_scaler`` (see :func:`grad_scale_left`), 1.0 without one.
+            backward_scale: The loss scale the backward passes of this step ran with (fp16 AMP). The backward
+                signal (``track_backward_signal``) was tapped during them, so it carries this scale even when
+                the gradients were unscaled since. ``None`` asks the recorder's ``grad_scaler`` (its current
+                scale: call before ``scaler.update()``), else takes ``grad_scale``.
 
         Returns:
             Whether the step is being recorded (a second capture of the same step is ignored).
+
+        Raises:
+            ValueError: If ``step`` is not a non-negative int, or ``backward_scale`` not a positive finite number.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        if backward_scale is not None and not (
+            isinstance(backward_scale, (int, float)) and math.isfinite(backward_scale) and backward_scale > 0
+        ):
+            raise ValueError(f"`backward_scale` must be a positive finite number or None, got {backward_scale!r}.")
         self.open()
         tracker = self.tracker
         if tracker.discovering:
@@ -733,9 +747,13 @@ class GradientFlowRecorder:
             params = [p for group in owner.param_groups for p in group["params"]]
         else:
             params = list(optimizer)
+        scaler = self.grad_scaler
         if grad_scale is None:
-            scaler = self.grad_scaler
             grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
+        if backward_scale is None:
+            enabled = scaler is not None and scaler.is_enabled()
+            backward_scale = float(scaler.get_scale()) if scaler is not None and enabled else grad_scale
+        self._signal_scale = float(backward_scale)
         if self.diagnosis is not None and not self._profiled:
             # Built at the first captured step: lazy modules have parameters only after a forward pass.
             config = self.diagnosis_config
@@ -941,7 +959,7 @@ class GradientFlowRecorder:
         return taps.finalize(
             record.step,
             all_gather_reduction() if world > 1 else None,
-            grad_scale=float(record.global_metrics.get("grad_scale", 1.0)),
+            grad_scale=self._signal_scale,
             data_parallel_size=world,
             depth_of={name: depth for depth, name in enumerate(layer_map.layers)},
         )

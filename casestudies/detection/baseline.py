@@ -175,7 +175,7 @@ class BaselineConfig:
         log_every_n_steps: Gradient-flow logging interval in optimizer steps.
         init_seed: Seed of the initial weights.
         backward_signal: Tap each block's backward signal on logged steps, like the Lightning variants
-            (``track_backward_signal`` of the Ultralytics recording; off under AMP).
+            (``track_backward_signal`` of the Ultralytics recording).
         overrides: Further Ultralytics overrides (``lr0``, ``warmup_epochs``, ...).
         resume: Continue from ``run_dir/ultralytics/weights/last.pt`` when it holds an unfinished run
             (Ultralytics' own resume: optimizer, EMA, epoch); otherwise start from scratch.

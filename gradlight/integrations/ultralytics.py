@@ -64,9 +64,9 @@ class UltralyticsRecording:
             ``model.model.0``, the names of a LightningModule holding it as ``.model``).
         track_update_ratio: Record ``update_ratio``.
         track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
-            and its gain; :mod:`gradlight.signal`) on logged steps. Not under AMP (``amp=True``): the tapped
-            gradients carry the loss scale there, which Ultralytics unscales for the parameters only; the
-            recording then warns and leaves the taps off.
+            and its gain; :mod:`gradlight.signal`) on logged steps. Under AMP (``amp=True``) the tapped
+            gradients carry the loss scale the backward ran with; it is read before the scaler's update and
+            divided out.
         flush_every_n_records: Write the history every this many records (and at every epoch end).
         overwrite: Replace a history already in the run folder.
         diagnose: Diagnose the gradient flow; findings go to ``findings.jsonl``.
@@ -186,14 +186,6 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         detector = unwrap_model(self._module())
         model = _Named(self.recording.prefix, detector) if self.recording.prefix else detector
         options = self.recording.recorder_options().as_kwargs()
-        if self.amp and options.get("track_backward_signal"):
-            warnings.warn(
-                "gradlight: track_backward_signal is off under Ultralytics AMP (amp=True): the tapped output "
-                "gradients carry the loss scale. Train with amp=False to record the backward signal.",
-                UserWarning,
-                stacklevel=2,
-            )
-            options["track_backward_signal"] = False
         world = max(int(self.world_size), 1)
         self.recorder = GradientFlowRecorder(
             model,
@@ -272,10 +264,11 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         optimizer = self.optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):  # Ultralytics declares it Optional
             raise RuntimeError("optimizer_step() before the optimizer was built")
+        backward_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0  # before update()
         self.scaler.unscale_(optimizer)
         step = self.optimizer_steps
         if recorder is not None:
-            recorder.capture(step, optimizer)
+            recorder.capture(step, optimizer, backward_scale=backward_scale)
         clip_norm = torch.nn.utils.clip_grad_norm_(self._module().parameters(), max_norm=CLIP_VALUE)
         self.scaler.step(optimizer)
         self.scaler.update()
@@ -318,7 +311,7 @@ def train(
         diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
         on_anomaly: What a new warning finding does (see :class:`UltralyticsRecording`).
         track_backward_signal: Tap each block's backward signal on logged steps (see
-            :class:`UltralyticsRecording`; not under AMP).
+            :class:`UltralyticsRecording`).
         trainer: The trainer class (a subclass of :class:`GradientFlowDetectionTrainer`).
         **train_kwargs: Ultralytics' training arguments (``data``, ``epochs``, ``imgsz``, ...).
 

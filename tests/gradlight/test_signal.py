@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -456,3 +457,80 @@ def test_a_vanishing_finding_names_the_blocks_where_the_signal_is_lost(tmp_path:
     assert len(path["attenuating"]) >= 5 and all(gain < -0.5 for gain in path["attenuating"].values())
     assert all(block.startswith("net.") for block in path["attenuating"])
     assert "the backward signal loses" in row.message and "(sigmoid, no normalisation, no shortcut)" in row.message
+
+
+# ---------------------------------------------------------------------------------------- under fp16 AMP
+def _recorded_signal(scaler: torch.amp.GradScaler | None, save_dir: Path, steps: int = 3) -> np.ndarray:
+    """``signal_l2`` per block and step of a plain loop, its loss scaled by ``scaler`` (unscaled before capture)."""
+    from gradlight import GradientFlowRecorder, load_history
+
+    net = block_mlp(4)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    recorder = GradientFlowRecorder(
+        net, save_dir, log_every_n_steps=1, grad_scaler=scaler, track_backward_signal=True, diagnose=False
+    )
+    x, y = batch(32)
+    for step in range(steps):
+        recorder.start_step(step)
+        loss = F.mse_loss(net(x), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the gradients are unscaled; the tapped signal is not
+        recorder.capture(step, optimizer)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        recorder.end_step(loss)
+        optimizer.zero_grad()
+    recorder.close()
+    history = load_history(save_dir)
+    signal = history[history.metric == "signal_l2"].pivot(index="step", columns="layer", values="value")
+    return signal.to_numpy()
+
+
+def test_the_loss_scale_the_backward_ran_with_is_divided_out_of_the_signal(tmp_path: Path) -> None:
+    # A power-of-two loss scale without autocast changes no rounding: the signal must equal the unscaled run's.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # grows after every step
+    scaled = _recorded_signal(scaler, tmp_path / "scaled")
+    plain = _recorded_signal(None, tmp_path / "plain")
+    assert scaler.get_scale() == 2.0**13  # each step's backward ran with another scale
+    np.testing.assert_allclose(scaled, plain, rtol=1e-6)
+
+
+def test_an_invalid_backward_scale_is_refused_with_its_name(tmp_path: Path) -> None:
+    from gradlight import GradientFlowRecorder
+
+    net = block_mlp(2)
+    recorder = GradientFlowRecorder(net, tmp_path, track_backward_signal=True)
+    with pytest.raises(ValueError, match=r"`backward_scale` must be a positive finite number or None, got -1\.0"):
+        recorder.capture(0, net.parameters(), backward_scale=-1.0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_fp16_amp_the_monitor_records_the_unscaled_signal(tmp_path: Path, fused: bool) -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradlight import GradientFlowMonitor, load_history
+
+    class AdamNet(Net):  # fused=True: the gradients still carry the scale in the hook (Lightning skips unscale_)
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=fused)
+
+    def signal(save_dir: Path, plugins: list[MixedPrecision] | None) -> pd.Series:
+        x, y = batch(64)
+        monitor = GradientFlowMonitor(1, save_dir, track_backward_signal=True, diagnose=False)
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=2, callbacks=[monitor], plugins=plugins, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        trainer.fit(AdamNet(), DataLoader(TensorDataset(x, y), batch_size=16))
+        history = load_history(save_dir)
+        return history[(history.metric == "signal_l2") & (history.step == 0)].set_index("layer").value
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    amp = signal(tmp_path / "amp", [MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    full = signal(tmp_path / "fp32", None)
+    np.testing.assert_allclose(amp.to_numpy(), full.loc[amp.index].to_numpy(), rtol=2e-2)  # fp16 autocast rounding
