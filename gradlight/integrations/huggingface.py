@@ -10,7 +10,8 @@ Under DeepSpeed or FSDP, where the Trainer's clipping is the engine's own, the c
 the Trainer and reads the clipped gradients (and says so once).
 
 Per optimizer step (one per ``gradient_accumulation_steps`` micro-batches): ``on_step_begin`` starts the
-forward-order discovery and the activation taps, ``on_pre_optimizer_step`` reads the gradients,
+forward-order discovery, the activation taps and the backward-signal taps (before the step's first
+micro-batch), ``on_pre_optimizer_step`` reads the gradients,
 ``on_optimizer_step`` measures the update ratios, ``on_step_end`` diagnoses and writes the record. The
 ``step`` of a record is ``state.global_step`` when the gradients were read (0 for the first optimizer
 step); the Trainer logs that step's ``grad_norm`` at ``global_step + 1``. The run folder is the same as
@@ -49,12 +50,17 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         group_by: Layer grouping (see :class:`gradlight.RecorderOptions`); e.g. ``3`` groups GPT-2 by block
             (``transformer.h.0``).
         exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        track_update_ratio: Record ``update_ratio`` (a copy of the parameters on logged steps).
+        track_update_ratio: Record ``update_ratio`` (from the optimizer's state for SGD, Adam and AdamW, else a
+            copy of the parameters on logged steps).
         diagnose: Diagnose the gradient flow; findings go to ``save_dir/findings.jsonl``.
         diagnosis: Thresholds of the diagnosis.
         on_anomaly: ``"warn"``, ``"raise"``, ``"stop"`` (ends training through ``control``) or ``"ignore"``;
             or a mapping per kind.
         track_activations: Tap activation modules on logged steps.
+        track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
+            and its gain; :mod:`gradlight.signal`) on logged steps. Not under ``fp16``: the tapped gradients
+            carry the loss scale of the Trainer's ``GradScaler``, which a callback cannot read; the callback
+            then warns and leaves the taps off (``bf16`` needs no scale).
         overwrite: Replace a history already in ``save_dir``.
         take_over_clipping: Read the gradients before clipping by clipping in the callback (see the module
             docstring). ``False`` leaves the Trainer's clipping alone and records clipped gradients.
@@ -80,6 +86,7 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         diagnosis: DiagnosisConfig | None = None,
         on_anomaly: str | Mapping[str, str] = "warn",
         track_activations: bool = False,
+        track_backward_signal: bool = False,
         overwrite: bool = False,
         take_over_clipping: bool = True,
     ) -> None:
@@ -97,6 +104,7 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
             diagnosis=diagnosis,
             on_anomaly=on_anomaly,
             track_activations=track_activations,
+            track_backward_signal=track_backward_signal,
             overwrite=overwrite,
         )
         self.log_every_n_steps = log_every_n_steps
@@ -139,6 +147,14 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
                 args.max_grad_norm = 0.0  # the Trainer now only measures the pre-clip norm; we clip after reading
         precision = "fp16-mixed" if args.fp16 else "bf16-mixed" if args.bf16 else "32-true"
         options = {**self.options.as_kwargs(), "log_every_n_steps": interval}
+        if args.fp16 and options.get("track_backward_signal"):
+            warnings.warn(
+                "gradlight: track_backward_signal is off under fp16: the tapped gradients carry the Trainer's loss "
+                "scale, which a callback cannot read. Use bf16 or fp32 to record the backward signal.",
+                UserWarning,
+                stacklevel=2,
+            )
+            options["track_backward_signal"] = False
         collectives = Collectives.from_torch_distributed()
         self.recorder = GradientFlowRecorder(
             model,

@@ -95,3 +95,30 @@ def test_one_record_per_optimizer_step_with_the_trainers_pre_clip_norm(tmp_path:
     reference_model = train(tmp_path / "reference", [])
     for (name, recorded), (_, reference) in zip(recorded_model.named_parameters(), reference_model.named_parameters()):
         torch.testing.assert_close(recorded, reference, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_the_backward_signal_is_tapped_on_logged_steps_and_no_hook_stays(tmp_path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    callback = GradientFlowCallback(tmp_path / "gl", log_every_n_steps=2, group_by=3, track_backward_signal=True)
+    model = train(tmp_path / "run", [callback])
+
+    history = load_history(tmp_path / "gl")
+    signal = history[history.metric == "signal_l2"]
+    assert sorted(signal.step.unique()) == [0, 2]  # logged steps only
+    assert {"transformer.h.0", "transformer.h.1"} <= set(signal.layer)
+    assert set(signal.layer) <= set(history[history.metric == "grad_l2"].layer)  # blocks = layers of the grouping
+    assert (signal.value > 0).all() and np.isfinite(signal.value).all()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_under_fp16_the_backward_signal_is_left_off_with_a_warning(tmp_path: Path) -> None:
+    from transformers import TrainerControl, TrainerState
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    args = TrainingArguments(output_dir=str(tmp_path), fp16=True, use_cpu=True, report_to=[])
+    callback = GradientFlowCallback(tmp_path / "gl", track_backward_signal=True)
+    with pytest.warns(UserWarning, match="track_backward_signal is off under fp16"):
+        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    assert callback.recorder is not None and not callback.recorder.options.track_backward_signal
+    callback.on_train_end(args, TrainerState(), TrainerControl(), model=model)
