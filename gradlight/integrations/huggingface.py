@@ -58,9 +58,9 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
             or a mapping per kind.
         track_activations: Tap activation modules on logged steps.
         track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
-            and its gain; :mod:`gradlight.signal`) on logged steps. Not under ``fp16``: the tapped gradients
-            carry the loss scale of the Trainer's ``GradScaler``, which a callback cannot read; the callback
-            then warns and leaves the taps off (``bf16`` needs no scale).
+            and its gain; :mod:`gradlight.signal`) on logged steps. Under ``fp16`` the tapped gradients carry
+            the loss scale of the Trainer's ``GradScaler``: it is read from the ``AcceleratedOptimizer`` before
+            its step (and update) and divided out.
         overwrite: Replace a history already in ``save_dir``.
         take_over_clipping: Read the gradients before clipping by clipping in the callback (see the module
             docstring). ``False`` leaves the Trainer's clipping alone and records clipped gradients.
@@ -147,14 +147,6 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
                 args.max_grad_norm = 0.0  # the Trainer now only measures the pre-clip norm; we clip after reading
         precision = "fp16-mixed" if args.fp16 else "bf16-mixed" if args.bf16 else "32-true"
         options = {**self.options.as_kwargs(), "log_every_n_steps": interval}
-        if args.fp16 and options.get("track_backward_signal"):
-            warnings.warn(
-                "gradlight: track_backward_signal is off under fp16: the tapped gradients carry the Trainer's loss "
-                "scale, which a callback cannot read. Use bf16 or fp32 to record the backward signal.",
-                UserWarning,
-                stacklevel=2,
-            )
-            options["track_backward_signal"] = False
         collectives = Collectives.from_torch_distributed()
         self.recorder = GradientFlowRecorder(
             model,
@@ -192,7 +184,10 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         recorder = self.recorder
         if recorder is None:
             return
-        recorder.capture(state.global_step, kwargs["optimizer"])  # AMP-unscaled by the Trainer's norm
+        optimizer = kwargs["optimizer"]
+        recorder.capture(  # the gradients are AMP-unscaled by the Trainer's norm; the tapped signal is not
+            state.global_step, optimizer, backward_scale=_loss_scale(optimizer)
+        )
         if self._clip is not None and self._model is not None:
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._clip)
 
@@ -226,3 +221,15 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         if self._restore_max_grad_norm is not None:
             args.max_grad_norm = self._restore_max_grad_norm
             self._restore_max_grad_norm = None
+
+
+def _loss_scale(optimizer: object) -> float:
+    """The fp16 loss scale this step's backward passes ran with (1.0 without a scaler).
+
+    accelerate's ``AcceleratedOptimizer`` holds the Trainer's ``GradScaler`` (``None`` without fp16), whose
+    ``update()`` runs inside its ``step()``, after ``on_pre_optimizer_step``.
+    """
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

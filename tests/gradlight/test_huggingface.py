@@ -112,13 +112,48 @@ def test_the_backward_signal_is_tapped_on_logged_steps_and_no_hook_stays(tmp_pat
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_under_fp16_the_backward_signal_is_left_off_with_a_warning(tmp_path: Path) -> None:
+def _signal_through_the_callback(save_dir: Path, scaler: torch.amp.GradScaler | None) -> np.ndarray:
+    """``signal_l2`` of 3 steps, the callback driven in the Trainer's order with accelerate's optimizer wrapper.
+
+    Under fp16 on a GPU the Trainer's ``AcceleratedOptimizer`` holds a ``GradScaler`` (on CPU accelerate has
+    none); here it holds a CPU one, the loss is scaled by it and the gradients unscaled before the callback
+    reads them, as the Trainer's norm does.
+    """
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
     from transformers import TrainerControl, TrainerState
 
+    args = TrainingArguments(output_dir=str(save_dir), use_cpu=True, report_to=[], max_grad_norm=0.0)
+    Accelerator(cpu=True)  # accelerate's state, which its optimizer wrapper reads (set up after the arguments)
+    torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2))
-    args = TrainingArguments(output_dir=str(tmp_path), fp16=True, use_cpu=True, report_to=[])
-    callback = GradientFlowCallback(tmp_path / "gl", track_backward_signal=True)
-    with pytest.warns(UserWarning, match="track_backward_signal is off under fp16"):
-        callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
-    assert callback.recorder is not None and not callback.recorder.options.track_backward_signal
-    callback.on_train_end(args, TrainerState(), TrainerControl(), model=model)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+    state, control = TrainerState(), TrainerControl()
+    callback = GradientFlowCallback(save_dir / "gl", log_every_n_steps=1, group_by=3, track_backward_signal=True)
+    callback.on_train_begin(args, state, control, model=model)
+    ids = Tokens().ids[:BATCH]
+    for step in range(3):
+        state.global_step = step
+        callback.on_step_begin(args, state, control)
+        loss = model(input_ids=ids, labels=ids).loss
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(inner)
+        callback.on_pre_optimizer_step(args, state, control, optimizer=optimizer)
+        optimizer.step()  # with a scaler: its step and update()
+        callback.on_optimizer_step(args, state, control)
+        callback.on_step_end(args, state, control)
+        optimizer.zero_grad()
+    callback.on_train_end(args, state, control, model=model)
+    history = load_history(save_dir / "gl")
+    signal = history[history.metric == "signal_l2"]
+    return signal.pivot(index="step", columns="layer", values="value").to_numpy()
+
+
+def test_under_fp16_the_trainers_loss_scale_is_divided_out_of_the_signal(tmp_path: Path) -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # another scale every step
+    scaled = _signal_through_the_callback(tmp_path / "scaled", scaler)
+    plain = _signal_through_the_callback(tmp_path / "plain", None)
+    assert scaler.get_scale() == 2.0**13
+    np.testing.assert_allclose(scaled, plain, rtol=1e-6)  # a power-of-two scale changes no rounding
