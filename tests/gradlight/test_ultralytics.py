@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from casestudies.detection import offline
 
@@ -110,6 +111,27 @@ def test_the_backward_signal_of_every_block_is_tapped_on_logged_steps(tmp_path: 
     norms = signal[signal.metric == "signal_l2"]
     assert sorted(norms.step.unique()) == list(range(TRAIN_IMAGES // BATCH))  # every logged step
     assert set(norms.layer) == blocks and (norms.value > 0).all() and np.isfinite(norms.value).all()
+
+
+class ScaledLossTrainer(GradientFlowDetectionTrainer):
+    """AMP's loss scaling without autocast: a CPU ``GradScaler`` (Ultralytics turns AMP off on CPU) whose scale
+    doubles after every step. A power-of-two scale changes no rounding, so the run equals an unscaled one."""
+
+    def run_callbacks(self, event: str) -> None:
+        if event == "on_train_start":
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+        super().run_callbacks(event)
+
+
+@pytest.mark.slow
+def test_the_loss_scale_the_backward_ran_with_is_divided_out_of_the_signal(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = dict(log_every_n_steps=1, group_by=2, nbs=BATCH, track_backward_signal=True)
+    metrics = ["signal_l2", "grad_l2"]
+    scaled = load_history(fit(tmp_path, "scaled", ScaledLossTrainer, **kwargs), metrics=metrics)
+    plain = load_history(fit(tmp_path, "plain", GradientFlowDetectionTrainer, **kwargs), metrics=metrics)
+    assert len(scaled) == len(plain) and sorted(scaled.step.unique()) == list(range(TRAIN_IMAGES // BATCH))
+    merged = scaled.merge(plain, on=["step", "layer", "metric"], suffixes=("_scaled", "_plain"))
+    np.testing.assert_allclose(merged.value_scaled, merged.value_plain, rtol=1e-5)
 
 
 class Killed(RuntimeError):
