@@ -7,7 +7,9 @@ therefore overrides ``DetectionTrainer.optimizer_step`` with the same sequence (
 :data:`CLIP_VALUE`, step, update the scaler, zero_grad, EMA) and reads the gradients between unscaling and
 clipping. The norm the clipping computes is kept as the global metric ``clip_norm``. One record per
 optimizer step, whatever Ultralytics' accumulation (``nbs``); under Ultralytics' DDP the gradients are
-averaged, so rank zero records alone. The run folder is the Lightning monitor's (``gradlight report``
+averaged, so rank zero records alone, issuing no collective; its backward signal is its own slice of the
+global batch's (the loss Ultralytics scales by the world size is divided back). That path needs CUDA and
+has not run here. The run folder is the Lightning monitor's (``gradlight report``
 works on it); its default is ``<Ultralytics run folder>/gradlight``.
 
 The one call::
@@ -39,7 +41,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from gradlight import __version__
 from gradlight.diagnosis import DiagnosisConfig
-from gradlight.recorder import GradientFlowRecorder, RecorderOptions
+from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions
 from gradlight.runfolder import RunFolder, RunInfo
 
 __all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
@@ -195,6 +197,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             gradient_clip_algorithm="norm",
             loss_scaled=bool(self.amp),
             grad_scaler=None,  # optimizer_step unscales before reading
+            collectives=Collectives(),  # only rank zero records: a collective would wait for the others forever
             run_info=RunInfo(
                 gradlight_version=__version__,
                 trainer="ultralytics",
@@ -264,7 +267,11 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         optimizer = self.optimizer
         if not isinstance(optimizer, torch.optim.Optimizer):  # Ultralytics declares it Optional
             raise RuntimeError("optimizer_step() before the optimizer was built")
-        backward_scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0  # before update()
+        # The backward ran on the AMP-scaled loss (the scale is read before update()), and under DDP on the loss
+        # times the world size (Ultralytics' compensation for DDP's gradient averaging): dividing both out of
+        # rank zero's tapped signal leaves its slice of the global batch's signal, and its loss.
+        ddp_factor = float(self.world_size) if RANK != -1 else 1.0
+        backward_scale = ddp_factor * (float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0)
         self.scaler.unscale_(optimizer)
         step = self.optimizer_steps
         if recorder is not None:
@@ -279,7 +286,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             self.ema.update(self.model)
         self.optimizer_steps += 1
         if recorder is not None:
-            loss = self.loss.detach().sum() if isinstance(self.loss, torch.Tensor) else None
+            loss = self.loss.detach().sum() / ddp_factor if isinstance(self.loss, torch.Tensor) else None
             recorder.end_step(loss, metrics={"clip_norm": float(clip_norm)})
             if recorder.should_stop:
                 self.stop = True  # Ultralytics broadcasts it to every rank at the epoch's end
