@@ -32,6 +32,7 @@ from gradlight.recorder import (
     RecorderOptions,
     _check_bool,
     _check_positive_int,
+    backward_scale_of,
 )
 from gradlight.runfolder import RunInfo
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
@@ -314,7 +315,7 @@ class GradientFlowMonitor(Callback):
             step,
             optimizer,
             grad_scale=_amp_scale_left_in_grads(trainer, optimizer),
-            backward_scale=_amp_backward_scale(trainer),
+            backward_scale=backward_scale_of(getattr(trainer.precision_plugin, "scaler", None)),  # fp16 AMP
         )
         if captured and new and self.log_histograms and trainer.is_global_zero and trainer.loggers:
             from gradlight.report.loggers import log_gradient_histograms
@@ -440,17 +441,6 @@ def _amp_scale_left_in_grads(trainer: pl.Trainer, optimizer: Optimizer) -> float
     """
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return 1.0
-    return float(scaler.get_scale())
-
-
-def _amp_backward_scale(trainer: pl.Trainer) -> float:
-    """The loss scale this step's backward passes ran with (fp16 AMP; 1.0 without a scaler).
-
-    Read in ``on_before_optimizer_step``, before the scaler's ``update()``: the backward signal carries it.
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
         return 1.0
     return float(scaler.get_scale())
 

@@ -52,6 +52,7 @@ __all__ = [
     "GradientFlowRecorder",
     "HistoryExistsError",
     "RecorderOptions",
+    "backward_scale_of",
     "grad_scale_left",
 ]
 
@@ -218,6 +219,20 @@ class Collectives:
             return strategy.broadcast(obj, src=0)
 
         return cls(world_size, int(strategy.global_rank), all_reduce_sum, broadcast)
+
+
+def backward_scale_of(scaler: torch.amp.GradScaler | None) -> float:
+    """The loss scale backward passes run with under ``scaler`` (1.0 without one, or when it is disabled).
+
+    Read it before ``scaler.update()``, which may change the scale for the next step.
+
+    Example:
+        >>> backward_scale_of(torch.amp.GradScaler("cpu", init_scale=1024.0)), backward_scale_of(None)
+        (1024.0, 1.0)
+    """
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -> float:
@@ -751,8 +766,7 @@ class GradientFlowRecorder:
         if grad_scale is None:
             grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
         if backward_scale is None:
-            enabled = scaler is not None and scaler.is_enabled()
-            backward_scale = float(scaler.get_scale()) if scaler is not None and enabled else grad_scale
+            backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
         self._signal_scale = float(backward_scale)
         if self.diagnosis is not None and not self._profiled:
             # Built at the first captured step: lazy modules have parameters only after a forward pass.

@@ -33,7 +33,13 @@ from typing_extensions import override
 from gradlight import __version__
 from gradlight.diagnosis import DiagnosisConfig
 from gradlight.layers import GroupBy
-from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions, _check_positive_int
+from gradlight.recorder import (
+    Collectives,
+    GradientFlowRecorder,
+    RecorderOptions,
+    _check_positive_int,
+    backward_scale_of,
+)
 from gradlight.runfolder import RunInfo
 from gradlight.tracker import StepRecord
 
@@ -185,9 +191,10 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         if recorder is None:
             return
         optimizer = kwargs["optimizer"]
-        recorder.capture(  # the gradients are AMP-unscaled by the Trainer's norm; the tapped signal is not
-            state.global_step, optimizer, backward_scale=_loss_scale(optimizer)
-        )
+        # The gradients are AMP-unscaled by the Trainer's norm; the tapped signal is not. Under fp16 accelerate's
+        # AcceleratedOptimizer holds the Trainer's GradScaler, whose update() runs inside its step(), after this.
+        scale = backward_scale_of(getattr(optimizer, "scaler", None))
+        recorder.capture(state.global_step, optimizer, backward_scale=scale)
         if self._clip is not None and self._model is not None:
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._clip)
 
@@ -221,15 +228,3 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         if self._restore_max_grad_norm is not None:
             args.max_grad_norm = self._restore_max_grad_norm
             self._restore_max_grad_norm = None
-
-
-def _loss_scale(optimizer: object) -> float:
-    """The fp16 loss scale this step's backward passes ran with (1.0 without a scaler).
-
-    accelerate's ``AcceleratedOptimizer`` holds the Trainer's ``GradScaler`` (``None`` without fp16), whose
-    ``update()`` runs inside its ``step()``, after ``on_pre_optimizer_step``.
-    """
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())

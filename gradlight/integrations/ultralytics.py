@@ -41,7 +41,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from gradlight import __version__
 from gradlight.diagnosis import DiagnosisConfig
-from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions
+from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions, backward_scale_of
 from gradlight.runfolder import RunFolder, RunInfo
 
 __all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
@@ -271,7 +271,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         # times the world size (Ultralytics' compensation for DDP's gradient averaging): dividing both out of
         # rank zero's tapped signal leaves its slice of the global batch's signal, and its loss.
         ddp_factor = float(self.world_size) if RANK != -1 else 1.0
-        backward_scale = ddp_factor * (float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0)
+        backward_scale = ddp_factor * backward_scale_of(self.scaler)
         self.scaler.unscale_(optimizer)
         step = self.optimizer_steps
         if recorder is not None:
