@@ -155,12 +155,13 @@ def check_statistics(device: torch.device, precision: str, small: bool) -> Check
         layer["param"] += float(before[name].square().sum())
         layer["update"] += float((after[name] - before[name]).square().sum())
     for layer, s in sums.items():
+        applied = s["update"] ** 0.5 / s["param"] ** 0.5  # the applied change: the reference of both methods
         reference[layer] = {
             "grad_l2": s["grad"] ** 0.5,
             "grad_max_abs": s["max"],
             "param_l2": s["param"] ** 0.5,
-            "update_ratio": s["update"] ** 0.5 / s["param"] ** 0.5,  # the applied change, for both methods
-            "update_ratio_copy": s["update"] ** 0.5 / s["param"] ** 0.5,
+            "update_ratio": applied,
+            "update_ratio_copy": applied,
         }
     worst: dict[str, float] = {}
     record, copied = records["default"], records["copy"]
@@ -204,15 +205,13 @@ def _logged_step(
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     tracker = GradientFlowTracker(model, update_method=method)
     tokens = gpt2_batch(model, 2, 32, device)
+    after = tracker.finalize
     for step in range(2):
         optimizer.zero_grad(set_to_none=True)
         gpt2_loss(model, tokens).backward()
 
         def before(step: int = step) -> None:
             tracker.capture(step, params, owner=optimizer)
-
-        def after() -> None:
-            tracker.finalize()
 
         sync(device)
         if step == 0:  # warm-up (layer map, caches)

@@ -38,7 +38,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -61,19 +60,6 @@ VARIANTS = ("default", "copy", "no_ratio")
 BATCH, TOKENS = 4, 64
 
 
-@dataclass
-class Hooks:
-    """One way of recording a logged step: what runs before and after the optimizer step."""
-
-    tracker: GradientFlowTracker
-
-    def before(self, step: int, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-        self.tracker.capture(step, params, owner=optimizer)
-
-    def after(self) -> None:
-        self.tracker.finalize()
-
-
 def build(name: str) -> tuple[nn.Module, torch.optim.Optimizer, Tensor]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -90,10 +76,11 @@ def backward(model: nn.Module, tokens: Tensor) -> None:
     model(input_ids=tokens, labels=tokens).loss.backward()
 
 
-def hooks_for(model: nn.Module, variant: str) -> Hooks:
+def tracker_for(model: nn.Module, variant: str) -> GradientFlowTracker:
+    """The tracker of one way of recording a logged step (:data:`VARIANTS`)."""
     if variant == "no_ratio":
-        return Hooks(GradientFlowTracker(model, track_update_ratio=False))
-    return Hooks(GradientFlowTracker(model, update_method="auto" if variant == "default" else "copy"))
+        return GradientFlowTracker(model, track_update_ratio=False)
+    return GradientFlowTracker(model, update_method="auto" if variant == "default" else "copy")
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -142,7 +129,7 @@ def measure(name: str, rounds: int, fused_reference: bool = False) -> dict[str, 
     model, optimizer, tokens = build(name)
     params = [p for p in model.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    hooks = {variant: hooks_for(model, variant) for variant in VARIANTS}
+    trackers = {variant: tracker_for(model, variant) for variant in VARIANTS}
 
     def whole_step() -> None:
         backward(model, tokens)
@@ -156,25 +143,25 @@ def measure(name: str, rounds: int, fused_reference: bool = False) -> dict[str, 
     floor: list[float] = []
     in_hooks: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for variant in VARIANTS:  # warm-up of each recording path
-        hooks[variant].before(0, params, optimizer)
+        trackers[variant].capture(0, params, owner=optimizer)
         optimizer.step()
-        hooks[variant].after()
+        trackers[variant].finalize()
     for round_ in range(rounds):
         order = VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]
         for variant in order:
-            before = timed(lambda v=variant, r=round_: hooks[v].before(r, params, optimizer))
+            before = timed(lambda v=variant, r=round_: trackers[v].capture(r, params, owner=optimizer))
             adamw.append(timed(optimizer.step))
-            after = timed(hooks[variant].after)
+            after = timed(trackers[variant].finalize)
             in_hooks[variant].append(before + after)
         floor.append(timed(lambda: read_floor(params, optimizer)))
-    fused = fused_times(hooks["default"].tracker, params, optimizer, rounds) if fused_reference else {}
+    fused = fused_times(trackers["default"], params, optimizer, rounds) if fused_reference else {}
     memory = {}
     for variant in ("default", "copy"):
         with LiveBytes() as capture:
-            hooks[variant].before(rounds, params, optimizer)
+            trackers[variant].capture(rounds, params, owner=optimizer)
         optimizer.step()
         with LiveBytes() as finalize:
-            hooks[variant].after()
+            trackers[variant].finalize()
         memory[variant] = (capture.current + max(capture.peak - capture.current, finalize.peak)) / param_bytes
     result = {
         "params": sum(p.numel() for p in params),

@@ -311,11 +311,11 @@ class GradientFlowMonitor(Callback):
             return
         step = trainer.global_step
         new = recorder.tracker.pending_step != step  # the mixin may have captured this step already
+        backward_scale = backward_scale_of(getattr(trainer.precision_plugin, "scaler", None))  # fp16 AMP
+        # Lightning unscales before this hook, except for optimizers that unscale inside step() (fused ones).
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         captured = recorder.capture(
-            step,
-            optimizer,
-            grad_scale=_amp_scale_left_in_grads(trainer, optimizer),
-            backward_scale=backward_scale_of(getattr(trainer.precision_plugin, "scaler", None)),  # fp16 AMP
+            step, optimizer, grad_scale=backward_scale if fused else 1.0, backward_scale=backward_scale
         )
         if captured and new and self.log_histograms and trainer.is_global_zero and trainer.loggers:
             from gradlight.report.loggers import log_gradient_histograms
@@ -432,17 +432,6 @@ class GradientFlowMonitor(Callback):
         self._state = dict(state_dict)
         if self.recorder is not None:
             self.recorder.load_state_dict(state_dict)
-
-
-def _amp_scale_left_in_grads(trainer: pl.Trainer, optimizer: Optimizer) -> float:
-    """The loss scale still in the gradients at ``on_before_optimizer_step`` (1.0 unless fused + fp16 AMP).
-
-    Lightning unscales before the hook, except for optimizers that unscale inside ``step()`` (fused ones).
-    """
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return 1.0
-    return float(scaler.get_scale())
 
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:

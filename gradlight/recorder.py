@@ -261,7 +261,7 @@ def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -
     state = scaler._per_optimizer_states.get(id(_unwrap_optimizer(optimizer)))
     if state is not None and state.get("stage") is not OptState.READY:
         return 1.0
-    return float(scaler.get_scale())
+    return backward_scale_of(scaler)
 
 
 @dataclass
