@@ -195,11 +195,6 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
                 "collectives_per_logged_step": step_counts,
                 "reduction": type(monitor.tracker.reduction).__name__,
                 "latest_layers": monitor.latest.layers if monitor.latest is not None else None,
-                "update_methods": {
-                    group: method.describe() for group, method in monitor.tracker.updates.methods.items()
-                }
-                if monitor.tracker.updates is not None
-                else None,
             }
             Path(out_dir, f"rank{rank}.json").write_text(json.dumps(info))
 
