@@ -13,7 +13,8 @@ from gradlight.diagnosis import (
 from gradlight.history import load_history
 from gradlight.mixin import GradientFlowMixin, GradientFlowSpec
 from gradlight.monitor import GradientFlowMonitor
-from gradlight.recorder import Collectives, GradientFlowRecorder, HistoryExistsError, RecorderOptions
+from gradlight.options import RecorderOptions
+from gradlight.recorder import Collectives, GradientFlowRecorder, HistoryExistsError
 from gradlight.runfolder import GLOBAL_LAYER, RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
 from gradlight.tracker import GradientFlowTracker, StepRecord
 

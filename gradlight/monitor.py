@@ -8,6 +8,7 @@ figures to the Trainer's loggers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,13 @@ from gradlight.activations import ActivationTaps
 from gradlight.diagnosis import DiagnosisConfig, Finding, GradientDiagnosis
 from gradlight.layers import GroupBy
 from gradlight.mixin import find_spec
-from gradlight.recorder import (
-    LOG_PREFIX,
-    Collectives,
-    GradientFlowRecorder,
-    HistoryExistsError,
-    RecorderOptions,
-    _check_bool,
-    _check_positive_int,
-    backward_scale_of,
-)
+from gradlight.options import RecorderOptions
+from gradlight.recorder import LOG_PREFIX, Collectives, GradientFlowRecorder, HistoryExistsError, backward_scale_of
 from gradlight.runfolder import RunInfo
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
+from gradlight.validation import check_bool, check_path, check_positive_int
 
 __all__ = ["LOG_PREFIX", "GradientFlowMonitor"]
 
@@ -60,37 +54,10 @@ class GradientFlowMonitor(Callback):
         log_every_n_steps: Record every this many optimizer steps. ``None`` uses the Trainer's
             ``log_every_n_steps``.
         save_dir: Folder of the history. ``None`` uses ``<trainer.log_dir>/gradlight``.
-        group_by: ``None`` (one layer per module that owns parameters), an int (aggregate to that many
-            leading name components, e.g. ``2`` -> ``model.3``) or a callable ``param_name -> layer_name``.
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
         log_per_layer: Also send per-layer ``grad_l2`` to the loggers (``gradflow/grad_l2/<layer>``). Off by
             default: loggers, not arithmetic, are what makes per-layer logging expensive.
-        track_update_ratio: Record ``update_ratio`` (needs a copy of the parameters on logged steps).
-        edge_layers: Number of first and last layers the early-to-late ratio compares.
-        flush_every_n_records: Write the history to disk every this many records (also at checkpoints, at the
-            end of fit and on exceptions). Bounds memory however long the run.
-        overwrite: Replace a history that already is in ``save_dir`` instead of refusing to start.
         sharding: How statistics combine across ranks: ``"auto"`` detects it from the Trainer's strategy;
             see :mod:`gradlight.sharding` for the modes, or pass a ``CrossRankReduction`` for custom ones.
-        diagnose: Diagnose vanishing, exploding, non-finite, dormant, saturated and dead layers on logged
-            steps (see :mod:`gradlight.diagnosis`); findings go to ``save_dir/findings.jsonl`` (read them with
-            :func:`gradlight.load_findings`), their counts to the loggers as ``gradflow/findings``
-            (warnings) and ``gradflow/notes`` (notes).
-        diagnosis: Thresholds of the diagnosis (:class:`gradlight.DiagnosisConfig`).
-        on_anomaly: What to do about a new warning finding: ``"warn"`` (once per kind and layer, rank zero),
-            ``"raise"`` (:class:`gradlight.GradientAnomalyError`), ``"stop"`` (``trainer.should_stop``) or
-            ``"ignore"`` (only recorded); or a mapping per kind, e.g. ``{"non_finite": "raise",
-            "default": "warn"}``. Notes are only recorded. The history is flushed before raising or
-            stopping; under DDP all ranks take the same decision.
-        track_activations: Tap activation modules on logged steps (forward hooks, removed after the step's
-            micro-batches) and record ``act_saturation``, ``act_dead``, ``act_mean`` and ``act_std`` per
-            site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
-        update_method: How ``update_ratio`` gets the update: ``"auto"`` (from the optimizer's state where
-            exact: no copy of the parameters), ``"optimizer"`` or ``"copy"`` (see :mod:`gradlight.update_ratio`).
-        track_backward_signal: Tap the backward signal on logged steps (hooks removed between them): per
-            block of the layer grouping, the L2 norm, largest element and NaN/Inf count of the gradient with
-            respect to its output, and its gain in decades (``signal_*`` rows of the history; see
-            :mod:`gradlight.signal`), drawn as the signal heat map and gain profile in reports.
         log_figures_every_n_epochs: Send the heat map and the gradient-flow profile as figures to every
             logger that takes images (TensorBoard, W&B, MLflow, Comet; see :mod:`gradlight.report.loggers`)
             at the end of every this many training epochs and at the end of fit; ``None`` never. Rank zero
@@ -98,6 +65,20 @@ class GradientFlowMonitor(Callback):
             image-taking logger nothing is drawn.
         log_histograms: Also send one gradient histogram per layer to TensorBoard on logged steps. Costs a
             copy of every gradient to the host on those steps; under sharded strategies rank zero's shard.
+        group_by: A recording option (:class:`gradlight.RecorderOptions`, where each is documented). A
+            module's ``configure_gradient_flow()`` (:class:`gradlight.GradientFlowSpec`) may override it.
+        exclude: A recording option; a module's ``configure_gradient_flow()`` may add patterns.
+        track_update_ratio: A recording option.
+        edge_layers: A recording option.
+        flush_every_n_records: A recording option (the monitor also flushes at checkpoints).
+        overwrite: A recording option.
+        diagnose: A recording option; the findings' counts go to the loggers as ``gradflow/findings``
+            (warnings) and ``gradflow/notes`` (notes).
+        diagnosis: A recording option.
+        on_anomaly: A recording option; ``"stop"`` sets ``trainer.should_stop``.
+        track_activations: A recording option.
+        track_backward_signal: A recording option.
+        update_method: A recording option.
 
     Example:
         >>> import lightning as L
@@ -132,31 +113,17 @@ class GradientFlowMonitor(Callback):
     ) -> None:
         super().__init__()
         self._logger_warnings: set[tuple[str, str]] = set()  # loggers that failed: each warned about once
-        _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        _check_positive_int("log_figures_every_n_epochs", log_figures_every_n_epochs, allow_none=True)
-        _check_bool("log_per_layer", log_per_layer)
-        _check_bool("log_histograms", log_histograms)
-        if save_dir is not None and not isinstance(save_dir, (str, Path)):
-            raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_positive_int("log_figures_every_n_epochs", log_figures_every_n_epochs, allow_none=True)
+        check_bool("log_per_layer", log_per_layer)
+        check_bool("log_histograms", log_histograms)
+        check_path("save_dir", save_dir)
         if (isinstance(sharding, str) and sharding not in SHARDING_MODES) or not (
             isinstance(sharding, str) or callable(sharding)
         ):
             raise ValueError(f"`sharding` must be one of {SHARDING_MODES} or a CrossRankReduction, got {sharding!r}.")
-        self.options = RecorderOptions(  # validates the recorder's arguments now, not at fit time
-            log_every_n_steps=log_every_n_steps or 50,
-            group_by=group_by,
-            exclude=exclude,
-            track_update_ratio=track_update_ratio,
-            edge_layers=edge_layers,
-            flush_every_n_records=flush_every_n_records,
-            overwrite=overwrite,
-            diagnose=diagnose,
-            diagnosis=diagnosis,
-            on_anomaly=on_anomaly,
-            track_activations=track_activations,
-            track_backward_signal=track_backward_signal,
-            update_method=update_method,
-        )
+        # The recording options among the arguments, validated now rather than at fit time.
+        self.options = RecorderOptions.from_arguments(locals(), log_every_n_steps=log_every_n_steps or 50)
         self.log_every_n_steps = log_every_n_steps
         self._save_dir_arg = Path(save_dir) if save_dir is not None else None
         self.save_dir: Path | None = self._save_dir_arg
@@ -233,7 +200,7 @@ class GradientFlowMonitor(Callback):
         if stage != "fit":
             return
         interval = self.log_every_n_steps or max(1, int(getattr(trainer, "log_every_n_steps", 50)))
-        self.options = RecorderOptions(**{**self.options.as_kwargs(), "log_every_n_steps": interval})
+        self.options = replace(self.options, log_every_n_steps=interval)
         if self._save_dir_arg is None:
             self.save_dir = Path(trainer.log_dir or trainer.default_root_dir) / "gradlight"
         assert self.save_dir is not None
@@ -241,17 +208,17 @@ class GradientFlowMonitor(Callback):
             raise MisconfigurationException(
                 f"GradientFlowMonitor(save_dir={str(self.save_dir)!r}) is a file; pass a folder path."
             )
-        options = self.options.as_kwargs()
+        options = self.options
         spec = find_spec(pl_module)
         if spec is not None:
-            options["group_by"] = spec.group_by if spec.group_by is not None else options["group_by"]
-            options["exclude"] = tuple(options["exclude"]) + tuple(spec.exclude)
+            group_by = spec.group_by if spec.group_by is not None else options.group_by
+            options = replace(options, group_by=group_by, exclude=(*options.exclude, *spec.exclude))
         state = self.recorder.state_dict() if self.recorder is not None else self._state
         clip, algorithm = trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         self.recorder = GradientFlowRecorder(
             pl_module,
             self.save_dir,
-            **options,
+            options,
             reduction=resolve_reduction(trainer.strategy, self.sharding),
             collectives=Collectives.from_lightning(trainer.strategy),
             gradient_clip_val=float(clip) if clip else None,

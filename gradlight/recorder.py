@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +39,18 @@ from gradlight.diagnosis import (
     resolve_actions,
 )
 from gradlight.history import HistoryWriter
-from gradlight.layers import GroupBy, validate_group_by
+from gradlight.options import RecorderOptions
 from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
-from gradlight.update_ratio import METHODS as UPDATE_METHODS
+from gradlight.validation import check_path
 
 __all__ = [
     "LOG_PREFIX",
     "Collectives",
     "GradientFlowRecorder",
     "HistoryExistsError",
-    "RecorderOptions",
     "backward_scale_of",
     "grad_scale_left",
 ]
@@ -62,94 +61,6 @@ LOG_PREFIX = "gradflow"
 
 class HistoryExistsError(FileExistsError):
     """The run folder already holds a history from another run (and ``overwrite`` is off)."""
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        valid = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"`{name}` must be {valid}, got {value!r}.")
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-
-
-@dataclass(frozen=True)
-class RecorderOptions:
-    """What a recorder records and how; validated on construction (shared by the recorder and the callback).
-
-    Attributes:
-        log_every_n_steps: Record every this many optimizer steps (steps ``0, n, 2n, ...``).
-        group_by: ``None`` (one layer per module that owns parameters), an int (aggregate to that many
-            leading name components, e.g. ``2`` -> ``model.3``) or a callable ``param_name -> layer_name``.
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        track_update_ratio: Record ``update_ratio`` (needs a copy of the parameters on logged steps).
-        edge_layers: Number of first and last layers the early-to-late ratio compares.
-        flush_every_n_records: Write the history to disk every this many records.
-        overwrite: Replace a history already in the run folder instead of refusing to start.
-        diagnose: Diagnose vanishing, exploding, non-finite, dormant, saturated and dead layers.
-        diagnosis: Thresholds of the diagnosis; ``None`` is ``DiagnosisConfig()``.
-        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"``, ``"ignore"``, or a mapping per kind (see
-            :func:`gradlight.diagnosis.resolve_actions`). Only ``warning`` findings trigger actions;
-            ``note`` findings are recorded only.
-        track_activations: Tap activation modules on logged steps (needed for ``saturated`` and
-            ``dead_units`` findings).
-        track_backward_signal: Tap the backward signal (the gradient with respect to each block's output) on
-            logged steps, with the blocks of the layer grouping (:mod:`gradlight.signal`); its per-block
-            ``signal_*`` rows go to the history beside the layers' rows.
-        update_method: How ``update_ratio`` gets the update: ``"auto"`` reconstructs the step from the
-            optimizer's state (SGD, Adam, AdamW in float32/64: no copy of the parameters; the step the
-            optimizer computed) and copies the parameters elsewhere (the change applied, rounding included);
-            ``"optimizer"`` or ``"copy"`` force one (:mod:`gradlight.update_ratio`).
-
-    Example:
-        >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
-        10
-        >>> RecorderOptions(log_every_n_steps=0)
-        Traceback (most recent call last):
-        ...
-        ValueError: `log_every_n_steps` must be a positive int, got 0.
-    """
-
-    log_every_n_steps: int = 50
-    group_by: GroupBy = None
-    exclude: Sequence[str] = ()
-    track_update_ratio: bool = True
-    edge_layers: int = 1
-    flush_every_n_records: int = 20
-    overwrite: bool = False
-    diagnose: bool = True
-    diagnosis: DiagnosisConfig | None = None
-    on_anomaly: str | Mapping[str, str] = "warn"
-    track_activations: bool = False
-    track_backward_signal: bool = False
-    update_method: str = "auto"
-
-    def __post_init__(self) -> None:
-        _check_positive_int("log_every_n_steps", self.log_every_n_steps)
-        _check_positive_int("edge_layers", self.edge_layers)
-        _check_positive_int("flush_every_n_records", self.flush_every_n_records)
-        validate_group_by(self.group_by)
-        exclude = self.exclude
-        if isinstance(exclude, str):
-            raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: got {exclude!r}.")
-        if not isinstance(exclude, (list, tuple)) or not all(isinstance(pattern, str) for pattern in exclude):
-            raise ValueError(f"`exclude` must be a list or tuple of fnmatch pattern strings, got {exclude!r}.")
-        object.__setattr__(self, "exclude", tuple(exclude))
-        for name in ("track_update_ratio", "overwrite", "diagnose", "track_activations", "track_backward_signal"):
-            _check_bool(name, getattr(self, name))
-        if self.diagnosis is not None and not isinstance(self.diagnosis, DiagnosisConfig):
-            raise ValueError(f"`diagnosis` must be a DiagnosisConfig or None, got {self.diagnosis!r}.")
-        resolve_actions(self.on_anomaly)  # raises ValueError naming a bad action or kind
-        if self.update_method not in UPDATE_METHODS:
-            raise ValueError(f"`update_method` must be one of {UPDATE_METHODS}, got {self.update_method!r}.")
-
-    def as_kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of :class:`GradientFlowRecorder`."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True)
@@ -297,26 +208,10 @@ class GradientFlowRecorder:
     Args:
         model: The model whose parameters are monitored (unwrapped: names come from ``named_parameters()``).
         save_dir: The run folder. ``None`` records in memory only (diagnosis and :attr:`latest`, no files).
-        log_every_n_steps: Record every this many optimizer steps.
-        group_by: Layer grouping (see :class:`RecorderOptions`).
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        track_update_ratio: Record ``update_ratio`` (a copy of the parameters on logged steps).
-        edge_layers: Number of first and last layers the early-to-late ratio compares.
-        flush_every_n_records: Write the history to disk every this many records (and at :meth:`flush` and
-            :meth:`close`).
-        overwrite: Replace a history already in ``save_dir`` instead of raising :class:`HistoryExistsError`.
-        diagnose: Diagnose the gradient flow on logged steps; findings go to ``save_dir/findings.jsonl``.
-        diagnosis: Thresholds of the diagnosis (:class:`gradlight.DiagnosisConfig`).
-        on_anomaly: What a new warning finding does: ``"warn"``, ``"raise"``
-            (:class:`gradlight.GradientAnomalyError`), ``"stop"`` (sets :attr:`should_stop`; your loop checks
-            it) or ``"ignore"``; or a mapping per kind.
-        track_activations: Tap activation modules during logged steps' forward passes; call
-            :meth:`start_step` before each micro-batch's forward pass for them.
-        track_backward_signal: Tap the gradient with respect to each block's output on logged steps
-            (:class:`gradlight.signal.BackwardSignalTaps`, blocks = the layer grouping); needs
-            :meth:`start_step` before each micro-batch's forward pass. ``signal_*`` rows go to the history.
-        update_method: ``"auto"``, ``"optimizer"`` or ``"copy"``: how ``update_ratio`` gets the update
-            (:class:`RecorderOptions`).
+        options: What to record and how (:class:`gradlight.RecorderOptions`, where each option is
+            documented); ``None`` takes the defaults. With ``track_activations`` or ``track_backward_signal``
+            call :meth:`start_step` before each micro-batch's forward pass. With ``on_anomaly="stop"`` a new
+            warning finding sets :attr:`should_stop` (your loop checks it).
         reduction: How statistics combine across ranks (sharded models; see :mod:`gradlight.sharding`).
             ``None``: every rank holds whole gradients (single process, DDP).
         collectives: Cross-process operations; ``None`` takes them from ``torch.distributed`` if it is
@@ -335,6 +230,8 @@ class GradientFlowRecorder:
             :meth:`start_step` (the Lightning callback: not during the sanity-check validation).
         warn: Called with the text of each ``warn``/``stop`` finding on rank zero; ``None`` uses
             :func:`warnings.warn`.
+        **option_values: Options to set on top of ``options``, by name (``log_every_n_steps=10``); any field
+            of :class:`gradlight.RecorderOptions`.
 
     Example:
         A plain PyTorch loop:
@@ -365,20 +262,8 @@ class GradientFlowRecorder:
         self,
         model: nn.Module,
         save_dir: str | Path | None,
+        options: RecorderOptions | None = None,
         *,
-        log_every_n_steps: int = 50,
-        group_by: GroupBy = None,
-        exclude: Sequence[str] = (),
-        track_update_ratio: bool = True,
-        edge_layers: int = 1,
-        flush_every_n_records: int = 20,
-        overwrite: bool = False,
-        diagnose: bool = True,
-        diagnosis: DiagnosisConfig | None = None,
-        on_anomaly: str | Mapping[str, str] = "warn",
-        track_activations: bool = False,
-        track_backward_signal: bool = False,
-        update_method: str = "auto",
         reduction: CrossRankReduction | None = None,
         collectives: Collectives | None = None,
         gradient_clip_val: float | None = None,
@@ -388,11 +273,11 @@ class GradientFlowRecorder:
         run_info: RunInfo | None = None,
         discover_forward_order: bool = True,
         warn: Callable[[str], None] | None = None,
+        **option_values: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if save_dir is not None and not isinstance(save_dir, (str, Path)):
-            raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
+        check_path("save_dir", save_dir)
         if gradient_clip_val is not None and not (
             isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
         ):
@@ -401,21 +286,7 @@ class GradientFlowRecorder:
             raise ValueError(
                 f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}."
             )
-        self.options = RecorderOptions(
-            log_every_n_steps=log_every_n_steps,
-            group_by=group_by,
-            exclude=exclude,
-            track_update_ratio=track_update_ratio,
-            edge_layers=edge_layers,
-            flush_every_n_records=flush_every_n_records,
-            overwrite=overwrite,
-            diagnose=diagnose,
-            diagnosis=diagnosis,
-            on_anomaly=on_anomaly,
-            track_activations=track_activations,
-            track_backward_signal=track_backward_signal,
-            update_method=update_method,
-        )
+        self.options = options = RecorderOptions.build(options, **option_values)
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
         if self.folder is not None:
@@ -423,25 +294,25 @@ class GradientFlowRecorder:
         self.collectives = collectives if collectives is not None else Collectives.from_torch_distributed()
         self.tracker = GradientFlowTracker(
             model,
-            group_by=group_by,
-            exclude=self.options.exclude,
-            track_update_ratio=track_update_ratio,
-            update_method=update_method,
-            edge_layers=edge_layers,
+            group_by=options.group_by,
+            exclude=options.exclude,
+            track_update_ratio=options.track_update_ratio,
+            update_method=options.update_method,
+            edge_layers=options.edge_layers,
             reduction=reduction,
         )
-        config = diagnosis if diagnosis is not None else DiagnosisConfig()
+        config = options.diagnosis if options.diagnosis is not None else DiagnosisConfig()
         self.diagnosis_config = config
         clip = float(gradient_clip_val) if gradient_clip_val else None
         self.diagnosis: GradientDiagnosis | None = (
             GradientDiagnosis(config, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
-            if diagnose
+            if options.diagnose
             else None
         )
         self.grad_scaler = grad_scaler
         self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
         self.taps: ActivationTaps | None = None
-        self._actions = resolve_actions(on_anomaly)
+        self._actions = resolve_actions(options.on_anomaly)
         template = (
             run_info
             if run_info is not None
@@ -450,7 +321,7 @@ class GradientFlowRecorder:
         self.run_info = replace(
             template,
             gradlight_version=__version__,
-            log_every_n_steps=self.options.log_every_n_steps,
+            log_every_n_steps=options.log_every_n_steps,
             gradient_clip_val=clip,
             gradient_clip_algorithm=gradient_clip_algorithm if clip else None,
             world_size=self.collectives.world_size,

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradlight.validation import Bounds, bounded, check_fields
+
 __all__ = ["DiagnosisConfig"]
+
+POSITIVE_INT = Bounds(1, integer=True)
+COUNT = Bounds(0, integer=True)
+POSITIVE = Bounds(0, low_open=True)
+POSITIVE_OR_NONE = Bounds(0, low_open=True, optional=True)
+NON_NEGATIVE = Bounds(0)
+FACTOR = Bounds(1, low_open=True)  # a multiple: > 1
+FRACTION = Bounds(0, 1, low_open=True)  # in (0, 1]
+LOW_FRACTION = Bounds(0, 1, high_open=True)  # in [0, 1)
 
 
 @dataclass
@@ -115,93 +126,40 @@ class DiagnosisConfig:
         5
     """
 
-    reference_layers: int = 2
-    vanishing_ratio: float = 1e-3
-    vanishing_patience: int = 3
-    trend_window: int = 10
-    trend_decades: float = 2.0
-    exploding_factor: float = 100.0
-    exploding_window: int = 10
-    exploding_min_history: int = 3
-    exploding_confirm_steps: int = 1
-    exploding_norm: float | None = None
-    exploding_layer_norm: float | None = None
-    exploding_update_ratio: float | None = 0.1
-    exploding_update_patience: int = 3
-    exploding_min_share: float = 0.01
-    clip_factor: float = 10.0
-    clip_patience: int = 3
-    dormant_update_ratio: float = 1e-6
-    dormant_relative: float = 0.01
-    dormant_window: int = 5
-    dormant_loss_change: float = 0.01
-    stalled_update_ratio: float = 1e-7
-    stalled_window: int = 5
-    stalled_lr_fraction: float = 1e-3
-    no_gradient_patience: int = 3
-    gain_threshold: float = 1e-2
-    gain_patience: int = 50
-    saturated_fraction: float = 0.5
-    dead_fraction: float = 0.5
-    activation_patience: int = 2
-    scaled_non_finite_patience: int = 3
-    saturation_derivative: float = 0.05
-    deep_stack_layers: int = 8
-    init_scale_tolerance: float = 4.0
-    max_layers_in_evidence: int = 16
+    reference_layers: int = bounded(2, POSITIVE_INT)
+    vanishing_ratio: float = bounded(1e-3, FRACTION)
+    vanishing_patience: int = bounded(3, POSITIVE_INT)
+    trend_window: int = bounded(10, POSITIVE_INT)
+    trend_decades: float = bounded(2.0, POSITIVE)
+    exploding_factor: float = bounded(100.0, FACTOR)
+    exploding_window: int = bounded(10, POSITIVE_INT)
+    exploding_min_history: int = bounded(3, POSITIVE_INT)
+    exploding_confirm_steps: int = bounded(1, COUNT)
+    exploding_norm: float | None = bounded(None, POSITIVE_OR_NONE)
+    exploding_layer_norm: float | None = bounded(None, POSITIVE_OR_NONE)
+    exploding_update_ratio: float | None = bounded(0.1, POSITIVE_OR_NONE)
+    exploding_update_patience: int = bounded(3, POSITIVE_INT)
+    exploding_min_share: float = bounded(0.01, FRACTION)
+    clip_factor: float = bounded(10.0, FACTOR)
+    clip_patience: int = bounded(3, POSITIVE_INT)
+    dormant_update_ratio: float = bounded(1e-6, POSITIVE)
+    dormant_relative: float = bounded(0.01, FRACTION)
+    dormant_window: int = bounded(5, POSITIVE_INT)
+    dormant_loss_change: float = bounded(0.01, NON_NEGATIVE)
+    stalled_update_ratio: float = bounded(1e-7, POSITIVE)
+    stalled_window: int = bounded(5, POSITIVE_INT)
+    stalled_lr_fraction: float = bounded(1e-3, LOW_FRACTION)
+    no_gradient_patience: int = bounded(3, POSITIVE_INT)
+    gain_threshold: float = bounded(1e-2, FRACTION)
+    gain_patience: int = bounded(50, POSITIVE_INT)
+    saturated_fraction: float = bounded(0.5, FRACTION)
+    dead_fraction: float = bounded(0.5, FRACTION)
+    activation_patience: int = bounded(2, POSITIVE_INT)
+    scaled_non_finite_patience: int = bounded(3, POSITIVE_INT)
+    saturation_derivative: float = bounded(0.05, FRACTION)
+    deep_stack_layers: int = bounded(8, POSITIVE_INT)
+    init_scale_tolerance: float = bounded(4.0, FACTOR)
+    max_layers_in_evidence: int = bounded(16, POSITIVE_INT)
 
     def __post_init__(self) -> None:
-        for name in (
-            "reference_layers",
-            "vanishing_patience",
-            "trend_window",
-            "exploding_window",
-            "exploding_min_history",
-            "clip_patience",
-            "exploding_update_patience",
-            "stalled_window",
-            "no_gradient_patience",
-            "gain_patience",
-            "dormant_window",
-            "activation_patience",
-            "scaled_non_finite_patience",
-            "deep_stack_layers",
-            "max_layers_in_evidence",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DiagnosisConfig `{name}` must be a positive int, got {value!r}.")
-        for name, low, high in (
-            ("vanishing_ratio", 0.0, 1.0),
-            ("saturated_fraction", 0.0, 1.0),
-            ("dead_fraction", 0.0, 1.0),
-            ("exploding_min_share", 0.0, 1.0),
-            ("saturation_derivative", 0.0, 1.0),
-            ("dormant_relative", 0.0, 1.0),
-            ("gain_threshold", 0.0, 1.0),
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not low < value <= high:
-                raise ValueError(f"DiagnosisConfig `{name}` must be in ({low}, {high}], got {value!r}.")
-        for name in ("trend_decades", "dormant_update_ratio", "stalled_update_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"DiagnosisConfig `{name}` must be > 0, got {value!r}.")
-        for name in ("exploding_factor", "clip_factor", "init_scale_tolerance"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 1:
-                raise ValueError(f"DiagnosisConfig `{name}` must be > 1, got {value!r}.")
-        for name in ("exploding_confirm_steps",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"DiagnosisConfig `{name}` must be an int >= 0, got {value!r}.")
-        if not isinstance(self.stalled_lr_fraction, (int, float)) or not 0 <= self.stalled_lr_fraction < 1:
-            raise ValueError(
-                f"DiagnosisConfig `stalled_lr_fraction` must be in [0, 1), got {self.stalled_lr_fraction!r}."
-            )
-        if not isinstance(self.dormant_loss_change, (int, float)) or self.dormant_loss_change < 0:
-            raise ValueError(f"DiagnosisConfig `dormant_loss_change` must be >= 0, got {self.dormant_loss_change!r}.")
-        for name in ("exploding_norm", "exploding_layer_norm", "exploding_update_ratio"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")
+        check_fields(self)  # every field declares its valid values (`bounded`)

@@ -21,7 +21,7 @@ the Lightning monitor's (``gradlight report`` works on it).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from typing_extensions import override
 
 from gradlight import __version__
-from gradlight.diagnosis import DiagnosisConfig
-from gradlight.layers import GroupBy
-from gradlight.recorder import (
-    Collectives,
-    GradientFlowRecorder,
-    RecorderOptions,
-    _check_positive_int,
-    backward_scale_of,
-)
+from gradlight.options import RecorderOptions
+from gradlight.recorder import Collectives, GradientFlowRecorder, backward_scale_of
 from gradlight.runfolder import RunInfo
 from gradlight.tracker import StepRecord
+from gradlight.validation import check_bool, check_path, check_positive_int
 
 __all__ = ["GradientFlowCallback"]
 
@@ -51,25 +45,17 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
 
     Args:
         save_dir: The run folder; ``None`` uses ``<args.output_dir>/gradlight``.
-        log_every_n_steps: Record every this many optimizer steps; ``None`` uses ``args.logging_steps``
-            (50 when that is a fraction of the run).
-        group_by: Layer grouping (see :class:`gradlight.RecorderOptions`); e.g. ``3`` groups GPT-2 by block
-            (``transformer.h.0``).
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        track_update_ratio: Record ``update_ratio`` (from the optimizer's state for SGD, Adam and AdamW, else a
-            copy of the parameters on logged steps).
-        diagnose: Diagnose the gradient flow; findings go to ``save_dir/findings.jsonl``.
-        diagnosis: Thresholds of the diagnosis.
-        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"`` (ends training through ``control``) or ``"ignore"``;
-            or a mapping per kind.
-        track_activations: Tap activation modules on logged steps.
-        track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
-            and its gain; :mod:`gradlight.signal`) on logged steps. Under ``fp16`` the tapped gradients carry
-            the loss scale of the Trainer's ``GradScaler``: it is read from the ``AcceleratedOptimizer`` before
-            its step (and update) and divided out.
-        overwrite: Replace a history already in ``save_dir``.
+        log_every_n_steps: Record every this many optimizer steps; ``None`` uses ``options``' interval if
+            ``options`` is given, else ``args.logging_steps`` (50 when that is a fraction of the run).
         take_over_clipping: Read the gradients before clipping by clipping in the callback (see the module
             docstring). ``False`` leaves the Trainer's clipping alone and records clipped gradients.
+        options: What to record and how (:class:`gradlight.RecorderOptions`, where each option is documented);
+            ``None`` takes the defaults. ``on_anomaly="stop"`` ends training through ``control``. Under
+            ``fp16`` the backward signal (``track_backward_signal``) carries the loss scale of the Trainer's
+            ``GradScaler``: it is read from the ``AcceleratedOptimizer`` before its step (and update) and
+            divided out.
+        **option_values: Options to set on top of ``options``, by name, e.g. ``group_by=3`` (one layer per
+            GPT-2 block, ``transformer.h.0``).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
@@ -85,35 +71,18 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         save_dir: str | Path | None = None,
         log_every_n_steps: int | None = None,
         *,
-        group_by: GroupBy = None,
-        exclude: Sequence[str] = (),
-        track_update_ratio: bool = True,
-        diagnose: bool = True,
-        diagnosis: DiagnosisConfig | None = None,
-        on_anomaly: str | Mapping[str, str] = "warn",
-        track_activations: bool = False,
-        track_backward_signal: bool = False,
-        overwrite: bool = False,
         take_over_clipping: bool = True,
+        options: RecorderOptions | None = None,
+        **option_values: Any,
     ) -> None:
-        _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        if save_dir is not None and not isinstance(save_dir, (str, Path)):
-            raise ValueError(f"`save_dir` must be a path (str or Path) or None, got {save_dir!r}.")
-        if not isinstance(take_over_clipping, bool):
-            raise ValueError(f"`take_over_clipping` must be True or False, got {take_over_clipping!r}.")
-        self.options = RecorderOptions(  # validated now, not when training starts
-            log_every_n_steps=log_every_n_steps or 50,
-            group_by=group_by,
-            exclude=exclude,
-            track_update_ratio=track_update_ratio,
-            diagnose=diagnose,
-            diagnosis=diagnosis,
-            on_anomaly=on_anomaly,
-            track_activations=track_activations,
-            track_backward_signal=track_backward_signal,
-            overwrite=overwrite,
-        )
-        self.log_every_n_steps = log_every_n_steps
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_path("save_dir", save_dir)
+        check_bool("take_over_clipping", take_over_clipping)
+        if log_every_n_steps is not None:
+            option_values["log_every_n_steps"] = log_every_n_steps
+        self.options = RecorderOptions.build(options, **option_values)  # validated now, not when training starts
+        # ``None``: the Trainer's logging_steps, unless ``options`` sets the interval.
+        self.log_every_n_steps = log_every_n_steps if options is None else self.options.log_every_n_steps
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.take_over_clipping = take_over_clipping
         #: The recorder of the current (or last) run; ``None`` before ``on_train_begin``.
@@ -152,12 +121,11 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
                 self._clip, self._restore_max_grad_norm = clip, args.max_grad_norm
                 args.max_grad_norm = 0.0  # the Trainer now only measures the pre-clip norm; we clip after reading
         precision = "fp16-mixed" if args.fp16 else "bf16-mixed" if args.bf16 else "32-true"
-        options = {**self.options.as_kwargs(), "log_every_n_steps": interval}
         collectives = Collectives.from_torch_distributed()
         self.recorder = GradientFlowRecorder(
             model,
             save_dir,
-            **options,
+            replace(self.options, log_every_n_steps=interval),
             collectives=collectives,
             gradient_clip_val=clip,
             gradient_clip_algorithm="norm",

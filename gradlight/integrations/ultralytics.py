@@ -29,7 +29,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from gradlight import __version__
 from gradlight.diagnosis import DiagnosisConfig
-from gradlight.recorder import Collectives, GradientFlowRecorder, RecorderOptions, backward_scale_of
+from gradlight.options import RecorderOptions
+from gradlight.recorder import Collectives, GradientFlowRecorder, backward_scale_of
 from gradlight.runfolder import RunFolder, RunInfo
 
 __all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
@@ -52,84 +53,76 @@ CLIP_VALUE = 10.0
 SETTINGS_ENV = "GRADLIGHT_ULTRALYTICS"
 
 
-@dataclass
+@dataclass(init=False)
 class UltralyticsRecording:
     """How :class:`GradientFlowDetectionTrainer` records (JSON-serialisable, for Ultralytics' DDP workers).
 
-    Attributes:
+    Args:
         save_dir: The run folder; ``None`` uses ``<trainer.save_dir>/gradlight``.
-        log_every_n_steps: Record every this many optimizer steps.
-        group_by: ``None`` (one layer per module that owns parameters, e.g. ``model.0.conv``) or an int
-            (that many leading name components: ``2`` is one layer per YOLO block, ``model.7``).
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
         prefix: Put the ``DetectionModel`` under this attribute name for naming (``"model"`` gives
             ``model.model.0``, the names of a LightningModule holding it as ``.model``).
-        track_update_ratio: Record ``update_ratio``.
-        track_backward_signal: Tap the backward signal of each block (the gradient with respect to its output,
-            and its gain; :mod:`gradlight.signal`) on logged steps. Under AMP (``amp=True``) the tapped
-            gradients carry the loss scale the backward ran with; it is read before the scaler's update and
-            divided out.
-        flush_every_n_records: Write the history every this many records (and at every epoch end).
-        overwrite: Replace a history already in the run folder.
-        diagnose: Diagnose the gradient flow; findings go to ``findings.jsonl``.
-        diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
-        on_anomaly: ``"warn"``, ``"raise"``, ``"stop"`` (sets the trainer's ``stop``: the run ends after
-            the current epoch, all ranks) or ``"ignore"``; or a mapping per kind.
+        options: What to record and how (:class:`gradlight.RecorderOptions`, where each option is documented);
+            ``None`` takes the defaults with ``log_every_n_steps=10``. ``group_by`` must be ``None`` or an int
+            (``2`` is one layer per YOLO block, ``model.7``): the settings travel as JSON. Under AMP the
+            backward signal (``track_backward_signal``) carries the loss scale the backward ran with; it is
+            read before the scaler's update and divided out. ``on_anomaly="stop"`` sets the trainer's
+            ``stop``: the run ends after the current epoch, all ranks.
+        **option_values: Options to set on top of ``options``, by name.
 
     Example:
-        >>> UltralyticsRecording(log_every_n_steps=5, group_by=2).to_json()[:27]
-        '{"save_dir": null, "log_eve'
+        >>> recording = UltralyticsRecording(log_every_n_steps=5, group_by=2)
+        >>> recording.to_json()[:27]
+        '{"save_dir": null, "prefix"'
+        >>> UltralyticsRecording.from_json(recording.to_json()) == recording
+        True
     """
 
-    save_dir: str | None = None
-    log_every_n_steps: int = 10
-    group_by: int | None = None
-    exclude: Sequence[str] = ()
-    prefix: str = ""
-    track_update_ratio: bool = True
-    track_backward_signal: bool = False
-    flush_every_n_records: int = 20
-    overwrite: bool = False
-    diagnose: bool = True
-    diagnosis: dict[str, Any] = field(default_factory=dict)
-    on_anomaly: str | Mapping[str, str] = "warn"
+    save_dir: str | None
+    prefix: str
+    options: RecorderOptions
 
-    def __post_init__(self) -> None:
-        if self.group_by is not None and (isinstance(self.group_by, bool) or not isinstance(self.group_by, int)):
-            raise ValueError(f"`group_by` must be an int or None (a JSON value for DDP), got {self.group_by!r}.")
-        if not isinstance(self.prefix, str) or "." in self.prefix:
-            raise ValueError(f"`prefix` must be one attribute name without dots, got {self.prefix!r}.")
-        self.exclude = list(self.exclude)
-        self.recorder_options()  # validates the rest (ValueError naming the argument)
-
-    def diagnosis_config(self) -> DiagnosisConfig:
-        """The :class:`~gradlight.DiagnosisConfig` with :attr:`diagnosis` applied."""
-        return DiagnosisConfig(**self.diagnosis)
-
-    def recorder_options(self) -> RecorderOptions:
-        """The recorder's options for these settings."""
-        return RecorderOptions(
-            log_every_n_steps=self.log_every_n_steps,
-            group_by=self.group_by,
-            exclude=tuple(self.exclude),
-            track_update_ratio=self.track_update_ratio,
-            track_backward_signal=self.track_backward_signal,
-            flush_every_n_records=self.flush_every_n_records,
-            overwrite=self.overwrite,
-            diagnose=self.diagnose,
-            diagnosis=self.diagnosis_config(),
-            on_anomaly=self.on_anomaly,
-        )
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        prefix: str = "",
+        options: RecorderOptions | None = None,
+        **option_values: Any,
+    ) -> None:
+        if options is None:
+            option_values.setdefault("log_every_n_steps", 10)
+        self.options = RecorderOptions.build(options, **option_values)
+        group_by = self.options.group_by
+        if group_by is not None and (isinstance(group_by, bool) or not isinstance(group_by, int)):
+            raise ValueError(f"`group_by` must be an int or None (a JSON value for DDP), got {group_by!r}.")
+        if not isinstance(prefix, str) or "." in prefix:
+            raise ValueError(f"`prefix` must be one attribute name without dots, got {prefix!r}.")
+        if save_dir is not None and not isinstance(save_dir, str):
+            raise ValueError(f"`save_dir` must be a str or None (a JSON value for DDP), got {save_dir!r}.")
+        self.save_dir, self.prefix = save_dir, prefix
 
     def to_json(self) -> str:
         """The settings as JSON (what :data:`SETTINGS_ENV` holds)."""
-        return json.dumps(asdict(self))
+        options = {name: getattr(self.options, name) for name in RecorderOptions.names()}
+        options["exclude"] = list(self.options.exclude)
+        diagnosis, on_anomaly = self.options.diagnosis, self.options.on_anomaly
+        options["diagnosis"] = asdict(diagnosis) if diagnosis is not None else None
+        options["on_anomaly"] = dict(on_anomaly) if isinstance(on_anomaly, Mapping) else on_anomaly
+        return json.dumps({"save_dir": self.save_dir, "prefix": self.prefix, "options": options})
+
+    @classmethod
+    def from_json(cls, text: str) -> UltralyticsRecording:
+        """The settings :meth:`to_json` wrote."""
+        data = json.loads(text)
+        options = dict(data.pop("options"))
+        diagnosis = options.get("diagnosis")
+        options["diagnosis"] = DiagnosisConfig(**diagnosis) if diagnosis is not None else None
+        return cls(**data, options=RecorderOptions(**options))
 
     @classmethod
     def from_env(cls) -> UltralyticsRecording:
         """The settings in :data:`SETTINGS_ENV`, or the defaults when it is not set."""
         text = os.environ.get(SETTINGS_ENV)
-        return cls(**json.loads(text)) if text else cls()
+        return cls.from_json(text) if text else cls()
 
 
 class _Named(nn.Module):
@@ -187,12 +180,11 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
     def _gradlight_on_train_start(self) -> None:
         detector = unwrap_model(self._module())
         model = _Named(self.recording.prefix, detector) if self.recording.prefix else detector
-        options = self.recording.recorder_options().as_kwargs()
         world = max(int(self.world_size), 1)
         self.recorder = GradientFlowRecorder(
             model,
             self.gradlight_dir,
-            **options,
+            self.recording.options,
             gradient_clip_val=CLIP_VALUE,
             gradient_clip_algorithm="norm",
             loss_scaled=bool(self.amp),
@@ -201,7 +193,7 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             run_info=RunInfo(
                 gradlight_version=__version__,
                 trainer="ultralytics",
-                log_every_n_steps=self.recording.log_every_n_steps,
+                log_every_n_steps=self.recording.options.log_every_n_steps,
                 accumulate_grad_batches=int(self.accumulate),
                 strategy="ultralytics-ddp" if world > 1 else "ultralytics",
                 precision="16-mixed" if self.amp else "32-true",
@@ -311,14 +303,13 @@ def train(
     Args:
         yolo: An ``ultralytics.YOLO`` detection model (e.g. ``YOLO("yolo11n.yaml")``).
         save_dir: The run folder; ``None`` is ``<Ultralytics run folder>/gradlight``.
-        log_every_n_steps: Record every this many optimizer steps.
-        group_by: ``None`` or an int (see :class:`UltralyticsRecording`).
-        exclude: ``fnmatch`` patterns of parameter names not to monitor.
-        diagnose: Diagnose the gradient flow.
+        log_every_n_steps: A recording option (:class:`gradlight.RecorderOptions`, where each is documented).
+        group_by: A recording option: ``None`` or an int here (see :class:`UltralyticsRecording`).
+        exclude: A recording option.
+        diagnose: A recording option.
         diagnosis: :class:`gradlight.DiagnosisConfig` fields to override.
-        on_anomaly: What a new warning finding does (see :class:`UltralyticsRecording`).
-        track_backward_signal: Tap each block's backward signal on logged steps (see
-            :class:`UltralyticsRecording`).
+        on_anomaly: A recording option (see :class:`UltralyticsRecording` for ``"stop"``).
+        track_backward_signal: A recording option.
         trainer: The trainer class (a subclass of :class:`GradientFlowDetectionTrainer`).
         **train_kwargs: Ultralytics' training arguments (``data``, ``epochs``, ``imgsz``, ...).
 
@@ -332,10 +323,10 @@ def train(
         save_dir=str(save_dir) if save_dir is not None else None,
         log_every_n_steps=log_every_n_steps,
         group_by=group_by,
-        exclude=list(exclude),
+        exclude=tuple(exclude),
         diagnose=diagnose,
-        diagnosis=dict(diagnosis or {}),
-        on_anomaly=dict(on_anomaly) if isinstance(on_anomaly, Mapping) else on_anomaly,
+        diagnosis=DiagnosisConfig(**diagnosis) if diagnosis else None,
+        on_anomaly=on_anomaly,
         track_backward_signal=track_backward_signal,
     )
     previous = os.environ.get(SETTINGS_ENV)

@@ -1,0 +1,83 @@
+"""Structure: options declared once, validation derived from declarations, imports that point one way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch import nn
+
+from gradlight import DiagnosisConfig, GradientFlowMonitor, GradientFlowRecorder, RecorderOptions
+from gradlight.validation import Bounds
+
+
+# ------------------------------------------------------------------------------------------- options
+def test_every_diagnosis_threshold_declares_its_valid_values() -> None:
+    undeclared = [f.name for f in dataclasses.fields(DiagnosisConfig) if "bounds" not in f.metadata]
+    assert undeclared == []
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(DiagnosisConfig)])
+def test_every_diagnosis_threshold_rejects_a_string_naming_itself(field: str) -> None:
+    with pytest.raises(ValueError, match=f"DiagnosisConfig `{field}` must be .*, got 'x'"):
+        DiagnosisConfig(**{field: "x"})
+
+
+@pytest.mark.parametrize(
+    ("bounds", "good", "bad"),
+    [
+        (Bounds(1, integer=True), [1, 7], [0, 1.0, True, None]),
+        (Bounds(0, 1, low_open=True), [1e-9, 1.0, 1], [0.0, 1.5, float("nan"), None]),
+        (Bounds(0, 1, high_open=True), [0.0, 0.999], [1.0, -0.1]),
+        (Bounds(0, low_open=True, optional=True), [None, 3.0], [0.0, -1.0, False]),
+    ],
+)
+def test_bounds_accept_exactly_their_range(bounds: Bounds, good: list[Any], bad: list[Any]) -> None:
+    assert all(bounds.accepts(value) for value in good)
+    assert not any(bounds.accepts(value) for value in bad)
+
+
+def test_the_recorder_takes_one_options_object_and_flat_values_on_top() -> None:
+    options = RecorderOptions(log_every_n_steps=7, exclude=("0.bias",))
+    recorder = GradientFlowRecorder(nn.Sequential(nn.Linear(2, 2)), None, options, diagnose=False)
+    assert recorder.options == dataclasses.replace(options, diagnose=False)
+    assert recorder.diagnosis is None and recorder.tracker.layer_map.param_names == ["0.weight"]
+
+
+def test_an_unknown_option_is_a_clear_error_naming_it_and_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown recording option 'log_every_n_step'.*log_every_n_steps"):
+        GradientFlowRecorder(nn.Linear(2, 1), None, log_every_n_step=5)
+
+
+def test_the_monitor_builds_its_options_from_its_arguments() -> None:
+    monitor = GradientFlowMonitor(3, group_by=2, exclude=["head.*"], on_anomaly="stop", log_per_layer=True)
+    assert monitor.options == RecorderOptions(log_every_n_steps=3, group_by=2, exclude=("head.*",), on_anomaly="stop")
+
+
+def test_the_huggingface_callback_passes_options_through() -> None:
+    from gradlight.integrations.huggingface import GradientFlowCallback
+
+    options = RecorderOptions(log_every_n_steps=4, group_by=3)
+    callback = GradientFlowCallback(options=options, track_backward_signal=True)
+    assert callback.options == dataclasses.replace(options, track_backward_signal=True)
+    assert callback.log_every_n_steps == 4
+    assert GradientFlowCallback(group_by=3).log_every_n_steps is None  # the Trainer's logging_steps
+
+
+def test_the_ultralytics_recording_round_trips_through_json(tmp_path: Path) -> None:
+    from gradlight.integrations.ultralytics import UltralyticsRecording
+
+    recording = UltralyticsRecording(
+        str(tmp_path),
+        "model",
+        group_by=2,
+        exclude=["model.model.23.*"],
+        diagnosis=DiagnosisConfig(vanishing_ratio=1e-4),
+        on_anomaly={"non_finite": "raise"},
+    )
+    assert UltralyticsRecording.from_json(recording.to_json()) == recording
+    assert recording.options.log_every_n_steps == 10  # the Ultralytics default
+    with pytest.raises(ValueError, match="`group_by` must be an int or None"):
+        UltralyticsRecording(group_by=lambda name: name)
