@@ -25,29 +25,24 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gradlight.records import GLOBAL_LAYER
 from gradlight.runfolder import (
     FORMAT_VERSION,
-    GLOBAL_LAYER,
     HISTORY_SUBDIR,
     RunFolder,
     check_format_version,
     list_segments,
     segment_path,
-    write_json_atomic,
 )
 
 __all__ = [
     "COLUMNS",
-    "GLOBAL_LAYER",
     "HistoryReadResult",
     "HistoryWriter",
     "TruncatedHistoryWarning",
     "find_history_dir",
-    "list_segments",
     "load_history",
     "read_history",
-    "segment_path",
-    "write_json_atomic",
 ]
 
 #: Column order of :func:`load_history`'s frame.

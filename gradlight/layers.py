@@ -33,8 +33,6 @@ GroupBy = int | Callable[[str], str] | None
 _WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "_forward_module")
 #: Layer name of parameters owned by the model itself (no module prefix).
 ROOT_LAYER = "(root)"
-#: Layer name of run-wide values (the history's rows of global metrics, findings about the whole model).
-GLOBAL_LAYER = "__global__"
 
 
 def clean_parameter_name(name: str) -> str:

@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from gradlight.layers import GroupBy, validate_group_by
+from gradlight.monitor import GradientFlowMonitor
+from gradlight.spec import GradientFlowSpec
 
 if TYPE_CHECKING:
-    from gradlight.monitor import GradientFlowMonitor
     from gradlight.tracker import StepRecord
 
-__all__ = ["GradientFlowMixin", "GradientFlowSpec", "find_spec"]
-
-
-@dataclass(frozen=True)
-class GradientFlowSpec:
-    """A module's own layer grouping and exclusions, returned by ``configure_gradient_flow()``.
-
-    Attributes:
-        group_by: Overrides the monitor's ``group_by`` when not ``None`` (int or ``param_name -> layer``).
-        exclude: ``fnmatch`` patterns of parameter names not to monitor, added to the monitor's.
-    """
-
-    group_by: GroupBy = None
-    exclude: Sequence[str] = ()
-
-    def __post_init__(self) -> None:
-        validate_group_by(self.group_by)
-        if isinstance(self.exclude, str):
-            raise ValueError(f"`exclude` must be a sequence of patterns, not a single string: {self.exclude!r}.")
+__all__ = ["GradientFlowMixin"]
 
 
 class GradientFlowMixin:
@@ -60,8 +40,6 @@ class GradientFlowMixin:
     @property
     def gradient_flow_monitors(self) -> list[GradientFlowMonitor]:
         """Every :class:`~gradlight.GradientFlowMonitor` among the Trainer's callbacks, in callback order."""
-        from gradlight.monitor import GradientFlowMonitor
-
         callbacks = trainer.callbacks if (trainer := _trainer_of(self)) is not None else []
         return [callback for callback in callbacks if isinstance(callback, GradientFlowMonitor)]
 
@@ -109,20 +87,3 @@ def _trainer_of(module: object) -> Any:
         return getattr(module, "trainer", None)
     except RuntimeError:  # LightningModule.trainer raises when not attached
         return None
-
-
-def find_spec(module: object) -> GradientFlowSpec | None:
-    """The module's ``configure_gradient_flow()`` result, if it defines one.
-
-    Raises:
-        ValueError: If the hook returns something other than a ``GradientFlowSpec`` or ``None``.
-    """
-    hook = getattr(module, "configure_gradient_flow", None)
-    if hook is None:
-        return None
-    spec = hook()
-    if spec is not None and not isinstance(spec, GradientFlowSpec):
-        raise ValueError(
-            f"`configure_gradient_flow()` must return a GradientFlowSpec or None, got {type(spec).__name__}."
-        )
-    return spec

@@ -24,11 +24,11 @@ from typing_extensions import override
 from gradlight.activations import ActivationTaps
 from gradlight.diagnosis import DiagnosisConfig, Finding, GradientDiagnosis
 from gradlight.layers import GroupBy
-from gradlight.mixin import find_spec
 from gradlight.options import RecorderOptions
 from gradlight.recorder import LOG_PREFIX, Collectives, GradientFlowRecorder, HistoryExistsError, backward_scale_of
 from gradlight.runfolder import RunInfo
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
+from gradlight.spec import find_spec
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
 from gradlight.validation import check_bool, check_path, check_positive_int

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -34,15 +35,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from gradlight.diagnosis.finding import Finding
-from gradlight.layers import GLOBAL_LAYER
+from gradlight.records import GLOBAL_LAYER, Finding
 
 __all__ = [
     "FINDINGS_FILE",
     "FORMAT_VERSION",
-    "GLOBAL_LAYER",
     "HISTORY_SUBDIR",
     "RUN_INFO_FILE",
     "STATE_FILE",
@@ -439,6 +439,20 @@ class FindingsRead:
     skipped: list[SkippedLine] = field(default_factory=list)
     path: Path | None = None
 
+    def records(self) -> list[dict[str, Any]]:
+        """The findings as JSON-like dicts (what the report reads), in the frame's order.
+
+        Each has every field of :class:`gradlight.Finding`: text fields ``""`` when absent, ``step`` an int
+        (``-1`` when absent), ``reported_step`` the step when absent, ``evidence`` a dict (a non-dict value
+        is kept as ``{"value": ...}``), ``layers`` a list of strings; keys the file added are kept.
+
+        Example:
+            >>> read_findings("/nonexistent").records()
+            []
+        """
+        rows = self.frame.to_dict("records") if not self.frame.empty else []
+        return [_normalized({str(key): _missing_to_none(value) for key, value in row.items()}) for row in rows]
+
 
 def _finding_columns() -> list[str]:
     return [f.name for f in fields(Finding)]
@@ -452,6 +466,33 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
+
+
+def _missing_to_none(value: Any) -> Any:
+    """A cell of the findings frame as JSON would have it: NaN (a key the line lacked) becomes ``None``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _normalized(item: dict[str, Any]) -> dict[str, Any]:
+    finding = dict(item)
+    for key in ("kind", "layer", "message", "cause", "remedy"):
+        value = finding.get(key)
+        finding[key] = "" if value is None else str(value)
+    step = _as_int(finding.get("step"))
+    finding["step"] = -1 if step is None else step
+    reported = _as_int(finding.get("reported_step"))
+    finding["reported_step"] = finding["step"] if reported is None else reported
+    finding["severity"] = str(finding.get("severity") or "warning")
+    evidence = finding.get("evidence")
+    if not isinstance(evidence, dict):
+        finding["evidence"] = {} if evidence is None else {"value": evidence}
+    layers = finding.get("layers")
+    finding["layers"] = [str(name) for name in layers] if isinstance(layers, (list, tuple)) else []
+    return finding
 
 
 def read_findings(path: str | os.PathLike[str]) -> FindingsRead:

@@ -45,8 +45,8 @@ from casestudies.detection import offline as _offline
 from casestudies.detection.ablations import Ablation
 from casestudies.detection.evaluate import evaluate_detector
 from casestudies.detection.module import build_detector
-from gradlight.history import write_json_atomic
 from gradlight.integrations.ultralytics import CLIP_VALUE, GradientFlowDetectionTrainer, UltralyticsRecording
+from gradlight.runfolder import write_json_atomic
 
 __all__ = ["CLIP_VALUE", "GROUP_BY", "BaselineConfig", "BaselineRun", "BaselineTrainer", "train_baseline"]
 

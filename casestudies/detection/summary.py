@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from gradlight import __version__
-from gradlight.history import GLOBAL_LAYER, load_history
+from gradlight.history import load_history
+from gradlight.records import GLOBAL_LAYER
 from gradlight.report import ExtraSection, build_report
 from gradlight.report.html import ImageBlock, render_page
 from gradlight.runfolder import RunFolder, read_findings

@@ -28,14 +28,14 @@ findings file (``findings.jsonl``) belongs to the run folder: :mod:`gradlight.ru
 from gradlight.diagnosis.actions import ACTIONS, KINDS, resolve_actions
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.engine import GradientDiagnosis
-from gradlight.diagnosis.finding import GLOBAL, SEVERITIES, Finding, GradientAnomalyError
+from gradlight.diagnosis.finding import GradientAnomalyError
 from gradlight.diagnosis.profile import ModelProfile, ResidualGain
 from gradlight.diagnosis.rules import RULES, Rule, RuleContext, explain
 from gradlight.diagnosis.windows import LayerWindows
+from gradlight.records import SEVERITIES, Finding  # re-exported: `gradlight.diagnosis.Finding`
 
 __all__ = [
     "ACTIONS",
-    "GLOBAL",
     "KINDS",
     "RULES",
     "SEVERITIES",

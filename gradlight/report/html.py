@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlight.history import GLOBAL_LAYER
+from gradlight.records import GLOBAL_LAYER
 from gradlight.report.summary import RunSummary
 
 __all__ = ["ExtraSection", "ImageBlock", "RunSection", "format_number", "format_value", "render_page"]

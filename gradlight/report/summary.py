@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 
 from gradlight import runfolder
-from gradlight.history import GLOBAL_LAYER, HISTORY_SUBDIR, ProgressCallback, list_segments, read_history
-from gradlight.runfolder import FINDINGS_FILE, RUN_INFO_FILE
+from gradlight.history import ProgressCallback, read_history
+from gradlight.records import GLOBAL_LAYER
+from gradlight.runfolder import FINDINGS_FILE, HISTORY_SUBDIR, RUN_INFO_FILE, list_segments
 
 __all__ = [
-    "FINDINGS_FILE",
-    "RUN_INFO_FILE",
     "LayerGrid",
     "ReportInputError",
     "Run",
@@ -39,8 +38,6 @@ __all__ = [
     "load_run",
     "parse_run_spec",
     "profile_slope",
-    "read_findings",
-    "read_run_info",
     "resolve_run_dir",
     "resolve_run_specs",
     "summarize",
@@ -183,14 +180,14 @@ def _default_label(save_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------- run contents
-def read_run_info(save_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
+def _run_info_for_report(save_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str | None]:
     """``run.json`` as a dict for the report, through :func:`gradlight.runfolder.read_run_info`.
 
     Returns ``(info, problem)``: ``info == {}`` when the file is missing or unreadable, ``problem`` says why
     (a newer format than this gradlight reads, a file that is not a JSON object, a torn write).
 
     Example:
-        >>> read_run_info("/nonexistent")
+        >>> _run_info_for_report("/nonexistent")
         ({}, None)
     """
     path = Path(save_dir) / RUN_INFO_FILE
@@ -201,56 +198,6 @@ def read_run_info(save_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         return {}, f"{path} could not be read ({err}); run settings are not shown"
     return ({} if info is None else info.to_dict()), None
-
-
-def read_findings(save_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:
-    """The run's findings as dicts for the report, through :func:`gradlight.runfolder.read_findings`.
-
-    Returns ``(findings, skipped)``: the findings sorted by ``reported_step`` (a finding a resumed run wrote
-    twice kept once), each with the keys ``kind, layer, step, reported_step, message, cause, remedy,
-    evidence, layers, severity`` (``""``, ``-1``, ``{}`` or ``[]`` when absent), and the number of lines the
-    reader skipped (a writer killed mid-line).
-
-    Example:
-        >>> read_findings("/nonexistent")
-        ([], 0)
-    """
-    result = runfolder.read_findings(save_dir)
-    records = result.frame.to_dict("records") if not result.frame.empty else []
-    findings = [_normalize_finding({str(k): _missing_to_none(v) for k, v in row.items()}) for row in records]
-    return findings, len(result.skipped)
-
-
-def _missing_to_none(value: Any) -> Any:
-    """A cell of the findings frame as JSON would have it: NaN (a key the line lacked) becomes ``None``."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _as_int(value: Any, default: int = -1) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return default
-
-
-def _normalize_finding(item: dict[str, Any]) -> dict[str, Any]:
-    finding = dict(item)
-    for key in ("kind", "layer", "message", "cause", "remedy"):
-        value = finding.get(key)
-        finding[key] = "" if value is None else str(value)
-    finding["step"] = _as_int(finding.get("step", -1))
-    finding["reported_step"] = _as_int(finding.get("reported_step"), finding["step"])
-    finding["severity"] = str(finding.get("severity") or "warning")
-    if not isinstance(finding.get("evidence"), dict):
-        evidence = finding.get("evidence")
-        finding["evidence"] = {} if evidence is None else {"value": evidence}
-    layers = finding.get("layers")
-    finding["layers"] = [str(name) for name in layers] if isinstance(layers, (list, tuple)) else []
-    return finding
 
 
 @dataclass
@@ -341,10 +288,11 @@ def load_run(
             f"the history of {label!r} is truncated ({names} ends in a torn write); the report shows the "
             f"{len(frame)} readable rows, steps {int(steps.min())}-{int(steps.max())}"
         )
-    info, problem = read_run_info(save_dir)
+    info, problem = _run_info_for_report(save_dir)
     if problem:
         notes.append(problem)
-    findings, skipped = read_findings(save_dir)
+    read = runfolder.read_findings(save_dir)
+    findings, skipped = read.records(), len(read.skipped)
     if skipped:
         notes.append(
             f"{save_dir / FINDINGS_FILE}: skipped {skipped} unreadable line(s) (a torn write); "

@@ -31,11 +31,10 @@ from gradlight.report.html import ImageBlock, render_page
 from gradlight.report.summary import (
     layer_grid,
     parse_run_spec,
-    read_findings,
     resolve_run_dir,
     resolve_run_specs,
 )
-from gradlight.runfolder import load_findings
+from gradlight.runfolder import load_findings, read_findings
 
 IMG = re.compile(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"')
 
@@ -238,7 +237,7 @@ def test_runs_with_different_depths_compare_on_relative_depth(tmp_path: Path) ->
 def test_heatmap_array_equals_the_pivoted_history(tmp_path: Path) -> None:
     write_run(tmp_path, findings=[vanishing_finding("net.4", 50)])
     history = load_history(tmp_path)
-    result = heatmap_figure(history, read_findings(tmp_path)[0])
+    result = heatmap_figure(history, read_findings(tmp_path).records())
     grad = history[history.metric == "grad_l2"]
     pivot = grad.pivot(index="layer", columns="step", values="value")
     order = grad.drop_duplicates("layer").sort_values("depth")["layer"].tolist()
@@ -524,7 +523,8 @@ def test_torn_last_findings_line_is_skipped(tmp_path: Path) -> None:
     write_run(tmp_path, findings=[vanishing_finding(), vanishing_finding("net.2")])
     with open(tmp_path / "findings.jsonl", "a") as handle:
         handle.write('{"kind": "exploding", "lay')
-    findings, skipped = read_findings(tmp_path)
+    read = read_findings(tmp_path)
+    findings, skipped = read.records(), len(read.skipped)
     assert [f["layer"] for f in findings] == ["net.0", "net.2"] and skipped == 1
     run = load_run(tmp_path)
     assert any("skipped 1 unreadable line" in w for w in run.warnings)
@@ -535,7 +535,8 @@ def test_findings_a_resumed_run_wrote_twice_are_counted_once(tmp_path: Path) -> 
     again = {**first, "reported_step": 130, "message": "recomputed after the resume"}  # same kind, layer, step
     dormant = {**vanishing_finding("net.2", 110), "kind": "dormant", "message": "net.2 does not move"}
     write_run(tmp_path, findings=[first, dormant, again])
-    findings, skipped = read_findings(tmp_path)
+    read = read_findings(tmp_path)
+    findings, skipped = read.records(), len(read.skipped)
     api = load_findings(tmp_path)  # what gradlight.diagnosis returns
     assert skipped == 0 and len(findings) == len(api) == 2
     assert [(f["kind"], f["layer"], f["step"]) for f in findings] == list(zip(api.kind, api.layer, api.step))
@@ -557,7 +558,8 @@ def test_the_report_reads_findings_with_the_run_folders_rules(tmp_path: Path) ->
         [1, 2],  # not an object
     ]
     (tmp_path / "findings.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    findings, skipped = read_findings(tmp_path)
+    read = read_findings(tmp_path)
+    findings, skipped = read.records(), len(read.skipped)
     assert skipped == 2  # the line without a step and the one that is not an object, as gradlight.runfolder
     assert [(f["kind"], f["step"], f["message"]) for f in findings] == [("vanishing", 100, "new copy")]
     api = load_findings(tmp_path)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +84,45 @@ def test_the_ultralytics_recording_round_trips_through_json(tmp_path: Path) -> N
     assert recording.options.log_every_n_steps == 10  # the Ultralytics default
     with pytest.raises(ValueError, match="`group_by` must be an int or None"):
         UltralyticsRecording(group_by=lambda name: name)
+
+
+# ------------------------------------------------------------------------------------------- imports
+def _loaded_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules starting with ``prefixes`` that ``statement`` leaves in ``sys.modules`` of a fresh interpreter."""
+    code = f"import sys\n{statement}\nprint('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return [name for name in out.split() if name.startswith(prefixes)]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import gradlight",
+        "from gradlight import GradientFlowRecorder",
+        "import gradlight.integrations.huggingface",
+        "from gradlight.recorder import GradientFlowRecorder, Collectives; GradientFlowRecorder, Collectives",
+    ],
+)
+def test_the_recorder_and_the_huggingface_callback_do_not_import_lightning(statement: str) -> None:
+    assert _loaded_after(statement, ("lightning", "pytorch_lightning")) == []
+
+
+def test_the_lightning_front_ends_still_load_from_the_package() -> None:
+    assert _loaded_after("from gradlight import GradientFlowMonitor, GradientFlowMixin", ("lightning.pytorch",))
+
+
+def test_reading_a_run_folder_imports_no_analysis_and_no_torch() -> None:
+    statement = "import gradlight.report, gradlight.cli\nfrom gradlight import load_findings, load_history"
+    assert _loaded_after(statement, ("gradlight.diagnosis", "torch", "lightning")) == []
+
+
+def test_every_public_name_has_one_home_and_resolves() -> None:
+    import gradlight
+
+    assert set(gradlight.__all__) == {*gradlight._HOMES, "__version__"}
+    for name, home in gradlight._HOMES.items():
+        value = getattr(gradlight, name)
+        assert value is getattr(importlib.import_module(home), name)
+        assert name == "GLOBAL_LAYER" or value.__module__ == home  # defined there, not re-exported
+    with pytest.raises(AttributeError, match="no attribute 'GradientFlowMonitr'"):
+        _ = gradlight.GradientFlowMonitr

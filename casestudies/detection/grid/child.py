@@ -27,7 +27,7 @@ from casestudies.detection.distributed import CpuSyncBatchNorm
 from casestudies.detection.grid.config import BASELINE, RESULT
 from casestudies.detection.grid.spec import RunSpec, processes
 from gradlight import GradientFlowMonitor
-from gradlight.history import write_json_atomic
+from gradlight.runfolder import write_json_atomic
 
 if TYPE_CHECKING:
     from casestudies.detection.baseline import BaselineConfig

@@ -33,8 +33,9 @@ import numpy as np
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import Detector, StepContext
 from gradlight.diagnosis.detectors.vanishing import signal_detail
-from gradlight.diagnosis.finding import GLOBAL, Finding, fmt
+from gradlight.diagnosis.finding import Finding, fmt
 from gradlight.diagnosis.windows import LayerWindows
+from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["ExplodingDetector"]
 
@@ -110,7 +111,7 @@ class ExplodingDetector(Detector):
         step.run.exploded = True
         layers_grown = growing[1] if growing is not None else {}
         relevant = [name for name, _ in growth.ranked() if growth.current[name] >= floor]
-        layer = GLOBAL
+        layer = GLOBAL_LAYER
         if layers_grown:
             layer = max(layers_grown, key=lambda name: layers_grown[name])
         elif over:
@@ -261,7 +262,7 @@ class ExplodingDetector(Detector):
             f"gradient clipping is active on every logged step since step {since}: the pre-clip {what} is "
             f"{ratio:.1f}x the clip value {step.gradient_clip_val} and not growing"
         )
-        return step.finding(self.kind, GLOBAL, since, message, evidence, [GLOBAL], severity="note")
+        return step.finding(self.kind, GLOBAL_LAYER, since, message, evidence, [GLOBAL_LAYER], severity="note")
 
     def _evidence(
         self,

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from gradlight.diagnosis.detectors.base import Detector, StepContext
-from gradlight.diagnosis.finding import GLOBAL, Finding, fmt
+from gradlight.diagnosis.finding import Finding, fmt
+from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["StalledDetector"]
 
@@ -44,7 +45,7 @@ class StalledDetector(Detector):
             run.peak_learning_rate = max(run.peak_learning_rate, rate)
         moving_rate = rate is not None and rate > config.stalled_lr_fraction * run.peak_learning_rate
         holds = moving_rate and finite.size > 0 and total < config.stalled_update_ratio
-        count, since = self.streaks.one(GLOBAL, bool(holds), record.step)
+        count, since = self.streaks.one(GLOBAL_LAYER, bool(holds), record.step)
         if count < config.stalled_window:
             return []
         largest = float(finite.max())
@@ -64,4 +65,4 @@ class StalledDetector(Detector):
             f"(below {fmt(config.stalled_update_ratio)}) for {config.stalled_window} logged steps since step "
             f"{since}, while {lr_text}"
         )
-        return [step.finding(self.kind, GLOBAL, since, message, evidence, [GLOBAL])]
+        return [step.finding(self.kind, GLOBAL_LAYER, since, message, evidence, [GLOBAL_LAYER])]
