@@ -149,8 +149,11 @@ class TimedMonitor(GradientFlowMonitor):
     def on_before_optimizer_step(self, *args: Any) -> None:
         self._timed(super().on_before_optimizer_step, *args)
 
-    def _after_optimizer_step(self, *args: Any) -> None:
-        self._timed(super()._after_optimizer_step, *args)
+    def setup(self, *args: Any) -> None:
+        super().setup(*args)
+        if self.recorder is not None:  # the recorder's optimizer post-step hook (installed by `watch`) finishes steps
+            hook = self.recorder._after_optimizer_step
+            self.recorder._after_optimizer_step = lambda *hook_args: self._timed(hook, *hook_args)  # type: ignore[method-assign]
 
     def on_train_batch_end(self, *args: Any) -> None:
         self._timed(super().on_train_batch_end, *args)
@@ -172,7 +175,7 @@ class SignalTapsCallback(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.taps is None:
             self.taps = TimedTaps(pl_module, group_by=3, sink=self._add_to_monitor)
-        if self.monitor.is_logged_step(trainer.global_step):
+        if self.monitor.recorder is not None and self.monitor.recorder.is_logged_step(trainer.global_step):
             self.taps.start()  # the monitor's on_train_batch_start ran first: inside[-1] is this step's
 
     def on_before_optimizer_step(self, *args: Any) -> None:

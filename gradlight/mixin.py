@@ -60,7 +60,8 @@ class GradientFlowMixin:
     @property
     def gradient_flow(self) -> StepRecord | None:
         """The first monitor's latest statistics (``StepRecord``), or ``None`` before the first logged step."""
-        return self.gradient_flow_monitor.latest
+        recorder = self.gradient_flow_monitor.recorder
+        return None if recorder is None else recorder.latest
 
     def record_gradient_flow(self, optimizer: Any) -> None:
         """Record this step's gradients under manual optimization: call after backward, before ``step()``.

@@ -18,19 +18,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from gradlight.activations import ActivationTaps
-from gradlight.diagnosis import DiagnosisConfig, Finding, GradientDiagnosis
+from gradlight.amp import backward_scale_of
+from gradlight.diagnosis import DiagnosisConfig
 from gradlight.layers import GroupBy
 from gradlight.options import RecorderOptions
-from gradlight.recorder import LOG_PREFIX, Collectives, GradientFlowRecorder, HistoryExistsError, backward_scale_of
+from gradlight.recorder import LOG_PREFIX, Collectives, GradientFlowRecorder, HistoryExistsError
 from gradlight.runfolder import RunInfo
 from gradlight.sharding import SHARDING_MODES, resolve_reduction
 from gradlight.spec import find_spec
 from gradlight.stats import CrossRankReduction
-from gradlight.tracker import GradientFlowTracker, StepRecord
+from gradlight.tracker import StepRecord
 from gradlight.validation import check_bool, check_path, check_positive_int
 
 __all__ = ["LOG_PREFIX", "GradientFlowMonitor"]
@@ -135,7 +134,6 @@ class GradientFlowMonitor(Callback):
         self.recorder: GradientFlowRecorder | None = None
         self._state: dict[str, Any] = {"last_recorded_step": -1, "records_written": 0}
         self._trainer: pl.Trainer | None = None
-        self._step_hooks: list[RemovableHandle] = []
         self._figures_step: int | None = None
 
     # --------------------------------------------------------------------------------- public read access
@@ -143,56 +141,6 @@ class GradientFlowMonitor(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, save_dir=str(self._save_dir_arg))
-
-    @property
-    def tracker(self) -> GradientFlowTracker | None:
-        """The recorder's tracker (``None`` before ``setup``)."""
-        return None if self.recorder is None else self.recorder.tracker
-
-    @property
-    def diagnosis(self) -> GradientDiagnosis | None:
-        """The recorder's diagnosis (``None`` before ``setup`` or with ``diagnose=False``)."""
-        return None if self.recorder is None else self.recorder.diagnosis
-
-    @property
-    def taps(self) -> ActivationTaps | None:
-        """The recorder's activation taps (built at the first logged training batch)."""
-        return None if self.recorder is None else self.recorder.taps
-
-    @property
-    def latest(self) -> StepRecord | None:
-        """The most recent record (on every rank), or ``None`` before the first logged step."""
-        return None if self.recorder is None else self.recorder.latest
-
-    @property
-    def findings(self) -> list[Finding]:
-        """Diagnosis findings reported so far in this process (every rank), oldest first."""
-        return [] if self.recorder is None else self.recorder.findings
-
-    @property
-    def interval(self) -> int:
-        """The logging interval in optimizer steps, resolved against the Trainer in ``setup``."""
-        return self.options.log_every_n_steps
-
-    @property
-    def last_recorded_step(self) -> int:
-        """The last optimizer step recorded (``-1`` before the first)."""
-        return self.recorder.last_recorded_step if self.recorder is not None else self._state["last_recorded_step"]
-
-    @last_recorded_step.setter
-    def last_recorded_step(self, step: int) -> None:
-        if self.recorder is not None:
-            self.recorder.last_recorded_step = step
-        self._state["last_recorded_step"] = step
-
-    @property
-    def records_written(self) -> int:
-        """Records appended to the history by this run (a resumed run includes the checkpoint's)."""
-        return self.recorder.records_written if self.recorder is not None else self._state["records_written"]
-
-    def is_logged_step(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is on the logging interval."""
-        return step % self.interval == 0
 
     # --------------------------------------------------------------------------------------------- setup
     @override
@@ -244,7 +192,7 @@ class GradientFlowMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for optimizer in trainer.optimizers:
-            self._step_hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._recorder().watch(optimizer)  # update ratios measured right after each optimizer step
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -290,11 +238,6 @@ class GradientFlowMonitor(Callback):
             gradients = recorder.tracker.pending_gradients()
             log_gradient_histograms(trainer.loggers, gradients, step, warned=self._logger_warnings)
 
-    def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        recorder = self.recorder
-        if recorder is not None and recorder.tracker.pending and recorder.tracker.pending_owner() is optimizer:
-            recorder.after_step()
-
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -321,10 +264,7 @@ class GradientFlowMonitor(Callback):
 
     def _close(self) -> None:
         if self.recorder is not None:
-            self.recorder.close()
-        for handle in self._step_hooks:
-            handle.remove()
-        self._step_hooks.clear()
+            self.recorder.close()  # also removes the optimizer hooks of `watch`
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -336,7 +276,8 @@ class GradientFlowMonitor(Callback):
         """Heat map and profile to the loggers that take images (rank zero, from the flushed history)."""
         from gradlight.report.loggers import log_figures, logger_kind  # matplotlib only when figures are sent
 
-        if not (trainer.is_global_zero and self.records_written and self.save_dir is not None):
+        recorder = self.recorder
+        if not (trainer.is_global_zero and recorder is not None and recorder.records_written and self.save_dir):
             return
         if self._figures_step == trainer.global_step:
             return  # already sent at this step (the last epoch's end is also the end of fit)
@@ -347,7 +288,7 @@ class GradientFlowMonitor(Callback):
             trainer.loggers,
             self.save_dir,
             trainer.global_step,
-            findings=self.findings,
+            findings=recorder.findings,
             prefix=LOG_PREFIX,
             warned=self._logger_warnings,
         )

@@ -16,7 +16,6 @@ On steps that are not logged both calls return at once and no tensor work is don
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.amp import backward_scale_of, grad_scale_left
 from gradlight.diagnosis import (
     DiagnosisConfig,
     Finding,
@@ -44,15 +44,14 @@ from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, R
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
-from gradlight.validation import check_path
+from gradlight.validation import check_path, check_positive_number
+from gradlight.wrappers import unwrap_model, unwrap_optimizer
 
 __all__ = [
     "LOG_PREFIX",
     "Collectives",
     "GradientFlowRecorder",
     "HistoryExistsError",
-    "backward_scale_of",
-    "grad_scale_left",
 ]
 
 #: Prefix of the summary metrics sent to loggers (:meth:`GradientFlowRecorder.summary_metrics`).
@@ -115,6 +114,27 @@ class Collectives:
         return cls(dist.get_world_size(), dist.get_rank(), all_reduce_sum, broadcast)
 
     @classmethod
+    def from_fabric(cls, fabric: Any) -> Collectives:
+        """From a launched Lightning ``Fabric``: its world size, rank, ``all_reduce`` and ``broadcast``.
+
+        Example:
+            >>> from lightning.fabric import Fabric
+            >>> Collectives.from_fabric(Fabric(accelerator="cpu", devices=1)).world_size
+            1
+        """
+        world_size = int(fabric.world_size)
+        if world_size == 1:
+            return cls()
+
+        def all_reduce_sum(tensor: Tensor) -> Tensor:
+            return fabric.all_reduce(tensor, reduce_op="sum")
+
+        def broadcast(obj: Any) -> Any:
+            return fabric.broadcast(obj, src=0)
+
+        return cls(world_size, int(fabric.global_rank), all_reduce_sum, broadcast)
+
+    @classmethod
     def from_lightning(cls, strategy: Any) -> Collectives:
         """From a Lightning Trainer's strategy (``trainer.strategy``) or a Fabric's (``fabric.strategy``)."""
         world_size = int(getattr(strategy, "world_size", 1) or 1)
@@ -132,49 +152,6 @@ class Collectives:
         return cls(world_size, int(strategy.global_rank), all_reduce_sum, broadcast)
 
 
-def backward_scale_of(scaler: torch.amp.GradScaler | None) -> float:
-    """The loss scale backward passes run with under ``scaler`` (1.0 without one, or when it is disabled).
-
-    Read it before ``scaler.update()``, which may change the scale for the next step.
-
-    Example:
-        >>> backward_scale_of(torch.amp.GradScaler("cpu", init_scale=1024.0)), backward_scale_of(None)
-        (1024.0, 1.0)
-    """
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
-
-
-def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -> float:
-    """The AMP loss scale ``optimizer``'s gradients still carry: 1.0 once ``scaler.unscale_(optimizer)`` ran.
-
-    Args:
-        scaler: A ``torch.amp.GradScaler`` (or ``None``: no scaling).
-        optimizer: The optimizer about to step.
-
-    Example:
-        >>> net = nn.Linear(2, 1)
-        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        >>> scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-        >>> scaler.scale(net(torch.ones(1, 2)).sum()).backward()
-        >>> grad_scale_left(scaler, opt)
-        1024.0
-        >>> scaler.unscale_(opt)
-        >>> grad_scale_left(scaler, opt)
-        1.0
-    """
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    from torch.amp.grad_scaler import OptState
-
-    # GradScaler keeps no public "unscaled?" flag: its per-optimizer stage is the only record of it.
-    state = scaler._per_optimizer_states.get(id(_unwrap_optimizer(optimizer)))
-    if state is not None and state.get("stage") is not OptState.READY:
-        return 1.0
-    return backward_scale_of(scaler)
-
-
 @dataclass
 class _Unwritten:
     """A finalized record waiting for its loss (it is emitted once the loss is known, or at the end)."""
@@ -182,16 +159,6 @@ class _Unwritten:
     record: StepRecord
     activations: ActivationStats | None = None
     signal: SignalStats | None = None
-
-
-@dataclass
-class _Counts:
-    warnings: int = 0
-    notes: int = 0
-
-
-def _severity(finding: Finding) -> str:
-    return finding.severity
 
 
 class GradientFlowRecorder:
@@ -224,8 +191,9 @@ class GradientFlowRecorder:
         grad_scaler: The ``torch.amp.GradScaler`` of an fp16 AMP loop: :meth:`capture` then divides out the
             scale the gradients still carry (none once ``scaler.unscale_(optimizer)`` ran).
         run_info: What ``run.json`` says about the trainer (``trainer``, ``strategy``, ``precision``,
-            ``accumulate_grad_batches``, ``extra``); the recorder fills in the version, the interval, the
-            clip settings, the world size, the layers and the activation sites.
+            ``accumulate_grad_batches``, ``extra``, and ``world_size`` when only rank zero records); the
+            recorder fills in the version, the interval, the clip settings, the world size (at least the
+            collectives'), the layers and the activation sites.
         discover_forward_order: Install the forward-order hooks at construction. ``False`` waits for
             :meth:`start_step` (the Lightning callback: not during the sanity-check validation).
         warn: Called with the text of each ``warn``/``stop`` finding on rank zero; ``None`` uses
@@ -324,7 +292,8 @@ class GradientFlowRecorder:
             log_every_n_steps=options.log_every_n_steps,
             gradient_clip_val=clip,
             gradient_clip_algorithm=gradient_clip_algorithm if clip else None,
-            world_size=self.collectives.world_size,
+            # a template's larger world: a trainer whose other ranks do not record (Ultralytics' DDP)
+            world_size=max(template.world_size, self.collectives.world_size),
             model=template.model or type(model).__qualname__,
             layers=[],
             activation_sites=[],
@@ -336,7 +305,6 @@ class GradientFlowRecorder:
         self.records_written = 0
         #: Set when a finding's action is ``"stop"``: a loop that honours it ends the run.
         self.should_stop = False
-        self._counts = _Counts()
         self._listeners: list[Callable[[StepRecord], None]] = []
         self._opened = False
         self._resumed = False
@@ -403,19 +371,8 @@ class GradientFlowRecorder:
 
         strategy = fabric.strategy
         precision = getattr(strategy, "precision", None)
-        world_size = int(fabric.world_size)
-        if world_size > 1:
-
-            def all_reduce_sum(tensor: Tensor) -> Tensor:
-                return fabric.all_reduce(tensor, reduce_op="sum")
-
-            def broadcast(obj: Any) -> Any:
-                return fabric.broadcast(obj, src=0)
-
-            collectives = Collectives(world_size, int(fabric.global_rank), all_reduce_sum, broadcast)
-        else:
-            collectives = Collectives()
-        module = _unwrap_model(model)
+        collectives = Collectives.from_fabric(fabric)
+        module = unwrap_model(model)
         kwargs.setdefault("grad_scaler", getattr(precision, "scaler", None))
         kwargs.setdefault(
             "run_info",
@@ -459,13 +416,13 @@ class GradientFlowRecorder:
 
     @property
     def warnings_count(self) -> int:
-        """Warning findings reported in this run (a resumed run includes the checkpoint's)."""
-        return self._counts.warnings
+        """Warning findings reported in this run (a resumed run includes the checkpoint's); the engine's count."""
+        return 0 if self.diagnosis is None else self.diagnosis.findings_count
 
     @property
     def notes_count(self) -> int:
-        """Note findings reported in this run (a resumed run includes the checkpoint's)."""
-        return self._counts.notes
+        """Note findings reported in this run (a resumed run includes the checkpoint's); the engine's count."""
+        return 0 if self.diagnosis is None else self.diagnosis.notes_count
 
     def is_logged_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` is recorded (not yet recorded and on the interval)."""
@@ -475,9 +432,19 @@ class GradientFlowRecorder:
         """Call ``on_record(record)`` on rank zero after each record is written (e.g. to send it to a logger).
 
         Example:
-            >>> recorder = GradientFlowRecorder(nn.Linear(2, 1), None, log_every_n_steps=1)
+            >>> net = nn.Linear(2, 1)
+            >>> optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+            >>> recorder = GradientFlowRecorder(net, None, log_every_n_steps=1)
             >>> seen = []
             >>> recorder.add_listener(lambda record: seen.append(record.step))
+            >>> for step in range(2):
+            ...     net(torch.ones(4, 2)).sum().backward()
+            ...     logged = recorder.capture(step, optimizer)
+            ...     optimizer.step()
+            ...     findings = recorder.end_step()
+            ...     optimizer.zero_grad()
+            >>> seen
+            [0, 1]
         """
         self._listeners.append(on_record)
 
@@ -497,8 +464,8 @@ class GradientFlowRecorder:
             for layer, value in zip(record.layers, record.metrics["grad_l2"]):
                 metrics[f"{LOG_PREFIX}/grad_l2/{layer}"] = float(value)
         if self.diagnosis is not None:
-            metrics[f"{LOG_PREFIX}/findings"] = float(self._counts.warnings)
-            metrics[f"{LOG_PREFIX}/notes"] = float(self._counts.notes)
+            metrics[f"{LOG_PREFIX}/findings"] = float(self.warnings_count)
+            metrics[f"{LOG_PREFIX}/notes"] = float(self.notes_count)
         return metrics
 
     # ----------------------------------------------------------------------------------------- run folder
@@ -546,7 +513,7 @@ class GradientFlowRecorder:
         Without it the step is finished by :meth:`end_step`; with it the update ratios are measured before
         anything else can change the parameters, and :meth:`end_step` only adds the loss.
         """
-        raw = _unwrap_optimizer(optimizer)
+        raw = unwrap_optimizer(optimizer)
         self._step_hooks.append(raw.register_step_post_hook(self._after_optimizer_step))
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -605,14 +572,13 @@ class GradientFlowRecorder:
             Whether the step is being recorded (a second capture of the same step is ignored).
 
         Raises:
-            ValueError: If ``step`` is not a non-negative int, or ``backward_scale`` not a positive finite number.
+            ValueError: If ``step`` is not a non-negative int, or ``grad_scale`` or ``backward_scale`` not a positive
+                finite number.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
-        if backward_scale is not None and not (
-            isinstance(backward_scale, (int, float)) and math.isfinite(backward_scale) and backward_scale > 0
-        ):
-            raise ValueError(f"`backward_scale` must be a positive finite number or None, got {backward_scale!r}.")
+        check_positive_number("grad_scale", grad_scale, allow_none=True)
+        check_positive_number("backward_scale", backward_scale, allow_none=True)
         self.open()
         tracker = self.tracker
         if tracker.discovering:
@@ -629,7 +595,7 @@ class GradientFlowRecorder:
             return False
         owner: Optimizer | None = None
         if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
-            owner = _unwrap_optimizer(optimizer)
+            owner = unwrap_optimizer(optimizer)
             params = [p for group in owner.param_groups for p in group["params"]]
         else:
             params = list(optimizer)
@@ -723,11 +689,6 @@ class GradientFlowRecorder:
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
         findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled, signal=signal)
-        for finding in findings:
-            if _severity(finding) == "note":
-                self._counts.notes += 1
-            else:
-                self._counts.warnings += 1
         if findings and self._findings_writer is not None:
             self._findings_writer.append(findings)
         return findings
@@ -766,7 +727,7 @@ class GradientFlowRecorder:
     def _act_on(self, findings: list[Finding], step: int, final: bool) -> None:
         """Warn, stop or raise for new warning findings; raise/stop decisions are agreed across ranks."""
         coll = self.collectives
-        actionable = [f for f in findings if _severity(f) != "note"]
+        actionable = [f for f in findings if f.is_warning]
         for finding in actionable:
             if self._actions[finding.kind] in ("warn", "stop") and coll.is_global_zero:
                 self._emit_warning(
@@ -901,8 +862,8 @@ class GradientFlowRecorder:
             "records_written": self.records_written,
             "forward_order": list(order) if order is not None else None,
             "diagnosis": self.diagnosis.state_dict() if self.diagnosis is not None else None,
-            "warnings": self._counts.warnings,
-            "notes": self._counts.notes,
+            "warnings": self.warnings_count,
+            "notes": self.notes_count,
         }
 
     def resume_at(self, step: int) -> None:
@@ -938,31 +899,14 @@ class GradientFlowRecorder:
         order = state_dict.get("forward_order")
         if order is not None:
             self.tracker.set_forward_order(list(order))
-        if self.diagnosis is not None and state_dict.get("diagnosis"):
-            self.diagnosis.load_state_dict(state_dict["diagnosis"])
-        fallback = self.diagnosis.findings_count if self.diagnosis is not None else 0
-        self._counts = _Counts(int(state_dict.get("warnings", fallback)), int(state_dict.get("notes", 0)))
+        diagnosis = self.diagnosis
+        if diagnosis is not None:
+            if state_dict.get("diagnosis"):
+                diagnosis.load_state_dict(state_dict["diagnosis"])
+            # The recorder's own counts, when the state has them; else (older states) the engine's, both alike.
+            diagnosis.findings_count = int(state_dict.get("warnings", diagnosis.findings_count))
+            diagnosis.notes_count = int(state_dict.get("notes", diagnosis.notes_count))
         self._resumed = True
-
-
-def _unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The torch optimizer inside a Lightning ``LightningOptimizer`` or Fabric ``_FabricOptimizer``."""
-    raw = optimizer
-    while not isinstance(raw, Optimizer) and hasattr(raw, "optimizer"):
-        raw = raw.optimizer
-    if not isinstance(raw, Optimizer):
-        raise ValueError(f"`optimizer` must be a torch, Lightning or Fabric optimizer, got {type(optimizer).__name__}.")
-    return raw
-
-
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside Fabric's ``_FabricModule`` and ``DistributedDataParallel`` wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        wrapped = hasattr(model, "_forward_module") or isinstance(model, nn.parallel.DistributedDataParallel)
-        if not (wrapped and isinstance(inner, nn.Module)):
-            return model
-        model = inner  # Fabric's wrapper and DDP keep the user's module as `.module`
 
 
 def _loss_value(loss: float | Tensor | None) -> float | None:

@@ -33,7 +33,7 @@ class Finding:
         remedy: What usually fixes it.
         evidence: The measured values (ratios, decades, norms, fractions, steps, ``rules``).
         layers: Every layer/site affected (``layer`` is the first of them).
-        severity: ``"warning"`` (the monitor's ``on_anomaly`` acts on it) or ``"note"`` (recorded, shown in
+        severity: ``"warning"`` (the recorder's ``on_anomaly`` acts on it) or ``"note"`` (recorded, shown in
             reports, counted separately: expected in this situation, e.g. a branch behind a near-zero
             LayerScale at initialisation, or clipping that is active on every step).
 

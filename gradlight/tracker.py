@@ -184,7 +184,6 @@ class GradientFlowTracker:
         self.model = model
         self.group_by = group_by
         self.exclude = tuple(exclude)
-        self.track_update_ratio = track_update_ratio
         self.edge_layers = edge_layers
         self.reduction: CrossRankReduction = reduction if reduction is not None else LocalReduction()
         self.forward_order: list[str] | None = None

@@ -3,7 +3,7 @@
 :class:`GradientDiagnosis` is Trainer-free. Feed it each logged step's :class:`~gradlight.tracker.StepRecord`
 (plus the step's :class:`~gradlight.activations.ActivationStats` and loss when known) through
 :meth:`GradientDiagnosis.update`; it returns the *new* :class:`Finding` objects, each reported once per kind,
-layer and severity. Every finding is a ``warning`` (something is wrong: the monitor's ``on_anomaly`` acts on
+layer and severity. Every finding is a ``warning`` (something is wrong: the recorder's ``on_anomaly`` acts on
 it) or a ``note`` (worth knowing, expected in this situation). Kinds (:data:`KINDS`, one detector each in
 :mod:`gradlight.diagnosis.detectors`, thresholds in :class:`DiagnosisConfig`):
 
@@ -14,7 +14,8 @@ it) or a ``note`` (worth knowing, expected in this situation). Kinds (:data:`KIN
   threshold; clipping that acts on every step is a note.
 * ``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss.
 * ``dormant``: a section's parameters do not move while the rest trains and the loss changes.
-* ``stalled``: no layer's weights move measurably while the learning rate is not 0.
+* ``stalled``: the weights as a whole (all layers' updates over all their norms) do not move measurably
+  while the learning rate is not 0; one finding about the whole model, not per layer.
 * ``no_gradient``: trainable parameters in the optimizer that get no gradient (never called, cut off).
 * ``saturated`` / ``dead_units``: from activation taps.
 

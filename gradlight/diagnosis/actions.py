@@ -1,4 +1,4 @@
-"""Finding kinds, and what the monitor does about a finding (``on_anomaly``)."""
+"""Finding kinds, and what the recorder does about a finding (``on_anomaly``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ __all__ = ["ACTIONS", "KINDS", "resolve_actions"]
 
 #: Finding kinds, one per detector.
 KINDS: tuple[str, ...] = tuple(detector.kind for detector in DETECTORS)
-#: What the monitor does about a warning finding (notes are only recorded).
+#: What the recorder does about a warning finding (notes are only recorded).
 ACTIONS = ("warn", "raise", "stop", "ignore")
 
 

@@ -37,7 +37,7 @@ class GradientDiagnosis:
         findings: Findings reported by this instance, oldest first (a resumed run starts empty).
         findings_count: Warning-level findings reported over the run (survives resume).
         notes_count: Note-level findings reported over the run (survives resume).
-        modules_run: Names of the parameter-owning modules seen running in forward, when known (the monitor
+        modules_run: Names of the parameter-owning modules seen running in forward, when known (the recorder
             sets it from the tracker's discovery); lets ``no_gradient`` tell "never called" from "cut off".
         world_size: Number of processes (for the wording of causes).
 

@@ -31,8 +31,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from typing_extensions import override
 
 from gradlight import __version__
+from gradlight.amp import backward_scale_of
 from gradlight.options import RecorderOptions
-from gradlight.recorder import Collectives, GradientFlowRecorder, backward_scale_of
+from gradlight.recorder import Collectives, GradientFlowRecorder
 from gradlight.runfolder import RunInfo
 from gradlight.tracker import StepRecord
 from gradlight.validation import check_bool, check_path, check_positive_int

@@ -40,9 +40,10 @@ from ultralytics.utils import DEFAULT_CFG, RANK
 from ultralytics.utils.torch_utils import unwrap_model
 
 from gradlight import __version__
+from gradlight.amp import backward_scale_of
 from gradlight.diagnosis import DiagnosisConfig
 from gradlight.options import RecorderOptions
-from gradlight.recorder import Collectives, GradientFlowRecorder, backward_scale_of
+from gradlight.recorder import Collectives, GradientFlowRecorder
 from gradlight.runfolder import RunFolder, RunInfo
 
 __all__ = ["CLIP_VALUE", "SETTINGS_ENV", "GradientFlowDetectionTrainer", "UltralyticsRecording", "train"]
@@ -195,13 +196,13 @@ class GradientFlowDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
                 trainer="ultralytics",
                 log_every_n_steps=self.recording.options.log_every_n_steps,
                 accumulate_grad_batches=int(self.accumulate),
+                world_size=world,  # DDP ranks other than zero do not record
                 strategy="ultralytics-ddp" if world > 1 else "ultralytics",
                 precision="16-mixed" if self.amp else "32-true",
                 model=type(detector).__qualname__,
                 extra={"clip_value": CLIP_VALUE, "nbs": int(self.args.nbs)},
             ),
         )
-        self.recorder.run_info.world_size = world  # DDP ranks other than zero do not record
         state_file = RunFolder(self.gradlight_dir).state_file
         if self.start_epoch and state_file.is_file():  # Ultralytics' resume: continue the same history
             state = torch.load(state_file, weights_only=False)

@@ -118,7 +118,7 @@ def log_figures(
         loggers: The loggers, e.g. ``trainer.loggers``.
         history: A history DataFrame (long format) or a monitor ``save_dir``.
         step: The global step to log the figures at.
-        findings: Findings to mark on the heat map: ``monitor.findings`` (``Finding`` objects) or dicts with
+        findings: Findings to mark on the heat map: ``monitor.recorder.findings`` (``Finding`` objects) or dicts with
             ``kind``, ``layer``, ``step``.
         figures: Which figures: any of ``"heatmap"``, ``"profile"``.
         prefix: Tag prefix; tags are ``<prefix>/<figure>``.

@@ -147,8 +147,8 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
     trainer = ddp_trainer(12, monitor)
     fit("stop", trainer, model)
     result["stop_global_step"] = trainer.global_step
-    result["stop_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
-    result["stop_messages"] = [f.message for f in monitor.findings]
+    result["stop_findings"] = [(f.kind, f.layer, f.step) for f in monitor.recorder.findings]
+    result["stop_messages"] = [f.message for f in monitor.recorder.findings]
 
     torch.manual_seed(0)
     model = Regressor(mlp(4, act=nn.ReLU), batch_size=16)
@@ -173,7 +173,7 @@ def ddp_actions_worker(rank: int, world: int, port: int, folder: str) -> None:
     trainer = ddp_trainer(8, monitor)
     fit("warn", trainer, model)
     result["warn_global_step"] = trainer.global_step
-    result["warn_findings"] = [(f.kind, f.layer, f.step) for f in monitor.findings]
-    result["warn_messages"] = [f.message for f in monitor.findings]
+    result["warn_findings"] = [(f.kind, f.layer, f.step) for f in monitor.recorder.findings]
+    result["warn_messages"] = [f.message for f in monitor.recorder.findings]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     (out / f"warnings_rank{rank}.json").write_text(json.dumps(emitted))

@@ -182,19 +182,19 @@ def train_worker(rank: int, world: int, port: int, mode: str, out_dir: str) -> N
 
     class CountFinalize(Callback):
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            tracker = monitor.tracker
+            tracker = monitor.recorder.tracker
             assert tracker is not None
             tracker.finalize = counter.measure(tracker.finalize)  # type: ignore[method-assign]
 
         def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            assert monitor.tracker is not None
+            assert monitor.recorder.tracker is not None
             fsdp1 = [m for m in trainer.strategy.model.modules() if hasattr(m, "sharding_strategy")]
             info = {
                 "fsdp1_shard_group_size": fsdp1[0].process_group.size() if fsdp1 else None,
                 "collectives_per_finalize": counter.per_call,
                 "collectives_per_logged_step": step_counts,
-                "reduction": type(monitor.tracker.reduction).__name__,
-                "latest_layers": monitor.latest.layers if monitor.latest is not None else None,
+                "reduction": type(monitor.recorder.tracker.reduction).__name__,
+                "latest_layers": monitor.recorder.latest.layers if monitor.recorder.latest is not None else None,
             }
             Path(out_dir, f"rank{rank}.json").write_text(json.dumps(info))
 

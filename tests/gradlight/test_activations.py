@@ -184,14 +184,14 @@ def test_taps_only_run_on_logged_steps_including_accumulated_micro_batches(tmp_p
         callbacks=[monitor, Probe()],
     )  # fmt: skip
     trainer.fit(model)
-    assert monitor.taps is not None
+    assert monitor.recorder.taps is not None
     # logged steps 0, 3, 6; two micro-batches each; four calls per forward (relu x3, tanh)
-    assert monitor.taps.calls == 3 * 2 * 4
+    assert monitor.recorder.taps.calls == 3 * 2 * 4
     assert seen_hooks.count(0) == len(seen_hooks) - 3  # hooks live only until the logged step's capture
     history = load_history(tmp_path, metrics=["act_mean", "act_dead", "act_saturation", "act_std"])
     assert sorted(set(history.step)) == [0, 3, 6]
     sites = history[history.step == 0].drop_duplicates("layer").set_index("layer")["depth"].to_dict()
-    depth = {name: i for i, name in enumerate(monitor.tracker.layer_map.layers)}  # type: ignore[union-attr]
+    depth = {name: i for i, name in enumerate(monitor.recorder.tracker.layer_map.layers)}  # type: ignore[union-attr]
     assert sites == {"net.0.relu": depth["net.0.fc2"], "net.0.relu#1": depth["net.1"],
                      "net.0.relu#2": depth["net.1"], "net.2": depth["net.3"]}  # fmt: skip
     run = json.loads((tmp_path / "run.json").read_text())
@@ -217,8 +217,8 @@ def test_validation_in_the_middle_of_an_accumulated_logged_step_is_not_tapped(tm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model)
-    assert monitor.taps is not None
-    assert monitor.taps.calls == 2 * 3  # logged steps 0 and 2, three training micro-batches each
+    assert monitor.recorder.taps is not None
+    assert monitor.recorder.taps.calls == 2 * 3  # logged steps 0 and 2, three training micro-batches each
 
 
 def test_layers_built_in_configure_model_are_profiled_and_tapped(tmp_path: Path) -> None:
@@ -231,8 +231,8 @@ def test_layers_built_in_configure_model_are_profiled_and_tapped(tmp_path: Path)
 
     monitor = GradientFlowMonitor(1, tmp_path, track_activations=True)
     L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=1, callbacks=[monitor]).fit(Lazy())
-    assert monitor.taps is not None and [site.name for site in monitor.taps.sites] == ["net.1"]
-    assert monitor.diagnosis is not None and monitor.diagnosis.profile.saturating == ["sigmoid"]
+    assert monitor.recorder.taps is not None and [site.name for site in monitor.recorder.taps.sites] == ["net.1"]
+    assert monitor.recorder.diagnosis is not None and monitor.recorder.diagnosis.profile.saturating == ["sigmoid"]
 
 
 def fit(model: L.LightningModule, save_dir: Path, steps: int, **kwargs: Any) -> GradientFlowMonitor:

@@ -94,7 +94,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
             warnings.simplefilter("ignore")  # the monitor warns about the (intended) vanishing gradient
             trainer.fit(Net("mlp", lr=0.5))
         assert monitor.save_dir is not None
-        logged = log_figures(trainer.loggers, monitor.save_dir, trainer.global_step, findings=monitor.findings)
+        logged = log_figures(trainer.loggers, monitor.save_dir, trainer.global_step, findings=monitor.recorder.findings)
         logger.experiment.flush()
         _inputs(root)
         results = {name: _collect(process) for name, process in processes.items()}

@@ -63,7 +63,7 @@ def test_deep_sigmoid_mlp_is_flagged_vanishing_at_the_first_layer(tmp_path: Path
     assert sum("vanishing gradient" in m for m in messages) == 1
     assert "Likely cause" in messages[0]
     # the history has the loss and the findings count reached the summary
-    assert monitor.diagnosis is not None and monitor.diagnosis.findings_count == len(findings)
+    assert monitor.recorder.diagnosis is not None and monitor.recorder.diagnosis.findings_count == len(findings)
 
 
 def test_relu_he_batchnorm_mlp_is_not_flagged(tmp_path: Path) -> None:
@@ -414,7 +414,7 @@ def test_ignore_records_without_warning_and_diagnose_false_records_nothing(tmp_p
     assert messages == [] and len(load_findings(tmp_path / "a")) == 1
     torch.manual_seed(0)
     monitor, _, messages = fit(Regressor(mlp(12)), tmp_path / "b", steps=4, diagnose=False)
-    assert messages == [] and not (tmp_path / "b" / FINDINGS_FILE).exists() and monitor.findings == []
+    assert messages == [] and not (tmp_path / "b" / FINDINGS_FILE).exists() and monitor.recorder.findings == []
 
 
 class MemoryLogger(Logger):
@@ -461,8 +461,10 @@ def test_resumed_run_does_not_report_again(tmp_path: Path) -> None:
     L.Trainer(**QUIET, accelerator="cpu", devices=1, max_steps=7, callbacks=[resumed]).fit(
         Regressor(mlp(12)), ckpt_path=ckpt
     )
-    assert resumed.findings == [] or all(f.kind != "vanishing" for f in resumed.findings)
-    assert resumed.diagnosis is not None and ("vanishing", "net.0", "warning") in resumed.diagnosis.reported
+    recorder = resumed.recorder
+    assert recorder is not None
+    assert recorder.findings == [] or all(f.kind != "vanishing" for f in recorder.findings)
+    assert recorder.diagnosis is not None and ("vanishing", "net.0", "warning") in recorder.diagnosis.reported
     assert (load_findings(tmp_path).kind == "vanishing").sum() == 1
 
 

@@ -133,7 +133,7 @@ def test_default_interval_and_save_dir_come_from_the_trainer(tmp_path: Path) -> 
     monitor = GradientFlowMonitor()
     logger = CSVLogger(tmp_path)
     fit(Net("mlp"), [monitor], logger=logger, log_every_n_steps=2, max_steps=5)
-    assert monitor.interval == 2
+    assert monitor.options.log_every_n_steps == 2
     saved = Path(logger.log_dir) / "gradlight"
     assert sorted(load_history(saved).step.unique()) == [0, 2, 4]
     metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
@@ -284,7 +284,7 @@ def test_manual_optimization_records_once_per_step(tmp_path: Path) -> None:
     history = load_history(tmp_path)
     assert sorted(history.step.unique()) == [0, 1, 2]
     assert_matches_reference(history, reference)
-    assert module.gradient_flow is monitor.latest and monitor.latest.step == 2
+    assert module.gradient_flow is monitor.recorder.latest and monitor.recorder.latest.step == 2
     assert not history.duplicated(["step", "layer", "metric"]).any()
 
 
@@ -371,10 +371,10 @@ def test_bad_constructor_values_name_the_argument(kwargs: dict[str, Any], messag
 
 def test_state_dict_round_trip() -> None:
     monitor = GradientFlowMonitor(1)
-    monitor.last_recorded_step = 7
+    monitor.load_state_dict({**monitor.state_dict(), "last_recorded_step": 7})
     restored = GradientFlowMonitor(1)
     restored.load_state_dict(monitor.state_dict())
-    assert restored.last_recorded_step == 7
+    assert restored.state_dict()["last_recorded_step"] == 7
 
 
 def test_two_optimizers_under_manual_optimization(tmp_path: Path) -> None:
@@ -448,7 +448,7 @@ def test_a_custom_sharding_reduction_is_used_as_given(tmp_path: Path) -> None:
     reduction = Counting()
     monitor = GradientFlowMonitor(1, tmp_path, sharding=reduction, diagnose=False)
     fit(Net("mlp"), [monitor], max_steps=2)
-    assert monitor.tracker is not None and monitor.tracker.reduction is reduction
+    assert monitor.recorder.tracker is not None and monitor.recorder.tracker.reduction is reduction
     assert calls == [len(list(Net("mlp").parameters()))] * 2  # every parameter, every logged step
 
 
@@ -460,8 +460,8 @@ def test_lazy_modules_are_profiled_at_the_first_captured_step(tmp_path: Path) ->
 
     monitor = GradientFlowMonitor(1, tmp_path, on_anomaly="ignore")
     fit(Lazy(), [monitor], max_steps=2)
-    assert monitor.diagnosis is not None
-    profile = monitor.diagnosis.profile
+    assert monitor.recorder.diagnosis is not None
+    profile = monitor.recorder.diagnosis.profile
     assert profile.num_layers == 2 and profile.saturating == ["sigmoid"]  # the initialised layers
     assert sorted(load_history(tmp_path, metrics=["grad_l2"]).layer.unique()) == ["net.0", "net.2"]
 

@@ -27,7 +27,7 @@ from gradlight import (
     load_history,
     read_run_info,
 )
-from gradlight.recorder import grad_scale_left
+from gradlight.amp import grad_scale_left
 from tests.gradlight._dist_workers import spawn
 from tests.gradlight._fabric_workers import (
     STEPS,

@@ -142,7 +142,7 @@ class DumpLatest(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         monitor = next(c for c in trainer.callbacks if isinstance(c, GradientFlowMonitor))
-        record = monitor.latest
+        record = monitor.recorder.latest
         assert record is not None
         payload = {"step": record.step, "grad_l2": record.metrics["grad_l2"].tolist()}
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(payload))

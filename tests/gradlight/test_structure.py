@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from gradlight import DiagnosisConfig, GradientFlowMonitor, GradientFlowRecorder, RecorderOptions
@@ -126,3 +128,80 @@ def test_every_public_name_has_one_home_and_resolves() -> None:
         assert name == "GLOBAL_LAYER" or value.__module__ == home  # defined there, not re-exported
     with pytest.raises(AttributeError, match="no attribute 'GradientFlowMonitr'"):
         _ = gradlight.GradientFlowMonitr
+
+
+# ------------------------------------------------------------------------------------------- storage
+WRITE_AND_READ_A_RUN_FOLDER = """
+import sys
+import numpy as np
+from gradlight.history import HistoryWriter, load_history
+from gradlight.records import GLOBAL_LAYER, Finding
+from gradlight.report.summary import load_run
+from gradlight.runfolder import FindingsWriter, LayerInfo, RunInfo, load_findings, read_run_info
+
+folder = sys.argv[1]
+writer = HistoryWriter(folder)
+for step in (0, 10):
+    writer.append_step(step, ["stem", "head"], np.array([0, 1]), {"grad_l2": np.array([1e-6, 1.0])})
+    writer.append_global(step, {"global_grad_l2": 1.0, "loss": 2.0 - step / 10})
+writer.close()
+FindingsWriter(folder).append([Finding("vanishing", "stem", 0, 10, "stem 1e-6", "depth", "residuals")])
+RunInfo("x", "pytorch", 10, layers=[LayerInfo("stem", 0, 4), LayerInfo("head", 1, 2)]).write(folder)
+
+history = load_history(folder)
+assert sorted(history.step.unique()) == [0, 10], history
+assert set(history.layer) == {"stem", "head", GLOBAL_LAYER}
+assert load_findings(folder).layer.tolist() == ["stem"]
+assert [layer.name for layer in read_run_info(folder).layers] == ["stem", "head"]
+run = load_run(folder)
+assert [f["kind"] for f in run.findings] == ["vanishing"] and run.info["log_every_n_steps"] == 10
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "lightning") or
+               name.startswith("gradlight.diagnosis"))
+print(heavy)
+"""
+
+
+def test_a_run_folder_is_written_and_read_without_a_model_torch_or_the_diagnosis(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", WRITE_AND_READ_A_RUN_FOLDER, str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_package_ships_a_py_typed_marker() -> None:
+    import importlib.resources
+
+    assert (importlib.resources.files("gradlight") / "py.typed").is_file()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()  # tomllib: Python 3.11+
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^"gradlight" = \[[^\]]*"py\.typed"', section, re.MULTILINE), section
+
+
+# -------------------------------------------------------------------------------------- drift fixes
+def test_a_grad_scale_of_zero_is_a_clear_error_not_a_division_by_zero() -> None:
+    net = nn.Linear(2, 1)
+    recorder = GradientFlowRecorder(net, None, log_every_n_steps=1)
+    net(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(ValueError, match="`grad_scale` must be a positive finite number or None, got 0"):
+        recorder.capture(0, torch.optim.SGD(net.parameters(), lr=0.1), grad_scale=0)
+
+
+def test_an_older_state_without_counts_takes_both_counts_from_the_diagnosis_state() -> None:
+    donor = GradientFlowRecorder(nn.Linear(2, 1), None)
+    assert donor.diagnosis is not None
+    donor.diagnosis.findings_count, donor.diagnosis.notes_count = 3, 2
+    state = donor.state_dict()
+    assert (state["warnings"], state["notes"]) == (3, 2)
+    older = {key: value for key, value in state.items() if key not in ("warnings", "notes")}
+    resumed = GradientFlowRecorder(nn.Linear(2, 1), None)
+    resumed.load_state_dict(older)
+    assert (resumed.warnings_count, resumed.notes_count) == (3, 2)
+
+
+def test_ultralytics_run_info_keeps_the_world_size_it_names() -> None:
+    from gradlight import RunInfo
+
+    template = RunInfo("", "ultralytics", 10, world_size=4)
+    recorder = GradientFlowRecorder(nn.Linear(2, 1), None, run_info=template)
+    assert recorder.run_info.world_size == 4 and recorder.collectives.world_size == 1

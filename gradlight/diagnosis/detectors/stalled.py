@@ -21,7 +21,7 @@ class StalledDetector(Detector):
     hide a stall of every other weight.
 
     Not a stall: a learning rate of 0, or one at most ``stalled_lr_fraction`` of the largest seen in the run
-    (a schedule's annealed end); a step without update ratios (``track_update_ratio=False``); a step whose
+    (a schedule's annealed end); a step without update ratios (all NaN: ``track_update_ratio=False``); a step whose
     learning rate is unknown (the capture's owner was not an optimizer), since a schedule at 0 looks the same.
     """
 
@@ -30,10 +30,7 @@ class StalledDetector(Detector):
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config, record, run = self.config, step.record, step.run
-        update = record.metrics.get("update_ratio")
-        if update is None:
-            return []
-        values = np.asarray(update, dtype=np.float64)
+        values = np.asarray(record.metrics["update_ratio"], dtype=np.float64)  # every record has it (NaN: untracked)
         weights = np.asarray(record.metrics.get("param_l2", np.ones_like(values)), dtype=np.float64)
         keep = np.isfinite(values) & np.isfinite(weights)
         finite = values[keep]
