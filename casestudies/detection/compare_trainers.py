@@ -6,8 +6,10 @@ step and layer by layer. With augmentation off and one batch holding the whole t
 the number of training images), both trainers also see the same images at every step (the loss and the
 BatchNorm statistics do not depend on the order inside a batch), so any difference comes from the recipe.
 Quantities, in the order one step makes them: the training loss, each layer's gradient (``grad_l2``, before
-clipping), then each layer's weights after the step (``param_l2``: learning rate, momentum, weight decay,
-bias warm-up and clipping together)::
+clipping), each layer's step over its weights (``update_ratio``: learning rate, momentum, weight decay, bias
+warm-up and clipping together) and its weights (``param_l2``). A recipe difference shows as an update that
+differs more than the gradient it was made from; rounding (the two trainers sum in different orders) starts
+below 1e-6 and grows step by step::
 
     scripts/ablate_detector.sh --preset smoke --variants intact,ultralytics --no-augment --batch 32 \\
         --epochs 4 --out /tmp/cmp
@@ -34,7 +36,7 @@ import pandas as pd
 __all__ = ["QUANTITIES", "compare_runs", "first_difference", "step_differences"]
 
 #: Per-step quantities in the order a step makes them (the global ``loss`` first).
-QUANTITIES: tuple[str, ...] = ("loss", "grad_l2", "param_l2")
+QUANTITIES: tuple[str, ...] = ("loss", "grad_l2", "update_ratio", "param_l2")
 
 
 def step_differences(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
