@@ -11,7 +11,7 @@ Two conditions, one kind:
   few logged steps), so a slow decline is also measured from the *start of the run*: the level of the first
   logged steps (counted from balanced when it starts above, as a fall to balanced is no loss) against the
   latest level. Without it a vanishing that develops over a hundred steps (a BatchNorm-free YOLO: the first
-  block's gradient falls from 0.3 of the head's at step 0 to 3e-5 of it, under a decade per window) is never
+  block's gradient falls from 0.3 of the head's at step 0 to 6e-5 of it, under a decade per window) is never
   seen by the window, however far it falls.
 
 A small gradient that the model's design explains is a ``note``, not a warning:
