@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", help="output folder (default: runs/ablate_detector/<preset>)")
     parser.add_argument("--resume", action="store_true", help="skip finished runs in OUT, continue unfinished ones")
+    parser.add_argument(
+        "--verify",
+        metavar="AGGREGATE_CSV",
+        help="after training (or with --summarize-only, reading OUT), print every run's cells against a published "
+        "aggregate (docs/case_study/*_aggregate.csv) and exit 1 when one lies outside its seed range [min, max] "
+        "at the printed digits",
+    )
     return parser
 
 
@@ -162,4 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as error:
         print(f"ablate_detector: error: {error}", file=sys.stderr)
         return 2
-    return summarize_grid(config) if args.summarize_only else run_grid(config)
+    if args.verify is not None and not Path(args.verify).is_file():
+        print(f"ablate_detector: error: --verify {args.verify!r} is not a file", file=sys.stderr)
+        return 2
+    code = summarize_grid(config) if args.summarize_only else run_grid(config)
+    if args.verify is None or code != 0:
+        return code
+    from casestudies.detection.verify import verify
+
+    return verify(Path(args.verify), Path(config.out))

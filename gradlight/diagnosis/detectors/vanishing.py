@@ -7,7 +7,12 @@ Two conditions, one kind:
 * **trend**: the early-to-late ratio falls by ``trend_decades`` within ``trend_window`` logged steps *and ends
   that far below balanced* (a ratio that falls from too large to balanced is a recovery, not a loss). Both
   ends are levels, the median of the window's first and last thirds: a single batch's ratio swings by
-  decades late in a converged run, and one spike followed by one dip is not a trend.
+  decades late in a converged run, and one spike followed by one dip is not a trend. The window is short (a
+  few logged steps), so a slow decline is also measured from the *start of the run*: the level of the first
+  logged steps (counted from balanced when it starts above, as a fall to balanced is no loss) against the
+  latest level. Without it a vanishing that develops over a hundred steps (a BatchNorm-free YOLO: the first
+  block's gradient falls from 0.3 of the head's at step 0 to 6e-5 of it, under a decade per window) is never
+  seen by the window, however far it falls.
 
 A small gradient that the model's design explains is a ``note``, not a warning:
 
@@ -45,6 +50,8 @@ class VanishingDetector(Detector):
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
         self.trend: deque[tuple[int, float]] = deque(maxlen=config.trend_window)
+        # (first step, last step, log10 level) of the run's first logged steps: the anchor of a slow decline
+        self.start: tuple[int, int, float] | None = None
 
     def check(self, step: StepContext) -> list[Finding]:
         """Level findings (warning and notes), then the trend."""
@@ -204,13 +211,33 @@ class VanishingDetector(Detector):
         # gets little), so two single points can "fall" 2 decades without any trend.
         span = max(1, len(self.trend) // 3)
         points = list(self.trend)
-        first_step = points[0][0]
-        first = statistics.median(value for _, value in points[:span])
+        if self.start is None:
+            self.start = (points[0][0], points[span - 1][0], statistics.median(v for _, v in points[:span]))
         last = statistics.median(value for _, value in points[-span:])
-        drop = first - last
         # falling *into* the starving range: a ratio that falls from 400 to 1 gets balanced, not vanishing
-        if drop < config.trend_decades or last > -config.trend_decades:
+        if last > -config.trend_decades:
             return []
+        before = (points[0][0], points[span - 1][0], statistics.median(v for _, v in points[:span]))
+        drop, since_start = before[2] - last, False
+        if drop < config.trend_decades:  # not within the window: from the start of the run, if at all
+            before, since_start = self.start, True
+            drop = min(before[2], 0.0) - last  # from balanced when it started above: falling to it is no loss
+            if drop < config.trend_decades:
+                return []
+        return [self._trend_finding(step, before, (points[-span][0], last), drop, since_start)]
+
+    def _trend_finding(
+        self,
+        step: StepContext,
+        before: tuple[int, int, float],
+        after: tuple[int, float],
+        drop: float,
+        since_start: bool,
+    ) -> Finding:
+        """The trend's finding: the level ``before`` (first step, last step, log10) fell ``drop`` decades."""
+        record = step.record
+        ratio = float(record.global_metrics["early_late_ratio"])
+        (first_step, before_end, first), (after_start, last) = before, after
         layer = record.layers[0]
         evidence = {
             "trend_decades": drop,
@@ -218,25 +245,28 @@ class VanishingDetector(Detector):
             "early_late_ratio_before": 10.0**first,
             "early_late_ratio_after": 10.0**last,
             "window_steps": [first_step, record.step],
+            "since_start": since_start,
             "ratio": ratio,
             "decades": -math.log10(ratio),
         }
+        where = "since the start of the run" if since_start else f"between steps {first_step} and {record.step}"
         message = (
-            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades between "
-            f"steps {first_step} and {record.step} (median {fmt(10.0**first)} over steps {first_step}-"
-            f"{points[span - 1][0]}, {fmt(10.0**last)} over steps {points[-span][0]}-{record.step}); "
-            f"the first layer {layer} is losing its gradient"
+            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades {where} "
+            f"(median {fmt(10.0**first)} over steps {first_step}-{before_end}, {fmt(10.0**last)} over steps "
+            f"{after_start}-{record.step}); the first layer {layer} is losing its gradient"
         )
-        return [step.finding(self.kind, layer, first_step, message, evidence, [layer])]
+        return step.finding(self.kind, layer, first_step, message, evidence, [layer])
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the trend window."""
-        return {**super().state_dict(), "trend": list(self.trend)}
+        return {**super().state_dict(), "trend": list(self.trend), "trend_start": self.start}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.trend = deque(((int(s), float(v)) for s, v in state.get("trend", [])), self.config.trend_window)
+        start = state.get("trend_start")
+        self.start = (int(start[0]), int(start[1]), float(start[2])) if start is not None else None
 
 
 def signal_detail(step: StepContext, first: str, last: str, evidence: dict[str, Any], verb: str) -> str:
