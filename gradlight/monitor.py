@@ -87,6 +87,9 @@ class GradientFlowMonitor(Callback):
             site (see :mod:`gradlight.activations`); needed for ``saturated``/``dead_units`` findings.
         update_method: How ``update_ratio`` gets the update: ``"auto"`` (from the optimizer's state where
             exact: no copy of the parameters), ``"optimizer"`` or ``"copy"`` (see :mod:`gradlight.update_ratio`).
+        update_kernel: Which kernels reconstruct the update: ``"auto"`` (a ``torch.compile``'d kernel per large
+            tensor where compiling works, eager kernels elsewhere, the reason in ``run.json``), ``"fused"`` or
+            ``"eager"``.
         track_backward_signal: Tap the backward signal on logged steps (hooks removed between them): per
             block of the layer grouping, the L2 norm, largest element and NaN/Inf count of the gradient with
             respect to its output, and its gain in decades (``signal_*`` rows of the history; see
@@ -127,6 +130,7 @@ class GradientFlowMonitor(Callback):
         track_activations: bool = False,
         track_backward_signal: bool = False,
         update_method: str = "auto",
+        update_kernel: str = "auto",
         log_figures_every_n_epochs: int | None = 1,
         log_histograms: bool = False,
     ) -> None:
@@ -156,6 +160,7 @@ class GradientFlowMonitor(Callback):
             track_activations=track_activations,
             track_backward_signal=track_backward_signal,
             update_method=update_method,
+            update_kernel=update_kernel,
         )
         self.log_every_n_steps = log_every_n_steps
         self._save_dir_arg = Path(save_dir) if save_dir is not None else None

@@ -44,6 +44,7 @@ from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, R
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
+from gradlight.update_ratio import KERNELS as UPDATE_KERNELS
 from gradlight.update_ratio import METHODS as UPDATE_METHODS
 
 __all__ = [
@@ -104,6 +105,10 @@ class RecorderOptions:
             optimizer's state (SGD, Adam, AdamW in float32/64: no copy of the parameters; the step the
             optimizer computed) and copies the parameters elsewhere (the change applied, rounding included);
             ``"optimizer"`` or ``"copy"`` force one (:mod:`gradlight.update_ratio`).
+        update_kernel: Which kernels reconstruct the update: ``"auto"`` (one ``torch.compile``'d kernel per
+            large tensor where compiling works, compiled on the first logged step; today's eager kernels
+            elsewhere or when compiling fails, the reason in ``run.json`` under ``update_ratio_kernel``),
+            ``"fused"`` or ``"eager"`` force one.
 
     Example:
         >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
@@ -127,6 +132,7 @@ class RecorderOptions:
     track_activations: bool = False
     track_backward_signal: bool = False
     update_method: str = "auto"
+    update_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _check_positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -146,6 +152,8 @@ class RecorderOptions:
         resolve_actions(self.on_anomaly)  # raises ValueError naming a bad action or kind
         if self.update_method not in UPDATE_METHODS:
             raise ValueError(f"`update_method` must be one of {UPDATE_METHODS}, got {self.update_method!r}.")
+        if self.update_kernel not in UPDATE_KERNELS:
+            raise ValueError(f"`update_kernel` must be one of {UPDATE_KERNELS}, got {self.update_kernel!r}.")
 
     def as_kwargs(self) -> dict[str, Any]:
         """The options as keyword arguments of :class:`GradientFlowRecorder`."""
@@ -317,6 +325,8 @@ class GradientFlowRecorder:
             :meth:`start_step` before each micro-batch's forward pass. ``signal_*`` rows go to the history.
         update_method: ``"auto"``, ``"optimizer"`` or ``"copy"``: how ``update_ratio`` gets the update
             (:class:`RecorderOptions`).
+        update_kernel: ``"auto"``, ``"fused"`` or ``"eager"``: which kernels reconstruct it
+            (:class:`RecorderOptions`).
         reduction: How statistics combine across ranks (sharded models; see :mod:`gradlight.sharding`).
             ``None``: every rank holds whole gradients (single process, DDP).
         collectives: Cross-process operations; ``None`` takes them from ``torch.distributed`` if it is
@@ -379,6 +389,7 @@ class GradientFlowRecorder:
         track_activations: bool = False,
         track_backward_signal: bool = False,
         update_method: str = "auto",
+        update_kernel: str = "auto",
         reduction: CrossRankReduction | None = None,
         collectives: Collectives | None = None,
         gradient_clip_val: float | None = None,
@@ -415,6 +426,7 @@ class GradientFlowRecorder:
             track_activations=track_activations,
             track_backward_signal=track_backward_signal,
             update_method=update_method,
+            update_kernel=update_kernel,
         )
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
@@ -427,6 +439,7 @@ class GradientFlowRecorder:
             exclude=self.options.exclude,
             track_update_ratio=track_update_ratio,
             update_method=update_method,
+            update_kernel=update_kernel,
             edge_layers=edge_layers,
             reduction=reduction,
         )
@@ -866,7 +879,11 @@ class GradientFlowRecorder:
         if writer is None:
             return
         methods = self._update_methods()
-        if self.records_written == 0 or methods != self.run_info.update_ratio_methods:
+        kernel = self.tracker.updates.kernel_info if self.tracker.updates is not None else None
+        if kernel != self.run_info.extra.get("update_ratio_kernel", None) and kernel is not None:
+            self.run_info.extra["update_ratio_kernel"] = kernel  # fused, or eager and why (run.json)
+            self._write_run_info(methods)
+        elif self.records_written == 0 or methods != self.run_info.update_ratio_methods:
             self._write_run_info(methods)
         writer.append_step(record.step, record.layers, record.depths, record.metrics)
         writer.append_global(record.step, record.global_metrics)
