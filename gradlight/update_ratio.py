@@ -76,6 +76,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from gradlight.stats import Snapshot, local_tensor, snapshot, squares, update_squares, wide_dtype
 
@@ -461,6 +462,8 @@ class UpdateNorms:
             self.kernel_info = "eager: forced (kernel='eager')"
             return None
         reason = compile_unavailable(device)
+        if reason is None and _get_current_dispatch_mode() is not None:
+            reason = "a TorchDispatchMode is active (compiled code would run op by op, with full-size temporaries)"
         if reason is not None:
             self.kernel_info = f"eager: {reason}"
             return None
