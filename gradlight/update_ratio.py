@@ -65,6 +65,7 @@ tracker then reads per unit. A tensor the optimizer does not hold takes the copy
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -146,6 +147,12 @@ def _compiler_disabled() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def _has_cxx(cxx: str) -> bool:
+    """Whether a C++ compiler is on the PATH (looked up once per ``$CXX`` value)."""
+    return any(shutil.which(name) for name in (cxx, "g++", "clang++") if name)
+
+
 def compile_unavailable(device: torch.device) -> str | None:
     """Why the fused kernels cannot be compiled for ``device``, or ``None`` when they can be tried.
 
@@ -158,7 +165,7 @@ def compile_unavailable(device: torch.device) -> str | None:
     reason = _compiler_disabled()
     if reason is not None:
         return reason
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++")):
+    if device.type == "cpu" and not _has_cxx(os.environ.get("CXX", "")):
         return "no C++ compiler for Inductor's CPU kernels (g++, clang++ or $CXX)"
     if device.type == "cuda":
         try:
@@ -716,9 +723,9 @@ def _sgd_squares(
     result = torch.zeros(len(bucket.params), dtype=wide_dtype(device), device=device)
     if not params:
         return result
-    if momentum != 0.0 and not nesterov:  # the step is -lr * buf: its norm, no temporary
+    if momentum != 0.0 and not nesterov:  # the step is -lr * buf: its norm, no temporary, so no pieces either
         bufs = [local_tensor(optimizer.state[p]["momentum_buffer"]) for p in params]
-        values = _piece_norms([bufs], chunk, lambda lists, _: _norms(lists[0]), device, owners_index) * lr**2
+        values = _whole_norms(bufs, device) * lr**2
     else:
         grads = []
         for p in params:
@@ -751,8 +758,8 @@ def _sgd_linear(
     when compiling fails) the eager kernels of :func:`_sgd_eager`.
     """
     decay, momentum = coefficients
-    if decay == 0.0 and len(lists) == 2:  # plain SGD: the gradient's norm, already one pass
-        return _sgd_eager(lists, coefficients, chunk, device, owners_index)
+    if decay == 0.0 and len(lists) == 2:  # plain SGD: the gradient's norm, one pass without temporaries
+        return _whole_norms(lists[0], device)
     fast = _fusable(lists) if compiled is not None else []
     if fast and compiled is not None:
         if len(lists) == 3 and decay != 0.0:
@@ -770,6 +777,15 @@ def _sgd_linear(
             rest_values = _sgd_eager(others, coefficients, chunk, device, owners_index) if rest else None
             return _merge(len(lists[0]), fast, torch.stack(sums), rest_values)
     return _sgd_eager(lists, coefficients, chunk, device, owners_index)
+
+
+def _whole_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Squared norms of whole tensors (a norm needs no temporary: one multi-tensor kernel, no pieces)."""
+    if not tensors:
+        return torch.zeros(0, dtype=wide_dtype(device), device=device)
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        return squares(torch.stack([_norm(t).to(device) for t in tensors]).float())
+    return squares(torch.stack(_norms(tensors)).float().to(device))
 
 
 def _sgd_eager(
