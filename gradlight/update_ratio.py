@@ -32,18 +32,34 @@ Steps that were not applied give a zero update, as with the copy: Adam's step co
 rewinds the counter), and SGD's parameter version counter must have changed (fused SGD does not bump it, and
 a fused SGD that unscales internally leaves no trace of a skipped step, so it takes the copy).
 
-Cost: fused ``torch._foreach_*`` kernels over pieces of the state, never a tensor the size of all
+Cost, fused path (``kernel="auto"``, the default, where ``torch.compile`` works: Inductor's C++ on CPU when a
+C++ compiler is on the PATH, Triton on CUDA): every tensor of at least :data:`FUSED_MIN_NUMEL` elements
+(contiguous, float32/float64) goes through one compiled kernel that reads its state once and returns one
+float64 sum of squares, so no temporary at all; smaller tensors take the eager kernels below, where one
+multi-tensor call serves many of them. The kernels are compiled on the first :meth:`UpdateNorms.after_step`
+that needs them (so on a logged step, never on another one): three of them (Adam; SGD with weight decay or
+Nesterov; both), each with dynamic shapes on flat 1-D views and its scalars in a small vector, so that one
+compilation serves every tensor size and offset (a test counts the graphs). Fixed-size chunks were the other
+way to avoid recompiling: a compiled call costs tens of microseconds of guards and Python, which at 64K
+elements per chunk would be paid about 1900 times per logged step on a 124M-parameter model instead of once
+per tensor. Where compiling is unavailable (no compiler, ``TORCH_COMPILE_DISABLE``, a device other than CPU
+or CUDA, an active ``TorchDispatchMode``) or fails (then not retried in the process, and warned about once),
+the eager kernels run; :attr:`UpdateNorms.kernel_info` says which and why (the recorder writes it to
+``run.json`` as ``update_ratio_kernel``).
+
+Cost, eager path: fused ``torch._foreach_*`` kernels over pieces of the state, never a tensor the size of all
 parameters. Tensors larger than ``chunk_numel`` elements are split into flat slices (views, no copy), and the
 kernels run on batches of at most ``chunk_numel`` elements, so the peak extra memory is at most two temporaries
 of ``chunk_numel`` elements (AdamW with weight decay; one for Adam, Nesterov SGD and SGD with weight decay;
-none for momentum SGD or plain SGD) plus one 0-d norm per piece. By default ``chunk_numel`` is 1/64 of the
+none for momentum SGD or plain SGD, whose step is one tensor's norm taken whole) plus one 0-d norm per piece.
+By default ``chunk_numel`` is 1/64 of the
 monitored elements (at most ~3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB
 in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
 large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
 and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
-number of tensors). On CPU the time is more than the copy's: both are memory-bound passes, but the
-reconstruction reads three tensors per parameter (two moments and the parameter) and takes a square root and a
-division per element, in separate unfused kernels (``benchmarks/scale.py`` prints both). The memory is not.
+number of tensors). On CPU the eager reconstruction takes more time than the copy: both are memory-bound
+passes, but it takes a square root and a division per element in separate kernels (``benchmarks/scale.py``
+prints the fused, eager and copy paths side by side). The memory is not.
 
 Falls back to the copy: any other optimizer (also subclasses of the listed ones, whose ``step`` may differ),
 a tensor ``lr``/``betas``/``weight_decay``, ``differentiable=True``, ``capturable=True`` on CPU, complex or
