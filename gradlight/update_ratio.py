@@ -378,6 +378,7 @@ class UpdateNorms:
         self.methods: dict[str, GroupMethod] = {}
         self._pending: _Pending | None = None
         self._index_cache: dict[tuple[Any, ...], Tensor] = {}
+        self._totals: dict[tuple[Any, ...], int] = {}
 
     @property
     def compile_seconds(self) -> float:
@@ -562,7 +563,12 @@ class UpdateNorms:
     def _chunk(self, pending: _Pending) -> int:
         if self.chunk_numel is not None:
             return self.chunk_numel
-        total = sum(local_tensor(t).numel() for bucket in pending.buckets for t in bucket.params)
+        key = (id(pending.optimizer), pending.count, tuple(len(b.params) for b in pending.buckets))
+        total = self._totals.get(key)  # the same every logged step: summed once (256 tensors: ~0.5 ms each time)
+        if total is None:
+            if len(self._totals) > 16:
+                self._totals.clear()
+            total = self._totals[key] = sum(local_tensor(t).numel() for b in pending.buckets for t in b.params)
         share = math.ceil(total / _CHUNK_FRACTION)
         if pending.device.type == "cpu":
             return max(_CHUNK_MIN, min(_CPU_CHUNK_MAX, share))
