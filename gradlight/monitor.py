@@ -78,6 +78,7 @@ class GradientFlowMonitor(Callback):
         track_activations: A recording option.
         track_backward_signal: A recording option.
         update_method: A recording option.
+        update_kernel: A recording option.
 
     Example:
         >>> import lightning as L
@@ -107,6 +108,7 @@ class GradientFlowMonitor(Callback):
         track_activations: bool = False,
         track_backward_signal: bool = False,
         update_method: str = "auto",
+        update_kernel: str = "auto",
         log_figures_every_n_epochs: int | None = 1,
         log_histograms: bool = False,
     ) -> None:

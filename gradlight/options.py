@@ -13,6 +13,7 @@ from typing import Any
 from gradlight.diagnosis.actions import resolve_actions
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.layers import GroupBy, validate_group_by
+from gradlight.update_ratio import KERNELS as UPDATE_KERNELS
 from gradlight.update_ratio import METHODS as UPDATE_METHODS
 from gradlight.validation import check_bool, check_patterns, check_positive_int
 
@@ -55,6 +56,10 @@ class RecorderOptions:
             optimizer's state (SGD, Adam, AdamW in float32/64: no copy of the parameters; the step the
             optimizer computed) and copies the parameters elsewhere (the change applied, rounding included);
             ``"optimizer"`` or ``"copy"`` force one (:mod:`gradlight.update_ratio`).
+        update_kernel: Which kernels reconstruct the update: ``"auto"`` (one ``torch.compile``'d kernel per
+            large tensor where compiling works, compiled on the first logged step; eager kernels elsewhere or
+            when compiling fails, the reason in ``run.json`` under ``update_ratio_kernel``), ``"fused"`` or
+            ``"eager"`` force one.
 
     Example:
         >>> RecorderOptions(log_every_n_steps=10, exclude=("head.*",)).log_every_n_steps
@@ -78,6 +83,7 @@ class RecorderOptions:
     track_activations: bool = False
     track_backward_signal: bool = False
     update_method: str = "auto"
+    update_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -92,6 +98,8 @@ class RecorderOptions:
         resolve_actions(self.on_anomaly)  # raises ValueError naming a bad action or kind
         if self.update_method not in UPDATE_METHODS:
             raise ValueError(f"`update_method` must be one of {UPDATE_METHODS}, got {self.update_method!r}.")
+        if self.update_kernel not in UPDATE_KERNELS:
+            raise ValueError(f"`update_kernel` must be one of {UPDATE_KERNELS}, got {self.update_kernel!r}.")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -266,6 +266,7 @@ class GradientFlowRecorder:
             exclude=options.exclude,
             track_update_ratio=options.track_update_ratio,
             update_method=options.update_method,
+            update_kernel=options.update_kernel,
             edge_layers=options.edge_layers,
             reduction=reduction,
         )
@@ -698,7 +699,11 @@ class GradientFlowRecorder:
         if writer is None:
             return
         methods = self._update_methods()
-        if self.records_written == 0 or methods != self.run_info.update_ratio_methods:
+        kernel = self.tracker.updates.kernel_info if self.tracker.updates is not None else None
+        if kernel is not None and kernel != self.run_info.extra.get("update_ratio_kernel"):
+            self.run_info.extra["update_ratio_kernel"] = kernel  # fused, or eager and why (run.json)
+            self._write_run_info(methods)
+        elif self.records_written == 0 or methods != self.run_info.update_ratio_methods:
             self._write_run_info(methods)
         writer.append_step(record.step, record.layers, record.depths, record.metrics)
         writer.append_global(record.step, record.global_metrics)

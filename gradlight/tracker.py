@@ -33,7 +33,7 @@ from gradlight.stats import (
     squares,
     wide_dtype,
 )
-from gradlight.update_ratio import UpdateNorms
+from gradlight.update_ratio import UpdateNorms, check_kernel
 
 __all__ = [
     "GRAD_COUNT",
@@ -159,6 +159,10 @@ class GradientFlowTracker:
             ``"auto"`` reconstructs it from the optimizer's state where that is exact (SGD, Adam, AdamW in
             float32/float64: no copy of the parameters) and copies the parameters elsewhere; ``"optimizer"``
             or ``"copy"`` force one. Which method each param group used: ``tracker.updates.methods``.
+        update_kernel: Which kernels reconstruct the update (:class:`gradlight.update_ratio.UpdateNorms`'s
+            ``kernel``): ``"auto"`` (a ``torch.compile``'d kernel per large tensor where compiling works, compiled
+            on the first logged step; eager kernels elsewhere, with the reason in ``tracker.updates.kernel_info``),
+            ``"fused"`` or ``"eager"``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
@@ -179,8 +183,10 @@ class GradientFlowTracker:
         edge_layers: int = 1,
         reduction: CrossRankReduction | None = None,
         update_method: str = "auto",
+        update_kernel: str = "auto",
     ) -> None:
-        self.updates = UpdateNorms(update_method) if track_update_ratio else None  # validates the method
+        check_kernel(update_kernel)
+        self.updates = UpdateNorms(update_method, kernel=update_kernel) if track_update_ratio else None
         self.model = model
         self.group_by = group_by
         self.exclude = tuple(exclude)

@@ -32,18 +32,34 @@ Steps that were not applied give a zero update, as with the copy: Adam's step co
 rewinds the counter), and SGD's parameter version counter must have changed (fused SGD does not bump it, and
 a fused SGD that unscales internally leaves no trace of a skipped step, so it takes the copy).
 
-Cost: fused ``torch._foreach_*`` kernels over pieces of the state, never a tensor the size of all
+Cost, fused path (``kernel="auto"``, the default, where ``torch.compile`` works: Inductor's C++ on CPU when a
+C++ compiler is on the PATH, Triton on CUDA): every tensor of at least :data:`FUSED_MIN_NUMEL` elements
+(contiguous, float32/float64) goes through one compiled kernel that reads its state once and returns one
+float64 sum of squares, so no temporary at all; smaller tensors take the eager kernels below, where one
+multi-tensor call serves many of them. The kernels are compiled on the first :meth:`UpdateNorms.after_step`
+that needs them (so on a logged step, never on another one): three of them (Adam; SGD with weight decay or
+Nesterov; both), each with dynamic shapes on flat 1-D views and its scalars in a small vector, so that one
+compilation serves every tensor size and offset (a test counts the graphs). Fixed-size chunks were the other
+way to avoid recompiling: a compiled call costs tens of microseconds of guards and Python, which at 64K
+elements per chunk would be paid about 1900 times per logged step on a 124M-parameter model instead of once
+per tensor. Where compiling is unavailable (no compiler, ``TORCH_COMPILE_DISABLE``, a device other than CPU
+or CUDA, an active ``TorchDispatchMode``) or fails (then not retried in the process, and warned about once),
+the eager kernels run; :attr:`UpdateNorms.kernel_info` says which and why (the recorder writes it to
+``run.json`` as ``update_ratio_kernel``).
+
+Cost, eager path: fused ``torch._foreach_*`` kernels over pieces of the state, never a tensor the size of all
 parameters. Tensors larger than ``chunk_numel`` elements are split into flat slices (views, no copy), and the
 kernels run on batches of at most ``chunk_numel`` elements, so the peak extra memory is at most two temporaries
 of ``chunk_numel`` elements (AdamW with weight decay; one for Adam, Nesterov SGD and SGD with weight decay;
-none for momentum SGD or plain SGD) plus one 0-d norm per piece. By default ``chunk_numel`` is 1/64 of the
+none for momentum SGD or plain SGD, whose step is one tensor's norm taken whole) plus one 0-d norm per piece.
+By default ``chunk_numel`` is 1/64 of the
 monitored elements (at most ~3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB
 in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
 large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
 and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
-number of tensors). On CPU the time is more than the copy's: both are memory-bound passes, but the
-reconstruction reads three tensors per parameter (two moments and the parameter) and takes a square root and a
-division per element, in separate unfused kernels (``benchmarks/scale.py`` prints both). The memory is not.
+number of tensors). On CPU the eager reconstruction takes more time than the copy: both are memory-bound
+passes, but it takes a square root and a division per element in separate kernels (``benchmarks/scale.py``
+prints the fused, eager and copy paths side by side). The memory is not.
 
 Falls back to the copy: any other optimizer (also subclasses of the listed ones, whose ``step`` may differ),
 a tensor ``lr``/``betas``/``weight_decay``, ``differentiable=True``, ``capturable=True`` on CPU, complex or
@@ -65,20 +81,28 @@ tracker then reads per unit. A tensor the optimizer does not hold takes the copy
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import shutil
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from gradlight.stats import Snapshot, local_tensor, snapshot, squares, update_squares, wide_dtype
 
-__all__ = ["METHODS", "GroupMethod", "UpdateNorms"]
+__all__ = ["KERNELS", "METHODS", "GroupMethod", "UpdateNorms"]
 
 #: Accepted values of ``UpdateNorms(method=...)``.
 METHODS = ("auto", "optimizer", "copy")
+#: Accepted values of ``UpdateNorms(kernel=...)``.
+KERNELS = ("auto", "fused", "eager")
 #: Key of :attr:`UpdateNorms.methods` for parameters that belong to no param group of the optimizer.
 OUTSIDE = "outside"
 
@@ -90,6 +114,170 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 #: temporary that large costs page faults); batches of small tensors run as multi-tensor kernels (one Python
 #: call per operator for the whole batch).
 _SCRATCH_MIN_NUMEL = 1 << 15
+#: On the fused path, tensors of at least this many elements (contiguous, float32/float64, on CPU or CUDA) run
+#: through one compiled kernel each; smaller ones keep the multi-tensor kernels, where one call serves many
+#: tensors (a compiled call costs tens of microseconds of guards and Python, a small tensor's work far less).
+FUSED_MIN_NUMEL = 1 << 14
+_FUSED_DEVICES = ("cpu", "cuda")
+#: Device type -> why compiling failed there: not retried in this process (a failing compile can take a minute).
+_FAILURES: dict[str, str] = {}
+
+
+def _adam_sum(m: Tensor, v: Tensor, p: Tensor, coef: Tensor) -> Tensor:
+    """``sum((m / (sqrt(v) + coef[0]) + coef[1] * p) ** 2)``, accumulated in float64: one pass once compiled.
+
+    Scalars come in a 1-D tensor: a 0-d one would be read on the host (a sync on an accelerator), a Python
+    float would be compiled in as a constant.
+    """
+    r = (m / (v.sqrt() + coef[0]) + coef[1] * p).to(torch.float64)
+    return (r * r).sum()
+
+
+def _linear_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
+    """``sum((a + coef[0] * b) ** 2)``, accumulated in float64."""
+    r = (a + coef[0] * b).to(torch.float64)
+    return (r * r).sum()
+
+
+def _linear3_sum(a: Tensor, b: Tensor, c: Tensor, coef: Tensor) -> Tensor:
+    """``sum((a + coef[0] * b + coef[1] * c) ** 2)``, accumulated in float64."""
+    r = (a + coef[0] * b + coef[1] * c).to(torch.float64)
+    return (r * r).sum()
+
+
+_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"adam": _adam_sum, "linear": _linear_sum, "linear3": _linear3_sum}
+
+
+def _compiler_disabled() -> str | None:
+    """Why ``torch.compile`` cannot run in this process at all, or ``None``."""
+    if os.environ.get("TORCH_COMPILE_DISABLE", "0") not in ("", "0"):
+        return "torch.compile is disabled (TORCH_COMPILE_DISABLE)"
+    try:
+        import torch._dynamo as dynamo
+    except Exception as error:  # any import failure means: no compiler
+        return f"torch._dynamo cannot be imported ({type(error).__name__}: {error})"
+    if dynamo.config.disable:
+        return "torch.compile is disabled (torch._dynamo.config.disable)"
+    if not dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python / platform"
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _has_cxx(cxx: str) -> bool:
+    """Whether a C++ compiler is on the PATH (looked up once per ``$CXX`` value)."""
+    return any(shutil.which(name) for name in (cxx, "g++", "clang++") if name)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why the fused kernels cannot be compiled for ``device``, or ``None`` when they can be tried.
+
+    Example:
+        >>> compile_unavailable(torch.device("meta"))
+        'no fused kernel for meta tensors'
+    """
+    if device.type not in _FUSED_DEVICES:
+        return f"no fused kernel for {device.type} tensors"
+    reason = _compiler_disabled()
+    if reason is not None:
+        return reason
+    if device.type == "cpu" and not _has_cxx(os.environ.get("CXX", "")):
+        return "no C++ compiler for Inductor's CPU kernels (g++, clang++ or $CXX)"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed"
+    return _FAILURES.get(device.type)
+
+
+class _Compiled:
+    """One :class:`UpdateNorms`' ``torch.compile``'d kernels (compiled code is shared by the whole process).
+
+    ``dynamic=True`` and flat 1-D inputs: one compilation per kernel and dtype serves every tensor size (the
+    benchmark and a test count them). The first call of each kernel and dtype compiles; :attr:`seconds` adds
+    up those calls' time.
+    """
+
+    def __init__(self) -> None:
+        self.functions: dict[str, Callable[..., Tensor]] = {}
+        self.first_calls: set[tuple[str, torch.dtype, str]] = set()
+        self.seconds = 0.0
+
+    def run(self, name: str, calls: list[tuple[Tensor, ...]], device: torch.device) -> list[Tensor] | None:
+        """``name``'s kernel on each argument tuple; ``None`` if compiling fails (recorded for ``device``)."""
+        try:
+            function = self.functions.get(name)
+            if function is None:
+                function = self.functions[name] = torch.compile(_FUNCTIONS[name], dynamic=True)
+            out = []
+            for args in calls:
+                key = (name, args[0].dtype, device.type)
+                if key in self.first_calls:
+                    out.append(function(*args))
+                    continue
+                start = time.perf_counter()
+                out.append(function(*args))
+                self.seconds += time.perf_counter() - start
+                self.first_calls.add(key)
+            return out
+        except Exception as error:  # whatever breaks the compiler: eager kernels still work
+            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+            _FAILURES[device.type] = f"torch.compile failed ({type(error).__name__}: {message})"
+            warnings.warn(
+                f"gradlight: the fused update-ratio kernel could not be compiled on {device.type}; using the eager "
+                f"kernels instead ({_FAILURES[device.type]})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+
+
+def _fusable(lists: Sequence[Sequence[Tensor]]) -> list[int]:
+    """Positions whose tensors the fused kernels take (see :data:`FUSED_MIN_NUMEL`)."""
+    first = lists[0]
+    return [
+        i
+        for i, t in enumerate(first)
+        if t.numel() >= FUSED_MIN_NUMEL
+        and t.dtype in _FULL_PRECISION
+        and t.device.type in _FUSED_DEVICES
+        and all(lst[i].dtype == t.dtype and lst[i].is_contiguous() for lst in lists)
+    ]
+
+
+def _pick(values: Any, positions: list[int]) -> Any:
+    """``values`` (a list or a device vector) at ``positions``."""
+    if isinstance(values, list):
+        return [values[i] for i in positions]
+    return values[torch.tensor(positions, dtype=torch.long).to(values.device, non_blocking=True)]
+
+
+def _coefficients(columns: Sequence[Any], positions: list[int], device: torch.device) -> list[Tensor]:
+    """Per position, the float64 vector of scalars a compiled kernel takes (see :func:`_adam_sum`).
+
+    ``columns`` are per-tensor scalars: host lists of floats, or lists of 0-d device tensors (no host sync).
+    Each vector is its own tensor: a view at an offset would make the compiler specialise on the offset.
+    """
+    if all(not isinstance(c[0], Tensor) for c in columns):
+        rows = [[float(c[i]) for c in columns] for i in positions]
+        if device.type == "cpu":
+            return [torch.tensor(row, dtype=torch.float64) for row in rows]
+        table = torch.tensor(rows, dtype=torch.float64).to(device, non_blocking=True)  # one host-to-device copy
+        return [row.clone() for row in table.unbind()]
+    return [torch.stack([torch.as_tensor(c[i], device=device) for c in columns]).to(torch.float64) for i in positions]
+
+
+def _merge(count: int, fast: list[int], fast_values: Tensor, rest_values: Tensor | None) -> Tensor:
+    """One vector of ``count`` values from the fused positions' and the others' (in position order)."""
+    if rest_values is None:
+        return fast_values
+    out = torch.empty(count, dtype=fast_values.dtype, device=fast_values.device)
+    taken = set(fast)
+    rest = [i for i in range(count) if i not in taken]
+    out[torch.tensor(fast, dtype=torch.long).to(out.device, non_blocking=True)] = fast_values
+    out[torch.tensor(rest, dtype=torch.long).to(out.device, non_blocking=True)] = rest_values.to(out.dtype)
+    return out
 
 
 @dataclass(frozen=True)
@@ -148,11 +336,16 @@ class UpdateNorms:
         method: ``"auto"`` (reconstruct from the optimizer where that is exact, copy elsewhere),
             ``"optimizer"`` (reconstruct, also for low-precision parameters; raises where it cannot) or
             ``"copy"`` (always copy the parameters, as :func:`gradlight.stats.snapshot` does).
-        chunk_numel: Largest number of elements the reconstruction's kernels process at once (it bounds the
-            temporary memory); ``None`` for the default described in :mod:`gradlight.update_ratio`.
+        chunk_numel: Largest number of elements the reconstruction's eager kernels process at once (it bounds
+            the temporary memory); ``None`` for the default described in :mod:`gradlight.update_ratio`.
+        kernel: ``"auto"`` (a ``torch.compile``'d kernel per large tensor where compiling works, today's eager
+            kernels elsewhere and when compiling fails), ``"fused"`` (the same, but a ``ValueError`` now if
+            ``torch.compile`` is disabled or unsupported here) or ``"eager"`` (never compile).
+            :attr:`kernel_info` says which ran and why.
 
     Raises:
-        ValueError: If ``method`` is not one of :data:`METHODS` or ``chunk_numel`` is not a positive integer.
+        ValueError: If ``method`` is not one of :data:`METHODS`, ``kernel`` not one of :data:`KERNELS`,
+            ``chunk_numel`` is not a positive integer, or ``kernel="fused"`` and ``torch.compile`` cannot run.
 
     Example:
         >>> net = torch.nn.Linear(3, 2)
@@ -169,16 +362,28 @@ class UpdateNorms:
         'optimizer: AdamW (for-loop)'
     """
 
-    def __init__(self, method: str = "auto", chunk_numel: int | None = None) -> None:
+    def __init__(self, method: str = "auto", chunk_numel: int | None = None, kernel: str = "auto") -> None:
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not supported: use one of {', '.join(map(repr, METHODS))}")
         if chunk_numel is not None and (not isinstance(chunk_numel, int) or chunk_numel < 1):
             raise ValueError(f"chunk_numel={chunk_numel!r} must be a positive integer (or None for the default)")
+        check_kernel(kernel)
         self.method = method
         self.chunk_numel = chunk_numel
+        self.kernel = kernel
+        #: Which kernels the last :meth:`after_step` used: ``"fused: ..."`` or ``"eager: <why>"``
+        #: (``None`` before the first); the recorder writes it to ``run.json`` as ``update_ratio_kernel``.
+        self.kernel_info: str | None = None
+        self._compiled: _Compiled | None = None
         self.methods: dict[str, GroupMethod] = {}
         self._pending: _Pending | None = None
         self._index_cache: dict[tuple[Any, ...], Tensor] = {}
+        self._totals: dict[tuple[Any, ...], int] = {}
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling the fused kernels in this instance's first calls (0 if none compiled here)."""
+        return self._compiled.seconds if self._compiled is not None else 0.0
 
     @property
     def pending(self) -> bool:
@@ -261,18 +466,36 @@ class UpdateNorms:
         if pending.before is not None:
             parts.append((pending.copy_positions, update_squares(pending.copy_params, pending.before).to(wide)))
         chunk = self._chunk(pending)
+        compiled = self._fused_kernels(pending.device) if pending.buckets else None
         for bucket in pending.buckets:
-            if bucket.kind == "sgd":
-                values = _sgd_squares(bucket, pending.optimizer, chunk, pending.device, self._owners)
-            else:
-                values = _adam_squares(bucket, pending.optimizer, chunk, pending.device, self._owners)
+            squares_of = _sgd_squares if bucket.kind == "sgd" else _adam_squares
+            values = squares_of(bucket, pending.optimizer, chunk, pending.device, self._owners, compiled)
             parts.append((bucket.positions, values.to(wide)))
+        if compiled is not None and pending.device.type in _FAILURES:
+            self.kernel_info = f"eager: {_FAILURES[pending.device.type]}"
         if len(parts) == 1 and parts[0][0] == list(range(pending.count)):
             return parts[0][1]
         out = torch.zeros(pending.count, dtype=wide, device=pending.device)
         for positions, values in parts:
             out[self._index(tuple(positions), pending.device)] = values
         return out
+
+    def _fused_kernels(self, device: torch.device) -> _Compiled | None:
+        """The compiled kernels to use on ``device`` (``None``: eager), with :attr:`kernel_info` set."""
+        if self.kernel == "eager":
+            self.kernel_info = "eager: forced (kernel='eager')"
+            return None
+        reason = compile_unavailable(device)
+        if reason is None and _get_current_dispatch_mode() is not None:
+            reason = "a TorchDispatchMode is active (compiled code would run op by op, with full-size temporaries)"
+        if reason is not None:
+            self.kernel_info = f"eager: {reason}"
+            return None
+        if self._compiled is None:
+            self._compiled = _Compiled()
+        backend = "Triton" if device.type == "cuda" else "Inductor C++"
+        self.kernel_info = f"fused: torch.compile ({backend}) on {device.type}"
+        return self._compiled
 
     # ------------------------------------------------------------------------------------------- choice
     def _choose(
@@ -340,7 +563,12 @@ class UpdateNorms:
     def _chunk(self, pending: _Pending) -> int:
         if self.chunk_numel is not None:
             return self.chunk_numel
-        total = sum(local_tensor(t).numel() for bucket in pending.buckets for t in bucket.params)
+        key = (id(pending.optimizer), pending.count, tuple(len(b.params) for b in pending.buckets))
+        total = self._totals.get(key)  # the same every logged step: summed once (256 tensors: ~0.5 ms each time)
+        if total is None:
+            if len(self._totals) > 16:
+                self._totals.clear()
+            total = self._totals[key] = sum(local_tensor(t).numel() for b in pending.buckets for t in b.params)
         share = math.ceil(total / _CHUNK_FRACTION)
         if pending.device.type == "cpu":
             return max(_CHUNK_MIN, min(_CPU_CHUNK_MAX, share))
@@ -358,6 +586,24 @@ class UpdateNorms:
 
     def _owners(self, owners: list[int], device: torch.device) -> Tensor:
         return self._index(("owners", *owners), device)
+
+
+def check_kernel(kernel: object) -> None:
+    """Raise a ``ValueError`` naming ``kernel`` unless it is one of :data:`KERNELS` (and compilable if forced).
+
+    Example:
+        >>> check_kernel("eager")
+        >>> check_kernel("fast")
+        Traceback (most recent call last):
+        ...
+        ValueError: kernel='fast' is not supported: use one of 'auto', 'fused', 'eager'
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not supported: use one of {', '.join(map(repr, KERNELS))}")
+    if kernel == "fused":
+        reason = _compiler_disabled()
+        if reason is not None:
+            raise ValueError(f"kernel='fused' needs torch.compile, but {reason}: use kernel='auto' or 'eager'")
 
 
 def _uses_foreach(group: dict[str, Any], tensors: list[Tensor]) -> bool:
@@ -479,7 +725,14 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32 if low else None))
 
 
-def _sgd_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.device, owners_index: Any) -> Tensor:
+def _sgd_squares(
+    bucket: _Bucket,
+    optimizer: Any,
+    chunk: int,
+    device: torch.device,
+    owners_index: Any,
+    compiled: _Compiled | None = None,
+) -> Tensor:
     """Squared norms of SGD's steps (see the module docstring for the algebra)."""
     hyper = bucket.hyper
     lr, momentum, decay = float(hyper["lr"]), float(hyper["momentum"]), float(hyper["weight_decay"])
@@ -492,51 +745,111 @@ def _sgd_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.devi
     result = torch.zeros(len(bucket.params), dtype=wide_dtype(device), device=device)
     if not params:
         return result
-    if momentum != 0.0 and not nesterov:  # the step is -lr * buf: its norm, no temporary
+    if momentum != 0.0 and not nesterov:  # the step is -lr * buf: its norm, no temporary, so no pieces either
         bufs = [local_tensor(optimizer.state[p]["momentum_buffer"]) for p in params]
-        values = _piece_norms([bufs], chunk, lambda lists, _: _norms(lists[0]), device, owners_index) * lr**2
+        values = _whole_norms(bufs, device) * lr**2
     else:
         grads = []
         for p in params:
             if p.grad is None:
                 raise RuntimeError("a gradient was freed between optimizer.step() and after_step(): call it first")
             grads.append(local_tensor(p.grad))
-        local_params = [local_tensor(p) for p in params]
-        lists = [grads, local_params]
+        lists = [grads, [local_tensor(p) for p in params]]
         if nesterov:
             lists.append([local_tensor(optimizer.state[p]["momentum_buffer"]) for p in params])
-
-        scratch = _Scratch(chunk)
-
-        def kernel(pieces: list[list[Tensor]], _: list[int]) -> list[Tensor]:
-            if decay == 0.0 and not nesterov:
-                return _norms(pieces[0])
-            if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_squares
-                norms = []
-                for i, grad in enumerate(pieces[0]):
-                    z = scratch.take(0, grad).copy_(grad)
-                    if decay != 0.0:  # sign * (g' + wd * p) = g + sign * wd * p
-                        z.add_(pieces[1][i], alpha=sign * decay)
-                    if nesterov:
-                        z.add_(pieces[2][i], alpha=sign * momentum)
-                    norms.append(_norm(z))
-                return norms
-            if decay != 0.0:
-                zs = list(torch._foreach_add(pieces[0], pieces[1], alpha=sign * decay))
-                if nesterov:
-                    torch._foreach_add_(zs, pieces[2], alpha=sign * momentum)
-            else:
-                zs = list(torch._foreach_add(pieces[0], pieces[2], alpha=sign * momentum))
-            return _norms(zs)
-
-        values = _piece_norms(lists, chunk, kernel, device, owners_index) * (lr / (1.0 - lr * decay)) ** 2
+        coefficients = (sign * decay, sign * momentum)
+        values = _sgd_linear(lists, coefficients, chunk, device, owners_index, compiled)
+        values = values * (lr / (1.0 - lr * decay)) ** 2
     if len(params) == len(bucket.params):
         return values
     result[torch.tensor(list(stepped), dtype=torch.long).to(device, non_blocking=True)] = values.to(result.dtype)
     return result
 
 
-def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.device, owners_index: Any) -> Tensor:
+def _sgd_linear(
+    lists: list[list[Tensor]],
+    coefficients: tuple[float, float],
+    chunk: int,
+    device: torch.device,
+    owners_index: Any,
+    compiled: _Compiled | None,
+) -> Tensor:
+    """``||g + a*p [+ b*buf]||**2`` per tensor (``lists``: gradients, parameters[, momentum buffers]).
+
+    Tensors the fused kernels take (:func:`_fusable`) run one compiled kernel each, the others (and all of them
+    when compiling fails) the eager kernels of :func:`_sgd_eager`.
+    """
+    decay, momentum = coefficients
+    if decay == 0.0 and len(lists) == 2:  # plain SGD: the gradient's norm, one pass without temporaries
+        return _whole_norms(lists[0], device)
+    fast = _fusable(lists) if compiled is not None else []
+    if fast and compiled is not None:
+        if len(lists) == 3 and decay != 0.0:
+            name, operands, scalars = "linear3", lists, [[decay] * len(lists[0]), [momentum] * len(lists[0])]
+        elif len(lists) == 3:
+            name, operands, scalars = "linear", [lists[0], lists[2]], [[momentum] * len(lists[0])]
+        else:
+            name, operands, scalars = "linear", lists, [[decay] * len(lists[0])]
+        coefs = _coefficients(scalars, fast, device)
+        calls = [(*(lst[i].view(-1) for lst in operands), c) for i, c in zip(fast, coefs)]
+        sums = compiled.run(name, calls, device)
+        if sums is not None:
+            rest = sorted(set(range(len(lists[0]))) - set(fast))
+            others = [[lst[i] for i in rest] for lst in lists]
+            rest_values = _sgd_eager(others, coefficients, chunk, device, owners_index) if rest else None
+            return _merge(len(lists[0]), fast, torch.stack(sums), rest_values)
+    return _sgd_eager(lists, coefficients, chunk, device, owners_index)
+
+
+def _whole_norms(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Squared norms of whole tensors (a norm needs no temporary: one multi-tensor kernel, no pieces)."""
+    if not tensors:
+        return torch.zeros(0, dtype=wide_dtype(device), device=device)
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        return squares(torch.stack([_norm(t).to(device) for t in tensors]).float())
+    return squares(torch.stack(_norms(tensors)).float().to(device))
+
+
+def _sgd_eager(
+    lists: list[list[Tensor]], coefficients: tuple[float, float], chunk: int, device: torch.device, owners_index: Any
+) -> Tensor:
+    """``||g + a*p [+ b*buf]||**2`` per tensor with eager kernels over pieces of at most ``chunk`` elements."""
+    decay, momentum = coefficients
+    nesterov = len(lists) == 3
+    scratch = _Scratch(chunk)
+
+    def kernel(pieces: list[list[Tensor]], _: list[int]) -> list[Tensor]:
+        if decay == 0.0 and not nesterov:
+            return _norms(pieces[0])
+        if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_eager
+            norms = []
+            for i, grad in enumerate(pieces[0]):
+                z = scratch.take(0, grad).copy_(grad)
+                if decay != 0.0:  # sign * (g' + wd * p) = g + sign * wd * p
+                    z.add_(pieces[1][i], alpha=decay)
+                if nesterov:
+                    z.add_(pieces[2][i], alpha=momentum)
+                norms.append(_norm(z))
+            return norms
+        if decay != 0.0:
+            zs = list(torch._foreach_add(pieces[0], pieces[1], alpha=decay))
+            if nesterov:
+                torch._foreach_add_(zs, pieces[2], alpha=momentum)
+        else:
+            zs = list(torch._foreach_add(pieces[0], pieces[2], alpha=momentum))
+        return _norms(zs)
+
+    return _piece_norms(lists, chunk, kernel, device, owners_index)
+
+
+def _adam_squares(
+    bucket: _Bucket,
+    optimizer: Any,
+    chunk: int,
+    device: torch.device,
+    owners_index: Any,
+    compiled: _Compiled | None = None,
+) -> Tensor:
     """Squared norms of Adam's / AdamW's steps (see the module docstring for the algebra)."""
     hyper = bucket.hyper
     lr, beta1, beta2, eps = hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"]
@@ -570,7 +883,66 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
         add = list((eps * c2_t).unbind())
         alpha = list((decay * (1.0 - beta1**steps) / c2_t).unbind())
         scale = size_t * c2_t / (1.0 - lr * decay) * moved
+    lists = [moments, variances, params]
+    values = _adam_fused(lists, (add, alpha, scale), decay, chunk, device, owners_index, compiled)
+    if values is None:
+        values = _adam_eager(lists, (add, alpha, scale), decay, chunk, device, owners_index)
+    if len(held) == len(bucket.params):
+        return values
+    result[torch.tensor(held, dtype=torch.long).to(device, non_blocking=True)] = values
+    return result
 
+
+def _adam_fused(
+    lists: list[list[Tensor]],
+    factors: tuple[list[Any], list[Any], Any],
+    decay: float,
+    chunk: int,
+    device: torch.device,
+    owners_index: Any,
+    compiled: _Compiled | None,
+) -> Tensor | None:
+    """Adam's squared step norms, one compiled kernel per tensor :func:`_fusable` takes (eager for the rest).
+
+    ``factors`` are :func:`_adam_eager`'s. ``None`` when no tensor qualifies or compiling fails.
+    """
+    fast = _fusable(lists) if compiled is not None else []
+    if not fast or compiled is None:
+        return None
+    add, alpha, scale = factors
+    calls = [(*(lst[i].view(-1) for lst in lists), c) for i, c in zip(fast, _coefficients([add, alpha], fast, device))]
+    sums = compiled.run("adam", calls, device)
+    if sums is None:
+        return None
+    if isinstance(scale, list):  # host factors: one multi-tensor kernel on the 0-d sums, no host-to-device copy
+        fast_values = torch.stack(list(torch._foreach_mul(sums, [scale[i] ** 2 for i in fast])))
+    else:
+        fast_values = torch.stack(sums) * _pick(scale, fast).square()
+    rest = sorted(set(range(len(lists[0]))) - set(fast))
+    rest_values = None
+    if rest:
+        rest_factors = (_pick(add, rest), _pick(alpha, rest), _pick(scale, rest))
+        rest_values = _adam_eager(
+            [[lst[i] for i in rest] for lst in lists], rest_factors, decay, chunk, device, owners_index
+        )
+    return _merge(len(lists[0]), fast, fast_values, rest_values)
+
+
+def _adam_eager(
+    lists: list[list[Tensor]],
+    factors: tuple[list[Any], list[Any], Any],
+    decay: float,
+    chunk: int,
+    device: torch.device,
+    owners_index: Any,
+) -> Tensor:
+    """Adam's squared step norms with eager kernels over pieces of at most ``chunk`` elements.
+
+    ``lists`` are the first moments, second moments and parameters; ``factors`` the per-tensor ``add``
+    (``eps * c2``), ``alpha`` (the weight decay term's factor) and ``scale`` (the step's factor: a host list,
+    or a device vector) of :func:`_adam_squares`.
+    """
+    add, alpha, scale = factors
     on_cpu = _per_tensor(device)
     scratch = _Scratch(chunk)
 
@@ -600,12 +972,9 @@ def _adam_squares(bucket: _Bucket, optimizer: Any, chunk: int, device: torch.dev
             return list(torch._foreach_mul(fused, [scale[j] for j in owners]))
         return fused
 
-    values = _piece_norms([moments, variances, params], chunk, kernel, device, owners_index)
+    values = _piece_norms(lists, chunk, kernel, device, owners_index)
     if not isinstance(scale, list):
-        values = values * scale.square().to(values.dtype)
-    elif on_cpu:
-        values = values * torch.tensor(scale, dtype=values.dtype).square()
-    if len(held) == len(bucket.params):
-        return values
-    result[torch.tensor(held, dtype=torch.long).to(device, non_blocking=True)] = values
-    return result
+        return values * scale.square().to(values.dtype)
+    if on_cpu:
+        return values * torch.tensor(scale, dtype=values.dtype).square()
+    return values

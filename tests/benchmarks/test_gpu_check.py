@@ -38,7 +38,8 @@ def test_the_cpu_mode_runs_every_check_and_passes(gpu_check: ModuleType, capsys:
     assert gpu_check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     passed = ("stats/fp32", "stats/bf16-mixed", "stats/16-mixed", "sync/default", "sync/copy", "launches/default")
-    for name in (*passed, "launches/copy", "memory/default"):
+    fused = ("fused/adamw-foreach", "fused/adamw-fused", "fused/sgd-nesterov")
+    for name in (*passed, "launches/copy", "memory/default", *fused):
         assert f"PASS  {name}" in out
     assert "memory/copy" in out and "overhead/yolo11n-128px/default" in out and "overhead/gpt2-1m/copy" in out
 
@@ -97,3 +98,24 @@ def test_a_wrong_reconstructed_update_fails_the_statistics_check(
     errors = dict(re.findall(r"(\w+) ([0-9.]+e[-+]\d+)", results["stats/fp32"].detail))
     assert float(errors["update_ratio"]) == pytest.approx(0.02, rel=1e-3)  # the default is what failed
     assert float(errors["update_ratio_copy"]) < 1e-3 and float(errors["grad_l2"]) < 1e-4
+
+
+def test_a_wrong_fused_kernel_fails_the_fused_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    def adam_off(m: torch.Tensor, v: torch.Tensor, p: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        r = (m / (v.sqrt() + coef[0]) + coef[1] * p).double()
+        return (r * r).sum() * 1.0001  # 1e-4 too large: above the 1e-5 the fused and eager kernels must agree to
+
+    monkeypatch.setitem(gradlight.update_ratio._FUNCTIONS, "adam", adam_off)
+    assert _failed(gpu_check.run(CPU, checks=["fused"])) == ["fused/adamw-foreach", "fused/adamw-fused"]
+
+
+def test_a_failed_compilation_fails_the_fused_check(gpu_check: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(gradlight.update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        results = gpu_check.run(CPU, checks=["fused"])
+    assert _failed(results) == ["fused/adamw-foreach", "fused/adamw-fused", "fused/sgd-nesterov"]
+    assert "torch.compile failed (RuntimeError: injected)" in results[0].detail

@@ -81,12 +81,31 @@ ADAM_VARIANTS = {
 IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
-@pytest.fixture(params=["per_tensor", "multi_tensor"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both kernel paths on CPU: tensor by tensor (CPU's) and fused multi-tensor (accelerators')."""
+#: Tensors of at least this many elements take the compiled kernel in the tests (the Net's three largest):
+#: both the fused and the eager kernels run in one step.
+TEST_FUSED_MIN_NUMEL = 100
+
+
+def _use_fused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(update_ratio, "FUSED_MIN_NUMEL", TEST_FUSED_MIN_NUMEL)
+    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+
+
+@pytest.fixture(params=["per_tensor", "multi_tensor", "compiled"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Every kernel path on CPU: eager tensor by tensor (CPU's), eager multi-tensor (accelerators'), and the
+    ``torch.compile``'d kernel for the larger tensors beside the eager ones for the others."""
     if request.param == "multi_tensor":
         monkeypatch.setattr(update_ratio, "_per_tensor", lambda device: False)
-    return str(request.param)
+    if request.param == "compiled":
+        _use_fused(monkeypatch)
+        return {"kernel": "fused"}
+    return {"kernel": "eager"}
+
+
+def _assert_kernel(updates: UpdateNorms, options: dict[str, str]) -> None:
+    expected = "fused: torch.compile" if options["kernel"] == "fused" else "eager: forced"
+    assert updates.kernel_info is not None and updates.kernel_info.startswith(expected), updates.kernel_info
 
 
 def _assert_equal_to_copy(ours: list[Tensor], reference: list[Tensor]) -> None:
@@ -99,26 +118,29 @@ def _assert_equal_to_copy(ours: list[Tensor], reference: list[Tensor]) -> None:
 @pytest.mark.parametrize("chunk", [None, 500])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("variant", list(SGD_VARIANTS))
-def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
+def test_sgd_matches_copy(variant: str, impl: str, chunk: int | None, kernels: dict[str, str]) -> None:
     options = {**SGD_VARIANTS[variant], **IMPLEMENTATIONS[impl]}
-    ours, reference, updates = _run(lambda p: torch.optim.SGD(p, lr=0.05, **options), chunk_numel=chunk)
+    ours, reference, updates = _run(lambda p: torch.optim.SGD(p, lr=0.05, **options), chunk_numel=chunk, **kernels)
     _assert_equal_to_copy(ours, reference)
     assert updates.methods["0"].describe() == f"optimizer: SGD ({impl})"
+    _assert_kernel(updates, kernels)
 
 
 @pytest.mark.parametrize("chunk", [None, 500])
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("variant", list(ADAM_VARIANTS))
-def test_adam_matches_copy(variant: str, impl: str, chunk: int | None, kernels: str) -> None:
+def test_adam_matches_copy(variant: str, impl: str, chunk: int | None, kernels: dict[str, str]) -> None:
     kind, options = ADAM_VARIANTS[variant]
-    ours, reference, updates = _run(lambda p: kind(p, lr=1e-2, **options, **IMPLEMENTATIONS[impl]), chunk_numel=chunk)
+    make = lambda p: kind(p, lr=1e-2, **options, **IMPLEMENTATIONS[impl])  # noqa: E731
+    ours, reference, updates = _run(make, chunk_numel=chunk, **kernels)
     _assert_equal_to_copy(ours, reference)
     assert updates.methods["0"].describe() == f"optimizer: {kind.__name__} ({impl})"
+    _assert_kernel(updates, kernels)
 
 
 @pytest.mark.parametrize("variant", ["adam_l2", "adamw_decay", "adamw_amsgrad_maximize"])
 def test_adam_with_step_counters_on_the_device_matches_copy(
-    variant: str, kernels: str, monkeypatch: pytest.MonkeyPatch
+    variant: str, kernels: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The branch taken when the counters live on an accelerator (fused/capturable there), forced on CPU."""
 
@@ -127,8 +149,9 @@ def test_adam_with_step_counters_on_the_device_matches_copy(
 
     monkeypatch.setattr(update_ratio, "_read_steps", as_device_vector)
     kind, options = ADAM_VARIANTS[variant]
-    ours, reference, _ = _run(lambda p: kind(p, lr=1e-2, **options), chunk_numel=700)
+    ours, reference, updates = _run(lambda p: kind(p, lr=1e-2, **options), chunk_numel=700, **kernels)
     _assert_equal_to_copy(ours, reference)
+    _assert_kernel(updates, kernels)
 
 
 @pytest.mark.parametrize(
@@ -320,3 +343,182 @@ def test_a_learning_rate_of_zero_is_a_zero_update(make: Callable[[list[nn.Parame
         optimizer.step()
         ours = updates.after_step()
         assert torch.equal(ours, _copy_squares(params, before)) and not ours.any()
+
+
+# ------------------------------------------------------------------------------------------- fused kernels
+FUSED_VARIANTS = {
+    **{f"sgd_{name}": (torch.optim.SGD, {"lr": 0.05, **options}) for name, options in SGD_VARIANTS.items()},
+    **{name: (kind, {"lr": 1e-2, **options}) for name, (kind, options) in ADAM_VARIANTS.items()},
+}
+#: Variants whose update is one norm of one tensor (plain SGD: the gradient; momentum SGD: the buffer): no kernel
+#: to fuse.
+ONE_NORM = {"sgd_plain", "sgd_momentum", "sgd_momentum_dampening_decay"}
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("variant", list(FUSED_VARIANTS))
+def test_fused_and_eager_reconstructions_agree_on_every_variant(
+    variant: str, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kind, options = FUSED_VARIANTS[variant]
+    make = lambda p: kind(p, **options, **IMPLEMENTATIONS[impl])  # noqa: E731
+    eager, reference, _ = _run(make, kernel="eager")
+    _use_fused(monkeypatch)
+    calls: list[str] = []
+    original = update_ratio._Compiled.run
+
+    def counted(self: Any, name: str, args: list[tuple[Tensor, ...]], device: torch.device) -> Any:
+        calls.extend(name for _ in args)
+        return original(self, name, args, device)
+
+    monkeypatch.setattr(update_ratio._Compiled, "run", counted)
+    fused, _, updates = _run(make, kernel="fused")
+    assert updates.kernel_info == "fused: torch.compile (Inductor C++) on cpu"
+    assert (len(calls) == 0) == (variant in ONE_NORM), calls  # 3 steps x the Net's 3 tensors above 100 elements
+    for step, (mine, theirs) in enumerate(zip(fused, eager)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-30, msg=lambda m, s=step: f"step {s}: {m}")
+    _assert_equal_to_copy(fused, reference)
+
+
+def test_one_compilation_serves_every_tensor_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic shapes on flat inputs, scalars in their own vector: sizes and offsets do not recompile."""
+    from torch._dynamo.utils import counters
+
+    _use_fused(monkeypatch)
+    compiled = update_ratio._Compiled()
+    flat = torch.rand(3 * 50_000)
+    coef = torch.tensor([1e-8, 0.1], dtype=torch.float64)
+    compiled.run("adam", [(flat[:1000], flat[1000:2000], flat[2000:3000], coef)], torch.device("cpu"))  # warm
+    graphs = counters["stats"]["unique_graphs"]
+    calls = []
+    for start, size in ((7, 100), (0, 20_000), (1001, 33_333), (5, 49_000)):
+        m, v, p = (flat[start + k * size : start + (k + 1) * size] for k in range(3))
+        calls.append((m, v, p, torch.tensor([1e-8 * size, 0.01 * start], dtype=torch.float64)))
+    sums = compiled.run("adam", calls, torch.device("cpu"))
+    assert sums is not None and counters["stats"]["unique_graphs"] == graphs
+    for got, (m, v, p, c) in zip(sums, calls):
+        want = (m.double() / (v.double().sqrt() + c[0]) + c[1] * p.double()).square().sum()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+
+
+def _failing_compile(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("no compiler here (injected)")
+
+
+def test_a_failing_compilation_falls_back_to_the_eager_kernels_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_fused(monkeypatch)
+    monkeypatch.setattr(torch, "compile", _failing_compile)
+    with pytest.warns(RuntimeWarning, match="could not be compiled on cpu; using the eager kernels"):
+        ours, reference, updates = _run(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    _assert_equal_to_copy(ours, reference)
+    assert updates.kernel_info == "eager: torch.compile failed (RuntimeError: no compiler here (injected))"
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("a failed compilation is not retried"))
+    _, _, again = _run(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    assert again.kernel_info == updates.kernel_info
+
+
+def test_the_kernel_argument_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="kernel='fast' is not supported: use one of 'auto', 'fused', 'eager'"):
+        UpdateNorms(kernel="fast")
+    with pytest.raises(ValueError, match="`update_kernel` must be one of"):
+        from gradlight.recorder import RecorderOptions
+
+        RecorderOptions(update_kernel="triton")
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+    with pytest.raises(ValueError, match=r"kernel='fused' needs torch\.compile, but torch\.compile is disabled"):
+        UpdateNorms(kernel="fused")
+    _, _, updates = _run(lambda p: torch.optim.AdamW(p, lr=1e-2))  # "auto" falls back, and says why
+    assert updates.kernel_info == "eager: torch.compile is disabled (TORCH_COMPILE_DISABLE)"
+
+
+def _largest_allocation(fn: Callable[[], Any]) -> int:
+    """The largest single CPU allocation ``fn`` makes, from the allocator's own reports (the profiler's memory
+    events: they see the compiled code's buffers too, which a dispatch mode does not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((event.cpu_memory_usage for event in prof.events() if event.cpu_memory_usage > 0), default=0)
+
+
+def _fused_logged_step(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, GradientFlowTracker]:
+    """Largest allocation of a steady-state logged step (capture + optimizer step excluded + finalize) with the
+    default fused kernel, and the smallest parameter the fused kernel reads, in bytes."""
+    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 8))
+    params = list(net.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    tracker = GradientFlowTracker(net)
+    for step in range(3):  # the first logged step compiles; the third is measured
+        net(torch.randn(8, 256)).square().mean().backward()
+        if step < 2:
+            tracker.capture(step=step, params=params, owner=optimizer)
+            optimizer.step()
+            tracker.finalize()
+        else:
+            largest = _largest_allocation(lambda: tracker.capture(step=2, params=params, owner=optimizer))
+            optimizer.step()
+            largest = max(largest, _largest_allocation(tracker.finalize))
+        optimizer.zero_grad()
+    fused = min(p.numel() * p.element_size() for p in params if p.numel() >= update_ratio.FUSED_MIN_NUMEL)
+    return largest, fused, tracker
+
+
+def test_a_fused_logged_step_allocates_no_parameter_sized_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    largest, smallest_fused, tracker = _fused_logged_step(monkeypatch)
+    assert tracker.updates is not None and tracker.updates.kernel_info is not None
+    assert tracker.updates.kernel_info.startswith("fused"), tracker.updates.kernel_info
+    assert largest < smallest_fused / 4, f"{largest} bytes allocated at once; the fused tensors are >= {smallest_fused}"
+    # The measure sees a kernel that is not fused: "compiling" to the plain eager function makes the temporaries
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    unfused, _, _ = _fused_logged_step(monkeypatch)
+    assert unfused >= 256 * 512 * 4
+
+
+def test_nothing_compiles_on_a_step_that_is_not_logged(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradlight.recorder import GradientFlowRecorder
+    from gradlight.runfolder import read_run_info
+
+    _use_fused(monkeypatch)
+    step = -1
+    compiled_at: list[int] = []
+    run_at: list[int] = []
+    original_compile, original_run = torch.compile, update_ratio._Compiled.run
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled_at.append(step) or original_compile(*a, **k))
+
+    def spy(self: Any, *args: Any) -> Any:
+        run_at.append(step)
+        return original_run(self, *args)
+
+    monkeypatch.setattr(update_ratio._Compiled, "run", spy)
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    recorder = GradientFlowRecorder(net, tmp_path, log_every_n_steps=3, diagnose=False)
+    for step in range(7):
+        _loss(net, step).backward()
+        recorder.capture(step, optimizer)
+        optimizer.step()
+        recorder.end_step()
+        optimizer.zero_grad()
+    recorder.close()
+    assert compiled_at == [0] and run_at == [0, 3, 6]
+    info = read_run_info(tmp_path)
+    assert info is not None and info.extra["update_ratio_kernel"] == "fused: torch.compile (Inductor C++) on cpu"
+
+
+def test_the_recorder_writes_a_forced_eager_kernel_to_the_run_info(tmp_path: Any) -> None:
+    from gradlight.recorder import GradientFlowRecorder
+    from gradlight.runfolder import read_run_info
+
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    recorder = GradientFlowRecorder(net, tmp_path, log_every_n_steps=1, diagnose=False, update_kernel="eager")
+    _loss(net, 0).backward()
+    recorder.capture(0, optimizer)
+    optimizer.step()
+    recorder.end_step()
+    recorder.close()
+    info = read_run_info(tmp_path)
+    assert info is not None and info.extra["update_ratio_kernel"] == "eager: forced (kernel='eager')"
