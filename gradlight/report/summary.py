@@ -25,6 +25,7 @@ from gradlight.runfolder import FINDINGS_FILE, RUN_INFO_FILE
 __all__ = [
     "FINDINGS_FILE",
     "RUN_INFO_FILE",
+    "SLOPE_UNIT",
     "LayerGrid",
     "ReportInputError",
     "Run",
@@ -49,6 +50,10 @@ __all__ = [
 
 #: A run as the caller names it: a path, a ``"label=path"`` string, or a ``(label, path)`` pair.
 RunSpec = Union[str, "os.PathLike[str]", tuple[str, Union[str, "os.PathLike[str]"]]]
+
+
+#: The unit of every profile slope (summary table, profile legend, docs): decades of ``grad_l2`` per layer.
+SLOPE_UNIT = "decades/layer"
 
 
 class ReportInputError(ValueError):
@@ -482,7 +487,7 @@ def global_norm_series(frame: pd.DataFrame) -> pd.Series:
 
 
 def profile_slope(depths: np.ndarray, grad_l2: np.ndarray) -> float:
-    """Least-squares slope of ``log10(grad_l2)`` against depth, in decades per layer (NaN if < 2 points).
+    """Least-squares slope of ``log10(grad_l2)`` against depth, in :data:`SLOPE_UNIT` (NaN if < 2 points).
 
     Positive: the first layers get the smallest gradients (the vanishing pattern, +1 is a 10x loss per
     layer); negative: gradients grow toward the input (the exploding pattern); near 0: a flat, healthy flow.
@@ -548,7 +553,7 @@ class RunSummary:
             "final early/late ratio": self.final_early_late_ratio,
             "smallest layer gradient norm": self.min_grad_l2,
             "smallest at layer": self.min_grad_l2_layer,
-            "profile slope (decades/layer)": self.profile_slope,
+            f"profile slope ({SLOPE_UNIT})": self.profile_slope,
             "final global gradient norm": self.final_global_grad_l2,
             "final loss": self.final_loss,
             "findings": self.findings,
