@@ -20,6 +20,7 @@ import pandas as pd
 
 from gradlight import runfolder
 from gradlight.history import GLOBAL_LAYER, HISTORY_SUBDIR, ProgressCallback, list_segments, read_history
+from gradlight.locate import AmbiguousRunFolderError, find_run_folder
 from gradlight.runfolder import FINDINGS_FILE, RUN_INFO_FILE
 
 __all__ = [
@@ -97,46 +98,24 @@ def parse_run_spec(spec: RunSpec) -> tuple[str | None, Path]:
 
 
 def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
-    """Find the monitor ``save_dir`` that ``path`` names: itself, its parent, or one or two levels down.
+    """Find the monitor ``save_dir`` that ``path`` names (:func:`gradlight.locate.find_run_folder`).
 
-    ``path`` may be the ``save_dir`` (holding ``history/``), the ``history`` folder itself, or a folder
-    (e.g. a Lightning ``log_dir``) with exactly one ``history/`` folder one or two levels below it.
+    ``path`` may be the ``save_dir`` (holding ``history/``), the ``history`` folder itself, or a folder with
+    exactly one run folder up to three levels below it: a Lightning ``log_dir`` or ``default_root_dir``,
+    an Ultralytics ``runs`` folder.
 
     Raises:
-        ReportInputError: If ``path`` does not exist, holds no history, or holds several.
+        ReportInputError: If ``path`` does not exist, holds no history, or holds several (listed).
 
     Example:
         >>> resolve_run_dir("lightning_logs/version_0")  # doctest: +SKIP
         PosixPath('lightning_logs/version_0/gradlight')
     """
-    root = Path(path)
-    if not root.exists():
-        raise ReportInputError(f"{str(root)!r} does not exist")
-    if not root.is_dir():
-        raise ReportInputError(f"{str(root)!r} is a file, not a gradlight save_dir (a folder holding history/)")
-    if (root / HISTORY_SUBDIR).is_dir():
-        return root
-    if root.name == HISTORY_SUBDIR and list_segments(root):
-        return root.parent
-    found = sorted(
-        {
-            candidate.parent
-            for pattern in (f"*/{HISTORY_SUBDIR}", f"*/*/{HISTORY_SUBDIR}")
-            for candidate in root.glob(pattern)
-            if candidate.is_dir()
-        }
-    )
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ReportInputError(
-            f"no gradlight history in {str(root)!r}: no {HISTORY_SUBDIR}/ folder in it or up to two levels "
-            "down (pass the monitor's save_dir)"
-        )
-    listing = ", ".join(str(candidate) for candidate in found)
-    raise ReportInputError(
-        f"{str(root)!r} holds {len(found)} gradlight histories; pass one of them (or several as LABEL=PATH): {listing}"
-    )
+    try:
+        return find_run_folder(path)
+    except (FileNotFoundError, AmbiguousRunFolderError) as err:
+        message = str(err).replace("; pass one of them:", "; pass one of them (or several as LABEL=PATH):")
+        raise ReportInputError(message) from None
 
 
 def resolve_run_specs(runs: Iterable[RunSpec] | Mapping[str, str | os.PathLike[str]]) -> list[tuple[str, Path]]:
