@@ -9,12 +9,17 @@ run folder lies up to three levels below, and lists the candidates when there ar
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 from gradlight.runfolder import FINDINGS_FILE, HISTORY_SUBDIR, RUN_INFO_FILE
 
-__all__ = ["MAX_SEARCH_DEPTH", "AmbiguousRunFolderError", "find_run_folder", "is_run_folder"]
+__all__ = ["MAX_SEARCH_DEPTH", "AmbiguousRunFolderError", "announce_run_folder", "find_run_folder", "is_run_folder"]
+
+#: The logger that says where a run is written (``logging.getLogger("gradlight")``).
+log = logging.getLogger("gradlight")
 
 #: How many levels below the given folder a run folder is looked for (``<root>/lightning_logs/version_0/gradlight``).
 MAX_SEARCH_DEPTH = 3
@@ -93,3 +98,26 @@ def _run_folders_below(root: Path, depth: int) -> list[Path]:
                 (found if is_run_folder(child) else below).append(child)
         level = below
     return sorted(found)
+
+
+def announce_run_folder(root: str | os.PathLike[str]) -> str:
+    """Log, at INFO on the ``gradlight`` logger, where a run is written (front ends call it once, rank zero).
+
+    Like Lightning's own logger, the ``gradlight`` logger prints to stderr when the application has not
+    configured logging (the root logger has no handler); configure ``logging`` to route or silence it.
+
+    Returns:
+        The message.
+
+    Example:
+        >>> announce_run_folder("runs/exp1/gradlight")  # doctest: +SKIP
+        'gradlight: writing the run to /home/me/runs/exp1/gradlight (read it with `gradlight report ...`)'
+    """
+    path = Path(root).resolve()
+    message = f"gradlight: writing the run to {path} (read it with `gradlight report {path} --out report/`)"
+    if not log.handlers and not logging.getLogger().hasHandlers():
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    log.info(message)
+    return message
