@@ -112,7 +112,7 @@ def shorten_label(name: str, limit: int = 28) -> str:
         return name
     tail = name[-limit:]
     cut = tail.find(".")
-    if 0 <= cut < limit // 3:
+    if 0 <= cut < len(tail) - 1:  # start at a name component: "…h.4.mlp.c_fc", not "…sformer.h.4.mlp.c_fc"
         tail = tail[cut + 1 :]
     return "…" + tail
 
