@@ -194,7 +194,7 @@ def slope_label(step: int, slope: float) -> str:
     """A profile legend entry, the slope to two significant digits (a flat profile's is not ``-0.00``).
 
     Example:
-        >>> slope_label(40, 0.0324), slope_label(0, -2.25e-05)
+        >>> slope_label(40, 0.0324), slope_label(0, -2.21e-05)
         ('step 40 (slope +0.032 decades/layer)', 'step 0 (slope -2.2e-05 decades/layer)')
     """
     label = f"step {int(step)}"
