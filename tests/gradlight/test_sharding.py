@@ -233,7 +233,7 @@ def _assert_matches(sharded: pd.DataFrame, reference: pd.DataFrame) -> None:
     assert list(sharded.index) == list(reference.index)  # same steps, same (unsharded) layer names
     steps = sorted({step for step, _ in reference.index})
     assert steps == list(range(workers.STEPS))
-    for metric in (*COMPARED, "global_grad_l2"):
+    for metric in (*COMPARED, "global_grad_l2", "loss"):  # the loss row: the global-batch loss on every strategy
         got, want = sharded[metric].dropna(), reference[metric].dropna()
         assert list(got.index) == list(want.index), metric
         np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=RTOL, err_msg=metric)
