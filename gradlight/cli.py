@@ -1,4 +1,4 @@
-"""The ``gradlight`` command line: ``gradlight report RUN [RUN ...] --out DIR``.
+"""The ``gradlight`` command line: ``gradlight report [RUN ...] --out DIR``.
 
 Subcommands register themselves in :data:`SUBCOMMANDS` (name -> function adding a parser to the
 subparsers); each sets ``func`` to a handler ``(args) -> exit code``. Bad input prints one line to stderr
@@ -28,6 +28,7 @@ several runs, their profiles and ratios overlaid with a summary table.
 _REPORT_EPILOG = """\
 examples:
   gradlight report lightning_logs/version_0/gradlight --out report/
+  gradlight report --out report/          (the one run below the current folder)
   gradlight report sigmoid=runs/sigmoid relu=runs/relu --out compare/
 
 exit status: 0 on success (a truncated history is reported up to the tear, with a warning),
@@ -46,11 +47,12 @@ def _add_report(subparsers: Any) -> None:
     )
     parser.add_argument(
         "runs",
-        nargs="+",
+        nargs="*",
         metavar="RUN",
-        help="a monitor save_dir (the folder holding history/), or a folder with exactly one such save_dir up "
-        "to two levels down (e.g. a Lightning log_dir); write LABEL=PATH to name the run in the report "
-        "(default: the folder name)",
+        help="a run folder (a monitor's or recorder's save_dir, the folder holding history/), or a folder with "
+        "exactly one run folder up to three levels down (a Lightning log_dir or default_root_dir, an "
+        "Ultralytics runs folder); write LABEL=PATH to name the run in the report (default: the folder "
+        "name). Without RUN: the one run below the current folder (e.g. lightning_logs/version_0/gradlight)",
     )
     parser.add_argument(
         "-o",
@@ -85,7 +87,7 @@ def _report(args: argparse.Namespace) -> int:
         return _fail(f"--dpi must be at least 20, got {args.dpi}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = build_report(args.runs, args.out, title=args.title, dpi=args.dpi, progress=args.progress)
+        path = build_report(args.runs or ["."], args.out, title=args.title, dpi=args.dpi, progress=args.progress)
     for warning in caught:
         print(f"gradlight report: warning: {warning.message}", file=sys.stderr)
     print(path)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gradlight.locate import find_run_folder
 from gradlight.records import GLOBAL_LAYER
 from gradlight.runfolder import (
     FORMAT_VERSION,
@@ -363,7 +364,9 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
     and depth ``-1``. A torn tail left by a killed writer is skipped with a :class:`TruncatedHistoryWarning`.
 
     Args:
-        path: The monitor's ``save_dir`` (or its ``history`` sub-folder).
+        path: The run folder (the monitor's or recorder's ``save_dir``), its ``history`` sub-folder, or a
+            folder holding exactly one run folder up to three levels down (``runs/exp``, a Lightning
+            ``default_root_dir`` or ``lightning_logs/version_0``; see :func:`gradlight.locate.find_run_folder`).
         metrics: Keep only these metrics.
 
     Returns:
@@ -371,6 +374,7 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
 
     Raises:
         FileNotFoundError: If ``path`` holds no history.
+        gradlight.locate.AmbiguousRunFolderError: If ``path`` holds several run folders (listed).
         gradlight.runfolder.UnsupportedFormatError: If a segment was written in a newer format (the
             error names its version).
 
@@ -378,7 +382,7 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
         >>> history = load_history("runs/exp1/gradlight")  # doctest: +SKIP
         >>> history[history.metric == "grad_l2"].pivot(index="layer", columns="step", values="value")  # doctest: +SKIP
     """
-    result = read_history(path)
+    result = read_history(find_run_folder(path))
     for segment in result.segments:
         if segment.truncated:
             warnings.warn(

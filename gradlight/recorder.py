@@ -39,6 +39,7 @@ from gradlight.diagnosis import (
     resolve_actions,
 )
 from gradlight.history import HistoryWriter
+from gradlight.locate import announce_run_folder
 from gradlight.options import RecorderOptions
 from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
@@ -144,6 +145,12 @@ class Collectives:
         reduce = getattr(strategy, "all_reduce", None) or strategy.reduce
 
         def all_reduce_sum(tensor: Tensor) -> Tensor:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size:
+                tensor = tensor.clone()  # one all-reduce: the strategies' `reduce` adds a barrier before it
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                return tensor
             return reduce(tensor, reduce_op="sum")
 
         def broadcast(obj: Any) -> Any:
@@ -507,6 +514,7 @@ class GradientFlowRecorder:
             if self.diagnosis is not None:
                 self._findings_writer = FindingsWriter(folder.root)
                 self._findings_writer.touch()
+            announce_run_folder(folder.root)
 
     def watch(self, optimizer: Optimizer) -> None:
         """Finish a captured step right after ``optimizer.step()`` (a step post-hook of ``optimizer``).
@@ -643,6 +651,8 @@ class GradientFlowRecorder:
 
         Args:
             loss: The step's training loss (a number or a one-element tensor), used by the ``dormant`` rule.
+                Under several processes the ``loss`` row is its mean over the ranks that passed one (one
+                small all-reduce on logged steps): the global-batch loss when the ranks' batches are equal.
             metrics: More run-wide values of the step for the history (e.g. a trainer's own clip norm).
 
         Returns:
@@ -658,7 +668,7 @@ class GradientFlowRecorder:
         record = self._unwritten.record
         for name, extra in (metrics or {}).items():
             record.global_metrics[str(name)] = float(extra)
-        value = _loss_value(loss)
+        value = _mean_over_ranks(self.collectives, _loss_value(loss), _device_of(self.model))
         if value is not None:
             record.global_metrics["loss"] = value
         return self._emit()
@@ -920,6 +930,15 @@ def _loss_value(loss: float | Tensor | None) -> float | None:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     return None
+
+
+def _mean_over_ranks(collectives: Collectives, value: float | None, device: torch.device) -> float | None:
+    """``value`` averaged over the ranks that have one (every rank calls it on the same steps); local if alone."""
+    if collectives.world_size == 1 or collectives.all_reduce_sum is None:
+        return value
+    pair = torch.tensor([value or 0.0, 0.0 if value is None else 1.0], dtype=torch.float64, device=device)
+    total, count = collectives.all_reduce_sum(pair).tolist()
+    return total / count if count > 0 else None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -564,7 +564,8 @@ def load_findings(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Load the findings of a monitored run as a DataFrame.
 
     Args:
-        path: The run folder (the monitor's ``save_dir``) or the ``findings.jsonl`` file itself.
+        path: The run folder (the monitor's ``save_dir``), the ``findings.jsonl`` file itself, or a folder
+            holding exactly one run folder (as for :func:`gradlight.load_history`).
 
     Returns:
         One row per finding with the columns of :class:`gradlight.Finding` (``kind, layer, step,
@@ -577,6 +578,10 @@ def load_findings(path: str | os.PathLike[str]) -> pd.DataFrame:
         >>> findings = load_findings("runs/exp1/gradlight")  # doctest: +SKIP
         >>> findings[findings.kind == "vanishing"][["layer", "step", "message"]]  # doctest: +SKIP
     """
+    from gradlight.locate import find_run_folder, is_run_folder  # locate reads this module's file names
+
+    if Path(path).is_dir() and not is_run_folder(path):
+        path = find_run_folder(path)  # a folder holding one run (raises listing several, or none)
     result = read_findings(path)
     for line in result.skipped:
         warnings.warn(f"{result.path}: skipped line {line.number} ({line.reason})", stacklevel=2)

@@ -13,9 +13,11 @@ Per optimizer step (one per ``gradient_accumulation_steps`` micro-batches): ``on
 forward-order discovery, the activation taps and the backward-signal taps (before the step's first
 micro-batch), ``on_pre_optimizer_step`` reads the gradients,
 ``on_optimizer_step`` measures the update ratios, ``on_step_end`` diagnoses and writes the record. The
-``step`` of a record is ``state.global_step`` when the gradients were read (0 for the first optimizer
-step); the Trainer logs that step's ``grad_norm`` at ``global_step + 1``. The run folder is the same as
-the Lightning monitor's (``gradlight report`` works on it).
+``step`` of a record is the Trainer's own: ``state.global_step`` after the optimizer step (1 for the first
+one), the step at which the Trainer logs that optimizer step's ``grad_norm`` and loss, so the two logs join
+on ``step`` (gradlight's ``global_grad_l2`` is the Trainer's ``grad_norm``). With ``log_every_n_steps``
+equal to ``logging_steps`` (the default) both record the same steps. The run folder is the same as the
+Lightning monitor's (``gradlight report`` works on it).
 """
 
 from __future__ import annotations
@@ -143,14 +145,14 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         )
         self._model = model
         if state.global_step > 0:  # resumed from a Trainer checkpoint: continue the history from here
-            self.recorder.resume_at(state.global_step)
+            self.recorder.resume_at(_trainer_step(state))
 
     @override
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.recorder is not None:
-            self.recorder.start_step(state.global_step)
+            self.recorder.start_step(_trainer_step(state))
 
     @override
     def on_pre_optimizer_step(
@@ -163,7 +165,7 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         # The gradients are AMP-unscaled by the Trainer's norm; the tapped signal is not. Under fp16 accelerate's
         # AcceleratedOptimizer holds the Trainer's GradScaler, whose update() runs inside its step(), after this.
         scale = backward_scale_of(getattr(optimizer, "scaler", None))
-        recorder.capture(state.global_step, optimizer, backward_scale=scale)
+        recorder.capture(_trainer_step(state), optimizer, backward_scale=scale)
         if self._clip is not None and self._model is not None:
             torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._clip)
 
@@ -197,3 +199,12 @@ class GradientFlowCallback(TrainerCallback):  # type: ignore[misc]
         if self._restore_max_grad_norm is not None:
             args.max_grad_norm = self._restore_max_grad_norm
             self._restore_max_grad_norm = None
+
+
+def _trainer_step(state: TrainerState) -> int:
+    """The step a record of the optimizer step under way gets: the Trainer's ``global_step`` once it is taken.
+
+    The Trainer increments ``state.global_step`` after ``optimizer.step()`` and logs ``grad_norm`` and the
+    loss under the new value; recording under it too makes gradlight's history join the Trainer's logs.
+    """
+    return int(state.global_step) + 1

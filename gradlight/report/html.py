@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gradlight.records import GLOBAL_LAYER
-from gradlight.report.summary import RunSummary
+from gradlight.report.summary import SLOPE_UNIT, RunSummary
 
 __all__ = ["ExtraSection", "ImageBlock", "RunSection", "format_number", "format_value", "render_page"]
 
@@ -270,7 +270,7 @@ def render_page(
     parts.append(_summary_table([section.summary for section in sections]))
     parts.append(
         '<p class="meta">Early/late ratio: first over last layer gradient norm (1 = balanced). Smallest '
-        "layer gradient norm (L2) and profile slope (decades of gradient norm per layer; positive = vanishing "
+        f"layer gradient norm (L2) and profile slope ({SLOPE_UNIT} of gradient norm; positive = vanishing "
         "toward the input) are at the last recorded step.</p>"
     )
     if comparison:

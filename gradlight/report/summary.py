@@ -20,10 +20,12 @@ import pandas as pd
 
 from gradlight import runfolder
 from gradlight.history import ProgressCallback, read_history
+from gradlight.locate import AmbiguousRunFolderError, find_run_folder
 from gradlight.records import GLOBAL_LAYER
 from gradlight.runfolder import FINDINGS_FILE, HISTORY_SUBDIR, RUN_INFO_FILE, list_segments
 
 __all__ = [
+    "SLOPE_UNIT",
     "LayerGrid",
     "ReportInputError",
     "Run",
@@ -46,6 +48,10 @@ __all__ = [
 
 #: A run as the caller names it: a path, a ``"label=path"`` string, or a ``(label, path)`` pair.
 RunSpec = Union[str, "os.PathLike[str]", tuple[str, Union[str, "os.PathLike[str]"]]]
+
+
+#: The unit of every profile slope (summary table, profile legend, docs): decades of ``grad_l2`` per layer.
+SLOPE_UNIT = "decades/layer"
 
 
 class ReportInputError(ValueError):
@@ -89,46 +95,24 @@ def parse_run_spec(spec: RunSpec) -> tuple[str | None, Path]:
 
 
 def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
-    """Find the monitor ``save_dir`` that ``path`` names: itself, its parent, or one or two levels down.
+    """Find the monitor ``save_dir`` that ``path`` names (:func:`gradlight.locate.find_run_folder`).
 
-    ``path`` may be the ``save_dir`` (holding ``history/``), the ``history`` folder itself, or a folder
-    (e.g. a Lightning ``log_dir``) with exactly one ``history/`` folder one or two levels below it.
+    ``path`` may be the ``save_dir`` (holding ``history/``), the ``history`` folder itself, or a folder with
+    exactly one run folder up to three levels below it: a Lightning ``log_dir`` or ``default_root_dir``,
+    an Ultralytics ``runs`` folder.
 
     Raises:
-        ReportInputError: If ``path`` does not exist, holds no history, or holds several.
+        ReportInputError: If ``path`` does not exist, holds no history, or holds several (listed).
 
     Example:
         >>> resolve_run_dir("lightning_logs/version_0")  # doctest: +SKIP
         PosixPath('lightning_logs/version_0/gradlight')
     """
-    root = Path(path)
-    if not root.exists():
-        raise ReportInputError(f"{str(root)!r} does not exist")
-    if not root.is_dir():
-        raise ReportInputError(f"{str(root)!r} is a file, not a gradlight save_dir (a folder holding history/)")
-    if (root / HISTORY_SUBDIR).is_dir():
-        return root
-    if root.name == HISTORY_SUBDIR and list_segments(root):
-        return root.parent
-    found = sorted(
-        {
-            candidate.parent
-            for pattern in (f"*/{HISTORY_SUBDIR}", f"*/*/{HISTORY_SUBDIR}")
-            for candidate in root.glob(pattern)
-            if candidate.is_dir()
-        }
-    )
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ReportInputError(
-            f"no gradlight history in {str(root)!r}: no {HISTORY_SUBDIR}/ folder in it or up to two levels "
-            "down (pass the monitor's save_dir)"
-        )
-    listing = ", ".join(str(candidate) for candidate in found)
-    raise ReportInputError(
-        f"{str(root)!r} holds {len(found)} gradlight histories; pass one of them (or several as LABEL=PATH): {listing}"
-    )
+    try:
+        return find_run_folder(path)
+    except (FileNotFoundError, AmbiguousRunFolderError) as err:
+        message = str(err).replace("; pass one of them:", "; pass one of them (or several as LABEL=PATH):")
+        raise ReportInputError(message) from None
 
 
 def resolve_run_specs(runs: Iterable[RunSpec] | Mapping[str, str | os.PathLike[str]]) -> list[tuple[str, Path]]:
@@ -430,7 +414,7 @@ def global_norm_series(frame: pd.DataFrame) -> pd.Series:
 
 
 def profile_slope(depths: np.ndarray, grad_l2: np.ndarray) -> float:
-    """Least-squares slope of ``log10(grad_l2)`` against depth, in decades per layer (NaN if < 2 points).
+    """Least-squares slope of ``log10(grad_l2)`` against depth, in :data:`SLOPE_UNIT` (NaN if < 2 points).
 
     Positive: the first layers get the smallest gradients (the vanishing pattern, +1 is a 10x loss per
     layer); negative: gradients grow toward the input (the exploding pattern); near 0: a flat, healthy flow.
@@ -496,7 +480,7 @@ class RunSummary:
             "final early/late ratio": self.final_early_late_ratio,
             "smallest layer gradient norm": self.min_grad_l2,
             "smallest at layer": self.min_grad_l2_layer,
-            "profile slope (decades/layer)": self.profile_slope,
+            f"profile slope ({SLOPE_UNIT})": self.profile_slope,
             "final global gradient norm": self.final_global_grad_l2,
             "final loss": self.final_loss,
             "findings": self.findings,

@@ -82,7 +82,7 @@ def fabric_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     assert latest is not None
     summary = {
         "world_size": recorder.collectives.world_size,
-        "global": {k: v for k, v in latest.global_metrics.items() if k != "loss"},  # the loss is each rank's
+        "global": latest.global_metrics,  # the loss too: the global-batch loss on every rank
         "findings": [[f.kind, f.layer, f.step] for f in recorder.findings],
         "layers": latest.layers,
     }

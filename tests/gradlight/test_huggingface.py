@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -76,13 +77,16 @@ def test_one_record_per_optimizer_step_with_the_trainers_pre_clip_norm(tmp_path:
     recorded_model = train(tmp_path / "run", [logs, callback])
 
     history = load_history(tmp_path / "gl")
-    assert sorted(history.step.unique()) == list(range(STEPS))  # one record per optimizer step, not per batch
+    steps = list(range(1, STEPS + 1))  # the Trainer's global_step after each optimizer step
+    assert sorted(history.step.unique()) == steps  # one record per optimizer step, not per batch
     assert logs.substeps == STEPS * (ACCUMULATE - 1)  # the run really accumulated
-    norms = history[history.metric == "global_grad_l2"].set_index("step").value
-    trainer_norms = {step - 1: value for step, value in logs.grad_norm.items()}  # logged after global_step += 1
-    assert sorted(trainer_norms) == list(range(STEPS))
-    np.testing.assert_allclose([norms[s] for s in range(STEPS)], [trainer_norms[s] for s in range(STEPS)], rtol=1e-5)
-    assert max(trainer_norms.values()) > MAX_GRAD_NORM  # clipping was active: the norms are pre-clip ones
+    # The two logs join on `step` as they are: no shift.
+    norms = history[history.metric == "global_grad_l2"][["step", "value"]]
+    trainer = pd.DataFrame({"step": list(logs.grad_norm), "grad_norm": list(logs.grad_norm.values())})
+    joined = norms.merge(trainer, on="step", how="outer", validate="one_to_one")
+    assert joined.step.tolist() == steps and joined.notna().all().all()
+    np.testing.assert_allclose(joined.value, joined.grad_norm, rtol=1e-6)
+    assert joined.grad_norm.max() > MAX_GRAD_NORM  # clipping was active: the norms are pre-clip ones
 
     layers = history[(history.metric == "grad_l2") & (history.layer != GLOBAL_LAYER)]
     assert {"transformer.h.0", "transformer.h.1", "transformer.wte"} <= set(layers.layer)
@@ -105,7 +109,7 @@ def test_the_backward_signal_is_tapped_on_logged_steps_and_no_hook_stays(tmp_pat
 
     history = load_history(tmp_path / "gl")
     signal = history[history.metric == "signal_l2"]
-    assert sorted(signal.step.unique()) == [0, 2]  # logged steps only
+    assert sorted(signal.step.unique()) == [2, 4]  # logged steps only (the Trainer's steps: 1 to STEPS)
     assert {"transformer.h.0", "transformer.h.1"} <= set(signal.layer)
     assert set(signal.layer) <= set(history[history.metric == "grad_l2"].layer)  # blocks = layers of the grouping
     assert (signal.value > 0).all() and np.isfinite(signal.value).all()

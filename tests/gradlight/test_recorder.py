@@ -296,7 +296,11 @@ def test_fabric_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
     expected, recorded = load_history(tmp_path / "single"), load_history(tmp_path / "fabric")
     assert sorted(recorded.step.unique()) == list(range(STEPS))
     assert {"grad_l2", "update_ratio", "act_saturation", "act_dead"} <= set(recorded.metric)
-    assert_same_history(expected, recorded, rtol=1e-5, skip=("loss",))  # the loss is each rank's own
+    assert_same_history(expected, recorded, rtol=1e-5)
+    # The loss row is the global-batch loss (the mean of the ranks' losses), not rank zero's half batch.
+    single_loss, ddp_loss = (frame[frame.metric == "loss"].set_index("step").value for frame in (expected, recorded))
+    assert len(ddp_loss) == STEPS
+    np.testing.assert_allclose(ddp_loss.to_numpy(), single_loss.to_numpy(), rtol=1e-6)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and rank0["world_size"] == 2, "every rank computes the same statistics"
     single_findings = load_findings(tmp_path / "single")
