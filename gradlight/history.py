@@ -33,6 +33,7 @@ from gradlight.runfolder import (
     GLOBAL_LAYER,
     HISTORY_SUBDIR,
     RunFolder,
+    UnsupportedFormatError,
     check_format_version,
     list_segments,
     segment_path,
@@ -59,6 +60,7 @@ COLUMNS = ("step", "layer", "depth", "metric", "value")
 _START_STEP_KEY = b"gradlight.start_step"
 _FORMAT_KEY = b"gradlight.format"
 _CHECKSUM_KEY = b"gradlight.crc32"
+_CONTINUATION = b"\xff\xff\xff\xff"  # the marker before every Arrow IPC message
 #: What Arrow says when a stream ends before a message it has begun: a writer killed mid-write (a torn tail).
 _TORN = re.compile(r"expected to (be able to )?read|only read|unexpected end of stream|was null or length 0", re.I)
 
@@ -314,13 +316,26 @@ def _read_batches(
     path: Path, source: pa.NativeFile, advance: Callable[[int], None]
 ) -> tuple[list[pa.RecordBatch], SegmentInfo]:
     batches: list[pa.RecordBatch] = []
+    head = source.read(4)
+    source.seek(0)
+    if len(head) == 4 and head != _CONTINUATION:  # every stream starts with it, even one torn after 4 bytes
+        return [], _damaged(path, 0, [], f"not an Arrow stream (starts with {head.hex()})", torn=False)
     try:
         reader = pa.ipc.open_stream(source)
     except (pa.ArrowException, OSError) as err:  # torn before the schema was complete, or damaged
         return [], _damaged(path, 0, [], str(err))
+    if not reader.schema.remove_metadata().equals(SCHEMA):
+        return [], _damaged(path, 0, [], f"unexpected columns {reader.schema.names}", torn=False)
     metadata = reader.schema.metadata or {}
-    check_format_version(path, metadata.get(_FORMAT_KEY, b"1"))  # raises for a newer format: never misread
-    start_step = int(metadata.get(_START_STEP_KEY, b"0"))
+    try:
+        start_step = int(metadata.get(_START_STEP_KEY, b"0"))
+        check_format_version(path, metadata.get(_FORMAT_KEY, b"1"))  # raises for a newer format: never misread
+    except UnsupportedFormatError as err:
+        if isinstance(err.found, int) and err.found > FORMAT_VERSION:
+            raise
+        return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
+    except ValueError as err:
+        return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
     while True:
         try:
             batch, custom = reader.read_next_batch_with_custom_metadata()
@@ -341,7 +356,9 @@ def _read_batches(
     return batches, SegmentInfo(path, start_step, rows, truncated=False)
 
 
-def _damaged(path: Path, start_step: int, batches: list[pa.RecordBatch], error: str, torn: bool | None = None) -> SegmentInfo:
+def _damaged(
+    path: Path, start_step: int, batches: list[pa.RecordBatch], error: str, torn: bool | None = None
+) -> SegmentInfo:
     """What a segment held when reading stopped at ``error``: a torn tail if Arrow ran out of bytes, else corrupt."""
     torn = bool(_TORN.search(error)) if torn is None else torn
     rows = sum(batch.num_rows for batch in batches)

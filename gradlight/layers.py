@@ -104,10 +104,10 @@ def setup_problems(named_parameters: Iterable[tuple[str, nn.Parameter]], exclude
         exclude: The ``fnmatch`` patterns of parameter names not to monitor.
 
     Example:
-        >>> setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["*"])
-        ['`exclude` (\'*\',) leaves no parameter to monitor: the history will be empty']
-        >>> setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["head.*"])  # doctest: +ELLIPSIS
-        ["`exclude` pattern 'head.*' matches no parameter name (names look like 'weight'): ..."]
+        >>> print(*setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["*"]))
+        `exclude` ('*',) leaves no parameter to monitor: the history will be empty
+        >>> print(*setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["head.*"]))  # doctest: +ELLIPSIS
+        `exclude` pattern 'head.*' matches no parameter name (names look like 'weight'): it excludes nothing
     """
     params = [(clean_parameter_name(name), param.requires_grad) for name, param in named_parameters]
     names = [name for name, _ in params]

@@ -68,15 +68,13 @@ class Run:
         save_dir: The run folder.
         interval: The recorder's ``log_every_n_steps``.
         steps: Optimizer steps taken (the history's steps are the logged ones among ``0 .. steps - 1``).
-        references: The independent per-layer squares of every logged step.
-        findings: ``(kind, severity)`` of every finding reported.
+        references: The independent per-layer squares of every logged step (the findings are read from disk).
     """
 
     save_dir: Path
     interval: int
     steps: int = 0
     references: References = field(default_factory=dict)
-    findings: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -145,7 +143,6 @@ class Harness:
     def finish(self) -> None:
         if self.recorder is not None:
             self.recorder.close()
-            self.run.findings += [(f.kind, f.severity) for f in self.recorder.findings]
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -1,7 +1,7 @@
 """The loop shapes of the robustness matrix: plain loops driving the recorder, Lightning ones driving the monitor.
 
 A loop shape is a function ``(kind, precision, run, record) -> None`` that trains for :data:`STEPS` optimizer
-steps (about), fills ``run`` (steps, references, findings) and leaves the run folder behind. Adding a shape
+steps (about), fills ``run`` (steps taken, references) and leaves the run folder behind. Adding a shape
 is one entry in :data:`LOOPS`.
 """
 
@@ -21,8 +21,9 @@ from benchmarks.robustness.kinds import FEATURES, Kind
 from benchmarks.robustness.precision import Precision
 from gradlight import GradientFlowMonitor
 
-#: Optimizer steps per case (the interval is 2: six logged steps, enough for a three-step patience).
-STEPS = 12
+#: Optimizer steps per case (the interval is 3: six logged steps, enough for a three-step patience; odd, so that
+#: two optimizers taking turns each have logged steps).
+STEPS = 18
 
 LoopFn = Callable[[Kind, Precision, Run, bool], None]
 
@@ -68,7 +69,7 @@ def epoch_loop(kind: Kind, precision: Precision, run: Run, record: bool) -> None
     optimizer = kind.optimizer(h.model.parameters())
     h.start_recorder()
     for _epoch in range(3):
-        for step in range(STEPS // 3 + 1):  # 5 steps per epoch: epochs start off the interval too
+        for step in range(STEPS // 3 + 1):  # 7 steps per epoch: epochs start off the interval too
             loss = h.forward_loss()
             h.backward(loss)
             h.optimizer_step(optimizer, loss, user_step=step)
@@ -194,8 +195,6 @@ def _fit(kind: Kind, precision: Precision, run: Run, record: bool, manual: bool,
     with quiet():
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=16))
     run.steps = trainer.global_step
-    if monitor is not None:
-        run.findings += [(f.kind, f.severity) for f in monitor.findings]
 
 
 def _dataset(batches: int) -> torch.utils.data.TensorDataset:

@@ -29,9 +29,9 @@ from benchmarks.robustness.harness import Run, quiet
 from benchmarks.robustness.kinds import KINDS
 from benchmarks.robustness.loops import LOOPS
 from benchmarks.robustness.precision import PRECISIONS
-from gradlight import load_history
+from gradlight import load_findings, load_history
 
-INTERVAL = 2
+INTERVAL = 3
 RTOL = 1e-4
 
 
@@ -77,7 +77,7 @@ def run_case(case: Case, root: Path) -> Outcome:
     try:
         with quiet():
             loop.fn(kind, precision, run, True)
-    except Exception as error:  # noqa: BLE001 - any exception is the finding
+    except Exception as error:  # any exception is the finding
         seconds = time.perf_counter() - start
         bare = _bare_failure(case, root)
         if bare is not None:
@@ -96,7 +96,7 @@ def _bare_failure(case: Case, root: Path) -> str | None:
     try:
         with quiet():
             LOOPS[case.loop].fn(KINDS[case.kind], PRECISIONS[case.precision], run, False)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         return f"{type(error).__name__}: {str(error)[:120]}"
     return None
 
@@ -118,7 +118,11 @@ def check(run: Run, expect: frozenset[str]) -> list[str]:
     if not repeated.empty:
         problems.append(f"rows recorded twice: {sorted(set(zip(repeated.step, repeated.layer)))[:4]}")
     problems += _compare(history, run)
-    warnings_found = {kind for kind, severity in run.findings if severity == "warning"}
+    try:  # the durable record: what a killed run reported before its checkpoint is there too
+        findings = load_findings(run.save_dir)
+    except FileNotFoundError as error:
+        return [*problems, f"no findings file: {error}"]
+    warnings_found = set(findings[findings.severity == "warning"].kind)
     if warnings_found != set(expect):
         problems.append(f"warning findings {sorted(warnings_found)}, expected {sorted(expect)}")
     return problems
@@ -131,9 +135,7 @@ def _compare(history: pd.DataFrame, run: Run) -> list[str]:
         rows = history[history.step == step]
         recorded = dict(zip(rows.layer, rows.value))
         if set(recorded) != set(reference):
-            problems.append(
-                f"step {step}: layers {sorted(recorded)} recorded, {sorted(reference)} have a gradient"
-            )
+            problems.append(f"step {step}: layers {sorted(recorded)} recorded, {sorted(reference)} have a gradient")
             continue
         for layer, squares in reference.items():
             expected = math.sqrt(squares)
