@@ -62,7 +62,9 @@ _FORMAT_KEY = b"gradlight.format"
 _CHECKSUM_KEY = b"gradlight.crc32"
 _CONTINUATION = b"\xff\xff\xff\xff"  # the marker before every Arrow IPC message
 #: What Arrow says when a stream ends before a message it has begun: a writer killed mid-write (a torn tail).
-_TORN = re.compile(r"expected to (be able to )?read|only read|unexpected end of stream|was null or length 0", re.I)
+_TORN = re.compile(
+    r"expected to (be able to )?read|only read|bytes available|unexpected end of stream|was null or length 0", re.I
+)
 
 SCHEMA = pa.schema(
     [
@@ -324,8 +326,6 @@ def _read_batches(
         reader = pa.ipc.open_stream(source)
     except (pa.ArrowException, OSError) as err:  # torn before the schema was complete, or damaged
         return [], _damaged(path, 0, [], str(err))
-    if not reader.schema.remove_metadata().equals(SCHEMA):
-        return [], _damaged(path, 0, [], f"unexpected columns {reader.schema.names}", torn=False)
     metadata = reader.schema.metadata or {}
     try:
         start_step = int(metadata.get(_START_STEP_KEY, b"0"))
@@ -336,6 +336,8 @@ def _read_batches(
         return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
     except ValueError as err:
         return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
+    if [(f.name, f.type) for f in reader.schema] != [(f.name, f.type) for f in SCHEMA]:
+        return [], _damaged(path, 0, [], f"unexpected columns {reader.schema.names}", torn=False)
     while True:
         try:
             batch, custom = reader.read_next_batch_with_custom_metadata()
