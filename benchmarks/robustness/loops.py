@@ -77,7 +77,7 @@ def epoch_loop(kind: Kind, precision: Precision, run: Run, record: bool) -> None
 
 
 def kill_resume(kind: Kind, precision: Precision, run: Run, record: bool) -> None:
-    """Checkpoint every 5 steps; killed 4 steps after the second checkpoint; resumed from it to the end."""
+    """Checkpoint every 5 steps; killed one step after the third checkpoint (never closed); resumed from it."""
     h = Harness(kind, precision, run, record)
     optimizer = kind.optimizer(h.model.parameters())
     h.start_recorder()

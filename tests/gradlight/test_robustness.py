@@ -331,3 +331,21 @@ def test_a_torn_tail_is_still_a_torn_write(tmp_path: Path) -> None:
         history = load_history(tmp_path)
     assert [w.category for w in caught] == [TruncatedHistoryWarning]
     assert sorted(history.step.unique().tolist()) == [0, 1]
+
+
+def test_no_damage_anywhere_in_a_segment_crashes_the_reader_or_returns_a_wrong_value(tmp_path: Path) -> None:
+    path, _ = _segment_with_batch_offsets(tmp_path, 4)
+    data = path.read_bytes()
+    original = read_history(tmp_path).frame
+    for start in range(0, len(data) - 8, 23):
+        damaged = bytearray(data)
+        damaged[start : start + 16] = bytes(len(damaged[start : start + 16]))
+        path.write_bytes(bytes(damaged))
+        result = read_history(tmp_path)
+        kept = result.frame
+        if not (result.corrupt or result.truncated):
+            assert kept.equals(original), f"zeroed at {start}: damage read as data"
+            continue
+        assert result.corrupt, f"zeroed at {start}: damage in the middle read as a torn write"
+        # what is kept is whole batches from the start, with their values
+        assert kept.empty or kept.equals(original.iloc[: len(kept)]), f"zeroed at {start}"
