@@ -1106,6 +1106,7 @@ class GradientFlowRecorder:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        self._last_step, self._step_offset = step - 1, 0  # going back to `step` is a resume, not a restart
         if step == 0:
             return
         self.last_recorded_step = step - 1

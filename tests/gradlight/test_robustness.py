@@ -349,3 +349,24 @@ def test_no_damage_anywhere_in_a_segment_crashes_the_reader_or_returns_a_wrong_v
         assert result.corrupt, f"zeroed at {start}: damage in the middle read as a torn write"
         # what is kept is whole batches from the start, with their values
         assert kept.empty or kept.equals(original.iloc[: len(kept)]), f"zeroed at {start}"
+
+
+def test_resume_at_an_earlier_step_is_a_resume_not_a_restart(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    recorder = GradientFlowRecorder(model, tmp_path, log_every_n_steps=1)
+    loss_fn = _regression(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the step went back" warning: the caller said it goes back
+        for steps in (range(6), range(3, 5)):
+            if steps.start:
+                recorder.resume_at(steps.start)
+            for step in steps:
+                loss = loss_fn(model)
+                loss.backward()
+                recorder.capture(step, optimizer)
+                optimizer.step()
+                recorder.end_step(loss)
+                optimizer.zero_grad()
+            recorder.close()
+    assert load_history(tmp_path, metrics=["grad_l2"]).step.tolist() == [0, 1, 2, 3, 4]
