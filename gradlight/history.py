@@ -15,7 +15,9 @@ with no duplicate and no missing step.
 from __future__ import annotations
 
 import os
+import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gradlight.locate import find_run_folder
 from gradlight.records import GLOBAL_LAYER
@@ -31,6 +34,7 @@ from gradlight.runfolder import (
     FORMAT_VERSION,
     HISTORY_SUBDIR,
     RunFolder,
+    UnsupportedFormatError,
     check_format_version,
     list_segments,
     segment_path,
@@ -38,6 +42,7 @@ from gradlight.runfolder import (
 
 __all__ = [
     "COLUMNS",
+    "CorruptHistoryWarning",
     "HistoryReadResult",
     "HistoryWriter",
     "TruncatedHistoryWarning",
@@ -50,6 +55,12 @@ __all__ = [
 COLUMNS = ("step", "layer", "depth", "metric", "value")
 _START_STEP_KEY = b"gradlight.start_step"
 _FORMAT_KEY = b"gradlight.format"
+_CHECKSUM_KEY = b"gradlight.crc32"
+_CONTINUATION = b"\xff\xff\xff\xff"  # the marker before every Arrow IPC message
+#: What Arrow says when a stream ends before a message it has begun: a writer killed mid-write (a torn tail).
+_TORN = re.compile(
+    r"expected to (be able to )?read|only read|bytes available|unexpected end of stream|was null or length 0", re.I
+)
 
 SCHEMA = pa.schema(
     [
@@ -64,6 +75,10 @@ SCHEMA = pa.schema(
 
 class TruncatedHistoryWarning(UserWarning):
     """A history segment ended in a torn record batch (its writer was killed); the rows before it are kept."""
+
+
+class CorruptHistoryWarning(UserWarning):
+    """A history segment holds damaged bytes that are not a torn tail; the records before the damage are kept."""
 
 
 class HistoryWriter:
@@ -193,7 +208,7 @@ class HistoryWriter:
             arrays.append(names.take(pa.array(values)) if coded else pa.array(values, type=SCHEMA.field(name).type))
         batch = pa.record_batch(arrays, schema=self._schema())
         writer = self._open()
-        writer.write_batch(batch)
+        writer.write_batch(batch, custom_metadata={_CHECKSUM_KEY: str(_checksum(batch)).encode()})
         self._sink.flush()
         os.fsync(self._sink.fileno())
         self.rows_written += batch.num_rows
@@ -232,6 +247,7 @@ class SegmentInfo:
     rows: int
     truncated: bool
     error: str = ""
+    corrupt: bool = False
 
 
 @dataclass
@@ -245,6 +261,11 @@ class HistoryReadResult:
     def truncated(self) -> bool:
         """Whether any segment ended in a torn batch."""
         return any(segment.truncated for segment in self.segments)
+
+    @property
+    def corrupt(self) -> bool:
+        """Whether any segment holds damage that is not a torn tail (see :attr:`SegmentInfo.corrupt`)."""
+        return any(segment.corrupt for segment in self.segments)
 
 
 def find_history_dir(path: str | Path) -> Path:
@@ -293,25 +314,94 @@ def _read_batches(
     path: Path, source: pa.NativeFile, advance: Callable[[int], None]
 ) -> tuple[list[pa.RecordBatch], SegmentInfo]:
     batches: list[pa.RecordBatch] = []
+    head = source.read(4)
+    source.seek(0)
+    if len(head) == 4 and head != _CONTINUATION:  # every stream starts with it, even one torn after 4 bytes
+        return [], _damaged(path, 0, [], f"not an Arrow stream (starts with {head.hex()})", torn=False)
     try:
         reader = pa.ipc.open_stream(source)
-    except (pa.ArrowInvalid, OSError) as err:  # torn before the schema was complete
-        return [], SegmentInfo(path, 0, 0, truncated=True, error=str(err))
+    except (pa.ArrowException, OSError) as err:  # torn before the schema was complete, or damaged
+        return [], _damaged(path, 0, [], str(err))
     metadata = reader.schema.metadata or {}
-    check_format_version(path, metadata.get(_FORMAT_KEY, b"1"))  # raises for a newer format: never misread
-    start_step = int(metadata.get(_START_STEP_KEY, b"0"))
-    truncated, error = False, ""
+    try:
+        start_step = int(metadata.get(_START_STEP_KEY, b"0"))
+        check_format_version(path, metadata.get(_FORMAT_KEY, b"1"))  # raises for a newer format: never misread
+    except UnsupportedFormatError as err:
+        if isinstance(err.found, int) and err.found > FORMAT_VERSION:
+            raise
+        return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
+    except ValueError as err:
+        return [], _damaged(path, 0, [], f"damaged schema metadata: {err}", torn=False)
+    if [(f.name, f.type) for f in reader.schema] != [(f.name, f.type) for f in SCHEMA]:
+        return [], _damaged(path, 0, [], f"unexpected columns {reader.schema.names}", torn=False)
     while True:
         try:
-            batches.append(reader.read_next_batch())
+            batch, custom = reader.read_next_batch_with_custom_metadata()
         except StopIteration:
             break
-        except (pa.ArrowInvalid, OSError) as err:
-            truncated, error = True, str(err)
-            break
+        except (pa.ArrowException, OSError) as err:
+            return batches, _damaged(path, start_step, batches, str(err))
+        problem = _batch_problem(batch, custom)
+        if problem:
+            return batches, _damaged(path, start_step, batches, problem, torn=False)
+        batches.append(batch)
         advance(source.tell())
     rows = sum(batch.num_rows for batch in batches)
-    return batches, SegmentInfo(path, start_step, rows, truncated, error)
+    left = source.size() - source.tell()
+    if left > 0:  # the stream "ended" early: zeroed bytes read as its end marker
+        error = f"{left} bytes after the end of the stream"
+        return batches, SegmentInfo(path, start_step, rows, truncated=False, error=error, corrupt=True)
+    return batches, SegmentInfo(path, start_step, rows, truncated=False)
+
+
+def _damaged(
+    path: Path, start_step: int, batches: list[pa.RecordBatch], error: str, torn: bool | None = None
+) -> SegmentInfo:
+    """What a segment held when reading stopped at ``error``: a torn tail if Arrow ran out of bytes, else corrupt."""
+    torn = bool(_TORN.search(error)) if torn is None else torn
+    rows = sum(batch.num_rows for batch in batches)
+    return SegmentInfo(path, start_step, rows, truncated=torn, error=error, corrupt=not torn)
+
+
+def _batch_problem(batch: pa.RecordBatch, custom: pa.KeyValueMetadata | None) -> str:
+    """Why a record batch that Arrow decoded is damaged (``""`` if it is sound).
+
+    The full validation bounds every offset before any value is read; the checksum (written with every batch)
+    catches damage that decodes cleanly, such as zeroed values; batches without one (older files) are held to
+    what every row has: a layer and a metric name.
+    """
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as err:
+        return f"invalid record batch: {err}"
+    expected = (custom or {}).get(_CHECKSUM_KEY)
+    if expected is not None:
+        found = _checksum(batch)
+        return "" if str(found).encode() == expected else f"checksum mismatch ({found} != {expected.decode()})"
+    for name in ("layer", "metric"):
+        if batch.column(name).null_count or pc.any(pc.equal(batch.column(name), "")).as_py():
+            return f"empty {name} names"
+    return ""
+
+
+def _checksum(batch: pa.RecordBatch) -> int:
+    """CRC-32 of a batch's logical contents (the same for the batch written and the batch read back)."""
+    crc = 0
+    for column in batch.columns:
+        for part in _logical_buffers(column):
+            crc = zlib.crc32(part, crc)
+    return crc
+
+
+def _logical_buffers(array: pa.Array) -> list[memoryview]:
+    """The bytes that hold ``array``'s values: fixed-width values, or a string array's offsets and characters."""
+    buffers = array.buffers()
+    if pa.types.is_string(array.type):
+        offsets = np.frombuffer(buffers[1], dtype=np.int32, count=len(array) + 1, offset=array.offset * 4)
+        data = memoryview(buffers[2]) if buffers[2] is not None else memoryview(b"")
+        return [memoryview(offsets - offsets[0]).cast("B"), data[int(offsets[0]) : int(offsets[-1])]]
+    width = array.type.bit_width // 8
+    return [memoryview(buffers[1])[array.offset * width : (array.offset + len(array)) * width]]
 
 
 def read_history(path: str | Path, progress: ProgressCallback | None = None) -> HistoryReadResult:
@@ -384,7 +474,14 @@ def load_history(path: str | Path, metrics: Iterable[str] | None = None) -> pd.D
     """
     result = read_history(find_run_folder(path))
     for segment in result.segments:
-        if segment.truncated:
+        if segment.corrupt:
+            warnings.warn(
+                f"{segment.path} is corrupt ({segment.error}): damage that is not a torn tail (a disk or copy "
+                f"error, or bytes overwritten); kept the {segment.rows} readable rows before it",
+                CorruptHistoryWarning,
+                stacklevel=2,
+            )
+        elif segment.truncated:
             warnings.warn(
                 f"{segment.path} ends in a torn record batch (its writer stopped mid-write); kept the "
                 f"{segment.rows} rows before it",

@@ -23,6 +23,7 @@ __all__ = [
     "clean_parameter_name",
     "layer_name_for",
     "owns_parameters",
+    "setup_problems",
     "validate_group_by",
 ]
 
@@ -88,6 +89,42 @@ def validate_group_by(group_by: object) -> None:
             f"`group_by` must be None (one layer per module that owns parameters), a positive int "
             f"(number of leading name components) or a callable param_name -> layer_name; got {group_by!r}."
         )
+
+
+def setup_problems(named_parameters: Iterable[tuple[str, nn.Parameter]], exclude: Sequence[str] = ()) -> list[str]:
+    """What would make a monitor record nothing, or not what was asked, said in words (empty when all is well).
+
+    A model without parameters, with every parameter frozen, or whose every trainable parameter is excluded
+    has no gradient to record; an ``exclude`` pattern that matches no parameter name is most likely a typo.
+
+    Args:
+        named_parameters: The model's ``named_parameters()``.
+        exclude: The ``fnmatch`` patterns of parameter names not to monitor.
+
+    Example:
+        >>> print(*setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["*"]))
+        `exclude` ('*',) leaves no parameter to monitor: the history will be empty
+        >>> print(*setup_problems(nn.Linear(2, 1).named_parameters(), exclude=["head.*"]))  # doctest: +ELLIPSIS
+        `exclude` pattern 'head.*' matches no parameter name (names look like 'weight'): it excludes nothing
+    """
+    params = [(clean_parameter_name(name), param.requires_grad) for name, param in named_parameters]
+    names = [name for name, _ in params]
+    problems = [
+        f"`exclude` pattern {pattern!r} matches no parameter name (names look like {names[0]!r}): it excludes nothing"
+        for pattern in exclude
+        if names and not any(fnmatch.fnmatchcase(name, pattern) for name in names)
+    ]
+    trainable = [name for name, requires_grad in params if requires_grad]
+    if not params:
+        problems.append("the model has no parameters: there is no gradient to record and the history will be empty")
+    elif not trainable:
+        problems.append(
+            f"every parameter of the model is frozen (requires_grad=False, {len(params)} tensors): unless some are "
+            "unfrozen later, there is no gradient to record and the history will be empty"
+        )
+    elif all(any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude) for name in trainable):
+        problems.append(f"`exclude` {tuple(exclude)!r} leaves no parameter to monitor: the history will be empty")
+    return problems
 
 
 class ForwardOrderRecorder:

@@ -39,6 +39,7 @@ from gradlight.diagnosis import (
     resolve_actions,
 )
 from gradlight.history import HistoryWriter
+from gradlight.layers import setup_problems
 from gradlight.locate import announce_run_folder
 from gradlight.options import RecorderOptions
 from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
@@ -327,7 +328,12 @@ class GradientFlowRecorder:
         self._step_hooks: list[RemovableHandle] = []
         self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
-        if discover_forward_order:
+        self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
+        self._last_step = -1  # the last step seen by start_step or capture, offset included
+        self._step_went_back = False
+        self._setup_checked = False
+        if discover_forward_order:  # a plain loop: construction is its setup (a trainer's comes at open)
+            self._check_setup()
             self.tracker.start_discovery()
 
     @classmethod
@@ -432,6 +438,52 @@ class GradientFlowRecorder:
         """Note findings reported in this run (a resumed run includes the checkpoint's); the engine's count."""
         return 0 if self.diagnosis is None else self.diagnosis.notes_count
 
+    def _continued_step(self, step: int) -> int:
+        """The step as recorded: ``step``, or counted on from the last one when ``step`` went back.
+
+        A step below the last one seen (or recorded) is not a step already taken: an epoch loop's
+        ``enumerate(loader)`` restarts at 0. Its records are kept, numbered on from the last step, and
+        the first time it happens a warning names both steps.
+        """
+        continued = step + self._step_offset
+        floor = max(self._last_step, self.last_recorded_step)
+        if continued < floor:
+            self._step_offset += floor + 1 - continued
+            if not self._step_went_back:
+                self._step_went_back = True
+                self._setup_warning(
+                    f"gradlight: step {step} came after step {floor} (last recorded: {self.last_recorded_step}): "
+                    "the step went back, as `enumerate(loader)` does at each epoch. Its records are kept and "
+                    f"numbered on: step {step} is recorded as step {floor + 1}, and later restarts likewise. "
+                    "Pass a step that keeps increasing over epochs (a counter of optimizer steps) to silence this."
+                )
+            continued = floor + 1
+        self._last_step = max(self._last_step, continued)
+        return continued
+
+    def _check_setup(self) -> None:
+        """Warn once, at setup, when nothing would be recorded, a pattern excludes nothing, or a history exists."""
+        if self._setup_checked:
+            return
+        self._setup_checked = True
+        if not self.collectives.is_global_zero:
+            return
+        for problem in setup_problems(self.model.named_parameters(), self.options.exclude):
+            self._setup_warning(f"gradlight: {problem}")
+        folder = self.folder
+        if folder is not None and not self._opened and not self.options.overwrite and folder.has_history():
+            self._setup_warning(
+                f"gradlight: {str(folder.root)!r} already holds a history. To continue that run, call "
+                "`load_state_dict` (or `resume_at`) before the first step; otherwise the first step raises "
+                "HistoryExistsError: pass a new `save_dir` or `overwrite=True`."
+            )
+
+    def _setup_warning(self, message: str) -> None:
+        if self._warn is not None:
+            self._warn(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=4)
+
     def is_logged_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` is recorded (not yet recorded and on the interval)."""
         return step % self.interval == 0 and step > self.last_recorded_step
@@ -489,6 +541,7 @@ class GradientFlowRecorder:
         if self._opened:
             return
         self._opened = True
+        self._check_setup()
         folder = self.folder
         if folder is None:
             return
@@ -537,6 +590,7 @@ class GradientFlowRecorder:
         the activation taps on logged steps (idempotent over the micro-batches of one step).
         """
         self.open()
+        step = self._continued_step(step)
         if self.tracker.forward_order is None and not self.tracker.discovering:
             self.tracker.start_discovery()
         if self.options.track_activations and self.is_logged_step(step):
@@ -589,6 +643,7 @@ class GradientFlowRecorder:
         check_positive_number("grad_scale", grad_scale, allow_none=True)
         check_positive_number("backward_scale", backward_scale, allow_none=True)
         self.open()
+        step = self._continued_step(step)
         tracker = self.tracker
         if tracker.discovering:
             tracker.stop_discovery()
@@ -864,16 +919,22 @@ class GradientFlowRecorder:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the same history and diagnosis (small, picklable).
 
+        The history is flushed first: every record up to this state is on disk before a checkpoint holds
+        it, so a run killed after the checkpoint and resumed from it loses no step.
+
         Example:
             >>> recorder = GradientFlowRecorder(nn.Linear(2, 1), None)
             >>> sorted(recorder.state_dict())  # doctest: +NORMALIZE_WHITESPACE
-            ['diagnosis', 'forward_order', 'last_recorded_step', 'notes', 'records_written', 'version',
-             'warnings']
+            ['diagnosis', 'forward_order', 'last_recorded_step', 'last_step', 'notes', 'records_written',
+             'step_offset', 'version', 'warnings']
         """
+        self.flush()
         order = self.tracker.forward_order
         return {
             "version": 1,
             "last_recorded_step": self.last_recorded_step,
+            "last_step": self._last_step,
+            "step_offset": self._step_offset,
             "records_written": self.records_written,
             "forward_order": list(order) if order is not None else None,
             "diagnosis": self.diagnosis.state_dict() if self.diagnosis is not None else None,
@@ -893,6 +954,7 @@ class GradientFlowRecorder:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        self._last_step, self._step_offset = step - 1, 0  # going back to `step` is a resume, not a restart
         if step == 0:
             return
         self.last_recorded_step = step - 1
@@ -910,6 +972,8 @@ class GradientFlowRecorder:
                 f"recorder state version {version} is newer than this gradlight reads (1): upgrade gradlight"
             )
         self.last_recorded_step = int(state_dict.get("last_recorded_step", -1))
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._step_offset = int(state_dict.get("step_offset", 0))
         self.records_written = int(state_dict.get("records_written", 0))
         order = state_dict.get("forward_order")
         if order is not None:

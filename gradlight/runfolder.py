@@ -571,18 +571,42 @@ def load_findings(path: str | os.PathLike[str]) -> pd.DataFrame:
         One row per finding with the columns of :class:`gradlight.Finding` (``kind, layer, step,
         reported_step, message, cause, remedy, evidence, layers``, and ``severity``), ``evidence`` a dict,
         sorted by ``reported_step``. A run resumed from an older checkpoint may have written a finding
-        twice; the last copy is kept. An empty frame if there is no findings file. Unreadable lines (a torn
-        last line left by a killed writer) are skipped with a warning; :func:`read_findings` returns them.
+        twice; the last copy is kept. An empty frame when the diagnosis ran and found nothing. Unreadable
+        lines (a torn last line left by a killed writer) are skipped with a warning; :func:`read_findings`
+        returns them.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist or holds no ``findings.jsonl`` (not a run folder, or a
+            run recorded with ``diagnose=False``): an empty frame would read as a healthy run.
 
     Example:
         >>> findings = load_findings("runs/exp1/gradlight")  # doctest: +SKIP
         >>> findings[findings.kind == "vanishing"][["layer", "step", "message"]]  # doctest: +SKIP
+        >>> load_findings("runs/typo")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no gradlight findings at 'runs/typo': the path does not exist
     """
     from gradlight.locate import find_run_folder, is_run_folder  # locate reads this module's file names
 
     if Path(path).is_dir() and not is_run_folder(path):
         path = find_run_folder(path)  # a folder holding one run (raises listing several, or none)
+    _check_findings_exist(Path(path))
     result = read_findings(path)
     for line in result.skipped:
         warnings.warn(f"{result.path}: skipped line {line.number} ({line.reason})", stacklevel=2)
     return result.frame
+
+
+def _check_findings_exist(path: Path) -> None:
+    """Raise ``FileNotFoundError`` unless ``path`` is a findings file or a folder holding one."""
+    if not path.exists():
+        raise FileNotFoundError(f"no gradlight findings at {str(path)!r}: the path does not exist")
+    if path.is_dir() and not RunFolder(path).findings_file.is_file():
+        folder = RunFolder(path)
+        why = (
+            "the run was recorded with diagnose=False or has not reached its first step"
+            if folder.has_history() or folder.run_info_file.is_file()
+            else "it is not a gradlight run folder (pass the monitor's or recorder's save_dir)"
+        )
+        raise FileNotFoundError(f"no {FINDINGS_FILE} in {str(path)!r}: {why}")

@@ -54,6 +54,7 @@ __all__ = [
     "local_tensor",
     "nonfinite_counts",
     "parameter_statistics",
+    "plain_gradients",
     "reduce_to_layers",
     "snapshot",
     "squares",
@@ -292,6 +293,37 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor
 
 
+_LAYOUT = attrgetter("layout")
+
+
+def plain_gradients(grads: Sequence[Tensor]) -> list[Tensor]:
+    """Gradients as dense real tensors whose statistics are those of the gradients themselves.
+
+    A sparse gradient (``nn.Embedding(sparse=True)``) becomes the values of its coalesced form: an index
+    repeated in a batch is summed first, as the optimizer applies it, so its norm is the norm of the gradient
+    (the raw values of an uncoalesced gradient have another). A complex gradient becomes its elements'
+    magnitudes: its L2 norm is the L2 norm of the magnitudes and its largest absolute value the largest
+    magnitude. Dense real gradients are returned as they are (one cheap check for the whole list).
+
+    Example:
+        >>> sparse = torch.sparse_coo_tensor([[1, 1]], [3.0, 1.0], (4,))  # index 1 twice: 3 + 1
+        >>> [g.tolist() for g in plain_gradients([sparse, torch.tensor([3 + 4j])])]
+        [[4.0], [5.0]]
+    """
+    if not grads:
+        return []
+    complex_types = any(dtype.is_complex for dtype in set(map(_DTYPE, grads)))
+    if not complex_types and set(map(_LAYOUT, grads)) == {torch.strided}:
+        return list(grads)
+    return [_plain(grad) for grad in grads]
+
+
+def _plain(grad: Tensor) -> Tensor:
+    if grad.layout is not torch.strided:
+        grad = grad.coalesce().values() if grad.is_sparse else grad.to_dense()
+    return grad.abs() if grad.is_complex() else grad
+
+
 def foreach_norms(tensors: Sequence[Tensor], ord: float = 2.0, device: torch.device | None = None) -> Tensor:
     """Norm of each tensor in float32, one fused ``_foreach_norm`` per (device, dtype) group.
 
@@ -381,7 +413,7 @@ def nonfinite_counts(tensors: Sequence[Tensor], device: torch.device | None = No
         return torch.zeros(0, device=device)
     home = device if device is not None else tensors[0].device
     with torch.no_grad():
-        counts = torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).to(home)
+        counts = torch.stack([(~torch.isfinite(t)).sum() for t in plain_gradients(tensors)]).to(home)
         return counts.to(wide_dtype(home))  # exact beyond 2**24 elements
 
 
@@ -644,6 +676,7 @@ def gradient_statistics(
     if not grads:
         return torch.zeros(0, dtype=torch.float64, device=device), torch.zeros(0, device=device)
     with torch.no_grad():
+        grads = plain_gradients(grads)
         return (kernels if kernels is not None else kernels_for(grads)).gradient_statistics(grads, device)
 
 

@@ -30,6 +30,7 @@ from gradlight.stats import (
     local_tensor,
     nonfinite_counts,
     parameter_statistics,
+    plain_gradients,
     squares,
     wide_dtype,
 )
@@ -313,6 +314,7 @@ class GradientFlowTracker:
         ``has_grad`` is given for aligned columns only (a cross-rank reduction), else ``None``.
         """
         device = tensors[0].device if tensors else torch.device("cpu")
+        grads = plain_gradients(grads)  # sparse: coalesced values; complex: magnitudes
         grad_sq, grad_max = gradient_statistics(grads, device)
         grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if has_grad is not None else None
         if grad_scale != 1.0:

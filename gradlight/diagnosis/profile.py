@@ -89,7 +89,7 @@ class ResidualGain:
         local = local_tensor(self.tensor.detach())
         if local.numel() == 0:
             return self.initial_rms
-        return float(local.float().pow(2).mean().sqrt())
+        return float(_magnitudes(local).pow(2).mean().sqrt())
 
 
 @dataclass
@@ -442,7 +442,7 @@ def _residual_gains(
         gated = sorted({layer for name in inside for layer in module_layers[name]}, key=_first_rank(rank, inside))
         gated = [layer for layer in gated if layer_of(parameter, tensor) != layer]  # not the gain's own layer
         if gated:
-            initial = float(local_tensor(tensor.detach()).float().pow(2).mean().sqrt())
+            initial = float(_magnitudes(local_tensor(tensor.detach())).pow(2).mean().sqrt())
             kind = type(modules[block]).__name__
             gains.append(
                 ResidualGain(
@@ -570,8 +570,8 @@ def _init_scale(module: nn.Module) -> tuple[float, float] | None:
     if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
         return None
     weight = module.weight
-    if _is_lazy(weight) or weight.dim() < 2 or weight.is_meta or not _holds_its_data(weight):
-        return None
+    if _is_lazy(weight) or weight.dim() < 2 or weight.is_meta or weight.is_complex() or not _holds_its_data(weight):
+        return None  # complex weights: He and Xavier are defined for real ones
     if local_tensor(weight).numel() < 16:
         return None
     receptive = math.prod(weight.shape[2:])
@@ -581,6 +581,11 @@ def _init_scale(module: nn.Module) -> tuple[float, float] | None:
     he = math.sqrt(2.0 / fan_in)
     xavier = math.sqrt(2.0 / (fan_in + fan_out))
     return std / max(he, xavier), std / min(he, xavier)
+
+
+def _magnitudes(tensor: Tensor) -> Tensor:
+    """``tensor`` as float32 magnitudes: a complex tensor's ``abs()`` (never its real part), a real one as is."""
+    return (tensor.abs() if tensor.is_complex() else tensor).float()
 
 
 def _holds_its_data(tensor: Tensor) -> bool:

@@ -493,7 +493,8 @@ def test_load_findings_tolerates_a_torn_last_line(tmp_path: Path) -> None:
     assert frame.kind.tolist() == ["vanishing", "dormant"]
     assert {"kind", "layer", "step", "message", "cause", "remedy", "evidence"} <= set(frame.columns)
     assert frame.evidence[0] == {"ratio": 1e-7}
-    assert load_findings(tmp_path / "missing").empty
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # an empty frame would read as a healthy run
+        load_findings(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------ configuration
