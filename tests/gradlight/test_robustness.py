@@ -218,7 +218,7 @@ def test_epoch_loop_resumed_from_a_checkpoint_continues_the_numbering(tmp_path: 
 def test_load_findings_of_a_path_that_is_not_a_run_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"typo.*does not exist"):
         load_findings(tmp_path / "typo")
-    with pytest.raises(FileNotFoundError, match="not a gradlight run folder"):
+    with pytest.raises(FileNotFoundError, match="no gradlight history in"):
         load_findings(tmp_path)
     _train(nn.Linear(2, 1), tmp_path / "off", 1, lambda m: m(torch.ones(1, 2)).sum(), diagnose=False)
     with pytest.raises(FileNotFoundError, match="diagnose=False"):
