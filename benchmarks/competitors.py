@@ -140,6 +140,8 @@ class NeuralDbgAdapter:
 
         self.dbg = NeuralDbg(model)
         self.dbg.__enter__()
+        # it names a module "<class>_<name>" ("Linear_dense0"; the model itself "root"): back to the module name
+        self.names = {f"{type(m).__name__}_{name}": name for name, m in model.named_modules() if name}
 
     def start_step(self, step: int) -> None:
         return None
@@ -156,7 +158,8 @@ class NeuralDbgAdapter:
         for event in self.dbg.get_events():
             state = getattr(event.to_state, "value", event.to_state)
             if str(state) not in self._HEALTHY:
-                alarms.append(Alarm(f"{event.event_type.value}:{state}", _layer(event.layer_name), event.step))
+                layer = self.names.get(event.layer_name, "" if event.layer_name == "root" else event.layer_name)
+                alarms.append(Alarm(f"{event.event_type.value}:{state}", layer, event.step))
         return alarms
 
 
