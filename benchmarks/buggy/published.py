@@ -14,6 +14,7 @@ SOURCES: dict[str, str] = {
     "DL": "DeepDiagnosis/ICSE2022, 'DeepLocalize Result/Circle.txt' (DeepLocalize run by the DeepDiagnosis authors)",
     "AT": "AUTOTRAINER: the model is under 'Circle/repaired/' in both result files, i.e. AUTOTRAINER detected and "
     "repaired it; README: 701 programs, 422 detected buggy, 414 repaired",
+    "UM": "DeepDiagnosis/ICSE2022, 'UMLUAT Result/' (MNIST and CIFAR-10 programs only)",
     "HUMBATOVA": "Humbatova et al., EMSE 30:124 (2025), doi 10.1007/s10664-025-10657-7, abstract (PMC12152046)",
 }
 
@@ -50,7 +51,7 @@ OVERALL: tuple[tuple[str, str, str], ...] = (
         "HUMBATOVA",
     ),
     ("DeepFD (ground truth extended with equivalent patches)", "recall 0.55, precision 0.37", "HUMBATOVA"),
-    ("UMLAUT", "not found on the ported classes (its published results are MNIST / CIFAR-10 programs)", "DD"),
+    ("UMLAUT", "not found on the ported classes (its published results are MNIST / CIFAR-10 programs)", "UM"),
     (
         "TheDeepChecker on its own synthetic programs",
         "not found (the repository has logs for one buggy program only)",
