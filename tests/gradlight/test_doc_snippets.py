@@ -84,6 +84,7 @@ def tiny_regression() -> dict[str, Any]:
         "loader": DataLoader(data, batch_size=8),
         "loss_fn": nn.functional.mse_loss,
         "optimizer": torch.optim.SGD(model.parameters(), lr=0.05),
+        "epochs": 2,
     }
 
 
@@ -190,7 +191,7 @@ def test_plain_loop(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture)
     run_python(name, tiny_regression())
     run = tmp_path / "runs" / "exp2" / "gradlight"
     assert announced(caplog, run)
-    assert sorted(load_history(run).step.unique()) == [0]
+    assert sorted(load_history(run).step.unique()) == [0, 10]  # 2 epochs of 8 batches, one step count
     assert "loss" in set(load_history(run).metric)
 
 
