@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "ActivationStats": "gradlight.activations",
     "ActivationTaps": "gradlight.activations",
-    "Collectives": "gradlight.recorder",
+    "Collectives": "gradlight.collectives",
     "DiagnosisConfig": "gradlight.diagnosis.config",
     "Finding": "gradlight.records",
     "GLOBAL_LAYER": "gradlight.records",
@@ -82,6 +82,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from gradlight.activations import ActivationStats, ActivationTaps
+    from gradlight.collectives import Collectives
     from gradlight.diagnosis.config import DiagnosisConfig
     from gradlight.diagnosis.engine import GradientDiagnosis
     from gradlight.diagnosis.finding import GradientAnomalyError
@@ -90,7 +91,7 @@ if TYPE_CHECKING:
     from gradlight.mixin import GradientFlowMixin
     from gradlight.monitor import GradientFlowMonitor
     from gradlight.options import RecorderOptions
-    from gradlight.recorder import Collectives, GradientFlowRecorder, HistoryExistsError
+    from gradlight.recorder import GradientFlowRecorder, HistoryExistsError
     from gradlight.records import GLOBAL_LAYER, Finding
     from gradlight.runfolder import RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
     from gradlight.spec import GradientFlowSpec
