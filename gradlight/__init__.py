@@ -27,7 +27,7 @@ _HOMES = {
     "GradientFlowRecorder": "gradlight.recorder",
     "GradientFlowSpec": "gradlight.spec",
     "GradientFlowTracker": "gradlight.tracker",
-    "HistoryExistsError": "gradlight.recorder",
+    "HistoryExistsError": "gradlight.runwriter",
     "ModelProfile": "gradlight.diagnosis.profile",
     "RecorderOptions": "gradlight.options",
     "RunFolder": "gradlight.runfolder",
@@ -91,8 +91,9 @@ if TYPE_CHECKING:
     from gradlight.mixin import GradientFlowMixin
     from gradlight.monitor import GradientFlowMonitor
     from gradlight.options import RecorderOptions
-    from gradlight.recorder import GradientFlowRecorder, HistoryExistsError
+    from gradlight.recorder import GradientFlowRecorder
     from gradlight.records import GLOBAL_LAYER, Finding
     from gradlight.runfolder import RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
+    from gradlight.runwriter import HistoryExistsError
     from gradlight.spec import GradientFlowSpec
     from gradlight.tracker import GradientFlowTracker, StepRecord

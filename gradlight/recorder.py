@@ -39,11 +39,10 @@ from gradlight.diagnosis import (
     ModelProfile,
     resolve_actions,
 )
-from gradlight.history import HistoryWriter
 from gradlight.layers import setup_problems
-from gradlight.locate import announce_run_folder
 from gradlight.options import RecorderOptions
-from gradlight.runfolder import ActivationSiteInfo, FindingsWriter, LayerInfo, RunFolder, RunInfo
+from gradlight.runfolder import ActivationSiteInfo, LayerInfo, RunFolder, RunInfo
+from gradlight.runwriter import HistoryExistsError, RunFolderWriter
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 from gradlight.stats import CrossRankReduction
 from gradlight.tracker import GradientFlowTracker, StepRecord
@@ -59,10 +58,6 @@ __all__ = [
 
 #: Prefix of the summary metrics sent to loggers (:meth:`GradientFlowRecorder.summary_metrics`).
 LOG_PREFIX = "gradflow"
-
-
-class HistoryExistsError(FileExistsError):
-    """The run folder already holds a history from another run (and ``overwrite`` is off)."""
 
 
 @dataclass
@@ -215,16 +210,15 @@ class GradientFlowRecorder:
         self._warn = warn
         #: The last optimizer step recorded (``-1`` before the first); steps up to it are never recorded again.
         self.last_recorded_step = -1
-        #: Records this recorder (or the run it resumes) appended to the history.
-        self.records_written = 0
         #: Set when a finding's action is ``"stop"``: a loop that honours it ends the run.
         self.should_stop = False
         self._listeners: list[Callable[[StepRecord], None]] = []
         self._opened = False
         self._resumed = False
-        self._writer: HistoryWriter | None = None
-        self._findings_writer: FindingsWriter | None = None
-        self._records_since_flush = 0
+        #: The run folder's writer (rank zero writes; a no-op without ``save_dir``).
+        self.writer = RunFolderWriter(
+            self.folder, self.collectives, options.flush_every_n_records, options.diagnose, options.overwrite
+        )
         self._unwritten: _Unwritten | None = None
         self._taps_step: int | None = None
         self.signal_taps: BackwardSignalTaps | None = None
@@ -317,6 +311,15 @@ class GradientFlowRecorder:
     def save_dir(self) -> Path | None:
         """The run folder, or ``None`` when recording in memory only."""
         return None if self.folder is None else self.folder.root
+
+    @property
+    def records_written(self) -> int:
+        """Records this recorder (or the run it resumes) appended to the history."""
+        return self.writer.records_written
+
+    @records_written.setter
+    def records_written(self, value: int) -> None:
+        self.writer.records_written = value
 
     @property
     def interval(self) -> int:
@@ -447,32 +450,11 @@ class GradientFlowRecorder:
             return
         self._opened = True
         self._check_setup()
-        folder = self.folder
-        if folder is None:
-            return
-        coll = self.collectives
-        found = folder.has_history() if coll.is_global_zero else False
-        if coll.broadcast is not None:
-            found = bool(coll.broadcast(found))
-        if found and not (self._resumed or self.records_written):
-            if not self.options.overwrite:
-                self._opened = False
-                raise HistoryExistsError(
-                    f"{str(folder.root)!r} already holds a gradlight history from another run. Pass a new "
-                    "`save_dir`, resume that run (load the recorder's state_dict, or "
-                    "`trainer.fit(..., ckpt_path=...)`), or set `overwrite=True` to replace it."
-                )
-            if coll.is_global_zero:
-                folder.clear()
-            if coll.broadcast is not None:
-                coll.broadcast(True)  # the other ranks wait until rank zero has cleared the folder
-        if coll.is_global_zero:
-            # A resumed run recomputes every step after the checkpoint's last record: those rows supersede.
-            self._writer = HistoryWriter(folder.root, start_step=self.last_recorded_step + 1)
-            if self.diagnosis is not None:
-                self._findings_writer = FindingsWriter(folder.root)
-                self._findings_writer.touch()
-            announce_run_folder(folder.root)
+        try:
+            self.writer.open(self._resumed, self.last_recorded_step)
+        except HistoryExistsError:
+            self._opened = False
+            raise
 
     def watch(self, optimizer: Optimizer) -> None:
         """Finish a captured step right after ``optimizer.step()`` (a step post-hook of ``optimizer``).
@@ -640,10 +622,7 @@ class GradientFlowRecorder:
         record, acts = unwritten.record, unwritten.activations
         findings = self._diagnose(record, acts, unwritten.signal)
         if self.collectives.is_global_zero:
-            self._write(record, acts)
-            if unwritten.signal is not None and self._writer is not None:
-                signal = unwritten.signal
-                self._writer.append_step(signal.step, signal.blocks, signal.depths, signal.metrics)
+            self._write(record, acts, unwritten.signal)
             for listener in self._listeners:
                 listener(record)
         if self.diagnosis is not None:
@@ -660,39 +639,29 @@ class GradientFlowRecorder:
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
         findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled, signal=signal)
-        if findings and self._findings_writer is not None:
-            self._findings_writer.append(findings)
+        self.writer.write_findings(findings)
         return findings
 
-    def _write(self, record: StepRecord, acts: ActivationStats | None) -> None:
-        writer = self._writer
-        if writer is None:
-            return
-        methods = self._update_methods()
-        kernel = self.tracker.updates.kernel_info if self.tracker.updates is not None else None
-        if kernel is not None and kernel != self.run_info.extra.get("update_ratio_kernel"):
-            self.run_info.extra["update_ratio_kernel"] = kernel  # fused, or eager and why (run.json)
-            self._write_run_info(methods)
-        elif self.records_written == 0 or methods != self.run_info.update_ratio_methods:
-            self._write_run_info(methods)
-        writer.append_step(record.step, record.layers, record.depths, record.metrics)
-        writer.append_global(record.step, record.global_metrics)
-        if acts is not None:
-            writer.append_step(acts.step, acts.sites, acts.depths, acts.metrics)
-        self.records_written += 1
-        self._records_since_flush += 1
-        if self._records_since_flush >= self.options.flush_every_n_records:
-            self.flush()
+    def _write(self, record: StepRecord, acts: ActivationStats | None, signal: SignalStats | None) -> None:
+        """Append the step to the history; ``run.json`` is rewritten first when it is out of date."""
+        updates = self.tracker.updates
+        self.writer.write(
+            record,
+            acts,
+            signal,
+            run_info=self.run_info,
+            update_methods=self._update_methods(),
+            kernel=updates.kernel_info if updates is not None else None,
+            layers=self._layer_infos,
+        )
 
-    def _write_run_info(self, update_methods: dict[str, str]) -> None:
-        assert self.folder is not None  # only called with a writer
+    def _layer_infos(self) -> list[LayerInfo]:
+        """The layers of ``run.json``: name, depth and size."""
         layer_map = self.tracker.layer_map
-        self.run_info.layers = [
+        return [
             LayerInfo(name, depth, size)
             for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
         ]
-        self.run_info.update_ratio_methods = update_methods
-        self.run_info.write(self.folder.root)
 
     def _update_methods(self) -> dict[str, str]:
         """How ``update_ratio`` got each param group's update so far (``{"0": "optimizer: AdamW (foreach)"}``)."""
@@ -788,9 +757,7 @@ class GradientFlowRecorder:
     # --------------------------------------------------------------------------------------------- closing
     def flush(self) -> None:
         """Write buffered records to disk now (rank zero; a no-op elsewhere)."""
-        if self._writer is not None:
-            self._writer.flush()
-        self._records_since_flush = 0
+        self.writer.flush()
 
     def close(self) -> None:
         """Emit a record still waiting for its loss, close the history, remove every hook. Idempotent.
@@ -804,10 +771,7 @@ class GradientFlowRecorder:
         if self.signal_taps is not None:
             self.signal_taps.discard()
         self._emit(final=True)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._findings_writer = None
+        self.writer.close()
         self._opened = False
         for handle in self._step_hooks:
             handle.remove()
