@@ -30,21 +30,22 @@ from torch.utils.hooks import RemovableHandle
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps
 from gradlight.amp import backward_scale_of, grad_scale_left
+from gradlight.anomaly import AnomalyPolicy
 from gradlight.collectives import Collectives
 from gradlight.diagnosis import (
     DiagnosisConfig,
     Finding,
-    GradientAnomalyError,
     GradientDiagnosis,
     ModelProfile,
     resolve_actions,
 )
 from gradlight.layers import setup_problems
 from gradlight.options import RecorderOptions
-from gradlight.runfolder import ActivationSiteInfo, LayerInfo, RunFolder, RunInfo
+from gradlight.runfolder import LayerInfo, RunFolder, RunInfo
 from gradlight.runwriter import HistoryExistsError, RunFolderWriter
-from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
+from gradlight.signal import BackwardSignalTaps, SignalStats
 from gradlight.stats import CrossRankReduction
+from gradlight.steptaps import StepTaps
 from gradlight.tracker import GradientFlowTracker, StepRecord
 from gradlight.validation import check_path, check_positive_number
 from gradlight.wrappers import unwrap_model, unwrap_optimizer
@@ -188,8 +189,14 @@ class GradientFlowRecorder:
         )
         self.grad_scaler = grad_scaler
         self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
-        self.taps: ActivationTaps | None = None
-        self._actions = resolve_actions(options.on_anomaly)
+        #: The activation and backward-signal taps of logged steps.
+        self.step_taps = StepTaps(
+            model,
+            activations=options.track_activations,
+            backward_signal=options.track_backward_signal,
+            saturation_derivative=config.saturation_derivative,
+            group_by=options.group_by,
+        )
         template = (
             run_info
             if run_info is not None
@@ -210,8 +217,8 @@ class GradientFlowRecorder:
         self._warn = warn
         #: The last optimizer step recorded (``-1`` before the first); steps up to it are never recorded again.
         self.last_recorded_step = -1
-        #: Set when a finding's action is ``"stop"``: a loop that honours it ends the run.
-        self.should_stop = False
+        #: Warns, stops or raises for new warning findings (see :attr:`should_stop`).
+        self.anomaly = AnomalyPolicy(resolve_actions(options.on_anomaly), self.collectives, warn)
         self._listeners: list[Callable[[StepRecord], None]] = []
         self._opened = False
         self._resumed = False
@@ -220,12 +227,7 @@ class GradientFlowRecorder:
             self.folder, self.collectives, options.flush_every_n_records, options.diagnose, options.overwrite
         )
         self._unwritten: _Unwritten | None = None
-        self._taps_step: int | None = None
-        self.signal_taps: BackwardSignalTaps | None = None
-        self._signal_step: int | None = None
-        self._signal_scale = 1.0  # the loss scale the captured step's backward ran with (fp16 AMP)
         self._step_hooks: list[RemovableHandle] = []
-        self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
         self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
         self._last_step = -1  # the last step seen by start_step or capture, offset included
@@ -320,6 +322,25 @@ class GradientFlowRecorder:
     @records_written.setter
     def records_written(self, value: int) -> None:
         self.writer.records_written = value
+
+    @property
+    def should_stop(self) -> bool:
+        """Set when a finding's action is ``"stop"``: a loop that honours it ends the run."""
+        return self.anomaly.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self.anomaly.should_stop = value
+
+    @property
+    def taps(self) -> ActivationTaps | None:
+        """The activation taps (``track_activations``), built at the first logged step."""
+        return self.step_taps.activations
+
+    @property
+    def signal_taps(self) -> BackwardSignalTaps | None:
+        """The backward-signal taps (``track_backward_signal``), built at the first logged step."""
+        return self.step_taps.signal
 
     @property
     def interval(self) -> int:
@@ -480,23 +501,12 @@ class GradientFlowRecorder:
         step = self._continued_step(step)
         if self.tracker.forward_order is None and not self.tracker.discovering:
             self.tracker.start_discovery()
-        if self.options.track_activations and self.is_logged_step(step):
-            if self.taps is None:  # built at first use: after lazy modules, configure_model and wrapping
-                self.taps = ActivationTaps(
-                    self.model, saturation_derivative=self.diagnosis_config.saturation_derivative
-                )
-            self.taps.start()
-            self._taps_step = step
-        if self.options.track_backward_signal and self.is_logged_step(step):
-            if self.signal_taps is None:  # built at first use, like the activation taps
-                self.signal_taps = BackwardSignalTaps(self.model, group_by=self.options.group_by)
-            self.signal_taps.start()  # idempotent over the micro-batches of one step
-            self._signal_step = step
+        if self.is_logged_step(step):
+            self.step_taps.start(step)
 
     def pause_activations(self) -> None:
         """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
-        if self.taps is not None:
-            self.taps.stop()
+        self.step_taps.pause()
 
     def capture(
         self,
@@ -534,10 +544,7 @@ class GradientFlowRecorder:
         tracker = self.tracker
         if tracker.discovering:
             tracker.stop_discovery()
-        if self.taps is not None:
-            self.taps.stop()  # the forward passes of this step are over
-        if self.signal_taps is not None:
-            self.signal_taps.stop()  # and so are the backward passes: no hook stays between logged steps
+        self.step_taps.stop()  # the forward and backward passes of this step are over
         if tracker.pending:
             if tracker.pending_step == step:
                 return True  # already captured for this step (e.g. by the mixin under manual optimization)
@@ -555,7 +562,7 @@ class GradientFlowRecorder:
             grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
         if backward_scale is None:
             backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
-        self._signal_scale = float(backward_scale)
+        self.step_taps.backward_scale = float(backward_scale)
         if self.diagnosis is not None and not self._profiled:
             # Built at the first captured step: lazy modules have parameters only after a forward pass.
             config = self.diagnosis_config
@@ -582,7 +589,10 @@ class GradientFlowRecorder:
         self._emit()  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
         self.last_recorded_step = record.step
-        self._unwritten = _Unwritten(record, self._finalize_taps(record.step), self._finalize_signal(record))
+        acts, signal = self.step_taps.finalize(record.step, self.tracker.layer_map, self.collectives)
+        if not self.run_info.activation_sites:
+            self.run_info.activation_sites = list(self.step_taps.activation_sites)
+        self._unwritten = _Unwritten(record, acts, signal)
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -670,90 +680,12 @@ class GradientFlowRecorder:
 
     def _act_on(self, findings: list[Finding], step: int, final: bool) -> None:
         """Warn, stop or raise for new warning findings; raise/stop decisions are agreed across ranks."""
-        coll = self.collectives
-        actionable = [f for f in findings if f.is_warning]
-        for finding in actionable:
-            if self._actions[finding.kind] in ("warn", "stop") and coll.is_global_zero:
-                self._emit_warning(
-                    f"gradlight: {finding.message}. Likely cause: {finding.cause}. Remedy: {finding.remedy}."
-                )
-        if final:
-            return  # the run is ending (or an exception is under way): no collectives, nothing to stop
-        to_raise = [f for f in actionable if self._actions[f.kind] == "raise"]
-        to_stop = [f for f in actionable if self._actions[f.kind] == "stop"]
-        do_raise, do_stop = bool(to_raise), bool(to_stop)
-        if coll.all_reduce_sum is not None and any(a in ("raise", "stop") for a in self._actions.values()):
-            # Like EarlyStopping's reduce_boolean_decision: any rank's decision is every rank's (one op).
-            device = _device_of(self.model)
-            flags = coll.all_reduce_sum(torch.tensor([float(do_raise), float(do_stop)], device=device))
-            do_raise, do_stop = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
-        if not (do_raise or do_stop):
-            return
-        self.flush()  # the history up to this step is on disk before the run stops
-        if do_raise:
-            raise GradientAnomalyError(to_raise or actionable or findings)
-        self.should_stop = True
-        if coll.is_global_zero:
-            kinds = ", ".join(sorted({f.kind for f in to_stop})) or "a finding on another rank"
-            # The step after the reported one is the first not taken (Lightning's `global_step` at this point).
-            self._emit_warning(f"gradlight: stopping the run at step {step + 1} ({kinds}).")
-
-    def _emit_warning(self, message: str) -> None:
-        if self._warn is not None:
-            self._warn(message)
-        else:
-            warnings.warn(message, UserWarning, stacklevel=4)
+        decision = self.anomaly.decide(findings, final)
+        if not final:  # the run is ending (or an exception is under way): no collectives, nothing to stop
+            decision = self.anomaly.agree(decision, _device_of(self.model))
+        self.anomaly.act(decision, step, self.flush)
 
     # ------------------------------------------------------------------------------ activation statistics
-    def _layers_of_modules(self) -> dict[str, tuple[str, int]]:
-        """``module name -> (layer, depth)`` for the modules whose parameters are monitored."""
-        if self._module_layers is None:
-            layer_map = self.tracker.layer_map
-            mapping: dict[str, tuple[str, int]] = {}
-            for name, index in zip(layer_map.param_names, layer_map.param_layer):
-                mapping.setdefault(name.rpartition(".")[0], (layer_map.layers[index], index))
-            self._module_layers = mapping
-        return self._module_layers
-
-    def _finalize_taps(self, step: int) -> ActivationStats | None:
-        """Activation statistics of ``step``: one all-reduce (every rank calls it) and one host copy."""
-        taps = self.taps
-        if taps is None or self._taps_step != step:
-            return None
-        taps.stop()
-        self._taps_step = None
-        if not taps.sites:
-            return None
-        stats = taps.finalize(
-            step,
-            self.collectives.all_reduce_sum,
-            self._layers_of_modules(),
-            default_depth=len(self.tracker.layer_map.layers),
-        )
-        if stats is not None and not self.run_info.activation_sites:
-            self.run_info.activation_sites = [
-                ActivationSiteInfo(site, kind, fed, int(depth))
-                for site, kind, fed, depth in zip(stats.sites, stats.kinds, stats.feeds, stats.depths)
-            ]
-        return stats
-
-    def _finalize_signal(self, record: StepRecord) -> SignalStats | None:
-        """Backward-signal statistics of ``record``'s step: one collective under several ranks, one host copy."""
-        taps = self.signal_taps
-        if taps is None or self._signal_step != record.step:
-            return None
-        taps.stop()
-        self._signal_step = None
-        world = self.collectives.world_size
-        layer_map = self.tracker.layer_map
-        return taps.finalize(
-            record.step,
-            all_gather_reduction() if world > 1 else None,
-            grad_scale=self._signal_scale,
-            data_parallel_size=world,
-            depth_of={name: depth for depth, name in enumerate(layer_map.layers)},
-        )
-
     # --------------------------------------------------------------------------------------------- closing
     def flush(self) -> None:
         """Write buffered records to disk now (rank zero; a no-op elsewhere)."""
@@ -766,10 +698,7 @@ class GradientFlowRecorder:
         """
         self.tracker.stop_discovery()
         self.tracker.discard()
-        if self.taps is not None:
-            self.taps.discard()
-        if self.signal_taps is not None:
-            self.signal_taps.discard()
+        self.step_taps.discard()
         self._emit(final=True)
         self.writer.close()
         self._opened = False

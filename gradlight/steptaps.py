@@ -1,0 +1,155 @@
+"""The taps of one logged step: activation statistics (forward) and the backward signal.
+
+:class:`StepTaps` builds the taps at first use (after lazy modules, ``configure_model`` and wrapping),
+starts them for a logged step, stops them when its passes are over and turns what they gathered into the
+step's :class:`~gradlight.activations.ActivationStats` and :class:`~gradlight.signal.SignalStats`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.collectives import Collectives
+from gradlight.layers import GroupBy, LayerMap
+from gradlight.runfolder import ActivationSiteInfo
+from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
+
+__all__ = ["StepTaps"]
+
+
+class StepTaps:
+    """Activation and backward-signal taps of one model, started on logged steps only.
+
+    Args:
+        model: The monitored model.
+        activations: Tap activation statistics (``track_activations``).
+        backward_signal: Tap the backward signal (``track_backward_signal``).
+        saturation_derivative: The activation taps' saturation threshold (see :class:`ActivationTaps`).
+        group_by: How the backward signal groups modules into blocks.
+
+    Example:
+        >>> import torch
+        >>> from gradlight.tracker import GradientFlowTracker
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> taps = StepTaps(model, activations=True, backward_signal=False)
+        >>> taps.start(0)
+        >>> _ = model(torch.randn(8, 4))
+        >>> taps.stop()
+        >>> acts, signal = taps.finalize(0, GradientFlowTracker(model).layer_map)
+        >>> acts.sites, signal
+        (['1'], None)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        activations: bool,
+        backward_signal: bool,
+        saturation_derivative: float = 0.1,
+        group_by: GroupBy = None,
+    ) -> None:
+        self.model = model
+        self.track_activations = activations
+        self.track_backward_signal = backward_signal
+        self.saturation_derivative = saturation_derivative
+        self.group_by = group_by
+        #: The activation taps (built at the first logged step that taps them).
+        self.activations: ActivationTaps | None = None
+        #: The backward-signal taps (built at the first logged step that taps them).
+        self.signal: BackwardSignalTaps | None = None
+        #: The loss scale the tapped step's backward ran with (fp16 AMP): the signal carries it.
+        self.backward_scale = 1.0
+        #: The activation sites of the first step with activation statistics (for ``run.json``).
+        self.activation_sites: list[ActivationSiteInfo] = []
+        self._activation_step: int | None = None
+        self._signal_step: int | None = None
+        self._module_layers: tuple[LayerMap, dict[str, tuple[str, int]]] | None = None
+
+    def start(self, step: int) -> None:
+        """Start the taps for logged step ``step`` (idempotent over the micro-batches of one step)."""
+        if self.track_activations:
+            if self.activations is None:  # built at first use: after lazy modules, configure_model and wrapping
+                self.activations = ActivationTaps(self.model, saturation_derivative=self.saturation_derivative)
+            self.activations.start()
+            self._activation_step = step
+        if self.track_backward_signal:
+            if self.signal is None:  # built at first use, like the activation taps
+                self.signal = BackwardSignalTaps(self.model, group_by=self.group_by)
+            self.signal.start()
+            self._signal_step = step
+
+    def pause(self) -> None:
+        """Stop the activation taps until the next :meth:`start` (e.g. for a validation pass)."""
+        if self.activations is not None:
+            self.activations.stop()
+
+    def stop(self) -> None:
+        """Stop every tap: the step's forward and backward passes are over (no hook stays between steps)."""
+        if self.activations is not None:
+            self.activations.stop()
+        if self.signal is not None:
+            self.signal.stop()
+
+    def finalize(
+        self, step: int, layer_map: LayerMap, collectives: Collectives | None = None
+    ) -> tuple[ActivationStats | None, SignalStats | None]:
+        """The statistics the taps gathered for ``step`` (``None`` for a tap that did not run on it).
+
+        Every rank calls it: one all-reduce for the activations and one gather for the signal under several
+        ranks, and one host copy each.
+        """
+        collectives = collectives if collectives is not None else Collectives()
+        return self._finalize_activations(step, layer_map, collectives), self._finalize_signal(
+            step, layer_map, collectives
+        )
+
+    def discard(self) -> None:
+        """Remove every hook and drop what was gathered."""
+        if self.activations is not None:
+            self.activations.discard()
+        if self.signal is not None:
+            self.signal.discard()
+
+    def _finalize_activations(self, step: int, layer_map: LayerMap, collectives: Collectives) -> ActivationStats | None:
+        taps = self.activations
+        if taps is None or self._activation_step != step:
+            return None
+        taps.stop()
+        self._activation_step = None
+        if not taps.sites:
+            return None
+        stats = taps.finalize(
+            step, collectives.all_reduce_sum, self._layers_of_modules(layer_map), default_depth=len(layer_map.layers)
+        )
+        if stats is not None and not self.activation_sites:
+            self.activation_sites = [
+                ActivationSiteInfo(site, kind, fed, int(depth))
+                for site, kind, fed, depth in zip(stats.sites, stats.kinds, stats.feeds, stats.depths)
+            ]
+        return stats
+
+    def _finalize_signal(self, step: int, layer_map: LayerMap, collectives: Collectives) -> SignalStats | None:
+        taps = self.signal
+        if taps is None or self._signal_step != step:
+            return None
+        taps.stop()
+        self._signal_step = None
+        world = collectives.world_size
+        return taps.finalize(
+            step,
+            all_gather_reduction() if world > 1 else None,
+            grad_scale=self.backward_scale,
+            data_parallel_size=world,
+            depth_of={name: depth for depth, name in enumerate(layer_map.layers)},
+        )
+
+    def _layers_of_modules(self, layer_map: LayerMap) -> dict[str, tuple[str, int]]:
+        """``module name -> (layer, depth)`` for the modules whose parameters are monitored (per layer map)."""
+        if self._module_layers is None or self._module_layers[0] is not layer_map:
+            mapping: dict[str, tuple[str, int]] = {}
+            for name, index in zip(layer_map.param_names, layer_map.param_layer):
+                mapping.setdefault(name.rpartition(".")[0], (layer_map.layers[index], index))
+            self._module_layers = (layer_map, mapping)
+        return self._module_layers[1]
