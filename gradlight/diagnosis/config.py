@@ -109,6 +109,39 @@ class DiagnosisConfig:
         init_scale_tolerance: A weight's initial standard deviation counts as tiny (huge) when it is more
             than this factor below (above) both the He and the Xavier expectation for its fan-in/fan-out.
         max_layers_in_evidence: Cap on per-layer entries stored in a finding's evidence.
+        loss_window: Logged steps of training loss the loss findings (``loss_rising``, ``loss_oscillating``,
+            ``loss_plateau``) look back over; ``None`` turns them off (a loss that is not minimised: a GAN's,
+            a reinforcement-learning objective). Longer windows judge a trend on more batches (less noise) but
+            report later.
+        loss_initial_steps: The initial level is the median loss of the logged steps within this many
+            optimizer steps after monitoring began (the untrained model's loss when it begins at step 0).
+        loss_trend_z: A trend counts when the window's Mann-Kendall statistic reaches this many standard
+            deviations (3: a chance of about 1 in 700 for a loss that only has batch noise around a level);
+            also the bound under which a window has "no trend". Rank-based: a few outlier batches do not make
+            a trend.
+        loss_rise: ``loss_rising`` needs the loss at least this fraction of ``|initial level|`` above the
+            initial level (and above every loss of the initial steps): worse than the untrained model, which a
+            warm-up overshoot or a cosine restart (both starting from a trained, lower level) does not reach.
+            An optimizer climbing a cross-entropy with Adam at 1e-3 raised it by ~10% in 60 steps.
+        loss_stuck_drop: ``loss_plateau`` and ``loss_oscillating`` need the loss less than this fraction of
+            ``|initial level|`` below the initial level: no progress at all since the start.
+        loss_swing: The 10th-to-90th percentile range of the window over its median at which a loss without
+            progress counts as oscillating (at or above) rather than stuck (below).
+        loss_min_steps: ``loss_plateau`` and ``loss_oscillating`` are judged only this many optimizer steps
+            after monitoring began: healthy runs spend their first steps near the initial level (warm-up, a
+            small learning rate), and bring the loss down within about a hundred steps.
+        loss_patience: Logged steps a loss condition must hold in a row before it is reported.
+        loss_slow_update_ratio: A loss plateau while the median layer moves less than this fraction of its
+            norm per step (1e-5: 0.1% in a hundred steps; healthy layers move 1e-3 to 1e-2 per step) is put
+            down to a learning rate too small, rather than to a model that learns nothing from its inputs.
+        dead_min_samples: Inputs per unit (batch elements, times positions for convolutions and sequences) a
+            ReLU unit must be seen on before "never positive" counts as dead; fewer are pooled over the next
+            logged steps. A live unit that fires on a fraction ``p`` of its inputs stays off on ``n`` of them
+            with probability ``(1 - p) ** n``: on one sample (batch size 1, an MLP) half the units of a healthy
+            ReLU layer are off, on 16 a unit firing half the time is off with probability 1.5e-5.
+        forward_origin: On logged steps, tap every module's forward output for NaN/Inf (one float32 sum per
+            output, no host copy until the step's record), so that a ``non_finite`` finding names the first
+            module in forward order whose output was non-finite. Unlogged steps run no hook either way.
 
     Example:
         >>> DiagnosisConfig(vanishing_ratio=1e-4, vanishing_patience=5).vanishing_patience
@@ -149,6 +182,17 @@ class DiagnosisConfig:
     deep_stack_layers: int = 8
     init_scale_tolerance: float = 4.0
     max_layers_in_evidence: int = 16
+    loss_window: int | None = 20
+    loss_initial_steps: int = 10
+    loss_trend_z: float = 3.0
+    loss_rise: float = 0.05
+    loss_stuck_drop: float = 0.05
+    loss_swing: float = 0.5
+    loss_min_steps: int = 100
+    loss_patience: int = 3
+    loss_slow_update_ratio: float = 1e-5
+    dead_min_samples: int = 16
+    forward_origin: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -205,3 +249,22 @@ class DiagnosisConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")
+        self._check_loss_fields()
+
+    def _check_loss_fields(self) -> None:
+        """Validate the loss and dead-unit fields (see the class docstring)."""
+        if not isinstance(self.forward_origin, bool):
+            raise ValueError(f"DiagnosisConfig `forward_origin` must be a bool, got {self.forward_origin!r}.")
+        for name in ("loss_initial_steps", "loss_patience", "dead_min_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DiagnosisConfig `{name}` must be a positive int, got {value!r}.")
+        window = self.loss_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 4):
+            raise ValueError(f"DiagnosisConfig `loss_window` must be an int >= 4 or None, got {window!r}.")
+        if isinstance(self.loss_min_steps, bool) or not isinstance(self.loss_min_steps, int) or self.loss_min_steps < 0:
+            raise ValueError(f"DiagnosisConfig `loss_min_steps` must be an int >= 0, got {self.loss_min_steps!r}.")
+        for name in ("loss_trend_z", "loss_rise", "loss_stuck_drop", "loss_swing", "loss_slow_update_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"DiagnosisConfig `{name}` must be > 0, got {value!r}.")
