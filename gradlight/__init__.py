@@ -13,6 +13,7 @@ from gradlight.diagnosis import (
 from gradlight.history import load_history
 from gradlight.mixin import GradientFlowMixin, GradientFlowSpec
 from gradlight.monitor import GradientFlowMonitor
+from gradlight.preflight import PreflightReport, preflight
 from gradlight.recorder import Collectives, GradientFlowRecorder, HistoryExistsError, RecorderOptions
 from gradlight.runfolder import GLOBAL_LAYER, RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
 from gradlight.tracker import GradientFlowTracker, StepRecord
@@ -33,6 +34,7 @@ __all__ = [
     "GradientFlowTracker",
     "HistoryExistsError",
     "ModelProfile",
+    "PreflightReport",
     "RecorderOptions",
     "RunFolder",
     "RunInfo",
@@ -41,5 +43,6 @@ __all__ = [
     "__version__",
     "load_findings",
     "load_history",
+    "preflight",
     "read_run_info",
 ]

@@ -107,7 +107,7 @@ class LossCurve:
     Example:
         >>> curve = LossCurve(DiagnosisConfig(loss_window=4, loss_initial_steps=2))
         >>> for step, loss in enumerate([2.3, 2.3, 2.5, 2.8, 3.1, 3.5]):
-        ...     curve.add(step, loss)
+        ...     _ = curve.add(step, loss)
         >>> reading = curve.read()
         >>> reading.initial, reading.initial_high, reading.recent, round(reading.progress, 2)
         (2.3, 2.3, 3.3, -0.43)
