@@ -8,7 +8,11 @@ torchdiag's ``verify_step`` asks), plus whatever else the diagnosis saw on that 
 * **finite**: the loss, every gradient and every module's forward output are finite (no ``non_finite`` finding;
   one names where the NaN/Inf was born);
 * **gradients**: every trainable parameter in the optimizer gets a gradient (no ``no_gradient`` finding);
-* **moves**: the optimizer step changes the parameters (no ``stalled`` or ``dormant`` finding).
+* **moves**: the optimizer step changes the parameters (no ``stalled`` or ``dormant`` finding). A learning
+  rate of exactly 0 everywhere is not reported: it is the first step of many warm-up schedules.
+
+It uses the same detectors and rule table as training does; only the patiences differ, so that one step can
+answer. Findings that need a history (a trend, a growth over a window, the loss rules) cannot show in one step.
 """
 
 from __future__ import annotations
