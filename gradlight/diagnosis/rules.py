@@ -88,9 +88,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "backward_op",
         ("non_finite",),
-        lambda c: c.evidence.get("loss_finite") is not False
-        and not c.evidence.get("after_exploding")
-        and not c.evidence.get("forward_origin"),
+        lambda c: (
+            c.evidence.get("loss_finite") is not False
+            and not c.evidence.get("after_exploding")
+            and not c.evidence.get("forward_origin")
+        ),
         "a NaN/Inf appeared inside the backward pass at {layer} (closest to the loss): an op with an "
         "infinite derivative (sqrt/log/pow/division at 0), fp16 overflow, or a gradient hook",
         "check that layer's forward for sqrt/log/div at 0 (add an epsilon); run one step under "
@@ -383,6 +385,14 @@ _LOSS_RULES: tuple[Rule, ...] = (
         "normalisation bug), or a loss that reads an output which does not depend on the input",
         "look at one batch: targets that match their inputs, inputs that vary and are normalised; then check the "
         "model can overfit that one batch",
+    ),
+    Rule(
+        "trained_before",
+        ("loss_plateau",),
+        lambda c: c.evidence.get("chance_classes") is None,
+        "or the model was already trained when monitoring began (resumed, or fine-tuned on data it already "
+        "fits): nothing is left to learn at this learning rate",
+        "if so, nothing to fix (loss_window=None, or on_anomaly={'loss_plateau': 'ignore'}, turns the finding off)",
     ),
 )
 RULES = RULES + _LOSS_RULES

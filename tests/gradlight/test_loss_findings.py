@@ -23,7 +23,9 @@ LOSS_KINDS = {"loss_rising", "loss_oscillating", "loss_plateau"}
 def _gpt2(vocab: int) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     hf_logging.set_verbosity_error()
-    config = GPT2Config(vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -103,7 +105,7 @@ def test_a_loss_stuck_at_chance_is_a_plateau_naming_the_chance_level() -> None:
     assert len(plateau) == 1, [f.message for f in findings]
     finding = plateau[0]
     assert finding.evidence["chance_classes"] == 8
-    assert finding.evidence["rules"][:2] == ["chance_level", "learns_nothing"]
+    assert finding.evidence["rules"] == ["chance_level", "learns_nothing"]
     assert finding.reported_step >= DiagnosisConfig().loss_min_steps
     assert not {f.kind for f in findings if f.is_warning} - {"loss_plateau"}
 

@@ -135,7 +135,8 @@ class LossCurve:
     @property
     def full(self) -> bool:
         """Whether the window holds ``loss_window`` losses."""
-        return len(self.window) >= self.config.loss_window
+        window = self.config.loss_window
+        return window is not None and len(self.window) >= window
 
     def read(self) -> LossReading | None:
         """The curve's numbers, or ``None`` before any loss."""

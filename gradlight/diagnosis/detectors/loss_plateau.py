@@ -36,13 +36,16 @@ class LossPlateauDetector(Detector):
 
     Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the median
     of the last half of the ``loss_window`` logged losses is less than ``loss_stuck_drop`` (a fraction of
-    ``|initial|``) below the initial level and not ``loss_rise`` above it (or sits at ``ln(k)``, the chance level
-    of a ``k``-class cross-entropy, ``k <= 10``, after a small first drop), the window has no significant trend
+    ``|initial|``) below the initial level and not ``loss_rise`` above it, the window has no significant trend
     either way (``|z| < loss_trend_z``), it swings less than ``loss_swing`` (a wide swing is ``loss_oscillating``)
     and the weights move (the median layer's ``update_ratio`` is at least ``stalled_update_ratio``: otherwise
     ``stalled`` speaks). Reported after ``loss_patience`` such logged steps. Healthy training, even on one sample
     per batch or behind a warm-up, brings the loss below the untrained model's within a hundred steps; a loss at
-    its initial value (the chance level of a classifier) means the model learns nothing from its inputs.
+    its initial value (the chance level of a classifier) means the model learns nothing from its inputs. When
+    that level is ``ln(k)`` for ``k <= 10`` the finding says so (``chance_classes``): the cross-entropy of a
+    uniform guess over ``k`` classes. It is evidence only, not a trigger: a healthy loss passing ``ln(4)`` on its
+    way down is not at chance. A model already trained when monitoring begins also keeps its loss at its
+    initial level; the cause text names that case too.
     """
 
     kind = "loss_plateau"
@@ -59,12 +62,11 @@ class LossPlateauDetector(Detector):
             return []
         reading = self.curve.read()
         update = median_update_ratio(step)
-        at_chance = reading is not None and chance_classes(reading.recent) is not None
         holds = (
             reading is not None
             and self.curve.full
             and reading.span >= config.loss_min_steps
-            and (-config.loss_rise < reading.progress < config.loss_stuck_drop or at_chance)
+            and -config.loss_rise < reading.progress < config.loss_stuck_drop
             and abs(reading.trend_z) < config.loss_trend_z
             and reading.swing < config.loss_swing
             and (update is None or update >= config.stalled_update_ratio)

@@ -18,11 +18,12 @@ class LossRisingDetector(Detector):
 
     Holds at a logged step when the last ``loss_window`` logged losses trend up (Mann-Kendall z at least
     ``loss_trend_z``), the median of the window's last half is above its first half's, above every loss of the
-    initial steps and at least ``loss_rise`` (a fraction of ``|initial|``) above the initial level, and no exploding gradient was seen (the
-    ``exploding`` finding speaks for a blow-up); reported after ``loss_patience`` such logged steps. A bump after
-    a warm-up overshoot or a cosine restart starts below the initial level and comes back down; a climb above
-    the level of the untrained model is an optimizer walking uphill (a flipped loss sign, ``maximize=True``, an
-    update that adds ``lr * grad``) or a learning rate so large that every step lands higher.
+    initial steps and at least ``loss_rise`` (a fraction of ``|initial|``) above the initial level, and no
+    exploding gradient was seen (the ``exploding`` finding speaks for a blow-up); reported after
+    ``loss_patience`` such logged steps. A bump after a warm-up overshoot or a cosine restart starts below the
+    initial level and comes back down; a climb above the level of the untrained model is an optimizer walking
+    uphill (a flipped loss sign, ``maximize=True``, an update that adds ``lr * grad``) or a learning rate so
+    large that every step lands higher.
     """
 
     kind = "loss_rising"

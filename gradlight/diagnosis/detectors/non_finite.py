@@ -1,5 +1,8 @@
-"""``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss and, when the
-forward pass of the step was tapped, the first module whose forward output held NaN/Inf (where it was born)."""
+"""``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss.
+
+When the forward pass of the step was tapped it also names the first module whose forward output held NaN/Inf
+(where it was born).
+"""
 
 from __future__ import annotations
 
