@@ -717,9 +717,11 @@ class GradientFlowRecorder:
             self._origin_step = step
 
     def pause_activations(self) -> None:
-        """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
+        """Stop the activation and forward-origin taps until the next :meth:`start_step` (e.g. for a validation pass)."""
         if self.taps is not None:
             self.taps.stop()
+        if self.origin_taps is not None:
+            self.origin_taps.stop()
 
     def capture(
         self,
