@@ -717,7 +717,7 @@ class GradientFlowRecorder:
             self._origin_step = step
 
     def pause_activations(self) -> None:
-        """Stop the activation and forward-origin taps until the next :meth:`start_step` (e.g. for a validation pass)."""
+        """Stop the activation and forward-origin taps until the next :meth:`start_step` (e.g. for validation)."""
         if self.taps is not None:
             self.taps.stop()
         if self.origin_taps is not None:
