@@ -79,6 +79,7 @@ class LossReading:
     recent: float
     progress: float  # (initial - recent) / |initial|: > 0 the loss came down
     trend_z: float
+    recent_z: float  # the trend statistic of the window's last half alone
     swing: float  # inter-decile range of the window over |its median|
     span: int  # optimizer steps since monitoring began
     window: int  # logged losses in the window
@@ -156,6 +157,7 @@ class LossCurve:
             recent=recent,
             progress=(initial - recent) / scale,
             trend_z=mann_kendall_z(values),
+            recent_z=mann_kendall_z(values[-half:]),
             swing=(high - low) / level,
             span=self.last_step - self.start,
             window=int(values.size),

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import Detector, StepContext
@@ -17,13 +21,17 @@ class LossRisingDetector(Detector):
     """The loss rises: a consistent upward trend over the window, ending well above where the run started.
 
     Holds at a logged step when the last ``loss_window`` logged losses trend up (Mann-Kendall z at least
-    ``loss_trend_z``), the median of the window's last half is above its first half's, above every loss of the
+    ``loss_trend_z``) and still rise in the window's last half (its own statistic above 0), the median of that
+    half is above the first's, above every loss of the
     initial steps and at least ``loss_rise`` (a fraction of ``|initial|``) above the initial level, and no
     exploding gradient was seen (the ``exploding`` finding speaks for a blow-up); reported after
     ``loss_patience`` such logged steps. A bump after a warm-up overshoot or a cosine restart starts below the
     initial level and comes back down; a climb above the level of the untrained model is an optimizer walking
     uphill (a flipped loss sign, ``maximize=True``, an update that adds ``lr * grad``) or a learning rate so
-    large that every step lands higher.
+    large that every step lands higher. A window holding a gradient spike (a step whose global gradient L2 is
+    ``exploding_factor`` times the window's median: one outlier batch) is not judged: that batch sets the model
+    back and Adam's moments carry its step on for a few more, so the loss climbs for ~10 steps and recovers
+    (measured on an LSTM regressor: 0.0002 before, 0.20 eight steps after a mislabelled batch, then falling).
     """
 
     kind = "loss_rising"
@@ -32,18 +40,26 @@ class LossRisingDetector(Detector):
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
         self.curve = LossCurve(config)
+        self.norms: deque[float] = deque(maxlen=config.loss_window or 1)
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config = self.config
         if config.loss_window is None or not self.curve.add(step.record.step, step.loss):
             return []
+        norm = float(step.record.global_metrics.get("global_grad_l2", math.nan))
+        self.norms.append(norm if math.isfinite(norm) else 0.0)
+        norms = np.asarray(self.norms)
+        median = float(np.median(norms))
+        spike = norms.size > 2 and median > 0 and float(norms.max()) >= config.exploding_factor * median
         reading = self.curve.read()
         holds = (
             reading is not None
             and self.curve.full
             and not step.run.exploded
+            and not spike
             and reading.trend_z >= config.loss_trend_z
+            and reading.recent_z > 0
             and reading.recent > max(reading.first, reading.initial_high)
             and reading.progress <= -config.loss_rise
         )
@@ -67,9 +83,10 @@ class LossRisingDetector(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the loss curve."""
-        return {**super().state_dict(), "curve": self.curve.state_dict()}
+        return {**super().state_dict(), "curve": self.curve.state_dict(), "norms": list(self.norms)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.curve.load_state_dict(state.get("curve", {}))
+        self.norms = deque((float(v) for v in state.get("norms", [])), maxlen=self.config.loss_window or 1)
