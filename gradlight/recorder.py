@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from gradlight import __version__
-from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.activations import ActivationStats, ActivationTaps, ForwardOriginTaps
 from gradlight.amp import backward_scale_of, grad_scale_left
 from gradlight.diagnosis import (
     DiagnosisConfig,
@@ -167,6 +167,7 @@ class _Unwritten:
     record: StepRecord
     activations: ActivationStats | None = None
     signal: SignalStats | None = None
+    nonfinite_modules: list[str] | None = None  # forward-origin taps: modules whose outputs held NaN/Inf
 
 
 class GradientFlowRecorder:
@@ -326,6 +327,9 @@ class GradientFlowRecorder:
         self._signal_step: int | None = None
         self._signal_scale = 1.0  # the loss scale the captured step's backward ran with (fp16 AMP)
         self._step_hooks: list[RemovableHandle] = []
+        self._maximize = False
+        self.origin_taps: ForwardOriginTaps | None = None
+        self._origin_step: int | None = None
         self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
         self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
@@ -596,7 +600,9 @@ class GradientFlowRecorder:
         if self.options.track_activations and self.is_logged_step(step):
             if self.taps is None:  # built at first use: after lazy modules, configure_model and wrapping
                 self.taps = ActivationTaps(
-                    self.model, saturation_derivative=self.diagnosis_config.saturation_derivative
+                    self.model,
+                    saturation_derivative=self.diagnosis_config.saturation_derivative,
+                    dead_min_samples=self.diagnosis_config.dead_min_samples,
                 )
             self.taps.start()
             self._taps_step = step
@@ -605,11 +611,18 @@ class GradientFlowRecorder:
                 self.signal_taps = BackwardSignalTaps(self.model, group_by=self.options.group_by)
             self.signal_taps.start()  # idempotent over the micro-batches of one step
             self._signal_step = step
+        if self.diagnosis is not None and self.diagnosis_config.forward_origin and self.is_logged_step(step):
+            if self.origin_taps is None:  # built at first use, like the activation taps
+                self.origin_taps = ForwardOriginTaps(self.model)
+            self.origin_taps.start()  # where a NaN/Inf is born in forward, on logged steps only
+            self._origin_step = step
 
     def pause_activations(self) -> None:
-        """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
+        """Stop the activation and forward-origin taps until the next :meth:`start_step` (e.g. for validation)."""
         if self.taps is not None:
             self.taps.stop()
+        if self.origin_taps is not None:
+            self.origin_taps.stop()
 
     def capture(
         self,
@@ -651,6 +664,8 @@ class GradientFlowRecorder:
             self.taps.stop()  # the forward passes of this step are over
         if self.signal_taps is not None:
             self.signal_taps.stop()  # and so are the backward passes: no hook stays between logged steps
+        if self.origin_taps is not None:
+            self.origin_taps.stop()
         if tracker.pending:
             if tracker.pending_step == step:
                 return True  # already captured for this step (e.g. by the mixin under manual optimization)
@@ -680,6 +695,8 @@ class GradientFlowRecorder:
             self.diagnosis.world_size = self.collectives.world_size
             self._profiled = True
         tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
+        # an optimizer that climbs the loss by design: the loss_rising finding names it
+        self._maximize = owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups)
         return True
 
     def after_step(self) -> StepRecord | None:
@@ -694,8 +711,12 @@ class GradientFlowRecorder:
             return None
         self._emit()  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
+        if self._maximize:
+            record.global_metrics["optimizer_maximize"] = 1.0
         self.last_recorded_step = record.step
-        self._unwritten = _Unwritten(record, self._finalize_taps(record.step), self._finalize_signal(record))
+        self._unwritten = _Unwritten(
+            record, self._finalize_taps(record.step), self._finalize_signal(record), self._finalize_origin(record.step)
+        )
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -733,7 +754,7 @@ class GradientFlowRecorder:
         if unwritten is None:
             return []
         record, acts = unwritten.record, unwritten.activations
-        findings = self._diagnose(record, acts, unwritten.signal)
+        findings = self._diagnose(record, acts, unwritten.signal, unwritten.nonfinite_modules)
         if self.collectives.is_global_zero:
             self._write(record, acts)
             if unwritten.signal is not None and self._writer is not None:
@@ -746,7 +767,11 @@ class GradientFlowRecorder:
         return findings
 
     def _diagnose(
-        self, record: StepRecord, acts: ActivationStats | None, signal: SignalStats | None = None
+        self,
+        record: StepRecord,
+        acts: ActivationStats | None,
+        signal: SignalStats | None = None,
+        nonfinite_modules: list[str] | None = None,
     ) -> list[Finding]:
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
@@ -754,7 +779,9 @@ class GradientFlowRecorder:
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
-        findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled, signal=signal)
+        findings = self.diagnosis.update(
+            record, acts, loss, loss_scaled=self.loss_scaled, signal=signal, nonfinite_modules=nonfinite_modules
+        )
         if findings and self._findings_writer is not None:
             self._findings_writer.append(findings)
         return findings
@@ -863,6 +890,15 @@ class GradientFlowRecorder:
             ]
         return stats
 
+    def _finalize_origin(self, step: int) -> list[str] | None:
+        """The modules whose forward outputs held NaN/Inf on logged step ``step`` (``None`` if not tapped)."""
+        taps = self.origin_taps
+        if taps is None or self._origin_step != step:
+            return None
+        taps.stop()
+        self._origin_step = None
+        return taps.finalize(self.diagnosis_config.max_layers_in_evidence)
+
     def _finalize_signal(self, record: StepRecord) -> SignalStats | None:
         """Backward-signal statistics of ``record``'s step: one collective under several ranks, one host copy."""
         taps = self.signal_taps
@@ -898,6 +934,9 @@ class GradientFlowRecorder:
             self.taps.discard()
         if self.signal_taps is not None:
             self.signal_taps.discard()
+        if self.origin_taps is not None:
+            self.origin_taps.stop()
+            self.origin_taps.finalize()
         self._emit(final=True)
         if self._writer is not None:
             self._writer.close()
