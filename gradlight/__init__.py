@@ -29,6 +29,7 @@ _HOMES = {
     "GradientFlowTracker": "gradlight.tracker",
     "HistoryExistsError": "gradlight.runwriter",
     "ModelProfile": "gradlight.diagnosis.profile",
+    "PreflightReport": "gradlight.preflight",
     "RecorderOptions": "gradlight.options",
     "RunFolder": "gradlight.runfolder",
     "RunInfo": "gradlight.runfolder",
@@ -36,6 +37,7 @@ _HOMES = {
     "UnsupportedFormatError": "gradlight.runfolder",
     "load_findings": "gradlight.runfolder",
     "load_history": "gradlight.history",
+    "preflight": "gradlight.preflight",
     "read_run_info": "gradlight.runfolder",
 }
 
@@ -55,6 +57,7 @@ __all__ = [
     "GradientFlowTracker",
     "HistoryExistsError",
     "ModelProfile",
+    "PreflightReport",
     "RecorderOptions",
     "RunFolder",
     "RunInfo",
@@ -63,6 +66,7 @@ __all__ = [
     "__version__",
     "load_findings",
     "load_history",
+    "preflight",
     "read_run_info",
 ]
 
@@ -91,6 +95,7 @@ if TYPE_CHECKING:
     from gradlight.mixin import GradientFlowMixin
     from gradlight.monitor import GradientFlowMonitor
     from gradlight.options import RecorderOptions
+    from gradlight.preflight import PreflightReport, preflight
     from gradlight.recorder import GradientFlowRecorder
     from gradlight.records import GLOBAL_LAYER, Finding
     from gradlight.runfolder import RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info

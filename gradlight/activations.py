@@ -29,6 +29,17 @@ Statistics per site (over every element of every tapped micro-batch, summed over
   any element of the step's batch, for the ReLU family (ReLU, ReLU6, Hardswish). NaN for others.
 * ``act_mean``, ``act_std``: mean and standard deviation of all outputs.
 
+A unit is judged dead only once it was seen on ``dead_min_samples`` inputs per unit (elements of dim 0 and the
+positions of a convolution or sequence): a step with fewer (a batch of one sample through an MLP, where half of
+any healthy ReLU layer is off for that one sample) is pooled with the next logged steps, and ``act_dead`` is NaN
+until the pool is large enough. A site whose outputs hold NaN/Inf on the step (:attr:`ActivationStats.nonfinite`;
+read from the mean and variance the taps compute anyway, so NaN/Inf or finite values beyond ~1e19, whose square
+overflows float32) has ``act_dead`` NaN: its units are not "never positive", they are non-finite.
+
+:class:`ForwardOriginTaps` is the other kind of forward tap: a hook on every module that notes whether its
+output holds NaN/Inf, armed on logged steps only, so that a non-finite finding can name the first module in
+forward order whose output was non-finite.
+
 In-place activations (``nn.ReLU(inplace=True)``) are fine: the hooks only read the output.
 
 Activation names: one table (:data:`ACTIVATION_KINDS`, :data:`ACTIVATIONS`) names the activations that the
@@ -62,6 +73,7 @@ __all__ = [
     "ActivationSite",
     "ActivationStats",
     "ActivationTaps",
+    "ForwardOriginTaps",
     "activation_class",
     "activation_kind",
     "create_activation",
@@ -106,6 +118,7 @@ SITE_STATISTICS = StatisticSet(
     Statistic("total", "sum"),  # their sum
     Statistic("sum_sq", "sum"),  # the sum of their squares
     Statistic("saturated", "sum"),  # elements in a flat region
+    Statistic("nonfinite", "sum"),  # micro-batches whose outputs held NaN/Inf (from the mean and variance)
 )
 
 # Modules before which a 3-D output's units are its channels (dim 1) rather than its last dim.
@@ -193,6 +206,7 @@ class ActivationStats:
         feeds: The layer each site feeds (a layer name of the gradient records), or ``None``.
         depths: Depth of each site (the depth of the layer it feeds; one past the last layer if none).
         metrics: ``metric -> values`` with one value per site (see :data:`ACTIVATION_METRICS`).
+        nonfinite: Per site, whether its outputs held NaN/Inf on the step (not written to the history).
 
     Example:
         >>> stats = ActivationStats(0, ["net.1"], ["relu"], ["net.2"], np.array([1]),
@@ -207,6 +221,7 @@ class ActivationStats:
     feeds: list[str | None]
     depths: np.ndarray
     metrics: dict[str, np.ndarray] = field(default_factory=dict)
+    nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def value(self, metric: str, site: str) -> float:
         """One site's value of one metric."""
@@ -218,13 +233,14 @@ class ActivationStats:
 
 
 class _Slot:
-    __slots__ = ("active", "bounds", "site", "sums")
+    __slots__ = ("active", "bounds", "samples", "site", "sums")
 
     def __init__(self, site: ActivationSite, bounds: tuple[float, float] = (-1.0, 1.0)) -> None:
         self.site = site
         self.bounds = bounds
         self.sums: Tensor | None = None  # SITE_STATISTICS' sums, one value each
-        self.active: Tensor | None = None  # (units,): elements > 0 per unit
+        self.active: Tensor | None = None  # (units,): elements > 0 per unit, pooled until ``samples`` suffice
+        self.samples = 0.0  # inputs per unit pooled in ``active`` (over ranks)
 
 
 class _Frame:
@@ -243,6 +259,8 @@ class ActivationTaps:
         saturation_derivative: An output counts as saturated where the activation's derivative is below
             this fraction of its peak derivative (sigmoid: 0.25, tanh and softsign: 1). ``0.05`` puts a
             sigmoid's flat region at ``|x| > 4.4`` and a tanh's at ``|x| > 2.2``.
+        dead_min_samples: Inputs per unit a ReLU-family site must be seen on before its never-positive units
+            count as dead (fewer are pooled over the next logged steps; see the module docstring).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -255,11 +273,14 @@ class ActivationTaps:
         (['1', '3'], ['2', '4'])
     """
 
-    def __init__(self, model: nn.Module, saturation_derivative: float = 0.05) -> None:
+    def __init__(self, model: nn.Module, saturation_derivative: float = 0.05, dead_min_samples: int = 16) -> None:
         if not 0.0 < saturation_derivative < 1.0:
             raise ValueError(f"`saturation_derivative` must be in (0, 1), got {saturation_derivative!r}.")
+        if isinstance(dead_min_samples, bool) or not isinstance(dead_min_samples, int) or dead_min_samples < 1:
+            raise ValueError(f"`dead_min_samples` must be a positive int, got {dead_min_samples!r}.")
         self.model = model
         self.saturation_derivative = float(saturation_derivative)
+        self.dead_min_samples = dead_min_samples
         self.calls = 0
         self._handles: list[RemovableHandle] = []
         self._slots: dict[tuple[int | None, int, int], _Slot] = {}
@@ -339,6 +360,7 @@ class ActivationTaps:
         for slot in self._site_order:
             slot.sums = None
             slot.active = None
+            slot.samples = 0.0
 
     # ------------------------------------------------------------------------------------------- hooks
     def _make_enter(self, owner_id: int) -> Callable[..., None]:
@@ -420,6 +442,7 @@ class ActivationTaps:
                 "total": mean * count,
                 "sum_sq": (var + mean * mean) * count,
                 "saturated": self._saturated(site.kind, y, slot).to(acc_dtype),
+                "nonfinite": (~torch.isfinite(mean + var)).to(acc_dtype),  # NaN/Inf make both non-finite
             }
             sums = SITE_STATISTICS.stack(values).sums
             slot.sums = sums if slot.sums is None else slot.sums + sums
@@ -486,10 +509,25 @@ class ActivationTaps:
         if reduce is not None:
             flat = reduce(flat)
         host = flat.detach().cpu().numpy().astype(np.float64)
+        stats = self._derive(step, host, layer_of_module or {}, default_depth)
+        self._pool(flat, len(SITE_STATISTICS.sums) * len(slots))
         for slot in slots:
             slot.sums = None
-            slot.active = None
-        return self._derive(step, host, layer_of_module or {}, default_depth)
+        return stats
+
+    def _pool(self, flat: Tensor, offset: int) -> None:
+        """Keep the (reduced) per-unit activity of sites not yet seen on ``dead_min_samples`` inputs per unit."""
+        for slot in self._site_order:
+            units = slot.site.units
+            if slot.site.kind not in DEAD_KINDS or units is None:
+                slot.active = None
+                continue
+            pooled = flat[offset : offset + units]
+            offset += units
+            # summed with the next steps' (and re-summed over ranks): only whether a unit's sum is 0 matters
+            slot.active = pooled.clone() if 0 < slot.samples < self.dead_min_samples else None
+            if slot.active is None:
+                slot.samples = 0.0
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         for slot in self._site_order:
@@ -510,7 +548,9 @@ class ActivationTaps:
         count = len(slots)
         rows = len(SITE_STATISTICS.sums)
         named = SITE_STATISTICS.split(host[: rows * count].reshape(rows, count))
-        n, total, squares, saturated = (named[name] for name in ("count", "total", "sum_sq", "saturated"))
+        n, total, squares, saturated, nonfinite = (
+            named[name] for name in ("count", "total", "sum_sq", "saturated", "nonfinite")
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             mean = np.where(n > 0, total / n, np.nan)
             var = np.where(n > 0, squares / n - mean * mean, np.nan)
@@ -525,8 +565,7 @@ class ActivationTaps:
             if site.kind in DEAD_KINDS and site.units is not None:
                 active = host[offset : offset + site.units]
                 offset += site.units
-                if n[i] > 0 and site.units > 0:
-                    dead[i] = float((active == 0).sum()) / site.units
+                dead[i] = self._dead_fraction(slot, active, float(n[i]), bool(nonfinite[i] > 0))
         feeds: list[str | None] = []
         depths = np.empty(count, dtype=np.int32)
         for i, slot in enumerate(slots):
@@ -546,7 +585,26 @@ class ActivationTaps:
                 "act_mean": mean,
                 "act_std": std,
             },
+            nonfinite=nonfinite > 0,
         )
+
+    def _dead_fraction(self, slot: _Slot, active: np.ndarray, count: float, nonfinite: bool) -> float:
+        """The fraction of never-positive units once enough inputs per unit are pooled, else NaN.
+
+        Adds this step's inputs per unit to the slot's pool; a site with non-finite outputs is not judged (a
+        NaN is not "never positive") and its pool starts over.
+        """
+        units = slot.site.units or 0
+        if count <= 0 or units <= 0:
+            return float("nan")
+        if nonfinite:
+            slot.samples = 0.0
+            return float("nan")
+        slot.samples += count / units
+        if slot.samples < self.dead_min_samples:
+            return float("nan")
+        slot.samples = 0.0
+        return float((active == 0).sum()) / units
 
 
 def _active_per_unit(y: Tensor, unit_dim: int) -> Tensor:
@@ -559,3 +617,99 @@ def _active_per_unit(y: Tensor, unit_dim: int) -> Tensor:
     dim = unit_dim if unit_dim < y.dim() else y.dim() - 1
     others = [d for d in range(y.dim()) if d != dim]
     return y.amax(dim=others) > 0
+
+
+class ForwardOriginTaps:
+    """Forward hooks on every module that note whether its output holds NaN/Inf, armed for one step at a time.
+
+    On the step a non-finite value is born, the first module in forward order whose output is non-finite is
+    where it appeared: :meth:`finalize` lists the modules whose outputs were non-finite, in the order their
+    forward passes returned (a child returns before its parent, so the innermost module comes first).
+
+    What it costs: while armed, one float32 sum and one ``isfinite`` per floating-point output tensor of each
+    module call (a tuple's or a dict's tensors each), kept on the device; one host copy in :meth:`finalize`. The
+    recorder arms it on logged steps only, so an unlogged step runs no hook at all.
+
+    Limits: a NaN made by functional code between modules (``torch.log`` in a ``forward``) is named at the first
+    module whose output carries it, usually the parent whose ``forward`` holds that code; a non-finite input
+    (NaN in the data) is named at the first module that returns it; a finite value so large that its float32
+    sum overflows (outputs summing past ~3e38) counts as non-finite. On a step that is not armed (not logged)
+    nothing is seen: a NaN born there and carried in the weights is found on the next logged step at the first
+    module that reads those weights.
+
+    Args:
+        model: The model (names from ``named_modules()``, as the gradient layers are).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> taps = ForwardOriginTaps(net)
+        >>> taps.start()
+        >>> _ = net(torch.full((2, 4), float("nan")))
+        >>> taps.stop()
+        >>> taps.finalize()
+        ['0', '1', '2']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._names = {id(m): clean_parameter_name(n) for n, m in model.named_modules() if n}
+        self._handles: list[RemovableHandle] = []
+        self._flags: list[tuple[int, Tensor]] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are installed."""
+        return bool(self._handles)
+
+    def start(self) -> None:
+        """Install the hooks (idempotent over the micro-batches of one step)."""
+        if self._handles:
+            return
+        for module in self.model.modules():
+            if id(module) in self._names:
+                self._handles.append(module.register_forward_hook(self._tap))
+
+    def stop(self) -> None:
+        """Remove the hooks; the flags stay until :meth:`finalize`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _tap(self, module: nn.Module, args: Any, output: Any) -> None:
+        tensors = _float_tensors(output)
+        if not tensors:
+            return
+        with torch.no_grad():
+            total = torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors]).sum()
+            self._flags.append((id(module), torch.isfinite(total)))
+
+    def finalize(self, limit: int = 16) -> list[str]:
+        """The modules whose outputs held NaN/Inf since :meth:`start`, first returned first (at most ``limit``).
+
+        Resets the flags. ``[]`` when every output was finite or nothing ran.
+        """
+        flags, self._flags = self._flags, []
+        if not flags:
+            return []
+        finite = torch.stack([flag.to("cpu", non_blocking=False) for _, flag in flags]).numpy()
+        names: list[str] = []
+        for (module_id, _), ok in zip(flags, finite.tolist()):
+            name = self._names[module_id]
+            if not ok and name not in names:
+                names.append(name)
+                if len(names) >= limit:
+                    break
+        return names
+
+
+def _float_tensors(output: Any) -> list[Tensor]:
+    """The floating-point tensors of a module's output (itself, or one level of a tuple, list or dict)."""
+    if isinstance(output, Tensor):
+        return [output] if output.is_floating_point() and output.numel() else []
+    if isinstance(output, Mapping):
+        items: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    else:
+        return []
+    return [t for t in items if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]

@@ -68,6 +68,7 @@ class _Unwritten:
     record: StepRecord
     activations: ActivationStats | None = None
     signal: SignalStats | None = None
+    nonfinite_modules: list[str] | None = None  # forward-origin taps: modules whose outputs held NaN/Inf
 
 
 class GradientFlowRecorder:
@@ -195,7 +196,10 @@ class GradientFlowRecorder:
             activations=options.track_activations,
             backward_signal=options.track_backward_signal,
             saturation_derivative=config.saturation_derivative,
+            dead_min_samples=config.dead_min_samples,
             group_by=options.group_by,
+            forward_origin=self.diagnosis is not None and config.forward_origin,
+            max_origin_modules=config.max_layers_in_evidence,
         )
         template = (
             run_info
@@ -228,6 +232,7 @@ class GradientFlowRecorder:
         )
         self._unwritten: _Unwritten | None = None
         self._step_hooks: list[RemovableHandle] = []
+        self._maximize = False
         self._profiled = False
         self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
         self._last_step = -1  # the last step seen by start_step or capture, offset included
@@ -505,7 +510,7 @@ class GradientFlowRecorder:
             self.step_taps.start(step)
 
     def pause_activations(self) -> None:
-        """Stop the activation taps until the next :meth:`start_step` (e.g. for a validation pass)."""
+        """Stop the activation and forward-origin taps until the next :meth:`start_step` (e.g. for validation)."""
         self.step_taps.pause()
 
     def capture(
@@ -574,6 +579,8 @@ class GradientFlowRecorder:
             self.diagnosis.world_size = self.collectives.world_size
             self._profiled = True
         tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
+        # an optimizer that climbs the loss by design: the loss_rising finding names it
+        self._maximize = owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups)
         return True
 
     def after_step(self) -> StepRecord | None:
@@ -588,11 +595,13 @@ class GradientFlowRecorder:
             return None
         self._emit()  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
+        if self._maximize:
+            record.global_metrics["optimizer_maximize"] = 1.0
         self.last_recorded_step = record.step
-        acts, signal = self.step_taps.finalize(record.step, self.tracker.layer_map, self.collectives)
+        tapped = self.step_taps.finalize(record.step, self.tracker.layer_map, self.collectives)
         if not self.run_info.activation_sites:
             self.run_info.activation_sites = list(self.step_taps.activation_sites)
-        self._unwritten = _Unwritten(record, acts, signal)
+        self._unwritten = _Unwritten(record, *tapped)
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -629,26 +638,31 @@ class GradientFlowRecorder:
         unwritten, self._unwritten = self._unwritten, None
         if unwritten is None:
             return []
-        record, acts = unwritten.record, unwritten.activations
-        findings = self._diagnose(record, acts, unwritten.signal)
+        record = unwritten.record
+        findings = self._diagnose(unwritten)
         if self.collectives.is_global_zero:
-            self._write(record, acts, unwritten.signal)
+            self._write(record, unwritten.activations, unwritten.signal)
             for listener in self._listeners:
                 listener(record)
         if self.diagnosis is not None:
             self._act_on(findings, record.step, final)
         return findings
 
-    def _diagnose(
-        self, record: StepRecord, acts: ActivationStats | None, signal: SignalStats | None = None
-    ) -> list[Finding]:
+    def _diagnose(self, unwritten: _Unwritten) -> list[Finding]:
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
             return []
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
-        loss = record.global_metrics.get("loss")
-        findings = self.diagnosis.update(record, acts, loss, loss_scaled=self.loss_scaled, signal=signal)
+        record = unwritten.record
+        findings = self.diagnosis.update(
+            record,
+            unwritten.activations,
+            record.global_metrics.get("loss"),
+            loss_scaled=self.loss_scaled,
+            signal=unwritten.signal,
+            nonfinite_modules=unwritten.nonfinite_modules,
+        )
         self.writer.write_findings(findings)
         return findings
 

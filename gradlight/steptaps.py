@@ -1,21 +1,32 @@
-"""The taps of one logged step: activation statistics (forward) and the backward signal.
+"""The taps of one logged step: activation statistics, where a NaN/Inf is born in forward, the backward signal.
 
 :class:`StepTaps` builds the taps at first use (after lazy modules, ``configure_model`` and wrapping),
 starts them for a logged step, stops them when its passes are over and turns what they gathered into the
-step's :class:`~gradlight.activations.ActivationStats` and :class:`~gradlight.signal.SignalStats`.
+step's :class:`TappedStep`: :class:`~gradlight.activations.ActivationStats`, the modules whose forward outputs
+were non-finite, and :class:`~gradlight.signal.SignalStats`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 
-from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.activations import ActivationStats, ActivationTaps, ForwardOriginTaps
 from gradlight.collectives import Collectives
 from gradlight.layers import GroupBy, LayerMap
 from gradlight.runfolder import ActivationSiteInfo
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 
-__all__ = ["StepTaps"]
+__all__ = ["StepTaps", "TappedStep"]
+
+
+class TappedStep(NamedTuple):
+    """What the taps gathered on one logged step (``None`` for a tap that did not run on it)."""
+
+    activations: ActivationStats | None = None
+    signal: SignalStats | None = None
+    nonfinite_modules: list[str] | None = None  # forward-origin taps: modules whose outputs held NaN/Inf
 
 
 class StepTaps:
@@ -26,7 +37,10 @@ class StepTaps:
         activations: Tap activation statistics (``track_activations``).
         backward_signal: Tap the backward signal (``track_backward_signal``).
         saturation_derivative: The activation taps' saturation threshold (see :class:`ActivationTaps`).
+        dead_min_samples: The activation taps' inputs per unit before a unit can be judged dead.
         group_by: How the backward signal groups modules into blocks.
+        forward_origin: Tap where a NaN/Inf is born in forward (:class:`ForwardOriginTaps`).
+        max_origin_modules: The most non-finite modules :meth:`finalize` lists.
 
     Example:
         >>> import torch
@@ -36,8 +50,8 @@ class StepTaps:
         >>> taps.start(0)
         >>> _ = model(torch.randn(8, 4))
         >>> taps.stop()
-        >>> acts, signal = taps.finalize(0, GradientFlowTracker(model).layer_map)
-        >>> acts.sites, signal
+        >>> tapped = taps.finalize(0, GradientFlowTracker(model).layer_map)
+        >>> tapped.activations.sites, tapped.signal
         (['1'], None)
     """
 
@@ -47,31 +61,42 @@ class StepTaps:
         *,
         activations: bool,
         backward_signal: bool,
-        saturation_derivative: float = 0.1,
+        saturation_derivative: float = 0.05,
+        dead_min_samples: int = 16,
         group_by: GroupBy = None,
+        forward_origin: bool = False,
+        max_origin_modules: int = 16,
     ) -> None:
         self.model = model
         self.track_activations = activations
         self.track_backward_signal = backward_signal
         self.saturation_derivative = saturation_derivative
+        self.dead_min_samples = dead_min_samples
         self.group_by = group_by
+        self.track_forward_origin = forward_origin
+        self.max_origin_modules = max_origin_modules
         #: The activation taps (built at the first logged step that taps them).
         self.activations: ActivationTaps | None = None
         #: The backward-signal taps (built at the first logged step that taps them).
         self.signal: BackwardSignalTaps | None = None
+        #: The forward-origin taps (built at the first logged step that taps them).
+        self.origin: ForwardOriginTaps | None = None
         #: The loss scale the tapped step's backward ran with (fp16 AMP): the signal carries it.
         self.backward_scale = 1.0
         #: The activation sites of the first step with activation statistics (for ``run.json``).
         self.activation_sites: list[ActivationSiteInfo] = []
         self._activation_step: int | None = None
         self._signal_step: int | None = None
+        self._origin_step: int | None = None
         self._module_layers: tuple[LayerMap, dict[str, tuple[str, int]]] | None = None
 
     def start(self, step: int) -> None:
         """Start the taps for logged step ``step`` (idempotent over the micro-batches of one step)."""
         if self.track_activations:
             if self.activations is None:  # built at first use: after lazy modules, configure_model and wrapping
-                self.activations = ActivationTaps(self.model, saturation_derivative=self.saturation_derivative)
+                self.activations = ActivationTaps(
+                    self.model, saturation_derivative=self.saturation_derivative, dead_min_samples=self.dead_min_samples
+                )
             self.activations.start()
             self._activation_step = step
         if self.track_backward_signal:
@@ -79,11 +104,18 @@ class StepTaps:
                 self.signal = BackwardSignalTaps(self.model, group_by=self.group_by)
             self.signal.start()
             self._signal_step = step
+        if self.track_forward_origin:
+            if self.origin is None:  # built at first use, like the activation taps
+                self.origin = ForwardOriginTaps(self.model)
+            self.origin.start()  # where a NaN/Inf is born in forward, on logged steps only
+            self._origin_step = step
 
     def pause(self) -> None:
-        """Stop the activation taps until the next :meth:`start` (e.g. for a validation pass)."""
+        """Stop the activation and forward-origin taps until the next :meth:`start` (e.g. for a validation pass)."""
         if self.activations is not None:
             self.activations.stop()
+        if self.origin is not None:
+            self.origin.stop()
 
     def stop(self) -> None:
         """Stop every tap: the step's forward and backward passes are over (no hook stays between steps)."""
@@ -91,18 +123,20 @@ class StepTaps:
             self.activations.stop()
         if self.signal is not None:
             self.signal.stop()
+        if self.origin is not None:
+            self.origin.stop()
 
-    def finalize(
-        self, step: int, layer_map: LayerMap, collectives: Collectives | None = None
-    ) -> tuple[ActivationStats | None, SignalStats | None]:
-        """The statistics the taps gathered for ``step`` (``None`` for a tap that did not run on it).
+    def finalize(self, step: int, layer_map: LayerMap, collectives: Collectives | None = None) -> TappedStep:
+        """What the taps gathered for ``step`` (``None`` for a tap that did not run on it).
 
         Every rank calls it: one all-reduce for the activations and one gather for the signal under several
         ranks, and one host copy each.
         """
-        collectives = collectives if collectives is not None else Collectives()
-        return self._finalize_activations(step, layer_map, collectives), self._finalize_signal(
-            step, layer_map, collectives
+        coll = collectives if collectives is not None else Collectives()
+        return TappedStep(
+            self._finalize_activations(step, layer_map, coll),
+            self._finalize_signal(step, layer_map, coll),
+            self._finalize_origin(step),
         )
 
     def discard(self) -> None:
@@ -111,6 +145,9 @@ class StepTaps:
             self.activations.discard()
         if self.signal is not None:
             self.signal.discard()
+        if self.origin is not None:
+            self.origin.stop()
+            self.origin.finalize()
 
     def _finalize_activations(self, step: int, layer_map: LayerMap, collectives: Collectives) -> ActivationStats | None:
         taps = self.activations
@@ -144,6 +181,15 @@ class StepTaps:
             data_parallel_size=world,
             depth_of={name: depth for depth, name in enumerate(layer_map.layers)},
         )
+
+    def _finalize_origin(self, step: int) -> list[str] | None:
+        """The modules whose forward outputs held NaN/Inf on ``step`` (``None`` if not tapped)."""
+        taps = self.origin
+        if taps is None or self._origin_step != step:
+            return None
+        taps.stop()
+        self._origin_step = None
+        return taps.finalize(self.max_origin_modules)
 
     def _layers_of_modules(self, layer_map: LayerMap) -> dict[str, tuple[str, int]]:
         """``module name -> (layer, depth)`` for the modules whose parameters are monitored (per layer map)."""

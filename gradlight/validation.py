@@ -112,6 +112,7 @@ class Bounds:
         high_open: ``value`` must be less than ``high`` (else at most ``high``).
         integer: Only ints are valid (a bool is not).
         optional: ``None`` is valid too.
+        boolean: Only ``True`` and ``False`` are valid (the numeric bounds are not used).
 
     Example:
         >>> Bounds(0, 1, low_open=True).describe()
@@ -126,9 +127,12 @@ class Bounds:
     high_open: bool = False
     integer: bool = False
     optional: bool = False
+    boolean: bool = False
 
     def accepts(self, value: object) -> bool:
         """Whether ``value`` is valid."""
+        if self.boolean:
+            return isinstance(value, bool)
         if value is None:
             return self.optional
         kinds = (int,) if self.integer else (int, float)
@@ -140,6 +144,8 @@ class Bounds:
 
     def describe(self) -> str:
         """What is valid, in words (``"in (0, 1]"``, ``"> 0 or None"``, ``"an int >= 1"``)."""
+        if self.boolean:
+            return "True or False"
         if self.low is not None and self.high is not None:
             text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
         elif self.low is not None:

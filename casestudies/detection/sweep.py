@@ -37,6 +37,8 @@ __all__ = ["WARMUP", "best_lrs", "lr_config", "main", "plot_map_vs_lr", "step0_c
 
 #: The warm-up rule every variant shares in the sweep (Ultralytics' defaults: the intact recipe's).
 WARMUP: dict[str, float] = {"warmup_epochs": 3.0, "warmup_bias_lr": 0.1}
+#: Exit code of a grid stopped by Ctrl-C or SIGTERM (:func:`~casestudies.detection.grid.runner.run_grid`).
+INTERRUPTED = 130
 #: Columns of ``sweep.csv``.
 SWEEP_COLUMNS = (
     "variant",
@@ -167,6 +169,8 @@ def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], st
     if stage in ("both", "lrs"):
         for grid in grids.values():
             code = max(code, run_grid(grid))
+            if code == INTERRUPTED:  # Ctrl-C / SIGTERM stops the sweep, not just this learning rate
+                return code
     summaries = {lr: pd.read_csv(Path(g.out) / "summary.csv") for lr, g in grids.items() if _has_summary(g)}
     if not summaries:
         print("sweep: no learning rate finished; nothing to pick", file=sys.stderr)
@@ -192,6 +196,8 @@ def _stage_two(config: GridConfig, best: dict[str, float], seeds: Sequence[int],
         folder = out / f"best-{variant}"
         grid = dataclasses.replace(lr_config(config, lr0, folder), variants=[variant], seeds=list(seeds))
         code = max(code, run_grid(grid))
+        if code == INTERRUPTED:
+            return code
         table = seed_stats.aggregate(seed_stats.load_seed_rows(folder, seeds, [variant]), seeds)
         tables.append(table.assign(lr0=lr0))
     result = pd.concat(tables, ignore_index=True)

@@ -18,6 +18,8 @@ it) or a ``note`` (worth knowing, expected in this situation). Kinds (:data:`KIN
   while the learning rate is not 0; one finding about the whole model, not per layer.
 * ``no_gradient``: trainable parameters in the optimizer that get no gradient (never called, cut off).
 * ``saturated`` / ``dead_units``: from activation taps.
+* ``loss_rising`` / ``loss_oscillating`` / ``loss_plateau``: the training loss judged on its own (a climb above
+  the untrained model's level, wide jumps without progress, no progress while the weights move).
 
 Causes and remedies come from :data:`RULES`, a rule table evaluated against a :class:`ModelProfile` and the
 finding's evidence. The package's parts: :mod:`~gradlight.diagnosis.config` (thresholds),

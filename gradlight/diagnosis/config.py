@@ -16,6 +16,7 @@ NON_NEGATIVE = Bounds(0)
 FACTOR = Bounds(1, low_open=True)  # a multiple: > 1
 FRACTION = Bounds(0, 1, low_open=True)  # in (0, 1]
 LOW_FRACTION = Bounds(0, 1, high_open=True)  # in [0, 1)
+BOOLEAN = Bounds(boolean=True)  # True or False
 
 
 @dataclass
@@ -120,6 +121,39 @@ class DiagnosisConfig:
         init_scale_tolerance: A weight's initial standard deviation counts as tiny (huge) when it is more
             than this factor below (above) both the He and the Xavier expectation for its fan-in/fan-out.
         max_layers_in_evidence: Cap on per-layer entries stored in a finding's evidence.
+        loss_window: Logged steps of training loss the loss findings (``loss_rising``, ``loss_oscillating``,
+            ``loss_plateau``) look back over; ``None`` turns them off (a loss that is not minimised: a GAN's,
+            a reinforcement-learning objective). Longer windows judge a trend on more batches (less noise) but
+            report later.
+        loss_initial_steps: The initial level is the median loss of the logged steps within this many
+            optimizer steps after monitoring began (the untrained model's loss when it begins at step 0).
+        loss_trend_z: A trend counts when the window's Mann-Kendall statistic reaches this many standard
+            deviations (3: a chance of about 1 in 700 for a loss that only has batch noise around a level);
+            also the bound under which a window has "no trend". Rank-based: a few outlier batches do not make
+            a trend.
+        loss_rise: ``loss_rising`` needs the loss at least this fraction of ``|initial level|`` above the
+            initial level (and above every loss of the initial steps): worse than the untrained model, which a
+            warm-up overshoot or a cosine restart (both starting from a trained, lower level) does not reach.
+            An optimizer climbing a cross-entropy with Adam at 1e-3 raised it by ~10% in 60 steps.
+        loss_stuck_drop: ``loss_plateau`` and ``loss_oscillating`` need the loss less than this fraction of
+            ``|initial level|`` below the initial level: no progress at all since the start.
+        loss_swing: The 10th-to-90th percentile range of the window over its median at which a loss without
+            progress counts as oscillating (at or above) rather than stuck (below).
+        loss_min_steps: ``loss_plateau`` and ``loss_oscillating`` are judged only this many optimizer steps
+            after monitoring began: healthy runs spend their first steps near the initial level (warm-up, a
+            small learning rate), and bring the loss down within about a hundred steps.
+        loss_patience: Logged steps a loss condition must hold in a row before it is reported.
+        loss_slow_update_ratio: A loss plateau while the median layer moves less than this fraction of its
+            norm per step (1e-5: 0.1% in a hundred steps; healthy layers move 1e-3 to 1e-2 per step) is put
+            down to a learning rate too small, rather than to a model that learns nothing from its inputs.
+        dead_min_samples: Inputs per unit (batch elements, times positions for convolutions and sequences) a
+            ReLU unit must be seen on before "never positive" counts as dead; fewer are pooled over the next
+            logged steps. A live unit that fires on a fraction ``p`` of its inputs stays off on ``n`` of them
+            with probability ``(1 - p) ** n``: on one sample (batch size 1, an MLP) half the units of a healthy
+            ReLU layer are off, on 16 a unit firing half the time is off with probability 1.5e-5.
+        forward_origin: On logged steps, tap every module's forward output for NaN/Inf (one float32 sum per
+            output, no host copy until the step's record), so that a ``non_finite`` finding names the first
+            module in forward order whose output was non-finite. Unlogged steps run no hook either way.
 
     Example:
         >>> DiagnosisConfig(vanishing_ratio=1e-4, vanishing_patience=5).vanishing_patience
@@ -160,6 +194,17 @@ class DiagnosisConfig:
     deep_stack_layers: int = bounded(8, POSITIVE_INT)
     init_scale_tolerance: float = bounded(4.0, FACTOR)
     max_layers_in_evidence: int = bounded(16, POSITIVE_INT)
+    loss_window: int | None = bounded(20, Bounds(4, integer=True, optional=True))
+    loss_initial_steps: int = bounded(10, POSITIVE_INT)
+    loss_trend_z: float = bounded(3.0, POSITIVE)
+    loss_rise: float = bounded(0.05, POSITIVE)
+    loss_stuck_drop: float = bounded(0.05, POSITIVE)
+    loss_swing: float = bounded(0.5, POSITIVE)
+    loss_min_steps: int = bounded(100, COUNT)
+    loss_patience: int = bounded(3, POSITIVE_INT)
+    loss_slow_update_ratio: float = bounded(1e-5, POSITIVE)
+    dead_min_samples: int = bounded(16, POSITIVE_INT)
+    forward_origin: bool = bounded(True, BOOLEAN)
 
     def __post_init__(self) -> None:
         check_fields(self)  # every field declares its valid values (`bounded`)

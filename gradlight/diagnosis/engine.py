@@ -91,6 +91,7 @@ class GradientDiagnosis:
         loss: float | None = None,
         loss_scaled: bool = False,
         signal: SignalStats | None = None,
+        nonfinite_modules: list[str] | None = None,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
 
@@ -103,6 +104,9 @@ class GradientDiagnosis:
                 ``scaled_non_finite_patience`` logged steps.
             signal: The step's backward-signal statistics, if the taps are on: ``vanishing`` and
                 ``exploding`` findings then name the blocks where the signal is lost or amplified.
+            nonfinite_modules: The modules whose forward outputs held NaN/Inf on the step, first returned first
+                (:class:`~gradlight.activations.ForwardOriginTaps`), if they were tapped: a ``non_finite``
+                finding then names where in forward the value was born.
         """
         step = StepContext(
             record=record,
@@ -118,6 +122,7 @@ class GradientDiagnosis:
             modules_run=self.modules_run,
             world_size=self.world_size,
             signal=signal,
+            nonfinite_modules=nonfinite_modules,
             is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
         )
         finite = step.gradients_finite

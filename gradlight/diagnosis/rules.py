@@ -61,9 +61,20 @@ def _short(names: Iterable[str], limit: int = 3) -> str:
 #: The cause/remedy table, in priority order (documented in docs/diagnosis.md).
 RULES: tuple[Rule, ...] = (
     Rule(
+        "forward_origin",
+        ("non_finite",),
+        lambda c: bool(c.evidence.get("forward_origin") or c.evidence.get("activation_nonfinite")),
+        "the forward pass produced it: {module} is the first module (in forward order) whose output held NaN/Inf "
+        "(log/sqrt/division at 0 or exp overflow in it or in the code just before it, NaN in the input data, "
+        "or its weights already non-finite)",
+        "check {module}'s input and weights on that step's batch; guard log/sqrt/div with an epsilon, clamp exp "
+        "inputs; check the data for NaN",
+        lambda c: {"module": c.evidence.get("forward_origin") or c.evidence.get("activation_nonfinite")},
+    ),
+    Rule(
         "loss_non_finite",
         ("non_finite",),
-        lambda c: c.evidence.get("loss_finite") is False,
+        lambda c: c.evidence.get("loss_finite") is False and not c.evidence.get("forward_origin"),
         "the loss itself is NaN/Inf (log of 0, division by 0, overflow in the loss)",
         "guard the loss (clamp log/softmax inputs, add an epsilon to divisions); use bf16 or a loss scaler",
     ),
@@ -77,7 +88,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "backward_op",
         ("non_finite",),
-        lambda c: c.evidence.get("loss_finite") is not False and not c.evidence.get("after_exploding"),
+        lambda c: (
+            c.evidence.get("loss_finite") is not False
+            and not c.evidence.get("after_exploding")
+            and not c.evidence.get("forward_origin")
+        ),
         "a NaN/Inf appeared inside the backward pass at {layer} (closest to the loss): an op with an "
         "infinite derivative (sqrt/log/pow/division at 0), fp16 overflow, or a gradient hook",
         "check that layer's forward for sqrt/log/div at 0 (add an epsilon); run one step under "
@@ -303,6 +318,85 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
+#: The rows of the loss findings (``loss_rising``, ``loss_oscillating``, ``loss_plateau``), part of :data:`RULES`.
+_LOSS_RULES: tuple[Rule, ...] = (
+    Rule(
+        "optimizer_maximizes",
+        ("loss_rising",),
+        lambda c: bool(c.evidence.get("maximize")),
+        "the optimizer is set to maximize (maximize=True in its param groups): every step climbs the loss",
+        "drop maximize=True (or negate the objective you want to maximise and minimise that)",
+        conclusive=True,
+    ),
+    Rule(
+        "large_updates_climb",
+        ("loss_rising",),
+        lambda c: _at_least(c.evidence.get("median_update_ratio"), c.config.exploding_update_ratio),
+        "the weights move {update} of their norm per step (healthy layers: 1e-3 to 1e-2): a learning rate so "
+        "large that every step lands higher on the loss",
+        "lower the learning rate (10x), add warm-up; clip gradients if they grow",
+        lambda c: {"update": _fmt(c.evidence.get("median_update_ratio"))},
+    ),
+    Rule(
+        "ascent",
+        ("loss_rising",),
+        lambda c: not _at_least(c.evidence.get("median_update_ratio"), c.config.exploding_update_ratio),
+        "the updates climb the loss while the gradients stay ordinary: backward ran on a loss of the opposite "
+        "sign to the one reported (a flipped sign, -loss), the update adds lr * grad instead of subtracting it, "
+        "or an optimizer is set to maximize",
+        "make backward run on the loss you minimise (check its sign), and check the optimizer's direction (a "
+        "hand-written update must subtract lr * grad; no maximize=True)",
+    ),
+    Rule(
+        "learning_rate_overshoots",
+        ("loss_oscillating",),
+        lambda c: True,
+        "a learning rate too high for the loss' curvature: each update overshoots the minimum along the "
+        "sharpest directions, so the loss jumps between {low} and {high} and makes no progress (batch noise "
+        "alone would leave it falling on average)",
+        "lower the learning rate (2-10x) or add warm-up; with Adam an epsilon far below 1e-8 acts the same; a "
+        "larger batch shrinks the part that is batch noise",
+        lambda c: {"low": _fmt(c.evidence.get("loss_low")), "high": _fmt(c.evidence.get("loss_high"))},
+    ),
+    Rule(
+        "updates_too_small",
+        ("loss_plateau",),
+        lambda c: _below(c.evidence.get("median_update_ratio"), c.config.loss_slow_update_ratio),
+        "the weights move only {update} of their norm per step: too little to change the loss in {steps} "
+        "steps (a learning rate far too small, or one that a scheduler shrank)",
+        "raise the learning rate (a learning-rate finder, e.g. Lightning's Tuner.lr_find, gives a start)",
+        lambda c: {"update": _fmt(c.evidence.get("median_update_ratio")), "steps": c.evidence.get("steps_since_start")},
+    ),
+    Rule(
+        "chance_level",
+        ("loss_plateau",),
+        lambda c: c.evidence.get("chance_classes") is not None,
+        "the loss sits at ln({k}), the cross-entropy of a uniform guess over {k} classes: the model predicts the "
+        "same distribution for every input",
+        "check that the output depends on the input (dead units, an input that reaches the model as constants)",
+        lambda c: {"k": c.evidence.get("chance_classes")},
+    ),
+    Rule(
+        "learns_nothing",
+        ("loss_plateau",),
+        lambda c: not _below(c.evidence.get("median_update_ratio"), c.config.loss_slow_update_ratio),
+        "the weights move but the loss does not: the model learns nothing from its inputs: targets independent "
+        "of the inputs (shuffled separately, the wrong column), constant or all-zero inputs (a preprocessing or "
+        "normalisation bug), or a loss that reads an output which does not depend on the input",
+        "look at one batch: targets that match their inputs, inputs that vary and are normalised; then check the "
+        "model can overfit that one batch",
+    ),
+    Rule(
+        "trained_before",
+        ("loss_plateau",),
+        lambda c: c.evidence.get("chance_classes") is None,
+        "or the model was already trained when monitoring began (resumed, or fine-tuned on data it already "
+        "fits): nothing is left to learn at this learning rate",
+        "if so, nothing to fix (loss_window=None, or on_anomaly={'loss_plateau': 'ignore'}, turns the finding off)",
+    ),
+)
+RULES = RULES + _LOSS_RULES
+
 _FALLBACK_REMEDY = {
     "no_gradient": "make sure the parameters take part in the loss, or freeze them (requires_grad=False)",
     "stalled": "check the learning rate, the loss scale and that the optimizer steps the model's parameters",
@@ -312,7 +406,22 @@ _FALLBACK_REMEDY = {
     "dormant": "check the optimizer's param groups and learning rates",
     "saturated": "normalisation before the activation, or a non-saturating activation",
     "dead_units": "LeakyReLU/GELU, lower learning rate, zero-initialised biases",
+    "loss_rising": "check the sign of the loss and the optimizer's direction; lower the learning rate",
+    "loss_oscillating": "lower the learning rate or add warm-up",
+    "loss_plateau": "check that the targets match the inputs and that the model can overfit one batch",
 }
+
+
+def _at_least(value: Any, threshold: float | None) -> bool:
+    return isinstance(value, (int, float)) and threshold is not None and value >= threshold
+
+
+def _below(value: Any, threshold: float) -> bool:
+    return isinstance(value, (int, float)) and value < threshold
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.1e}" if isinstance(value, (int, float)) else "?"
 
 
 def explain(context: RuleContext, limit: int = 3) -> tuple[str, str, list[str]]:

@@ -195,6 +195,16 @@ def test_plain_loop(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture)
     assert "loss" in set(load_history(run).metric)
 
 
+def test_readme_preflight(capsys: pytest.CaptureFixture[str]) -> None:
+    namespace = tiny_regression()
+    namespace["batch"] = next(iter(namespace["loader"]))
+    before = [p.detach().clone() for p in namespace["model"].parameters()]
+    report = run_python("readme-preflight", namespace)["report"]
+    assert report.ok and all(report.checks.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, namespace["model"].parameters()))  # restored
+    assert "gradlight preflight: ok" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["fabric", "readme-fabric"])
 def test_fabric(name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     replace = (('accelerator="cuda", devices=4, strategy="ddp"', 'accelerator="cpu", devices=1, strategy="auto"'),)
@@ -275,6 +285,7 @@ TESTED = {
     "readme-first-report",
     "readme-lightning",
     "readme-plain",
+    "readme-preflight",
     "readme-fabric",
     "readme-ultralytics",
     "readme-huggingface",

@@ -25,11 +25,11 @@ def test_the_taps_of_a_started_step_give_its_activations_and_signal() -> None:
     taps.start(3)
     _step(model)
     taps.stop()
-    acts, signal = taps.finalize(3, layer_map)
+    acts, signal, _ = taps.finalize(3, layer_map)
     assert acts is not None and acts.step == 3 and acts.sites == ["1", "3"]
     assert [(site.name, site.kind) for site in taps.activation_sites] == [("1", "tanh"), ("3", "relu")]
     assert signal is not None and signal.step == 3 and len(signal.blocks) > 0
-    assert taps.finalize(3, layer_map) == (None, None)  # each step is finalized once
+    assert taps.finalize(3, layer_map) == (None, None, None)  # each step is finalized once
 
 
 def test_a_step_that_was_not_started_gives_nothing_and_taps_nothing() -> None:
@@ -40,7 +40,7 @@ def test_a_step_that_was_not_started_gives_nothing_and_taps_nothing() -> None:
     taps.start(0)
     _step(model)
     taps.stop()
-    assert taps.finalize(1, GradientFlowTracker(model).layer_map) == (None, None)
+    assert taps.finalize(1, GradientFlowTracker(model).layer_map) == (None, None, None)
 
 
 def test_pause_stops_the_activation_taps_until_the_next_start() -> None:

@@ -4,6 +4,9 @@ from gradlight.diagnosis.detectors.activations import DeadUnitsDetector, Saturat
 from gradlight.diagnosis.detectors.base import Detector, Reference, RunState, StepContext
 from gradlight.diagnosis.detectors.dormant import DormantDetector
 from gradlight.diagnosis.detectors.exploding import ExplodingDetector
+from gradlight.diagnosis.detectors.loss_oscillating import LossOscillatingDetector
+from gradlight.diagnosis.detectors.loss_plateau import LossPlateauDetector
+from gradlight.diagnosis.detectors.loss_rising import LossRisingDetector
 from gradlight.diagnosis.detectors.no_gradient import NoGradientDetector
 from gradlight.diagnosis.detectors.non_finite import NonFiniteDetector
 from gradlight.diagnosis.detectors.stalled import StalledDetector
@@ -12,7 +15,8 @@ from gradlight.diagnosis.detectors.vanishing import VanishingDetector
 __all__ = ["DETECTORS", "Detector", "Reference", "RunState", "StepContext"]
 
 #: Every detector, in the order the engine runs them (and :data:`gradlight.diagnosis.KINDS` lists them). On
-#: steps whose gradients hold NaN/Inf only the non-finite, no-gradient and activation detectors run.
+#: steps whose gradients hold NaN/Inf only the non-finite, no-gradient, activation and loss detectors run (the
+#: loss detectors skip a non-finite loss). The loss detectors come after ``exploding``, whose blow-up they defer to.
 DETECTORS: tuple[type[Detector], ...] = (
     VanishingDetector,
     ExplodingDetector,
@@ -22,4 +26,7 @@ DETECTORS: tuple[type[Detector], ...] = (
     NoGradientDetector,
     SaturatedDetector,
     DeadUnitsDetector,
+    LossRisingDetector,
+    LossOscillatingDetector,
+    LossPlateauDetector,
 )

@@ -74,6 +74,8 @@ class StepContext:
         world_size: Number of processes.
         is_reported: ``(kind, layer, severity) -> bool``: whether that finding was already reported.
         signal: The step's backward-signal statistics, if the taps are on (:mod:`gradlight.signal`).
+        nonfinite_modules: Modules whose forward outputs held NaN/Inf on the step, first returned first, when
+            the forward-origin taps ran (:class:`~gradlight.activations.ForwardOriginTaps`); else ``None``.
     """
 
     record: StepRecord
@@ -90,6 +92,7 @@ class StepContext:
     world_size: int = 1
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     signal: SignalStats | None = None
+    nonfinite_modules: list[str] | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 

@@ -1,4 +1,8 @@
-"""``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss."""
+"""``non_finite``: a gradient holds NaN/Inf; the finding names the layer closest to the loss.
+
+When the forward pass of the step was tapped it also names the first module whose forward output held NaN/Inf
+(where it was born).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ class NonFiniteDetector(Detector):
     Counts are exact NaN/Inf elements; an infinite norm of finite elements is an overflow of the norm
     (exploding), not a non-finite gradient. The layer named is the one with the highest depth among those
     affected: the first the NaN/Inf reaches on its way back from the loss.
+
+    Where it was born: with the forward-origin taps (``DiagnosisConfig.forward_origin``, on logged steps) the
+    finding names the first module in forward order whose output held NaN/Inf on the episode's first step
+    (``forward_origin``), or says the forward pass was finite (``forward_finite``: born in backward). Modules
+    whose outputs are non-finite on steps with finite gradients and loss (an additive ``-inf`` attention mask)
+    are non-finite by design and skipped. Without those taps, an activation site with non-finite outputs
+    (activation taps) is named instead (``activation_nonfinite``).
     """
 
     kind = "non_finite"
@@ -29,6 +40,8 @@ class NonFiniteDetector(Detector):
         super().__init__(config)
         self.run_length = 0
         self.first_step = -1
+        self.origin: dict[str, Any] = {}  # where the current episode was born (its first step)
+        self.by_design: set[str] = set()  # modules with non-finite outputs on healthy steps
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
@@ -38,10 +51,13 @@ class NonFiniteDetector(Detector):
         bad = np.flatnonzero(counts > 0)
         if bad.size == 0:
             self.run_length = 0
+            if step.nonfinite_modules and (step.loss is None or math.isfinite(step.loss)):
+                self.by_design.update(step.nonfinite_modules)
             return []
         self.run_length += 1
         if self.run_length == 1:
             self.first_step = record.step
+            self.origin = self._origin(step)
         needed = config.scaled_non_finite_patience if step.loss_scaled else 1
         if self.run_length != needed:
             return []  # not yet persistent (loss scaler), or the same episode continues: onset only
@@ -56,6 +72,7 @@ class NonFiniteDetector(Detector):
             "after_exploding": step.run.exploded,
             "consecutive_logged_steps": self.run_length,
             "loss_scaled": step.loss_scaled,
+            **self.origin,
         }
         if step.loss is not None:
             evidence["loss"] = float(step.loss)
@@ -65,14 +82,49 @@ class NonFiniteDetector(Detector):
             f"first layer in backward order whose gradient holds NaN/Inf "
             f"({int(counts[position])} elements); {int(bad.size)} layer(s) affected"
             + (f"; non-finite on every logged step since step {self.first_step}" if self.run_length > 1 else "")
+            + _origin_text(self.origin)
         )
         return [step.finding(self.kind, layer, self.first_step, message, evidence, [layer])]
 
+    def _origin(self, step: StepContext) -> dict[str, Any]:
+        """Where the episode starting at ``step`` was born in forward, as evidence (``{}`` if not tapped)."""
+        modules = step.nonfinite_modules
+        if modules is not None:
+            born = [name for name in modules if name not in self.by_design]
+            if born:
+                return {"forward_origin": born[0], "forward_nonfinite": born[: self.config.max_layers_in_evidence]}
+            return {"forward_finite": True}
+        acts = step.activations
+        if acts is not None and acts.nonfinite.size and bool(acts.nonfinite.any()):
+            return {"activation_nonfinite": acts.sites[int(np.argmax(acts.nonfinite))]}
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the current episode."""
-        return {**super().state_dict(), "run": [self.run_length, self.first_step]}
+        return {
+            **super().state_dict(),
+            "run": [self.run_length, self.first_step],
+            "origin": dict(self.origin),
+            "by_design": sorted(self.by_design),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.run_length, self.first_step = (int(v) for v in state.get("run", (0, -1)))
+        self.origin = dict(state.get("origin", {}))
+        self.by_design = {str(name) for name in state.get("by_design", [])}
+
+
+def _origin_text(origin: Mapping[str, Any]) -> str:
+    """The message's clause on where the NaN/Inf was born."""
+    if "forward_origin" in origin:
+        return (
+            f"; born in forward: {origin['forward_origin']} is the first module whose output held NaN/Inf "
+            f"({len(origin['forward_nonfinite'])} module(s) in all)"
+        )
+    if origin.get("forward_finite"):
+        return "; every module's forward output was finite: it was born in backward"
+    if "activation_nonfinite" in origin:
+        return f"; the first activation whose outputs held NaN/Inf in forward: {origin['activation_nonfinite']}"
+    return ""

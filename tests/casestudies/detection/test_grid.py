@@ -292,7 +292,11 @@ def test_lightning_and_ultralytics_make_the_same_first_steps(tmp_path):
     table = compare_trainers.compare_runs(out)
     assert set(table["step"]) == {0, 1}
     worst = compare_trainers.per_step(table)
-    assert len(table[(table["step"] == 0) & (table["quantity"] == "grad_l2")]) == 24  # every YOLO block
+    compared = set(table[(table["step"] == 0) & (table["quantity"] == "grad_l2")]["layer"])
+    for name in ("intact", "ultralytics"):  # every block with parameters (yolo11n: 24 minus 6 Upsample/Concat)
+        history = load_history(out / "runs" / name / "gradlight")
+        assert set(history[(history["step"] == 0) & (history["metric"] == "grad_l2")]["layer"]) == compared
+    assert len(compared) == 18
     assert worst.loc[0, "loss"] <= 1e-6 and worst.loc[0, "grad_l2"] <= 1e-5 and worst.loc[1, "grad_l2"] <= 1e-3
     assert worst.loc[0, "update_ratio"] <= 2 * max(worst.loc[0, "grad_l2"], 1e-7)
     assert compare_trainers.first_difference(table, rtol=1e-3) is None
