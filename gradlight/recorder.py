@@ -45,10 +45,11 @@ from gradlight.runfolder import LayerInfo, RunFolder, RunInfo
 from gradlight.runwriter import HistoryExistsError, RunFolderWriter
 from gradlight.signal import BackwardSignalTaps, SignalStats
 from gradlight.stats import CrossRankReduction
+from gradlight.steps import StepCounter
 from gradlight.steptaps import StepTaps
 from gradlight.tracker import GradientFlowTracker, StepRecord
 from gradlight.validation import check_path, check_positive_number
-from gradlight.wrappers import unwrap_model, unwrap_optimizer
+from gradlight.wrappers import unwrap_optimizer
 
 __all__ = [
     "LOG_PREFIX",
@@ -153,35 +154,15 @@ class GradientFlowRecorder:
         warn: Callable[[str], None] | None = None,
         **option_values: Any,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        check_path("save_dir", save_dir)
-        if gradient_clip_val is not None and not (
-            isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
-        ):
-            raise ValueError(f"`gradient_clip_val` must be a number or None, got {gradient_clip_val!r}.")
-        if gradient_clip_algorithm not in (None, "norm", "value"):
-            raise ValueError(
-                f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}."
-            )
+        check_recorder_arguments(model, save_dir, gradient_clip_val, gradient_clip_algorithm)
         self.options = options = RecorderOptions.build(options, **option_values)
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
         if self.folder is not None:
             self.folder.check_usable()
         self.collectives = collectives if collectives is not None else Collectives.from_torch_distributed()
-        self.tracker = GradientFlowTracker(
-            model,
-            group_by=options.group_by,
-            exclude=options.exclude,
-            track_update_ratio=options.track_update_ratio,
-            update_method=options.update_method,
-            update_kernel=options.update_kernel,
-            edge_layers=options.edge_layers,
-            reduction=reduction,
-        )
-        config = options.diagnosis if options.diagnosis is not None else DiagnosisConfig()
-        self.diagnosis_config = config
+        self.tracker = _tracker(model, options, reduction)
+        self.diagnosis_config = config = options.diagnosis if options.diagnosis is not None else DiagnosisConfig()
         clip = float(gradient_clip_val) if gradient_clip_val else None
         self.diagnosis: GradientDiagnosis | None = (
             GradientDiagnosis(config, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
@@ -190,54 +171,22 @@ class GradientFlowRecorder:
         )
         self.grad_scaler = grad_scaler
         self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
-        #: The activation and backward-signal taps of logged steps.
-        self.step_taps = StepTaps(
-            model,
-            activations=options.track_activations,
-            backward_signal=options.track_backward_signal,
-            saturation_derivative=config.saturation_derivative,
-            dead_min_samples=config.dead_min_samples,
-            group_by=options.group_by,
-            forward_origin=self.diagnosis is not None and config.forward_origin,
-            max_origin_modules=config.max_layers_in_evidence,
-        )
-        template = (
-            run_info
-            if run_info is not None
-            else RunInfo(gradlight_version=__version__, trainer="pytorch", log_every_n_steps=0)
-        )
-        self.run_info = replace(
-            template,
-            gradlight_version=__version__,
-            log_every_n_steps=options.log_every_n_steps,
-            gradient_clip_val=clip,
-            gradient_clip_algorithm=gradient_clip_algorithm if clip else None,
-            # a template's larger world: a trainer whose other ranks do not record (Ultralytics' DDP)
-            world_size=max(template.world_size, self.collectives.world_size),
-            model=template.model or type(model).__qualname__,
-            layers=[],
-            activation_sites=[],
-        )
+        #: The activation, forward-origin and backward-signal taps of logged steps.
+        self.step_taps = StepTaps.from_options(model, options, config)
+        self.run_info = _recorded_run_info(run_info, options, clip, gradient_clip_algorithm, self.collectives, model)
         self._warn = warn
-        #: The last optimizer step recorded (``-1`` before the first); steps up to it are never recorded again.
-        self.last_recorded_step = -1
+        #: Which steps are recorded; the last one recorded.
+        self.steps = StepCounter(options.log_every_n_steps, self._setup_warning)
         #: Warns, stops or raises for new warning findings (see :attr:`should_stop`).
         self.anomaly = AnomalyPolicy(resolve_actions(options.on_anomaly), self.collectives, warn)
-        self._listeners: list[Callable[[StepRecord], None]] = []
-        self._opened = False
-        self._resumed = False
         #: The run folder's writer (rank zero writes; a no-op without ``save_dir``).
         self.writer = RunFolderWriter(
             self.folder, self.collectives, options.flush_every_n_records, options.diagnose, options.overwrite
         )
-        self._unwritten: _Unwritten | None = None
+        self._listeners: list[Callable[[StepRecord], None]] = []
         self._step_hooks: list[RemovableHandle] = []
-        self._maximize = False
-        self._profiled = False
-        self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
-        self._last_step = -1  # the last step seen by start_step or capture, offset included
-        self._step_went_back = False
-        self._setup_checked = False
+        self._unwritten: _Unwritten | None = None
+        self._opened = self._resumed = self._maximize = self._profiled = self._setup_checked = False
         if discover_forward_order:  # a plain loop: construction is its setup (a trainer's comes at open)
             self._check_setup()
             self.tracker.start_discovery()
@@ -287,31 +236,10 @@ class GradientFlowRecorder:
             ...         break
             >>> recorder.close()  # doctest: +SKIP
         """
-        from gradlight.sharding import resolve_reduction
+        from gradlight.fabric import fabric_arguments
 
-        strategy = fabric.strategy
-        precision = getattr(strategy, "precision", None)
-        collectives = Collectives.from_fabric(fabric)
-        module = unwrap_model(model)
-        kwargs.setdefault("grad_scaler", getattr(precision, "scaler", None))
-        kwargs.setdefault(
-            "run_info",
-            RunInfo(
-                gradlight_version=__version__,
-                trainer="fabric",
-                log_every_n_steps=0,
-                strategy=type(strategy).__name__,
-                precision=str(getattr(precision, "precision", "")),
-                model=type(module).__qualname__,
-            ),
-        )
-        return cls(
-            module,
-            save_dir,
-            reduction=resolve_reduction(strategy, sharding),
-            collectives=collectives,
-            **kwargs,
-        )
+        module, fixed, defaults = fabric_arguments(fabric, model, sharding)
+        return cls(module, save_dir, **fixed, **{**defaults, **kwargs})
 
     # --------------------------------------------------------------------------------- public read access
     @property
@@ -348,6 +276,15 @@ class GradientFlowRecorder:
         return self.step_taps.signal
 
     @property
+    def last_recorded_step(self) -> int:
+        """The last optimizer step recorded (``-1`` before the first); steps up to it are never recorded again."""
+        return self.steps.last_recorded_step
+
+    @last_recorded_step.setter
+    def last_recorded_step(self, value: int) -> None:
+        self.steps.last_recorded_step = value
+
+    @property
     def interval(self) -> int:
         """The recording interval in optimizer steps."""
         return self.options.log_every_n_steps
@@ -371,29 +308,6 @@ class GradientFlowRecorder:
     def notes_count(self) -> int:
         """Note findings reported in this run (a resumed run includes the checkpoint's); the engine's count."""
         return 0 if self.diagnosis is None else self.diagnosis.notes_count
-
-    def _continued_step(self, step: int) -> int:
-        """The step as recorded: ``step``, or counted on from the last one when ``step`` went back.
-
-        A step below the last one seen (or recorded) is not a step already taken: an epoch loop's
-        ``enumerate(loader)`` restarts at 0. Its records are kept, numbered on from the last step, and
-        the first time it happens a warning names both steps.
-        """
-        continued = step + self._step_offset
-        floor = max(self._last_step, self.last_recorded_step)
-        if continued < floor:
-            self._step_offset += floor + 1 - continued
-            if not self._step_went_back:
-                self._step_went_back = True
-                self._setup_warning(
-                    f"gradlight: step {step} came after step {floor} (last recorded: {self.last_recorded_step}): "
-                    "the step went back, as `enumerate(loader)` does at each epoch. Its records are kept and "
-                    f"numbered on: step {step} is recorded as step {floor + 1}, and later restarts likewise. "
-                    "Pass a step that keeps increasing over epochs (a counter of optimizer steps) to silence this."
-                )
-            continued = floor + 1
-        self._last_step = max(self._last_step, continued)
-        return continued
 
     def _check_setup(self) -> None:
         """Warn once, at setup, when nothing would be recorded, a pattern excludes nothing, or a history exists."""
@@ -420,7 +334,7 @@ class GradientFlowRecorder:
 
     def is_logged_step(self, step: int) -> bool:
         """Whether optimizer step ``step`` is recorded (not yet recorded and on the interval)."""
-        return step % self.interval == 0 and step > self.last_recorded_step
+        return self.steps.is_logged(step)
 
     def add_listener(self, on_record: Callable[[StepRecord], None]) -> None:
         """Call ``on_record(record)`` on rank zero after each record is written (e.g. to send it to a logger).
@@ -503,7 +417,7 @@ class GradientFlowRecorder:
         the activation taps on logged steps (idempotent over the micro-batches of one step).
         """
         self.open()
-        step = self._continued_step(step)
+        step = self.steps.continued(step)
         if self.tracker.forward_order is None and not self.tracker.discovering:
             self.tracker.start_discovery()
         if self.is_logged_step(step):
@@ -540,12 +454,11 @@ class GradientFlowRecorder:
             ValueError: If ``step`` is not a non-negative int, or ``grad_scale`` or ``backward_scale`` not a positive
                 finite number.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+        check_step(step)
         check_positive_number("grad_scale", grad_scale, allow_none=True)
         check_positive_number("backward_scale", backward_scale, allow_none=True)
         self.open()
-        step = self._continued_step(step)
+        step = self.steps.continued(step)
         tracker = self.tracker
         if tracker.discovering:
             tracker.stop_discovery()
@@ -556,32 +469,26 @@ class GradientFlowRecorder:
             self.after_step()
         if not self.is_logged_step(step):
             return False
-        owner: Optimizer | None = None
-        if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
-            owner = unwrap_optimizer(optimizer)
-            params = [p for group in owner.param_groups for p in group["params"]]
-        else:
-            params = list(optimizer)
-        scaler = self.grad_scaler
-        if grad_scale is None:
-            grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
-        if backward_scale is None:
-            backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
-        self.step_taps.backward_scale = float(backward_scale)
-        if self.diagnosis is not None and not self._profiled:
-            # Built at the first captured step: lazy modules have parameters only after a forward pass.
-            config = self.diagnosis_config
-            self.diagnosis.profile = ModelProfile.from_tracker(
-                tracker, config.init_scale_tolerance, gain_threshold=config.gain_threshold
-            )
-            order = tracker.forward_order
-            self.diagnosis.modules_run = set(order) if order is not None else None
-            self.diagnosis.world_size = self.collectives.world_size
-            self._profiled = True
+        owner, params = _owner_and_params(optimizer)
+        grad_scale, self.step_taps.backward_scale = _scales(self.grad_scaler, owner, grad_scale, backward_scale)
+        self._profile()
         tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
         # an optimizer that climbs the loss by design: the loss_rising finding names it
         self._maximize = owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups)
         return True
+
+    def _profile(self) -> None:
+        """Give the diagnosis the model's profile, built at the first captured step (lazy modules need a forward)."""
+        if self.diagnosis is None or self._profiled:
+            return
+        config, tracker = self.diagnosis_config, self.tracker
+        self.diagnosis.profile = ModelProfile.from_tracker(
+            tracker, config.init_scale_tolerance, gain_threshold=config.gain_threshold
+        )
+        order = tracker.forward_order
+        self.diagnosis.modules_run = set(order) if order is not None else None
+        self.diagnosis.world_size = self.collectives.world_size
+        self._profiled = True
 
     def after_step(self) -> StepRecord | None:
         """Finish the captured step after ``optimizer.step()``: update ratios and one host copy.
@@ -744,9 +651,7 @@ class GradientFlowRecorder:
         order = self.tracker.forward_order
         return {
             "version": 1,
-            "last_recorded_step": self.last_recorded_step,
-            "last_step": self._last_step,
-            "step_offset": self._step_offset,
+            **self.steps.state_dict(),
             "records_written": self.records_written,
             "forward_order": list(order) if order is not None else None,
             "diagnosis": self.diagnosis.state_dict() if self.diagnosis is not None else None,
@@ -764,13 +669,9 @@ class GradientFlowRecorder:
         Raises:
             ValueError: If ``step`` is not a non-negative int.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
-        self._last_step, self._step_offset = step - 1, 0  # going back to `step` is a resume, not a restart
-        if step == 0:
-            return
-        self.last_recorded_step = step - 1
-        self._resumed = True
+        check_step(step)
+        self.steps.resume_at(step)  # going back to `step` is a resume, not a restart
+        self._resumed = self._resumed or step > 0
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Continue the run of ``state_dict`` (from :meth:`state_dict`): call before the first step.
@@ -783,9 +684,7 @@ class GradientFlowRecorder:
             raise ValueError(
                 f"recorder state version {version} is newer than this gradlight reads (1): upgrade gradlight"
             )
-        self.last_recorded_step = int(state_dict.get("last_recorded_step", -1))
-        self._last_step = int(state_dict.get("last_step", -1))
-        self._step_offset = int(state_dict.get("step_offset", 0))
+        self.steps.load_state_dict(state_dict)
         self.records_written = int(state_dict.get("records_written", 0))
         order = state_dict.get("forward_order")
         if order is not None:
@@ -822,3 +721,84 @@ def _device_of(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def check_step(step: object) -> None:
+    """Raise a clear error unless ``step`` is a non-negative int."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+
+
+def check_recorder_arguments(
+    model: object, save_dir: str | Path | None, gradient_clip_val: object, gradient_clip_algorithm: object
+) -> None:
+    """Raise a clear error naming the first recorder argument that is not valid."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_path("save_dir", save_dir)
+    if gradient_clip_val is not None and not (
+        isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
+    ):
+        raise ValueError(f"`gradient_clip_val` must be a number or None, got {gradient_clip_val!r}.")
+    if gradient_clip_algorithm not in (None, "norm", "value"):
+        raise ValueError(f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}.")
+
+
+def _tracker(model: nn.Module, options: RecorderOptions, reduction: CrossRankReduction | None) -> GradientFlowTracker:
+    return GradientFlowTracker(
+        model,
+        group_by=options.group_by,
+        exclude=options.exclude,
+        track_update_ratio=options.track_update_ratio,
+        update_method=options.update_method,
+        update_kernel=options.update_kernel,
+        edge_layers=options.edge_layers,
+        reduction=reduction,
+    )
+
+
+def _recorded_run_info(
+    template: RunInfo | None,
+    options: RecorderOptions,
+    clip: float | None,
+    clip_algorithm: str | None,
+    collectives: Collectives,
+    model: nn.Module,
+) -> RunInfo:
+    """``run.json`` of a recorder: the caller's template with what the recorder knows filled in."""
+    if template is None:
+        template = RunInfo(gradlight_version=__version__, trainer="pytorch", log_every_n_steps=0)
+    return replace(
+        template,
+        gradlight_version=__version__,
+        log_every_n_steps=options.log_every_n_steps,
+        gradient_clip_val=clip,
+        gradient_clip_algorithm=clip_algorithm if clip else None,
+        # a template's larger world: a trainer whose other ranks do not record (Ultralytics' DDP)
+        world_size=max(template.world_size, collectives.world_size),
+        model=template.model or type(model).__qualname__,
+        layers=[],
+        activation_sites=[],
+    )
+
+
+def _owner_and_params(optimizer: Optimizer | Iterable[Tensor]) -> tuple[Optimizer | None, list[Tensor]]:
+    """The torch optimizer behind ``optimizer`` (``None`` for bare parameters) and its parameters."""
+    if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
+        owner = unwrap_optimizer(optimizer)
+        return owner, [p for group in owner.param_groups for p in group["params"]]
+    return None, list(optimizer)
+
+
+def _scales(
+    scaler: torch.amp.GradScaler | None,
+    owner: Optimizer | None,
+    grad_scale: float | None,
+    backward_scale: float | None,
+) -> tuple[float, float]:
+    """The loss scale the gradients still carry, and the one the backward passes ran with (fp16 AMP)."""
+    if grad_scale is None:
+        grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
+    if backward_scale is None:
+        backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
+    return float(grad_scale), float(backward_scale)

@@ -14,7 +14,9 @@ from torch import nn
 
 from gradlight.activations import ActivationStats, ActivationTaps, ForwardOriginTaps
 from gradlight.collectives import Collectives
+from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.layers import GroupBy, LayerMap
+from gradlight.options import RecorderOptions
 from gradlight.runfolder import ActivationSiteInfo
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
 
@@ -89,6 +91,20 @@ class StepTaps:
         self._signal_step: int | None = None
         self._origin_step: int | None = None
         self._module_layers: tuple[LayerMap, dict[str, tuple[str, int]]] | None = None
+
+    @classmethod
+    def from_options(cls, model: nn.Module, options: RecorderOptions, config: DiagnosisConfig) -> StepTaps:
+        """The taps a recorder's ``options`` and diagnosis ``config`` ask for (forward origin with the diagnosis)."""
+        return cls(
+            model,
+            activations=options.track_activations,
+            backward_signal=options.track_backward_signal,
+            saturation_derivative=config.saturation_derivative,
+            dead_min_samples=config.dead_min_samples,
+            group_by=options.group_by,
+            forward_origin=options.diagnose and config.forward_origin,
+            max_origin_modules=config.max_layers_in_evidence,
+        )
 
     def start(self, step: int) -> None:
         """Start the taps for logged step ``step`` (idempotent over the micro-batches of one step)."""
