@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from gradlight.wrappers import unwrap_optimizer
 
-__all__ = ["backward_scale_of", "grad_scale_left"]
+__all__ = ["backward_scale_of", "grad_scale_left", "step_scales"]
 
 
 def backward_scale_of(scaler: torch.amp.GradScaler | None) -> float:
@@ -57,3 +57,17 @@ def grad_scale_left(scaler: torch.amp.GradScaler | None, optimizer: Optimizer) -
     if state is not None and state.get("stage") is not OptState.READY:
         return 1.0
     return backward_scale_of(scaler)
+
+
+def step_scales(
+    scaler: torch.amp.GradScaler | None,
+    owner: Optimizer | None,
+    grad_scale: float | None,
+    backward_scale: float | None,
+) -> tuple[float, float]:
+    """The loss scale the gradients still carry, and the one the backward passes ran with (fp16 AMP)."""
+    if grad_scale is None:
+        grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
+    if backward_scale is None:
+        backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
+    return float(grad_scale), float(backward_scale)

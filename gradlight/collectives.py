@@ -10,9 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["Collectives"]
+__all__ = ["Collectives", "loss_value", "mean_over_ranks"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +110,21 @@ class Collectives:
             return strategy.broadcast(obj, src=0)
 
         return cls(world_size, int(strategy.global_rank), all_reduce_sum, broadcast)
+
+
+def loss_value(loss: float | Tensor | None) -> float | None:
+    """``loss`` as a float: a number, or a one-element tensor; ``None`` otherwise."""
+    if isinstance(loss, Tensor):
+        return float(loss.detach()) if loss.numel() == 1 else None
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
+def mean_over_ranks(collectives: Collectives, value: float | None, device: torch.device) -> float | None:
+    """``value`` averaged over the ranks that have one (every rank calls it on the same steps); local if alone."""
+    if collectives.world_size == 1 or collectives.all_reduce_sum is None:
+        return value
+    pair = torch.tensor([value or 0.0, 0.0 if value is None else 1.0], dtype=torch.float64, device=device)
+    total, count = collectives.all_reduce_sum(pair).tolist()
+    return total / count if count > 0 else None

@@ -1,7 +1,23 @@
 """What a recorder takes from a launched Lightning Fabric: the module, ranks, sharding, AMP scaler, run info.
 
 :meth:`gradlight.GradientFlowRecorder.for_fabric` builds a recorder from :func:`fabric_arguments`. Nothing
-here imports Lightning: the Fabric is read through its attributes.
+here imports Lightning: the Fabric is read through its attributes. A Fabric loop, on every rank::
+
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer)
+    loader = fabric.setup_dataloaders(loader)
+    recorder = GradientFlowRecorder.for_fabric(fabric, model, "runs/fabric")
+    for step, (x, y) in enumerate(loader):
+        loss = nn.functional.mse_loss(model(x), y)
+        fabric.backward(loss)
+        recorder.capture(step, optimizer)
+        optimizer.step()
+        recorder.end_step(loss)
+        optimizer.zero_grad()
+        if recorder.should_stop:  # with on_anomaly="stop"
+            break
+    recorder.close()
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ from torch.utils.hooks import RemovableHandle
 
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps
-from gradlight.amp import backward_scale_of, grad_scale_left
+from gradlight.amp import step_scales
 from gradlight.anomaly import AnomalyPolicy
-from gradlight.collectives import Collectives
+from gradlight.collectives import Collectives, loss_value, mean_over_ranks
 from gradlight.diagnosis import (
     DiagnosisConfig,
     Finding,
@@ -48,8 +48,8 @@ from gradlight.stats import CrossRankReduction
 from gradlight.steps import StepCounter
 from gradlight.steptaps import StepTaps
 from gradlight.tracker import GradientFlowTracker, StepRecord
-from gradlight.validation import check_path, check_positive_number
-from gradlight.wrappers import unwrap_optimizer
+from gradlight.validation import check_clip, check_path, check_positive_number, check_step
+from gradlight.wrappers import device_of, optimizer_and_params, unwrap_optimizer
 
 __all__ = [
     "LOG_PREFIX",
@@ -154,7 +154,10 @@ class GradientFlowRecorder:
         warn: Callable[[str], None] | None = None,
         **option_values: Any,
     ) -> None:
-        check_recorder_arguments(model, save_dir, gradient_clip_val, gradient_clip_algorithm)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        check_path("save_dir", save_dir)
+        check_clip(gradient_clip_val, gradient_clip_algorithm)
         self.options = options = RecorderOptions.build(options, **option_values)
         self.model = model
         self.folder: RunFolder | None = RunFolder(save_dir) if save_dir is not None else None
@@ -217,24 +220,10 @@ class GradientFlowRecorder:
             **kwargs: Any other argument of :class:`GradientFlowRecorder`.
 
         Example:
-            >>> import lightning as L
-            >>> fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp")  # doctest: +SKIP
-            >>> fabric.launch()  # doctest: +SKIP
-            >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            >>> model, optimizer = fabric.setup(model, optimizer)  # doctest: +SKIP
-            >>> loader = fabric.setup_dataloaders(loader)  # doctest: +SKIP
+            Every rank, after ``model, optimizer = fabric.setup(model, optimizer)`` (a whole loop:
+            :mod:`gradlight.fabric`):
+
             >>> recorder = GradientFlowRecorder.for_fabric(fabric, model, "runs/fabric")  # doctest: +SKIP
-            >>> for step, (x, y) in enumerate(loader):  # doctest: +SKIP
-            ...     loss = nn.functional.mse_loss(model(x), y)
-            ...     fabric.backward(loss)
-            ...     recorder.capture(step, optimizer)
-            ...     optimizer.step()
-            ...     recorder.end_step(loss)
-            ...     optimizer.zero_grad()
-            ...     if recorder.should_stop:  # with on_anomaly="stop"
-            ...         break
-            >>> recorder.close()  # doctest: +SKIP
         """
         from gradlight.fabric import fabric_arguments
 
@@ -469,8 +458,8 @@ class GradientFlowRecorder:
             self.after_step()
         if not self.is_logged_step(step):
             return False
-        owner, params = _owner_and_params(optimizer)
-        grad_scale, self.step_taps.backward_scale = _scales(self.grad_scaler, owner, grad_scale, backward_scale)
+        owner, params = optimizer_and_params(optimizer)
+        grad_scale, self.step_taps.backward_scale = step_scales(self.grad_scaler, owner, grad_scale, backward_scale)
         self._profile()
         tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
         # an optimizer that climbs the loss by design: the loss_rising finding names it
@@ -536,7 +525,7 @@ class GradientFlowRecorder:
         record = self._unwritten.record
         for name, extra in (metrics or {}).items():
             record.global_metrics[str(name)] = float(extra)
-        value = _mean_over_ranks(self.collectives, _loss_value(loss), _device_of(self.model))
+        value = mean_over_ranks(self.collectives, loss_value(loss), device_of(self.model))
         if value is not None:
             record.global_metrics["loss"] = value
         return self._emit()
@@ -603,7 +592,7 @@ class GradientFlowRecorder:
         """Warn, stop or raise for new warning findings; raise/stop decisions are agreed across ranks."""
         decision = self.anomaly.decide(findings, final)
         if not final:  # the run is ending (or an exception is under way): no collectives, nothing to stop
-            decision = self.anomaly.agree(decision, _device_of(self.model))
+            decision = self.anomaly.agree(decision, device_of(self.model))
         self.anomaly.act(decision, step, self.flush)
 
     # ------------------------------------------------------------------------------ activation statistics
@@ -699,51 +688,6 @@ class GradientFlowRecorder:
         self._resumed = True
 
 
-def _loss_value(loss: float | Tensor | None) -> float | None:
-    if isinstance(loss, Tensor):
-        return float(loss.detach()) if loss.numel() == 1 else None
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    return None
-
-
-def _mean_over_ranks(collectives: Collectives, value: float | None, device: torch.device) -> float | None:
-    """``value`` averaged over the ranks that have one (every rank calls it on the same steps); local if alone."""
-    if collectives.world_size == 1 or collectives.all_reduce_sum is None:
-        return value
-    pair = torch.tensor([value or 0.0, 0.0 if value is None else 1.0], dtype=torch.float64, device=device)
-    total, count = collectives.all_reduce_sum(pair).tolist()
-    return total / count if count > 0 else None
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (the device of collective flags); CPU for a model without any."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def check_step(step: object) -> None:
-    """Raise a clear error unless ``step`` is a non-negative int."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
-
-
-def check_recorder_arguments(
-    model: object, save_dir: str | Path | None, gradient_clip_val: object, gradient_clip_algorithm: object
-) -> None:
-    """Raise a clear error naming the first recorder argument that is not valid."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    check_path("save_dir", save_dir)
-    if gradient_clip_val is not None and not (
-        isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
-    ):
-        raise ValueError(f"`gradient_clip_val` must be a number or None, got {gradient_clip_val!r}.")
-    if gradient_clip_algorithm not in (None, "norm", "value"):
-        raise ValueError(f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}.")
-
-
 def _tracker(model: nn.Module, options: RecorderOptions, reduction: CrossRankReduction | None) -> GradientFlowTracker:
     return GradientFlowTracker(
         model,
@@ -780,25 +724,3 @@ def _recorded_run_info(
         layers=[],
         activation_sites=[],
     )
-
-
-def _owner_and_params(optimizer: Optimizer | Iterable[Tensor]) -> tuple[Optimizer | None, list[Tensor]]:
-    """The torch optimizer behind ``optimizer`` (``None`` for bare parameters) and its parameters."""
-    if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
-        owner = unwrap_optimizer(optimizer)
-        return owner, [p for group in owner.param_groups for p in group["params"]]
-    return None, list(optimizer)
-
-
-def _scales(
-    scaler: torch.amp.GradScaler | None,
-    owner: Optimizer | None,
-    grad_scale: float | None,
-    backward_scale: float | None,
-) -> tuple[float, float]:
-    """The loss scale the gradients still carry, and the one the backward passes ran with (fp16 AMP)."""
-    if grad_scale is None:
-        grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
-    if backward_scale is None:
-        backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
-    return float(grad_scale), float(backward_scale)

@@ -17,11 +17,13 @@ __all__ = [
     "Bounds",
     "bounded",
     "check_bool",
+    "check_clip",
     "check_fields",
     "check_path",
     "check_patterns",
     "check_positive_int",
     "check_positive_number",
+    "check_step",
 ]
 
 
@@ -83,6 +85,22 @@ def check_patterns(name: str, value: object) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(pattern, str) for pattern in value):
         raise ValueError(f"`{name}` must be a list or tuple of fnmatch pattern strings, got {value!r}.")
     return tuple(value)
+
+
+def check_step(step: object) -> None:
+    """Raise a clear error unless ``step`` is a non-negative int (an optimizer step)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
+
+
+def check_clip(gradient_clip_val: object, gradient_clip_algorithm: object) -> None:
+    """Raise a clear error unless the clip settings are a number (or ``None``) and ``"norm"``/``"value"``/``None``."""
+    if gradient_clip_val is not None and not (
+        isinstance(gradient_clip_val, (int, float)) and not isinstance(gradient_clip_val, bool)
+    ):
+        raise ValueError(f"`gradient_clip_val` must be a number or None, got {gradient_clip_val!r}.")
+    if gradient_clip_algorithm not in (None, "norm", "value"):
+        raise ValueError(f"`gradient_clip_algorithm` must be 'norm', 'value' or None, got {gradient_clip_algorithm!r}.")
 
 
 def check_positive_number(name: str, value: object, allow_none: bool = False) -> None:
