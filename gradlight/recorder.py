@@ -167,11 +167,11 @@ class GradientFlowRecorder:
         self.tracker = _tracker(model, options, reduction)
         self.diagnosis_config = config = options.diagnosis if options.diagnosis is not None else DiagnosisConfig()
         clip = float(gradient_clip_val) if gradient_clip_val else None
-        self.diagnosis: GradientDiagnosis | None = (
-            GradientDiagnosis(config, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm)
-            if options.diagnose
-            else None
-        )
+        self.diagnosis: GradientDiagnosis | None = None
+        if options.diagnose:
+            self.diagnosis = GradientDiagnosis(
+                config, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm
+            )
         self.grad_scaler = grad_scaler
         self.loss_scaled = bool(loss_scaled) or grad_scaler is not None
         #: The activation, forward-origin and backward-signal taps of logged steps.
@@ -186,13 +186,16 @@ class GradientFlowRecorder:
         self.writer = RunFolderWriter(
             self.folder, self.collectives, options.flush_every_n_records, options.diagnose, options.overwrite
         )
+        self._init_state()
+        if discover_forward_order:  # a plain loop: construction is its setup (a trainer's comes at open)
+            self._check_setup()
+            self.tracker.start_discovery()
+
+    def _init_state(self) -> None:
         self._listeners: list[Callable[[StepRecord], None]] = []
         self._step_hooks: list[RemovableHandle] = []
         self._unwritten: _Unwritten | None = None
         self._opened = self._resumed = self._maximize = self._profiled = self._setup_checked = False
-        if discover_forward_order:  # a plain loop: construction is its setup (a trainer's comes at open)
-            self._check_setup()
-            self.tracker.start_discovery()
 
     @classmethod
     def for_fabric(
