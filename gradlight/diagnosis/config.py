@@ -87,6 +87,14 @@ class DiagnosisConfig:
         no_gradient_patience: Logged steps in a row a trainable parameter handed to the optimizer must have no
             gradient (``.grad is None``, or exactly zero) before ``no_gradient`` is reported. Parameters that
             miss a gradient on some steps only (a detection head without targets in a batch) stay quiet.
+            Each layer counts the logged steps of the optimizer that owns it.
+        no_gradient_window: The logged steps of its optimizer over which a layer's gradients are observed (the
+            longest run without a gradient ever required). Once some layer gets a gradient on some steps and
+            none on others (LayerDrop, whole-layer stochastic depth, early exit, routed experts), a layer is
+            reported only after a run without a gradient that this skipping would produce with a chance
+            below ``no_gradient_chance`` (at the skip rate measured over those layers), at most this long.
+        no_gradient_chance: See ``no_gradient_window``: at a measured skip rate ``q`` a layer needs
+            ``log(chance) / log(q)`` logged steps in a row without a gradient (``q = 0.5``: 14 steps).
         gain_threshold: A learnable gain that scales a residual branch (LayerScale, a zero-initialised last
             BatchNorm of a block, ReZero/SkipInit) counts as near zero when its largest initial magnitude is at
             most this. The branch's gradients are then multiplied by the gain by design: a small branch
@@ -139,6 +147,8 @@ class DiagnosisConfig:
     stalled_window: int = 5
     stalled_lr_fraction: float = 1e-3
     no_gradient_patience: int = 3
+    no_gradient_window: int = 50
+    no_gradient_chance: float = 1e-4
     gain_threshold: float = 1e-2
     gain_patience: int = 50
     saturated_fraction: float = 0.5
@@ -161,6 +171,7 @@ class DiagnosisConfig:
             "exploding_update_patience",
             "stalled_window",
             "no_gradient_patience",
+            "no_gradient_window",
             "gain_patience",
             "dormant_window",
             "activation_patience",
@@ -179,6 +190,7 @@ class DiagnosisConfig:
             ("saturation_derivative", 0.0, 1.0),
             ("dormant_relative", 0.0, 1.0),
             ("gain_threshold", 0.0, 1.0),
+            ("no_gradient_chance", 0.0, 1.0),
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not low < value <= high:

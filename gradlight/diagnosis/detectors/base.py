@@ -18,7 +18,27 @@ from gradlight.diagnosis.windows import Streaks
 from gradlight.signal import SignalStats
 from gradlight.tracker import StepRecord
 
-__all__ = ["Detector", "GainScale", "Reference", "RunState", "StepContext"]
+__all__ = ["Detector", "ForwardSeen", "GainScale", "Reference", "RunState", "StepContext"]
+
+
+@dataclass(frozen=True)
+class ForwardSeen:
+    """Which parameter-owning modules one step's forward pass ran, among those that were watched.
+
+    Attributes:
+        ran: Names of the watched modules that ran.
+        watched: Names of the modules that were watched; ``None``: every parameter-owning module.
+    """
+
+    ran: frozenset[str]
+    watched: frozenset[str] | None = None
+
+    def ran_layer(self, layer: str) -> bool | None:
+        """Whether the layer's module (or a module inside it) ran; ``None`` when it was not watched."""
+        prefix = layer + "."
+        if self.watched is not None and not any(m == layer or m.startswith(prefix) for m in self.watched):
+            return None
+        return layer in self.ran or any(name.startswith(prefix) for name in self.ran)
 
 
 @dataclass
@@ -74,6 +94,7 @@ class StepContext:
         world_size: Number of processes.
         is_reported: ``(kind, layer, severity) -> bool``: whether that finding was already reported.
         signal: The step's backward-signal statistics, if the taps are on (:mod:`gradlight.signal`).
+        forward: Which modules this step's forward pass ran, where they were watched (:class:`ForwardSeen`).
     """
 
     record: StepRecord
@@ -90,6 +111,7 @@ class StepContext:
     world_size: int = 1
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     signal: SignalStats | None = None
+    forward: ForwardSeen | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 
