@@ -119,3 +119,87 @@ def test_a_generator_cut_off_by_detach_is_reported_on_its_own_steps(tmp_path: Pa
     assert row.step == 0 and row.reported_step == 4
     assert row.evidence["cut_off"] and row.evidence["rules"][0] == "graph_cut"
     assert not any(layer.startswith("discriminator") for layer in findings.layer)
+
+
+# ------------------------------------------------------------------------------ layers skipped by design
+class AudioClassifier(L.LightningModule):
+    """A small wav2vec2 (Hugging Face, built from a config) classifying two tones in noise, with LayerDrop.
+
+    ``layer_never_runs=True`` is its broken twin: the last encoder layer is taken out of the encoder's layer
+    list but kept on the model, so it is built and handed to the optimizer and never called.
+    """
+
+    def __init__(self, layerdrop: float, layer_never_runs: bool = False) -> None:
+        super().__init__()
+        from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+        torch.manual_seed(0)
+        config = Wav2Vec2Config(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(16, 16),
+            conv_kernel=(10, 3),
+            conv_stride=(5, 2),
+            num_feat_extract_layers=2,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            layerdrop=layerdrop,
+            mask_time_prob=0.0,
+            num_labels=2,
+            classifier_proj_size=16,
+        )
+        self.net = Wav2Vec2ForSequenceClassification(config)
+        if layer_never_runs:
+            encoder = self.net.wav2vec2.encoder
+            self.net.spare_layer = encoder.layers[-1]
+            encoder.layers = nn.ModuleList(list(encoder.layers)[:-1])
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 2, (128,), generator=generator)
+        time = torch.linspace(0, 1, 1600)
+        audio = torch.sin(2 * torch.pi * (20 + 40 * labels[:, None]) * time)
+        self.data = TensorDataset(audio + 0.3 * torch.randn(128, 1600, generator=generator), labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        audio, labels = batch
+        return self.net(audio, labels=labels).loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=16, shuffle=True)
+
+
+def fit_steps(model: L.LightningModule, save_dir: Path, steps: int) -> pd.DataFrame:
+    torch.manual_seed(0)
+    monitor = GradientFlowMonitor(save_dir=save_dir, log_every_n_steps=1, log_figures_every_n_epochs=None)
+    trainer = L.Trainer(max_steps=steps, callbacks=[monitor], accelerator="cpu", **QUIET)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(model)
+    return load_findings(save_dir)
+
+
+def test_layerdrop_that_skips_whole_layers_at_random_is_not_a_missing_gradient(tmp_path: Path) -> None:
+    findings = fit_steps(AudioClassifier(layerdrop=0.5), tmp_path, steps=30)
+    history = load_history(tmp_path)
+    grads = history[history.metric == "grad_l2"]
+    # the encoder's layers did skip steps (no row on those steps): the gradient came and went
+    ran = grads[grads.layer == "net.wav2vec2.encoder.layers.2.attention.k_proj"].step.nunique()
+    assert 5 < ran < 25
+    assert findings[findings.severity == "warning"].empty, findings.message.tolist()
+
+
+def test_a_layer_that_never_runs_beside_layerdrop_is_no_gradient_with_the_observed_cause(tmp_path: Path) -> None:
+    findings = fit_steps(AudioClassifier(layerdrop=0.5, layer_never_runs=True), tmp_path, steps=30)
+    warned = findings[(findings.kind == "no_gradient") & (findings.severity == "warning")]
+    assert len(warned) == 1, findings.message.tolist()
+    (row,) = warned.itertuples()
+    assert all(layer.startswith("net.spare_layer.") for layer in row.layers) and len(row.layers) == 8
+    assert row.evidence["never_called"] == row.layers and row.evidence["rules"] == ["never_called"]
+    # counted over the window: it was watched, and did not run, on every step it was reported for
+    observed = row.evidence["observed"][row.layer]
+    assert observed["not_ran"] == observed["steps"] >= 10 and observed["ran"] == 0
+    assert row.step == 0 and row.reported_step >= 10
