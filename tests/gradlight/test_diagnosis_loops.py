@@ -107,6 +107,7 @@ def test_several_optimizers_are_each_recorded_once_per_logging_interval(tmp_path
     history, findings = fit_gan(GAN(), tmp_path, batches=12, every=4)
     assert steps_of(history, "generator.") == {0, 4, 8, 12, 16, 20}
     assert steps_of(history, "discriminator.") == {1, 5, 9, 13, 17, 21}
+    assert findings[findings.severity == "warning"].empty, findings.message.tolist()
 
 
 def test_a_generator_cut_off_by_detach_is_reported_on_its_own_steps(tmp_path: Path) -> None:
@@ -119,6 +120,7 @@ def test_a_generator_cut_off_by_detach_is_reported_on_its_own_steps(tmp_path: Pa
     assert row.step == 0 and row.reported_step == 4
     assert row.evidence["cut_off"] and row.evidence["rules"][0] == "graph_cut"
     assert not any(layer.startswith("discriminator") for layer in findings.layer)
+    assert steps_of(history, "discriminator.") == set(range(1, 16, 2)) and not steps_of(history, "generator.")
 
 
 # ------------------------------------------------------------------------------ layers skipped by design
