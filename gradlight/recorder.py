@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.carry_probe import CarryProbe
 from gradlight.diagnosis import (
     DiagnosisConfig,
     Finding,
@@ -275,6 +276,7 @@ class _Unwritten:
     signal: SignalStats | None = None
     stream: str | None = None  # the optimizer that stepped (several optimizers: see _Optimizers)
     forward: ForwardSeen | None = None  # the watched modules that ran in the step's forward pass
+    carried: bool | None = None  # whether the optimizer's previous gradient was still in this one (CarryProbe)
 
 
 @dataclass
@@ -505,6 +507,9 @@ class GradientFlowRecorder:
         self._forward_seen: ForwardSeen | None = None
         self._forward_watch: ForwardWatch | None = None
         self._watch_step: int | None = None
+        self._carry_probes: dict[int, CarryProbe] = {}  # id(optimizer) -> probe started at its last record
+        self._carried: bool | None = None  # what the captured optimizer's probe found
+        self._carry_found: dict[int, bool | None] = {}  # id(optimizer) -> what its probe found
         self._missing_modules: dict[str | None, set[str]] = {}  # stream -> modules of its layers without gradient
         if discover_forward_order:
             self.tracker.start_discovery()
@@ -790,6 +795,9 @@ class GradientFlowRecorder:
         owner: Optimizer | None = None
         if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
             owner = _unwrap_optimizer(optimizer)
+        probe = self._carry_probes.pop(id(owner), None) if owner is not None else None
+        if probe is not None:  # the first step after the optimizer's last record tells
+            self._carry_found[id(owner)] = probe.carried()
         if not self._is_logged_for(step, owner):
             return False
         params = (
@@ -817,6 +825,11 @@ class GradientFlowRecorder:
         self._profiled = True
         self._pending_stream = self._stream_of(owner)
         self._forward_seen = forward
+        self._carried = self._carry_found.pop(id(owner), None)
+        if owner is not None and self.diagnosis is not None:
+            started = CarryProbe.start(params)
+            if started is not None:
+                self._carry_probes[id(owner)] = started
         return True
 
     def _is_logged_for(self, step: int, owner: Optimizer | None) -> bool:
@@ -892,6 +905,7 @@ class GradientFlowRecorder:
             self._finalize_signal(record),
             self._pending_stream,
             self._forward_seen,
+            self._carried,
         )
         self._forward_seen = None
         return record
@@ -929,7 +943,7 @@ class GradientFlowRecorder:
         if unwritten is None:
             return []
         record, acts = unwritten.record, unwritten.activations
-        findings = self._diagnose(record, acts, unwritten.signal, unwritten.stream, unwritten.forward)
+        findings = self._diagnose(record, acts, unwritten.signal, unwritten)
         if self.collectives.is_global_zero:
             self._write(record, acts)
             if unwritten.signal is not None and self._writer is not None:
@@ -946,8 +960,7 @@ class GradientFlowRecorder:
         record: StepRecord,
         acts: ActivationStats | None,
         signal: SignalStats | None = None,
-        stream: str | None = None,
-        forward: ForwardSeen | None = None,
+        unwritten: _Unwritten | None = None,
     ) -> list[Finding]:
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
@@ -955,8 +968,16 @@ class GradientFlowRecorder:
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
+        stream = unwritten.stream if unwritten is not None else None
         findings = self.diagnosis.update(
-            record, acts, loss, loss_scaled=self.loss_scaled, signal=signal, stream=stream, forward=forward
+            record,
+            acts,
+            loss,
+            loss_scaled=self.loss_scaled,
+            signal=signal,
+            stream=stream,
+            forward=unwritten.forward if unwritten is not None else None,
+            grads_carried=unwritten.carried if unwritten is not None else None,
         )
         self._watch_missing(record, stream)
         for finding in findings:
@@ -1117,6 +1138,9 @@ class GradientFlowRecorder:
         if self._forward_watch is not None:
             self._forward_watch.remove()
             self._forward_watch = None
+        for probe in self._carry_probes.values():
+            probe.stop()
+        self._carry_probes.clear()
 
     def __enter__(self) -> GradientFlowRecorder:
         self.open()

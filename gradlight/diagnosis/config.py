@@ -62,6 +62,19 @@ class DiagnosisConfig:
         exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
             the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
             grows by large factors without being a blow-up.
+        runaway_window: Logged steps over which a slow divergence is judged: the global gradient L2 rose on at
+            least ``runaway_rising`` of the successive steps, ends ``runaway_growth`` times above where it
+            started, and the median loss of the last three steps is ``runaway_loss_growth`` times that of the
+            first three. Each step is small, so the growth rule's factor over a window median never fires;
+            together, a norm and a loss that keep rising are a run that diverges. Healthy runs with warm-up
+            (the loss falls), loss spikes and late large-loss batches (they come down) do not rise steadily.
+        runaway_rising: See ``runaway_window``.
+        runaway_growth: See ``runaway_window``.
+        runaway_loss_growth: See ``runaway_window``.
+        runaway_carried_steps: When the gradient an optimizer steps with is seen to still hold its previous
+            step's gradient (``optimizer.zero_grad()`` is not called between steps: the front end checks it on
+            one small parameter), the global gradient L2 rising on this many logged steps in a row is enough:
+            the gradients accumulate, keep their direction and grow.
         clip_factor: With gradient clipping on, a pre-clip norm (``"norm"`` clipping) or largest gradient
             element (``"value"`` clipping) at least this many times the clip value for ``clip_patience``
             logged steps is reported as a ``note``: clipping then acts on every step, as a learning-rate cut.
@@ -137,6 +150,11 @@ class DiagnosisConfig:
     exploding_update_ratio: float | None = 0.1
     exploding_update_patience: int = 3
     exploding_min_share: float = 0.01
+    runaway_window: int = 10
+    runaway_rising: float = 0.8
+    runaway_growth: float = 3.0
+    runaway_loss_growth: float = 2.0
+    runaway_carried_steps: int = 3
     clip_factor: float = 10.0
     clip_patience: int = 3
     dormant_update_ratio: float = 1e-6
@@ -169,6 +187,8 @@ class DiagnosisConfig:
             "exploding_min_history",
             "clip_patience",
             "exploding_update_patience",
+            "runaway_window",
+            "runaway_carried_steps",
             "stalled_window",
             "no_gradient_patience",
             "no_gradient_window",
@@ -191,6 +211,7 @@ class DiagnosisConfig:
             ("dormant_relative", 0.0, 1.0),
             ("gain_threshold", 0.0, 1.0),
             ("no_gradient_chance", 0.0, 1.0),
+            ("runaway_rising", 0.0, 1.0),
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not low < value <= high:
@@ -199,7 +220,13 @@ class DiagnosisConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 0, got {value!r}.")
-        for name in ("exploding_factor", "clip_factor", "init_scale_tolerance"):
+        for name in (
+            "exploding_factor",
+            "clip_factor",
+            "init_scale_tolerance",
+            "runaway_growth",
+            "runaway_loss_growth",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 1:
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 1, got {value!r}.")

@@ -97,6 +97,7 @@ class GradientDiagnosis:
         signal: SignalStats | None = None,
         stream: str | None = None,
         forward: ForwardSeen | None = None,
+        grads_carried: bool | None = None,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
 
@@ -115,6 +116,9 @@ class GradientDiagnosis:
                 network's norms are never compared with another's.
             forward: Which modules were seen running in this step's forward pass, where they were watched
                 (``no_gradient`` tells "never ran" from "ran but got no gradient" with it, step by step).
+            grads_carried: Whether the gradient this optimizer stepped with still held its previous step's
+                gradient (``optimizer.zero_grad()`` not called between them; :mod:`gradlight.carry_probe`),
+                ``None`` when unknown.
         """
         step = StepContext(
             record=record,
@@ -131,6 +135,7 @@ class GradientDiagnosis:
             world_size=self.world_size,
             signal=signal,
             forward=forward,
+            grads_carried=grads_carried,
             is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
         )
         finite = step.gradients_finite

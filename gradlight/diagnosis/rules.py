@@ -171,6 +171,28 @@ RULES: tuple[Rule, ...] = (
         lambda c: {"modules": _short(c.profile.init_large)},
     ),
     Rule(
+        "gradients_not_zeroed",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("runaway") and c.evidence.get("grads_carried")),
+        "gradients are not being zeroed between steps: each step's gradient is added to the previous ones "
+        "(seen on a parameter whose gradient at a step was the previous step's plus the new one), so the "
+        "gradient keeps its direction and grows every step",
+        "call optimizer.zero_grad() once per optimizer step (before backward, or after optimizer.step()); to "
+        "accumulate over micro-batches, zero after each optimizer step only",
+        conclusive=True,
+    ),
+    Rule(
+        "slow_divergence",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("runaway") and not c.evidence.get("grads_carried")),
+        "the gradient norm and the loss have risen together for {steps} logged steps: the run diverges slowly "
+        "(a learning rate above the stable limit for this model, or gradients that accumulate across steps)",
+        "lower the learning rate (or add warm-up / gradient clipping); check that optimizer.zero_grad() runs "
+        "once per optimizer step",
+        lambda c: {"steps": c.evidence.get("steps", "?")},
+        conclusive=True,
+    ),
+    Rule(
         "clipping_active",
         ("exploding",),
         lambda c: bool(c.evidence.get("clipping_only")),

@@ -205,3 +205,70 @@ def test_a_layer_that_never_runs_beside_layerdrop_is_no_gradient_with_the_observ
     observed = row.evidence["observed"][row.layer]
     assert observed["not_ran"] == observed["steps"] >= 10 and observed["ran"] == 0
     assert row.step == 0 and row.reported_step >= 10
+
+
+# ------------------------------------------------------------------------------------------ slow divergence
+def images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 3, 32, 32, generator=generator)
+    return x, (x[:, 0, :8, :8].sum((1, 2)) > 0).long() * 9
+
+
+def plain_loop(zero_grad: bool, steps: int, recorder: bool = True) -> list[Any]:
+    """torchvision's resnet18 in a plain loop (SGD with momentum); ``zero_grad=False`` is the beginner's bug.
+
+    With ``recorder=False`` the diagnosis is fed by a bare tracker: nothing checks whether gradients are zeroed.
+    """
+    from torchvision.models import resnet18
+
+    from gradlight import GradientFlowRecorder
+    from gradlight.diagnosis import GradientDiagnosis, ModelProfile
+    from gradlight.tracker import GradientFlowTracker
+
+    torch.manual_seed(0)
+    x, y = images()
+    net = resnet18(num_classes=10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    rec = GradientFlowRecorder(net, None, log_every_n_steps=1, on_anomaly="ignore") if recorder else None
+    tracker = GradientFlowTracker(net) if rec is None else None
+    diagnosis = GradientDiagnosis(profile=ModelProfile.from_model(net))
+    found: list[Any] = []
+    batches = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        index = torch.randint(0, 256, (16,), generator=batches)
+        loss = nn.functional.cross_entropy(net(x[index]), y[index])
+        if zero_grad:
+            optimizer.zero_grad()
+        loss.backward()
+        if rec is not None:
+            rec.capture(step, optimizer)
+            optimizer.step()
+            found += rec.end_step(loss)
+        else:
+            assert tracker is not None
+            tracker.capture(step, net.parameters())
+            optimizer.step()
+            found += diagnosis.update(tracker.finalize(), loss=float(loss))
+    return found
+
+
+def test_a_plain_loop_that_never_zeroes_its_gradients_is_reported_with_that_cause() -> None:
+    findings = [f for f in plain_loop(zero_grad=False, steps=20) if f.is_warning]
+    assert [f.kind for f in findings] == ["exploding"], [f.message for f in findings]
+    (finding,) = findings
+    assert finding.evidence["rules"] == ["gradients_not_zeroed"] and finding.evidence["grads_carried"]
+    assert "not being zeroed between steps" in finding.cause and finding.reported_step < 20
+
+
+def test_without_the_zeroing_check_the_runaway_is_a_slow_divergence_and_says_no_more() -> None:
+    findings = [f for f in plain_loop(zero_grad=False, steps=20, recorder=False) if f.is_warning]
+    assert [f.kind for f in findings] == ["exploding"], [f.message for f in findings]
+    (finding,) = findings
+    assert finding.evidence["rules"] == ["slow_divergence"] and not finding.evidence["grads_carried"]
+    assert "not being zeroed" not in finding.cause and finding.reported_step < 20
+
+
+def test_the_same_loop_with_zero_grad_is_quiet() -> None:
+    for recorder in (True, False):
+        findings = [f for f in plain_loop(zero_grad=True, steps=20, recorder=recorder) if f.is_warning]
+        assert not findings, [f.message for f in findings]

@@ -95,6 +95,8 @@ class StepContext:
         is_reported: ``(kind, layer, severity) -> bool``: whether that finding was already reported.
         signal: The step's backward-signal statistics, if the taps are on (:mod:`gradlight.signal`).
         forward: Which modules this step's forward pass ran, where they were watched (:class:`ForwardSeen`).
+        grads_carried: Whether the gradient stepped with still held the optimizer's previous gradient (no
+            ``zero_grad`` between the steps), ``None`` when unknown.
     """
 
     record: StepRecord
@@ -112,6 +114,7 @@ class StepContext:
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     signal: SignalStats | None = None
     forward: ForwardSeen | None = None
+    grads_carried: bool | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 

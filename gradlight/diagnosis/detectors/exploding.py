@@ -14,6 +14,12 @@
   gradient norm itself blows up. One trainable layer (a fresh linear head over a frozen backbone, measured at
   20-40% per step with its loss rising for ten steps before it converges) is a convex fit that overshoots
   and comes back: not reported.
+* **runaway**: a slow divergence, each step too small for the growth rule: over ``runaway_window`` logged
+  steps the global ``grad_l2`` rose on ``runaway_rising`` of them and by ``runaway_growth`` in all, while the
+  loss rose ``runaway_loss_growth`` times. Where the front end saw that the gradient an optimizer steps with
+  still holds its previous step's gradient (no ``optimizer.zero_grad()`` between steps: the gradients
+  accumulate, keep their direction and grow), a rise on ``runaway_carried_steps`` logged steps in a row is
+  enough, and the cause says so.
 * **clipping**: with clipping on, a pre-clip value ``clip_factor`` times the clip value for ``clip_patience``
   logged steps is a ``note`` (clipping acts on every step, as a learning-rate cut); with growth it is part of
   the warning (clipping hides the blow-up).
@@ -21,6 +27,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -81,6 +88,7 @@ class ExplodingDetector(Detector):
         self.loss_before_large_updates: float | None = None  # the loss of the step before that run
         self.last_loss: float | None = None
         self.updates_reported_since: int | None = None  # first step of the large-update run last reported
+        self.trajectory: deque[tuple[int, float, float]] = deque(maxlen=config.runaway_window)  # step, norm, loss
 
     def check(self, step: StepContext) -> list[Finding]:
         """Growth (confirmed), absolute thresholds, clipping note."""
@@ -102,6 +110,10 @@ class ExplodingDetector(Detector):
         if oversized is not None and not (grew or over or over_norm):
             step.run.exploded = True
             return [oversized]
+        runaway = self._runaway(step, growth.norm)
+        if runaway is not None and not (grew or over or over_norm):
+            step.run.exploded = True
+            return [runaway]
         if not (grew or over or over_norm or clipped):
             return []
         if not (grew or over or over_norm):  # clipping alone: a note
@@ -191,6 +203,59 @@ class ExplodingDetector(Detector):
             return None
         grown = {n: growth.current[n] / base for n, base in rise.layer_baselines.items() if n in growth.current}
         return rise.step, grown
+
+    # ----------------------------------------------------------------------------------------- runaway
+    def _runaway(self, step: StepContext, norm: float) -> Finding | None:
+        """The ``runaway`` condition (module docstring), from the trajectory of the norm and the loss."""
+        config, loss = self.config, step.loss
+        self.trajectory.append((step.record.step, norm, loss if loss is not None else float("nan")))
+        points = list(self.trajectory)
+        carried = step.grads_carried is True
+        recent = points[-(config.runaway_carried_steps + 1) :]
+        if carried and len(recent) > config.runaway_carried_steps and _rises(recent) == 1.0:
+            return self._runaway_finding(step, recent, carried=True)
+        if len(points) < config.runaway_window or _rises(points) < config.runaway_rising:
+            return None
+        norms, losses = [p[1] for p in points], [p[2] for p in points]
+        if not (norms[0] > 0 and norms[-1] >= config.runaway_growth * norms[0]):
+            return None
+        before, after = statistics.median(losses[:3]), statistics.median(losses[-3:])
+        if not (math.isfinite(before) and math.isfinite(after) and before > 0):
+            return None
+        if after < config.runaway_loss_growth * before:
+            return None
+        return self._runaway_finding(step, points, carried=False)
+
+    def _runaway_finding(self, step: StepContext, points: list[tuple[int, float, float]], carried: bool) -> Finding:
+        first, last = points[0], points[-1]
+        rises = _rises(points)
+        evidence: dict[str, Any] = {
+            "runaway": True,
+            "grads_carried": carried,
+            "global_grad_l2": last[1],
+            "grad_l2_start": first[1],
+            "growth": last[1] / first[1] if first[1] > 0 else float("inf"),
+            "rising_fraction": rises,
+            "steps": len(points),
+            "loss_start": first[2],
+            "loss_end": last[2],
+        }
+        loss = ""
+        if math.isfinite(first[2]) and math.isfinite(last[2]):
+            loss = f", the loss {fmt(first[2])} -> {fmt(last[2])}"
+        if carried:
+            message = (
+                f"exploding gradient (accumulating): the gradient the optimizer stepped with at step "
+                f"{step.record.step} still held its previous step's gradient, and the global gradient L2 rose on "
+                f"each of the last {len(points) - 1} logged steps ({fmt(first[1])} -> {fmt(last[1])}{loss})"
+            )
+        else:
+            message = (
+                f"exploding gradient (slow divergence): over the last {len(points)} logged steps the global "
+                f"gradient L2 rose on {rises:.0%} of them, {fmt(first[1])} -> {fmt(last[1])} "
+                f"({evidence['growth']:.0f}x){loss}"
+            )
+        return step.finding(self.kind, GLOBAL, first[0], message, evidence, [GLOBAL])
 
     # ----------------------------------------------------------------------------------------- updates
     def _oversized_updates(self, step: StepContext) -> Finding | None:
@@ -335,6 +400,7 @@ class ExplodingDetector(Detector):
             "loss_before_large_updates": self.loss_before_large_updates,
             "last_loss": self.last_loss,
             "updates_reported_since": self.updates_reported_since,
+            "trajectory": [list(point) for point in self.trajectory],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -351,6 +417,8 @@ class ExplodingDetector(Detector):
         self.last_loss = None if last is None else float(last)
         reported = state.get("updates_reported_since")
         self.updates_reported_since = None if reported is None else int(reported)
+        trajectory = ((int(p[0]), float(p[1]), float(p[2])) for p in state.get("trajectory", []))
+        self.trajectory = deque(trajectory, maxlen=self.config.runaway_window)
 
 
 def _clip_ratio(step: StepContext) -> float | None:
@@ -359,3 +427,9 @@ def _clip_ratio(step: StepContext) -> float | None:
     key = "global_grad_max_abs" if step.gradient_clip_algorithm == "value" else "global_grad_l2"
     value = float(step.record.global_metrics.get(key, np.nan))
     return value / step.gradient_clip_val if math.isfinite(value) else None
+
+
+def _rises(points: list[tuple[int, float, float]]) -> float:
+    """Share of successive points whose norm is above the one before (0 with fewer than two)."""
+    pairs = list(itertools.pairwise(points))
+    return sum(1 for a, b in pairs if b[1] > a[1]) / len(pairs) if pairs else 0.0
