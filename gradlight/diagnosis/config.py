@@ -62,6 +62,16 @@ class DiagnosisConfig:
         exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
             the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
             grows by large factors without being a blow-up.
+        exploding_new_high: A layer's growth counts only when its gradient L2 is also at least this many times
+            the largest value in its window: per-batch norms of some layers are heavy-tailed (saturated
+            sigmoids give near-zero gradients on most batches and large ones on a few), so a value far above
+            the window's median but no higher than the window has already seen is no blow-up.
+        exploding_jump_ratio: A step that moves a layer by at least this fraction of its weights' norm, followed
+            at the next logged step by a global gradient below ``exploding_collapse`` times the one before it,
+            is a blow-up in one step (healthy steps move ~1e-3; the first Adam steps on weights of std 0.02 move
+            0.05; a zero-initialised head or a LayerScale gain moves by its own size early on, but its gradient
+            does not collapse after it). ``None`` turns the rule off.
+        exploding_collapse: See ``exploding_jump_ratio``.
         runaway_window: Logged steps over which a slow divergence is judged: the global gradient L2 rose on at
             least ``runaway_rising`` of the successive steps, ends ``runaway_growth`` times above where it
             started, and the median loss of the last three steps is ``runaway_loss_growth`` times that of the
@@ -150,6 +160,9 @@ class DiagnosisConfig:
     exploding_update_ratio: float | None = 0.1
     exploding_update_patience: int = 3
     exploding_min_share: float = 0.01
+    exploding_new_high: float = 10.0
+    exploding_jump_ratio: float | None = 0.5
+    exploding_collapse: float = 1e-3
     runaway_window: int = 10
     runaway_rising: float = 0.8
     runaway_growth: float = 3.0
@@ -212,6 +225,7 @@ class DiagnosisConfig:
             ("gain_threshold", 0.0, 1.0),
             ("no_gradient_chance", 0.0, 1.0),
             ("runaway_rising", 0.0, 1.0),
+            ("exploding_collapse", 0.0, 1.0),
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not low < value <= high:
@@ -226,6 +240,7 @@ class DiagnosisConfig:
             "init_scale_tolerance",
             "runaway_growth",
             "runaway_loss_growth",
+            "exploding_new_high",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 1:
@@ -240,7 +255,7 @@ class DiagnosisConfig:
             )
         if not isinstance(self.dormant_loss_change, (int, float)) or self.dormant_loss_change < 0:
             raise ValueError(f"DiagnosisConfig `dormant_loss_change` must be >= 0, got {self.dormant_loss_change!r}.")
-        for name in ("exploding_norm", "exploding_layer_norm", "exploding_update_ratio"):
+        for name in ("exploding_norm", "exploding_layer_norm", "exploding_update_ratio", "exploding_jump_ratio"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"DiagnosisConfig `{name}` must be > 0 or None, got {value!r}.")

@@ -131,6 +131,16 @@ RULES: tuple[Rule, ...] = (
         lambda c: {"acts": _short(c.evidence.get("saturating_downstream") or c.profile.saturating)},
     ),
     Rule(
+        "one_step_blowup",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("one_step_blowup")),
+        "one optimizer step rewrote the weights (a step as large as the weights themselves) and the network "
+        "landed where its units are dead or saturated: inputs far from unit scale (e.g. 0-255 pixels), a "
+        "constant or too-large initialisation, or a learning rate far too large",
+        "normalise the inputs (divide pixels by 255 and standardise); He/Xavier initialisation; a lower learning "
+        "rate or warm-up",
+    ),
+    Rule(
         "no_normalization",
         ("vanishing", "exploding", "saturated", "dead_units"),
         lambda c: not c.profile.normalization,

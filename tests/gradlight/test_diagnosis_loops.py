@@ -272,3 +272,80 @@ def test_the_same_loop_with_zero_grad_is_quiet() -> None:
     for recorder in (True, False):
         findings = [f for f in plain_loop(zero_grad=True, steps=20, recorder=recorder) if f.is_warning]
         assert not findings, [f.message for f in findings]
+
+
+# ------------------------------------------------------------------------- exploding: two misfires (issue 24)
+def circle_mlp_run(steps: int, depth: int = 6) -> list[Any]:
+    """AUTOTRAINER's Circle task with a deep sigmoid MLP and Adam: early layers start vanishing, then recover."""
+    from gradlight.diagnosis import GradientDiagnosis, ModelProfile
+    from gradlight.tracker import GradientFlowTracker
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    n = 1000
+    radius = torch.cat(
+        [torch.rand(n // 2, generator=generator) * 0.5, 0.8 + torch.rand(n // 2, generator=generator) * 0.5]
+    )
+    angle = torch.rand(n, generator=generator) * 6.28
+    x = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], 1)
+    y = torch.cat([torch.zeros(n // 2), torch.ones(n // 2)]).long()
+    layers: list[nn.Module] = [nn.Linear(2, 16), nn.Sigmoid()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(16, 16), nn.Sigmoid()]
+    net = nn.Sequential(*layers, nn.Linear(16, 2))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.03)
+    tracker, diagnosis = GradientFlowTracker(net), GradientDiagnosis(profile=ModelProfile.from_model(net))
+    found: list[Any] = []
+    for step in range(steps):
+        index = torch.randint(0, n, (32,), generator=generator)
+        loss = nn.functional.cross_entropy(net(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        tracker.capture(step, net.parameters())
+        optimizer.step()
+        found += diagnosis.update(tracker.finalize(), loss=float(loss))
+    return found
+
+
+def test_a_layer_recovering_from_a_vanishing_start_is_not_exploding() -> None:
+    findings = circle_mlp_run(steps=400)
+    assert "vanishing" in {f.kind for f in findings}  # the start is vanishing, and reported as such
+    exploding = [f.message for f in findings if f.kind == "exploding"]
+    assert not exploding, exploding
+
+
+def blown_up_run(constant_init: bool, steps: int = 4) -> list[Any]:
+    """An MLP on unnormalised 0-255 pixels (and, optionally, a constant initialisation), SGD at lr 0.01."""
+    from gradlight import GradientFlowRecorder
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.rand(1024, 784, generator=generator) * 255).round()
+    y = (x @ torch.randn(784, 10, generator=generator)).argmax(1)
+    net = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    if constant_init:
+        for module in net:
+            if isinstance(module, nn.Linear):
+                nn.init.constant_(module.weight, 0.01)
+                nn.init.zeros_(module.bias)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    recorder = GradientFlowRecorder(net, None, log_every_n_steps=1, on_anomaly="ignore")
+    found: list[Any] = []
+    for step in range(steps):
+        index = torch.randint(0, 1024, (32,), generator=generator)
+        loss = nn.functional.cross_entropy(net(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        recorder.capture(step, optimizer)
+        optimizer.step()
+        found += recorder.end_step(loss)
+    return found
+
+
+def test_a_network_that_blows_up_in_its_first_step_is_exploding_at_the_second() -> None:
+    for constant_init in (False, True):
+        exploding = [f for f in blown_up_run(constant_init) if f.kind == "exploding" and f.is_warning]
+        assert len(exploding) == 1, (constant_init, [f.message for f in exploding])
+        (finding,) = exploding
+        assert finding.step == 0 and finding.reported_step == 1 and finding.layer == "4"
+        assert finding.evidence["rules"][0] == "one_step_blowup" and "0-255" in finding.cause
