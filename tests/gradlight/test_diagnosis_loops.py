@@ -248,7 +248,7 @@ def plain_loop(zero_grad: bool, steps: int, recorder: bool = True) -> list[Any]:
             assert tracker is not None
             tracker.capture(step, net.parameters())
             optimizer.step()
-            found += diagnosis.update(tracker.finalize(), loss=float(loss))
+            found += diagnosis.update(tracker.finalize(), loss=loss.item())
     return found
 
 
@@ -303,7 +303,7 @@ def circle_mlp_run(steps: int, depth: int = 6) -> list[Any]:
         loss.backward()
         tracker.capture(step, net.parameters())
         optimizer.step()
-        found += diagnosis.update(tracker.finalize(), loss=float(loss))
+        found += diagnosis.update(tracker.finalize(), loss=loss.item())
     return found
 
 
