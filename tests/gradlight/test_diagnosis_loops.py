@@ -349,3 +349,21 @@ def test_a_network_that_blows_up_in_its_first_step_is_exploding_at_the_second() 
         (finding,) = exploding
         assert finding.step == 0 and finding.reported_step == 1 and finding.layer == "4"
         assert finding.evidence["rules"][0] == "one_step_blowup" and "0-255" in finding.cause
+
+
+def test_the_zeroing_check_gives_no_evidence_and_no_error_on_non_finite_gradients() -> None:
+    from gradlight.carry_probe import CarryProbe
+
+    weight = nn.Parameter(torch.ones(3))
+    (2 * weight).sum().backward()
+    probe = CarryProbe.start([weight])
+    assert probe is not None
+    (weight * torch.tensor([1.0, float("nan"), 1.0])).sum().backward()  # the zoo's NaN runs crashed here
+    assert probe.carried() is None
+    weight.grad = None
+    (2 * weight).sum().backward()
+    probe = CarryProbe.start([weight])
+    assert probe is not None
+    weight.grad = None  # zero_grad(set_to_none=True)
+    (3 * weight).sum().backward()
+    assert probe.carried() is False
