@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps, ForwardOriginTaps
 from gradlight.amp import backward_scale_of, grad_scale_left
+from gradlight.carry_probe import CarryProbe
 from gradlight.diagnosis import (
     DiagnosisConfig,
     Finding,
@@ -38,6 +39,8 @@ from gradlight.diagnosis import (
     ModelProfile,
     resolve_actions,
 )
+from gradlight.diagnosis.detectors import ForwardSeen
+from gradlight.forward_watch import ForwardWatch
 from gradlight.history import HistoryWriter
 from gradlight.layers import setup_problems
 from gradlight.locate import announce_run_folder
@@ -168,6 +171,23 @@ class _Unwritten:
     activations: ActivationStats | None = None
     signal: SignalStats | None = None
     nonfinite_modules: list[str] | None = None  # forward-origin taps: modules whose outputs held NaN/Inf
+    stream: str | None = None  # the optimizer that stepped (several optimizers: see _Optimizers)
+    forward: ForwardSeen | None = None  # the watched modules that ran in the step's forward pass
+    carried: bool | None = None  # whether the optimizer's previous gradient was still in this one (CarryProbe)
+
+
+@dataclass
+class _Optimizers:
+    """What the recorder knows of the optimizers it captured: each one's stream key and last logged interval.
+
+    With several optimizers (a GAN's generator and discriminator under manual optimization) the step counter
+    counts every optimizer's steps, so one interval of ``log_every_n_steps`` steps holds steps of each: every
+    optimizer is recorded at its first step in each interval, and the diagnosis keeps one state per
+    optimizer (its stream, keyed by the name of its first monitored parameter).
+    """
+
+    keys: dict[int, str | None]  # id(optimizer) -> stream key
+    intervals: dict[int, int]  # id(optimizer) -> last interval index recorded
 
 
 class GradientFlowRecorder:
@@ -332,6 +352,17 @@ class GradientFlowRecorder:
         self._origin_step: int | None = None
         self._module_layers: dict[str, tuple[str, int]] | None = None
         self._profiled = False
+        self._profiled_map: object = None  # the layer map the diagnosis' profile was built from
+        self._layers_written = 0  # layers in run.json when it was last written
+        self._optimizers = _Optimizers({}, {})
+        self._pending_stream: str | None = None
+        self._forward_seen: ForwardSeen | None = None
+        self._forward_watch: ForwardWatch | None = None
+        self._watch_step: int | None = None
+        self._carry_probes: dict[int, CarryProbe] = {}  # id(optimizer) -> probe started at its last record
+        self._carried: bool | None = None  # what the captured optimizer's probe found
+        self._carry_found: dict[int, bool | None] = {}  # id(optimizer) -> what its probe found
+        self._missing_modules: dict[str | None, set[str]] = {}  # stream -> modules of its layers without gradient
         self._step_offset = 0  # added to the caller's step once it went back (an epoch loop's enumerate)
         self._last_step = -1  # the last step seen by start_step or capture, offset included
         self._step_went_back = False
@@ -595,6 +626,9 @@ class GradientFlowRecorder:
         """
         self.open()
         step = self._continued_step(step)
+        if self._forward_watch is not None and self._watch_step != step:
+            self._forward_watch.reset()  # the first micro-batch of the step: what ran before is not this step
+            self._watch_step = step
         if self.tracker.forward_order is None and not self.tracker.discovering:
             self.tracker.start_discovery()
         if self.options.track_activations and self.is_logged_step(step):
@@ -658,8 +692,12 @@ class GradientFlowRecorder:
         self.open()
         step = self._continued_step(step)
         tracker = self.tracker
+        forward = self._forward_of_step()
         if tracker.discovering:
             tracker.stop_discovery()
+            forward = ForwardSeen(
+                frozenset(tracker.forward_order or [])
+            )  # the discovery watched every module on this step
         if self.taps is not None:
             self.taps.stop()  # the forward passes of this step are over
         if self.signal_taps is not None:
@@ -670,22 +708,27 @@ class GradientFlowRecorder:
             if tracker.pending_step == step:
                 return True  # already captured for this step (e.g. by the mixin under manual optimization)
             self.after_step()
-        if not self.is_logged_step(step):
-            return False
         owner: Optimizer | None = None
         if isinstance(optimizer, Optimizer) or hasattr(optimizer, "param_groups"):
             owner = unwrap_optimizer(optimizer)
-            params = [p for group in owner.param_groups for p in group["params"]]
-        else:
-            params = list(optimizer)
+        probe = self._carry_probes.pop(id(owner), None) if owner is not None else None
+        if probe is not None:  # the first step after the optimizer's last record tells
+            self._carry_found[id(owner)] = probe.carried()
+        if not self._is_logged_for(step, owner):
+            return False
+        params = (
+            [p for group in owner.param_groups for p in group["params"]] if owner is not None else list(optimizer)  # type: ignore[arg-type]
+        )
         scaler = self.grad_scaler
         if grad_scale is None:
             grad_scale = grad_scale_left(scaler, owner) if scaler is not None and owner is not None else 1.0
         if backward_scale is None:
             backward_scale = backward_scale_of(scaler) if scaler is not None else grad_scale
         self._signal_scale = float(backward_scale)
-        if self.diagnosis is not None and not self._profiled:
-            # Built at the first captured step: lazy modules have parameters only after a forward pass.
+        tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
+        if self.diagnosis is not None and self._profiled_map is not tracker.layer_map:
+            # Built at the first captured step (lazy modules have parameters only after a forward pass), and
+            # again when a parameter frozen until now joined the layer map (another optimizer's network).
             config = self.diagnosis_config
             self.diagnosis.profile = ModelProfile.from_tracker(
                 tracker, config.init_scale_tolerance, gain_threshold=config.gain_threshold
@@ -693,11 +736,73 @@ class GradientFlowRecorder:
             order = tracker.forward_order
             self.diagnosis.modules_run = set(order) if order is not None else None
             self.diagnosis.world_size = self.collectives.world_size
-            self._profiled = True
-        tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
+            self._profiled_map = tracker.layer_map
+            self._module_layers = None
+        self._profiled = True
+        self._pending_stream = self._stream_of(owner)
+        self._forward_seen = forward
+        self._carried = self._carry_found.pop(id(owner), None)
+        if owner is not None and self.diagnosis is not None:
+            started = CarryProbe.start(params)
+            if started is not None:
+                self._carry_probes[id(owner)] = started
         # an optimizer that climbs the loss by design: the loss_rising finding names it
         self._maximize = owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups)
         return True
+
+    def _is_logged_for(self, step: int, owner: Optimizer | None) -> bool:
+        """Whether ``owner``'s step ``step`` is recorded.
+
+        On the interval, or its first step in an interval of ``log_every_n_steps`` steps once several
+        optimizers were seen (see :class:`_Optimizers`).
+        """
+        if owner is None:
+            return self.is_logged_step(step)
+        known = self._optimizers
+        key = id(owner)
+        if key not in known.keys:
+            known.keys[key] = None  # its stream key is read on its first recorded step
+        interval = step // self.interval
+        several = len(known.keys) > 1
+        logged = self.is_logged_step(step) or (
+            several and step > self.last_recorded_step and interval > known.intervals.get(key, -1)
+        )
+        if logged:
+            known.intervals[key] = interval
+        return logged
+
+    def _stream_of(self, owner: Optimizer | None) -> str | None:
+        """The diagnosis stream of ``owner``: the name of its first monitored parameter (stable over resumes)."""
+        if owner is None:
+            return None
+        known = self._optimizers.keys
+        key = known.get(id(owner))
+        if key is None:
+            layer_map = self.tracker.layer_map
+            positions = (layer_map.params_by_id.get(id(p)) for group in owner.param_groups for p in group["params"])
+            first = next((position for position in positions if position is not None), None)
+            key = known[id(owner)] = layer_map.param_names[first] if first is not None else None
+        return key
+
+    def _forward_of_step(self) -> ForwardSeen | None:
+        """What the forward watch saw since the last capture (then forgotten: the next step starts afresh)."""
+        watch = self._forward_watch
+        if watch is None:
+            return None
+        seen = ForwardSeen(frozenset(watch.ran), frozenset(watch.watched))
+        watch.reset()
+        return seen
+
+    def _watch_missing(self, record: StepRecord, stream: str | None) -> None:
+        """Watch the forward pass of the modules of layers without a gradient at their optimizer's last record."""
+        self._missing_modules[stream] = {name.rpartition(".")[0] for names in record.missing.values() for name in names}
+        modules = set().union(*self._missing_modules.values())
+        watch = self._forward_watch
+        if watch is not None and (not modules or modules - watch.watched):
+            watch.remove()
+            watch = self._forward_watch = None
+        if modules and watch is None:
+            self._forward_watch = ForwardWatch(self.model, modules)
 
     def after_step(self) -> StepRecord | None:
         """Finish the captured step after ``optimizer.step()``: update ratios and one host copy.
@@ -715,8 +820,15 @@ class GradientFlowRecorder:
             record.global_metrics["optimizer_maximize"] = 1.0
         self.last_recorded_step = record.step
         self._unwritten = _Unwritten(
-            record, self._finalize_taps(record.step), self._finalize_signal(record), self._finalize_origin(record.step)
+            record,
+            self._finalize_taps(record.step),
+            self._finalize_signal(record),
+            nonfinite_modules=self._finalize_origin(record.step),
+            stream=self._pending_stream,
+            forward=self._forward_seen,
+            carried=self._carried,
         )
+        self._forward_seen = None
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -754,7 +866,7 @@ class GradientFlowRecorder:
         if unwritten is None:
             return []
         record, acts = unwritten.record, unwritten.activations
-        findings = self._diagnose(record, acts, unwritten.signal, unwritten.nonfinite_modules)
+        findings = self._diagnose(record, acts, unwritten.signal, unwritten)
         if self.collectives.is_global_zero:
             self._write(record, acts)
             if unwritten.signal is not None and self._writer is not None:
@@ -771,7 +883,7 @@ class GradientFlowRecorder:
         record: StepRecord,
         acts: ActivationStats | None,
         signal: SignalStats | None = None,
-        nonfinite_modules: list[str] | None = None,
+        unwritten: _Unwritten | None = None,
     ) -> list[Finding]:
         """Run the diagnosis on every rank with identical inputs; rank zero appends the findings."""
         if self.diagnosis is None:
@@ -779,9 +891,19 @@ class GradientFlowRecorder:
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
         loss = record.global_metrics.get("loss")
+        stream = unwritten.stream if unwritten is not None else None
         findings = self.diagnosis.update(
-            record, acts, loss, loss_scaled=self.loss_scaled, signal=signal, nonfinite_modules=nonfinite_modules
+            record,
+            acts,
+            loss,
+            loss_scaled=self.loss_scaled,
+            signal=signal,
+            nonfinite_modules=unwritten.nonfinite_modules if unwritten is not None else None,
+            stream=stream,
+            forward=unwritten.forward if unwritten is not None else None,
+            grads_carried=unwritten.carried if unwritten is not None else None,
         )
+        self._watch_missing(record, stream)
         if findings and self._findings_writer is not None:
             self._findings_writer.append(findings)
         return findings
@@ -792,10 +914,13 @@ class GradientFlowRecorder:
             return
         methods = self._update_methods()
         kernel = self.tracker.updates.kernel_info if self.tracker.updates is not None else None
+        layers = len(self.tracker.layer_map.layers)  # grows when another optimizer's network joins the map
         if kernel is not None and kernel != self.run_info.extra.get("update_ratio_kernel"):
             self.run_info.extra["update_ratio_kernel"] = kernel  # fused, or eager and why (run.json)
             self._write_run_info(methods)
-        elif self.records_written == 0 or methods != self.run_info.update_ratio_methods:
+        elif (
+            self.records_written == 0 or methods != self.run_info.update_ratio_methods or layers != self._layers_written
+        ):
             self._write_run_info(methods)
         writer.append_step(record.step, record.layers, record.depths, record.metrics)
         writer.append_global(record.step, record.global_metrics)
@@ -814,6 +939,7 @@ class GradientFlowRecorder:
             for depth, (name, size) in enumerate(zip(layer_map.layers, layer_map.layer_sizes()))
         ]
         self.run_info.update_ratio_methods = update_methods
+        self._layers_written = len(layer_map.layers)
         self.run_info.write(self.folder.root)
 
     def _update_methods(self) -> dict[str, str]:
@@ -946,6 +1072,12 @@ class GradientFlowRecorder:
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks.clear()
+        if self._forward_watch is not None:
+            self._forward_watch.remove()
+            self._forward_watch = None
+        for probe in self._carry_probes.values():
+            probe.stop()
+        self._carry_probes.clear()
 
     def __enter__(self) -> GradientFlowRecorder:
         self.open()
