@@ -219,7 +219,10 @@ class ExplodingDetector(Detector):
             else:
                 self.rise = rise = None
         if rise is None and rising:
-            baselines = {n: growth.baselines[n] for n in layers}
+            # A global rise carried by layers that are no new high for their window (a steady x3 per step) still
+            # names them, against their baseline from before the rise.
+            carriers = layers or {n for n, f in growth.layers.items() if f >= factor and n not in recovering}
+            baselines = {n: growth.baselines[n] for n in carriers}
             baseline = growth.baseline if growth.growth >= factor else float("inf")
             self.rise = rise = _Rise(step, baseline, baselines)
         if rise is None or rise.confirmations < self.config.exploding_confirm_steps:
