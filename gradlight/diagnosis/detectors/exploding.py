@@ -100,6 +100,7 @@ class ExplodingDetector(Detector):
         self.last_loss: float | None = None
         self.updates_reported_since: int | None = None  # first step of the large-update run last reported
         self.trajectory: deque[tuple[int, float, float]] = deque(maxlen=config.runaway_window)  # step, norm, loss
+        self.initial_losses: list[float] = []  # the first logged finite losses: where training started
         self.jump: tuple[int, str, float, float] | None = None  # step, layer, its update ratio, the global norm
 
     def check(self, step: StepContext) -> list[Finding]:
@@ -277,6 +278,8 @@ class ExplodingDetector(Detector):
         """The ``runaway`` condition (module docstring), from the trajectory of the norm and the loss."""
         config, loss = self.config, step.loss
         self.trajectory.append((step.record.step, norm, loss if loss is not None else float("nan")))
+        if loss is not None and math.isfinite(loss) and len(self.initial_losses) < 3:
+            self.initial_losses.append(loss)
         points = list(self.trajectory)
         carried = step.grads_carried is True
         recent = points[-(config.runaway_carried_steps + 1) :]
@@ -287,10 +290,16 @@ class ExplodingDetector(Detector):
         norms, losses = [p[1] for p in points], [p[2] for p in points]
         if not (norms[0] > 0 and norms[-1] >= config.runaway_growth * norms[0]):
             return None
+        if _one_jump(norms):  # an outlier batch that set a converged run back: not a sustained rise
+            return None
         before, after = statistics.median(losses[:3]), statistics.median(losses[-3:])
         if not (math.isfinite(before) and math.isfinite(after) and before > 0):
             return None
         if after < config.runaway_loss_growth * before:
+            return None
+        # A divergence climbs above where training started; a converged run set back by a hard batch (its loss
+        # from ~0 to well below the untrained loss, its gradients with it) recovers and is not one.
+        if self.initial_losses and after <= statistics.median(self.initial_losses):
             return None
         return self._runaway_finding(step, points, carried=False)
 
@@ -469,6 +478,7 @@ class ExplodingDetector(Detector):
             "last_loss": self.last_loss,
             "updates_reported_since": self.updates_reported_since,
             "trajectory": [list(point) for point in self.trajectory],
+            "initial_losses": list(self.initial_losses),
             "jump": None if self.jump is None else list(self.jump),
         }
 
@@ -486,6 +496,7 @@ class ExplodingDetector(Detector):
         self.last_loss = None if last is None else float(last)
         reported = state.get("updates_reported_since")
         self.updates_reported_since = None if reported is None else int(reported)
+        self.initial_losses = [float(v) for v in state.get("initial_losses", [])]
         trajectory = ((int(p[0]), float(p[1]), float(p[2])) for p in state.get("trajectory", []))
         self.trajectory = deque(trajectory, maxlen=self.config.runaway_window)
         jump = state.get("jump")
@@ -504,3 +515,12 @@ def _rises(points: list[tuple[int, float, float]]) -> float:
     """Share of successive points whose norm is above the one before (0 with fewer than two)."""
     pairs = list(itertools.pairwise(points))
     return sum(1 for a, b in pairs if b[1] > a[1]) / len(pairs) if pairs else 0.0
+
+
+def _one_jump(norms: list[float]) -> bool:
+    """Whether one step between consecutive norms carries more than half of the window's whole rise (in log)."""
+    logs = [math.log(v) for v in norms if v > 0 and math.isfinite(v)]
+    if len(logs) < 2 or logs[-1] <= logs[0]:
+        return False
+    largest = max(b - a for a, b in itertools.pairwise(logs))
+    return largest > 0.5 * (logs[-1] - logs[0])
