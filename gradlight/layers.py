@@ -9,7 +9,7 @@ position in forward-execution order, discovered once by forward pre-hooks on the
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -178,6 +178,8 @@ class LayerMap:
         param_layer: For each parameter, the index of its layer in :attr:`layers`.
         layers: Layer names, sorted by depth.
         params_by_id: ``id(parameter) -> index`` into :attr:`param_names`.
+        frozen: ``id`` of every parameter left out only because it did not require gradients when the map
+            was built (a parameter that trains later, e.g. toggled by ``toggle_optimizer``, joins the map).
     """
 
     param_names: list[str]
@@ -185,6 +187,7 @@ class LayerMap:
     layers: list[str]
     params_by_id: dict[int, int] = field(default_factory=dict)
     num_elements: list[int] = field(default_factory=list)
+    frozen: set[int] = field(default_factory=set)
 
     @classmethod
     def build(
@@ -193,11 +196,13 @@ class LayerMap:
         group_by: GroupBy = None,
         exclude: Sequence[str] = (),
         forward_order: Sequence[str] = (),
+        trainable: Collection[int] = (),
     ) -> LayerMap:
         """Group trainable parameters into layers ordered by ``forward_order`` (module names).
 
-        Parameters that do not require gradients, or whose clean name matches a pattern in ``exclude``
-        (``fnmatch`` syntax), are not monitored. Layers whose modules never ran come last, in parameter order.
+        Parameters that do not require gradients (unless their ``id`` is in ``trainable``), or whose clean name
+        matches a pattern in ``exclude`` (``fnmatch`` syntax), are not monitored. Layers whose modules never
+        ran come last, in parameter order.
 
         Example:
             >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
@@ -211,9 +216,13 @@ class LayerMap:
         params_by_id: dict[int, int] = {}
         num_elements: list[int] = []
         first_seen: dict[str, tuple[int, int]] = {}
+        frozen: set[int] = set()
         for raw_name, param in named_parameters:
             name = clean_parameter_name(raw_name)
-            if not param.requires_grad or any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+                continue
+            if not (param.requires_grad or id(param) in trainable):
+                frozen.add(id(param))
                 continue
             if id(param) in params_by_id:  # shared (tied) parameter: counted once
                 continue
@@ -233,6 +242,7 @@ class LayerMap:
             layers=layers,
             params_by_id=params_by_id,
             num_elements=num_elements,
+            frozen=frozen - set(params_by_id),
         )
 
     def layer_sizes(self) -> list[int]:

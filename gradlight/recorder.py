@@ -39,7 +39,9 @@ from gradlight.diagnosis import (
     ModelProfile,
     resolve_actions,
 )
+from gradlight.diagnosis.detectors import ForwardSeen
 from gradlight.layers import setup_problems
+from gradlight.optimizers import OptimizerStreams
 from gradlight.options import RecorderOptions
 from gradlight.runfolder import LayerInfo, RunFolder, RunInfo
 from gradlight.runwriter import HistoryExistsError, RunFolderWriter
@@ -70,6 +72,17 @@ class _Unwritten:
     activations: ActivationStats | None = None
     signal: SignalStats | None = None
     nonfinite_modules: list[str] | None = None  # forward-origin taps: modules whose outputs held NaN/Inf
+    captured: _Captured | None = None
+
+
+@dataclass
+class _Captured:
+    """What the recorder knows of a captured step besides its gradients (several optimizers, no_gradient, carry)."""
+
+    stream: str | None = None  # the optimizer that stepped (see gradlight.optimizers)
+    forward: ForwardSeen | None = None  # the watched modules that ran in the step's forward pass
+    carried: bool | None = None  # whether the optimizer's previous gradient was still in this one (CarryProbe)
+    maximize: bool = False  # an optimizer that climbs the loss by design: the loss_rising finding names it
 
 
 class GradientFlowRecorder:
@@ -186,6 +199,8 @@ class GradientFlowRecorder:
         self.writer = RunFolderWriter(
             self.folder, self.collectives, options.flush_every_n_records, options.diagnose, options.overwrite
         )
+        #: What the recorder knows of each optimizer it captured (several optimizers: one stream each).
+        self.optimizers = OptimizerStreams()
         self._init_state()
         if discover_forward_order:  # a plain loop: construction is its setup (a trainer's comes at open)
             self._check_setup()
@@ -195,7 +210,9 @@ class GradientFlowRecorder:
         self._listeners: list[Callable[[StepRecord], None]] = []
         self._step_hooks: list[RemovableHandle] = []
         self._unwritten: _Unwritten | None = None
-        self._opened = self._resumed = self._maximize = self._profiled = self._setup_checked = False
+        self._captured = _Captured()
+        self._opened = self._resumed = self._setup_checked = False
+        self._profiled_map: object = None  # the layer map the diagnosis' profile was built from
 
     @classmethod
     def for_fabric(
@@ -410,6 +427,7 @@ class GradientFlowRecorder:
         """
         self.open()
         step = self.steps.continued(step)
+        self.step_taps.begin(step)
         if self.tracker.forward_order is None and not self.tracker.discovering:
             self.tracker.start_discovery()
         if self.is_logged_step(step):
@@ -451,27 +469,43 @@ class GradientFlowRecorder:
         check_positive_number("backward_scale", backward_scale, allow_none=True)
         self.open()
         step = self.steps.continued(step)
-        tracker = self.tracker
-        if tracker.discovering:
-            tracker.stop_discovery()
-        self.step_taps.stop()  # the forward and backward passes of this step are over
-        if tracker.pending:
-            if tracker.pending_step == step:
+        forward = self._end_passes()
+        if self.tracker.pending:
+            if self.tracker.pending_step == step:
                 return True  # already captured for this step (e.g. by the mixin under manual optimization)
             self.after_step()
-        if not self.is_logged_step(step):
+        owner = unwrap_optimizer(optimizer) if hasattr(optimizer, "param_groups") else None
+        self.optimizers.read_probe(owner)  # the first step after the optimizer's last record tells
+        if not self.optimizers.is_logged(self.steps, step, owner):
             return False
-        owner, params = optimizer_and_params(optimizer)
+        _, params = optimizer_and_params(optimizer)
         grad_scale, self.step_taps.backward_scale = step_scales(self.grad_scaler, owner, grad_scale, backward_scale)
+        self.tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
         self._profile()
-        tracker.capture(step, params, grad_scale=grad_scale, owner=owner)
-        # an optimizer that climbs the loss by design: the loss_rising finding names it
-        self._maximize = owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups)
+        self._captured = _Captured(
+            self.optimizers.stream_of(owner, self.tracker.layer_map),
+            forward,
+            self.optimizers.carried(owner, params, probe=self.diagnosis is not None),
+            owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups),
+        )
         return True
 
+    def _end_passes(self) -> ForwardSeen | None:
+        """The step's forward and backward passes are over: stop the discovery and the taps; what ran in forward."""
+        tracker = self.tracker
+        forward = self.step_taps.forward_seen()
+        if tracker.discovering:
+            tracker.stop_discovery()
+            forward = ForwardSeen(frozenset(tracker.forward_order or []))  # the discovery watched every module
+        self.step_taps.stop()
+        return forward
+
     def _profile(self) -> None:
-        """Give the diagnosis the model's profile, built at the first captured step (lazy modules need a forward)."""
-        if self.diagnosis is None or self._profiled:
+        """Give the diagnosis the model's profile, built at the first captured step (lazy modules need a forward).
+
+        Built again when a parameter frozen until now joined the layer map (another optimizer's network).
+        """
+        if self.diagnosis is None or self._profiled_map is self.tracker.layer_map:
             return
         config, tracker = self.diagnosis_config, self.tracker
         self.diagnosis.profile = ModelProfile.from_tracker(
@@ -480,7 +514,7 @@ class GradientFlowRecorder:
         order = tracker.forward_order
         self.diagnosis.modules_run = set(order) if order is not None else None
         self.diagnosis.world_size = self.collectives.world_size
-        self._profiled = True
+        self._profiled_map = tracker.layer_map
 
     def after_step(self) -> StepRecord | None:
         """Finish the captured step after ``optimizer.step()``: update ratios and one host copy.
@@ -494,13 +528,14 @@ class GradientFlowRecorder:
             return None
         self._emit()  # a record still waiting for its loss goes out without it
         record = self.tracker.finalize()
-        if self._maximize:
+        captured, self._captured = self._captured, _Captured()
+        if captured.maximize:
             record.global_metrics["optimizer_maximize"] = 1.0
         self.last_recorded_step = record.step
         tapped = self.step_taps.finalize(record.step, self.tracker.layer_map, self.collectives)
         if not self.run_info.activation_sites:
             self.run_info.activation_sites = list(self.step_taps.activation_sites)
-        self._unwritten = _Unwritten(record, *tapped)
+        self._unwritten = _Unwritten(record, *tapped, captured)
         return record
 
     def end_step(self, loss: float | Tensor | None = None, metrics: Mapping[str, float] | None = None) -> list[Finding]:
@@ -553,7 +588,7 @@ class GradientFlowRecorder:
             return []
         # Records are identical on every rank; the loss is each rank's own, and only the dormant rule reads
         # it. No collective for it: rank zero writes the findings, and raise / stop decisions are agreed.
-        record = unwritten.record
+        record, captured = unwritten.record, unwritten.captured or _Captured()
         findings = self.diagnosis.update(
             record,
             unwritten.activations,
@@ -561,7 +596,11 @@ class GradientFlowRecorder:
             loss_scaled=self.loss_scaled,
             signal=unwritten.signal,
             nonfinite_modules=unwritten.nonfinite_modules,
+            stream=captured.stream,
+            forward=captured.forward,
+            grads_carried=captured.carried,
         )
+        self.step_taps.watch_missing(record, captured.stream)
         self.writer.write_findings(findings)
         return findings
 
@@ -576,6 +615,7 @@ class GradientFlowRecorder:
             update_methods=self._update_methods(),
             kernel=updates.kernel_info if updates is not None else None,
             layers=self._layer_infos,
+            layer_count=len(self.tracker.layer_map.layers),  # grows when another optimizer's network joins
         )
 
     def _layer_infos(self) -> list[LayerInfo]:
@@ -618,6 +658,7 @@ class GradientFlowRecorder:
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks.clear()
+        self.optimizers.close()
 
     def __enter__(self) -> GradientFlowRecorder:
         self.open()

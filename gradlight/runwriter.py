@@ -127,16 +127,19 @@ class RunFolderWriter:
         update_methods: dict[str, str] | None = None,
         kernel: str | None = None,
         layers: Callable[[], list[LayerInfo]] | None = None,
+        layer_count: int | None = None,
     ) -> None:
         """Append one record (and its activation and backward-signal rows) to the history.
 
         ``run.json`` (``run_info``) is rewritten first when it is new or out of date: at the first record,
-        or when the update methods or the update-ratio ``kernel`` changed; ``layers`` then gives its layers.
+        or when the update methods, the update-ratio ``kernel`` or the ``layer_count`` changed (another
+        optimizer's network joined the layer map); ``layers`` then gives its layers.
         """
         history = self._history
         if history is None:
             return
-        if run_info is not None and self._run_info_stale(run_info, update_methods or {}, kernel):
+        stale = layer_count is not None and layer_count != len(run_info.layers if run_info is not None else [])
+        if run_info is not None and (stale or self._run_info_stale(run_info, update_methods or {}, kernel)):
             if kernel is not None:
                 run_info.extra[KERNEL_KEY] = kernel  # fused, or eager and why (run.json)
             run_info.update_ratio_methods = update_methods or {}

@@ -15,10 +15,13 @@ from torch import nn
 from gradlight.activations import ActivationStats, ActivationTaps, ForwardOriginTaps
 from gradlight.collectives import Collectives
 from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.detectors import ForwardSeen
+from gradlight.forward_watch import ForwardWatch
 from gradlight.layers import GroupBy, LayerMap
 from gradlight.options import RecorderOptions
 from gradlight.runfolder import ActivationSiteInfo
 from gradlight.signal import BackwardSignalTaps, SignalStats, all_gather_reduction
+from gradlight.tracker import StepRecord
 
 __all__ = ["StepTaps", "TappedStep"]
 
@@ -90,6 +93,9 @@ class StepTaps:
         self._activation_step: int | None = None
         self._signal_step: int | None = None
         self._origin_step: int | None = None
+        self._forward_watch: ForwardWatch | None = None  # the modules of layers without gradient (no_gradient)
+        self._watch_step: int | None = None
+        self._missing_modules: dict[str | None, set[str]] = {}  # stream -> modules of its layers without gradient
         self._module_layers: tuple[LayerMap, dict[str, tuple[str, int]]] | None = None
 
     @classmethod
@@ -125,6 +131,32 @@ class StepTaps:
                 self.origin = ForwardOriginTaps(self.model)
             self.origin.start()  # where a NaN/Inf is born in forward, on logged steps only
             self._origin_step = step
+
+    def begin(self, step: int) -> None:
+        """Where a micro-batch of ``step`` begins (every step): the forward watch forgets earlier steps."""
+        if self._forward_watch is not None and self._watch_step != step:
+            self._forward_watch.reset()  # the first micro-batch of the step: what ran before is not this step
+            self._watch_step = step
+
+    def forward_seen(self) -> ForwardSeen | None:
+        """What the forward watch saw since the last call (then forgotten: the next step starts afresh)."""
+        watch = self._forward_watch
+        if watch is None:
+            return None
+        seen = ForwardSeen(frozenset(watch.ran), frozenset(watch.watched))
+        watch.reset()
+        return seen
+
+    def watch_missing(self, record: StepRecord, stream: str | None) -> None:
+        """Watch the forward pass of the modules of layers without a gradient at their optimizer's last record."""
+        self._missing_modules[stream] = {name.rpartition(".")[0] for names in record.missing.values() for name in names}
+        modules = set().union(*self._missing_modules.values())
+        watch = self._forward_watch
+        if watch is not None and (not modules or modules - watch.watched):
+            watch.remove()
+            watch = self._forward_watch = None
+        if modules and watch is None:
+            self._forward_watch = ForwardWatch(self.model, modules)
 
     def pause(self) -> None:
         """Stop the activation and forward-origin taps until the next :meth:`start` (e.g. for a validation pass)."""
@@ -164,6 +196,9 @@ class StepTaps:
         if self.origin is not None:
             self.origin.stop()
             self.origin.finalize()
+        if self._forward_watch is not None:
+            self._forward_watch.remove()
+            self._forward_watch = None
 
     def _finalize_activations(self, step: int, layer_map: LayerMap, collectives: Collectives) -> ActivationStats | None:
         taps = self.activations

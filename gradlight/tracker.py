@@ -199,6 +199,7 @@ class GradientFlowTracker:
         self._recorder: ForwardOrderRecorder | None = None
         self._pending: _Pending | None = None
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        self._trainable: set[int] = set()  # parameters kept in the layer map even while frozen (see capture)
 
     # ----------------------------------------------------------------------------------- layer discovery
     def start_discovery(self) -> None:
@@ -234,7 +235,11 @@ class GradientFlowTracker:
         """Parameter -> layer mapping, built on first use (after discovery when there is one)."""
         if self._layer_map is None:
             self._layer_map = LayerMap.build(
-                self.model.named_parameters(), self.group_by, self.exclude, self.forward_order or ()
+                self.model.named_parameters(),
+                self.group_by,
+                self.exclude,
+                self.forward_order or (),
+                trainable=self._trainable,
             )
         return self._layer_map
 
@@ -262,8 +267,13 @@ class GradientFlowTracker:
                 are excluded, frozen, or have no gradient are skipped.
             grad_scale: Divide gradients by this (an AMP loss scale the gradients still carry).
             owner: Identifies who captured (e.g. the optimizer); see :meth:`pending_owner`.
+
+        A parameter that was frozen when the layer map was built and requires gradients now (another
+        optimizer's parameters under Lightning's ``toggle_optimizer``, a backbone unfrozen later) joins the
+        map; every parameter in it stays, frozen or not, and is read whenever it is captured and trainable.
         """
-        layer_map = self.layer_map
+        params = list(params)
+        layer_map = self._admit_thawed(params)
         indices: list[int] = []
         grads: list[Tensor] = []
         tensors: list[Tensor] = []
@@ -297,6 +307,19 @@ class GradientFlowTracker:
         pending.missing = missing
         pending.learning_rates = _learning_rates(owner, layer_map.params_by_id)
         self._pending = pending
+
+    def _admit_thawed(self, params: list[Tensor]) -> LayerMap:
+        """The layer map, rebuilt first if a parameter frozen at its build requires gradients now."""
+        layer_map = self.layer_map
+        frozen = layer_map.frozen
+        if frozen:
+            thawed = {id(p) for p in params if id(p) in frozen and p.requires_grad}
+            if thawed:
+                self._trainable |= set(layer_map.params_by_id) | thawed
+                self._layer_map = None
+                self._index_cache.clear()
+                layer_map = self.layer_map
+        return layer_map
 
     def _measure(
         self,

@@ -69,12 +69,26 @@ class Run:
         interval: The recorder's ``log_every_n_steps``.
         steps: Optimizer steps taken (the history's steps are the logged ones among ``0 .. steps - 1``).
         references: The independent per-layer squares of every logged step (the findings are read from disk).
+        logged: The steps the documented logging rule records (:meth:`is_logged`), as the loop took them.
     """
 
     save_dir: Path
     interval: int
     steps: int = 0
     references: References = field(default_factory=dict)
+    logged: set[int] = field(default_factory=set)
+    _intervals: dict[int, set[int]] = field(default_factory=dict)  # id(optimizer) -> intervals it was logged in
+
+    def is_logged(self, step: int, optimizer: object) -> bool:
+        """The README's rule: every ``interval``-th step, and with several optimizers each one's first step in
+        every interval of ``interval`` steps (so a network that steps on odd steps only is recorded too)."""
+        intervals = self._intervals.setdefault(id(optimizer), set())
+        index = step // self.interval
+        logged = step % self.interval == 0 or (len(self._intervals) > 1 and index not in intervals)
+        if logged:
+            intervals.add(index)
+            self.logged.add(step)
+        return logged
 
 
 @dataclass
@@ -123,7 +137,7 @@ class Harness:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self.step % self.run.interval == 0:
+        if self.run.is_logged(self.step, optimizer):
             self.run.references[self.step] = gradient_squares(self.model, params)
         recorder = self.recorder
         if recorder is not None:

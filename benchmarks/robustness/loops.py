@@ -211,7 +211,7 @@ class _Reference(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         step = trainer.global_step
-        if step % self.run.interval == 0:
+        if self.run.is_logged(step, optimizer):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self.run.references[step] = gradient_squares(pl_module, params)
 

@@ -109,7 +109,7 @@ def check(run: Run, expect: frozenset[str]) -> list[str]:
     except FileNotFoundError as error:
         return [f"no history: {error}"]
     history = history[history.layer != "__global__"]
-    expected_steps = set(range(0, run.steps, run.interval))
+    expected_steps = {step for step in run.logged if step < run.steps}
     steps = set(history.step.unique().tolist())
     if steps != expected_steps:
         missing, extra = sorted(expected_steps - steps), sorted(steps - expected_steps)

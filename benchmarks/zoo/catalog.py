@@ -100,6 +100,8 @@ class Regime:
         track_activations: The monitor's activation taps.
         warmup_steps: Linear learning-rate warm-up from ``lr / warmup_steps`` over this many steps.
         decay_to_zero: Cosine learning-rate decay that reaches exactly 0 at the last step (after any warm-up).
+        zero_grad: ``False`` is the beginner's bug: gradients are never zeroed between optimizer steps
+            (``optimizer_zero_grad`` does nothing), so every step's gradient is added to the previous ones.
 
     Example:
         >>> Regime(Optim(), steps=300, precision="bf16-mixed", accumulate=2).describe()
@@ -117,6 +119,7 @@ class Regime:
     track_activations: bool = False
     warmup_steps: int = 0
     decay_to_zero: bool = False
+    zero_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
@@ -146,6 +149,8 @@ class Regime:
             parts.append("cosine to 0")
         if self.track_activations:
             parts.append("taps")
+        if not self.zero_grad:
+            parts.append("no zero_grad")
         parts.append(f"{self.steps} steps")
         return ", ".join(parts)
 
@@ -337,6 +342,14 @@ CATALOG: tuple[ZooRun, ...] = (
         about="pretrained, then embeddings (tied to the decoder) and encoder requires_grad=False",
     ),
     _hf("hf_t5", Seq2Seq(), Regime(ADAMW), models.hf_t5, about="dropout 0.1"),
+    _hf(
+        "hf_bart_layerdrop",
+        Seq2Seq(),
+        Regime(ADAMW, steps=40),
+        models.hf_bart,
+        quick=True,
+        about="LayerDrop 0.3: whole encoder/decoder layers skipped at random",
+    ),
     # ------------------------------------------------------------------------------ healthy: Lightning, nn, YOLO
     ZooRun(
         "lightning_demo_transformer",
@@ -476,6 +489,14 @@ CATALOG: tuple[ZooRun, ...] = (
         expect=Expectation("stalled", (ANY_LAYER,)),
         quick=True,
     ),
+    _tv(
+        "broken_resnet18_no_zero_grad",
+        Regime(Optim("sgd", 0.01), steps=20, zero_grad=False),
+        RESNET,
+        expect=Expectation("exploding", (ANY_LAYER,)),
+        quick=True,
+        about="optimizer_zero_grad overridden to do nothing: gradients accumulate across steps",
+    ),
     # ------------------------------------------------------------------------------ broken: no gradient
     _tv(
         "broken_resnet18_detached_layer2",
@@ -510,6 +531,15 @@ CATALOG: tuple[ZooRun, ...] = (
         expect=Expectation("no_gradient", ("transformer.h.0.mlp.aux",)),
         faults=(UnusedModule("transformer.h.0.mlp.aux", 64),),
         quick=True,
+    ),
+    _hf(
+        "broken_bart_layerdrop_unused_layer",
+        Seq2Seq(),
+        Regime(ADAMW, steps=40),
+        models.hf_bart,
+        expect=Expectation("no_gradient", ("model.encoder.spare",), tolerance=15),
+        faults=(UnusedModule("model.encoder.spare", 64),),
+        about="LayerDrop 0.3 beside a module built and handed to the optimizer but never called",
     ),
 )
 

@@ -281,6 +281,39 @@ def hf_t5() -> nn.Module:
     return T5ForConditionalGeneration(config)
 
 
+def hf_bart(layerdrop: float = 0.3) -> nn.Module:
+    """``BartForConditionalGeneration`` from a config: width 64, 3+3 layers, LayerDrop on both stacks.
+
+    LayerDrop skips whole encoder and decoder layers at random in training (each layer's parameters get no
+    gradient on the steps it is dropped).
+
+    Example:
+        >>> hf_bart().config.encoder_layerdrop
+        0.3
+    """
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=3,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_layerdrop=layerdrop,
+        decoder_layerdrop=layerdrop,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config)
+
+
 # ------------------------------------------------------------------------------------------------ Lightning
 def lightning_transformer() -> nn.Module:
     """Lightning's demo ``Transformer`` (``nn.Transformer`` encoder-decoder), vocabulary 128, width 64.

@@ -65,8 +65,10 @@ class ZooModule(L.LightningModule):
         clock: Clock,
         warmup_steps: int = 0,
         decay_steps: int = 0,
+        zero_grad: bool = True,
     ) -> None:
         super().__init__()
+        self.zero_grad_between_steps = zero_grad
         self.model = model
         self.task = task
         self.optim = optim
@@ -77,6 +79,11 @@ class ZooModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Advance the clock."""
         self.clock.step = self.trainer.global_step
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradients, unless the run's regime is the forgotten-``zero_grad`` bug."""
+        if self.zero_grad_between_steps:
+            optimizer.zero_grad()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """The task's loss."""
@@ -240,8 +247,11 @@ def _check(
         norms, bad = _global(history, "global_grad_l2"), _global(history, "global_grad_nonfinite")
         growth = float(norms[np.isfinite(norms)].max() / norms[0])
         nonfinite = int(np.argmax(bad > 0)) if (bad > 0).any() else None
-        text = f"global grad x{growth:.1e} over the run" + (f", NaN/Inf from step {nonfinite}" if nonfinite else "")
-        return growth >= 100 or nonfinite is not None, text
+        losses = [loss for _, loss in probe.losses]
+        rise = losses[-1] / losses[0] if losses and losses[0] > 0 else 1.0
+        text = f"global grad x{growth:.1e}, loss x{rise:.1e} over the run"
+        text += f", NaN/Inf from step {nonfinite}" if nonfinite else ""
+        return growth >= 100 or nonfinite is not None or (growth >= 2 and rise >= 3), text
     if kind == "non_finite":
         counts = _table(history, "grad_nonfinite")
         rows_bad = (counts.to_numpy(dtype=float) > 0).any(axis=1)
@@ -310,6 +320,7 @@ def run_one(run: ZooRun, root: Path) -> Outcome:
             clock,
             warmup_steps=run.regime.warmup_steps,
             decay_steps=run.regime.steps if run.regime.decay_to_zero else 0,
+            zero_grad=run.regime.zero_grad,
         )
         monitor = GradientFlowMonitor(
             log_every_n_steps=1,

@@ -52,6 +52,9 @@ class Expectation:
         layers: fnmatch patterns on layer names relative to the bare model (:data:`FIRST_LAYER`,
             :data:`ANY_LAYER` allowed); one must be named by the finding.
         onset: Optimizer step at which the fault starts (0: from initialisation).
+        tolerance: Logged steps after the onset the finding may take, when not ``score``'s ``tolerance``: a
+            model that skips layers by design needs more steps to tell a module that never runs from one it
+            skips at random.
         also: Finding kinds accepted as the same class (``("non_finite",)`` where the gradients of a
             blow-up reach NaN/Inf).
 
@@ -64,6 +67,7 @@ class Expectation:
     layers: tuple[str, ...] = ()
     onset: int = 0
     also: tuple[str, ...] = ()
+    tolerance: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind != HEALTHY and not self.layers:
@@ -218,7 +222,7 @@ def score(
         where = ", ".join(f"{r['kind']}@{r['layer']}" for _, r in warning_rows.iterrows())
         return shown(first, False, f"{len(warning_rows)} warning(s): {where}")
 
-    latest = expectation.onset + tolerance * log_every
+    latest = expectation.onset + (expectation.tolerance or tolerance) * log_every
     candidates = warning_rows[warning_rows["kind"].isin(expectation.kinds)]
     if candidates.empty:
         if warning_rows.empty:

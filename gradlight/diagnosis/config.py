@@ -74,6 +74,29 @@ class DiagnosisConfig:
         exploding_min_share: A growing layer is reported only if its gradient L2 is at least this fraction of
             the largest layer's: a tiny gradient recovering from ~0 (e.g. behind a zero-initialised head)
             grows by large factors without being a blow-up.
+        exploding_new_high: A layer's growth counts only when its gradient L2 is also at least this many times
+            the largest value in its window: per-batch norms of some layers are heavy-tailed (saturated
+            sigmoids give near-zero gradients on most batches and large ones on a few), so a value far above
+            the window's median but no higher than the window has already seen is no blow-up.
+        exploding_jump_ratio: A step that moves a layer by at least this fraction of its weights' norm, followed
+            at the next logged step by a global gradient below ``exploding_collapse`` times the one before it,
+            is a blow-up in one step (healthy steps move ~1e-3; the first Adam steps on weights of std 0.02 move
+            0.05; a zero-initialised head or a LayerScale gain moves by its own size early on, but its gradient
+            does not collapse after it). ``None`` turns the rule off.
+        exploding_collapse: See ``exploding_jump_ratio``.
+        runaway_window: Logged steps over which a slow divergence is judged: the global gradient L2 rose on at
+            least ``runaway_rising`` of the successive steps, ends ``runaway_growth`` times above where it
+            started, and the median loss of the last three steps is ``runaway_loss_growth`` times that of the
+            first three. Each step is small, so the growth rule's factor over a window median never fires;
+            together, a norm and a loss that keep rising are a run that diverges. Healthy runs with warm-up
+            (the loss falls), loss spikes and late large-loss batches (they come down) do not rise steadily.
+        runaway_rising: See ``runaway_window``.
+        runaway_growth: See ``runaway_window``.
+        runaway_loss_growth: See ``runaway_window``.
+        runaway_carried_steps: When the gradient an optimizer steps with is seen to still hold its previous
+            step's gradient (``optimizer.zero_grad()`` is not called between steps: the front end checks it on
+            one small parameter), the global gradient L2 rising on this many logged steps in a row is enough:
+            the gradients accumulate, keep their direction and grow.
         clip_factor: With gradient clipping on, a pre-clip norm (``"norm"`` clipping) or largest gradient
             element (``"value"`` clipping) at least this many times the clip value for ``clip_patience``
             logged steps is reported as a ``note``: clipping then acts on every step, as a learning-rate cut.
@@ -99,6 +122,14 @@ class DiagnosisConfig:
         no_gradient_patience: Logged steps in a row a trainable parameter handed to the optimizer must have no
             gradient (``.grad is None``, or exactly zero) before ``no_gradient`` is reported. Parameters that
             miss a gradient on some steps only (a detection head without targets in a batch) stay quiet.
+            Each layer counts the logged steps of the optimizer that owns it.
+        no_gradient_window: The logged steps of its optimizer over which a layer's gradients are observed (the
+            longest run without a gradient ever required). Once some layer gets a gradient on some steps and
+            none on others (LayerDrop, whole-layer stochastic depth, early exit, routed experts), a layer is
+            reported only after a run without a gradient that this skipping would produce with a chance
+            below ``no_gradient_chance`` (at the skip rate measured over those layers), at most this long.
+        no_gradient_chance: See ``no_gradient_window``: at a measured skip rate ``q`` a layer needs
+            ``log(chance) / log(q)`` logged steps in a row without a gradient (``q = 0.5``: 14 steps).
         gain_threshold: A learnable gain that scales a residual branch (LayerScale, a zero-initialised last
             BatchNorm of a block, ReZero/SkipInit) counts as near zero when its largest initial magnitude is at
             most this. The branch's gradients are then multiplied by the gain by design: a small branch
@@ -174,6 +205,14 @@ class DiagnosisConfig:
     exploding_update_ratio: float | None = bounded(0.1, POSITIVE_OR_NONE)
     exploding_update_patience: int = bounded(3, POSITIVE_INT)
     exploding_min_share: float = bounded(0.01, FRACTION)
+    exploding_new_high: float = bounded(10.0, FACTOR)
+    exploding_jump_ratio: float | None = bounded(0.5, POSITIVE_OR_NONE)
+    exploding_collapse: float = bounded(1e-3, FRACTION)
+    runaway_window: int = bounded(10, POSITIVE_INT)
+    runaway_rising: float = bounded(0.8, FRACTION)
+    runaway_growth: float = bounded(3.0, FACTOR)
+    runaway_loss_growth: float = bounded(2.0, FACTOR)
+    runaway_carried_steps: int = bounded(3, POSITIVE_INT)
     clip_factor: float = bounded(10.0, FACTOR)
     clip_patience: int = bounded(3, POSITIVE_INT)
     dormant_update_ratio: float = bounded(1e-6, POSITIVE)
@@ -184,6 +223,8 @@ class DiagnosisConfig:
     stalled_window: int = bounded(5, POSITIVE_INT)
     stalled_lr_fraction: float = bounded(1e-3, LOW_FRACTION)
     no_gradient_patience: int = bounded(3, POSITIVE_INT)
+    no_gradient_window: int = bounded(50, POSITIVE_INT)
+    no_gradient_chance: float = bounded(1e-4, FRACTION)
     gain_threshold: float = bounded(1e-2, FRACTION)
     gain_patience: int = bounded(50, POSITIVE_INT)
     saturated_fraction: float = bounded(0.5, FRACTION)

@@ -9,7 +9,7 @@ import numpy as np
 
 from gradlight.activations import ActivationStats
 from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors import DETECTORS, Detector, Reference, RunState, StepContext
+from gradlight.diagnosis.detectors import DETECTORS, Detector, ForwardSeen, Reference, RunState, StepContext
 from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile
 from gradlight.signal import SignalStats
@@ -83,6 +83,10 @@ class GradientDiagnosis:
         self.modules_run: set[str] | None = None
         self.world_size = 1
         self.run = RunState()
+        #: The stream (optimizer) whose state :attr:`detectors` hold: the first one seen (see :meth:`update`).
+        self.default_stream: str | None = None
+        #: Detectors of every other stream, by stream key.
+        self.streams: dict[str, list[Detector]] = {}
 
     def update(
         self,
@@ -92,6 +96,9 @@ class GradientDiagnosis:
         loss_scaled: bool = False,
         signal: SignalStats | None = None,
         nonfinite_modules: list[str] | None = None,
+        stream: str | None = None,
+        forward: ForwardSeen | None = None,
+        grads_carried: bool | None = None,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
 
@@ -107,6 +114,15 @@ class GradientDiagnosis:
             nonfinite_modules: The modules whose forward outputs held NaN/Inf on the step, first returned first
                 (:class:`~gradlight.activations.ForwardOriginTaps`), if they were tapped: a ``non_finite``
                 finding then names where in forward the value was born.
+            stream: Which optimizer stepped (any stable key, e.g. its first parameter's name); ``None`` for
+                one optimizer. Every stream keeps its own running state (windows, streaks, baselines): with
+                several optimizers a layer's rules count the steps of the optimizer that owns it, and one
+                network's norms are never compared with another's.
+            forward: Which modules were seen running in this step's forward pass, where they were watched
+                (``no_gradient`` tells "never ran" from "ran but got no gradient" with it, step by step).
+            grads_carried: Whether the gradient this optimizer stepped with still held its previous step's
+                gradient (``optimizer.zero_grad()`` not called between them; :mod:`gradlight.carry_probe`),
+                ``None`` when unknown.
         """
         step = StepContext(
             record=record,
@@ -123,11 +139,13 @@ class GradientDiagnosis:
             world_size=self.world_size,
             signal=signal,
             nonfinite_modules=nonfinite_modules,
+            forward=forward,
+            grads_carried=grads_carried,
             is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
         )
         finite = step.gradients_finite
         found: list[Finding] = []
-        for detector in self.detectors:
+        for detector in self._detectors_of(stream):
             if (detector.needs_finite_gradients and not finite) or (detector.needs_activations and activations is None):
                 continue
             found += detector.check(step)
@@ -141,6 +159,19 @@ class GradientDiagnosis:
                 self.notes_count += 1
         self.findings.extend(new)
         return new
+
+    def _detectors_of(self, stream: str | None) -> list[Detector]:
+        """The detectors that keep ``stream``'s state (the first stream seen uses :attr:`detectors`)."""
+        if stream is None:
+            return self.detectors
+        if self.default_stream is None:
+            self.default_stream = stream
+        if stream == self.default_stream:
+            return self.detectors
+        detectors = self.streams.get(stream)
+        if detectors is None:
+            detectors = self.streams[stream] = [type(detector)(self.config) for detector in self.detectors]
+        return detectors
 
     def reference(self, record: StepRecord) -> Reference:
         """The reference gradient: geometric mean of the last ``reference_layers`` matrix layers' ``grad_l2``.
@@ -172,6 +203,11 @@ class GradientDiagnosis:
             "notes_count": self.notes_count,
             "run": self.run.state_dict(),
             "detectors": {detector.kind: detector.state_dict() for detector in self.detectors},
+            "default_stream": self.default_stream,
+            "streams": {
+                key: {detector.kind: detector.state_dict() for detector in detectors}
+                for key, detectors in self.streams.items()
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -183,7 +219,16 @@ class GradientDiagnosis:
         self.findings_count = int(state.get("findings_count", 0))
         self.notes_count = int(state.get("notes_count", 0))
         self.run.load_state_dict(state.get("run", {"exploded": state.get("exploded", False)}))
-        detectors = state.get("detectors", {})
-        for detector in self.detectors:
-            if detector.kind in detectors:
-                detector.load_state_dict(detectors[detector.kind])
+        _load_detectors(self.detectors, state.get("detectors", {}))
+        default = state.get("default_stream")
+        self.default_stream = None if default is None else str(default)
+        self.streams = {}
+        for key, states in state.get("streams", {}).items():
+            self.streams[str(key)] = [type(detector)(self.config) for detector in self.detectors]
+            _load_detectors(self.streams[str(key)], states)
+
+
+def _load_detectors(detectors: list[Detector], states: Mapping[str, Any]) -> None:
+    for detector in detectors:
+        if detector.kind in states:
+            detector.load_state_dict(states[detector.kind])

@@ -146,6 +146,16 @@ RULES: tuple[Rule, ...] = (
         lambda c: {"acts": _short(c.evidence.get("saturating_downstream") or c.profile.saturating)},
     ),
     Rule(
+        "one_step_blowup",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("one_step_blowup")),
+        "one optimizer step rewrote the weights (a step as large as the weights themselves) and the network "
+        "landed where its units are dead or saturated: inputs far from unit scale (e.g. 0-255 pixels), a "
+        "constant or too-large initialisation, or a learning rate far too large",
+        "normalise the inputs (divide pixels by 255 and standardise); He/Xavier initialisation; a lower learning "
+        "rate or warm-up",
+    ),
+    Rule(
         "no_normalization",
         ("vanishing", "exploding", "saturated", "dead_units"),
         lambda c: not c.profile.normalization,
@@ -184,6 +194,28 @@ RULES: tuple[Rule, ...] = (
         "initial weights far above the He/Xavier scale ({modules})",
         "He (Kaiming) init for ReLU-family layers, Xavier (Glorot) for tanh/sigmoid layers",
         lambda c: {"modules": _short(c.profile.init_large)},
+    ),
+    Rule(
+        "gradients_not_zeroed",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("runaway") and c.evidence.get("grads_carried")),
+        "gradients are not being zeroed between steps: each step's gradient is added to the previous ones "
+        "(seen on a parameter whose gradient at a step was the previous step's plus the new one), so the "
+        "gradient keeps its direction and grows every step",
+        "call optimizer.zero_grad() once per optimizer step (before backward, or after optimizer.step()); to "
+        "accumulate over micro-batches, zero after each optimizer step only",
+        conclusive=True,
+    ),
+    Rule(
+        "slow_divergence",
+        ("exploding",),
+        lambda c: bool(c.evidence.get("runaway") and not c.evidence.get("grads_carried")),
+        "the gradient norm and the loss have risen together for {steps} logged steps: the run diverges slowly "
+        "(a learning rate above the stable limit for this model, or gradients that accumulate across steps)",
+        "lower the learning rate (or add warm-up / gradient clipping); check that optimizer.zero_grad() runs "
+        "once per optimizer step",
+        lambda c: {"steps": c.evidence.get("steps", "?")},
+        conclusive=True,
     ),
     Rule(
         "clipping_active",

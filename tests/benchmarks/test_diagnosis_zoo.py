@@ -193,9 +193,11 @@ QUICK_RUNS = (
     "broken_lstm_lr1e-12",
     "broken_resnet18_detached_layer2",
     "broken_resnet18_nan_at_10",
+    "broken_resnet18_no_zero_grad",  # gradients never zeroed: a slow runaway, cause from the carry probe
     "broken_vgg11_huge_lr",  # exploding updates before the gradient blows up
     "broken_vgg11_sigmoid",
     "hf_bert_tiny_clip",
+    "hf_bart_layerdrop",  # whole layers skipped at random: no no_gradient
     "hf_gpt2",
     "lstm_long",  # converged: its early-to-late ratio swings by decades per batch, no trend
     "tv_convnext",

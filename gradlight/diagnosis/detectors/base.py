@@ -18,7 +18,27 @@ from gradlight.diagnosis.windows import Streaks
 from gradlight.signal import SignalStats
 from gradlight.tracker import StepRecord
 
-__all__ = ["Detector", "GainScale", "Reference", "RunState", "StepContext"]
+__all__ = ["Detector", "ForwardSeen", "GainScale", "Reference", "RunState", "StepContext"]
+
+
+@dataclass(frozen=True)
+class ForwardSeen:
+    """Which parameter-owning modules one step's forward pass ran, among those that were watched.
+
+    Attributes:
+        ran: Names of the watched modules that ran.
+        watched: Names of the modules that were watched; ``None``: every parameter-owning module.
+    """
+
+    ran: frozenset[str]
+    watched: frozenset[str] | None = None
+
+    def ran_layer(self, layer: str) -> bool | None:
+        """Whether the layer's module (or a module inside it) ran; ``None`` when it was not watched."""
+        prefix = layer + "."
+        if self.watched is not None and not any(m == layer or m.startswith(prefix) for m in self.watched):
+            return None
+        return layer in self.ran or any(name.startswith(prefix) for name in self.ran)
 
 
 @dataclass
@@ -76,6 +96,9 @@ class StepContext:
         signal: The step's backward-signal statistics, if the taps are on (:mod:`gradlight.signal`).
         nonfinite_modules: Modules whose forward outputs held NaN/Inf on the step, first returned first, when
             the forward-origin taps ran (:class:`~gradlight.activations.ForwardOriginTaps`); else ``None``.
+        forward: Which modules this step's forward pass ran, where they were watched (:class:`ForwardSeen`).
+        grads_carried: Whether the gradient stepped with still held the optimizer's previous gradient (no
+            ``zero_grad`` between the steps), ``None`` when unknown.
     """
 
     record: StepRecord
@@ -93,6 +116,8 @@ class StepContext:
     is_reported: Callable[[str, str, str], bool] = field(default=lambda kind, layer, severity: False)
     signal: SignalStats | None = None
     nonfinite_modules: list[str] | None = None
+    forward: ForwardSeen | None = None
+    grads_carried: bool | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 

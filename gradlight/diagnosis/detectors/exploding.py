@@ -5,7 +5,16 @@
   that high for ``exploding_confirm_steps`` more logged steps (against the baseline from before it rose). A
   blow-up rises and stays up; a large-loss batch late in a converged run, or an ordinary spike, comes down at
   the next step. A layer counts only if its norm is at least ``exploding_min_share`` of the largest layer's (a
-  tiny gradient recovering from ~0 grows by large factors without blowing up).
+  tiny gradient recovering from ~0 grows by large factors without blowing up), and a layer whose gradient was
+  far below the reference gradient and has only caught up with it (at most its size now) is recovering from a
+  vanishing start, not blowing up. A layer's rise must also reach ``exploding_new_high`` times the largest value
+  in its window: a layer whose per-batch gradient is heavy-tailed (saturated sigmoids: near zero on most
+  batches, large on a few) has been as large before, and a growth over its median says nothing new.
+* **one-step blow-up**: a step moves a layer by at least ``exploding_jump_ratio`` of its weights' norm, and at
+  the next logged step the global gradient has collapsed (below ``exploding_collapse`` of what it was): the
+  step threw the network into a region where its units are dead or saturated (unnormalised 0-255 inputs, a
+  constant or huge initialisation). A zero-initialised head or a LayerScale gain also moves by its own size
+  early on, but its gradient does not collapse after it.
 * **absolute**: ``exploding_norm`` (global) or ``exploding_layer_norm`` (any layer), both off by default.
 * **updates**: the median layer's ``update_ratio`` is at least ``exploding_update_ratio`` for
   ``exploding_update_patience`` logged steps and the loss has not fallen since those large steps began (the
@@ -14,6 +23,12 @@
   gradient norm itself blows up. One trainable layer (a fresh linear head over a frozen backbone, measured at
   20-40% per step with its loss rising for ten steps before it converges) is a convex fit that overshoots
   and comes back: not reported.
+* **runaway**: a slow divergence, each step too small for the growth rule: over ``runaway_window`` logged
+  steps the global ``grad_l2`` rose on ``runaway_rising`` of them and by ``runaway_growth`` in all, while the
+  loss rose ``runaway_loss_growth`` times. Where the front end saw that the gradient an optimizer steps with
+  still holds its previous step's gradient (no ``optimizer.zero_grad()`` between steps: the gradients
+  accumulate, keep their direction and grow), a rise on ``runaway_carried_steps`` logged steps in a row is
+  enough, and the cause says so.
 * **clipping**: with clipping on, a pre-clip value ``clip_factor`` times the clip value for ``clip_patience``
   logged steps is a ``note`` (clipping acts on every step, as a learning-rate cut); with growth it is part of
   the warning (clipping hides the blow-up).
@@ -21,6 +36,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -52,6 +68,7 @@ class _Growth:
     layers: dict[str, float]  # layer -> its L2 over the median of its previous window (enough history only)
     baselines: dict[str, float]  # layer -> that median
     current: dict[str, float]  # layer -> its L2 at this step
+    maxima: dict[str, float] | None = None  # layer -> the largest L2 in its previous window (enough history only)
 
     def ranked(self) -> list[tuple[str, float]]:
         """Layers by growth, largest first."""
@@ -82,6 +99,9 @@ class ExplodingDetector(Detector):
         self.loss_before_large_updates: float | None = None  # the loss of the step before that run
         self.last_loss: float | None = None
         self.updates_reported_since: int | None = None  # first step of the large-update run last reported
+        self.trajectory: deque[tuple[int, float, float]] = deque(maxlen=config.runaway_window)  # step, norm, loss
+        self.initial_losses: list[float] = []  # the first logged finite losses: where training started
+        self.jump: tuple[int, str, float, float] | None = None  # step, layer, its update ratio, the global norm
 
     def check(self, step: StepContext) -> list[Finding]:
         """Growth (confirmed), absolute thresholds, clipping note."""
@@ -103,6 +123,14 @@ class ExplodingDetector(Detector):
         if oversized is not None and not (grew or over or over_norm):
             step.run.exploded = True
             return [oversized]
+        blowup = self._one_step_blowup(step, growth.norm)
+        if blowup is not None and not (grew or over or over_norm):
+            step.run.exploded = True
+            return [blowup]
+        runaway = self._runaway(step, growth.norm)
+        if runaway is not None and not (grew or over or over_norm):
+            step.run.exploded = True
+            return [runaway]
         if not (grew or over or over_norm or clipped):
             return []
         if not (grew or over or over_norm):  # clipping alone: a note
@@ -148,10 +176,12 @@ class ExplodingDetector(Detector):
         names = [name for name, kept in zip(record.layers, compared) if kept]
         layers = dict(zip(names, factors[compared].tolist()))
         baselines = dict(zip(names, medians[compared].tolist()))
+        window = self.layer_norms.values[:, columns][:, compared]
+        maxima = dict(zip(names, np.where(np.isfinite(window), window, 0.0).max(axis=0, initial=0.0).tolist()))
         self.layer_norms.push(columns, values)
         growth = norm / baseline if enough and not math.isnan(norm) else 1.0
         window_min = min(history) if history else float("nan")
-        return _Growth(norm, growth, baseline, window_min, len(history), layers, baselines, current)
+        return _Growth(norm, growth, baseline, window_min, len(history), layers, baselines, current, maxima)
 
     def _confirmed_growth(
         self, step: int, growth: _Growth, floor: float, context: StepContext
@@ -166,10 +196,15 @@ class ExplodingDetector(Detector):
         by orders of magnitude whenever a batch has targets for their output (a detection scale).
         """
         factor = self.config.exploding_factor
+        recovering = self._recovering(growth, context)
         layers = {
             n: f
             for n, f in growth.layers.items()
-            if f >= factor and growth.current[n] >= floor and context.profile.output_branch_of(n) is None
+            if f >= factor
+            and growth.current[n] >= floor
+            and context.profile.output_branch_of(n) is None
+            and n not in recovering
+            and growth.current[n] >= self.config.exploding_new_high * (growth.maxima or {}).get(n, 0.0)
         }
         rising = growth.growth >= factor or bool(layers)
         rise = self.rise
@@ -178,20 +213,126 @@ class ExplodingDetector(Detector):
             still_layers = {
                 n: growth.current[n] / base
                 for n, base in rise.layer_baselines.items()
-                if n in growth.current and base > 0 and growth.current[n] >= factor * base
+                if n in growth.current and base > 0 and growth.current[n] >= factor * base and n not in recovering
             }
             if still_global or still_layers:
                 rise.confirmations += 1
             else:
                 self.rise = rise = None
         if rise is None and rising:
-            baselines = {n: growth.baselines[n] for n in layers}
+            # A global rise carried by layers that are no new high for their window (a steady x3 per step) still
+            # names them, against their baseline from before the rise.
+            carriers = layers or {n for n, f in growth.layers.items() if f >= factor and n not in recovering}
+            baselines = {n: growth.baselines[n] for n in carriers}
             baseline = growth.baseline if growth.growth >= factor else float("inf")
             self.rise = rise = _Rise(step, baseline, baselines)
         if rise is None or rise.confirmations < self.config.exploding_confirm_steps:
             return None
         grown = {n: growth.current[n] / base for n, base in rise.layer_baselines.items() if n in growth.current}
         return rise.step, grown
+
+    def _recovering(self, growth: _Growth, context: StepContext) -> set[str]:
+        """Layers that grew but only up to the reference gradient: they started far below it and caught up.
+
+        A layer that grows ``exploding_factor`` times and ends at most at the reference started at least that
+        far below it: a gradient recovering from a vanishing start (its loss starts to fall as it does). A
+        blow-up takes a layer above the rest of the network, or the whole network with it (the global norm).
+        """
+        reference = context.reference.value
+        if not (math.isfinite(reference) and reference > 0):
+            return set()
+        return {name for name in growth.baselines if growth.current.get(name, math.inf) <= reference}
+
+    # ------------------------------------------------------------------------------------ one-step blow-up
+    def _one_step_blowup(self, step: StepContext, norm: float) -> Finding | None:
+        """The ``one-step blow-up`` condition (module docstring)."""
+        config, record, jump = self.config, step.record, self.jump
+        update = record.metrics.get("update_ratio")
+        values = np.asarray(update if update is not None else [], dtype=np.float64)
+        finite = np.where(np.isfinite(values), values, -np.inf)
+        top = int(np.argmax(finite)) if finite.size else -1
+        self.jump = None
+        if top >= 0 and finite[top] >= config.exploding_jump_ratio and math.isfinite(norm) and norm > 0:
+            self.jump = (record.step, record.layers[top], float(finite[top]), norm)
+        if jump is None or step.run.exploded or not math.isfinite(norm) or norm > config.exploding_collapse * jump[3]:
+            return None
+        since, layer, ratio, before = jump
+        median = float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
+        evidence: dict[str, Any] = {
+            "one_step_blowup": True,
+            "jump_step": since,
+            "jump_update_ratio": ratio,
+            "global_grad_l2_before": before,
+            "global_grad_l2": norm,
+            "median_update_ratio": median,
+        }
+        message = (
+            f"exploding in one step: the optimizer step at step {since} moved {layer} by {ratio:.0%} of its "
+            f"weights' norm (healthy steps move ~0.1%), and by step {record.step} the global gradient L2 collapsed "
+            f"from {fmt(before)} to {fmt(norm)}: the network was thrown where its units are dead or saturated"
+        )
+        return step.finding(self.kind, layer, since, message, evidence, [layer])
+
+    # ----------------------------------------------------------------------------------------- runaway
+    def _runaway(self, step: StepContext, norm: float) -> Finding | None:
+        """The ``runaway`` condition (module docstring), from the trajectory of the norm and the loss."""
+        config, loss = self.config, step.loss
+        self.trajectory.append((step.record.step, norm, loss if loss is not None else float("nan")))
+        if loss is not None and math.isfinite(loss) and len(self.initial_losses) < 3:
+            self.initial_losses.append(loss)
+        points = list(self.trajectory)
+        carried = step.grads_carried is True
+        recent = points[-(config.runaway_carried_steps + 1) :]
+        if carried and len(recent) > config.runaway_carried_steps and _rises(recent) == 1.0:
+            return self._runaway_finding(step, recent, carried=True)
+        if len(points) < config.runaway_window or _rises(points) < config.runaway_rising:
+            return None
+        norms, losses = [p[1] for p in points], [p[2] for p in points]
+        if not (norms[0] > 0 and norms[-1] >= config.runaway_growth * norms[0]):
+            return None
+        if _one_jump(norms):  # an outlier batch that set a converged run back: not a sustained rise
+            return None
+        before, after = statistics.median(losses[:3]), statistics.median(losses[-3:])
+        if not (math.isfinite(before) and math.isfinite(after) and before > 0):
+            return None
+        if after < config.runaway_loss_growth * before:
+            return None
+        # A divergence climbs above where training started; a converged run set back by a hard batch (its loss
+        # from ~0 to well below the untrained loss, its gradients with it) recovers and is not one.
+        if self.initial_losses and after <= statistics.median(self.initial_losses):
+            return None
+        return self._runaway_finding(step, points, carried=False)
+
+    def _runaway_finding(self, step: StepContext, points: list[tuple[int, float, float]], carried: bool) -> Finding:
+        first, last = points[0], points[-1]
+        rises = _rises(points)
+        evidence: dict[str, Any] = {
+            "runaway": True,
+            "grads_carried": carried,
+            "global_grad_l2": last[1],
+            "grad_l2_start": first[1],
+            "growth": last[1] / first[1] if first[1] > 0 else float("inf"),
+            "rising_fraction": rises,
+            "steps": len(points),
+            "loss_start": first[2],
+            "loss_end": last[2],
+        }
+        loss = ""
+        if math.isfinite(first[2]) and math.isfinite(last[2]):
+            loss = f", the loss {fmt(first[2])} -> {fmt(last[2])}"
+        if carried:
+            message = (
+                f"exploding gradient (accumulating): the gradient the optimizer stepped with at step "
+                f"{step.record.step} still held its previous step's gradient, and the global gradient L2 rose on "
+                f"each of the last {len(points) - 1} logged steps ({fmt(first[1])} -> {fmt(last[1])}{loss})"
+            )
+        else:
+            message = (
+                f"exploding gradient (slow divergence): over the last {len(points)} logged steps the global "
+                f"gradient L2 rose on {rises:.0%} of them, {fmt(first[1])} -> {fmt(last[1])} "
+                f"({evidence['growth']:.0f}x){loss}"
+            )
+        return step.finding(self.kind, GLOBAL_LAYER, first[0], message, evidence, [GLOBAL_LAYER])
 
     # ----------------------------------------------------------------------------------------- updates
     def _oversized_updates(self, step: StepContext) -> Finding | None:
@@ -336,6 +477,9 @@ class ExplodingDetector(Detector):
             "loss_before_large_updates": self.loss_before_large_updates,
             "last_loss": self.last_loss,
             "updates_reported_since": self.updates_reported_since,
+            "trajectory": [list(point) for point in self.trajectory],
+            "initial_losses": list(self.initial_losses),
+            "jump": None if self.jump is None else list(self.jump),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -352,6 +496,11 @@ class ExplodingDetector(Detector):
         self.last_loss = None if last is None else float(last)
         reported = state.get("updates_reported_since")
         self.updates_reported_since = None if reported is None else int(reported)
+        self.initial_losses = [float(v) for v in state.get("initial_losses", [])]
+        trajectory = ((int(p[0]), float(p[1]), float(p[2])) for p in state.get("trajectory", []))
+        self.trajectory = deque(trajectory, maxlen=self.config.runaway_window)
+        jump = state.get("jump")
+        self.jump = None if not jump else (int(jump[0]), str(jump[1]), float(jump[2]), float(jump[3]))
 
 
 def _clip_ratio(step: StepContext) -> float | None:
@@ -360,3 +509,18 @@ def _clip_ratio(step: StepContext) -> float | None:
     key = "global_grad_max_abs" if step.gradient_clip_algorithm == "value" else "global_grad_l2"
     value = float(step.record.global_metrics.get(key, np.nan))
     return value / step.gradient_clip_val if math.isfinite(value) else None
+
+
+def _rises(points: list[tuple[int, float, float]]) -> float:
+    """Share of successive points whose norm is above the one before (0 with fewer than two)."""
+    pairs = list(itertools.pairwise(points))
+    return sum(1 for a, b in pairs if b[1] > a[1]) / len(pairs) if pairs else 0.0
+
+
+def _one_jump(norms: list[float]) -> bool:
+    """Whether one step between consecutive norms carries more than half of the window's whole rise (in log)."""
+    logs = [math.log(v) for v in norms if v > 0 and math.isfinite(v)]
+    if len(logs) < 2 or logs[-1] <= logs[0]:
+        return False
+    largest = max(b - a for a, b in itertools.pairwise(logs))
+    return largest > 0.5 * (logs[-1] - logs[0])
