@@ -215,14 +215,14 @@ def _lazy_resnet() -> nn.Module:
 
 CATALOG: tuple[ZooRun, ...] = (
     # ------------------------------------------------------------------------------ healthy: torchvision
-    _tv("tv_resnet18", Regime(SGD, steps=30), RESNET, quick=True),
+    _tv("tv_resnet18", Regime(SGD, steps=45), RESNET, quick=True),
     _tv(
         "tv_resnet18_zero_init_residual",
         Regime(SGD),
         partial(models.tv_model, "resnet18", zero_init_residual=True),
         about="last BN of each block starts at 0",
     ),
-    _tv("tv_resnet18_taps", Regime(SGD, track_activations=True, steps=30), RESNET, about="activation taps on"),
+    _tv("tv_resnet18_taps", Regime(SGD, track_activations=True, steps=45), RESNET, about="activation taps on"),
     _tv(
         "tv_resnet18_finetune",
         Regime(Optim("adamw", 1e-5), pretrain_steps=60, reset=("fc",)),

@@ -30,7 +30,10 @@ class StalledDetector(Detector):
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config, record, run = self.config, step.record, step.run
-        values = np.asarray(record.metrics["update_ratio"], dtype=np.float64)  # every record has it (NaN: untracked)
+        update = record.metrics.get("update_ratio")  # a tracker's record has it (NaN: untracked); a replay may not
+        if update is None:
+            return []
+        values = np.asarray(update, dtype=np.float64)
         weights = np.asarray(record.metrics.get("param_l2", np.ones_like(values)), dtype=np.float64)
         keep = np.isfinite(values) & np.isfinite(weights)
         finite = values[keep]
