@@ -8,4 +8,5 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 ruff check .
 ruff format --check .
 mypy
-python -m pytest "$@"
+# Both cores: each test file runs whole in one worker (module fixtures are built once; one thread per worker).
+python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -26,6 +26,9 @@ import gradlight_netguard as netguard  # noqa: E402
 NetworkAccessError = netguard.NetworkAccessError
 
 
+_LOG_OWNER_ENV = "GRADLIGHT_NETGUARD_WORKER"  # the xdist worker (or "" for none) that created the log
+
+
 def _install_network_guard() -> str | None:
     """Guard this process now, and every Python process started from here on (env is inherited).
 
@@ -33,10 +36,14 @@ def _install_network_guard() -> str | None:
         The attempts log when this session created it (removed at the end), None when inherited.
     """
     created = None
-    if not os.environ.get(netguard.LOG_ENV):
-        handle, created = tempfile.mkstemp(prefix="gradlight-netguard-", suffix=".jsonl")
+    # One log per pytest-xdist worker: the workers inherit the controller's environment, and a shared log would
+    # blame one worker's test for another's attempts (the guard's own tests make some on purpose).
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not os.environ.get(netguard.LOG_ENV) or os.environ.get(_LOG_OWNER_ENV, "") != worker:
+        handle, created = tempfile.mkstemp(prefix=f"gradlight-netguard-{worker}", suffix=".jsonl")
         os.close(handle)
         os.environ[netguard.LOG_ENV] = created
+        os.environ[_LOG_OWNER_ENV] = worker
     paths = [str(NETGUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     netguard.install()
