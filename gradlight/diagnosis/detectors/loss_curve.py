@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import StepContext
+from gradlight.diagnosis.detectors.base import Detector, StepContext
 
 __all__ = ["LossCurve", "LossReading", "level", "mann_kendall_z", "median_update_ratio"]
 
@@ -177,3 +177,20 @@ class LossCurve:
         self.initial = [float(v) for v in state.get("initial", [])]
         self.window = deque((float(v) for v in state.get("window", [])), maxlen=self.config.loss_window)
         self.last_step = int(state.get("last", -1))
+
+
+class LossCurveDetector(Detector):
+    """A detector that judges the run's :class:`LossCurve`: it owns the curve and checkpoints it with its streaks."""
+
+    def __init__(self, config: DiagnosisConfig) -> None:
+        super().__init__(config)
+        self.curve = LossCurve(config)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Streaks plus the loss curve."""
+        return {**super().state_dict(), "curve": self.curve.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.curve.load_state_dict(state.get("curve", {}))

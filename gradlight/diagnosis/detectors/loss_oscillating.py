@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import Detector, StepContext
-from gradlight.diagnosis.detectors.loss_curve import LossCurve, LossReading, level, median_update_ratio
+from gradlight.diagnosis.detectors.base import StepContext
+from gradlight.diagnosis.detectors.loss_curve import (
+    LossCurveDetector,
+    LossReading,
+    level,
+    median_update_ratio,
+)
 from gradlight.diagnosis.finding import Finding
 from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["LossOscillatingDetector"]
 
 
-class LossOscillatingDetector(Detector):
+class LossOscillatingDetector(LossCurveDetector):
     """The loss swings widely between logged steps and has not come down from its initial level.
 
     Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the window of
@@ -27,10 +30,6 @@ class LossOscillatingDetector(Detector):
 
     kind = "loss_oscillating"
     needs_finite_gradients = False
-
-    def __init__(self, config: DiagnosisConfig) -> None:
-        super().__init__(config)
-        self.curve = LossCurve(config)
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
@@ -61,12 +60,3 @@ class LossOscillatingDetector(Detector):
             f"start ({level(reading.recent)} against {level(reading.initial)})"
         )
         return step.finding(self.kind, GLOBAL_LAYER, since, message, evidence, [GLOBAL_LAYER])
-
-    def state_dict(self) -> dict[str, Any]:
-        """Streaks plus the loss curve."""
-        return {**super().state_dict(), "curve": self.curve.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.curve.load_state_dict(state.get("curve", {}))

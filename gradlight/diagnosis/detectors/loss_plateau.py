@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
-from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import Detector, StepContext
-from gradlight.diagnosis.detectors.loss_curve import LossCurve, LossReading, level, median_update_ratio
+from gradlight.diagnosis.detectors.base import StepContext
+from gradlight.diagnosis.detectors.loss_curve import (
+    LossCurveDetector,
+    LossReading,
+    level,
+    median_update_ratio,
+)
 from gradlight.diagnosis.finding import Finding, fmt
 from gradlight.records import GLOBAL_LAYER
 
@@ -32,7 +35,7 @@ def chance_classes(level: float, tolerance: float = 0.01) -> int | None:
     return None
 
 
-class LossPlateauDetector(Detector):
+class LossPlateauDetector(LossCurveDetector):
     """The loss has not come down from its initial level although the weights move.
 
     Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the median
@@ -51,10 +54,6 @@ class LossPlateauDetector(Detector):
 
     kind = "loss_plateau"
     needs_finite_gradients = False
-
-    def __init__(self, config: DiagnosisConfig) -> None:
-        super().__init__(config)
-        self.curve = LossCurve(config)
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
@@ -91,12 +90,3 @@ class LossPlateauDetector(Detector):
             f"{reading.swing:.0%}{moves}"
         )
         return step.finding(self.kind, GLOBAL_LAYER, since, message, evidence, [GLOBAL_LAYER])
-
-    def state_dict(self) -> dict[str, Any]:
-        """Streaks plus the loss curve."""
-        return {**super().state_dict(), "curve": self.curve.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.curve.load_state_dict(state.get("curve", {}))

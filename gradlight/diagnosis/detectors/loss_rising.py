@@ -10,15 +10,20 @@ from typing import Any
 import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import Detector, StepContext
-from gradlight.diagnosis.detectors.loss_curve import LossCurve, LossReading, level, median_update_ratio
+from gradlight.diagnosis.detectors.base import StepContext
+from gradlight.diagnosis.detectors.loss_curve import (
+    LossCurveDetector,
+    LossReading,
+    level,
+    median_update_ratio,
+)
 from gradlight.diagnosis.finding import Finding
 from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["LossRisingDetector"]
 
 
-class LossRisingDetector(Detector):
+class LossRisingDetector(LossCurveDetector):
     """The loss rises: a consistent upward trend over the window, ending well above where the run started.
 
     Holds at a logged step when the last ``loss_window`` logged losses trend up (Mann-Kendall z at least
@@ -40,7 +45,6 @@ class LossRisingDetector(Detector):
 
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
-        self.curve = LossCurve(config)
         self.norms: deque[float] = deque(maxlen=config.loss_window or 1)
 
     def check(self, step: StepContext) -> list[Finding]:
@@ -84,10 +88,9 @@ class LossRisingDetector(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the loss curve."""
-        return {**super().state_dict(), "curve": self.curve.state_dict(), "norms": list(self.norms)}
+        return {**super().state_dict(), "norms": list(self.norms)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
-        self.curve.load_state_dict(state.get("curve", {}))
         self.norms = deque((float(v) for v in state.get("norms", [])), maxlen=self.config.loss_window or 1)
