@@ -29,7 +29,7 @@ _HOMES = {
     "GradientFlowTracker": "gradlight.tracker",
     "HistoryExistsError": "gradlight.runwriter",
     "ModelProfile": "gradlight.diagnosis.profile",
-    "PreflightReport": "gradlight.preflight",
+    "PreflightReport": "gradlight.preflight_check",
     "RecorderOptions": "gradlight.options",
     "RunFolder": "gradlight.runfolder",
     "RunInfo": "gradlight.runfolder",
@@ -37,7 +37,7 @@ _HOMES = {
     "UnsupportedFormatError": "gradlight.runfolder",
     "load_findings": "gradlight.runfolder",
     "load_history": "gradlight.history",
-    "preflight": "gradlight.preflight",
+    "preflight": "gradlight.preflight_check",
     "read_run_info": "gradlight.runfolder",
 }
 
@@ -95,7 +95,7 @@ if TYPE_CHECKING:
     from gradlight.mixin import GradientFlowMixin
     from gradlight.monitor import GradientFlowMonitor
     from gradlight.options import RecorderOptions
-    from gradlight.preflight import PreflightReport, preflight
+    from gradlight.preflight_check import PreflightReport, preflight
     from gradlight.recorder import GradientFlowRecorder
     from gradlight.records import GLOBAL_LAYER, Finding
     from gradlight.runfolder import RunFolder, RunInfo, UnsupportedFormatError, load_findings, read_run_info
