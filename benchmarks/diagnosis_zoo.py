@@ -75,7 +75,7 @@ def outcome_row(outcome: Outcome) -> dict[str, Any]:
     return {
         "run": run.name,
         "family": run.family,
-        "regime": run.regime.describe(),
+        "regime": run.regime.describe(run.task.networks),
         "expected": run.expect.describe(),
         "warnings": _counts(verdict.warnings),
         "notes": _counts(verdict.notes),
