@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors import DETECTORS, Detector, ForwardSeen, Reference, RunState, StepContext
 from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile
+from gradlight.records import GLOBAL_LAYER
 from gradlight.signal import SignalStats
 from gradlight.tracker import StepRecord
 
@@ -76,7 +78,9 @@ class GradientDiagnosis:
         self.gradient_clip_val = float(gradient_clip_val) if gradient_clip_val else None
         self.gradient_clip_algorithm = gradient_clip_algorithm or "norm"
         self.detectors = [detector(self.config) for detector in detectors]
-        self.reported: set[tuple[str, str, str]] = set()  # (kind, layer, severity)
+        #: (kind, layer, severity, scope) of every finding reported; ``scope`` is the stream of a whole-model
+        #: (``__global__``) finding with several optimizers, ``""`` otherwise (a layer belongs to one optimizer).
+        self.reported: set[tuple[str, str, str, str]] = set()
         self.findings_count = 0
         self.notes_count = 0
         self.findings: list[Finding] = []
@@ -141,7 +145,7 @@ class GradientDiagnosis:
             nonfinite_modules=nonfinite_modules,
             forward=forward,
             grads_carried=grads_carried,
-            is_reported=lambda kind, layer, severity: (kind, layer, severity) in self.reported,
+            is_reported=lambda kind, layer, severity: _key(kind, layer, severity, stream) in self.reported,
         )
         finite = step.gradients_finite
         found: list[Finding] = []
@@ -149,16 +153,28 @@ class GradientDiagnosis:
             if (detector.needs_finite_gradients and not finite) or (detector.needs_activations and activations is None):
                 continue
             found += detector.check(step)
-        new = [f for f in found if (f.kind, f.layer, f.severity) not in self.reported]
+        new = [
+            self._name_stream(f, stream)
+            for f in found
+            if _key(f.kind, f.layer, f.severity, stream) not in self.reported
+        ]
         for finding in new:
             for layer in (finding.layer, *finding.layers):
-                self.reported.add((finding.kind, layer, finding.severity))
+                self.reported.add(_key(finding.kind, layer, finding.severity, stream))
             if finding.is_warning:
                 self.findings_count += 1
             else:
                 self.notes_count += 1
         self.findings.extend(new)
         return new
+
+    def _name_stream(self, finding: Finding, stream: str | None) -> Finding:
+        """A whole-model finding with several optimizers says whose steps it is about (its message and evidence)."""
+        if stream is None or finding.layer != GLOBAL_LAYER or not self.streams:
+            return finding
+        evidence = {**finding.evidence, "optimizer": stream}
+        message = f"{finding.message} (on the steps of the optimizer of `{stream}`)"
+        return dataclasses.replace(finding, evidence=evidence, message=message)
 
     def _detectors_of(self, stream: str | None) -> list[Detector]:
         """The detectors that keep ``stream``'s state (the first stream seen uses :attr:`detectors`)."""
@@ -198,7 +214,7 @@ class GradientDiagnosis:
         """What was reported and every detector's running state, so a resumed run does not re-report."""
         return {
             "version": 2,
-            "reported": sorted([kind, layer, severity] for kind, layer, severity in self.reported),
+            "reported": sorted(list(key) for key in self.reported),
             "findings_count": self.findings_count,
             "notes_count": self.notes_count,
             "run": self.run.state_dict(),
@@ -213,7 +229,12 @@ class GradientDiagnosis:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (a version-1 state restores what was reported and the count)."""
         self.reported = {
-            (str(entry[0]), str(entry[1]), str(entry[2]) if len(entry) > 2 else "warning")
+            (
+                str(entry[0]),
+                str(entry[1]),
+                str(entry[2]) if len(entry) > 2 else "warning",
+                str(entry[3]) if len(entry) > 3 else "",
+            )
             for entry in state.get("reported", [])
         }
         self.findings_count = int(state.get("findings_count", 0))
@@ -226,6 +247,11 @@ class GradientDiagnosis:
         for key, states in state.get("streams", {}).items():
             self.streams[str(key)] = [type(detector)(self.config) for detector in self.detectors]
             _load_detectors(self.streams[str(key)], states)
+
+
+def _key(kind: str, layer: str, severity: str, stream: str | None) -> tuple[str, str, str, str]:
+    """What makes a finding reported once: a whole-model finding once per optimizer stream, a layer's once."""
+    return kind, layer, severity, (stream or "") if layer == GLOBAL_LAYER else ""
 
 
 def _load_detectors(detectors: list[Detector], states: Mapping[str, Any]) -> None:

@@ -464,7 +464,7 @@ def test_resumed_run_does_not_report_again(tmp_path: Path) -> None:
     recorder = resumed.recorder
     assert recorder is not None
     assert recorder.findings == [] or all(f.kind != "vanishing" for f in recorder.findings)
-    assert recorder.diagnosis is not None and ("vanishing", "net.0", "warning") in recorder.diagnosis.reported
+    assert recorder.diagnosis is not None and ("vanishing", "net.0", "warning", "") in recorder.diagnosis.reported
     assert (load_findings(tmp_path).kind == "vanishing").sum() == 1
 
 

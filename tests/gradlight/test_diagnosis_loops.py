@@ -27,16 +27,17 @@ QUIET: dict[str, Any] = dict(
 class GAN(L.LightningModule):
     """The GAN of Lightning's manual-optimization docs, on 2-D data: a generator and a discriminator.
 
+    ``zero_grad=False`` is the other bug: manual optimization leaves ``zero_grad()`` to the user, who forgot it.
     ``toggle=True`` follows the "multiple optimizers" example (``toggle_optimizer`` around each network's
     step); ``detach_generator=True`` is the bug: the generator's loss is computed on ``fake.detach()``, so the
     generator gets no gradient on any of its steps (written, as in ``LightningOptimizer``'s docstring
     example, without toggling, since a toggled discriminator would leave that loss without a graph at all).
     """
 
-    def __init__(self, toggle: bool = True, detach_generator: bool = False) -> None:
+    def __init__(self, toggle: bool = True, detach_generator: bool = False, zero_grad: bool = True) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.toggle, self.detach_generator = toggle, detach_generator
+        self.toggle, self.detach_generator, self.zeroes_grads = toggle, detach_generator, zero_grad
         self.generator = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
         self.discriminator = nn.Sequential(nn.Linear(2, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
         generator = torch.Generator().manual_seed(0)
@@ -52,7 +53,8 @@ class GAN(L.LightningModule):
         if self.toggle:
             self.toggle_optimizer(g_opt)
         fake = self.generator(z)
-        g_opt.zero_grad()
+        if self.zeroes_grads:
+            g_opt.zero_grad()
         g_loss = bce(self.discriminator(fake.detach() if self.detach_generator else fake), ones)
         self.manual_backward(g_loss)
         g_opt.step()
@@ -61,7 +63,8 @@ class GAN(L.LightningModule):
         # discriminator
         if self.toggle:
             self.toggle_optimizer(d_opt)
-        d_opt.zero_grad()
+        if self.zeroes_grads:
+            d_opt.zero_grad()
         d_loss = (bce(self.discriminator(real), ones) + bce(self.discriminator(self.generator(z).detach()), zeros)) / 2
         self.manual_backward(d_loss)
         d_opt.step()
@@ -121,6 +124,18 @@ def test_a_generator_cut_off_by_detach_is_reported_on_its_own_steps(tmp_path: Pa
     assert row.evidence["cut_off"] and row.evidence["rules"][0] == "graph_cut"
     assert not any(layer.startswith("discriminator") for layer in findings.layer)
     assert steps_of(history, "discriminator.") == set(range(1, 16, 2)) and not steps_of(history, "generator.")
+
+
+def test_a_gan_that_never_zeroes_its_gradients_gets_a_finding_per_optimizer(tmp_path: Path) -> None:
+    """A whole-model finding is reported once per optimizer, naming it: one network's does not hide the other's."""
+    _, findings = fit_gan(GAN(zero_grad=False), tmp_path, batches=12)
+    exploding = findings[(findings.kind == "exploding") & (findings.layer == "__global__")]
+    optimizers = [row.evidence.get("optimizer") for row in exploding.itertuples()]
+    assert sorted(optimizers) == ["discriminator.0.weight", "generator.0.weight"], findings.message.tolist()
+    for row in exploding.itertuples():
+        assert row.evidence["rules"] == ["gradients_not_zeroed"]
+        assert f"the optimizer of `{row.evidence['optimizer']}`" in row.message
+        assert row.step % 2 == (0 if row.evidence["optimizer"].startswith("generator") else 1)
 
 
 # ------------------------------------------------------------------------------ layers skipped by design
