@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Re-make the logged-step cost tables on an idle machine, in one command (about 9 min on an idle 2-core CPU):
+# Re-make the logged-step cost tables on an idle machine, in one command (8-10 min expected on an idle 2-core
+# CPU; 648 s measured under load 9-10 with 124M skipped):
 #
-#   bash benchmarks/perf_tables.sh [OUT_DIR]        # default OUT_DIR: /tmp/gradlight_perf
+#   PYTHON=.venv/bin/python bash benchmarks/perf_tables.sh [OUT_DIR]    # default OUT_DIR: /tmp/gradlight_perf
 #
 # 1. benchmarks/scale.py: GPT-2 1M..124M, the tracker's logged step beside AdamW's step() and the read floor
 #    (README "Cost at scale" table and docs/performance.md "Cost at scale"). A size whose estimated time is
