@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Re-make the logged-step cost tables on an idle machine, in one command (8-10 min expected on an idle 2-core
-# CPU; 648 s measured under load 9-10 with 124M skipped):
+# Re-make the logged-step cost tables on an idle machine, in one command (expected 4-6 min on an idle 2-core
+# CPU, at most ~10; 648 s measured under load 9-10 with 124M skipped):
 #
 #   PYTHON=.venv/bin/python bash benchmarks/perf_tables.sh [OUT_DIR]    # default OUT_DIR: /tmp/gradlight_perf
 #
