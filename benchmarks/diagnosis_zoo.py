@@ -1,19 +1,21 @@
 """The diagnosis benchmark: real architectures, healthy and broken on purpose, scored against gradlight's findings.
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # 52 runs, 5-12 min on one shared core
-    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's 12 runs, under a minute
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py                  # 59 runs, 6-17 min on one shared core
+    OMP_NUM_THREADS=1 python benchmarks/diagnosis_zoo.py --quick          # the test's 16 runs, 3-4 min
     python benchmarks/diagnosis_zoo.py --only 'hf_*' --out /tmp/zoo --json zoo.json
 
 Trains each run of :data:`zoo.catalog.CATALOG` (torchvision, timm, Hugging Face transformers built from
-configs, Lightning's demo Transformer, LSTM/GRU/RNN nets and Ultralytics YOLO; nothing downloads) for 16-400
-optimizer steps on synthetic data with a learnable signal, with ``GradientFlowMonitor(log_every_n_steps=1)``
-in a Lightning ``Trainer``, reads ``gradlight.load_findings`` and scores it (:func:`zoo.scoring.score`):
+configs, Lightning's demo Transformer, LSTM/GRU/RNN nets, Ultralytics YOLO and a GAN trained under manual
+optimization with two optimizers; nothing downloads) for 16-1400 optimizer steps on synthetic data with a
+learnable signal, with ``GradientFlowMonitor(log_every_n_steps=1)`` in a Lightning ``Trainer``, reads
+``gradlight.load_findings`` and scores it (:func:`zoo.scoring.score`):
 
 * a healthy run passes with zero warning-level findings (notes are listed, and allowed);
 * a broken run passes when a warning of its class names the faulty layer (or the first layer) within 5
-  logged steps of the fault's onset.
+  logged steps of the fault's onset (with several optimizers, 5 logged steps of the optimizer that owns it).
 
-Each run is also checked without the diagnosis (``check`` column): a healthy run's loss falls, a broken
+Each run is also checked without the diagnosis (``check`` column): a healthy run trains (its loss falls; a
+GAN's samples match the data without a collapse), a broken
 run's fault is in effect. It prints one row per run, the totals and the two targets; ``--json`` writes the
 same as JSON, ``--out`` keeps every run's folder (history and ``findings.jsonl``) for inspection.
 """
@@ -75,7 +77,7 @@ def outcome_row(outcome: Outcome) -> dict[str, Any]:
     return {
         "run": run.name,
         "family": run.family,
-        "regime": run.regime.describe(),
+        "regime": run.regime.describe(run.task.networks),
         "expected": run.expect.describe(),
         "warnings": _counts(verdict.warnings),
         "notes": _counts(verdict.notes),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
 from torch import nn
 
 from zoo import models
@@ -24,6 +25,7 @@ from zoo.tasks import (
     CausalLM,
     DemoLM,
     Detection,
+    GaussianRing,
     ImageClassification,
     MaskedLM,
     Seq2Seq,
@@ -33,7 +35,7 @@ from zoo.tasks import (
 
 __all__ = ["CATALOG", "Optim", "Regime", "ZooRun", "select"]
 
-_OPTIMIZERS = ("sgd", "adamw")
+_OPTIMIZERS = ("sgd", "adam", "adamw")
 _PRECISIONS = ("32-true", "bf16-mixed")
 
 
@@ -42,15 +44,18 @@ class Optim:
     """Optimizer of a run.
 
     Attributes:
-        name: ``"sgd"`` (with ``momentum``) or ``"adamw"``.
+        name: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"adamw"``.
         lr: Learning rate of the default parameter group.
         momentum: SGD momentum.
-        weight_decay: Weight decay of every group.
+        weight_decay: Weight decay of every group (``"adamw"``).
         groups: ``(fnmatch pattern on parameter names, lr)`` pairs, each its own parameter group.
+        betas: Adam's and AdamW's ``betas``.
 
     Example:
         >>> Optim("sgd", 0.05, groups=(("layer3.*", 0.0),)).describe()
         'sgd lr 0.05 (layer3.* lr 0)'
+        >>> Optim("adam", 2e-4, betas=(0.5, 0.999)).describe()
+        'adam lr 0.0002 betas (0.5, 0.999)'
     """
 
     name: str = "adamw"
@@ -58,6 +63,7 @@ class Optim:
     momentum: float = 0.9
     weight_decay: float = 0.0
     groups: tuple[tuple[str, float], ...] = ()
+    betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
         if self.name not in _OPTIMIZERS:
@@ -75,9 +81,25 @@ class Optim:
         groups += [{"params": b, "lr": lr} for b, (_, lr) in zip(buckets[:-1], self.groups) if b]
         return [g for g in groups if g["params"]]
 
+    def build(self, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        """The optimizer over ``named`` parameters (names relative to the bare model), in :meth:`parameter_groups`.
+
+        Example:
+            >>> type(Optim("adam").build(list(nn.Linear(2, 2).named_parameters()))).__name__
+            'Adam'
+        """
+        groups = self.parameter_groups(named)
+        if self.name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum)
+        if self.name == "adam":
+            return torch.optim.Adam(groups, lr=self.lr, betas=self.betas)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
     def describe(self) -> str:
         """E.g. ``adamw lr 0.001``."""
         text = f"{self.name} lr {self.lr:g}"
+        if self.name != "sgd" and self.betas != (0.9, 0.999):
+            text += f" betas {self.betas}"
         if self.groups:
             text += " (" + ", ".join(f"{p} lr {lr:g}" for p, lr in self.groups) + ")"
         return text
@@ -130,9 +152,16 @@ class Regime:
                 f"{self.steps!r}, {self.accumulate!r}, {self.pretrain_steps!r}, {self.warmup_steps!r}."
             )
 
-    def describe(self) -> str:
-        """The regime in a few words."""
+    def describe(self, networks: tuple[str, ...] = ()) -> str:
+        """The regime in a few words; ``networks``: the task's (one optimizer each, manual optimization).
+
+        Example:
+            >>> Regime(Optim("adam", 0.002), steps=400).describe(("generator", "discriminator"))
+            'adam lr 0.002 for each of generator, discriminator (manual optimization), 400 steps'
+        """
         parts = [self.optim.describe()]
+        if networks:
+            parts[0] += f" for each of {', '.join(networks)} (manual optimization)"
         if self.precision != "32-true":
             parts.append(self.precision.split("-")[0])
         if self.gradient_clip_val is not None:
@@ -170,6 +199,10 @@ class ZooRun:
         faults: Applied to the bare model, in order, before training.
         quick: In the ``--quick`` subset.
         about: What the run shows, for the docs.
+
+    Raises:
+        ValueError: If the task trains several networks under manual optimization (:attr:`Task.networks`) and
+            the regime accumulates, clips or schedules the learning rate (Lightning's automatic optimization).
     """
 
     name: str
@@ -182,6 +215,15 @@ class ZooRun:
     quick: bool = False
     about: str = ""
 
+    def __post_init__(self) -> None:
+        regime = self.regime
+        automatic_only = regime.accumulate > 1 or regime.gradient_clip_val is not None
+        if self.task.networks and (automatic_only or regime.warmup_steps or regime.decay_to_zero):
+            raise ValueError(
+                f"run {self.name!r}: {type(self.task).__name__} trains under manual optimization, where the runner "
+                f"does not accumulate, clip or schedule the learning rate; got the regime {regime.describe()!r}."
+            )
+
 
 IMAGES = ImageClassification()
 TOKENS = TokenClassification()
@@ -191,6 +233,9 @@ ADAMW = Optim("adamw", 1e-3)
 RESNET = partial(models.tv_model, "resnet18")
 VGG_PLAIN = partial(models.tv_vgg11, batch_norm=False)
 RESNET_CUT = ("conv1", "bn1", "layer1.*", "layer2.*")
+GAN_ADAM = Optim("adam", 2e-3, betas=(0.5, 0.999))
+RING = GaussianRing()
+RING_UNTOGGLED = GaussianRing(toggle=False)
 BERT_CUT = ("bert.embeddings.position_embeddings", "bert.embeddings.token_type_embeddings", "bert.embeddings.LayerNorm")
 
 
@@ -383,6 +428,25 @@ CATALOG: tuple[ZooRun, ...] = (
         Regime(ADAMW, steps=60, warmup_steps=10),
         about="DetectionModel('yolo11n.yaml') with its own loss, 64 px, LR warm-up",
     ),
+    # ------------------------------------------------------------------------------ healthy: GANs (two optimizers)
+    ZooRun(
+        "gan_mlp_ring",
+        "torch.nn",
+        models.mlp_gan,
+        RING,
+        Regime(GAN_ADAM, steps=1400),
+        quick=True,
+        about="MLP GAN, ring of 8 Gaussians; generator and discriminator take turns, each toggle_optimizer'd "
+        "(Lightning's GAN tutorial): 200 steps each",
+    ),
+    ZooRun(
+        "gan_mlp_ring_untoggled",
+        "torch.nn",
+        models.mlp_gan,
+        RING_UNTOGGLED,
+        Regime(GAN_ADAM, steps=1400),
+        about="as gan_mlp_ring without toggle_optimizer (the SimpleGAN of Lightning's manual-optimization docs)",
+    ),
     # ------------------------------------------------------------------------------ broken: vanishing
     _tv(
         "broken_vgg11_sigmoid",
@@ -531,6 +595,27 @@ CATALOG: tuple[ZooRun, ...] = (
         expect=Expectation("no_gradient", ("transformer.h.0.mlp.aux",)),
         faults=(UnusedModule("transformer.h.0.mlp.aux", 64),),
         quick=True,
+    ),
+    ZooRun(
+        "broken_gan_generator_detached",
+        "torch.nn",
+        models.mlp_gan,
+        GaussianRing(toggle=False, detach_fake=True),
+        Regime(GAN_ADAM, steps=40),
+        expect=Expectation("no_gradient", ("generator.*",)),
+        quick=True,
+        about="gan_mlp_ring_untoggled whose generator loss is computed on fake.detach(): the generator gets no "
+        "gradient on any of its steps",
+    ),
+    ZooRun(
+        "broken_gan_no_zero_grad",
+        "torch.nn",
+        models.mlp_gan,
+        RING,
+        Regime(GAN_ADAM, steps=40, zero_grad=False),
+        expect=Expectation("exploding", (ANY_LAYER,)),
+        about="gan_mlp_ring that never calls zero_grad (manual optimization leaves it to the user): both networks' "
+        "gradients accumulate across their steps",
     ),
     _hf(
         "broken_bart_layerdrop_unused_layer",

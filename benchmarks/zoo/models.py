@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 __all__ = [
+    "GAN",
     "VOCAB",
     "RecurrentClassifier",
     "hf_bert",
@@ -22,6 +23,7 @@ __all__ = [
     "hf_mistral",
     "hf_t5",
     "lightning_transformer",
+    "mlp_gan",
     "recurrent",
     "timm_model",
     "tv_convnext",
@@ -376,6 +378,52 @@ def recurrent(cell: str, **kwargs: float | int) -> nn.Module:
         'LSTM'
     """
     return RecurrentClassifier(cell, **kwargs)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------ GANs
+class GAN(nn.Module):
+    """A generator and a discriminator side by side, trained by :class:`zoo.tasks.Adversarial`.
+
+    Args:
+        generator: Maps ``(n, latent)`` noise to samples.
+        discriminator: Maps samples to ``(n, 1)`` logits (real vs. generated).
+        latent: The noise size.
+
+    Example:
+        >>> gan = mlp_gan()
+        >>> import torch
+        >>> tuple(gan(torch.zeros(3, gan.latent)).shape), tuple(gan.discriminator(torch.zeros(3, 2)).shape)
+        ((3, 2), (3, 1))
+    """
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, latent: int) -> None:
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent = latent
+
+    def forward(self, noise: Tensor) -> Tensor:
+        """Generated samples."""
+        return self.generator(noise)  # type: ignore[no-any-return]
+
+
+def mlp_gan(latent: int = 8, hidden: int = 128, features: int = 2) -> GAN:
+    """The MLP GAN of the 2-D mixture-of-Gaussians experiments (e.g. Metz et al., *Unrolled GANs*, 2017).
+
+    Generator: ``latent -> hidden -> hidden -> features`` with ReLU; discriminator: ``features -> hidden ->
+    hidden -> 1`` with LeakyReLU(0.2) (as in DCGAN's discriminator); PyTorch's default initialisation.
+    """
+    generator = nn.Sequential(
+        nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, features)
+    )
+    discriminator = nn.Sequential(
+        nn.Linear(features, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, 1),
+    )
+    return GAN(generator, discriminator, latent)
 
 
 # ------------------------------------------------------------------------------------------------ Ultralytics

@@ -5,6 +5,11 @@ from a probe callback: a healthy run must train (its loss falls), a broken run m
 expectation says (the detached layers' ``.grad`` is ``None`` on every step, the NaN appears at the onset
 step in the named layer, the lr-0 group's updates are exactly zero, ...). A run whose check fails is a bug
 in the catalog, not in the diagnosis, and is shown as such.
+
+A task that declares :attr:`~zoo.tasks.Task.networks` (a GAN) trains under Lightning's manual optimization,
+one optimizer per network, and makes its own steps (:meth:`~zoo.tasks.Task.manual_step`); the monitor is
+attached the same way. Every optimizer step has its own step number, so the probe records which optimizer
+took each step, and the score counts a layer's steps in those of the optimizer that owns it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.utils.data import DataLoader
 from gradlight import GradientFlowMonitor, load_findings, load_history
 from zoo.catalog import Optim, ZooRun
 from zoo.faults import Clock
-from zoo.scoring import ANY_LAYER, FIRST_LAYER, Verdict, score
+from zoo.scoring import ANY_LAYER, FIRST_LAYER, Streams, Verdict, score
 
 __all__ = ["PREFIX", "Outcome", "ZooModule", "run_one"]
 
@@ -40,7 +45,7 @@ POOL = 32
 
 
 class ZooModule(L.LightningModule):
-    """A bare model trained on a task's loss with the run's optimizer.
+    """A bare model trained on a task's loss with the run's optimizer (one per network of a manual task).
 
     Args:
         model: The bare model (layers are named ``model.<name>``).
@@ -68,6 +73,10 @@ class ZooModule(L.LightningModule):
         zero_grad: bool = True,
     ) -> None:
         super().__init__()
+        #: Several networks, one optimizer each: the task makes its own steps (Lightning's manual optimization).
+        self.automatic_optimization = not task.networks
+        #: The losses of the last manual step (``training_step`` then returns nothing, as a user's GAN does).
+        self.step_losses: dict[str, Tensor] = {}
         self.zero_grad_between_steps = zero_grad
         self.model = model
         self.task = task
@@ -85,19 +94,27 @@ class ZooModule(L.LightningModule):
         if self.zero_grad_between_steps:
             optimizer.zero_grad()
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """The task's loss."""
-        return self.task.loss(self.model, batch)
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The task's loss; for a manual task, its own step (``zero_grad``, ``manual_backward``, ``step`` each)."""
+        if self.automatic_optimization:
+            return self.task.loss(self.model, batch)
+        optimizers = self.optimizers()
+        listed = optimizers if isinstance(optimizers, list) else [optimizers]
+        self.step_losses = self.task.manual_step(self, batch, listed, self.zero_grad_between_steps)
+        return None
 
     def configure_optimizers(self) -> Any:
-        """Every parameter, frozen ones included, in the run's parameter groups; optional linear warm-up."""
-        named = [(n.removeprefix(PREFIX), p) for n, p in self.named_parameters()]
-        groups = self.optim.parameter_groups(named)
-        optimizer: torch.optim.Optimizer
-        if self.optim.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=self.optim.lr, momentum=self.optim.momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
+        """Every parameter, frozen ones included, in the run's parameter groups; optional linear warm-up.
+
+        A manual task gets one optimizer per network, in :attr:`~zoo.tasks.Task.networks` order, each built from
+        the run's optimizer spec (parameter names relative to the bare model, e.g. ``generator.0.weight``).
+        """
+        if self.task.networks:
+            return [
+                self.optim.build([(f"{net}.{n}", p) for n, p in getattr(self.model, net).named_parameters()])
+                for net in self.task.networks
+            ]
+        optimizer = self.optim.build([(n.removeprefix(PREFIX), p) for n, p in self.named_parameters()])
         if not self.warmup_steps and not self.decay_steps:
             return optimizer
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
@@ -114,28 +131,57 @@ class ZooModule(L.LightningModule):
 
 
 class Probe(Callback):
-    """Records each micro-batch's loss and which trainable parameters had ``.grad is None`` on every step."""
+    """Records each micro-batch's losses, which optimizer took each step, and which trainable parameters had
+    ``.grad is None`` on every step of the optimizer that holds them."""
 
     def __init__(self) -> None:
         self.losses: list[tuple[int, float]] = []
-        self.never_grad: set[str] | None = None
+        #: The other losses of a manual step (a GAN's ``d_loss``), per micro-batch, by name.
+        self.series: dict[str, list[float]] = {}
+        #: ``(step, optimizer index)`` of every optimizer step.
+        self.stepped: list[tuple[int, int]] = []
         self.steps = 0
         self._step = 0
+        self._never: dict[int, set[str]] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         """Remember the optimizer step this micro-batch belongs to (``global_step`` advances before batch end)."""
         self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, *args: Any) -> None:
-        """Record the micro-batch's loss under its optimizer step."""
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append((self._step, float(loss.detach().float())))
+        """Record the micro-batch's loss (a manual step's: the module's ``step_losses``) under its first step."""
+        losses = outputs if isinstance(outputs, dict) else {"loss": outputs}
+        if not module.automatic_optimization:  # the step returned nothing (Lightning passes ``{}`` or ``None``)
+            losses = getattr(module, "step_losses", {})
+        self.losses.append((self._step, float(losses["loss"].detach().float())))
+        for name, value in losses.items():
+            if name != "loss" and isinstance(value, Tensor):
+                self.series.setdefault(name, []).append(float(value.detach().float()))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer: Any) -> None:
-        """Intersect the set of parameters without a gradient."""
-        none = {n for n, p in module.named_parameters() if p.requires_grad and p.grad is None}
-        self.never_grad = none if self.never_grad is None else self.never_grad & none
+        """Note which optimizer steps; intersect the set of its parameters without a gradient."""
+        index = next(i for i, o in enumerate(trainer.optimizers) if o is getattr(optimizer, "optimizer", optimizer))
+        own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        none = {n for n, p in module.named_parameters() if id(p) in own and p.requires_grad and p.grad is None}
+        self._never[index] = self._never[index] & none if index in self._never else none
+        self.stepped.append((trainer.global_step, index))
         self.steps += 1
+
+    @property
+    def never_grad(self) -> set[str] | None:
+        """Trainable parameters whose ``.grad`` was ``None`` on every step of their optimizer (``None``: no step)."""
+        return set().union(*self._never.values()) if self._never else None
+
+    def streams(self, module: nn.Module, optimizers: list[Any]) -> Streams:
+        """Each optimizer's steps, and the layers (modules owning parameters directly) each optimizer holds."""
+        owner: dict[str, int] = {}
+        for index, optimizer in enumerate(optimizers):
+            own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            for name, child in module.named_modules():
+                if any(id(p) in own for p in child.parameters(recurse=False)):
+                    owner.setdefault(name, index)
+        steps = tuple(tuple(sorted({s for s, i in self.stepped if i == index})) for index in range(len(optimizers)))
+        return Streams(steps, owner)
 
 
 @dataclass
@@ -217,23 +263,47 @@ def _table(history: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table[order]
 
 
-def _global(history: pd.DataFrame, metric: str) -> np.ndarray:
-    """A run-wide metric (``global_grad_l2``, ...) per logged step, in step order."""
+def _global(history: pd.DataFrame, metric: str, steps: tuple[int, ...] | None = None) -> np.ndarray:
+    """A run-wide metric (``global_grad_l2``, ...) per logged step (of ``steps`` only, if given), in step order."""
     rows = history[history.metric == metric].sort_values("step")
+    if steps is not None:
+        rows = rows[rows.step.isin(steps)]
     return rows["value"].to_numpy(dtype=float)
 
 
+def _growth(history: pd.DataFrame, streams: Streams) -> tuple[float, int | None]:
+    """The largest finite global gradient norm over the first, per optimizer (the largest such ratio), and the
+    first logged step with a non-finite gradient (``None`` if none)."""
+    growth, nonfinite = 0.0, None
+    for steps in streams.steps:
+        norms = _global(history, "global_grad_l2", steps)
+        finite = norms[np.isfinite(norms)]
+        if len(norms) and len(finite):
+            growth = max(growth, float(finite.max() / norms[0]))
+    bad = history[(history.metric == "global_grad_nonfinite") & (history.value > 0)]
+    if not bad.empty:
+        nonfinite = int(bad.step.min())
+    return growth, nonfinite
+
+
 def _check(
-    run: ZooRun, history: pd.DataFrame, probe: Probe, first_layer: str | None, owners: list[str]
+    run: ZooRun,
+    history: pd.DataFrame,
+    probe: Probe,
+    first_layer: str | None,
+    owners: list[str],
+    model: nn.Module,
+    streams: Streams,
 ) -> tuple[bool, str]:
     """Check, without the diagnosis, that the run is healthy or broken as its expectation says.
 
-    ``owners`` are the full names of the modules that directly own trainable parameters.
+    ``owners`` are the full names of the modules that directly own trainable parameters; ``model`` is the
+    trained bare model.
     """
     expect, kind = run.expect, run.expect.kind
     if expect.healthy:
         losses = pd.DataFrame(probe.losses, columns=["step", "loss"]).groupby("step")["loss"].mean()
-        trained, text = run.task.trained(losses.tolist())
+        trained, text = run.task.healthy(model, losses.tolist(), probe.series)
         clip = run.regime.gradient_clip_val
         if clip is not None:
             norms = _global(history, "global_grad_l2")
@@ -244,11 +314,9 @@ def _check(
         ratio = float(row[0] / math.sqrt(row[-1] * row[-2]))
         return ratio < 1e-3, f"first/last-2 grad {ratio:.1e} at step {expect.onset}"
     if kind == "exploding":
-        norms, bad = _global(history, "global_grad_l2"), _global(history, "global_grad_nonfinite")
-        growth = float(norms[np.isfinite(norms)].max() / norms[0])
-        nonfinite = int(np.argmax(bad > 0)) if (bad > 0).any() else None
-        losses = [loss for _, loss in probe.losses]
-        rise = losses[-1] / losses[0] if losses and losses[0] > 0 else 1.0
+        growth, nonfinite = _growth(history, streams)
+        trace = [loss for _, loss in probe.losses]
+        rise = trace[-1] / trace[0] if trace and trace[0] > 0 else 1.0
         text = f"global grad x{growth:.1e}, loss x{rise:.1e} over the run"
         text += f", NaN/Inf from step {nonfinite}" if nonfinite else ""
         return growth >= 100 or nonfinite is not None or (growth >= 2 and rise >= 3), text
@@ -276,7 +344,7 @@ def _check(
         expected = [c for c in owners if _matches(c, expect.layers, first_layer)]
         covered = [c for c in expected if any(n.startswith(c + ".") for n in never)]
         return bool(expected) and len(covered) == len(expected), (
-            f"{len(never)} trainable tensors .grad None on all {probe.steps} steps; "
+            f"{len(never)} trainable tensors .grad None on every step of their optimizer ({probe.steps} steps); "
             f"{len(covered)}/{len(expected)} expected layers among them"
         )
     if kind in ("dead_units", "saturated"):
@@ -352,8 +420,9 @@ def run_one(run: ZooRun, root: Path) -> Outcome:
         history = load_history(save_dir)
         layers = _layer_names(history)
         first_layer = layers[0] if layers else None
-        verdict = score(findings, run.expect, first_layer=first_layer, prefix=PREFIX)
-        check_ok, check = _check(run, history, probe, first_layer, _owners(module))
+        streams = probe.streams(module, trainer.optimizers)
+        verdict = score(findings, run.expect, first_layer=first_layer, prefix=PREFIX, streams=streams)
+        check_ok, check = _check(run, history, probe, first_layer, _owners(module), model, streams)
         losses = [loss for _, loss in probe.losses]
         return Outcome(
             run,

@@ -7,6 +7,11 @@
   is reported within ``tolerance`` logged steps of the fault's onset (``onset <= reported_step <= onset +
   tolerance * log_every``).
 
+With several optimizers (a GAN's generator and discriminator under manual optimization) every optimizer step
+has its own step number, so a layer's logged steps are those of the optimizer that owns it (the generator's
+0, 2, 4, ...): given :class:`Streams`, the window is ``tolerance`` logged steps *of that optimizer* after the
+onset, counted from the steps it took.
+
 A findings frame without a ``severity`` column (gradlight before severities) counts every finding as a
 warning; so does a missing value in that column.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +32,7 @@ __all__ = [
     "HEALTHY",
     "TOLERANCE",
     "Expectation",
+    "Streams",
     "Verdict",
     "score",
     "with_severity",
@@ -119,6 +126,45 @@ class Verdict:
     listed: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Streams:
+    """The logged steps of each optimizer, and which optimizer owns each layer.
+
+    Attributes:
+        steps: Per optimizer, the logged steps at which it stepped, ascending.
+        owner: Full layer name -> index of its optimizer in ``steps``.
+
+    Example:
+        >>> streams = Streams(((0, 2, 4), (1, 3, 5)), {"m.g": 0, "m.d": 1})
+        >>> streams.of(["m.g"], 4), streams.of(["__global__"], 3)
+        ((0, 2, 4), (1, 3, 5))
+        >>> streams.within(["m.g"], onset=0, reported=4, tolerance=2), streams.last(["m.g"], onset=0, tolerance=1)
+        (True, 2)
+    """
+
+    steps: tuple[tuple[int, ...], ...]
+    owner: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def of(self, named: list[str], reported: int) -> tuple[int, ...]:
+        """The steps of the optimizer that owns the first of ``named`` it knows; for a finding on no layer of
+        an optimizer (``__global__``), of the optimizer that stepped at ``reported``."""
+        for name in named:
+            if name in self.owner:
+                return self.steps[self.owner[name]]
+        return next((steps for steps in self.steps if reported in steps), ())
+
+    def within(self, named: list[str], onset: int, reported: int, tolerance: int) -> bool:
+        """Whether ``reported`` is at ``onset`` or later, with at most ``tolerance`` of the owner's logged steps
+        from ``onset`` on before it."""
+        own = self.of(named, reported)
+        return reported >= onset and sum(onset <= s < reported for s in own) <= tolerance
+
+    def last(self, named: list[str], onset: int, tolerance: int, reported: int = -1) -> int | None:
+        """The latest step :meth:`within` accepts (``None`` when the owner took no step from ``onset`` on)."""
+        after = [s for s in self.of(named, reported) if s >= onset]
+        return after[min(tolerance, len(after) - 1)] if after else None
+
+
 def with_severity(findings: pd.DataFrame) -> pd.DataFrame:
     """``findings`` with a ``severity`` column: missing column or value -> ``"warning"``.
 
@@ -139,11 +185,17 @@ def with_severity(findings: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _layer_matches(row: Any, patterns: tuple[str, ...], prefix: str, first_layer: str | None) -> bool:
+def _named(row: Any) -> list[str]:
+    """The finding's ``layer`` and its ``layers``."""
     named = [str(row["layer"])]
     extra = row.get("layers")
     if isinstance(extra, (list, tuple)):
         named += [str(name) for name in extra]
+    return named
+
+
+def _layer_matches(row: Any, patterns: tuple[str, ...], prefix: str, first_layer: str | None) -> bool:
+    named = _named(row)
     for pattern in patterns:
         if pattern == ANY_LAYER:
             return True
@@ -164,6 +216,7 @@ def score(
     prefix: str = "",
     tolerance: int = TOLERANCE,
     log_every: int = 1,
+    streams: Streams | None = None,
 ) -> Verdict:
     """Score one run's findings against its expectation.
 
@@ -175,6 +228,8 @@ def score(
         prefix: Prepended to the expectation's patterns (the attribute under which the model is trained).
         tolerance: Logged steps after the onset within which the finding must be reported.
         log_every: Optimizer steps per logged step.
+        streams: The logged steps of each optimizer and the layers each owns: the window is then counted in
+            the logged steps of the optimizer that owns the finding's layer (``log_every`` is not used).
 
     Returns:
         The :class:`Verdict`.
@@ -222,22 +277,33 @@ def score(
         where = ", ".join(f"{r['kind']}@{r['layer']}" for _, r in warning_rows.iterrows())
         return shown(first, False, f"{len(warning_rows)} warning(s): {where}")
 
-    latest = expectation.onset + (expectation.tolerance or tolerance) * log_every
+    allowed = expectation.tolerance or tolerance
+    latest = expectation.onset + allowed * log_every
     candidates = warning_rows[warning_rows["kind"].isin(expectation.kinds)]
     if candidates.empty:
         if warning_rows.empty:
             return Verdict(False, f"no {'/'.join(expectation.kinds)} warning (no warning at all)", **counts)
         return shown(warning_rows.iloc[0], False, f"no {'/'.join(expectation.kinds)} warning")
     layer_ok = candidates.apply(lambda r: _layer_matches(r, expectation.layers, prefix, first_layer), axis=1)
-    reported = candidates["reported_step"].astype(int)
-    time_ok = (reported >= expectation.onset) & (reported <= latest)
+    onset = expectation.onset
+    if streams is None:
+        reported = candidates["reported_step"].astype(int)
+        time_ok = (reported >= onset) & (reported <= latest)
+    else:
+        time_ok = candidates.apply(
+            lambda r: streams.within(_named(r), onset, int(r["reported_step"]), allowed), axis=1
+        ).astype(bool)
     both = candidates[layer_ok & time_ok]
     if not both.empty:
         return shown(both.iloc[0], True, "flagged by class, layer and time")
     if layer_ok.any():
         row = candidates[layer_ok].iloc[0]
-        when = "too early" if int(row["reported_step"]) < expectation.onset else "too late"
-        return shown(
-            row, False, f"{when}: reported at step {int(row['reported_step'])}, window {expectation.onset}-{latest}"
-        )
+        at = int(row["reported_step"])
+        if streams is not None:
+            end = streams.last(_named(row), onset, allowed, at)
+            own = f" (its optimizer's {allowed + 1} logged steps from {onset})"
+            window = f"{onset}-{end}{own}" if end is not None else f"none: no step of its optimizer from {onset}"
+        else:
+            window = f"{onset}-{latest}"
+        return shown(row, False, f"{'too early' if at < onset else 'too late'}: reported at step {at}, window {window}")
     return shown(candidates.iloc[0], False, f"wrong layer: {candidates.iloc[0]['layer']}")

@@ -8,15 +8,19 @@ within a few dozen steps on CPU:
   per-image noise of the same scale;
 * tokens: arithmetic sequences ``x[t+1] = (x[t] + k) mod V`` with a random start and ``k`` in ``{1, 2, 3}``
   per sequence (the next token follows from the last two; ``k`` is the class of a sequence);
-* detection: boxes painted in a class-dependent colour on a noisy background.
+* detection: boxes painted in a class-dependent colour on a noisy background;
+* adversarial: points of a ring of Gaussians for a GAN, trained under Lightning's manual optimization with
+  one optimizer per network (:class:`Adversarial` declares its networks in :attr:`Task.networks` and makes
+  its own steps in :meth:`Task.manual_step`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "Adversarial",
     "CausalLM",
     "DemoLM",
     "Detection",
+    "GaussianRing",
     "ImageClassification",
     "MaskedLM",
     "Seq2Seq",
@@ -41,7 +47,15 @@ class Task:
     """A data set and a loss: the interface the runner uses.
 
     Subclasses are frozen dataclasses; ``batches`` must be deterministic for a given ``generator`` state.
+
+    A task with :attr:`networks` is trained under Lightning's manual optimization: the runner gives each
+    named sub-module of the model its own optimizer (in that order) and calls :meth:`manual_step` on every
+    batch; without them, one optimizer over the whole model under automatic optimization minimises
+    :meth:`loss`.
     """
+
+    #: Sub-modules of the model that each get their own optimizer (manual optimization); ``()``: one optimizer.
+    networks: ClassVar[tuple[str, ...]] = ()
 
     def batches(self, count: int, generator: torch.Generator) -> list[Batch]:
         """``count`` batches drawn from ``generator``."""
@@ -50,6 +64,28 @@ class Task:
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         """The scalar training loss of ``model`` on ``batch``."""
         raise NotImplementedError
+
+    def manual_step(self, module: Any, batch: Batch, optimizers: Sequence[Any], zero_grad: bool) -> dict[str, Tensor]:
+        """One training step under manual optimization (tasks with :attr:`networks` only).
+
+        Args:
+            module: The ``LightningModule`` (``manual_backward``, ``toggle_optimizer``); ``module.model`` is the model.
+            batch: One of :meth:`batches`.
+            optimizers: ``module.optimizers()``, one per entry of :attr:`networks`.
+            zero_grad: Whether the step zeroes each optimizer's gradients before its backward pass.
+
+        Returns:
+            The step's losses; ``"loss"`` is the one the runner's probe records.
+        """
+        raise NotImplementedError(f"{type(self).__name__} trains one optimizer: it has no manual step")
+
+    def healthy(self, model: nn.Module, losses: Sequence[float], series: dict[str, list[float]]) -> tuple[bool, str]:
+        """Whether a run meant to be healthy trained: :meth:`trained` on its per-step ``losses`` by default.
+
+        ``model`` is the trained bare model; ``series`` holds the other losses a :meth:`manual_step` returned,
+        per batch, by name.
+        """
+        return self.trained(losses)
 
     @property
     def chance(self) -> float:
@@ -312,3 +348,132 @@ class Detection(Task):
         running = np.convolve(np.asarray(losses, dtype=float), np.ones(5) / 5, mode="valid")
         peak, last = float(running.max()), float(np.mean(losses[-span:]))
         return last < peak, f"loss {losses[0]:.3g} -> peak {peak:.3g} -> {last:.3g}"
+
+
+@dataclass(frozen=True)
+class Adversarial(Task):
+    """A GAN: its generator and discriminator take turns under manual optimization, one optimizer each.
+
+    Each batch is Lightning's GAN tutorial: the generator's step (the non-saturating loss: the discriminator
+    should call its samples real), then the discriminator's (real points against the detached samples), each
+    ``zero_grad``, ``manual_backward``, ``step``. ``toggle=True`` wraps each network's step in
+    ``toggle_optimizer`` / ``untoggle_optimizer`` as the tutorial does; ``toggle=False`` is the ``SimpleGAN`` of
+    Lightning's manual-optimization docs, which does not. Both return nothing from ``training_step``, as there.
+
+    ``detach_fake=True`` is a bug: the generator's loss is computed on ``fake.detach()``, so the generator gets
+    no gradient on any of its steps. It needs ``toggle=False``: with toggling, the discriminator's parameters
+    are frozen during the generator's step, that loss has no graph and backward raises, so nothing is silent.
+
+    Subclasses make the real data (:meth:`real`). The model has ``generator``, ``discriminator`` and ``latent``
+    (the noise size), like :class:`zoo.models.GAN`.
+    """
+
+    batch: int = 64
+    toggle: bool = True
+    detach_fake: bool = False
+    networks: ClassVar[tuple[str, ...]] = ("generator", "discriminator")
+
+    def __post_init__(self) -> None:
+        if self.toggle and self.detach_fake:
+            raise ValueError(
+                "`detach_fake=True` needs `toggle=False`: with toggling, the generator's loss on a detached sample "
+                "has no graph and backward raises."
+            )
+
+    def real(self, count: int, generator: torch.Generator) -> Tensor:
+        """``count`` real samples."""
+        raise NotImplementedError
+
+    def batches(self, count: int, generator: torch.Generator) -> list[Batch]:
+        """See :meth:`Task.batches`: real samples only; the noise is drawn in each step."""
+        return [self.real(self.batch, generator) for _ in range(count)]
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        """A GAN has no single loss to minimise: see :meth:`manual_step`."""
+        raise NotImplementedError(f"{type(self).__name__} trains under manual optimization: see manual_step")
+
+    def manual_step(self, module: Any, batch: Batch, optimizers: Sequence[Any], zero_grad: bool) -> dict[str, Tensor]:
+        """See :meth:`Task.manual_step`: returns the generator's loss as ``"loss"`` and ``"d_loss"``."""
+        g_opt, d_opt = optimizers
+        gan = module.model
+        ones, zeros = torch.ones(batch.shape[0], 1), torch.zeros(batch.shape[0], 1)
+        z = torch.randn(batch.shape[0], gan.latent)
+        with self._toggled(module, g_opt):
+            fake = gan.generator(z)
+            g_loss = F.binary_cross_entropy_with_logits(
+                gan.discriminator(fake.detach() if self.detach_fake else fake), ones
+            )
+            _update(module, g_opt, g_loss, zero_grad)
+        with self._toggled(module, d_opt):
+            real_loss = F.binary_cross_entropy_with_logits(gan.discriminator(batch), ones)
+            fake_loss = F.binary_cross_entropy_with_logits(gan.discriminator(fake.detach()), zeros)
+            d_loss = (real_loss + fake_loss) / 2
+            _update(module, d_opt, d_loss, zero_grad)
+        return {"loss": g_loss.detach(), "d_loss": d_loss.detach()}
+
+    def _toggled(self, module: Any, optimizer: Any) -> AbstractContextManager[Any]:
+        return module.toggled_optimizer(optimizer) if self.toggle else nullcontext()
+
+
+def _update(module: Any, optimizer: Any, loss: Tensor, zero_grad: bool) -> None:
+    """``zero_grad`` (unless it is the forgotten-``zero_grad`` bug), ``manual_backward``, ``step``."""
+    if zero_grad:
+        optimizer.zero_grad()
+    module.manual_backward(loss)
+    optimizer.step()
+
+
+@dataclass(frozen=True)
+class GaussianRing(Adversarial):
+    """The GAN literature's 2-D benchmark: ``modes`` Gaussians of std ``spread`` evenly spaced on a circle.
+
+    A healthy GAN run (:meth:`healthy`) is one that did not collapse to a trivial state: the discriminator
+    has not won (its loss over the last 10% of batches is above 0.1: a discriminator that separates real from
+    fake drives it to 0, the equilibrium is ``ln 2``), the generator's samples spread like the data (their
+    per-axis std within a factor of 2 of the data's: not a point, not blown apart), they are closer to the
+    data than the ring's centre is (median distance to the nearest mode at most half the radius) and they cover at
+    least half of the modes (a mode is covered when 1% of 4000 samples lie within 3 std of its centre).
+
+    Example:
+        >>> points = GaussianRing(batch=4).batches(1, torch.Generator().manual_seed(0))[0]
+        >>> tuple(points.shape), bool(((points.norm(dim=1) - 2.0).abs() < 0.5).all())
+        ((4, 2), True)
+    """
+
+    modes: int = 8
+    radius: float = 2.0
+    spread: float = 0.2
+
+    @property
+    def centres(self) -> Tensor:
+        """The modes' centres, ``(modes, 2)``."""
+        angles = torch.arange(self.modes) * (2 * math.pi / self.modes)
+        return self.radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+    def real(self, count: int, generator: torch.Generator) -> Tensor:
+        """See :meth:`Adversarial.real`."""
+        modes = torch.randint(0, self.modes, (count,), generator=generator)
+        return self.centres[modes] + self.spread * torch.randn(count, 2, generator=generator)
+
+    def fit(self, points: Tensor) -> tuple[float, int, float]:
+        """Median distance to the nearest mode, modes covered, per-axis std of ``points`` (see :meth:`healthy`)."""
+        nearest, mode = torch.cdist(points, self.centres).min(dim=1)
+        close = mode[nearest < 3 * self.spread]
+        covered = int((torch.bincount(close, minlength=self.modes) >= 0.01 * len(points)).sum())
+        return float(nearest.median()), covered, float(points.std(dim=0).mean())
+
+    def healthy(self, model: nn.Module, losses: Sequence[float], series: dict[str, list[float]]) -> tuple[bool, str]:
+        """See :meth:`Task.healthy` and the class docstring."""
+        span = max(3, len(losses) // 10)
+        d_loss, g_loss = float(np.mean(series["d_loss"][-span:])), float(np.mean(losses[-span:]))
+        latent = int(model.latent)  # type: ignore[arg-type]  # zoo.models.GAN.latent, an int
+        noise = torch.randn(4000, latent, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            distance, covered, spread = self.fit(model.generator(noise))  # type: ignore[operator]
+        target = float(self.real(4000, torch.Generator().manual_seed(0)).std(dim=0).mean())
+        ok = d_loss > 0.1 and abs(math.log(spread / target)) < math.log(2) and distance <= self.radius / 2
+        ok = ok and covered >= self.modes / 2 and math.isfinite(g_loss)
+        return ok, (
+            f"d loss {d_loss:.2f}, g loss {g_loss:.2f}; samples: {covered}/{self.modes} modes, median distance "
+            f"to one {distance:.2f}, std {spread:.2f} (data {target:.2f})"
+        )

@@ -151,6 +151,67 @@ def test_expectation_and_score_validate_their_arguments(scoring: ModuleType) -> 
         scoring.score(pd.DataFrame(), scoring.Expectation(), tolerance=-1)
 
 
+# Two optimizers taking turns (a GAN under manual optimization): the generator steps at 0, 2, 4, ...
+GAN_STREAMS = ((0, 2, 4, 6, 8, 10, 12, 14), (1, 3, 5, 7, 9, 11, 13, 15))
+GAN_OWNER = {"m.generator.0": 0, "m.generator.2": 0, "m.discriminator.0": 1}
+
+
+@pytest.mark.parametrize(
+    ("layer", "reported", "passed"),
+    [
+        ("m.generator.2", 10, True),  # its optimizer's 6th step: 5 of its steps before it
+        ("m.generator.2", 12, False),
+        ("m.discriminator.0", 11, True),
+        ("m.discriminator.0", 13, False),
+        ("__global__", 10, True),  # a run-wide finding: the optimizer that stepped at its reported step
+        ("__global__", 13, False),
+    ],
+)
+def test_several_optimizers_count_the_steps_of_the_optimizer_that_owns_the_layer(
+    scoring: ModuleType, layer: str, reported: int, passed: bool
+) -> None:
+    frame = pd.DataFrame([finding("no_gradient", layer, 0, reported)])
+    expectation = scoring.Expectation("no_gradient", (scoring.ANY_LAYER,))
+    streams = scoring.Streams(GAN_STREAMS, GAN_OWNER)
+    verdict = scoring.score(frame, expectation, prefix="m.", streams=streams)
+    assert verdict.passed is passed, verdict.reason
+    # counted in all steps, as with one optimizer, a finding at step 10 would be 10 logged steps late
+    assert not scoring.score(frame, expectation, prefix="m.").passed
+    if not passed:
+        assert "too late" in verdict.reason and "its optimizer's 6 logged steps from 0" in verdict.reason
+
+
+def test_several_optimizers_window_starts_at_the_owners_first_step_after_the_onset(scoring: ModuleType) -> None:
+    streams = scoring.Streams(GAN_STREAMS, GAN_OWNER)
+    expectation = scoring.Expectation("non_finite", ("generator.*",), onset=5)
+    # the generator's steps from the onset on: 6, 8, 10, 12, 14 (the window holds all five)
+    on_time = pd.DataFrame([finding("non_finite", "m.generator.0", 6, 14)])
+    assert scoring.score(on_time, expectation, prefix="m.", streams=streams).passed
+    early = pd.DataFrame([finding("non_finite", "m.generator.0", 4, 4)])
+    verdict = scoring.score(early, expectation, prefix="m.", streams=streams)
+    assert not verdict.passed and verdict.reason.startswith("too early: reported at step 4, window 5-14")
+
+
+def test_one_optimizer_streams_score_as_the_plain_window(scoring: ModuleType) -> None:
+    streams = scoring.Streams((tuple(range(30)),), {"m.a": 0})
+    expectation = scoring.Expectation("non_finite", ("a",), onset=10)
+    for reported in (9, 10, 15, 16):
+        frame = pd.DataFrame([finding("non_finite", "m.a", reported, reported)])
+        with_streams = scoring.score(frame, expectation, prefix="m.", streams=streams)
+        assert with_streams.passed is scoring.score(frame, expectation, prefix="m.").passed is (10 <= reported <= 15)
+
+
+def test_a_manual_optimization_task_refuses_what_lightning_only_does_automatically(zoo: ModuleType) -> None:
+    catalog, tasks, models = (sys.modules[f"zoo.{name}"] for name in ("catalog", "tasks", "models"))
+    ring = tasks.GaussianRing()
+    assert ring.networks == ("generator", "discriminator") and tasks.ImageClassification().networks == ()
+    for regime in (catalog.Regime(accumulate=2), catalog.Regime(gradient_clip_val=1.0), catalog.Regime(warmup_steps=3)):
+        with pytest.raises(ValueError, match="manual optimization"):
+            catalog.ZooRun("gan", "torch.nn", models.mlp_gan, ring, regime)
+    with pytest.raises(ValueError, match="`detach_fake=True` needs `toggle=False`"):
+        tasks.GaussianRing(detach_fake=True)
+
+
 def test_catalog_is_large_and_covers_every_fault_class(zoo: ModuleType) -> None:
     catalog = sys.modules["zoo.catalog"]
     runs = catalog.CATALOG
@@ -189,6 +250,7 @@ def quick_outcomes(zoo: ModuleType, tmp_path_factory: pytest.TempPathFactory) ->
 
 #: The catalog's ``quick=True`` runs (``test_quick_names_match_the_catalog`` keeps this in step with it).
 QUICK_RUNS = (
+    "broken_gan_generator_detached",  # two optimizers: the generator's loss on fake.detach()
     "broken_gpt2_unused_projection",
     "broken_lstm_lr1e-12",
     "broken_resnet18_detached_layer2",
@@ -196,6 +258,7 @@ QUICK_RUNS = (
     "broken_resnet18_no_zero_grad",  # gradients never zeroed: a slow runaway, cause from the carry probe
     "broken_vgg11_huge_lr",  # exploding updates before the gradient blows up
     "broken_vgg11_sigmoid",
+    "gan_mlp_ring",  # two optimizers, toggle_optimizer: a GAN that covers all 8 modes
     "hf_bert_tiny_clip",
     "hf_bart_layerdrop",  # whole layers skipped at random: no no_gradient
     "hf_gpt2",
@@ -222,6 +285,19 @@ def test_quick_zoo_run_meets_its_target(quick_outcomes: dict[str, Any], name: st
         assert verdict.warnings == {}, verdict.reason
     else:  # a warning of its class, naming the faulty layer, within 5 logged steps of the onset
         assert verdict.passed, f"expected {outcome.run.expect.describe()}: {verdict.reason}; got {verdict.listed}"
+
+
+@pytest.mark.slow
+def test_quick_zoo_gan_pair_is_judged_per_network(quick_outcomes: dict[str, Any]) -> None:
+    healthy, broken = quick_outcomes["gan_mlp_ring"], quick_outcomes["broken_gan_generator_detached"]
+    assert healthy.check_ok and broken.check_ok, (healthy.check, broken.check)
+    assert healthy.verdict.warnings == {}, healthy.verdict.reason
+    warned = [f for f in broken.findings if f["severity"] == "warning"]
+    assert [f["kind"] for f in warned] == ["no_gradient"], broken.verdict.listed
+    # the generator's layers, reported on its own steps (even), the discriminator's never
+    assert warned[0]["layer"].startswith("model.generator.") and warned[0]["reported_step"] % 2 == 0
+    assert not any(f["layer"].startswith("model.discriminator") for f in broken.findings)
+    assert broken.verdict.passed, broken.verdict.reason
 
 
 @pytest.mark.slow
