@@ -13,7 +13,15 @@ before the optimizer step, ``end_step`` after it) per step and as a share of the
 every-step logging at most 1.05x on resnet18 (32 px, batch 16) and at most 1.02x on yolo11n (320 px, batch 8),
 judged on the in-recorder time over the bare step (whole-step ratios carry the machine's drift). Also printed:
 the read floor, one norm over each gradient, parameter and momentum buffer (the least a recorder that
-reports per-layer gradient, parameter and update norms must read on a logged step), over the bare step.
+reports per-layer gradient, parameter and update norms must read on a logged step), over the bare step. The
+floor is timed on every timed step, right after the monitored twin's step, on that step's own tensors, so that
+it sees the same load as the steps it is compared with.
+
+``--variants`` adds monitored twins that differ in their kernels, stepped in turn with the others (same
+weights, same batches): ``default`` (what ships), ``two_pass`` (the default with the gradient statistics taken
+in two eager passes, as before the one-pass kernel) and ``eager`` (``update_kernel="eager"``: no compiled
+kernel at all). Each gets its own row. The machine's load average is printed before and after: on a shared
+machine read the ratios, not the milliseconds.
 
 Models: ``resnet18`` (torchvision, 10 classes, 32 px, batch 16, SGD with momentum 0.9 and weight decay
 5e-4), ``resnet18_zero_init`` (the same with ``zero_init_residual=True``), ``yolo11n`` (Ultralytics
@@ -41,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlight.recorder import GradientFlowRecorder
+from gradlight.update_ratio import GradientKernel
 
 MODELS = ("resnet18", "resnet18_zero_init", "yolo11n")
 TARGETS = {"resnet18": 1.05, "resnet18_zero_init": 1.05, "yolo11n": 1.02}
@@ -73,15 +82,31 @@ def build(name: str) -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
     return detector, lambda m: m.loss(targets)[0].sum()
 
 
+VARIANTS = ("default", "two_pass", "eager")
+
+
+def recorder_for(model: nn.Module, save_dir: str, variant: str) -> GradientFlowRecorder:
+    """The monitored twin's recorder: every step logged, diagnosis on, history written (see :data:`VARIANTS`)."""
+    kernel = "eager" if variant == "eager" else "auto"
+    recorder = GradientFlowRecorder(model, save_dir, log_every_n_steps=1, update_kernel=kernel)
+    if variant == "two_pass":
+        recorder.tracker.gradient_kernel = GradientKernel("eager")
+    return recorder
+
+
 class Twin:
     """One copy of the model with its optimizer and, if monitored, its recorder; times its steps."""
 
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module], Tensor], save_dir: str | None) -> None:
+    def __init__(
+        self, model: nn.Module, loss: Callable[[nn.Module], Tensor], save_dir: str | None, variant: str = "default"
+    ) -> None:
         self.model, self.loss = model, loss
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-        self.recorder = None if save_dir is None else GradientFlowRecorder(model, save_dir, log_every_n_steps=1)
+        self.recorder = None if save_dir is None else recorder_for(model, save_dir, variant)
+        self.variant = variant
         self.steps: list[float] = []
         self.inside: list[float] = []
+        self.floor: list[float] = []
         self.count = 0
 
     def step(self, timed: bool) -> None:
@@ -98,57 +123,57 @@ class Twin:
             mark = time.perf_counter()
             self.recorder.end_step(loss)
             inside += time.perf_counter() - mark
+        elapsed = time.perf_counter() - start
+        if timed and self.recorder is not None:
+            self.floor.append(read_floor(self))  # outside the step's time: this step's own tensors
         self.optimizer.zero_grad(set_to_none=True)
         self.count += 1
         if timed:
-            self.steps.append(time.perf_counter() - start)
+            self.steps.append(elapsed)
             self.inside.append(inside)
 
 
-def measure(name: str, steps: int, warmup: int) -> dict[str, Any]:
+def measure(name: str, steps: int, warmup: int, variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Each monitored variant and the bare twin, one step each in turn (rotated), on the same batches."""
     model, loss = build(name)
-    twin = copy.deepcopy(model)
     with tempfile.TemporaryDirectory() as save_dir:
-        bare, monitored = Twin(twin, loss, None), Twin(model, loss, save_dir)
+        bare = Twin(copy.deepcopy(model), loss, None)
+        monitored = [Twin(copy.deepcopy(model), loss, os.path.join(save_dir, v), v) for v in variants]
+        twins = [bare, *monitored]
         for i in range(warmup + steps):
-            pair = (bare, monitored) if i % 2 == 0 else (monitored, bare)
-            for side in pair:
+            shift = i % len(twins)
+            for side in twins[shift:] + twins[:shift]:
                 side.step(timed=i >= warmup)
-        assert monitored.recorder is not None
-        monitored.recorder.close()
-        floor = read_floor(monitored)
-        kernel = monitored.recorder.tracker.updates.kernel_info if monitored.recorder.tracker.updates else None
-    plain, logged = statistics.mean(bare.steps), statistics.mean(monitored.steps)
-    inside = statistics.mean(monitored.inside)
-    return {
-        "bare": plain,
-        "bare_median": statistics.median(bare.steps),
-        "monitored": logged,
-        "inside": inside,
-        "inside_median": statistics.median(monitored.inside),
-        "params": sum(p.numel() for p in model.parameters()),
-        "tensors": sum(1 for _ in model.parameters()),
-        "kernel": kernel or "",
-        "floor": floor,
-    }
+        results = {}
+        for twin in monitored:
+            assert twin.recorder is not None
+            twin.recorder.close()
+            updates = twin.recorder.tracker.updates
+            results[twin.variant] = {
+                "bare": statistics.mean(bare.steps),
+                "bare_median": statistics.median(bare.steps),
+                "monitored": statistics.mean(twin.steps),
+                "inside": statistics.mean(twin.inside),
+                "inside_median": statistics.median(twin.inside),
+                "floor": statistics.median(twin.floor),
+                "params": sum(p.numel() for p in model.parameters()),
+                "tensors": sum(1 for _ in model.parameters()),
+                "kernel": (updates.kernel_info if updates is not None else None) or "",
+            }
+    return results
 
 
-def read_floor(twin: Twin, repeats: int = 5) -> float:
-    """Median time of one norm over each gradient, parameter and momentum buffer: the least a per-layer
-    recorder with the update ratio reads on a logged step, whatever its kernels."""
-    twin.loss(twin.model).backward()
+def read_floor(twin: Twin) -> float:
+    """Time of one norm over each gradient, parameter and momentum buffer of ``twin`` as they are now: the
+    least a per-layer recorder with the update ratio reads on a logged step, whatever its kernels."""
     tensors = []
     for param in twin.model.parameters():
         if param.grad is not None:
             tensors += [param.grad, param.detach(), twin.optimizer.state[param]["momentum_buffer"]]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for tensor in tensors:
-            torch.linalg.vector_norm(tensor)
-        times.append(time.perf_counter() - start)
-    twin.optimizer.zero_grad(set_to_none=True)
-    return statistics.median(times)
+    start = time.perf_counter()
+    for tensor in tensors:
+        torch.linalg.vector_norm(tensor)
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,32 +181,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18"], choices=MODELS)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per twin")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (the first logged step compiles)")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=VARIANTS, help="monitored twins")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     results = {}
     for name in args.models:
         start = time.perf_counter()
-        results[name] = measure(name, args.steps, args.warmup)
+        results[name] = measure(name, args.steps, args.warmup, list(dict.fromkeys(args.variants)))
         print(f"{name}: measured in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print_table(results)
+
+
+def print_table(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """One row per model and monitored variant; the target is judged on the mean in-recorder time."""
     print()
     print(
-        "| model | params | tensors | bare step (ms) | monitored step (ms) | whole-step ratio "
+        "| model | variant | params | tensors | bare step (ms) | monitored step (ms) | whole-step ratio "
         "| in recorder (ms/step, mean / median) | every step: 1 + in recorder / bare | target | met "
-        "| read floor (ms) | 1 + floor / bare |"
+        "| read floor (ms, median) | 1 + floor / bare | in recorder / floor (medians) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        ratio = 1 + r["inside"] / r["bare"]
-        print(
-            f"| {name} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['bare'] * 1e3:.1f} "
-            f"| {r['monitored'] * 1e3:.1f} "
-            f"| {r['monitored'] / r['bare']:.3f} | {r['inside'] * 1e3:.2f} / {r['inside_median'] * 1e3:.2f} "
-            f"| {ratio:.3f}x | <= {TARGETS[name]} | {'yes' if ratio <= TARGETS[name] else 'no'} "
-            f"| {r['floor'] * 1e3:.2f} | {1 + r['floor'] / r['bare']:.3f}x |"
-        )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        for variant, r in rows.items():
+            ratio = 1 + r["inside"] / r["bare"]
+            print(
+                f"| {name} | {variant} | {r['params'] / 1e6:.1f}M | {r['tensors']} | {r['bare'] * 1e3:.1f} "
+                f"| {r['monitored'] * 1e3:.1f} "
+                f"| {r['monitored'] / r['bare']:.3f} | {r['inside'] * 1e3:.2f} / {r['inside_median'] * 1e3:.2f} "
+                f"| {ratio:.3f}x | <= {TARGETS[name]} | {'yes' if ratio <= TARGETS[name] else 'no'} "
+                f"| {r['floor'] * 1e3:.2f} | {1 + r['floor'] / r['bare_median']:.3f}x "
+                f"| {r['inside_median'] / r['floor']:.2f} |"
+            )
     print()
-    for name, r in results.items():
-        print(f"{name}: update-ratio kernel {r['kernel']}")
+    for name, rows in results.items():
+        for variant, r in rows.items():
+            print(f"{name} ({variant}): update-ratio kernel {r['kernel']}")
 
 
 if __name__ == "__main__":

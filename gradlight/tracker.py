@@ -34,7 +34,7 @@ from gradlight.stats import (
     squares,
     wide_dtype,
 )
-from gradlight.update_ratio import UpdateNorms, check_kernel
+from gradlight.update_ratio import GradientKernel, UpdateNorms, check_kernel
 
 __all__ = [
     "GRAD_COUNT",
@@ -163,7 +163,8 @@ class GradientFlowTracker:
         update_kernel: Which kernels reconstruct the update (:class:`gradlight.update_ratio.UpdateNorms`'s
             ``kernel``): ``"auto"`` (a ``torch.compile``'d kernel per large tensor where compiling works, compiled
             on the first logged step; eager kernels elsewhere, with the reason in ``tracker.updates.kernel_info``),
-            ``"fused"`` or ``"eager"``.
+            ``"fused"`` or ``"eager"``. The same setting compiles the one-pass statistics of large gradients
+            (:class:`gradlight.update_ratio.GradientKernel`; with ``"eager"`` they take two passes).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
@@ -188,6 +189,8 @@ class GradientFlowTracker:
     ) -> None:
         check_kernel(update_kernel)
         self.updates = UpdateNorms(update_method, kernel=update_kernel) if track_update_ratio else None
+        #: The one-pass kernel for the large gradients' statistics (compiled as ``update_kernel`` says).
+        self.gradient_kernel = GradientKernel(update_kernel)
         self.model = model
         self.group_by = group_by
         self.exclude = tuple(exclude)
@@ -338,7 +341,7 @@ class GradientFlowTracker:
         """
         device = tensors[0].device if tensors else torch.device("cpu")
         grads = plain_gradients(grads)  # sparse: coalesced values; complex: magnitudes
-        grad_sq, grad_max = gradient_statistics(grads, device)
+        grad_sq, grad_max = gradient_statistics(grads, device, fused=self.gradient_kernel)
         grad_count = torch.tensor(has_grad).to(device, grad_sq.dtype) if has_grad is not None else None
         if grad_scale != 1.0:
             grad_sq = grad_sq / (grad_scale * grad_scale)

@@ -97,7 +97,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from gradlight.stats import Snapshot, local_tensor, snapshot, squares, update_squares, wide_dtype
 
-__all__ = ["KERNELS", "METHODS", "GroupMethod", "UpdateNorms"]
+__all__ = ["KERNELS", "METHODS", "GradientKernel", "GroupMethod", "UpdateNorms"]
 
 #: Accepted values of ``UpdateNorms(method=...)``.
 METHODS = ("auto", "optimizer", "copy")
@@ -145,7 +145,21 @@ def _linear3_sum(a: Tensor, b: Tensor, c: Tensor, coef: Tensor) -> Tensor:
     return (r * r).sum()
 
 
-_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"adam": _adam_sum, "linear": _linear_sum, "linear3": _linear3_sum}
+def _gradient_stats(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(g ** 2), max |g|)`` of a flat gradient, the sum accumulated in float64: one pass once compiled.
+
+    NaN propagates to both (as in the eager ``vector_norm`` / ``aminmax``), an infinity makes both infinite.
+    """
+    wide = g.to(torch.float64)
+    return (wide * wide).sum(), g.abs().amax()
+
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "adam": _adam_sum,
+    "linear": _linear_sum,
+    "linear3": _linear3_sum,
+    "gradient": _gradient_stats,
+}
 
 
 def _compiler_disabled() -> str | None:
@@ -158,9 +172,17 @@ def _compiler_disabled() -> str | None:
         return f"torch._dynamo cannot be imported ({type(error).__name__}: {error})"
     if dynamo.config.disable:
         return "torch.compile is disabled (torch._dynamo.config.disable)"
-    if not dynamo.is_dynamo_supported():
+    if not _dynamo_supported():
         return "torch.compile is not supported on this Python / platform"
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamo_supported() -> bool:
+    """``torch._dynamo.is_dynamo_supported()``, asked once per process (it does not change; ~0.5 ms a call)."""
+    import torch._dynamo as dynamo
+
+    return bool(dynamo.is_dynamo_supported())
 
 
 @functools.lru_cache(maxsize=4)
@@ -204,7 +226,7 @@ class _Compiled:
         self.first_calls: set[tuple[str, torch.dtype, str]] = set()
         self.seconds = 0.0
 
-    def run(self, name: str, calls: list[tuple[Tensor, ...]], device: torch.device) -> list[Tensor] | None:
+    def run(self, name: str, calls: list[tuple[Tensor, ...]], device: torch.device) -> list[Any] | None:
         """``name``'s kernel on each argument tuple; ``None`` if compiling fails (recorded for ``device``)."""
         try:
             function = self.functions.get(name)
@@ -225,12 +247,54 @@ class _Compiled:
             message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
             _FAILURES[device.type] = f"torch.compile failed ({type(error).__name__}: {message})"
             warnings.warn(
-                f"gradlight: the fused update-ratio kernel could not be compiled on {device.type}; using the eager "
-                f"kernels instead ({_FAILURES[device.type]})",
+                f"gradlight: the fused kernels (update ratio, gradient statistics) could not be compiled on "
+                f"{device.type}; using the eager kernels instead ({_FAILURES[device.type]})",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return None
+
+
+class GradientKernel:
+    """The one-pass gradient statistics: a float64 sum of squares and the largest magnitude per tensor.
+
+    Compiled like the update-ratio kernels: same availability checks, same fallback, same ``kernel`` setting.
+    :func:`gradlight.stats.gradient_statistics` calls it with the large gradients (see
+    :data:`gradlight.stats.FUSED_STATS_MIN_NUMEL`); a ``None`` answer means "take the eager kernels" (``"eager"``,
+    no compiler, a failed compilation, which is warned about once and not retried in the process).
+
+    Args:
+        kernel: ``"auto"``/``"fused"`` compile on first use, ``"eager"`` never (checked by :func:`check_kernel`).
+
+    Example:
+        >>> grads = [torch.tensor([3.0, -4.0])]
+        >>> GradientKernel("eager")(grads) is None
+        True
+    """
+
+    def __init__(self, kernel: str = "auto") -> None:
+        check_kernel(kernel)
+        self.kernel = kernel
+        self._compiled: _Compiled | None = None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling in this instance's first calls (0 if nothing compiled here)."""
+        return self._compiled.seconds if self._compiled is not None else 0.0
+
+    def __call__(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+        """``(float64 sums of squares, float32 largest magnitudes)`` of contiguous ``tensors`` on one device."""
+        if self.kernel == "eager" or not tensors:
+            return None
+        device = tensors[0].device
+        if compile_unavailable(device) is not None or _get_current_dispatch_mode() is not None:
+            return None
+        if self._compiled is None:
+            self._compiled = _Compiled()
+        out = self._compiled.run("gradient", [(t.view(-1),) for t in tensors], device)
+        if out is None:
+            return None
+        return torch.stack([sq for sq, _ in out]), torch.stack([top for _, top in out]).float()
 
 
 def _fusable(lists: Sequence[Sequence[Tensor]]) -> list[int]:

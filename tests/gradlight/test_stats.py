@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import gradlight.stats as stats
+import gradlight.update_ratio as update_ratio
 from gradlight.sharding import ShardedReduction
 from gradlight.stats import (
     STACK_MAX_NUMEL,
@@ -26,7 +30,8 @@ from gradlight.stats import (
     snapshot,
     update_squares,
 )
-from gradlight.tracker import STEP_STATISTICS
+from gradlight.tracker import STEP_STATISTICS, GradientFlowTracker
+from gradlight.update_ratio import GradientKernel
 
 
 def test_foreach_norms_mixed_dtypes_keep_input_order() -> None:
@@ -186,3 +191,106 @@ def test_a_table_names_its_rows_whatever_the_declaration_order() -> None:
     host = doubled.to_layers(torch.tensor([0, 0]), 1).to_host()
     assert list(host) == ["top", "sq", "count"]
     assert {name: values.tolist() for name, values in host.items()} == {"top": [5.0], "sq": [34.0], "count": [2.0]}
+
+
+# ------------------------------------------------------------------------ the one-pass gradient kernel
+#: Tensors of at least this many elements take the compiled kernel in these tests.
+TEST_FUSED_STATS_MIN_NUMEL = 64
+
+
+def _large_and_small_gradients() -> list[torch.Tensor]:
+    """Large float32/float64 gradients (NaN, +-inf, -0.0, huge values among them) between small, empty and
+    non-contiguous ones, which the eager kernels keep."""
+    generator = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=generator) for n in (5000, 70, 16, 300, 0, 999, 128, 4096)]
+    grads[3] = grads[3].double()
+    grads[5][[0, 500, 998]] = float("nan")  # first, middle, last lanes
+    grads[6][77] = -float("inf")
+    grads[7] = grads[7] * 1e19  # squares beyond float32's range: the sum is taken in float64
+    grads.append(torch.full((100,), -0.0))
+    grads.append(torch.randn(40, 30, generator=generator).t())  # not contiguous: eager
+    return grads
+
+
+def _fused_stats(monkeypatch: pytest.MonkeyPatch) -> tuple[GradientKernel, list[int]]:
+    """A gradient kernel whose calls are counted (the number of tensors each call gets)."""
+    monkeypatch.setattr(stats, "FUSED_STATS_MIN_NUMEL", TEST_FUSED_STATS_MIN_NUMEL)
+    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    kernel, sizes = GradientKernel("auto"), []
+    original = kernel.__call__
+
+    class Counted(GradientKernel):
+        def __call__(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+            sizes.extend(t.numel() for t in tensors)
+            return original(tensors)
+
+    return Counted("auto"), sizes
+
+
+def test_the_one_pass_gradient_kernel_equals_float64_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    grads = _large_and_small_gradients()
+    kernel, sizes = _fused_stats(monkeypatch)
+    grad_sq, grad_max = gradient_statistics(grads, fused=kernel)
+    assert sizes == [5000, 70, 300, 999, 128, 4096, 100], "the large contiguous float32/float64 ones, in order"
+    assert grad_sq.dtype == torch.float64 and grad_max.dtype == torch.float32
+    reference_sq = [float(g.double().square().sum()) for g in grads]
+    reference_max = [float(g.double().abs().max()) if g.numel() else 0.0 for g in grads]
+    assert grad_sq.tolist() == pytest.approx(reference_sq, rel=1e-6, nan_ok=True)  # eager ones: float32 sums
+    large = [0, 1, 3, 5, 6, 7, 8]
+    assert grad_sq[large].tolist() == pytest.approx([reference_sq[i] for i in large], rel=1e-12, nan_ok=True)
+    assert grad_max.tolist() == pytest.approx(reference_max, rel=1e-7, nan_ok=True)
+    assert math.isinf(grad_sq[6]) and grad_max[6] == float("inf") and math.isnan(grad_max[5])
+    assert math.isfinite(grad_sq[7]) and grad_sq[7] > 1e38, "huge but finite gradients stay finite"
+    assert math.copysign(1.0, float(grad_max[8])) == 1.0, "no -0.0"
+    eager_sq, eager_max = gradient_statistics(grads)  # the two-pass kernels: same values to their rounding
+    assert math.isinf(eager_sq[7]), "a float32 norm overflows (the tracker recounts such a step in float64)"
+    eager_sq[7] = grad_sq[7]
+    assert grad_sq.tolist() == pytest.approx(eager_sq.tolist(), rel=1e-6, nan_ok=True)
+    assert torch.equal(grad_max.isnan(), eager_max.isnan())
+    assert torch.equal(grad_max.nan_to_num(), eager_max.nan_to_num())
+
+
+def test_the_gradient_kernel_falls_back_to_two_passes_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    grads = _large_and_small_gradients()
+    kernel, _ = _fused_stats(monkeypatch)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no compiler here (injected)")
+
+    monkeypatch.setattr(torch, "compile", failing)
+    with pytest.warns(RuntimeWarning, match="could not be compiled on cpu; using the eager kernels"):
+        grad_sq, grad_max = gradient_statistics(grads, fused=kernel)
+    eager_sq, eager_max = gradient_statistics(grads)
+    assert torch.equal(grad_sq.nan_to_num(), eager_sq.nan_to_num()) and torch.equal(grad_max.isnan(), eager_max.isnan())
+    assert update_ratio.compile_unavailable(torch.device("cpu")) == (
+        "torch.compile failed (RuntimeError: no compiler here (injected))"
+    )
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("a failed compilation is not retried"))
+    assert GradientKernel("auto")(grads[:1]) is None
+    assert GradientKernel("eager")(grads[:1]) is None
+
+
+def test_a_tracker_reads_large_gradients_in_one_pass_unless_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "FUSED_STATS_MIN_NUMEL", TEST_FUSED_STATS_MIN_NUMEL)
+    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    calls: list[str] = []
+    original = update_ratio._Compiled.run
+
+    def counted(self: Any, name: str, args: list[tuple[torch.Tensor, ...]], device: torch.device) -> Any:
+        calls.extend(name for _ in args)
+        return original(self, name, args, device)
+
+    monkeypatch.setattr(update_ratio._Compiled, "run", counted)
+    records = {}
+    for kernel in ("auto", "eager"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+        net(torch.randn(8, 16)).square().sum().backward()
+        tracker = GradientFlowTracker(net, update_kernel=kernel, track_update_ratio=False)
+        tracker.capture(step=0, params=net.parameters())
+        records[kernel] = tracker.finalize()
+        grads = [torch.cat([p.grad.flatten() for p in layer.parameters()]).double() for layer in (net[0], net[2])]
+        np.testing.assert_allclose(records[kernel].metrics["grad_l2"], [float(g.norm()) for g in grads], rtol=1e-6)
+        np.testing.assert_allclose(records[kernel].metrics["grad_max_abs"], [float(g.abs().max()) for g in grads])
+        # "auto": the two weights (512 and 64 elements), not the biases; "eager" adds no call
+        assert calls == ["gradient", "gradient"], (kernel, calls)
