@@ -137,6 +137,19 @@ RULES: tuple[Rule, ...] = (
         conclusive=True,
     ),
     Rule(
+        "input_layer_saturated",
+        ("saturated",),
+        lambda c: c.evidence.get("input_layer") is not None,
+        "the site follows the model's first layer ({layer}), so its pre-activations are the inputs times that "
+        "layer's weights: inputs on a large scale (features not standardised) or large first-layer weights put "
+        "it in the flat region, where its units act as thresholds of the input. No other layer's gradient "
+        "passes through it, and {layer}'s own gradient carries the inputs' scale ({ratio} of the reference at "
+        "this step): training goes on ('vanishing' warns if that gradient collapses)",
+        "standardise the inputs (zero mean, unit variance per feature), or Xavier init for the first layer",
+        lambda c: {"layer": c.evidence.get("input_layer"), "ratio": _fmt(c.evidence.get("input_layer_ratio"))},
+        conclusive=True,
+    ),
+    Rule(
         "saturating_activation",
         ("vanishing", "saturated"),
         lambda c: bool(c.evidence.get("saturating_downstream") or c.profile.saturating),

@@ -52,6 +52,36 @@ def test_the_table_counts_the_slice(verdicts: dict[str, buggy_programs.Verdict])
     assert f"correct twins without a warning: {len(verdicts) - len(SLICE)}/{len(verdicts) - len(SLICE)}" in table
 
 
+class _Recorded(runner.GradlightObserver):
+    """gradlight's observer, keeping every finding (notes too) with its evidence."""
+
+    def finish(self) -> list[runner.Alarm]:
+        self.findings = self.recorder.findings if self.recorder is not None else []
+        return super().finish()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_a_first_tanh_layer_saturated_by_unnormalised_inputs_is_a_note(scale: float) -> None:
+    # AUTOTRAINER's Blob program (the repaired oscillating-loss demo): raw features up to |x| = 14 put 70-80% of
+    # the first tanh layer in its flat region, and the network trains as well as on standardised inputs
+    # (docs/diagnosis.md). Inputs x100 flatten every unit: the first layer's gradient collapses and `vanishing`
+    # warns about it, while the saturation itself stays a note.
+    torch.set_num_threads(1)
+    program = next(p for p in programs.PROGRAMS if p.name == "AUTOTRAINER/blob/simplednn/correct")
+    setup = program.build()
+    setup.batches = [(x * scale, y) for x, y in setup.batches]
+    observer = _Recorded()
+    result = runner.train(setup, observer)
+    assert result.error is None
+    saturated = [f for f in observer.findings if f.kind == "saturated"]
+    assert [(f.layer, f.severity) for f in saturated] == [("act0", "note")]
+    assert saturated[0].evidence["input_layer"] == "dense0" and "standardise the inputs" in saturated[0].remedy
+    warnings_ = [(f.kind, f.layer) for f in observer.findings if f.is_warning]
+    assert warnings_ == ([] if scale == 1.0 else [("vanishing", "dense0")])
+    assert sum(result.losses[-20:]) / 20 < 0.6 * sum(result.losses[:10]) / 10  # it trains
+
+
 def test_every_buggy_program_has_a_correct_twin_and_a_known_scope() -> None:
     names = {p.name for p in programs.PROGRAMS}
     for program in programs.PROGRAMS:
