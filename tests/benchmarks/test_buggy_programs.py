@@ -49,7 +49,8 @@ def test_buggy_program_found_at_its_layer_and_its_twin_quiet(
 def test_the_table_counts_the_slice(verdicts: dict[str, buggy_programs.Verdict]) -> None:
     table = buggy_programs.render(list(verdicts.values()), 1.0)
     assert "recall 1.00" in table
-    assert f"correct twins without a warning: {len(verdicts) - len(SLICE)}/{len(verdicts) - len(SLICE)}" in table
+    twins = len(verdicts) - len(SLICE)
+    assert f"correct twins without a false alarm: {twins}/{twins}; without any warning: {twins}/{twins};" in table
 
 
 class _Recorded(runner.GradlightObserver):
@@ -103,6 +104,21 @@ def test_judge_needs_an_accepted_kind_and_reports_the_layer() -> None:
     assert runner.judge(alarms, ("exploding",), ("conv2",)) == (alarms[1], True)
     assert runner.judge(alarms, ("vanishing",), ("*",)) == (None, False)
     assert runner.judge([runner.Alarm("x", "y", 0, "note")], (), ()) == (None, False)  # notes are no alarm
+
+
+def test_a_true_finding_on_a_correct_program_is_listed_not_counted_as_a_false_alarm() -> None:
+    twin = next(p for p in programs.PROGRAMS if p.name == "DeepLocalize/34311586/correct")
+    assert twin.true_findings == ("vanishing@dense0",) and "1 of 4 seeds" in twin.note
+    seen = runner.Result(alarms=[runner.Alarm("vanishing", "dense0", 34)])
+    established = buggy_programs.verdict(twin, seen, 1.0)
+    assert established.hit is None and established.false_alarms == () and established.warnings == ("vanishing@dense0",)
+    other = buggy_programs.verdict(twin, runner.Result(alarms=[runner.Alarm("vanishing", "dense1", 3)]), 1.0)
+    assert other.hit is not None and other.false_alarms == ("vanishing@dense1",)
+    assert buggy_programs.overall([established])["precision"] == 1.0
+    assert buggy_programs.overall([other])["precision"] == 0.0
+    table = buggy_programs.render([established], 1.0)
+    assert "correct twins without a false alarm: 1/1; without any warning: 0/1" in table
+    assert "| true finding (see docs) |" in table
 
 
 def test_the_data_recipes_have_a_learnable_shape() -> None:
