@@ -180,7 +180,8 @@ def render(verdicts: list[Verdict], seconds: float) -> str:
         )
     quiet = sum(not v.warnings for v in twins.values())
     clean = sum(not v.false_alarms for v in twins.values())
-    true = ", ".join(f"{v.program.name}: {', '.join(v.warnings)}" for v in twins.values() if v.warnings and not v.false_alarms)
+    established = [v for v in twins.values() if v.warnings and not v.false_alarms]
+    true = ", ".join(f"{v.program.name}: {', '.join(v.warnings)}" for v in established)
     lines += [
         f"correct twins without a false alarm: {clean}/{len(twins)}; without any warning: {quiet}/{len(twins)}"
         + (f" (true findings on the published correct program: {true})" if true else "")
