@@ -173,12 +173,6 @@ class DiagnosisConfig:
         loss_min_steps: ``loss_plateau`` and ``loss_oscillating`` are judged only this many optimizer steps
             after monitoring began: healthy runs spend their first steps near the initial level (warm-up, a
             small learning rate), and bring the loss down within about a hundred steps.
-        loss_moved: ``loss_plateau`` is judged before ``loss_min_steps`` once the weights have moved this much in all
-            (the median layer's ``update_ratio`` summed over the optimizer steps since monitoring began) and every
-            logged loss since the start is flat: 0.1 is a tenth of the weights' norm, which the first steps of a
-            warm-up or a small learning rate do not reach and which, in a model that learns anything, changes the
-            loss (healthy programs of the ported benchmarks came 5% below their initial loss within 10-13 steps).
-            ``None`` waits for ``loss_min_steps`` always.
         loss_patience: Logged steps a loss condition must hold in a row before it is reported.
         loss_slow_update_ratio: A loss plateau while the median layer moves less than this fraction of its
             norm per step (1e-5: 0.1% in a hundred steps; healthy layers move 1e-3 to 1e-2 per step) is put
@@ -248,7 +242,6 @@ class DiagnosisConfig:
     loss_stuck_drop: float = bounded(0.05, POSITIVE)
     loss_swing: float = bounded(0.5, POSITIVE)
     loss_min_steps: int = bounded(100, COUNT)
-    loss_moved: float | None = bounded(0.1, POSITIVE_OR_NONE)
     loss_patience: int = bounded(3, POSITIVE_INT)
     loss_slow_update_ratio: float = bounded(1e-5, POSITIVE)
     dead_min_samples: int = bounded(16, POSITIVE_INT)

@@ -106,19 +106,8 @@ def test_a_loss_stuck_at_chance_is_a_plateau_naming_the_chance_level() -> None:
     finding = plateau[0]
     assert finding.evidence["chance_classes"] == 8
     assert finding.evidence["rules"] == ["chance_level", "learns_nothing"]
-    # AdamW moves the weights a tenth of their norm within a few steps: a loss flat since the start is judged as
-    # soon as the window is full, not after loss_min_steps
-    assert finding.evidence["loss_window"] <= finding.reported_step < DiagnosisConfig().loss_min_steps
+    assert finding.reported_step >= DiagnosisConfig().loss_min_steps
     assert not {f.kind for f in findings if f.is_warning} - {"loss_plateau"}
-
-
-def test_a_short_healthy_run_at_a_constant_learning_rate_raises_nothing() -> None:
-    # No warm-up, AdamW at 1e-3: the weights move a tenth of their norm within a few steps, so the plateau's early
-    # judgement is armed from the start; the loss comes down on its own and the rule stays quiet, at batch 2 too
-    for batch in (2, 8):
-        findings, losses = _train(60, batch=batch)
-        assert sum(losses[-10:]) < sum(losses[:10])
-        assert [f.message for f in findings if f.kind in LOSS_KINDS] == []
 
 
 def test_a_noisy_healthy_loss_with_warm_up_and_a_cosine_restart_raises_nothing() -> None:

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import StepContext
 from gradlight.diagnosis.detectors.loss_curve import (
     LossCurveDetector,
     LossReading,
     level,
-    mann_kendall_z,
     median_update_ratio,
 )
 from gradlight.diagnosis.finding import Finding, fmt
@@ -43,9 +38,7 @@ def chance_classes(level: float, tolerance: float = 0.01) -> int | None:
 class LossPlateauDetector(LossCurveDetector):
     """The loss has not come down from its initial level although the weights move.
 
-    Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began (or earlier, once the
-    weights have moved ``loss_moved`` of their norm in all and every logged loss since the start is flat: no trend,
-    a swing below ``loss_swing``; a short program whose loss never leaves its initial value), when the median
+    Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the median
     of the last half of the ``loss_window`` logged losses is less than ``loss_stuck_drop`` (a fraction of
     ``|initial|``) below the initial level and not ``loss_rise`` above it, the window has no significant trend
     either way (``|z| < loss_trend_z``), it swings less than ``loss_swing`` (a wide swing is ``loss_oscillating``)
@@ -62,24 +55,17 @@ class LossPlateauDetector(LossCurveDetector):
     kind = "loss_plateau"
     needs_finite_gradients = False
 
-    def __init__(self, config: DiagnosisConfig) -> None:
-        super().__init__(config)
-        self.moved = 0.0  # the median layer's update ratio summed over the optimizer steps since monitoring began
-        self.last: int | None = None
-        self.run: list[float] = []  # every logged loss, kept until loss_min_steps (the early judgement's curve)
-
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config = self.config
         if config.loss_window is None or not self.curve.add(step.record.step, step.loss):
             return []
-        update = median_update_ratio(step)
-        self._track(step.record.step, step.loss, update)
         reading = self.curve.read()
+        update = median_update_ratio(step)
         holds = (
             reading is not None
             and self.curve.full
-            and (reading.span >= config.loss_min_steps or self._flat_from_the_start(reading))
+            and reading.span >= config.loss_min_steps
             and -config.loss_rise < reading.progress < config.loss_stuck_drop
             and abs(reading.trend_z) < config.loss_trend_z
             and reading.swing < config.loss_swing
@@ -89,43 +75,6 @@ class LossPlateauDetector(LossCurveDetector):
         if count < config.loss_patience or reading is None:
             return []
         return [self._finding(step, reading, since, update)]
-
-    def _track(self, step: int, loss: float | None, update: float | None) -> None:
-        """Add the logged step's loss to the whole-run curve and its update to the weights' total movement."""
-        if self.last is not None and update is not None:
-            self.moved += update * max(1, step - self.last)
-        elif update is not None:
-            self.moved += update
-        self.last = step
-        if loss is not None and len(self.run) < self.config.loss_min_steps:
-            self.run.append(float(loss))
-
-    def _flat_from_the_start(self, reading: LossReading) -> bool:
-        """Before ``loss_min_steps``: the weights moved ``loss_moved`` in all and the whole run's loss never moved.
-
-        The wait of ``loss_min_steps`` is for healthy runs whose first steps are small (warm-up, a small learning
-        rate): their weights barely move yet. Once the weights have moved ``loss_moved`` of their norm in all and
-        every logged loss since the start shows no trend and no swing, waiting adds no evidence.
-        """
-        config = self.config
-        if config.loss_moved is None or self.moved < config.loss_moved or len(self.run) < (config.loss_window or 0):
-            return False
-        values = np.asarray(self.run, dtype=np.float64)
-        low, high = np.percentile(values, [10, 90])
-        swing = float(high - low) / max(abs(float(np.median(values))), 1e-12)
-        return abs(mann_kendall_z(values)) < config.loss_trend_z and swing < config.loss_swing
-
-    def state_dict(self) -> dict[str, Any]:
-        """Streaks, the loss curve, the whole-run curve and the weights' total movement."""
-        return {**super().state_dict(), "moved": self.moved, "last_step": self.last, "run": list(self.run)}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.moved = float(state.get("moved", 0.0))
-        last = state.get("last_step")
-        self.last = None if last is None else int(last)
-        self.run = [float(v) for v in state.get("run", [])]
 
     def _finding(self, step: StepContext, reading: LossReading, since: int, update: float | None) -> Finding:
         evidence: dict[str, Any] = {**reading.evidence(), "median_update_ratio": update}
