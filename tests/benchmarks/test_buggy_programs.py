@@ -20,8 +20,6 @@ SLICE = (
     "AUTOTRAINER/circle/model_5ab0aeda",  # 12 sigmoid layers: vanishing at the first layer
     "DeepLocalize/45337371",  # a one-unit softmax: every gradient exactly 0
     "TheDeepChecker/baseCNN/missing_normalization",  # 0-255 pixels: one SGD step blows the network up
-    "TheDeepChecker/baseCNN/wrong_labels",  # labels shuffled apart from their images: the loss stays at ln(10)
-    "DeepLocalize/31556268",  # MAE + slow SGD on XOR: the loss never leaves its initial level
 )
 
 
