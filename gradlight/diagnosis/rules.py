@@ -162,11 +162,16 @@ RULES: tuple[Rule, ...] = (
         "one_step_blowup",
         ("exploding",),
         lambda c: bool(c.evidence.get("one_step_blowup")),
-        "one optimizer step rewrote the weights (a step as large as the weights themselves) and the network "
-        "landed where its units are dead or saturated: inputs far from unit scale (e.g. 0-255 pixels), a "
-        "constant or too-large initialisation, or a learning rate far too large",
+        "one optimizer step rewrote the weights (a step as large as the weights themselves) and {landed}: "
+        "inputs far from unit scale (e.g. 0-255 pixels), a constant or too-large initialisation, or a learning "
+        "rate far too large",
         "normalise the inputs (divide pixels by 255 and standardise); He/Xavier initialisation; a lower learning "
         "rate or warm-up",
+        lambda c: {
+            "landed": "the gradient and the loss grew by orders of magnitude at the next step"
+            if c.evidence.get("one_step_growth")
+            else "the network landed where its units are dead or saturated"
+        },
     ),
     Rule(
         "no_normalization",

@@ -84,6 +84,23 @@ def test_a_first_tanh_layer_saturated_by_unnormalised_inputs_is_a_note(scale: fl
     assert sum(result.losses[-20:]) / 20 < 0.6 * sum(result.losses[:10]) / 10  # it trains
 
 
+@pytest.mark.slow
+def test_unnormalised_pixels_blow_up_in_one_step_and_the_finding_says_how() -> None:
+    # TheDeepChecker's 0-255 pixels: the first SGD step moves the output layer by ~100x its norm, then the gradient
+    # grows 1e4 -> 1e10 and the loss 596 -> 6e11; before the growth rule has three steps. Was only dead units.
+    torch.set_num_threads(1)
+    program = next(p for p in programs.PROGRAMS if p.name == "TheDeepChecker/baseCNN/missing_normalization")
+    observer = _Recorded()
+    result = runner.train(program.build(), observer)
+    assert result.error is None and result.losses[1] > 1e6 * result.losses[0]
+    exploding = [f for f in observer.findings if f.kind == "exploding"]
+    assert [(f.layer, f.step, f.reported_step) for f in exploding] == [("out", 0, 1)]
+    evidence = exploding[0].evidence
+    assert evidence["one_step_growth"] and evidence["global_grad_l2"] > 100 * evidence["global_grad_l2_before"]
+    assert evidence["loss"] > 2 * evidence["loss_before"]
+    assert "grew by orders of magnitude" in exploding[0].cause and "0-255 pixels" in exploding[0].cause
+
+
 def test_every_buggy_program_has_a_correct_twin_and_a_known_scope() -> None:
     names = {p.name for p in programs.PROGRAMS}
     for program in programs.PROGRAMS:

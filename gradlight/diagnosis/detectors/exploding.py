@@ -269,6 +269,7 @@ class ExplodingDetector(Detector):
         median = float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
         evidence: dict[str, Any] = {
             "one_step_blowup": True,
+            "one_step_growth": grew,
             "jump_step": since,
             "jump_update_ratio": ratio,
             "global_grad_l2_before": before,
