@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.buggy.programs import NOT_PORTED, Program, select
 from benchmarks.buggy.published import OVERALL, SOURCES, published_for
-from benchmarks.buggy.runner import Alarm, GradlightObserver, Result, judge, train
+from benchmarks.buggy.runner import Alarm, GradlightObserver, Result, judge, matches, train
 
 __all__ = ["Verdict", "main", "overall", "render", "verdict"]
 
@@ -70,10 +70,26 @@ class Verdict:
         """Distinct warning kinds reported."""
         return {w.split("@")[0] for w in self.warnings}
 
+    @property
+    def false_alarms(self) -> tuple[str, ...]:
+        """A correct program's warnings other than its established true findings (``()`` for a buggy one)."""
+        if not self.program.healthy:
+            return ()
+        return tuple(w for w in self.warnings if not matches(w, self.program.true_findings))
+
+    @property
+    def true_kinds(self) -> set[str]:
+        """Distinct warning kinds on a correct program that are its established true findings."""
+        true = set(self.warnings) - set(self.false_alarms) if self.program.healthy else set()
+        return {w.split("@")[0] for w in true}
+
 
 def verdict(program: Program, result: Result, seconds: float) -> Verdict:
-    """Judge ``result`` against what ``program`` should produce."""
-    hit, placed = judge(result.alarms, program.kinds, program.layers)
+    """Judge ``result`` against what ``program`` should produce (a correct program's hit: its first false alarm)."""
+    alarms = result.alarms
+    if program.healthy:
+        alarms = [a for a in alarms if not matches(f"{a.kind}@{a.layer}", program.true_findings)]
+    hit, placed = judge(alarms, program.kinds, program.layers)
     shown = tuple(f"{a.kind}@{a.layer}" for a in result.alarms if a.severity == "warning")
     return Verdict(program, shown, hit, placed, result.error, seconds)
 
@@ -85,7 +101,8 @@ def overall(verdicts: list[Verdict]) -> dict[str, float]:
       also needs the faulty layer named;
     * precision: correct reports / all reports, a report being one distinct warning kind on one program
       (a kind accepted for a buggy program is correct; any kind on a correct twin, and an unrelated kind on
-      a buggy program, is not). This is our definition: Humbatova et al. score each fault's reported
+      a buggy program, is not; a correct program's established true finding, ``Program.true_findings``, is
+      correct). This is our definition: Humbatova et al. score each fault's reported
       causes against its ground truth in the same spirit (fraction of the ground truth found, fraction of
       the reports that are right), but their text with the exact formula was not available here.
 
@@ -96,6 +113,7 @@ def overall(verdicts: list[Verdict]) -> dict[str, float]:
     buggy = [v for v in verdicts if not v.program.healthy]
     reports = sum(len(v.kinds) for v in verdicts)
     correct = sum(sum(1 for k in v.kinds if _accepted(v.program, k)) for v in buggy)
+    correct += sum(len(v.true_kinds - {w.split("@")[0] for w in v.false_alarms}) for v in verdicts)
     n = max(1, len(buggy))
     return {
         "programs": float(len(buggy)),
@@ -115,7 +133,7 @@ def _row(v: Verdict, twins: dict[str, Verdict]) -> str:
     if v.error:
         result = f"CRASH {v.error}"
     elif p.healthy:
-        result = "quiet" if not v.warnings else "FALSE ALARM"
+        result = "FALSE ALARM" if v.false_alarms else ("true finding (see docs)" if v.warnings else "quiet")
     else:
         result = "found, layer named" if v.placed else ("found, other layer" if v.hit else "missed")
     hit = f"{v.hit.kind}@{v.hit.layer} (step {v.hit.step})" if v.hit else "-"
@@ -161,7 +179,14 @@ def render(verdicts: list[Verdict], seconds: float) -> str:
             f"programs; precision {o['precision']:.2f} over {o['reports']:.0f} reports (twins included)"
         )
     quiet = sum(not v.warnings for v in twins.values())
-    lines += [f"correct twins without a warning: {quiet}/{len(twins)}; crashes: {sum(bool(v.error) for v in verdicts)}"]
+    clean = sum(not v.false_alarms for v in twins.values())
+    established = [v for v in twins.values() if v.warnings and not v.false_alarms]
+    true = ", ".join(f"{v.program.name}: {', '.join(v.warnings)}" for v in established)
+    lines += [
+        f"correct twins without a false alarm: {clean}/{len(twins)}; without any warning: {quiet}/{len(twins)}"
+        + (f" (true findings on the published correct program: {true})" if true else "")
+        + f"; crashes: {sum(bool(v.error) for v in verdicts)}"
+    ]
     lines += ["", "published (not on these exact runs unless a row above says so):"]
     lines += [f"  {tool}: {figure} [{SOURCES.get(src, 'no source')}]" for tool, figure, src in OVERALL]
     lines += ["", "not ported / not run:"] + [f"  {src} {what}: {why}" for src, what, why in NOT_PORTED]
@@ -187,7 +212,7 @@ def _classes(verdicts: list[Verdict], twins: dict[str, Verdict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (source, fault), group in groups.items():
         twin_list = {v.program.twin for v in group}
-        alarms = sum(bool(twins[t].warnings) for t in twin_list if t in twins)
+        alarms = sum(bool(twins[t].false_alarms) for t in twin_list if t in twins)
         kinds = sorted({f"{v.hit.kind}@{v.hit.layer}" for v in group if v.hit})
         steps = [v.hit.step for v in group if v.hit and v.hit.step is not None]
         cells = [
@@ -240,6 +265,7 @@ def _record(v: Verdict) -> dict[str, Any]:
         "scope": p.scope,
         "healthy": p.healthy,
         "warnings": list(v.warnings),
+        "false_alarms": list(v.false_alarms),
         "hit": None if v.hit is None else {"kind": v.hit.kind, "layer": v.hit.layer, "step": v.hit.step},
         "placed": v.placed,
         "error": v.error,

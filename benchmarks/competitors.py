@@ -214,12 +214,18 @@ class Run:
     layers: tuple[str, ...]
 
 
-#: Zoo runs (``benchmarks/zoo/catalog.py``, cut to 12 steps) and ported programs (``benchmarks/buggy``): 5 healthy,
-#: 5 broken, small enough to train 2 x 6 times on a shared CPU.
+#: Zoo runs (``benchmarks/zoo/catalog.py``, cut to 12 steps) and ported programs (``benchmarks/buggy``): 6 healthy
+#: (one a ResNet whose residual branches start at zero), 8 broken (a sigmoid VGG and 12 sigmoid layers: vanishing; a
+#: NaN injected and exponential activations: non-finite; dead ReLUs; a layer group at lr 0; a layer cut off the
+#: loss; a one-unit softmax), small enough to train 2 x 6 times on a shared CPU.
 RUNS: tuple[str, ...] = (
     "zoo:tv_resnet18",
+    "zoo:tv_resnet18_zero_init_residual",
     "zoo:broken_vgg11_sigmoid",
     "zoo:broken_resnet18_nan_at_10",
+    "zoo:broken_vgg11_bn_dead_relu",
+    "zoo:broken_resnet18_lr0_layer3",
+    "zoo:broken_resnet18_detached_layer2",
     "buggy:AUTOTRAINER/circle/simplednn/correct",
     "buggy:AUTOTRAINER/circle/model_0ae2cd88",
     "buggy:AUTOTRAINER/circle/model_5ab0aeda",

@@ -137,6 +137,19 @@ RULES: tuple[Rule, ...] = (
         conclusive=True,
     ),
     Rule(
+        "input_layer_saturated",
+        ("saturated",),
+        lambda c: c.evidence.get("input_layer") is not None,
+        "the site follows the model's first layer ({layer}), so its pre-activations are the inputs times that "
+        "layer's weights: inputs on a large scale (features not standardised) or large first-layer weights put "
+        "it in the flat region, where its units act as thresholds of the input. No other layer's gradient "
+        "passes through it, and {layer}'s own gradient carries the inputs' scale ({ratio} of the reference at "
+        "this step): training goes on ('vanishing' warns if that gradient collapses)",
+        "standardise the inputs (zero mean, unit variance per feature), or Xavier init for the first layer",
+        lambda c: {"layer": c.evidence.get("input_layer"), "ratio": _fmt(c.evidence.get("input_layer_ratio"))},
+        conclusive=True,
+    ),
+    Rule(
         "saturating_activation",
         ("vanishing", "saturated"),
         lambda c: bool(c.evidence.get("saturating_downstream") or c.profile.saturating),
@@ -149,11 +162,16 @@ RULES: tuple[Rule, ...] = (
         "one_step_blowup",
         ("exploding",),
         lambda c: bool(c.evidence.get("one_step_blowup")),
-        "one optimizer step rewrote the weights (a step as large as the weights themselves) and the network "
-        "landed where its units are dead or saturated: inputs far from unit scale (e.g. 0-255 pixels), a "
-        "constant or too-large initialisation, or a learning rate far too large",
+        "one optimizer step rewrote the weights (a step as large as the weights themselves) and {landed}: "
+        "inputs far from unit scale (e.g. 0-255 pixels), a constant or too-large initialisation, or a learning "
+        "rate far too large",
         "normalise the inputs (divide pixels by 255 and standardise); He/Xavier initialisation; a lower learning "
         "rate or warm-up",
+        lambda c: {
+            "landed": "the gradient and the loss grew by orders of magnitude at the next step"
+            if c.evidence.get("one_step_growth")
+            else "the network landed where its units are dead or saturated"
+        },
     ),
     Rule(
         "no_normalization",

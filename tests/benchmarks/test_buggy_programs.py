@@ -19,6 +19,7 @@ SLICE = (
     "AUTOTRAINER/circle/model_0ae2cd88",  # exponential activations: NaN in the first step
     "AUTOTRAINER/circle/model_5ab0aeda",  # 12 sigmoid layers: vanishing at the first layer
     "DeepLocalize/45337371",  # a one-unit softmax: every gradient exactly 0
+    "TheDeepChecker/baseCNN/missing_normalization",  # 0-255 pixels: one SGD step blows the network up
 )
 
 
@@ -49,7 +50,55 @@ def test_buggy_program_found_at_its_layer_and_its_twin_quiet(
 def test_the_table_counts_the_slice(verdicts: dict[str, buggy_programs.Verdict]) -> None:
     table = buggy_programs.render(list(verdicts.values()), 1.0)
     assert "recall 1.00" in table
-    assert f"correct twins without a warning: {len(verdicts) - len(SLICE)}/{len(verdicts) - len(SLICE)}" in table
+    twins = len(verdicts) - len(SLICE)
+    assert f"correct twins without a false alarm: {twins}/{twins}; without any warning: {twins}/{twins};" in table
+
+
+class _Recorded(runner.GradlightObserver):
+    """gradlight's observer, keeping every finding (notes too) with its evidence."""
+
+    def finish(self) -> list[runner.Alarm]:
+        self.findings = self.recorder.findings if self.recorder is not None else []
+        return super().finish()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+def test_a_first_tanh_layer_saturated_by_unnormalised_inputs_is_a_note(scale: float) -> None:
+    # AUTOTRAINER's Blob program (the repaired oscillating-loss demo): raw features up to |x| = 14 put 70-80% of
+    # the first tanh layer in its flat region, and the network trains as well as on standardised inputs
+    # (docs/diagnosis.md). Inputs x100 flatten every unit: the first layer's gradient collapses and `vanishing`
+    # warns about it, while the saturation itself stays a note.
+    torch.set_num_threads(1)
+    program = next(p for p in programs.PROGRAMS if p.name == "AUTOTRAINER/blob/simplednn/correct")
+    setup = program.build()
+    setup.batches = [(x * scale, y) for x, y in setup.batches]
+    observer = _Recorded()
+    result = runner.train(setup, observer)
+    assert result.error is None
+    saturated = [f for f in observer.findings if f.kind == "saturated"]
+    assert [(f.layer, f.severity) for f in saturated] == [("act0", "note")]
+    assert saturated[0].evidence["input_layer"] == "dense0" and "standardise the inputs" in saturated[0].remedy
+    warnings_ = [(f.kind, f.layer) for f in observer.findings if f.is_warning]
+    assert warnings_ == ([] if scale == 1.0 else [("vanishing", "dense0")])
+    assert sum(result.losses[-20:]) / 20 < 0.6 * sum(result.losses[:10]) / 10  # it trains
+
+
+@pytest.mark.slow
+def test_unnormalised_pixels_blow_up_in_one_step_and_the_finding_says_how() -> None:
+    # TheDeepChecker's 0-255 pixels: the first SGD step moves the output layer by ~100x its norm, then the gradient
+    # grows 1e4 -> 1e10 and the loss 596 -> 6e11; before the growth rule has three steps. Was only dead units.
+    torch.set_num_threads(1)
+    program = next(p for p in programs.PROGRAMS if p.name == "TheDeepChecker/baseCNN/missing_normalization")
+    observer = _Recorded()
+    result = runner.train(program.build(), observer)
+    assert result.error is None and result.losses[1] > 1e6 * result.losses[0]
+    exploding = [f for f in observer.findings if f.kind == "exploding"]
+    assert [(f.layer, f.step, f.reported_step) for f in exploding] == [("out", 0, 1)]
+    evidence = exploding[0].evidence
+    assert evidence["one_step_growth"] and evidence["global_grad_l2"] > 100 * evidence["global_grad_l2_before"]
+    assert evidence["loss"] > 2 * evidence["loss_before"]
+    assert "grew by orders of magnitude" in exploding[0].cause and "0-255 pixels" in exploding[0].cause
 
 
 def test_every_buggy_program_has_a_correct_twin_and_a_known_scope() -> None:
@@ -73,6 +122,21 @@ def test_judge_needs_an_accepted_kind_and_reports_the_layer() -> None:
     assert runner.judge(alarms, ("exploding",), ("conv2",)) == (alarms[1], True)
     assert runner.judge(alarms, ("vanishing",), ("*",)) == (None, False)
     assert runner.judge([runner.Alarm("x", "y", 0, "note")], (), ()) == (None, False)  # notes are no alarm
+
+
+def test_a_true_finding_on_a_correct_program_is_listed_not_counted_as_a_false_alarm() -> None:
+    twin = next(p for p in programs.PROGRAMS if p.name == "DeepLocalize/34311586/correct")
+    assert twin.true_findings == ("vanishing@dense0",) and "1 of 4 seeds" in twin.note
+    seen = runner.Result(alarms=[runner.Alarm("vanishing", "dense0", 34)])
+    established = buggy_programs.verdict(twin, seen, 1.0)
+    assert established.hit is None and established.false_alarms == () and established.warnings == ("vanishing@dense0",)
+    other = buggy_programs.verdict(twin, runner.Result(alarms=[runner.Alarm("vanishing", "dense1", 3)]), 1.0)
+    assert other.hit is not None and other.false_alarms == ("vanishing@dense1",)
+    assert buggy_programs.overall([established])["precision"] == 1.0
+    assert buggy_programs.overall([other])["precision"] == 0.0
+    table = buggy_programs.render([established], 1.0)
+    assert "correct twins without a false alarm: 1/1; without any warning: 0/1" in table
+    assert "| true finding (see docs) |" in table
 
 
 def test_the_data_recipes_have_a_learnable_shape() -> None:

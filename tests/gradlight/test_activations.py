@@ -266,13 +266,17 @@ def test_saturated_sigmoid_is_flagged(tmp_path: Path) -> None:
                 layer.weight.mul_(30.0)  # huge init: pre-activations far in the flat region
     fit(Regressor(net), tmp_path, steps=4, on_anomaly="ignore")
     findings = load_findings(tmp_path)
-    assert findings.kind.tolist() == ["saturated"]
+    assert findings[["kind", "severity"]].values.tolist() == [["saturated", "warning"], ["saturated", "note"]]
     row = findings.iloc[0]
     assert row.step == 0 and row.reported_step == 1 and row.evidence["fraction"] > 0.5
     assert row.layer == max(row.evidence["fractions"], key=row.evidence["fractions"].get)
-    assert len(row.layers) == 5 and row.evidence["feeds"] == "net.10"
+    assert len(row.layers) == 4 and row.evidence["feeds"] == "net.10"
     assert row.evidence["rules"][:2] == ["saturating_activation", "no_normalization"]
     assert "init_large" in row.evidence["rules"]
+    # the site right after the first layer starves no other layer: a note, with that layer's gradient as evidence
+    note = findings.iloc[1]
+    assert note.layer == "net.1" and note.evidence["input_layer"] == "net.0"
+    assert note.evidence["rules"] == ["input_layer_saturated"] and note.evidence["input_layer_ratio"] > 0.1
 
 
 def test_a_saturated_output_sigmoid_is_not_a_finding() -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Set as AbstractSet
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from gradlight.activations import DEAD_KINDS, SATURATING_KINDS, ActivationStats
 from gradlight.diagnosis.detectors.base import Detector, StepContext
 from gradlight.diagnosis.finding import Finding
 
 __all__ = ["DeadUnitsDetector", "SaturatedDetector"]
+
+_SEVERITY = ("note", "warning")
 
 
 class _ActivationDetector(Detector):
@@ -43,10 +45,25 @@ class _ActivationDetector(Detector):
             value = float(values[i])
             holds = self.counts(stats, i) and math.isfinite(value) and value >= threshold
             count, since = self.streaks.one(site, holds, stats.step)
-            if count >= self.config.activation_patience and not step.is_reported(self.kind, site, "warning"):
+            if count >= self.config.activation_patience:
                 new.append((i, since))
-        if not new:
-            return []
+        return self.report(step, stats, new)
+
+    def report(self, step: StepContext, stats: ActivationStats, sites: list[tuple[int, int]]) -> list[Finding]:
+        """The warning for the sites (index, since) whose condition held long enough, if not reported yet."""
+        fresh = [(i, since) for i, since in sites if not step.is_reported(self.kind, stats.sites[i], "warning")]
+        return [self._finding(step, stats, fresh, "warning", {})] if fresh else []
+
+    def _finding(
+        self,
+        step: StepContext,
+        stats: ActivationStats,
+        new: list[tuple[int, int]],
+        severity: str,
+        extra: dict[str, Any],
+    ) -> Finding:
+        values = stats.metrics[self.metric]
+        threshold = self.threshold()
         worst, since = max(new, key=lambda item: float(values[item[0]]))
         site = stats.sites[worst]
         fraction = float(values[worst])
@@ -59,13 +76,14 @@ class _ActivationDetector(Detector):
             "fractions": {stats.sites[i]: float(values[i]) for i, _ in new[:limit]},
             "act_mean": float(stats.metrics["act_mean"][worst]),
             "act_std": float(stats.metrics["act_std"][worst]),
+            **extra,
         }
         message = (
             f"{self.title}: {fraction:.0%} of the {stats.kinds[worst]} {self.what} at {site} (feeding "
             f"{stats.feeds[worst]}), since step {since}; {len(new)} site(s) above {threshold:.0%}"
         )
         layers = [site] + [stats.sites[i] for i, _ in new if i != worst]
-        return [step.finding(self.kind, site, since, message, evidence, layers)]
+        return step.finding(self.kind, site, since, message, evidence, layers, severity)
 
 
 class SaturatedDetector(_ActivationDetector):
@@ -88,6 +106,38 @@ class SaturatedDetector(_ActivationDetector):
     def counts(self, stats: ActivationStats, site: int) -> bool:
         """Saturating kinds that feed a layer."""
         return super().counts(stats, site) and stats.feeds[site] is not None
+
+    def report(self, step: StepContext, stats: ActivationStats, sites: list[tuple[int, int]]) -> list[Finding]:
+        """A warning for the sites behind other layers; a note for one right after the model's first layer.
+
+        A site fed by the first layer in forward order (the one that reads the model's input) sits upstream of
+        no other layer: its saturation starves only that layer, whose weight gradient is the input times the
+        backpropagated signal, so large inputs (unnormalised features: the usual reason such a site saturates)
+        scale it up as much as the flat region scales it down. Its units act as thresholds of the input and the
+        network trains on (measured on AUTOTRAINER's Blob program, docs/diagnosis.md): a note. When that layer's
+        gradient collapses after all (inputs so large that every unit is flat), ``vanishing`` warns about it.
+        """
+        first = [(i, since) for i, since in sites if _reads_input(stats, i)]
+        found = super().report(step, stats, [item for item in sites if item not in first])
+        first = [(i, s) for i, s in first if not any(step.is_reported(self.kind, stats.sites[i], v) for v in _SEVERITY)]
+        if first:
+            found.append(self._finding(step, stats, first, "note", _input_layer(step, stats, first)))
+        return found
+
+
+def _reads_input(stats: ActivationStats, site: int) -> bool:
+    """Whether the site is fed by the first layer in forward order: the layer it feeds is the second one."""
+    return stats.feeds[site] is not None and int(stats.depths[site]) == 1
+
+
+def _input_layer(step: StepContext, stats: ActivationStats, sites: list[tuple[int, int]]) -> dict[str, Any]:
+    """Evidence for a site after the first layer: that layer, and its gradient over the reference at this step."""
+    first = next((layer for layer, depth in zip(step.record.layers, step.record.depths) if int(depth) == 0), None)
+    reference = step.reference.value
+    ratio = None
+    if first is not None and math.isfinite(reference) and reference > 0:
+        ratio = step.record.value("grad_l2", first) / reference
+    return {"input_layer": first, "input_layer_ratio": ratio}
 
 
 class DeadUnitsDetector(_ActivationDetector):

@@ -14,7 +14,11 @@
   the next logged step the global gradient has collapsed (below ``exploding_collapse`` of what it was): the
   step threw the network into a region where its units are dead or saturated (unnormalised 0-255 inputs, a
   constant or huge initialisation). A zero-initialised head or a LayerScale gain also moves by its own size
-  early on, but its gradient does not collapse after it.
+  early on, but its gradient does not collapse after it. The same step followed by a global gradient
+  ``exploding_factor`` times larger *and* a loss ``runaway_loss_growth`` times higher is a blow-up in one step
+  too, before the growth rule has the ``exploding_min_history`` steps it needs (measured on TheDeepChecker's
+  0-255-pixel program: gradient 1e4 -> 1e10, loss 596 -> 6e11 after the first SGD step); a head recovering from
+  zero grows its body's gradient by orders of magnitude too, but its loss falls.
 * **absolute**: ``exploding_norm`` (global) or ``exploding_layer_norm`` (any layer), both off by default.
 * **updates**: the median layer's ``update_ratio`` is at least ``exploding_update_ratio`` for
   ``exploding_update_patience`` logged steps and the loss has not fallen since those large steps began (the
@@ -101,7 +105,8 @@ class ExplodingDetector(Detector):
         self.updates_reported_since: int | None = None  # first step of the large-update run last reported
         self.trajectory: deque[tuple[int, float, float]] = deque(maxlen=config.runaway_window)  # step, norm, loss
         self.initial_losses: list[float] = []  # the first logged finite losses: where training started
-        self.jump: tuple[int, str, float, float] | None = None  # step, layer, its update ratio, the global norm
+        # step, layer, its update ratio, the global norm, the loss (before that step's update; NaN: unknown)
+        self.jump: tuple[int, str, float, float, float] | None = None
 
     def check(self, step: StepContext) -> list[Finding]:
         """Growth (confirmed), absolute thresholds, clipping note."""
@@ -252,25 +257,40 @@ class ExplodingDetector(Detector):
         finite = np.where(np.isfinite(values), values, -np.inf)
         top = int(np.argmax(finite)) if finite.size else -1
         self.jump = None
+        loss = step.loss if step.loss is not None else math.nan
         if top >= 0 and finite[top] >= config.exploding_jump_ratio and math.isfinite(norm) and norm > 0:
-            self.jump = (record.step, record.layers[top], float(finite[top]), norm)
-        if jump is None or step.run.exploded or not math.isfinite(norm) or norm > config.exploding_collapse * jump[3]:
+            self.jump = (record.step, record.layers[top], float(finite[top]), norm, loss)
+        if jump is None or step.run.exploded or not math.isfinite(norm):
             return None
-        since, layer, ratio, before = jump
+        since, layer, ratio, before, loss_before = jump
+        grew = norm >= config.exploding_factor * before and loss >= config.runaway_loss_growth * loss_before > 0
+        if norm > config.exploding_collapse * before and not grew:
+            return None
         median = float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
         evidence: dict[str, Any] = {
             "one_step_blowup": True,
+            "one_step_growth": grew,
             "jump_step": since,
             "jump_update_ratio": ratio,
             "global_grad_l2_before": before,
             "global_grad_l2": norm,
             "median_update_ratio": median,
+            "loss_before": loss_before,
+            "loss": loss,
         }
-        message = (
+        moved = (
             f"exploding in one step: the optimizer step at step {since} moved {layer} by {ratio:.0%} of its "
-            f"weights' norm (healthy steps move ~0.1%), and by step {record.step} the global gradient L2 collapsed "
-            f"from {fmt(before)} to {fmt(norm)}: the network was thrown where its units are dead or saturated"
+            f"weights' norm (healthy steps move ~0.1%), and by step {record.step} the global gradient L2 "
         )
+        if grew:
+            message = moved + (
+                f"grew from {fmt(before)} to {fmt(norm)} and the loss from {fmt(loss_before)} to {fmt(loss)}"
+            )
+        else:
+            message = moved + (
+                f"collapsed from {fmt(before)} to {fmt(norm)}: the network was thrown where its units are dead or "
+                "saturated"
+            )
         return step.finding(self.kind, layer, since, message, evidence, [layer])
 
     # ----------------------------------------------------------------------------------------- runaway
@@ -479,7 +499,7 @@ class ExplodingDetector(Detector):
             "updates_reported_since": self.updates_reported_since,
             "trajectory": [list(point) for point in self.trajectory],
             "initial_losses": list(self.initial_losses),
-            "jump": None if self.jump is None else list(self.jump),
+            "jump": None if self.jump is None else [*self.jump[:4], _or_none(self.jump[4])],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -500,7 +520,15 @@ class ExplodingDetector(Detector):
         trajectory = ((int(p[0]), float(p[1]), float(p[2])) for p in state.get("trajectory", []))
         self.trajectory = deque(trajectory, maxlen=self.config.runaway_window)
         jump = state.get("jump")
-        self.jump = None if not jump else (int(jump[0]), str(jump[1]), float(jump[2]), float(jump[3]))
+        self.jump = None
+        if jump:
+            loss = float(jump[4]) if len(jump) > 4 and jump[4] is not None else math.nan
+            self.jump = (int(jump[0]), str(jump[1]), float(jump[2]), float(jump[3]), loss)
+
+
+def _or_none(value: float) -> float | None:
+    """``value``, or ``None`` when it is NaN (a checkpoint holds no NaN)."""
+    return None if math.isnan(value) else value
 
 
 def _clip_ratio(step: StepContext) -> float | None:
