@@ -4,7 +4,7 @@
     python benchmarks/gradient_stats.py --models resnet18 --rounds 40
 
 Per round: a fresh backward, then :func:`gradlight.stats.gradient_statistics` on its gradients twice, once
-with the one-pass compiled kernel (:class:`gradlight.update_ratio.GradientKernel`, the default) and once with
+with the one-pass compiled kernel (:class:`gradlight.compiled.GradientKernel`, the default) and once with
 the two eager passes (a norm and a min/max), in alternating order. Each path's time in first position is
 what a logged step pays (its gradients as backward left them in cache); printed as min / median per path.
 """
@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from torch import Tensor, nn
 
+from gradlight.compiled import GradientKernel
 from gradlight.stats import FUSED_STATS_MIN_NUMEL, gradient_statistics
-from gradlight.update_ratio import GradientKernel
 
 MODELS = ("resnet18", "gpt2-1m", "gpt2-18m")
 GPT2 = {

@@ -49,8 +49,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 from torch import Tensor, nn
 
+from gradlight.compiled import GradientKernel
 from gradlight.tracker import GradientFlowTracker
-from gradlight.update_ratio import GradientKernel
 
 #: name -> GPT2Config keyword arguments (n_positions 1024 as in GPT-2; the batch uses 64 of them).
 SIZES: dict[str, dict[str, int]] = {

@@ -48,8 +48,8 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 import torch
 from torch import Tensor, nn
 
+from gradlight.compiled import GradientKernel
 from gradlight.recorder import GradientFlowRecorder
-from gradlight.update_ratio import GradientKernel
 
 MODELS = ("resnet18", "resnet18_zero_init", "yolo11n")
 TARGETS = {"resnet18": 1.05, "resnet18_zero_init": 1.05, "yolo11n": 1.02}

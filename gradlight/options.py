@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from gradlight.compiled import KERNELS as UPDATE_KERNELS
 from gradlight.diagnosis.actions import resolve_actions
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.layers import GroupBy, validate_group_by
-from gradlight.update_ratio import KERNELS as UPDATE_KERNELS
 from gradlight.update_ratio import METHODS as UPDATE_METHODS
 from gradlight.validation import check_bool, check_patterns, check_positive_int
 

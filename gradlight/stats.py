@@ -660,7 +660,7 @@ def kernels_for(tensors: Sequence[Tensor]) -> Kernels:
     return FusedKernels()
 
 
-#: A one-pass kernel for large gradients (:class:`gradlight.update_ratio.GradientKernel`): given contiguous
+#: A one-pass kernel for large gradients (:class:`gradlight.compiled.GradientKernel`): given contiguous
 #: tensors on one device, their float64 sums of squares and float32 largest magnitudes, or ``None`` to take the
 #: eager kernels instead.
 FusedStatistics = Callable[[Sequence[Tensor]], "tuple[Tensor, Tensor] | None"]

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from gradlight.compiled import GradientKernel, check_kernel
 from gradlight.layers import ForwardOrderRecorder, GroupBy, LayerMap
 from gradlight.stats import (
     CrossRankReduction,
@@ -34,7 +35,7 @@ from gradlight.stats import (
     squares,
     wide_dtype,
 )
-from gradlight.update_ratio import GradientKernel, UpdateNorms, check_kernel
+from gradlight.update_ratio import UpdateNorms
 
 __all__ = [
     "GRAD_COUNT",
@@ -164,7 +165,7 @@ class GradientFlowTracker:
             ``kernel``): ``"auto"`` (a ``torch.compile``'d kernel per large tensor where compiling works, compiled
             on the first logged step; eager kernels elsewhere, with the reason in ``tracker.updates.kernel_info``),
             ``"fused"`` or ``"eager"``. The same setting compiles the one-pass statistics of large gradients
-            (:class:`gradlight.update_ratio.GradientKernel`; with ``"eager"`` they take two passes).
+            (:class:`gradlight.compiled.GradientKernel`; with ``"eager"`` they take two passes).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))

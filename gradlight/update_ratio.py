@@ -81,12 +81,7 @@ tracker then reads per unit. A tensor the optimizer does not hold takes the copy
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import shutil
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,14 +90,19 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from gradlight import compiled as compiled_kernels
+from gradlight.compiled import (
+    FUSED_DEVICES,
+    CompiledKernels,
+    check_kernel,
+    compile_unavailable,
+)
 from gradlight.stats import Snapshot, local_tensor, snapshot, squares, update_squares, wide_dtype
 
-__all__ = ["KERNELS", "METHODS", "GradientKernel", "GroupMethod", "UpdateNorms"]
+__all__ = ["METHODS", "GroupMethod", "UpdateNorms"]
 
 #: Accepted values of ``UpdateNorms(method=...)``.
 METHODS = ("auto", "optimizer", "copy")
-#: Accepted values of ``UpdateNorms(kernel=...)``.
-KERNELS = ("auto", "fused", "eager")
 #: Key of :attr:`UpdateNorms.methods` for parameters that belong to no param group of the optimizer.
 OUTSIDE = "outside"
 
@@ -118,183 +118,6 @@ _SCRATCH_MIN_NUMEL = 1 << 15
 #: through one compiled kernel each; smaller ones keep the multi-tensor kernels, where one call serves many
 #: tensors (a compiled call costs tens of microseconds of guards and Python, a small tensor's work far less).
 FUSED_MIN_NUMEL = 1 << 14
-_FUSED_DEVICES = ("cpu", "cuda")
-#: Device type -> why compiling failed there: not retried in this process (a failing compile can take a minute).
-_FAILURES: dict[str, str] = {}
-
-
-def _adam_sum(m: Tensor, v: Tensor, p: Tensor, coef: Tensor) -> Tensor:
-    """``sum((m / (sqrt(v) + coef[0]) + coef[1] * p) ** 2)``, accumulated in float64: one pass once compiled.
-
-    Scalars come in a 1-D tensor: a 0-d one would be read on the host (a sync on an accelerator), a Python
-    float would be compiled in as a constant.
-    """
-    r = (m / (v.sqrt() + coef[0]) + coef[1] * p).to(torch.float64)
-    return (r * r).sum()
-
-
-def _linear_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
-    """``sum((a + coef[0] * b) ** 2)``, accumulated in float64."""
-    r = (a + coef[0] * b).to(torch.float64)
-    return (r * r).sum()
-
-
-def _linear3_sum(a: Tensor, b: Tensor, c: Tensor, coef: Tensor) -> Tensor:
-    """``sum((a + coef[0] * b + coef[1] * c) ** 2)``, accumulated in float64."""
-    r = (a + coef[0] * b + coef[1] * c).to(torch.float64)
-    return (r * r).sum()
-
-
-def _gradient_stats(g: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum(g ** 2), max |g|)`` of a flat gradient, the sum accumulated in float64: one pass once compiled.
-
-    NaN propagates to both (as in the eager ``vector_norm`` / ``aminmax``), an infinity makes both infinite.
-    """
-    wide = g.to(torch.float64)
-    return (wide * wide).sum(), g.abs().amax()
-
-
-_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "adam": _adam_sum,
-    "linear": _linear_sum,
-    "linear3": _linear3_sum,
-    "gradient": _gradient_stats,
-}
-
-
-def _compiler_disabled() -> str | None:
-    """Why ``torch.compile`` cannot run in this process at all, or ``None``."""
-    if os.environ.get("TORCH_COMPILE_DISABLE", "0") not in ("", "0"):
-        return "torch.compile is disabled (TORCH_COMPILE_DISABLE)"
-    try:
-        import torch._dynamo as dynamo
-    except Exception as error:  # any import failure means: no compiler
-        return f"torch._dynamo cannot be imported ({type(error).__name__}: {error})"
-    if dynamo.config.disable:
-        return "torch.compile is disabled (torch._dynamo.config.disable)"
-    if not _dynamo_supported():
-        return "torch.compile is not supported on this Python / platform"
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def _dynamo_supported() -> bool:
-    """``torch._dynamo.is_dynamo_supported()``, asked once per process (it does not change; ~0.5 ms a call)."""
-    import torch._dynamo as dynamo
-
-    return bool(dynamo.is_dynamo_supported())
-
-
-@functools.lru_cache(maxsize=4)
-def _has_cxx(cxx: str) -> bool:
-    """Whether a C++ compiler is on the PATH (looked up once per ``$CXX`` value)."""
-    return any(shutil.which(name) for name in (cxx, "g++", "clang++") if name)
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why the fused kernels cannot be compiled for ``device``, or ``None`` when they can be tried.
-
-    Example:
-        >>> compile_unavailable(torch.device("meta"))
-        'no fused kernel for meta tensors'
-    """
-    if device.type not in _FUSED_DEVICES:
-        return f"no fused kernel for {device.type} tensors"
-    reason = _compiler_disabled()
-    if reason is not None:
-        return reason
-    if device.type == "cpu" and not _has_cxx(os.environ.get("CXX", "")):
-        return "no C++ compiler for Inductor's CPU kernels (g++, clang++ or $CXX)"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "Triton is not installed"
-    return _FAILURES.get(device.type)
-
-
-class _Compiled:
-    """One :class:`UpdateNorms`' ``torch.compile``'d kernels (compiled code is shared by the whole process).
-
-    ``dynamic=True`` and flat 1-D inputs: one compilation per kernel and dtype serves every tensor size (the
-    benchmark and a test count them). The first call of each kernel and dtype compiles; :attr:`seconds` adds
-    up those calls' time.
-    """
-
-    def __init__(self) -> None:
-        self.functions: dict[str, Callable[..., Tensor]] = {}
-        self.first_calls: set[tuple[str, torch.dtype, str]] = set()
-        self.seconds = 0.0
-
-    def run(self, name: str, calls: list[tuple[Tensor, ...]], device: torch.device) -> list[Any] | None:
-        """``name``'s kernel on each argument tuple; ``None`` if compiling fails (recorded for ``device``)."""
-        try:
-            function = self.functions.get(name)
-            if function is None:
-                function = self.functions[name] = torch.compile(_FUNCTIONS[name], dynamic=True)
-            out = []
-            for args in calls:
-                key = (name, args[0].dtype, device.type)
-                if key in self.first_calls:
-                    out.append(function(*args))
-                    continue
-                start = time.perf_counter()
-                out.append(function(*args))
-                self.seconds += time.perf_counter() - start
-                self.first_calls.add(key)
-            return out
-        except Exception as error:  # whatever breaks the compiler: eager kernels still work
-            message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-            _FAILURES[device.type] = f"torch.compile failed ({type(error).__name__}: {message})"
-            warnings.warn(
-                f"gradlight: the fused kernels (update ratio, gradient statistics) could not be compiled on "
-                f"{device.type}; using the eager kernels instead ({_FAILURES[device.type]})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-
-
-class GradientKernel:
-    """The one-pass gradient statistics: a float64 sum of squares and the largest magnitude per tensor.
-
-    Compiled like the update-ratio kernels: same availability checks, same fallback, same ``kernel`` setting.
-    :func:`gradlight.stats.gradient_statistics` calls it with the large gradients (see
-    :data:`gradlight.stats.FUSED_STATS_MIN_NUMEL`); a ``None`` answer means "take the eager kernels" (``"eager"``,
-    no compiler, a failed compilation, which is warned about once and not retried in the process).
-
-    Args:
-        kernel: ``"auto"``/``"fused"`` compile on first use, ``"eager"`` never (checked by :func:`check_kernel`).
-
-    Example:
-        >>> grads = [torch.tensor([3.0, -4.0])]
-        >>> GradientKernel("eager")(grads) is None
-        True
-    """
-
-    def __init__(self, kernel: str = "auto") -> None:
-        check_kernel(kernel)
-        self.kernel = kernel
-        self._compiled: _Compiled | None = None
-
-    @property
-    def compile_seconds(self) -> float:
-        """Time spent compiling in this instance's first calls (0 if nothing compiled here)."""
-        return self._compiled.seconds if self._compiled is not None else 0.0
-
-    def __call__(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
-        """``(float64 sums of squares, float32 largest magnitudes)`` of contiguous ``tensors`` on one device."""
-        if self.kernel == "eager" or not tensors:
-            return None
-        device = tensors[0].device
-        if compile_unavailable(device) is not None or _get_current_dispatch_mode() is not None:
-            return None
-        if self._compiled is None:
-            self._compiled = _Compiled()
-        out = self._compiled.run("gradient", [(t.view(-1),) for t in tensors], device)
-        if out is None:
-            return None
-        return torch.stack([sq for sq, _ in out]), torch.stack([top for _, top in out]).float()
 
 
 def _fusable(lists: Sequence[Sequence[Tensor]]) -> list[int]:
@@ -305,7 +128,7 @@ def _fusable(lists: Sequence[Sequence[Tensor]]) -> list[int]:
         for i, t in enumerate(first)
         if t.numel() >= FUSED_MIN_NUMEL
         and t.dtype in _FULL_PRECISION
-        and t.device.type in _FUSED_DEVICES
+        and t.device.type in FUSED_DEVICES
         and all(lst[i].dtype == t.dtype and lst[i].is_contiguous() for lst in lists)
     ]
 
@@ -438,7 +261,7 @@ class UpdateNorms:
         #: Which kernels the last :meth:`after_step` used: ``"fused: ..."`` or ``"eager: <why>"``
         #: (``None`` before the first); the recorder writes it to ``run.json`` as ``update_ratio_kernel``.
         self.kernel_info: str | None = None
-        self._compiled: _Compiled | None = None
+        self._compiled: CompiledKernels | None = None
         self.methods: dict[str, GroupMethod] = {}
         self._pending: _Pending | None = None
         self._index_cache: dict[tuple[Any, ...], Tensor] = {}
@@ -535,8 +358,8 @@ class UpdateNorms:
             squares_of = _sgd_squares if bucket.kind == "sgd" else _adam_squares
             values = squares_of(bucket, pending.optimizer, chunk, pending.device, self._owners, compiled)
             parts.append((bucket.positions, values.to(wide)))
-        if compiled is not None and pending.device.type in _FAILURES:
-            self.kernel_info = f"eager: {_FAILURES[pending.device.type]}"
+        if compiled is not None and pending.device.type in compiled_kernels.FAILURES:
+            self.kernel_info = f"eager: {compiled_kernels.FAILURES[pending.device.type]}"
         if len(parts) == 1 and parts[0][0] == list(range(pending.count)):
             return parts[0][1]
         out = torch.zeros(pending.count, dtype=wide, device=pending.device)
@@ -544,7 +367,7 @@ class UpdateNorms:
             out[self._index(tuple(positions), pending.device)] = values
         return out
 
-    def _fused_kernels(self, device: torch.device) -> _Compiled | None:
+    def _fused_kernels(self, device: torch.device) -> CompiledKernels | None:
         """The compiled kernels to use on ``device`` (``None``: eager), with :attr:`kernel_info` set."""
         if self.kernel == "eager":
             self.kernel_info = "eager: forced (kernel='eager')"
@@ -556,7 +379,7 @@ class UpdateNorms:
             self.kernel_info = f"eager: {reason}"
             return None
         if self._compiled is None:
-            self._compiled = _Compiled()
+            self._compiled = CompiledKernels()
         backend = "Triton" if device.type == "cuda" else "Inductor C++"
         self.kernel_info = f"fused: torch.compile ({backend}) on {device.type}"
         return self._compiled
@@ -650,24 +473,6 @@ class UpdateNorms:
 
     def _owners(self, owners: list[int], device: torch.device) -> Tensor:
         return self._index(("owners", *owners), device)
-
-
-def check_kernel(kernel: object) -> None:
-    """Raise a ``ValueError`` naming ``kernel`` unless it is one of :data:`KERNELS` (and compilable if forced).
-
-    Example:
-        >>> check_kernel("eager")
-        >>> check_kernel("fast")
-        Traceback (most recent call last):
-        ...
-        ValueError: kernel='fast' is not supported: use one of 'auto', 'fused', 'eager'
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not supported: use one of {', '.join(map(repr, KERNELS))}")
-    if kernel == "fused":
-        reason = _compiler_disabled()
-        if reason is not None:
-            raise ValueError(f"kernel='fused' needs torch.compile, but {reason}: use kernel='auto' or 'eager'")
 
 
 def _uses_foreach(group: dict[str, Any], tensors: list[Tensor]) -> bool:
@@ -795,7 +600,7 @@ def _sgd_squares(
     chunk: int,
     device: torch.device,
     owners_index: Any,
-    compiled: _Compiled | None = None,
+    compiled: CompiledKernels | None = None,
 ) -> Tensor:
     """Squared norms of SGD's steps (see the module docstring for the algebra)."""
     hyper = bucket.hyper
@@ -836,7 +641,7 @@ def _sgd_linear(
     chunk: int,
     device: torch.device,
     owners_index: Any,
-    compiled: _Compiled | None,
+    compiled: CompiledKernels | None,
 ) -> Tensor:
     """``||g + a*p [+ b*buf]||**2`` per tensor (``lists``: gradients, parameters[, momentum buffers]).
 
@@ -912,7 +717,7 @@ def _adam_squares(
     chunk: int,
     device: torch.device,
     owners_index: Any,
-    compiled: _Compiled | None = None,
+    compiled: CompiledKernels | None = None,
 ) -> Tensor:
     """Squared norms of Adam's / AdamW's steps (see the module docstring for the algebra)."""
     hyper = bucket.hyper
@@ -964,7 +769,7 @@ def _adam_fused(
     chunk: int,
     device: torch.device,
     owners_index: Any,
-    compiled: _Compiled | None,
+    compiled: CompiledKernels | None,
 ) -> Tensor | None:
     """Adam's squared step norms, one compiled kernel per tensor :func:`_fusable` takes (eager for the rest).
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import gradlight.compiled as compiled_kernels
 import gradlight.stats
 import gradlight.tracker
 import gradlight.update_ratio
@@ -105,7 +106,7 @@ def test_a_wrong_fused_kernel_fails_the_fused_check(gpu_check: ModuleType, monke
         r = (m / (v.sqrt() + coef[0]) + coef[1] * p).double()
         return (r * r).sum() * 1.0001  # 1e-4 too large: above the 1e-5 the fused and eager kernels must agree to
 
-    monkeypatch.setitem(gradlight.update_ratio._FUNCTIONS, "adam", adam_off)
+    monkeypatch.setitem(compiled_kernels.FUNCTIONS, "adam", adam_off)
     assert _failed(gpu_check.run(CPU, checks=["fused"])) == ["fused/adamw-foreach", "fused/adamw-fused"]
 
 
@@ -113,7 +114,7 @@ def test_a_failed_compilation_fails_the_fused_check(gpu_check: ModuleType, monke
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(gradlight.update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(compiled_kernels, "FAILURES", {})
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.warns(RuntimeWarning, match="could not be compiled"):
         results = gpu_check.run(CPU, checks=["fused"])

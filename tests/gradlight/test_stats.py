@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import gradlight.compiled as compiled_kernels
 import gradlight.stats as stats
-import gradlight.update_ratio as update_ratio
+from gradlight.compiled import GradientKernel
 from gradlight.sharding import ShardedReduction
 from gradlight.stats import (
     STACK_MAX_NUMEL,
@@ -31,7 +32,6 @@ from gradlight.stats import (
     update_squares,
 )
 from gradlight.tracker import STEP_STATISTICS, GradientFlowTracker
-from gradlight.update_ratio import GradientKernel
 
 
 def test_foreach_norms_mixed_dtypes_keep_input_order() -> None:
@@ -215,7 +215,7 @@ def _large_and_small_gradients() -> list[torch.Tensor]:
 def _fused_stats(monkeypatch: pytest.MonkeyPatch) -> tuple[GradientKernel, list[int]]:
     """A gradient kernel whose calls are counted (the number of tensors each call gets)."""
     monkeypatch.setattr(stats, "FUSED_STATS_MIN_NUMEL", TEST_FUSED_STATS_MIN_NUMEL)
-    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(compiled_kernels, "FAILURES", {})
     kernel, sizes = GradientKernel("auto"), []
     original = kernel.__call__
 
@@ -262,7 +262,7 @@ def test_the_gradient_kernel_falls_back_to_two_passes_when_compiling_fails(monke
         grad_sq, grad_max = gradient_statistics(grads, fused=kernel)
     eager_sq, eager_max = gradient_statistics(grads)
     assert torch.equal(grad_sq.nan_to_num(), eager_sq.nan_to_num()) and torch.equal(grad_max.isnan(), eager_max.isnan())
-    assert update_ratio.compile_unavailable(torch.device("cpu")) == (
+    assert compiled_kernels.compile_unavailable(torch.device("cpu")) == (
         "torch.compile failed (RuntimeError: no compiler here (injected))"
     )
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("a failed compilation is not retried"))
@@ -272,15 +272,15 @@ def test_the_gradient_kernel_falls_back_to_two_passes_when_compiling_fails(monke
 
 def test_a_tracker_reads_large_gradients_in_one_pass_unless_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stats, "FUSED_STATS_MIN_NUMEL", TEST_FUSED_STATS_MIN_NUMEL)
-    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(compiled_kernels, "FAILURES", {})
     calls: list[str] = []
-    original = update_ratio._Compiled.run
+    original = compiled_kernels.CompiledKernels.run
 
     def counted(self: Any, name: str, args: list[tuple[torch.Tensor, ...]], device: torch.device) -> Any:
         calls.extend(name for _ in args)
         return original(self, name, args, device)
 
-    monkeypatch.setattr(update_ratio._Compiled, "run", counted)
+    monkeypatch.setattr(compiled_kernels.CompiledKernels, "run", counted)
     records = {}
     for kernel in ("auto", "eager"):
         torch.manual_seed(0)

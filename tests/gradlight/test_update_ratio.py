@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import gradlight.compiled as compiled_kernels
 import gradlight.update_ratio as update_ratio
 from gradlight.memory import LiveBytes
 from gradlight.tracker import GradientFlowTracker
@@ -88,7 +89,7 @@ TEST_FUSED_MIN_NUMEL = 100
 
 def _use_fused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(update_ratio, "FUSED_MIN_NUMEL", TEST_FUSED_MIN_NUMEL)
-    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(compiled_kernels, "FAILURES", {})
 
 
 @pytest.fixture(params=["per_tensor", "multi_tensor", "compiled"])
@@ -365,13 +366,13 @@ def test_fused_and_eager_reconstructions_agree_on_every_variant(
     eager, reference, _ = _run(make, kernel="eager")
     _use_fused(monkeypatch)
     calls: list[str] = []
-    original = update_ratio._Compiled.run
+    original = compiled_kernels.CompiledKernels.run
 
     def counted(self: Any, name: str, args: list[tuple[Tensor, ...]], device: torch.device) -> Any:
         calls.extend(name for _ in args)
         return original(self, name, args, device)
 
-    monkeypatch.setattr(update_ratio._Compiled, "run", counted)
+    monkeypatch.setattr(compiled_kernels.CompiledKernels, "run", counted)
     fused, _, updates = _run(make, kernel="fused")
     assert updates.kernel_info == "fused: torch.compile (Inductor C++) on cpu"
     assert (len(calls) == 0) == (variant in ONE_NORM), calls  # 3 steps x the Net's 3 tensors above 100 elements
@@ -385,7 +386,7 @@ def test_one_compilation_serves_every_tensor_size(monkeypatch: pytest.MonkeyPatc
     from torch._dynamo.utils import counters
 
     _use_fused(monkeypatch)
-    compiled = update_ratio._Compiled()
+    compiled = compiled_kernels.CompiledKernels()
     flat = torch.rand(3 * 50_000)
     coef = torch.tensor([1e-8, 0.1], dtype=torch.float64)
     compiled.run("adam", [(flat[:1000], flat[1000:2000], flat[2000:3000], coef)], torch.device("cpu"))  # warm
@@ -444,7 +445,7 @@ def _largest_allocation(fn: Callable[[], Any]) -> int:
 def _fused_logged_step(monkeypatch: pytest.MonkeyPatch) -> tuple[int, int, GradientFlowTracker]:
     """Largest allocation of a steady-state logged step (capture + optimizer step excluded + finalize) with the
     default fused kernel, and the smallest parameter the fused kernel reads, in bytes."""
-    monkeypatch.setattr(update_ratio, "_FAILURES", {})
+    monkeypatch.setattr(compiled_kernels, "FAILURES", {})
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 8))
     params = list(net.parameters())
@@ -484,14 +485,14 @@ def test_nothing_compiles_on_a_step_that_is_not_logged(tmp_path: Any, monkeypatc
     step = -1
     compiled_at: list[int] = []
     run_at: list[int] = []
-    original_compile, original_run = torch.compile, update_ratio._Compiled.run
+    original_compile, original_run = torch.compile, compiled_kernels.CompiledKernels.run
     monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled_at.append(step) or original_compile(*a, **k))
 
     def spy(self: Any, *args: Any) -> Any:
         run_at.append(step)
         return original_run(self, *args)
 
-    monkeypatch.setattr(update_ratio._Compiled, "run", spy)
+    monkeypatch.setattr(compiled_kernels.CompiledKernels, "run", spy)
     torch.manual_seed(0)
     net = Net()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
