@@ -183,7 +183,7 @@ def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], st
             code = max(code, run_grid(grid))
             if code == INTERRUPTED:  # Ctrl-C / SIGTERM stops the sweep, not just this learning rate
                 return code
-    summaries = {lr: pd.read_csv(Path(g.out) / "summary.csv") for lr, g in grids.items() if _has_summary(g)}
+    summaries = {lr: _summary_of(g) for lr, g in grids.items() if _has_summary(g)}
     if not summaries:
         print("sweep: no learning rate finished; nothing to pick", file=sys.stderr)
         return 1
@@ -249,6 +249,12 @@ def _stage_two(config: GridConfig, best: dict[str, float], seeds: Sequence[int],
     result.to_csv(out / "best_aggregate.csv", index=False)
     print(seed_stats.format_aggregate(result))
     return code
+
+
+def _summary_of(grid: GridConfig) -> pd.DataFrame:
+    """The grid's ``summary.csv`` rows of its own variants (a folder may hold more, from an earlier sweep)."""
+    rows = pd.read_csv(Path(grid.out) / "summary.csv")
+    return rows[rows["variant"].isin(list(grid.variants))].reset_index(drop=True)
 
 
 def _has_summary(grid: GridConfig) -> bool:

@@ -92,6 +92,20 @@ def test_stage_two_reuses_stage_one_run_of_the_same_seed_instead_of_training_it_
     assert not (tmp_path / "best-intact").exists()
 
 
+def test_variants_pick_the_rows_of_a_sweep_whose_folders_hold_more(tmp_path: Path) -> None:
+    """``--variants`` restricts stage 2 to those variants even where stage 1 trained more (its summaries)."""
+    for lr, rows in grid_rows().items():
+        sweep.lr_dir(tmp_path, lr).mkdir(parents=True)
+        rows.to_csv(sweep.lr_dir(tmp_path, lr) / "summary.csv", index=False)
+    config = GridConfig(preset="smoke", variants=["intact", "sigmoid"], out=str(tmp_path))
+    assert sweep.run_sweep(config, LRS, seeds=[], stage="best") == 0  # trains nothing: no seeds
+    assert set(pd.read_csv(tmp_path / "sweep.csv")["variant"]) == {"intact", "sigmoid"}
+    assert pd.read_csv(tmp_path / "best.csv").set_index("variant")["best_lr0"].to_dict() == {
+        "intact": 0.01,
+        "sigmoid": 0.02,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- verify
 def published() -> pd.DataFrame:
     return pd.DataFrame(
