@@ -5,7 +5,8 @@ Stage 1 trains every variant at every learning rate with one seed (``OUT/lr-<lr0
 Ultralytics' own: 3 epochs, bias warm-up from 0.1), so only ``lr0`` changes. Each variant's best ``lr0`` is the
 one with the highest mAP50-95 (ties, e.g. 0.000 everywhere, go to the lower final training loss). Stage 2
 trains each variant at its best ``lr0`` with every seed (``OUT/best-<variant>/seed-<s>/``) and aggregates them
-(:mod:`casestudies.detection.seeds`). Files: ``OUT/sweep.csv`` (one row per variant and learning rate),
+(:mod:`casestudies.detection.seeds`); the seed stage 1 trained (the grid's ``seed``, 0 by default) is stage 1's
+run at that ``lr0``, copied, not trained again. Files: ``OUT/sweep.csv`` (one row per variant and learning rate),
 ``OUT/best.csv`` (each variant's pick), ``OUT/best_aggregate.csv`` (stage 2) and ``OUT/map_vs_lr.png`` (mAP
 against ``lr0``, one line per variant). Step-0 gradients (before any update, so independent of ``lr0``) are
 reported beside the end-of-run medians: ``step0_early_late`` and ``step0_first_layer_grad_l2``::
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,17 @@ import pandas as pd
 from casestudies.detection import summary
 from casestudies.detection.grid.config import GridConfig, GridError
 
-__all__ = ["WARMUP", "best_lrs", "lr_config", "main", "plot_map_vs_lr", "step0_columns", "sweep_rows"]
+__all__ = [
+    "WARMUP",
+    "best_config",
+    "best_lrs",
+    "lr_config",
+    "main",
+    "plot_map_vs_lr",
+    "reuse_stage_one",
+    "step0_columns",
+    "sweep_rows",
+]
 
 #: The warm-up rule every variant shares in the sweep (Ultralytics' defaults: the intact recipe's).
 WARMUP: dict[str, float] = {"warmup_epochs": 3.0, "warmup_bias_lr": 0.1}
@@ -171,7 +183,7 @@ def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], st
             code = max(code, run_grid(grid))
             if code == INTERRUPTED:  # Ctrl-C / SIGTERM stops the sweep, not just this learning rate
                 return code
-    summaries = {lr: pd.read_csv(Path(g.out) / "summary.csv") for lr, g in grids.items() if _has_summary(g)}
+    summaries = {lr: _summary_of(g) for lr, g in grids.items() if _has_summary(g)}
     if not summaries:
         print("sweep: no learning rate finished; nothing to pick", file=sys.stderr)
         return 1
@@ -187,14 +199,47 @@ def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], st
     return code
 
 
+def best_config(config: GridConfig, variant: str, lr0: float, seeds: Sequence[int], out: Path) -> GridConfig:
+    """Stage 2's grid of one variant: ``variant`` at ``lr0`` with every seed, in ``OUT/best-<variant>/``."""
+    folder = Path(out) / f"best-{variant}"
+    return dataclasses.replace(lr_config(config, lr0, folder), variants=[variant], seeds=list(seeds))
+
+
+def reuse_stage_one(config: GridConfig, variant: str, lr0: float, seeds: Sequence[int], out: Path) -> Path | None:
+    """Copy stage 1's finished run of ``variant`` at ``lr0`` to where stage 2 would train the same seed again.
+
+    Stage 1 trains with ``config.seed``; stage 2's run of that seed at the same ``lr0`` would repeat it (same
+    initial weights, data set, data order and recipe: a CPU run is deterministic), so the grid's ``--resume``
+    keeps the copy instead. Returns the copy's folder, or None when there is nothing to reuse (the seed is not
+    asked for, stage 1's run did not finish, or stage 2 already holds a run of that seed).
+
+    Example:
+        >>> reuse_stage_one(GridConfig(preset="smoke"), "intact", 0.01, seeds=[1, 2], out=Path("/nowhere")) is None
+        True
+    """
+    from casestudies.detection.grid.config import seed_config
+    from casestudies.detection.grid.runner import is_finished
+
+    if config.seed not in seeds:
+        return None
+    source = lr_dir(Path(out), lr0) / "runs" / variant
+    target = Path(seed_config(best_config(config, variant, lr0, seeds, out), config.seed).out) / "runs" / variant
+    if not is_finished(source) or target.exists():
+        return None
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
 def _stage_two(config: GridConfig, best: dict[str, float], seeds: Sequence[int], out: Path) -> int:
     from casestudies.detection import seeds as seed_stats
     from casestudies.detection.grid.runner import run_grid
 
     code, tables = 0, []
     for variant, lr0 in best.items():
-        folder = out / f"best-{variant}"
-        grid = dataclasses.replace(lr_config(config, lr0, folder), variants=[variant], seeds=list(seeds))
+        grid = best_config(config, variant, lr0, seeds, out)
+        folder = Path(grid.out)
+        if (reused := reuse_stage_one(config, variant, lr0, seeds, out)) is not None:
+            print(f"sweep: seed {config.seed} of {variant} at lr0 {lr0:g} is stage 1's run, copied to {reused}")
         code = max(code, run_grid(grid))
         if code == INTERRUPTED:
             return code
@@ -204,6 +249,12 @@ def _stage_two(config: GridConfig, best: dict[str, float], seeds: Sequence[int],
     result.to_csv(out / "best_aggregate.csv", index=False)
     print(seed_stats.format_aggregate(result))
     return code
+
+
+def _summary_of(grid: GridConfig) -> pd.DataFrame:
+    """The grid's ``summary.csv`` rows of its own variants (a folder may hold more, from an earlier sweep)."""
+    rows = pd.read_csv(Path(grid.out) / "summary.csv")
+    return rows[rows["variant"].isin(list(grid.variants))].reset_index(drop=True)
 
 
 def _has_summary(grid: GridConfig) -> bool:

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from casestudies.detection import sweep, verify
-from casestudies.detection.grid.config import GridConfig, GridError
+from casestudies.detection.grid.config import RESULT, GridConfig, GridError, seed_config
+from casestudies.detection.grid.runner import is_finished
+from casestudies.detection.grid.spec import RunSpec
 
 VARIANTS = ("intact", "no_bn", "sigmoid")
 LRS = (0.001, 0.003, 0.01, 0.02)
@@ -69,6 +71,39 @@ def test_map_vs_lr_figure(tmp_path: Path) -> None:
     rows = sweep.sweep_rows(grid_rows())
     path = sweep.plot_map_vs_lr(rows, sweep.best_lrs(rows), tmp_path / "map_vs_lr.png")
     assert path.stat().st_size > 10_000
+
+
+def test_stage_two_reuses_stage_one_run_of_the_same_seed_instead_of_training_it_again(tmp_path: Path) -> None:
+    config = GridConfig(preset="smoke", seed=0)
+    stage_one = sweep.lr_dir(tmp_path, 0.01) / "runs" / "no_bn"
+    (stage_one / "gradlight").mkdir(parents=True)
+    (stage_one / RESULT).write_text('{"map50_95": 0.0}')
+    (stage_one / "gradlight" / "history.parquet").write_bytes(b"recorded")
+    grid = sweep.best_config(config, "no_bn", 0.01, [0, 1, 2], tmp_path)
+    stage_two = Path(RunSpec.of("no_bn", seed_config(grid, 0), "data.yaml").run_dir)  # where run_grid trains seed 0
+
+    assert not is_finished(stage_two)
+    assert sweep.reuse_stage_one(config, "no_bn", 0.01, [0, 1, 2], tmp_path) == stage_two
+    assert is_finished(stage_two)  # so the grid's --resume keeps it and trains seeds 1 and 2 only
+    assert (stage_two / "gradlight" / "history.parquet").read_bytes() == b"recorded"
+    assert sweep.reuse_stage_one(config, "no_bn", 0.01, [0, 1, 2], tmp_path) is None  # never overwritten
+    assert sweep.reuse_stage_one(config, "no_bn", 0.01, [1, 2], tmp_path) is None  # seed 0 not asked for
+    assert sweep.reuse_stage_one(config, "intact", 0.01, [0, 1, 2], tmp_path) is None  # no finished stage-1 run
+    assert not (tmp_path / "best-intact").exists()
+
+
+def test_variants_pick_the_rows_of_a_sweep_whose_folders_hold_more(tmp_path: Path) -> None:
+    """``--variants`` restricts stage 2 to those variants even where stage 1 trained more (its summaries)."""
+    for lr, rows in grid_rows().items():
+        sweep.lr_dir(tmp_path, lr).mkdir(parents=True)
+        rows.to_csv(sweep.lr_dir(tmp_path, lr) / "summary.csv", index=False)
+    config = GridConfig(preset="smoke", variants=["intact", "sigmoid"], out=str(tmp_path))
+    assert sweep.run_sweep(config, LRS, seeds=[], stage="best") == 0  # trains nothing: no seeds
+    assert set(pd.read_csv(tmp_path / "sweep.csv")["variant"]) == {"intact", "sigmoid"}
+    assert pd.read_csv(tmp_path / "best.csv").set_index("variant")["best_lr0"].to_dict() == {
+        "intact": 0.01,
+        "sigmoid": 0.02,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- verify
