@@ -32,6 +32,7 @@ __all__ = [
     "FAILURES",
     "FUNCTIONS",
     "FUSED_DEVICES",
+    "FUSED_DTYPES",
     "KERNELS",
     "CompiledKernels",
     "GradientKernel",
@@ -43,6 +44,8 @@ __all__ = [
 KERNELS = ("auto", "fused", "eager")
 #: Devices with a compiled kernel.
 FUSED_DEVICES = ("cpu", "cuda")
+#: Dtypes the compiled kernels take (each sums in float64; half precision keeps the eager kernels).
+FUSED_DTYPES = (torch.float32, torch.float64)
 #: Device type -> why compiling failed there: not retried in this process (a failing compile can take a minute).
 FAILURES: dict[str, str] = {}
 
@@ -117,7 +120,10 @@ def _has_cxx(cxx: str) -> bool:
 
 
 def compile_unavailable(device: torch.device) -> str | None:
-    """Why the fused kernels cannot be compiled for ``device``, or ``None`` when they can be tried.
+    """Why the fused kernels cannot run for ``device`` now, or ``None`` when they can be tried.
+
+    Besides the device and the compiler, an active ``TorchDispatchMode`` (a profiler, a memory tracker) rules
+    them out: compiled code would run under it op by op, with full-size temporaries.
 
     Example:
         >>> compile_unavailable(torch.device("meta"))
@@ -135,7 +141,10 @@ def compile_unavailable(device: torch.device) -> str | None:
             import triton  # noqa: F401
         except ImportError:
             return "Triton is not installed"
-    return FAILURES.get(device.type)
+    failure = FAILURES.get(device.type)
+    if failure is None and _get_current_dispatch_mode() is not None:
+        return "a TorchDispatchMode is active (compiled code would run op by op, with full-size temporaries)"
+    return failure
 
 
 class CompiledKernels:
@@ -212,7 +221,7 @@ class GradientKernel:
         if self.kernel == "eager" or not tensors:
             return None
         device = tensors[0].device
-        if compile_unavailable(device) is not None or _get_current_dispatch_mode() is not None:
+        if compile_unavailable(device) is not None:
             return None
         if self._compiled is None:
             self._compiled = CompiledKernels()

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradlight.compiled import FUSED_DTYPES
+
 try:  # torch >= 2.4 exposes DTensor publicly
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - older torch
@@ -712,11 +714,8 @@ def _fusable_gradients(grads: Sequence[Tensor]) -> list[int]:
     return [
         i
         for i, g in enumerate(grads)
-        if g.numel() >= least and g.dtype in _WIDE_ENOUGH and g.device.type == "cpu" and g.is_contiguous()
+        if g.numel() >= least and g.dtype in FUSED_DTYPES and g.device.type == "cpu" and g.is_contiguous()
     ]
-
-
-_WIDE_ENOUGH = (torch.float32, torch.float64)
 
 
 def _with_fused(

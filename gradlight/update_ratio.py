@@ -88,11 +88,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from gradlight import compiled as compiled_kernels
 from gradlight.compiled import (
     FUSED_DEVICES,
+    FUSED_DTYPES,
     CompiledKernels,
     check_kernel,
     compile_unavailable,
@@ -127,7 +127,7 @@ def _fusable(lists: Sequence[Sequence[Tensor]]) -> list[int]:
         i
         for i, t in enumerate(first)
         if t.numel() >= FUSED_MIN_NUMEL
-        and t.dtype in _FULL_PRECISION
+        and t.dtype in FUSED_DTYPES
         and t.device.type in FUSED_DEVICES
         and all(lst[i].dtype == t.dtype and lst[i].is_contiguous() for lst in lists)
     ]
@@ -373,8 +373,6 @@ class UpdateNorms:
             self.kernel_info = "eager: forced (kernel='eager')"
             return None
         reason = compile_unavailable(device)
-        if reason is None and _get_current_dispatch_mode() is not None:
-            reason = "a TorchDispatchMode is active (compiled code would run op by op, with full-size temporaries)"
         if reason is not None:
             self.kernel_info = f"eager: {reason}"
             return None
