@@ -19,7 +19,7 @@ validation letterboxes to a square ``imgsz`` so that DDP can shard it.
 Example:
     >>> module = DetectorModule("yolo11n.yaml", variant="stripped_sigmoid", num_classes=3)
     >>> module.ablation.describe(), module.recipe.lr0
-    ('no_residual+no_bn+sigmoid@backbone', 0.002)
+    ('no_residual+no_bn+sigmoid@backbone', 0.01)
 """
 
 from __future__ import annotations

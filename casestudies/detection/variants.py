@@ -8,17 +8,23 @@ name               ablation (scope backbone by default)                   recipe
 ================== ====================================================== ===============================
 intact             none                                                   Ultralytics defaults
 no_residual        every ``add`` shortcut off                             Ultralytics defaults
-no_bn              BatchNorm -> NoNorm + conv bias                        :data:`NO_BN_OVERRIDES`
-no_residual_no_bn  both of the above                                      :data:`NO_BN_OVERRIDES`
+no_bn              BatchNorm -> NoNorm + conv bias                        Ultralytics defaults
+no_residual_no_bn  both of the above                                      Ultralytics defaults
 sigmoid            a fresh ``nn.Sigmoid`` in every conv                   Ultralytics defaults
-stripped_sigmoid   sigmoid + no residual + no BN                          :data:`NO_BN_OVERRIDES`
+stripped_sigmoid   sigmoid + no residual + no BN                          Ultralytics defaults
 ================== ====================================================== ===============================
+
+Every variant trains with the same recipe, so that the architecture is the only difference. The BatchNorm-free
+variants used to train at ``lr0`` 0.002 with 5 warm-up epochs; the learning-rate sweep
+(:mod:`casestudies.detection.sweep`, docs/case_study.md) found them at mAP50-95 0.002 or less at every ``lr0``
+from 0.001 to 0.02, so a recipe of their own only confounded the comparison. ``Variant.overrides`` stays for
+presets that want one.
 
 Example:
     >>> get_variant("stripped_sigmoid").ablation.describe()
     'no_residual+no_bn+sigmoid@backbone'
     >>> get_variant("no_bn").recipe().lr0
-    0.002
+    0.01
 """
 
 from __future__ import annotations
@@ -108,15 +114,6 @@ class TrainingRecipe:
         return {"box": self.box, "cls": self.cls, "dfl": self.dfl}
 
 
-#: Overrides for variants without BatchNorm, chosen a priori from common practice: lr0 5x lower (without
-#: normalisation a layer's effective step grows with its activation scale, so large steps risk blow-ups),
-#: longer warm-up (5 epochs, capped at max_epochs - 1) and bias warm-up from 0 instead of 0.1 (every conv now
-#: has a bias). Measured on 8-epoch synthetic runs (docs/detection.md): lr0 0.01 did not diverge either; with
-#: PyTorch's default init neither recipe learns, with Kaiming init only lr0 0.01 does. Safer for long runs,
-#: too slow for short ones.
-NO_BN_OVERRIDES: dict[str, Any] = {"lr0": 0.002, "warmup_epochs": 5.0, "warmup_bias_lr": 0.0}
-
-
 @dataclass(frozen=True)
 class Variant:
     """One named cell of the grid.
@@ -150,20 +147,17 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "no_bn",
             Ablation(batchnorm=False),
-            NO_BN_OVERRIDES,
             note="No normalisation: early layers starve at default init.",
         ),
         Variant(
             "no_residual_no_bn",
             Ablation(residual=False, batchnorm=False),
-            NO_BN_OVERRIDES,
             note="No shortcuts and no normalisation.",
         ),
         Variant("sigmoid", Ablation(activation="sigmoid"), note="Saturating activation, BN and shortcuts kept."),
         Variant(
             "stripped_sigmoid",
             Ablation(residual=False, batchnorm=False, activation="sigmoid"),
-            NO_BN_OVERRIDES,
             note="The textbook vanishing-gradient net: sigmoid, no BN, no shortcuts.",
         ),
     )

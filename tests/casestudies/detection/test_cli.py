@@ -53,7 +53,7 @@ def test_cli_fits_a_variant_with_the_monitor_and_the_checkpoint_evaluates(tmp_pa
     cli = main(args)
 
     assert cli.model.ablation.describe() == "no_residual+no_bn+sigmoid@backbone"
-    assert cli.model.recipe.nbs == 32 and cli.model.recipe.lr0 == 0.002  # preset + variant recipe
+    assert cli.model.recipe.nbs == 32 and cli.model.recipe.lr0 == 0.01  # one recipe for every variant
     assert cli.trainer.global_step == 2 and "val/map50_95" in cli.trainer.callback_metrics
     (log_dir,) = (root / "lightning_logs").iterdir()
     history = load_history(log_dir / "gradlight")
