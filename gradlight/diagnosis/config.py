@@ -35,6 +35,9 @@ class DiagnosisConfig:
         trend_window: Logged steps over which the early-to-late ratio trend is measured.
         trend_decades: Report vanishing when ``early_late_ratio`` falls by at least this many decades within
             ``trend_window`` logged steps (early layers losing their gradient while training).
+        trend_significance: The fall must also be this many standard errors of the two levels it compares,
+            estimated from the ratio's step-to-step noise in the window. A ratio taken from one sample per
+            step swings by decades (the sample, not the network, sets it); lower reports noise as a trend.
         exploding_factor: Report exploding when the global or a layer's gradient L2 is this many times its
             median over the previous ``exploding_window`` logged steps. Lower reports earlier, but per-batch
             norms are heavy-tailed (a well-fitted batch has a near-zero gradient, the next normal one is
@@ -196,6 +199,7 @@ class DiagnosisConfig:
     vanishing_patience: int = bounded(3, POSITIVE_INT)
     trend_window: int = bounded(10, POSITIVE_INT)
     trend_decades: float = bounded(2.0, POSITIVE)
+    trend_significance: float = bounded(3.0, POSITIVE)
     exploding_factor: float = bounded(100.0, FACTOR)
     exploding_window: int = bounded(10, POSITIVE_INT)
     exploding_min_history: int = bounded(3, POSITIVE_INT)

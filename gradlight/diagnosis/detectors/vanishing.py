@@ -12,7 +12,12 @@ Two conditions, one kind:
   logged steps (counted from balanced when it starts above, as a fall to balanced is no loss) against the
   latest level. Without it a vanishing that develops over a hundred steps (a BatchNorm-free YOLO: the first
   block's gradient falls from 0.3 of the head's at step 0 to 6e-5 of it, under a decade per window) is never
-  seen by the window, however far it falls.
+  seen by the window, however far it falls. When step 0 was logged, its ratio is a third anchor: measured
+  before any update, it is the design's own balance, independent of the learning rate, while a warm-up can
+  collapse the ratio within the first update (the same YOLO under Ultralytics' bias warm-up: 0.1 at step 0,
+  3e-5 at step 2), inside the first third. Every fall must also exceed ``trend_significance`` standard errors
+  of the two levels, from the ratio's step-to-step noise in the window: with one sample per step the ratio
+  swings by decades, and medians of three such steps can differ by two without any trend.
 
 A small gradient that the model's design explains is a ``note``, not a warning:
 
@@ -26,6 +31,7 @@ A small gradient that the model's design explains is a ``note``, not a warning:
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -50,8 +56,10 @@ class VanishingDetector(Detector):
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
         self.trend: deque[tuple[int, float]] = deque(maxlen=config.trend_window)
-        # (first step, last step, log10 level) of the run's first logged steps: the anchor of a slow decline
+        # (first step, last step, log10 level) of the run's first logged steps: the anchor of a slow decline,
+        # and the first logged (step, log10 ratio): at step 0, initialisation
         self.start: tuple[int, int, float] | None = None
+        self.initial: tuple[int, float] | None = None
 
     def check(self, step: StepContext) -> list[Finding]:
         """Level findings (warning and notes), then the trend."""
@@ -204,6 +212,8 @@ class VanishingDetector(Detector):
         if not (math.isfinite(ratio) and ratio > 0) or not record.layers:
             return []
         self.trend.append((record.step, math.log10(ratio)))
+        if self.initial is None:
+            self.initial = self.trend[-1]
         if len(self.trend) < config.trend_window:
             return []
         # Levels, not single steps: the median of the window's first and last thirds. One batch's ratio can
@@ -217,14 +227,31 @@ class VanishingDetector(Detector):
         # falling *into* the starving range: a ratio that falls from 400 to 1 gets balanced, not vanishing
         if last > -config.trend_decades:
             return []
-        before = (points[0][0], points[span - 1][0], statistics.median(v for _, v in points[:span]))
-        drop, since_start = before[2] - last, False
-        if drop < config.trend_decades:  # not within the window: from the start of the run, if at all
-            before, since_start = self.start, True
-            drop = min(before[2], 0.0) - last  # from balanced when it started above: falling to it is no loss
-            if drop < config.trend_decades:
-                return []
-        return [self._trend_finding(step, before, (points[-span][0], last), drop, since_start)]
+        noise = _step_noise([value for _, value in points])
+        for before, count, since_start in self._anchors(points, span):
+            # from the start, a ratio that started above balanced counts from balanced: falling to it is no loss
+            drop = (min(before[2], 0.0) if since_start else before[2]) - last
+            # and beyond the levels' own noise: with one sample per step the ratio swings by decades, and
+            # medians of three such steps can differ by two without any trend
+            error = math.hypot(_level_error(noise, count), _level_error(noise, span))
+            if drop >= max(config.trend_decades, config.trend_significance * error):
+                return [self._trend_finding(step, before, (points[-span][0], last), drop, since_start)]
+        return []
+
+    def _anchors(self, points: list[tuple[int, float]], span: int) -> list[tuple[tuple[int, int, float], int, bool]]:
+        """The earlier levels a fall is measured from: ``((first step, last step, log10), steps, since_start)``.
+
+        The window's first third; the run's first logged steps (a slow decline, under a decade per window);
+        and step 0 alone when it was logged, the ratio at initialisation, before any update, so independent of
+        the learning rate (a warm-up can collapse the ratio within the first update, inside the first third).
+        """
+        window = (points[0][0], points[span - 1][0], statistics.median(v for _, v in points[:span]))
+        anchors = [(window, span, False)]
+        if self.start is not None:
+            anchors.append((self.start, span, True))
+        if self.initial is not None and self.initial[0] == 0:
+            anchors.append(((0, 0, self.initial[1]), 1, True))
+        return anchors
 
     def _trend_finding(
         self,
@@ -250,16 +277,25 @@ class VanishingDetector(Detector):
             "decades": -math.log10(ratio),
         }
         where = "since the start of the run" if since_start else f"between steps {first_step} and {record.step}"
+        if before_end == first_step == 0:
+            earlier = f"{fmt(10.0**first)} at step 0, before any update"
+        else:
+            earlier = f"median {fmt(10.0**first)} over steps {first_step}-{before_end}"
         message = (
             f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades {where} "
-            f"(median {fmt(10.0**first)} over steps {first_step}-{before_end}, {fmt(10.0**last)} over steps "
-            f"{after_start}-{record.step}); the first layer {layer} is losing its gradient"
+            f"({earlier}; median {fmt(10.0**last)} over steps {after_start}-{record.step}); the first layer "
+            f"{layer} is losing its gradient"
         )
         return step.finding(self.kind, layer, first_step, message, evidence, [layer])
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the trend window."""
-        return {**super().state_dict(), "trend": list(self.trend), "trend_start": self.start}
+        return {
+            **super().state_dict(),
+            "trend": list(self.trend),
+            "trend_start": self.start,
+            "trend_initial": self.initial,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -267,6 +303,30 @@ class VanishingDetector(Detector):
         self.trend = deque(((int(s), float(v)) for s, v in state.get("trend", [])), self.config.trend_window)
         start = state.get("trend_start")
         self.start = (int(start[0]), int(start[1]), float(start[2])) if start is not None else None
+        initial = state.get("trend_initial")  # states of older versions have none: no anchor at initialisation
+        self.initial = (int(initial[0]), float(initial[1])) if initial is not None else None
+
+
+def _step_noise(values: list[float]) -> float:
+    """The step-to-step noise of a log10 series: von Neumann's mean square successive difference.
+
+    ``sqrt(mean((v[i+1] - v[i]) ** 2) / 2)``: a slow trend barely moves it (it differences out), while the rare
+    jumps of a heavy-tailed series count in full, as they should (one sample per step: most steps agree,
+    some land decades lower).
+
+    Example:
+        >>> round(_step_noise([0.0, 1.0, 0.0, 1.0, 0.0]), 2)
+        0.71
+        >>> _step_noise([0.0, -0.5, -1.0, -1.5])  # a steady fall is not noise
+        0.0
+    """
+    differences = [(b - a) - (values[-1] - values[0]) / (len(values) - 1) for a, b in itertools.pairwise(values)]
+    return math.sqrt(sum(d * d for d in differences) / (2.0 * len(differences))) if differences else 0.0
+
+
+def _level_error(noise: float, count: int) -> float:
+    """The standard error of a level: one step's noise, or the median of ``count`` steps' (``1.2533 / sqrt(n)``)."""
+    return noise if count <= 1 else 1.2533 * noise / math.sqrt(count)
 
 
 def signal_detail(step: StepContext, first: str, last: str, evidence: dict[str, Any], verb: str) -> str:
