@@ -200,7 +200,7 @@ class _CNN:
     l2: float = 1e-5
     flip: bool = False
     features_only: bool = False
-    steps: int = 40
+    steps: int = 150
 
 
 def _base_cnn(spec: _CNN) -> nn.Module:
