@@ -133,7 +133,7 @@ def test_a_relu_on_the_output_is_found_by_the_output_unit_that_is_dead_from_the_
     assert dead[0].evidence["fraction"] == pytest.approx(1 / 3)
     assert dead[0].evidence["rules"] == ["dead_output_units"]
     assert "never been positive since step 0" in dead[0].message and "no ReLU on the output" in dead[0].remedy
-    assert all(4.5 < loss < 6.5 for loss in result.losses[:40])  # ~16.1 / 3 plus the live classes' share
+    assert all(4.5 < loss < 7.0 for loss in result.losses[:40])  # ~16.1 / 3 plus the live classes' share
 
 
 @pytest.mark.slow
