@@ -152,6 +152,8 @@ class DeadUnitsDetector(_ActivationDetector):
     Such a site counts with a single unit dead when that unit has been dead since the first step the site was
     judged: no gradient ever reached it (a ReLU put on the logits). A unit that learned to stay at 0 got there by
     its gradient (its target is 0, e.g. the blank border pixels an autoencoder reconstructs) and is not reported.
+    Only sites present on the first tapped step count as outputs: a site first seen later (a branch that did not
+    run then) feeds no known layer because the taps did not see what runs after it, not because it is the output.
     """
 
     kind = "dead_units"
@@ -163,6 +165,7 @@ class DeadUnitsDetector(_ActivationDetector):
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
         self.first_judged: dict[str, int] = {}  # output site -> the first step its act_dead was known
+        self.first_sites: set[str] | None = None  # the sites of the first tapped step
 
     def threshold(self) -> float:
         """``dead_fraction``."""
@@ -174,10 +177,13 @@ class DeadUnitsDetector(_ActivationDetector):
         stats = step.activations
         if stats is None:
             return found
+        if self.first_sites is None:
+            self.first_sites = set(stats.sites)
         born_dead: list[tuple[int, int]] = []
         for i, site in enumerate(stats.sites):
             value = float(stats.metrics[self.metric][i])
-            if stats.feeds[i] is not None or stats.kinds[i] not in self.site_kinds or not math.isfinite(value):
+            output = stats.feeds[i] is None and site in self.first_sites and stats.kinds[i] in self.site_kinds
+            if not output or not math.isfinite(value):
                 continue
             first = self.first_judged.setdefault(site, stats.step)
             count, since = self.streaks.one(f"{site}#output", value > 0.0, stats.step)
@@ -205,9 +211,12 @@ class DeadUnitsDetector(_ActivationDetector):
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks and the first judged step of each output site."""
-        return {**super().state_dict(), "first_judged": dict(self.first_judged)}
+        first_sites = None if self.first_sites is None else sorted(self.first_sites)
+        return {**super().state_dict(), "first_judged": dict(self.first_judged), "first_sites": first_sites}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         super().load_state_dict(state)
         self.first_judged = {str(k): int(v) for k, v in state.get("first_judged", {}).items()}
+        first_sites = state.get("first_sites")
+        self.first_sites = None if first_sites is None else {str(site) for site in first_sites}
