@@ -200,7 +200,7 @@ class _CNN:
     l2: float = 1e-5
     flip: bool = False
     features_only: bool = False
-    steps: int = 40
+    steps: int = 150
 
 
 def _base_cnn(spec: _CNN) -> nn.Module:
@@ -399,8 +399,13 @@ def _deepchecker() -> list[Program]:
             "missing_softmax",
             "baseCNN_miss_soft.py",
             _CNN(loss="log_of_logits"),
-            ("vanishing", "stalled", "dormant", "loss*"),
-            note="cross-entropy of the clipped raw logits",
+            ("exploding", "vanishing", "stalled", "dormant", "loss*"),
+            layers=("out",),
+            note=(
+                "cross-entropy of the clipped raw logits: -log(z) has the unbounded derivative -1/z as a logit z "
+                "nears 0, so the first step is as large as the output layer's weights; after it every logit of the "
+                "true class lies outside the clip [1e-32, 1) and the loss gives no gradient (docs/diagnosis.md)"
+            ),
         ),
         _tdc(
             "redundant_softmax",

@@ -137,6 +137,19 @@ RULES: tuple[Rule, ...] = (
         conclusive=True,
     ),
     Rule(
+        "dead_output_units",
+        ("dead_units",),
+        lambda c: bool(c.evidence.get("output_site")),
+        "a ReLU-family activation on the model's output ({site}): an output unit that is never positive outputs 0 "
+        "for every input and passes no gradient, so what the loss reads from it (a class's probability, a "
+        "target) is never learned; these units were never positive since monitoring began, so no gradient has "
+        "ever reached them",
+        "no ReLU on the output layer: linear logits into a softmax cross-entropy, a sigmoid for probabilities, "
+        "softplus for a positive target",
+        lambda c: {"site": c.evidence.get("layer")},
+        conclusive=True,
+    ),
+    Rule(
         "input_layer_saturated",
         ("saturated",),
         lambda c: c.evidence.get("input_layer") is not None,

@@ -8,6 +8,7 @@ in docs/diagnosis.md) reports the others, misses and false alarms included.
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ SLICE = (
     "AUTOTRAINER/circle/model_5ab0aeda",  # 12 sigmoid layers: vanishing at the first layer
     "DeepLocalize/45337371",  # a one-unit softmax: every gradient exactly 0
     "TheDeepChecker/baseCNN/missing_normalization",  # 0-255 pixels: one SGD step blows the network up
+    "AUTOTRAINER/blob/relu_output",  # a ReLU on the output: one of three output units dead from the start
 )
 
 
@@ -99,6 +101,68 @@ def test_unnormalised_pixels_blow_up_in_one_step_and_the_finding_says_how() -> N
     assert evidence["one_step_growth"] and evidence["global_grad_l2"] > 100 * evidence["global_grad_l2_before"]
     assert evidence["loss"] > 2 * evidence["loss_before"]
     assert "grew by orders of magnitude" in exploding[0].cause and "0-255 pixels" in exploding[0].cause
+
+
+class _Steps(_Recorded):
+    """The recorded observer, keeping every step's per-layer update ratios too."""
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        super().attach(model, optimizer)
+        self.update_ratios: list[list[float]] = []
+        self.recorder.add_listener(lambda record: self.update_ratios.append(record.metrics["update_ratio"].tolist()))
+
+
+def _run(name: str) -> tuple[runner.Result, _Steps]:
+    torch.set_num_threads(1)
+    observer = _Steps()
+    result = runner.train(next(p for p in programs.PROGRAMS if p.name == name).build(), observer)
+    assert result.error is None
+    return result, observer
+
+
+@pytest.mark.slow
+def test_a_relu_on_the_output_is_found_by_the_output_unit_that_is_dead_from_the_start() -> None:
+    # AUTOTRAINER's improper-activation demo: ReLU outputs into Keras' categorical cross-entropy. One of the three
+    # output units is never positive from step 0: its class gets probability 0, clipped to 1e-7 (a loss of 16.1 on
+    # a third of the samples, with no gradient), and the loss sits near 16.1 / 3 until the unit comes back when
+    # the hidden layers drift. At 33% the site was below the hidden layers' 50%: the program was quiet.
+    result, observer = _run("AUTOTRAINER/blob/relu_output")
+    dead = [f for f in observer.findings if f.kind == "dead_units"]
+    assert [(f.layer, f.step, f.reported_step, f.severity) for f in dead] == [("act4", 0, 1, "warning")]
+    assert dead[0].evidence["output_site"] and dead[0].evidence["feeds"] is None
+    assert dead[0].evidence["fraction"] == pytest.approx(1 / 3)
+    assert dead[0].evidence["rules"] == ["dead_output_units"]
+    assert "never been positive since step 0" in dead[0].message and "no ReLU on the output" in dead[0].remedy
+    assert all(4.5 < loss < 7.0 for loss in result.losses[:40])  # ~16.1 / 3 plus the live classes' share
+
+
+@pytest.mark.slow
+def test_missing_softmax_is_one_step_blowup_after_which_only_weight_decay_moves_the_weights() -> None:
+    # TheDeepChecker's missing softmax: -log(z) of a raw logit z has the derivative -1/z, unbounded as z -> 0+:
+    # the first SGD step moves the output layer by ~half its norm; afterwards every true-class logit lies outside
+    # the clip [1e-32, 1), the data loss has no gradient and each step is weight decay alone (lr * 2 * l2).
+    result, observer = _run("TheDeepChecker/baseCNN/missing_softmax")
+    exploding = [f for f in observer.findings if f.kind == "exploding"]
+    assert [(f.layer, f.step, f.reported_step) for f in exploding] == [("out", 0, 1)]
+    evidence = exploding[0].evidence
+    assert evidence["one_step_blowup"] and not evidence["one_step_growth"]
+    assert evidence["jump_update_ratio"] > 0.5 and evidence["global_grad_l2"] < 1e-3 * evidence["global_grad_l2_before"]
+    weight_decay_step = 0.1 * 2 * 1e-5
+    assert all(r == pytest.approx(weight_decay_step, rel=0.05) for ratios in observer.update_ratios[1:] for r in ratios)
+    assert buggy_programs.verdict(
+        next(p for p in programs.PROGRAMS if p.name.endswith("missing_softmax")), result, 1.0
+    ).placed
+
+
+@pytest.mark.slow
+def test_shuffled_labels_are_a_loss_plateau_at_chance_once_the_program_runs_past_loss_min_steps() -> None:
+    # TheDeepChecker's wrong labels (features shuffled, labels not): the loss sits at ln 10 from step 3 on. At 40
+    # steps the plateau rule never judged it (it waits loss_min_steps, 100); the ported programs now train 150.
+    result, observer = _run("TheDeepChecker/baseCNN/wrong_labels")
+    plateau = [f for f in observer.findings if f.kind == "loss_plateau"]
+    assert [(f.layer, f.step) for f in plateau] == [("__global__", 100)]
+    assert plateau[0].evidence["chance_classes"] == 10 and "chance_level" in plateau[0].evidence["rules"]
+    assert abs(sum(result.losses[-50:]) / 50 - math.log(10)) < 0.05
 
 
 def test_every_buggy_program_has_a_correct_twin_and_a_known_scope() -> None:

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from gradlight import (
+    ActivationStats,
     DiagnosisConfig,
     GradientAnomalyError,
     GradientDiagnosis,
@@ -480,6 +481,39 @@ def test_diagnosis_state_round_trips() -> None:
     third = GradientDiagnosis()
     third.load_state_dict(second.state_dict())
     assert third.update(record(3, [1e-6, 1.0, 1.0])) == []
+
+
+def _output_relu(step: int, dead: float, site: str = "act4") -> ActivationStats:
+    """One output ReLU site (feeding no layer) with ``dead`` of its units never positive."""
+    metrics = {"act_dead": np.array([dead]), "act_saturation": np.array([np.nan])}
+    metrics |= {"act_mean": np.array([1.0]), "act_std": np.array([1.0])}
+    return ActivationStats(step, [site], ["relu"], [None], np.array([3]), metrics)
+
+
+def test_a_dead_output_unit_is_judged_from_the_first_step_across_a_resume() -> None:
+    first = GradientDiagnosis()
+    assert first.update(record(0, [1.0] * 3), _output_relu(0, 1 / 3)) == []
+    resumed = GradientDiagnosis()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    (finding,) = resumed.update(record(1, [1.0] * 3), _output_relu(1, 1 / 3))
+    assert (finding.kind, finding.layer, finding.step, finding.evidence["rules"]) == (
+        "dead_units",
+        "act4",
+        0,
+        ["dead_output_units"],
+    )
+    learned = GradientDiagnosis()  # alive at first, then at 0: it learned to output 0, not reported
+    found = [
+        f
+        for step, dead in enumerate([0.0, 1 / 3, 1 / 3, 1 / 3])
+        for f in learned.update(record(step, [1.0] * 3), _output_relu(step, dead))
+    ]
+    assert found == []
+    late = GradientDiagnosis()  # a site first seen after the first tapped step feeds no *known* layer: not an output
+    assert late.update(record(0, [1.0] * 3), _output_relu(0, 0.0)) == []
+    assert [
+        f for step in (1, 2, 3) for f in late.update(record(step, [1.0] * 3), _output_relu(step, 1 / 3, "late"))
+    ] == []
 
 
 def test_load_findings_tolerates_a_torn_last_line(tmp_path: Path) -> None:

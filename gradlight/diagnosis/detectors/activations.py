@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar
 
 from gradlight.activations import DEAD_KINDS, SATURATING_KINDS, ActivationStats
+from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import Detector, StepContext
 from gradlight.diagnosis.finding import Finding
 
@@ -61,6 +63,7 @@ class _ActivationDetector(Detector):
         new: list[tuple[int, int]],
         severity: str,
         extra: dict[str, Any],
+        message: str | None = None,
     ) -> Finding:
         values = stats.metrics[self.metric]
         threshold = self.threshold()
@@ -78,7 +81,7 @@ class _ActivationDetector(Detector):
             "act_std": float(stats.metrics["act_std"][worst]),
             **extra,
         }
-        message = (
+        message = message or (
             f"{self.title}: {fraction:.0%} of the {stats.kinds[worst]} {self.what} at {site} (feeding "
             f"{stats.feeds[worst]}), since step {since}; {len(new)} site(s) above {threshold:.0%}"
         )
@@ -141,7 +144,17 @@ def _input_layer(step: StepContext, stats: ActivationStats, sites: list[tuple[in
 
 
 class DeadUnitsDetector(_ActivationDetector):
-    """ReLU-family units that were never active on a whole batch."""
+    """ReLU-family units that were never active on a whole batch.
+
+    A hidden layer has units to spare, so it counts once ``dead_fraction`` of them are dead. The model's output
+    activation (a site that feeds no layer) has none: each of its units is one output (a class's score, a target),
+    and a unit that is never positive outputs 0 for every input and passes no gradient to anything before it.
+    Such a site counts with a single unit dead when that unit has been dead since the first step the site was
+    judged: no gradient ever reached it (a ReLU put on the logits). A unit that learned to stay at 0 got there by
+    its gradient (its target is 0, e.g. the blank border pixels an autoencoder reconstructs) and is not reported.
+    Only sites present on the first tapped step count as outputs: a site first seen later (a branch that did not
+    run then) feeds no known layer because the taps did not see what runs after it, not because it is the output.
+    """
 
     kind = "dead_units"
     metric = "act_dead"
@@ -149,6 +162,61 @@ class DeadUnitsDetector(_ActivationDetector):
     what = "units dead on the whole batch"
     title = "dead units"
 
+    def __init__(self, config: DiagnosisConfig) -> None:
+        super().__init__(config)
+        self.first_judged: dict[str, int] = {}  # output site -> the first step its act_dead was known
+        self.first_sites: set[str] | None = None  # the sites of the first tapped step
+
     def threshold(self) -> float:
         """``dead_fraction``."""
         return self.config.dead_fraction
+
+    def check(self, step: StepContext) -> list[Finding]:
+        """Hidden and output sites at ``dead_fraction``; output sites with a unit dead since the start."""
+        found = super().check(step)
+        stats = step.activations
+        if stats is None:
+            return found
+        if self.first_sites is None:
+            self.first_sites = set(stats.sites)
+        born_dead: list[tuple[int, int]] = []
+        for i, site in enumerate(stats.sites):
+            value = float(stats.metrics[self.metric][i])
+            output = stats.feeds[i] is None and site in self.first_sites and stats.kinds[i] in self.site_kinds
+            if not output or not math.isfinite(value):
+                continue
+            first = self.first_judged.setdefault(site, stats.step)
+            count, since = self.streaks.one(f"{site}#output", value > 0.0, stats.step)
+            if count >= self.config.activation_patience and since == first:
+                born_dead.append((i, since))
+        covered = {layer for finding in found for layer in finding.layers}
+        fresh = [
+            (i, since)
+            for i, since in born_dead
+            if stats.sites[i] not in covered and not step.is_reported(self.kind, stats.sites[i], "warning")
+        ]
+        if fresh:
+            found.append(self._output_finding(step, stats, fresh))
+        return found
+
+    def _output_finding(self, step: StepContext, stats: ActivationStats, sites: list[tuple[int, int]]) -> Finding:
+        i, since = sites[0]
+        fraction = float(stats.metrics[self.metric][i])
+        message = (
+            f"dead output units: {fraction:.0%} of the units of the model's output activation "
+            f"({stats.kinds[i]} at {stats.sites[i]}, feeding no layer) have never been positive since step {since}: "
+            "those outputs are 0 for every input and get no gradient"
+        )
+        return self._finding(step, stats, sites, "warning", {"output_site": True}, message)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Streaks and the first judged step of each output site."""
+        first_sites = None if self.first_sites is None else sorted(self.first_sites)
+        return {**super().state_dict(), "first_judged": dict(self.first_judged), "first_sites": first_sites}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.first_judged = {str(k): int(v) for k, v in state.get("first_judged", {}).items()}
+        first_sites = state.get("first_sites")
+        self.first_sites = None if first_sites is None else {str(site) for site in first_sites}
