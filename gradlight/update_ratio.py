@@ -90,6 +90,7 @@ import torch
 from torch import Tensor
 
 from gradlight import compiled as compiled_kernels
+from gradlight import segments
 from gradlight.compiled import (
     FUSED_DEVICES,
     FUSED_DTYPES,
@@ -498,7 +499,7 @@ def _host_values(steps: Sequence[Tensor | None]) -> list[float]:
     return [next(values) if s is not None else 0.0 for s in steps]
 
 
-Kernel = Callable[[list[list[Tensor]], list[int]], list[Tensor]]
+Kernel = Callable[[list[list[Tensor]], list[int]], Tensor]
 
 
 def _piece_norms(
@@ -508,7 +509,7 @@ def _piece_norms(
 
     ``lists`` holds aligned tensor lists (e.g. parameters, first and second moments). Tensors above ``chunk``
     elements are cut into aligned flat slices (views); batches of pieces of at most ``chunk`` elements go to
-    ``kernel(piece_lists, owners)``, which returns one float32 norm per piece.
+    ``kernel(piece_lists, owners)``, which returns a vector of one norm per piece (float32 or wider).
     """
     count = len(lists[0])
     if not count:
@@ -522,7 +523,7 @@ def _piece_norms(
     def flush() -> None:
         nonlocal filled
         if batch_owners:
-            norms.extend(kernel([list(b) for b in batch], list(batch_owners)))
+            norms.append(kernel([list(b) for b in batch], list(batch_owners)))
             owners.extend(batch_owners)
         for b in batch:
             b.clear()
@@ -546,11 +547,40 @@ def _piece_norms(
             batch_owners.append(i)
             filled += size
     flush()
-    piece_sq = squares(torch.stack(norms).float())
+    piece_sq = squares(torch.cat(norms))
     if owners == list(range(count)):
         return piece_sq
     out = torch.zeros(count, dtype=piece_sq.dtype, device=piece_sq.device)
     return out.index_add_(0, owners_index(owners, piece_sq.device), piece_sq)
+
+
+def _segmented(pieces: list[Tensor], device: torch.device) -> bool:
+    """Whether a batch of pieces runs concatenated (:mod:`gradlight.segments`: many small ones on CPU)."""
+    return _per_tensor(device) and segments.segmented(pieces, device)
+
+
+def _adam_segments(pieces: list[list[Tensor]], add: list[float], alpha: list[float], decay: float) -> Tensor:
+    """``||m / (sqrt(v) + add) + alpha * p||**2`` per piece, the pieces concatenated (see :func:`_adam_eager`)."""
+    m, v, p = pieces
+    where = segments.segments_of(tuple(t.numel() for t in v), v[0].device)
+    out = segments.flat(v).sqrt_().add_(segments.per_element(add, where, v[0].dtype))
+    out = torch.div(segments.flat(m), out, out=out)
+    if decay != 0.0:
+        out = segments.flat(p).mul_(segments.per_element(alpha, where, p[0].dtype)).add_(out)
+    return segments.segment_squares(out, where, len(v))
+
+
+def _sgd_segments(pieces: list[list[Tensor]], coefficients: tuple[float, float]) -> Tensor:
+    """``||g + a*p [+ b*buf]||**2`` per piece, the pieces concatenated (see :func:`_sgd_eager`)."""
+    decay, momentum = coefficients
+    grads = pieces[0]
+    where = segments.segments_of(tuple(t.numel() for t in grads), grads[0].device)
+    out = segments.flat(grads)
+    if decay != 0.0:
+        out.add_(segments.flat(pieces[1]), alpha=decay)
+    if len(pieces) == 3:
+        out.add_(segments.flat(pieces[2]), alpha=momentum)
+    return segments.segment_squares(out, where, len(grads))
 
 
 def _per_tensor(device: torch.device) -> bool:
@@ -685,9 +715,11 @@ def _sgd_eager(
     nesterov = len(lists) == 3
     scratch = _Scratch(chunk)
 
-    def kernel(pieces: list[list[Tensor]], _: list[int]) -> list[Tensor]:
+    def kernel(pieces: list[list[Tensor]], _: list[int]) -> Tensor:
         if decay == 0.0 and not nesterov:
-            return _norms(pieces[0])
+            return torch.stack(_norms(pieces[0]))
+        if _segmented(pieces[0], device):
+            return _sgd_segments(pieces, coefficients).sqrt()
         if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_eager
             norms = []
             for i, grad in enumerate(pieces[0]):
@@ -697,14 +729,14 @@ def _sgd_eager(
                 if nesterov:
                     z.add_(pieces[2][i], alpha=momentum)
                 norms.append(_norm(z))
-            return norms
+            return torch.stack(norms)
         if decay != 0.0:
             zs = list(torch._foreach_add(pieces[0], pieces[1], alpha=decay))
             if nesterov:
                 torch._foreach_add_(zs, pieces[2], alpha=momentum)
         else:
             zs = list(torch._foreach_add(pieces[0], pieces[2], alpha=momentum))
-        return _norms(zs)
+        return torch.stack(_norms(zs))
 
     return _piece_norms(lists, chunk, kernel, device, owners_index)
 
@@ -813,8 +845,10 @@ def _adam_eager(
     on_cpu = _per_tensor(device)
     scratch = _Scratch(chunk)
 
-    def kernel(pieces: list[list[Tensor]], owners: list[int]) -> list[Tensor]:
+    def kernel(pieces: list[list[Tensor]], owners: list[int]) -> Tensor:
         m, v, p = pieces
+        if _segmented(v, device) and isinstance(scale, list):  # host factors
+            return _adam_segments(pieces, [add[j] for j in owners], [alpha[j] for j in owners], decay).sqrt()
         if on_cpu and any(t.numel() > _SCRATCH_MIN_NUMEL for t in v):  # tensor by tensor into reused buffers
             norms = []
             for j, moment, variance, param in zip(owners, m, v, p):
@@ -824,7 +858,7 @@ def _adam_eager(
                 else:
                     out = torch.mul(param, alpha[j], out=scratch.take(1, param)).addcdiv_(moment, denom)
                 norms.append(_norm(out))
-            return norms
+            return torch.stack(norms)
         denoms = list(torch._foreach_sqrt(v))
         torch._foreach_add_(denoms, [add[j] for j in owners])
         if decay == 0.0:  # m / denom, in place: one temporary
@@ -836,8 +870,8 @@ def _adam_eager(
             torch._foreach_addcdiv_(outs, m, denoms)
         fused = _norms(outs)
         if isinstance(scale, list) and not on_cpu:  # host factors: one fused kernel on the 0-d norms, no H2D copy
-            return list(torch._foreach_mul(fused, [scale[j] for j in owners]))
-        return fused
+            return torch.stack(list(torch._foreach_mul(fused, [scale[j] for j in owners])))
+        return torch.stack(fused)
 
     values = _piece_norms(lists, chunk, kernel, device, owners_index)
     if not isinstance(scale, list):
