@@ -177,7 +177,7 @@ def _distinct_sizes() -> Any:
         return contextlib.nullcontext()
     if not hasattr(fx_config, "use_duck_shape"):  # pragma: no cover - older torch
         return contextlib.nullcontext()
-    return fx_config.patch(use_duck_shape=False)
+    return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
 
 
 class CompiledKernels:
@@ -236,9 +236,11 @@ class CompiledKernels:
         return results
 
     def _dummy(self, like: tuple[Tensor, ...], slot: int) -> tuple[Tensor, ...]:
-        """Stand-ins for the arguments ``like``, one set per batch slot: two elements each, or the argument's own
-        shape when it has fewer (a one-element scalar vector is specialised on). Each is a distinct tensor: Dynamo
-        guards on inputs that are the same object."""
+        """Stand-ins for the arguments ``like``, one set per batch slot.
+
+        Two elements each, or the argument's own shape when it has fewer (a one-element scalar vector is
+        specialised on). Each is a distinct tensor: Dynamo guards on inputs that are the same object.
+        """
         shapes = [tuple(t.shape) if t.numel() <= 2 else (2,) for t in like]
         key = (slot, *((t.dtype, t.device, shape) for t, shape in zip(like, shapes)))
         dummy = self._dummies.get(key)

@@ -5,7 +5,8 @@ pays it once per tensor (it loops over them). A LayerNorm weight or a bias holds
 for a batch of them the reconstruction's five elementwise operations cost their dispatch, not their work:
 GPT-2 1M's 20 small tensors took 0.5 ms. Concatenated, the batch is one tensor per operand and each operation
 one kernel; :func:`segment_squares` then sums each tensor's squares back (in float64, one ``index_add_``).
-The copies are bounded: only batches of at most :data:`SEGMENT_MAX_NUMEL` elements in all are concatenated.
+The copies are bounded: only batches of at most :data:`SEGMENT_MAX_NUMEL` elements in all are concatenated, and
+the work needs at most three float32 copies' worth at once (the float64 squares count twice).
 
 Example:
     >>> tensors = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0], [2.0], [2.0]])]
@@ -24,13 +25,19 @@ from torch import Tensor
 
 __all__ = ["SEGMENT_MAX_NUMEL", "flat", "per_element", "segment_squares", "segmented", "segments_of"]
 
-#: On CPU, a batch of at least two tensors with at most this many elements in all is concatenated (its copies
-#: stay in cache, and the temporaries stay far below the reconstruction's bound on extra memory).
-SEGMENT_MAX_NUMEL = 1 << 12
+#: On CPU, a batch of at least two tensors with at most this many elements in all is concatenated (64 KiB per
+#: float32 copy: they stay in cache).
+SEGMENT_MAX_NUMEL = 1 << 14
 
 
-def segmented(tensors: Sequence[Tensor], device: torch.device) -> bool:
+def segmented(tensors: Sequence[Tensor], device: torch.device, limit: int = SEGMENT_MAX_NUMEL) -> bool:
     """Whether ``tensors`` (a batch of one operand) are worth concatenating: several, small, on CPU.
+
+    Args:
+        tensors: The batch.
+        device: Where it lives.
+        limit: At most this many elements in all (and at most :data:`SEGMENT_MAX_NUMEL`): a caller with a bound on
+            its temporaries passes its own.
 
     Example:
         >>> segmented([torch.ones(3), torch.ones(5)], torch.device("cpu"))
@@ -38,7 +45,7 @@ def segmented(tensors: Sequence[Tensor], device: torch.device) -> bool:
     """
     if device.type != "cpu" or len(tensors) < 2 or len({t.dtype for t in tensors}) > 1:
         return False
-    return sum(t.numel() for t in tensors) <= SEGMENT_MAX_NUMEL
+    return sum(t.numel() for t in tensors) <= min(limit, SEGMENT_MAX_NUMEL)
 
 
 @functools.lru_cache(maxsize=64)

@@ -55,7 +55,8 @@ none for momentum SGD or plain SGD, whose step is one tensor's norm taken whole)
 By default ``chunk_numel`` is 1/64 of the
 monitored elements (at most ~3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB
 in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
-large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
+large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels, or,
+when they hold at most a third of a chunk, concatenated: :mod:`gradlight.segments`)
 and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
 number of tensors). On CPU the eager reconstruction takes more time than the copy: both are memory-bound
 passes, but it takes a square root and a division per element in separate kernels (``benchmarks/scale.py``
@@ -554,9 +555,13 @@ def _piece_norms(
     return out.index_add_(0, owners_index(owners, piece_sq.device), piece_sq)
 
 
-def _segmented(pieces: list[Tensor], device: torch.device) -> bool:
-    """Whether a batch of pieces runs concatenated (:mod:`gradlight.segments`: many small ones on CPU)."""
-    return _per_tensor(device) and segments.segmented(pieces, device)
+def _segmented(pieces: list[Tensor], device: torch.device, chunk: int) -> bool:
+    """Whether a batch of pieces runs concatenated (:mod:`gradlight.segments`: many small ones on CPU).
+
+    At most ``chunk // 3`` elements: the concatenated path holds three such temporaries at once (the float64
+    squares count twice), so it stays within one ``chunk``-sized temporary.
+    """
+    return _per_tensor(device) and segments.segmented(pieces, device, chunk // 3)
 
 
 def _adam_segments(pieces: list[list[Tensor]], add: list[float], alpha: list[float], decay: float) -> Tensor:
@@ -718,7 +723,7 @@ def _sgd_eager(
     def kernel(pieces: list[list[Tensor]], _: list[int]) -> Tensor:
         if decay == 0.0 and not nesterov:
             return torch.stack(_norms(pieces[0]))
-        if _segmented(pieces[0], device):
+        if _segmented(pieces[0], device, chunk):
             return _sgd_segments(pieces, coefficients).sqrt()
         if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_eager
             norms = []
@@ -847,7 +852,7 @@ def _adam_eager(
 
     def kernel(pieces: list[list[Tensor]], owners: list[int]) -> Tensor:
         m, v, p = pieces
-        if _segmented(v, device) and isinstance(scale, list):  # host factors
+        if _segmented(v, device, chunk) and isinstance(scale, list):  # host factors
             return _adam_segments(pieces, [add[j] for j in owners], [alpha[j] for j in owners], decay).sqrt()
         if on_cpu and any(t.numel() > _SCRATCH_MIN_NUMEL for t in v):  # tensor by tensor into reused buffers
             norms = []
