@@ -5,16 +5,16 @@ a step it records, plus the optimizer step between the two calls (the update rat
 straddle it). The baseline is the ``gradlight`` package of ``--baseline`` (``git archive``), imported under
 another name next to the working tree's, so that both run on the same model, gradients and machine state.
 
-The model (``--model``) is Ultralytics' ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its
-real loss on random 320 px images, batch 8, SGD with momentum (the default); a GPT-2 of ``benchmarks/scale.py``
+The model (``--model``) is Ultralytics' ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its real
+loss on random 320 px images, batch 8, SGD with momentum (the default); a GPT-2 of ``benchmarks/scale.py``
 (``gpt2-1m``, ``gpt2-7m``: its AdamW, batch 4 x 64 tokens); or torchvision's resnet18 of
-``benchmarks/small_overhead.py`` (32 px, batch 16, SGD with momentum and weight decay). One thread. Each round
-takes fresh gradients (one forward and backward, not timed), then times ``--repeats`` logged steps of each version, alternating, the
-first version swapped every round. Besides the medians over all steps it reports the median of the per-round
-ratios, which pairs steps taken at the same moment and so cancels most of the drift of a shared machine.
-Before timing, both versions record the same step from the same state: the script reports whether their
-records are bitwise equal and how many aten operators each dispatched for it (optimizer step included),
-a count that does not depend on the machine's load.
+``benchmarks/small_overhead.py`` (32 px, batch 16, SGD with momentum and weight decay). One thread. Each round takes
+fresh gradients (one forward and backward, not timed), then times ``--repeats`` logged steps of each version,
+alternating, the first version swapped every round. Besides the medians over all steps it reports the median of the
+per-round ratios, which pairs steps taken at the same moment and so cancels most of the drift of a shared machine.
+Before timing, both versions record the same step from the same state: the script reports whether their records are
+bitwise equal and how many aten operators each dispatched for it (optimizer step included), a count that does not
+depend on the machine's load.
 
 Usage::
 
