@@ -55,8 +55,7 @@ none for momentum SGD or plain SGD, whose step is one tensor's norm taken whole)
 By default ``chunk_numel`` is 1/64 of the
 monitored elements (at most ~3% of the parameter bytes at the peak), capped at 65536 elements on CPU (256 KiB
 in float32: the temporaries stay in cache, so the reconstruction reads each state tensor once from memory;
-large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels, or,
-when they hold at most a third of a chunk, concatenated: :mod:`gradlight.segments`)
+large pieces run tensor by tensor into two reused buffers, batches of small tensors as multi-tensor kernels)
 and at least 65536 on accelerators (at most ~130 batches of about six multi-tensor kernels each, whatever the
 number of tensors). On CPU the eager reconstruction takes more time than the copy: both are memory-bound
 passes, but it takes a square root and a division per element in separate kernels (``benchmarks/scale.py``
@@ -91,7 +90,6 @@ import torch
 from torch import Tensor
 
 from gradlight import compiled as compiled_kernels
-from gradlight import segments
 from gradlight.compiled import (
     FUSED_DEVICES,
     FUSED_DTYPES,
@@ -500,7 +498,7 @@ def _host_values(steps: Sequence[Tensor | None]) -> list[float]:
     return [next(values) if s is not None else 0.0 for s in steps]
 
 
-Kernel = Callable[[list[list[Tensor]], list[int]], Tensor]
+Kernel = Callable[[list[list[Tensor]], list[int]], list[Tensor]]
 
 
 def _piece_norms(
@@ -510,7 +508,7 @@ def _piece_norms(
 
     ``lists`` holds aligned tensor lists (e.g. parameters, first and second moments). Tensors above ``chunk``
     elements are cut into aligned flat slices (views); batches of pieces of at most ``chunk`` elements go to
-    ``kernel(piece_lists, owners)``, which returns a vector of one norm per piece (float32 or wider).
+    ``kernel(piece_lists, owners)``, which returns one float32 norm per piece.
     """
     count = len(lists[0])
     if not count:
@@ -524,7 +522,7 @@ def _piece_norms(
     def flush() -> None:
         nonlocal filled
         if batch_owners:
-            norms.append(kernel([list(b) for b in batch], list(batch_owners)))
+            norms.extend(kernel([list(b) for b in batch], list(batch_owners)))
             owners.extend(batch_owners)
         for b in batch:
             b.clear()
@@ -548,44 +546,11 @@ def _piece_norms(
             batch_owners.append(i)
             filled += size
     flush()
-    piece_sq = squares(torch.cat(norms))
+    piece_sq = squares(torch.stack(norms).float())
     if owners == list(range(count)):
         return piece_sq
     out = torch.zeros(count, dtype=piece_sq.dtype, device=piece_sq.device)
     return out.index_add_(0, owners_index(owners, piece_sq.device), piece_sq)
-
-
-def _segmented(pieces: list[Tensor], device: torch.device, chunk: int) -> bool:
-    """Whether a batch of pieces runs concatenated (:mod:`gradlight.segments`: many small ones on CPU).
-
-    At most ``chunk // 3`` elements: the concatenated path holds three such temporaries at once (the float64
-    squares count twice), so it stays within one ``chunk``-sized temporary.
-    """
-    return _per_tensor(device) and segments.segmented(pieces, device, chunk // 3)
-
-
-def _adam_segments(pieces: list[list[Tensor]], add: list[float], alpha: list[float], decay: float) -> Tensor:
-    """``||m / (sqrt(v) + add) + alpha * p||**2`` per piece, the pieces concatenated (see :func:`_adam_eager`)."""
-    m, v, p = pieces
-    where = segments.segments_of(tuple(t.numel() for t in v), v[0].device)
-    out = segments.flat(v).sqrt_().add_(segments.per_element(add, where, v[0].dtype))
-    out = torch.div(segments.flat(m), out, out=out)
-    if decay != 0.0:
-        out = segments.flat(p).mul_(segments.per_element(alpha, where, p[0].dtype)).add_(out)
-    return segments.segment_squares(out, where, len(v))
-
-
-def _sgd_segments(pieces: list[list[Tensor]], coefficients: tuple[float, float]) -> Tensor:
-    """``||g + a*p [+ b*buf]||**2`` per piece, the pieces concatenated (see :func:`_sgd_eager`)."""
-    decay, momentum = coefficients
-    grads = pieces[0]
-    where = segments.segments_of(tuple(t.numel() for t in grads), grads[0].device)
-    out = segments.flat(grads)
-    if decay != 0.0:
-        out.add_(segments.flat(pieces[1]), alpha=decay)
-    if len(pieces) == 3:
-        out.add_(segments.flat(pieces[2]), alpha=momentum)
-    return segments.segment_squares(out, where, len(grads))
 
 
 def _per_tensor(device: torch.device) -> bool:
@@ -720,11 +685,9 @@ def _sgd_eager(
     nesterov = len(lists) == 3
     scratch = _Scratch(chunk)
 
-    def kernel(pieces: list[list[Tensor]], _: list[int]) -> Tensor:
+    def kernel(pieces: list[list[Tensor]], _: list[int]) -> list[Tensor]:
         if decay == 0.0 and not nesterov:
-            return torch.stack(_norms(pieces[0]))
-        if _segmented(pieces[0], device, chunk):
-            return _sgd_segments(pieces, coefficients).sqrt()
+            return _norms(pieces[0])
         if _per_tensor(device) and any(t.numel() > _SCRATCH_MIN_NUMEL for t in pieces[0]):  # see _adam_eager
             norms = []
             for i, grad in enumerate(pieces[0]):
@@ -734,14 +697,14 @@ def _sgd_eager(
                 if nesterov:
                     z.add_(pieces[2][i], alpha=momentum)
                 norms.append(_norm(z))
-            return torch.stack(norms)
+            return norms
         if decay != 0.0:
             zs = list(torch._foreach_add(pieces[0], pieces[1], alpha=decay))
             if nesterov:
                 torch._foreach_add_(zs, pieces[2], alpha=momentum)
         else:
             zs = list(torch._foreach_add(pieces[0], pieces[2], alpha=momentum))
-        return torch.stack(_norms(zs))
+        return _norms(zs)
 
     return _piece_norms(lists, chunk, kernel, device, owners_index)
 
@@ -850,10 +813,8 @@ def _adam_eager(
     on_cpu = _per_tensor(device)
     scratch = _Scratch(chunk)
 
-    def kernel(pieces: list[list[Tensor]], owners: list[int]) -> Tensor:
+    def kernel(pieces: list[list[Tensor]], owners: list[int]) -> list[Tensor]:
         m, v, p = pieces
-        if _segmented(v, device, chunk) and isinstance(scale, list):  # host factors
-            return _adam_segments(pieces, [add[j] for j in owners], [alpha[j] for j in owners], decay).sqrt()
         if on_cpu and any(t.numel() > _SCRATCH_MIN_NUMEL for t in v):  # tensor by tensor into reused buffers
             norms = []
             for j, moment, variance, param in zip(owners, m, v, p):
@@ -863,7 +824,7 @@ def _adam_eager(
                 else:
                     out = torch.mul(param, alpha[j], out=scratch.take(1, param)).addcdiv_(moment, denom)
                 norms.append(_norm(out))
-            return torch.stack(norms)
+            return norms
         denoms = list(torch._foreach_sqrt(v))
         torch._foreach_add_(denoms, [add[j] for j in owners])
         if decay == 0.0:  # m / denom, in place: one temporary
@@ -875,8 +836,8 @@ def _adam_eager(
             torch._foreach_addcdiv_(outs, m, denoms)
         fused = _norms(outs)
         if isinstance(scale, list) and not on_cpu:  # host factors: one fused kernel on the 0-d norms, no H2D copy
-            return torch.stack(list(torch._foreach_mul(fused, [scale[j] for j in owners])))
-        return torch.stack(fused)
+            return list(torch._foreach_mul(fused, [scale[j] for j in owners]))
+        return fused
 
     values = _piece_norms(lists, chunk, kernel, device, owners_index)
     if not isinstance(scale, list):
