@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                      # all sizes (about 3 min on a busy 2-core CPU)
     python benchmarks/scale.py --max-params 20e6    # the small ones only
+    python benchmarks/scale.py --clock cpu          # timed with the thread's CPU time (a machine other jobs share)
 
 Every model is a Hugging Face ``GPT2LMHeadModel`` built from a config (no download), trained with
 ``torch.optim.AdamW`` (its CPU default, the for-loop implementation) on random tokens, batch 4 x 64. Per

@@ -2,6 +2,7 @@
 
     python benchmarks/small_overhead.py                        # resnet18 at 32 px (about 2 min on a busy CPU)
     python benchmarks/small_overhead.py --models resnet18 yolo11n --steps 10
+    python benchmarks/small_overhead.py --clock cpu            # the thread's CPU time (a machine other jobs share)
 
 A plain PyTorch loop on one CPU thread. Each model is built twice with the same weights: a bare twin (no
 monitor) and a monitored one, with :class:`gradlight.recorder.GradientFlowRecorder` logging every step with
