@@ -156,12 +156,20 @@ def compile_unavailable(device: torch.device) -> str | None:
 BATCH = 8
 
 
-def _batched(function: Callable[..., Any]) -> Callable[..., list[Any]]:
-    """``function`` over :data:`BATCH` argument tuples at once: ``many([a0, a1, ...], [b0, b1, ...])``."""
+@functools.lru_cache(maxsize=16)
+def _batched(function: Callable[..., Any], name: str) -> Callable[..., list[Any]]:
+    """``function`` over :data:`BATCH` argument tuples at once: ``many([a0, a1, ...], [b0, b1, ...])``.
+
+    Each kernel's wrapper gets a code object of its own (named after the kernel): Dynamo keeps its compiled
+    variants per code object, up to ``recompile_limit`` (8), and the four kernels in two dtypes would otherwise
+    share that budget. Made once per kernel (cached): every :class:`CompiledKernels` then finds the variants
+    compiled before it.
+    """
 
     def many(*columns: list[Tensor]) -> list[Any]:
         return [function(*args) for args in zip(*columns)]
 
+    many.__code__ = many.__code__.replace(co_name=f"batched_{name}")
     return many
 
 
@@ -199,7 +207,7 @@ class CompiledKernels:
         try:
             function = self.functions.get(name)
             if function is None:
-                function = self.functions[name] = torch.compile(_batched(FUNCTIONS[name]), dynamic=True)
+                function = self.functions[name] = torch.compile(_batched(FUNCTIONS[name], name), dynamic=True)
             out: list[Any] = [None] * len(calls)
             for positions in _by_dtypes(calls):
                 for start in range(0, len(positions), BATCH):
