@@ -433,6 +433,13 @@ def test_a_compiled_call_serves_a_batch_of_tensors_in_order(monkeypatch: pytest.
         assert float(top) == float(tensor.abs().max())
 
 
+def test_each_kernel_is_batched_once_under_a_code_object_of_its_own() -> None:
+    """Dynamo keeps at most 8 compiled variants per code object: the kernels must not share one."""
+    wrappers = {name: compiled_kernels._batched(f, name) for name, f in compiled_kernels.FUNCTIONS.items()}
+    assert len({wrapper.__code__ for wrapper in wrappers.values()}) == len(compiled_kernels.FUNCTIONS)
+    assert compiled_kernels._batched(compiled_kernels.FUNCTIONS["adam"], "adam") is wrappers["adam"]
+
+
 def _failing_compile(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("no compiler here (injected)")
 
