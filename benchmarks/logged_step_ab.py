@@ -5,18 +5,24 @@ a step it records, plus the optimizer step between the two calls (the update rat
 straddle it). The baseline is the ``gradlight`` package of ``--baseline`` (``git archive``), imported under
 another name next to the working tree's, so that both run on the same model, gradients and machine state.
 
-The model is Ultralytics' ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its real loss
-on random 320 px images, batch 8, SGD with momentum, one thread. Each round takes fresh gradients (one
-forward and backward, not timed), then times ``--repeats`` logged steps of each version, alternating, the
-first version swapped every round. Besides the medians over all steps it reports the median of the per-round
-ratios, which pairs steps taken at the same moment and so cancels most of the drift of a shared machine.
-Before timing, both versions record the same step from the same state: the script reports whether their
-records are bitwise equal and how many aten operators each dispatched for it (optimizer step included),
-a count that does not depend on the machine's load.
+The model (``--model``) is Ultralytics' ``yolo11n.yaml`` DetectionModel (built from YAML, no download) with its real
+loss on random 320 px images, batch 8, SGD with momentum (the default); a GPT-2 of ``benchmarks/scale.py``
+(``gpt2-1m``, ``gpt2-7m``: its AdamW, batch 4 x 64 tokens); or torchvision's resnet18 of
+``benchmarks/small_overhead.py`` (32 px, batch 16, SGD with momentum and weight decay). One thread. Each round takes
+fresh gradients (one forward and backward, not timed), then times ``--repeats`` logged steps of each version,
+alternating, the first version swapped every round. Besides the medians over all steps it reports the median of the
+per-round ratios, which pairs steps taken at the same moment and so cancels most of the drift of a shared machine.
+Before timing, both versions record the same step from the same state: the script reports whether their records are
+bitwise equal and how many aten operators each dispatched for it (optimizer step included), a count that does not
+depend on the machine's load.
 
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/logged_step_ab.py --baseline HEAD~1
+    OMP_NUM_THREADS=1 python benchmarks/logged_step_ab.py --baseline HEAD~3 --model gpt2-1m --clock cpu
+
+``--clock cpu`` times with the thread's CPU time instead of the wall clock: on a machine other jobs share, it
+leaves out the time another process held the core.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from types import ModuleType
@@ -60,6 +67,36 @@ def import_baseline(revision: str, folder: Path) -> ModuleType:
         source.write_text(pattern.sub(lambda m: m.group(0).replace("gradlight", BASELINE_PACKAGE), source.read_text()))
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{BASELINE_PACKAGE}.tracker")
+
+
+MODELS = ("yolo11n", "gpt2-1m", "gpt2-7m", "resnet18")
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def make(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], None]]:
+    """The model ``name``, its optimizer, and one backward pass on its fixed batch (gradients zeroed first)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if name.startswith("gpt2"):
+        import scale
+
+        model, optimizer, tokens = scale.build(name)
+        loss: Callable[[], torch.Tensor] = lambda: model(input_ids=tokens, labels=tokens).loss  # noqa: E731
+    elif name == "resnet18":
+        import small_overhead
+
+        model, of = small_overhead.build(name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        loss = lambda: of(model)  # noqa: E731
+    else:
+        model, data = make_model()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+        loss = lambda: model.loss(data)[0].sum()  # noqa: E731
+
+    def backward() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss().backward()
+
+    return model, optimizer, backward
 
 
 def make_model() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -118,23 +155,22 @@ def main() -> None:
     parser.add_argument("--baseline", default="HEAD~1", help="git revision of the baseline (default HEAD~1)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds, each with fresh gradients")
     parser.add_argument("--repeats", type=int, default=5, help="logged steps of each version per round")
+    parser.add_argument("--model", choices=MODELS, default="yolo11n", help="the model and its optimizer")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time or the thread's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    clock = CLOCKS[args.clock]
+    load = os.getloadavg()
 
     from gradlight.tracker import GradientFlowTracker
 
     with tempfile.TemporaryDirectory() as folder:
         baseline = import_baseline(args.baseline, Path(folder))
-        model, data = make_model()
+        model, optimizer, backward = make(args.model)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         versions = {"baseline": baseline.GradientFlowTracker(model), "working tree": GradientFlowTracker(model)}
-
-        def backward() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            loss, _ = model.loss(data)
-            loss.sum().backward()
-
+        backward()
+        optimizer.step()  # the optimizer's state exists before the state is saved below
         backward()
         state = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
         records, operators = {}, {}
@@ -155,9 +191,9 @@ def main() -> None:
             this_round: dict[str, list[float]] = {name: [] for name in versions}
             for _ in range(args.repeats):
                 for name in order:
-                    start = time.perf_counter()
+                    start = clock()
                     logged_step(versions[name], optimizer, params, round_)
-                    this_round[name].append(time.perf_counter() - start)
+                    this_round[name].append(clock() - start)
             for name, values in this_round.items():
                 times[name].extend(values)
             paired.append(statistics.median(this_round["working tree"]) / statistics.median(this_round["baseline"]))
@@ -165,9 +201,10 @@ def main() -> None:
 
     tensors = len(params)
     print(
-        f"yolo11n.yaml, 320 px, batch 8, {tensors} trainable tensors, SGD momentum, "
-        f"{torch.get_num_threads()} thread; {args.rounds} rounds x {args.repeats} logged steps per version"
+        f"{args.model}, {tensors} trainable tensors, {type(optimizer).__name__}, {torch.get_num_threads()} thread; "
+        f"{args.rounds} rounds x {args.repeats} logged steps per version; clock: {args.clock}"
     )
+    print(f"load average before: {load[0]:.2f}, after: {os.getloadavg()[0]:.2f}")
     print(f"baseline: {args.baseline}; records of the same step bitwise equal: {equal}")
     print(f"{'version':<14}{'median ms':>11}{'mean ms':>10}{'aten ops':>10}")
     for name, values in times.items():

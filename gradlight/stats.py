@@ -601,7 +601,13 @@ class CpuKernels:
     def parameter_statistics(
         self, params: Sequence[Tensor], device: torch.device | None, copy: bool
     ) -> tuple[Tensor, Snapshot | None]:
-        """Squared L2 norm of each tensor and, if ``copy``, a snapshot of them (a stack is its own copy)."""
+        """Squared L2 norm of each tensor and, if ``copy``, a snapshot of them (a stack is its own copy).
+
+        Without a copy, one ``_foreach_norm`` over all of them: it runs tensor by tensor inside one call, which
+        costs less than building the stacks (GPT-2 1M's 28 parameters: 0.18 against 0.26 ms).
+        """
+        if not copy:
+            return squares(foreach_norms(params, 2.0, device)), None
         norms, copies = [], []
         for block, dim in self._blocks(params):
             norms.append(_norm(block, dim))

@@ -402,6 +402,44 @@ def test_one_compilation_serves_every_tensor_size(monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
 
 
+def test_a_compiled_call_serves_a_batch_of_tensors_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to ``BATCH`` tensors per compiled call, one dtype per call, results back in the callers' order."""
+    _use_fused(monkeypatch)
+    batches: list[int] = []
+    original = torch.compile
+
+    def counting(function: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        compiled = original(function, **options)
+
+        def run(*columns: list[Tensor]) -> Any:
+            batches.append(len(columns[0]))
+            return compiled(*columns)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting)
+    generator = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32] * 6 + [torch.float64] * 3 + [torch.float32] * 5  # 11 float32, 3 float64, interleaved
+    tensors = [torch.randn(100 + 37 * i, generator=generator).to(dtype) for i, dtype in enumerate(dtypes)]
+    tensors[4][7] = float("nan")  # stays in its own result
+    out = compiled_kernels.CompiledKernels().run("gradient", [(t,) for t in tensors], torch.device("cpu"))
+    assert out is not None and len(out) == len(tensors)
+    assert batches == [compiled_kernels.BATCH] * 3  # 8 + 3 float32 (padded), 3 float64 (padded)
+    for i, (tensor, (sq, top)) in enumerate(zip(tensors, out)):
+        if i == 4:
+            assert sq.isnan() and top.isnan()
+            continue
+        torch.testing.assert_close(sq, tensor.double().square().sum(), rtol=1e-12, atol=0.0)
+        assert float(top) == float(tensor.abs().max())
+
+
+def test_each_kernel_is_batched_once_under_a_code_object_of_its_own() -> None:
+    """Dynamo keeps at most 8 compiled variants per code object: the kernels must not share one."""
+    wrappers = {name: compiled_kernels._batched(f, name) for name, f in compiled_kernels.FUNCTIONS.items()}
+    assert len({wrapper.__code__ for wrapper in wrappers.values()}) == len(compiled_kernels.FUNCTIONS)
+    assert compiled_kernels._batched(compiled_kernels.FUNCTIONS["adam"], "adam") is wrappers["adam"]
+
+
 def _failing_compile(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("no compiler here (injected)")
 

@@ -70,7 +70,7 @@ def median_update_ratio(step: StepContext) -> float | None:
     return float(np.median(values)) if values.size else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossReading:
     """The curve's numbers at one logged step (see the module docstring)."""
 
@@ -100,6 +100,11 @@ class LossReading:
             "loss_window": self.window,
             "steps_since_start": self.span,
         }
+
+
+#: The last :meth:`LossCurve.read`: ``(the curve's content, its reading)``, shared by the loss detectors (one
+#: slot, replaced whole: a reader never sees a key with another curve's reading).
+_LAST_READING: list[tuple[tuple[Any, ...], LossReading] | None] = [None]
 
 
 class LossCurve:
@@ -140,9 +145,22 @@ class LossCurve:
         return window is not None and len(self.window) >= window
 
     def read(self) -> LossReading | None:
-        """The curve's numbers, or ``None`` before any loss."""
+        """The curve's numbers, or ``None`` before any loss.
+
+        The three loss detectors each keep a curve of the same losses and read it at the same step: the last
+        reading is kept, and a curve equal to the one it was made from gets it back without the medians,
+        percentiles and trend statistics being computed again.
+        """
         if not self.initial or self.start is None:
             return None
+        key = (self.start, self.last_step, tuple(self.initial), tuple(self.window))
+        last = _LAST_READING[0]
+        if last is None or last[0] != key:
+            last = _LAST_READING[0] = (key, self._measure(self.start))
+        return last[1]
+
+    def _measure(self, start: int) -> LossReading:
+        """The curve's numbers (see :meth:`read`)."""
         values = np.asarray(self.window, dtype=np.float64)
         initial = float(np.median(self.initial))
         half = max(1, values.size // 2)
@@ -159,7 +177,7 @@ class LossCurve:
             trend_z=mann_kendall_z(values),
             recent_z=mann_kendall_z(values[-half:]),
             swing=(high - low) / level,
-            span=self.last_step - self.start,
+            span=self.last_step - start,
             window=int(values.size),
             first=first,
             low=low,
