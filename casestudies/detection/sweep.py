@@ -170,14 +170,24 @@ def plot_map_vs_lr(rows: pd.DataFrame, best: dict[str, float], path: Path) -> Pa
     return path
 
 
-def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], stage: str = "both") -> int:
-    """Stage 1 (every variant at every ``lr0``), then stage 2 (best ``lr0``, every seed). Returns an exit code."""
+def run_sweep(
+    config: GridConfig,
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    stage: str = "both",
+    warmup: dict[str, float] | None = None,
+) -> int:
+    """Stage 1 (every variant at every ``lr0``), then stage 2 (best ``lr0``, every seed). Returns an exit code.
+
+    ``warmup`` is the warm-up rule every variant shares (default :data:`WARMUP`, Ultralytics' own).
+    """
+    warmup = dict(WARMUP if warmup is None else warmup)
     from casestudies.detection.grid.runner import run_grid
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     code = 0
-    grids = {float(lr): lr_config(config, lr, lr_dir(out, lr)) for lr in lrs}
+    grids = {float(lr): lr_config(config, lr, lr_dir(out, lr), warmup) for lr in lrs}
     if stage in ("both", "lrs"):
         for grid in grids.values():
             code = max(code, run_grid(grid))
@@ -195,14 +205,21 @@ def run_sweep(config: GridConfig, lrs: Sequence[float], seeds: Sequence[int], st
     print(summary.markdown_table(rows[[c for c in SWEEP_COLUMNS if c in rows.columns]]))
     print("best lr0:", ", ".join(f"{v} {lr:g}" for v, lr in best.items()))
     if stage in ("both", "best") and seeds:
-        code = max(code, _stage_two(config, best, seeds, out))
+        code = max(code, _stage_two(config, best, seeds, out, warmup))
     return code
 
 
-def best_config(config: GridConfig, variant: str, lr0: float, seeds: Sequence[int], out: Path) -> GridConfig:
+def best_config(
+    config: GridConfig,
+    variant: str,
+    lr0: float,
+    seeds: Sequence[int],
+    out: Path,
+    warmup: dict[str, float] | None = None,
+) -> GridConfig:
     """Stage 2's grid of one variant: ``variant`` at ``lr0`` with every seed, in ``OUT/best-<variant>/``."""
     folder = Path(out) / f"best-{variant}"
-    return dataclasses.replace(lr_config(config, lr0, folder), variants=[variant], seeds=list(seeds))
+    return dataclasses.replace(lr_config(config, lr0, folder, warmup), variants=[variant], seeds=list(seeds))
 
 
 def reuse_stage_one(config: GridConfig, variant: str, lr0: float, seeds: Sequence[int], out: Path) -> Path | None:
@@ -230,13 +247,15 @@ def reuse_stage_one(config: GridConfig, variant: str, lr0: float, seeds: Sequenc
     return target
 
 
-def _stage_two(config: GridConfig, best: dict[str, float], seeds: Sequence[int], out: Path) -> int:
+def _stage_two(
+    config: GridConfig, best: dict[str, float], seeds: Sequence[int], out: Path, warmup: dict[str, float]
+) -> int:
     from casestudies.detection import seeds as seed_stats
     from casestudies.detection.grid.runner import run_grid
 
     code, tables = 0, []
     for variant, lr0 in best.items():
-        grid = best_config(config, variant, lr0, seeds, out)
+        grid = best_config(config, variant, lr0, seeds, out, warmup)
         folder = Path(grid.out)
         if (reused := reuse_stage_one(config, variant, lr0, seeds, out)) is not None:
             print(f"sweep: seed {config.seed} of {variant} at lr0 {lr0:g} is stage 1's run, copied to {reused}")
@@ -273,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", default="0.001,0.003,0.01,0.02", help="comma-separated lr0 values")
     parser.add_argument("--seeds", default="0,1,2", help="stage 2 seeds; empty: stage 1 only")
     parser.add_argument("--stage", choices=("both", "lrs", "best"), default="both")
+    parser.add_argument(
+        "--warmup-bias-lr",
+        type=float,
+        default=WARMUP["warmup_bias_lr"],
+        help="every bias's learning rate at the start of warm-up, lowered linearly to lr0 (Ultralytics: 0.1; "
+        "0: the biases ramp from 0 like the weights)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     configure_offline()
@@ -291,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(lrs) < 1:
         print(f"sweep: error: --lrs {args.lrs!r} gives no learning rate", file=sys.stderr)
         return 2
-    return run_sweep(config, lrs, seeds, args.stage)
+    if not args.warmup_bias_lr >= 0:
+        print(f"sweep: error: --warmup-bias-lr {args.warmup_bias_lr!r} is not valid; it must be >= 0", file=sys.stderr)
+        return 2
+    return run_sweep(config, lrs, seeds, args.stage, {**WARMUP, "warmup_bias_lr": args.warmup_bias_lr})
 
 
 if __name__ == "__main__":

@@ -67,6 +67,27 @@ def test_every_learning_rate_shares_one_warmup_rule(tmp_path: Path) -> None:
         sweep.lr_config(config, 0.0, tmp_path)
 
 
+def test_the_bias_warmup_option_reaches_both_stages_and_a_negative_value_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--warmup-bias-lr`` changes only the bias warm-up, in stage 1 and stage 2 alike (nothing trains here)."""
+    seen: list[dict[str, float]] = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda config, lrs, seeds, stage, warmup: seen.append(warmup) or 0)
+    assert sweep.main(["--preset", "smoke", "--lrs", "0.01", "--warmup-bias-lr", "0", "--out", str(tmp_path)]) == 0
+    assert seen == [{"warmup_epochs": 3.0, "warmup_bias_lr": 0.0}]
+    config = GridConfig(preset="smoke", training={"momentum": 0.9})
+    stage_one = sweep.lr_config(config, 0.01, tmp_path, seen[0])
+    stage_two = sweep.best_config(config, "no_bn", 0.01, [0, 1], tmp_path, seen[0])
+    for grid in (stage_one, stage_two):
+        training = grid.training
+        assert (training["warmup_bias_lr"], training["warmup_epochs"], training["lr0"]) == (0.0, 3.0, 0.01)
+    assert sweep.best_config(config, "no_bn", 0.01, [0], tmp_path).training["warmup_bias_lr"] == 0.1  # the default
+
+    assert sweep.main(["--preset", "smoke", "--warmup-bias-lr", "-0.1", "--out", str(tmp_path)]) == 2
+    assert "--warmup-bias-lr -0.1 is not valid" in capsys.readouterr().err
+    assert len(seen) == 1  # refused before anything ran
+
+
 def test_map_vs_lr_figure(tmp_path: Path) -> None:
     rows = sweep.sweep_rows(grid_rows())
     path = sweep.plot_map_vs_lr(rows, sweep.best_lrs(rows), tmp_path / "map_vs_lr.png")
