@@ -11,6 +11,7 @@ import numpy as np
 from gradlight.activations import ActivationStats
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors import DETECTORS, Detector, ForwardSeen, Reference, RunState, StepContext
+from gradlight.diagnosis.detectors.loss_curve import LossCurve, LossReading
 from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile
 from gradlight.records import GLOBAL_LAYER
@@ -91,6 +92,11 @@ class GradientDiagnosis:
         self.default_stream: str | None = None
         #: Detectors of every other stream, by stream key.
         self.streams: dict[str, list[Detector]] = {}
+        #: The loss curve of the first stream seen, and of every other stream by stream key: each logged step's
+        #: loss is added to its stream's curve once and the curve read once, for every loss detector.
+        self.loss_curve = LossCurve(self.config)
+        self.stream_loss_curves: dict[str, LossCurve] = {}
+        self._reads_loss = any(detector.needs_loss_reading for detector in self.detectors)
 
     def update(
         self,
@@ -128,6 +134,7 @@ class GradientDiagnosis:
                 gradient (``optimizer.zero_grad()`` not called between them; :mod:`gradlight.carry_probe`),
                 ``None`` when unknown.
         """
+        detectors, curve = self._stream_of(stream)
         step = StepContext(
             record=record,
             activations=activations,
@@ -145,12 +152,17 @@ class GradientDiagnosis:
             nonfinite_modules=nonfinite_modules,
             forward=forward,
             grads_carried=grads_carried,
+            loss_reading=self._read_loss(curve, record.step, loss),
             is_reported=lambda kind, layer, severity: _key(kind, layer, severity, stream) in self.reported,
         )
         finite = step.gradients_finite
         found: list[Finding] = []
-        for detector in self._detectors_of(stream):
-            if (detector.needs_finite_gradients and not finite) or (detector.needs_activations and activations is None):
+        for detector in detectors:
+            if (
+                (detector.needs_finite_gradients and not finite)
+                or (detector.needs_activations and activations is None)
+                or (detector.needs_loss_reading and step.loss_reading is None)
+            ):
                 continue
             found += detector.check(step)
         new = [
@@ -176,18 +188,31 @@ class GradientDiagnosis:
         message = f"{finding.message} (on the steps of the optimizer of `{stream}`)"
         return dataclasses.replace(finding, evidence=evidence, message=message)
 
-    def _detectors_of(self, stream: str | None) -> list[Detector]:
-        """The detectors that keep ``stream``'s state (the first stream seen uses :attr:`detectors`)."""
+    def _stream_of(self, stream: str | None) -> tuple[list[Detector], LossCurve]:
+        """The detectors and the loss curve that keep ``stream``'s state.
+
+        The first stream seen uses :attr:`detectors` and :attr:`loss_curve`.
+        """
         if stream is None:
-            return self.detectors
+            return self.detectors, self.loss_curve
         if self.default_stream is None:
             self.default_stream = stream
         if stream == self.default_stream:
-            return self.detectors
-        detectors = self.streams.get(stream)
-        if detectors is None:
-            detectors = self.streams[stream] = [type(detector)(self.config) for detector in self.detectors]
-        return detectors
+            return self.detectors, self.loss_curve
+        if stream not in self.streams:
+            self.streams[stream] = [type(detector)(self.config) for detector in self.detectors]
+            self.stream_loss_curves[stream] = LossCurve(self.config)
+        return self.streams[stream], self.stream_loss_curves[stream]
+
+    def _read_loss(self, curve: LossCurve, step: int, loss: float | None) -> LossReading | None:
+        """The stream's loss curve read after adding the step's loss (:attr:`StepContext.loss_reading`).
+
+        ``None`` when no detector reads it, ``loss_window`` is ``None``, or the loss is unknown or not finite
+        (then nothing is added).
+        """
+        if not self._reads_loss or self.config.loss_window is None:
+            return None
+        return curve.update(step, loss)
 
     def reference(self, record: StepRecord) -> Reference:
         """The reference gradient: geometric mean of the last ``reference_layers`` matrix layers' ``grad_l2``.
@@ -211,23 +236,29 @@ class GradientDiagnosis:
         return Reference(float(np.exp(np.log(values[keep]).mean())), [record.layers[i] for i in chosen])
 
     def state_dict(self) -> dict[str, Any]:
-        """What was reported and every detector's running state, so a resumed run does not re-report."""
+        """What was reported and every stream's state (detectors, loss curve), so a resumed run does not re-report."""
         return {
-            "version": 2,
+            "version": 3,
             "reported": sorted(list(key) for key in self.reported),
             "findings_count": self.findings_count,
             "notes_count": self.notes_count,
             "run": self.run.state_dict(),
             "detectors": {detector.kind: detector.state_dict() for detector in self.detectors},
+            "loss_curve": self.loss_curve.state_dict(),
             "default_stream": self.default_stream,
             "streams": {
                 key: {detector.kind: detector.state_dict() for detector in detectors}
                 for key, detectors in self.streams.items()
             },
+            "stream_loss_curves": {key: curve.state_dict() for key, curve in self.stream_loss_curves.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a version-1 state restores what was reported and the count)."""
+        """Restore :meth:`state_dict`.
+
+        A version-1 state restores what was reported and the count. A version-2 state kept the loss curve in each
+        loss detector's state (``"curve"``, the same losses in each): the first one found is the stream's curve.
+        """
         self.reported = {
             (
                 str(entry[0]),
@@ -241,12 +272,23 @@ class GradientDiagnosis:
         self.notes_count = int(state.get("notes_count", 0))
         self.run.load_state_dict(state.get("run", {"exploded": state.get("exploded", False)}))
         _load_detectors(self.detectors, state.get("detectors", {}))
+        self.loss_curve = self._loss_curve(state.get("loss_curve"), state.get("detectors", {}))
         default = state.get("default_stream")
         self.default_stream = None if default is None else str(default)
-        self.streams = {}
+        self.streams, self.stream_loss_curves = {}, {}
+        curves = state.get("stream_loss_curves", {})
         for key, states in state.get("streams", {}).items():
             self.streams[str(key)] = [type(detector)(self.config) for detector in self.detectors]
             _load_detectors(self.streams[str(key)], states)
+            self.stream_loss_curves[str(key)] = self._loss_curve(curves.get(key), states)
+
+    def _loss_curve(self, state: Mapping[str, Any] | None, detectors: Mapping[str, Any]) -> LossCurve:
+        """A stream's loss curve from its ``state``; without one (a version-2 state), from its detectors' states."""
+        if state is None:
+            state = next((entry["curve"] for entry in detectors.values() if "curve" in entry), {})
+        curve = LossCurve(self.config)
+        curve.load_state_dict(state)
+        return curve
 
 
 def _key(kind: str, layer: str, severity: str, stream: str | None) -> tuple[str, str, str, str]:

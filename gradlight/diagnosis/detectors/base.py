@@ -11,6 +11,7 @@ import numpy as np
 
 from gradlight.activations import ActivationStats
 from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.detectors.loss_curve import LossReading
 from gradlight.diagnosis.finding import Finding
 from gradlight.diagnosis.profile import ModelProfile, ResidualGain
 from gradlight.diagnosis.rules import RuleContext, explain
@@ -99,6 +100,10 @@ class StepContext:
         forward: Which modules this step's forward pass ran, where they were watched (:class:`ForwardSeen`).
         grads_carried: Whether the gradient stepped with still held the optimizer's previous gradient (no
             ``zero_grad`` between the steps), ``None`` when unknown.
+        loss_reading: The stream's loss curve read at this step, after the engine added the step's loss to it
+            (:class:`~gradlight.diagnosis.detectors.loss_curve.LossReading`: one curve per optimizer stream, read
+            once per logged step for every loss detector); ``None`` when the loss was not added (``loss_window``
+            is ``None``, the loss is unknown or not finite) or no detector reads it.
     """
 
     record: StepRecord
@@ -118,6 +123,7 @@ class StepContext:
     nonfinite_modules: list[str] | None = None
     forward: ForwardSeen | None = None
     grads_carried: bool | None = None
+    loss_reading: LossReading | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 
@@ -226,11 +232,14 @@ class Detector:
         needs_finite_gradients: Skipped on steps whose gradients hold NaN/Inf (the non-finite detector
             speaks for those steps).
         needs_activations: Run only on steps with activation statistics.
+        needs_loss_reading: Judges the loss curve: the engine keeps the curve only when a detector needs it, and
+            runs this one only on steps with a :attr:`StepContext.loss_reading`.
     """
 
     kind: ClassVar[str] = ""
     needs_finite_gradients: ClassVar[bool] = True
     needs_activations: ClassVar[bool] = False
+    needs_loss_reading: ClassVar[bool] = False
 
     def __init__(self, config: DiagnosisConfig) -> None:
         self.config = config

@@ -13,7 +13,10 @@ them it measures, noise-aware:
   steps.
 
 The three loss findings (``loss_rising``, ``loss_oscillating``, ``loss_plateau``) are disjoint readings of
-these numbers; each detector keeps its own curve (a few dozen floats).
+these numbers. The engine (:class:`~gradlight.diagnosis.GradientDiagnosis`) keeps one curve per optimizer stream
+(a few dozen floats, in its state), adds each logged step's loss to it once, reads it once, and hands the
+:class:`LossReading` to the detectors as :attr:`StepContext.loss_reading
+<gradlight.diagnosis.detectors.base.StepContext>`.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import Detector, StepContext
+
+if TYPE_CHECKING:  # base.py imports this module (StepContext carries a LossReading)
+    from gradlight.diagnosis.detectors.base import StepContext
 
 __all__ = ["LossCurve", "LossReading", "level", "mann_kendall_z", "median_update_ratio"]
 
@@ -86,6 +91,7 @@ class LossReading:
     first: float  # the window's first-half median
     low: float  # the window's 10th percentile
     high: float  # the window's 90th percentile
+    full: bool  # the window holds ``loss_window`` losses
 
     def evidence(self) -> dict[str, Any]:
         """The reading as finding evidence."""
@@ -102,11 +108,6 @@ class LossReading:
         }
 
 
-#: The last :meth:`LossCurve.read`: ``(the curve's content, its reading)``, shared by the loss detectors (one
-#: slot, replaced whole: a reader never sees a key with another curve's reading).
-_LAST_READING: list[tuple[tuple[Any, ...], LossReading] | None] = [None]
-
-
 class LossCurve:
     """The initial level and the last ``loss_window`` logged losses of a run.
 
@@ -114,9 +115,11 @@ class LossCurve:
         >>> curve = LossCurve(DiagnosisConfig(loss_window=4, loss_initial_steps=2))
         >>> for step, loss in enumerate([2.3, 2.3, 2.5, 2.8, 3.1, 3.5]):
         ...     _ = curve.add(step, loss)
-        >>> reading = curve.read()
-        >>> reading.initial, reading.initial_high, reading.recent, round(reading.progress, 2)
-        (2.3, 2.3, 3.3, -0.43)
+        >>> reading = curve.update(6, 3.9)  # add a logged step's loss and read the curve
+        >>> reading.initial, reading.initial_high, reading.recent, round(reading.progress, 2), reading.full
+        (2.3, 2.3, 3.7, -0.61, True)
+        >>> curve.update(7, float("nan")) is None  # not finite: not added, nothing to read
+        True
     """
 
     def __init__(self, config: DiagnosisConfig) -> None:
@@ -144,28 +147,18 @@ class LossCurve:
         window = self.config.loss_window
         return window is not None and len(self.window) >= window
 
-    def read(self) -> LossReading | None:
-        """The curve's numbers, or ``None`` before any loss.
+    def update(self, step: int, loss: float | None) -> LossReading | None:
+        """Add a logged step's loss and read the curve; ``None`` (nothing added) if it is unknown or not finite."""
+        return self.read() if self.add(step, loss) else None
 
-        The three loss detectors each keep a curve of the same losses and read it at the same step: the last
-        reading is kept, and a curve equal to the one it was made from gets it back without the medians,
-        percentiles and trend statistics being computed again.
-        """
+    def read(self) -> LossReading | None:
+        """The curve's numbers (see the module docstring), or ``None`` before any loss of the initial steps."""
         if not self.initial or self.start is None:
             return None
-        key = (self.start, self.last_step, tuple(self.initial), tuple(self.window))
-        last = _LAST_READING[0]
-        if last is None or last[0] != key:
-            last = _LAST_READING[0] = (key, self._measure(self.start))
-        return last[1]
-
-    def _measure(self, start: int) -> LossReading:
-        """The curve's numbers (see :meth:`read`)."""
         values = np.asarray(self.window, dtype=np.float64)
         initial = float(np.median(self.initial))
         half = max(1, values.size // 2)
         recent = float(np.median(values[-half:]))
-        first = float(np.median(values[:half]))
         scale = max(abs(initial), 1e-12)
         level = max(abs(float(np.median(values))), 1e-12)
         low, high = (float(v) for v in np.percentile(values, [10, 90]))
@@ -177,11 +170,12 @@ class LossCurve:
             trend_z=mann_kendall_z(values),
             recent_z=mann_kendall_z(values[-half:]),
             swing=(high - low) / level,
-            span=self.last_step - start,
+            span=self.last_step - self.start,
             window=int(values.size),
-            first=first,
+            first=float(np.median(values[:half])),
             low=low,
             high=high,
+            full=self.full,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -195,20 +189,3 @@ class LossCurve:
         self.initial = [float(v) for v in state.get("initial", [])]
         self.window = deque((float(v) for v in state.get("window", [])), maxlen=self.config.loss_window)
         self.last_step = int(state.get("last", -1))
-
-
-class LossCurveDetector(Detector):
-    """A detector that judges the run's :class:`LossCurve`: it owns the curve and checkpoints it with its streaks."""
-
-    def __init__(self, config: DiagnosisConfig) -> None:
-        super().__init__(config)
-        self.curve = LossCurve(config)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Streaks plus the loss curve."""
-        return {**super().state_dict(), "curve": self.curve.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        super().load_state_dict(state)
-        self.curve.load_state_dict(state.get("curve", {}))

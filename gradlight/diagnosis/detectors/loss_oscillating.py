@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradlight.diagnosis.detectors.base import StepContext
-from gradlight.diagnosis.detectors.loss_curve import (
-    LossCurveDetector,
-    LossReading,
-    level,
-    median_update_ratio,
-)
+from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.detectors.loss_curve import LossReading, level, median_update_ratio
 from gradlight.diagnosis.finding import Finding
 from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["LossOscillatingDetector"]
 
 
-class LossOscillatingDetector(LossCurveDetector):
+class LossOscillatingDetector(Detector):
     """The loss swings widely between logged steps and has not come down from its initial level.
 
     Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the window of
@@ -30,16 +25,16 @@ class LossOscillatingDetector(LossCurveDetector):
 
     kind = "loss_oscillating"
     needs_finite_gradients = False
+    needs_loss_reading = True
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config = self.config
-        if config.loss_window is None or not self.curve.add(step.record.step, step.loss):
+        reading = step.loss_reading
+        if reading is None:  # the step's loss was not added to the curve
             return []
-        reading = self.curve.read()
         holds = (
-            reading is not None
-            and self.curve.full
+            reading.full
             and not step.run.exploded
             and reading.span >= config.loss_min_steps
             and reading.progress < config.loss_stuck_drop
@@ -47,7 +42,7 @@ class LossOscillatingDetector(LossCurveDetector):
             and reading.swing >= config.loss_swing
         )
         count, since = self.streaks.one(GLOBAL_LAYER, holds, step.record.step)
-        if count < config.loss_patience or reading is None:
+        if count < config.loss_patience:
             return []
         return [self._finding(step, reading, since)]
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gradlight.diagnosis.detectors.base import StepContext
-from gradlight.diagnosis.detectors.loss_curve import (
-    LossCurveDetector,
-    LossReading,
-    level,
-    median_update_ratio,
-)
+from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.detectors.loss_curve import LossReading, level, median_update_ratio
 from gradlight.diagnosis.finding import Finding, fmt
 from gradlight.records import GLOBAL_LAYER
 
@@ -35,7 +30,7 @@ def chance_classes(level: float, tolerance: float = 0.01) -> int | None:
     return None
 
 
-class LossPlateauDetector(LossCurveDetector):
+class LossPlateauDetector(Detector):
     """The loss has not come down from its initial level although the weights move.
 
     Holds at a logged step at least ``loss_min_steps`` optimizer steps after monitoring began, when the median
@@ -54,17 +49,17 @@ class LossPlateauDetector(LossCurveDetector):
 
     kind = "loss_plateau"
     needs_finite_gradients = False
+    needs_loss_reading = True
 
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config = self.config
-        if config.loss_window is None or not self.curve.add(step.record.step, step.loss):
+        reading = step.loss_reading
+        if reading is None:  # the step's loss was not added to the curve
             return []
-        reading = self.curve.read()
         update = median_update_ratio(step)
         holds = (
-            reading is not None
-            and self.curve.full
+            reading.full
             and reading.span >= config.loss_min_steps
             and -config.loss_rise < reading.progress < config.loss_stuck_drop
             and abs(reading.trend_z) < config.loss_trend_z
@@ -72,7 +67,7 @@ class LossPlateauDetector(LossCurveDetector):
             and (update is None or update >= config.stalled_update_ratio)
         )
         count, since = self.streaks.one(GLOBAL_LAYER, holds, step.record.step)
-        if count < config.loss_patience or reading is None:
+        if count < config.loss_patience:
             return []
         return [self._finding(step, reading, since, update)]
 

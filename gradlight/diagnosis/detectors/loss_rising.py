@@ -10,20 +10,15 @@ from typing import Any
 import numpy as np
 
 from gradlight.diagnosis.config import DiagnosisConfig
-from gradlight.diagnosis.detectors.base import StepContext
-from gradlight.diagnosis.detectors.loss_curve import (
-    LossCurveDetector,
-    LossReading,
-    level,
-    median_update_ratio,
-)
+from gradlight.diagnosis.detectors.base import Detector, StepContext
+from gradlight.diagnosis.detectors.loss_curve import LossReading, level, median_update_ratio
 from gradlight.diagnosis.finding import Finding
 from gradlight.records import GLOBAL_LAYER
 
 __all__ = ["LossRisingDetector"]
 
 
-class LossRisingDetector(LossCurveDetector):
+class LossRisingDetector(Detector):
     """The loss rises: a consistent upward trend over the window, ending well above where the run started.
 
     Holds at a logged step when the last ``loss_window`` logged losses trend up (Mann-Kendall z at least
@@ -42,6 +37,7 @@ class LossRisingDetector(LossCurveDetector):
 
     kind = "loss_rising"
     needs_finite_gradients = False
+    needs_loss_reading = True
 
     def __init__(self, config: DiagnosisConfig) -> None:
         super().__init__(config)
@@ -50,17 +46,16 @@ class LossRisingDetector(LossCurveDetector):
     def check(self, step: StepContext) -> list[Finding]:
         """See the class docstring."""
         config = self.config
-        if config.loss_window is None or not self.curve.add(step.record.step, step.loss):
+        reading = step.loss_reading
+        if reading is None:  # the step's loss was not added to the curve
             return []
         norm = float(step.record.global_metrics.get("global_grad_l2", math.nan))
         self.norms.append(norm if math.isfinite(norm) else 0.0)
         norms = np.asarray(self.norms)
         median = float(np.median(norms))
         spike = norms.size > 2 and median > 0 and float(norms.max()) >= config.exploding_factor * median
-        reading = self.curve.read()
         holds = (
-            reading is not None
-            and self.curve.full
+            reading.full
             and not step.run.exploded
             and not spike
             and reading.trend_z >= config.loss_trend_z
@@ -69,7 +64,7 @@ class LossRisingDetector(LossCurveDetector):
             and reading.progress <= -config.loss_rise
         )
         count, since = self.streaks.one(GLOBAL_LAYER, holds, step.record.step)
-        if count < config.loss_patience or reading is None:
+        if count < config.loss_patience:
             return []
         return [self._finding(step, reading, since)]
 
@@ -87,7 +82,7 @@ class LossRisingDetector(LossCurveDetector):
         return step.finding(self.kind, GLOBAL_LAYER, since, message, evidence, [GLOBAL_LAYER])
 
     def state_dict(self) -> dict[str, Any]:
-        """Streaks plus the loss curve."""
+        """Streaks plus the global gradient norms of the window's steps."""
         return {**super().state_dict(), "norms": list(self.norms)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
