@@ -27,6 +27,7 @@ from gradlight import (
     load_history,
 )
 from gradlight.diagnosis import RULES, Finding, resolve_actions
+from gradlight.diagnosis.detectors import ForwardSeen
 from gradlight.runfolder import FINDINGS_FILE, FindingsWriter
 from tests.gradlight._ddp_diag_workers import QUIET, Regressor, ddp_actions_worker, mlp, spawn
 
@@ -79,6 +80,24 @@ def test_a_branch_with_exactly_zero_gradient_is_not_vanishing_but_no_gradient() 
     found = [f for step in range(4) for f in diagnosis.update(record(step, [0.0, 1e-5, 1.0, 1.0]))]
     assert [(f.kind, f.layer, f.layers) for f in found] == [("vanishing", "l1", ["l1"]), ("no_gradient", "l0", ["l0"])]
     assert found[1].evidence["zero"] == ["l0"] and "zero_gradient" in found[1].evidence["rules"]
+
+
+def test_a_vanishing_gradient_that_falls_to_exactly_zero_stays_vanishing_where_the_layer_ran() -> None:
+    """AUTOTRAINER's model_8de47bdc: dense0 at 6e-14 of the head for two steps, then exactly 0 (units died above)."""
+    grads = [[1e-13, 1.0, 1.0], [1e-13, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+    diagnosis = GradientDiagnosis()
+    found = [f for step, grad in enumerate(grads) for f in diagnosis.update(record(step, grad))]
+    vanishing = [f for f in found if f.kind == "vanishing"]
+    assert [(f.layer, f.step, f.reported_step) for f in vanishing] == [("l0", 0, 2)]
+    assert "no gradient at all now (exactly 0)" in vanishing[0].message
+    assert vanishing[0].evidence["decades"] is None and vanishing[0].evidence["ratio"] == 0.0
+
+    # the same zeros on a step whose forward did not run the layer (a skipped branch) end the streak
+    skipped = GradientDiagnosis()
+    ran = ForwardSeen(frozenset({"l1", "l2"}), watched=frozenset({"l0", "l1", "l2"}))
+    for step, grad in enumerate(grads):
+        found = skipped.update(record(step, grad), forward=ran if step >= 2 else None)
+        assert not [f for f in found if f.kind == "vanishing"]
 
 
 def test_a_falling_early_to_late_ratio_is_a_vanishing_trend() -> None:

@@ -75,10 +75,12 @@ class VanishingDetector(Detector):
         ratios = grad / reference.value
         per_element = _per_element_ratios(grad, record.layers, reference, profile.layer_sizes)
         # exactly zero is no gradient at all this step (a branch without targets, an unused path), not a
-        # gradient that decayed on its way from the loss: that is `no_gradient`'s business
+        # gradient that decayed on its way from the loss: that is `no_gradient`'s business, unless it ends a
+        # vanishing streak (`_fell_to_zero`)
         # below the threshold in L2 and per element: a small layer has a small L2 by its size (a squeeze-excite
         # projection against a wide head), a large one a small RMS; a gradient that vanished is small in both
         holds = (ratios > 0.0) & (ratios < config.vanishing_ratio) & (per_element < config.vanishing_ratio)
+        holds |= self._fell_to_zero(step, ratios)
         excluded = set(reference.layers) | profile.tied_layers
         holds &= np.array([layer not in excluded for layer in record.layers], dtype=bool)
         for i in np.flatnonzero(holds).tolist():  # an output branch without loss signal at its output: not depth decay
@@ -126,6 +128,24 @@ class VanishingDetector(Detector):
             found.append(self._explained(step, [(i, extra) for i in attention], ratios, "note"))
         return found
 
+    def _fell_to_zero(self, step: StepContext, ratios: np.ndarray) -> np.ndarray:
+        """Layers whose gradient vanished the rest of the way: exactly 0 while their vanishing streak runs.
+
+        Exactly zero is no gradient at all, but on a layer that ran this step's forward and was already below
+        the threshold at the previous logged step it is the end of the same decline (the signal underflowed or
+        the units above it died), not a branch without targets: the streak goes on.
+        """
+        forward = step.forward
+        return np.array(
+            [
+                ratio == 0.0
+                and self.streaks.since(layer) is not None
+                and (forward is None or forward.ran_layer(layer) is not False)
+                for layer, ratio in zip(step.record.layers, ratios.tolist())
+            ],
+            dtype=bool,
+        )
+
     def _warning(self, step: StepContext, sustained: list[int], ratios: np.ndarray, per_element: np.ndarray) -> Finding:
         config, record, reference = self.config, step.record, step.reference
         first = sustained[0]
@@ -137,7 +157,7 @@ class VanishingDetector(Detector):
         limit = config.max_layers_in_evidence
         evidence: dict[str, Any] = {
             "ratio": ratio,
-            "decades": decades,
+            "decades": decades if math.isfinite(decades) else None,  # None: the gradient fell to exactly 0
             "grad_l2": float(record.metrics["grad_l2"][first]),
             "reference": reference.value,
             "reference_layers": reference.layers,
@@ -153,9 +173,15 @@ class VanishingDetector(Detector):
         if step.activations is not None:
             detail = _saturation_detail(step.activations, layer, int(record.depths[first]), evidence)
         detail += signal_detail(step, layer, reference.layers[-1] if reference.layers else layer, evidence, "loses")
+        references = ", ".join(reference.layers)
+        gets = f"gets {fmt(ratio)} of the reference gradient ({references}), {decades:.1f} decades below"
+        if not math.isfinite(decades):
+            gets = (
+                f"gets no gradient at all now (exactly 0), after logged steps below {fmt(config.vanishing_ratio)} of "
+                f"the reference gradient ({references})"
+            )
         message = (
-            f"vanishing gradient: layer {layer} gets {fmt(ratio)} of the reference gradient "
-            f"({', '.join(reference.layers)}), {decades:.1f} decades below, sustained since step {since}; "
+            f"vanishing gradient: layer {layer} {gets}, sustained since step {since}; "
             f"{len(sustained)} layer(s) below {fmt(config.vanishing_ratio)} from {layer} to {onset}{detail}"
         )
         layers = [record.layers[i] for i in sustained]
