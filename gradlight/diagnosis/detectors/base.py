@@ -99,6 +99,9 @@ class StepContext:
         forward: Which modules this step's forward pass ran, where they were watched (:class:`ForwardSeen`).
         grads_carried: Whether the gradient stepped with still held the optimizer's previous gradient (no
             ``zero_grad`` between the steps), ``None`` when unknown.
+        adaptive: The layers the optimizer steps per element, normalised by their gradient's own scale (Adam
+            and its family), each with its decoupled weight decay per step (:mod:`gradlight.adaptive`);
+            ``None`` when unknown.
     """
 
     record: StepRecord
@@ -118,6 +121,7 @@ class StepContext:
     nonfinite_modules: list[str] | None = None
     forward: ForwardSeen | None = None
     grads_carried: bool | None = None
+    adaptive: Mapping[str, float] | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 
