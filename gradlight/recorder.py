@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradlight import __version__
 from gradlight.activations import ActivationStats, ActivationTaps
+from gradlight.adaptive import adaptive_decay
 from gradlight.amp import step_scales
 from gradlight.anomaly import AnomalyPolicy
 from gradlight.collectives import Collectives, loss_value, mean_over_ranks
@@ -83,6 +84,7 @@ class _Captured:
     forward: ForwardSeen | None = None  # the watched modules that ran in the step's forward pass
     carried: bool | None = None  # whether the optimizer's previous gradient was still in this one (CarryProbe)
     maximize: bool = False  # an optimizer that climbs the loss by design: the loss_rising finding names it
+    adaptive: dict[str, float] | None = None  # layers it steps per element (Adam family): decoupled decay rate
 
 
 class GradientFlowRecorder:
@@ -487,6 +489,7 @@ class GradientFlowRecorder:
             forward,
             self.optimizers.carried(owner, params, probe=self.diagnosis is not None),
             owner is not None and any(bool(g.get("maximize")) for g in owner.param_groups),
+            adaptive_decay(owner, self.tracker.layer_map) if self.diagnosis is not None else None,
         )
         return True
 
@@ -599,6 +602,7 @@ class GradientFlowRecorder:
             stream=captured.stream,
             forward=captured.forward,
             grads_carried=captured.carried,
+            adaptive=captured.adaptive,
         )
         self.step_taps.watch_missing(record, captured.stream)
         self.writer.write_findings(findings)

@@ -109,6 +109,7 @@ class GradientDiagnosis:
         stream: str | None = None,
         forward: ForwardSeen | None = None,
         grads_carried: bool | None = None,
+        adaptive: Mapping[str, float] | None = None,
     ) -> list[Finding]:
         """Digest one logged step and return the findings reported at it (each kind, layer, severity once).
 
@@ -133,6 +134,10 @@ class GradientDiagnosis:
             grads_carried: Whether the gradient this optimizer stepped with still held its previous step's
                 gradient (``optimizer.zero_grad()`` not called between them; :mod:`gradlight.carry_probe`),
                 ``None`` when unknown.
+            adaptive: The layers this optimizer steps per element, normalised by their gradient's own scale
+                (Adam and its family, :func:`gradlight.adaptive.adaptive_decay`), each with its decoupled
+                weight decay per step; ``None`` when unknown. ``vanishing`` then reads such a layer's update
+                ratio before calling its small gradient starved.
         """
         detectors, curve = self._stream_of(stream)
         step = StepContext(
@@ -153,6 +158,7 @@ class GradientDiagnosis:
             forward=forward,
             grads_carried=grads_carried,
             loss_reading=self._read_loss(curve, record.step, loss),
+            adaptive=adaptive,
             is_reported=lambda kind, layer, severity: _key(kind, layer, severity, stream) in self.reported,
         )
         finite = step.gradients_finite

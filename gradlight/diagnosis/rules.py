@@ -137,6 +137,23 @@ RULES: tuple[Rule, ...] = (
         conclusive=True,
     ),
     Rule(
+        "adaptive_update_moves",
+        ("vanishing",),
+        lambda c: c.evidence.get("explained_by") == "adaptive_update",
+        "not starved: the optimizer scales each element's step by that element's own gradient scale, and the "
+        "layer still moves at {fraction} of the reference layers' update ratio; behind normalisation layers "
+        "({norms}) a raw gradient is divided by their input's scale and loses its component along their "
+        "output, so it shrinks as the layers' outputs grow and as the task gets solved, without the layer "
+        "learning less",
+        "nothing to fix while the update ratio stays near its peers' ('dormant' and 'vanishing' warn if it "
+        "collapses too)",
+        lambda c: {
+            "fraction": f"{float(c.evidence.get('update_fraction', 0.0)):.1e}",
+            "norms": _short(c.evidence.get("normalization") or c.profile.normalization),
+        },
+        conclusive=True,
+    ),
+    Rule(
         "dead_output_units",
         ("dead_units",),
         lambda c: bool(c.evidence.get("output_site")),

@@ -126,6 +126,75 @@ def test_one_spike_then_one_dip_of_a_noisy_ratio_is_not_a_trend() -> None:
     assert found[0].evidence["early_late_ratio_after"] == pytest.approx(0.003)  # median of the last third
 
 
+NORMALISED = ModelProfile(normalization=["LayerNorm"])
+ADAPTIVE = {f"l{i}": 0.0 for i in range(4)}  # every layer stepped by Adam, no decoupled weight decay
+
+
+def small_first_layer(update: float, profile: ModelProfile, adaptive: dict[str, float] | None) -> list[Finding]:
+    """Layer l0 gets 1e-5 of the reference's gradient for 4 steps and moves at ``update`` (the reference: 0.02)."""
+    diagnosis = GradientDiagnosis(profile=profile)
+    steps = [record(step, [1e-5, 1.0, 1.0, 1.0], [update, 0.02, 0.02, 0.02]) for step in range(4)]
+    return [f for r in steps for f in diagnosis.update(r, adaptive=adaptive)]
+
+
+def test_a_small_gradient_that_an_adaptive_optimizer_still_moves_behind_normalisation_is_a_note() -> None:
+    found = small_first_layer(0.01, NORMALISED, ADAPTIVE)
+    assert [(f.kind, f.severity, f.layer, f.step, f.reported_step) for f in found] == [
+        ("vanishing", "note", "l0", 0, 2)
+    ]
+    evidence = found[0].evidence
+    assert evidence["explained_by"] == "adaptive_update" and evidence["rules"] == ["adaptive_update_moves"]
+    assert evidence["reference_update_ratio"] == pytest.approx(0.02) and evidence["update_fraction"] == pytest.approx(
+        0.5
+    )
+    assert "still learning" in found[0].message and "LayerNorm" in found[0].message
+
+
+@pytest.mark.parametrize(
+    ("update", "profile", "adaptive"),
+    [
+        (1e-6, NORMALISED, ADAPTIVE),  # the update collapsed too (Adam's epsilon dominates, or its memory)
+        (0.01, NORMALISED, None),  # optimizer unknown (a bare diagnosis, a replay) or SGD: the gradient judges
+        (0.01, NORMALISED, {"l1": 0.0, "l2": 0.0, "l3": 0.0}),  # l0 in a group with coupled (L2) decay
+        (0.01, ModelProfile(), ADAPTIVE),  # no normalisation: a deep sigmoid MLP under Adam
+        (float("nan"), NORMALISED, ADAPTIVE),  # no update ratio recorded
+    ],
+    ids=["update_collapsed", "not_adaptive", "coupled_decay", "no_normalisation", "no_update_ratio"],
+)
+def test_a_small_gradient_is_still_vanishing_unless_the_update_shows_the_layer_moves(
+    update: float, profile: ModelProfile, adaptive: dict[str, float] | None
+) -> None:
+    found = small_first_layer(update, profile, adaptive)
+    assert [(f.kind, f.severity, f.layer) for f in found] == [("vanishing", "warning", "l0")]
+    assert "explained_by" not in found[0].evidence
+
+
+def test_decoupled_weight_decay_is_no_evidence_that_a_layer_learns() -> None:
+    """AdamW shrinks every weight by lr * weight_decay per step whatever its gradient: that part of the update
+    ratio is subtracted before it is compared with the reference layers'."""
+    assert small_first_layer(5e-5, NORMALISED, ADAPTIVE)[0].severity == "note"  # 2.5e-3 of the reference
+    decayed = small_first_layer(5e-5, NORMALISED, {**ADAPTIVE, "l0": 4e-5})  # 1e-5 left: 5e-4 of it
+    assert [(f.severity, f.layer) for f in decayed] == [("warning", "l0")]
+
+
+def test_a_falling_ratio_whose_first_layer_still_moves_behind_normalisation_is_a_note() -> None:
+    def trend(update: float) -> list[Finding]:
+        diagnosis = GradientDiagnosis(DiagnosisConfig(trend_window=4), profile=NORMALISED)
+        found: list[Finding] = []
+        for step, ratio in enumerate([1.0, 0.3, 0.1, 0.03, 0.001]):
+            grads = [1.0, 1.0, 1.0, 1.0]
+            found += diagnosis.update(
+                record(step, grads, [update, 0.02, 0.02, 0.02], early_late_ratio=ratio), adaptive=ADAPTIVE
+            )
+        return found
+
+    (moving,) = trend(0.01)
+    assert (moving.kind, moving.severity, moving.layer, moving.reported_step) == ("vanishing", "note", "l0", 4)
+    assert moving.evidence["explained_by"] == "adaptive_update" and "still learning" in moving.message
+    (starved,) = [f for f in trend(1e-7) if f.kind == "vanishing"]  # (and `dormant`: it does not move)
+    assert (starved.kind, starved.severity, starved.layer) == ("vanishing", "warning", "l0")
+
+
 # --------------------------------------------------------------------------------------- exploding
 def test_huge_learning_rate_is_flagged_exploding_before_the_loss_is_nan(tmp_path: Path) -> None:
     torch.manual_seed(0)

@@ -104,6 +104,9 @@ class StepContext:
             (:class:`~gradlight.diagnosis.detectors.loss_curve.LossReading`: one curve per optimizer stream, read
             once per logged step for every loss detector); ``None`` when the loss was not added (``loss_window``
             is ``None``, the loss is unknown or not finite) or no detector reads it.
+        adaptive: The layers the optimizer steps per element, normalised by their gradient's own scale (Adam
+            and its family), each with its decoupled weight decay per step (:mod:`gradlight.adaptive`);
+            ``None`` when unknown.
     """
 
     record: StepRecord
@@ -124,6 +127,7 @@ class StepContext:
     forward: ForwardSeen | None = None
     grads_carried: bool | None = None
     loss_reading: LossReading | None = None
+    adaptive: Mapping[str, float] | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
 

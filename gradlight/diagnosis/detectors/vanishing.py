@@ -26,7 +26,17 @@ A small gradient that the model's design explains is a ``note``, not a warning:
   small gradient is expected (a note); once they have grown, its ratio is divided by them and judged. It is a
   warning when the gain does not grow for ``gain_patience`` logged steps, or when the branch is still below
   the threshold after dividing by grown gains;
-* the query/key projections of attention blocks (second-order gradients while attention is near uniform).
+* the query/key projections of attention blocks (second-order gradients while attention is near uniform);
+* a layer that an adaptive optimizer (Adam and its family, :mod:`gradlight.adaptive`) still moves, in a model
+  with normalisation layers: its update ratio, less decoupled weight decay, is not below ``vanishing_ratio``
+  of the reference layers'. A normaliser's backward divides by its input's scale and removes the component
+  along its output, so behind it a raw gradient shrinks as the run solves the task (a wav2vec2 classifier's
+  encoder: 3 decades below its head while its loss fell to 0.13 and its weights kept moving at a fifth of
+  the head's rate); an adaptive optimizer divides that scale out, so the update, not the gradient, says
+  whether the layer is starved. It is judged only where a recorder knows the optimizer and the update
+  ratio is recorded; without normalisation the small gradient stays the evidence whatever the optimizer (a
+  12-layer sigmoid MLP under Adam: its first layer still moves at 0.4 of the head's rate, but its gradient,
+  6 decades below, is what each of its steps does to the loss).
 """
 
 from __future__ import annotations
@@ -93,6 +103,7 @@ class VanishingDetector(Detector):
         real: list[int] = []
         gated: list[tuple[int, dict[str, Any]]] = []
         attention: list[int] = []
+        adaptive: list[tuple[int, dict[str, Any]]] = []
         for i in sustained:
             layer = record.layers[i]
             scaled = step.gain_scale(layer)
@@ -113,6 +124,10 @@ class VanishingDetector(Detector):
             elif layer in profile.attention_logit_layers:
                 attention.append(i)
                 continue
+            moving = _still_moves(step, i, config.vanishing_ratio)
+            if moving is not None:
+                adaptive.append((i, moving))
+                continue
             real.append(i)
         found: list[Finding] = []
         if real:
@@ -126,6 +141,8 @@ class VanishingDetector(Detector):
         if attention:
             extra = {"explained_by": "attention_logits"}
             found.append(self._explained(step, [(i, extra) for i in attention], ratios, "note"))
+        if adaptive:
+            found.append(self._explained(step, adaptive, ratios, "note"))
         return found
 
     def _fell_to_zero(self, step: StepContext, ratios: np.ndarray) -> np.ndarray:
@@ -221,9 +238,18 @@ class VanishingDetector(Detector):
             f"after {extra.get('streak')} logged steps",
             "attention_logits": "it is an attention query/key projection (second-order gradient while the "
             "attention is near uniform): expected early in training",
+            "adaptive_update": "yet it still moves: its optimizer scales each element's step by that element's "
+            f"own gradient scale, and its update ratio is {fmt(float(extra.get('update_ratio', 0.0)))}, "
+            f"{fmt(float(extra.get('update_fraction', 0.0)))} of the reference layers' "
+            f"({fmt(float(extra.get('reference_update_ratio', 0.0)))}); behind normalisation layers "
+            f"({', '.join(profile_norms(step))}) a raw gradient shrinks as their inputs grow and as the "
+            "representation aligns with what the head wants (solved, not starved)",
         }[str(extra["explained_by"])]
+        title = "small gradient by design" if severity == "note" else "vanishing gradient"
+        if extra["explained_by"] == "adaptive_update":
+            title = "small gradient, still learning"
         message = (
-            f"{'small gradient by design' if severity == 'note' else 'vanishing gradient'}: layer {layer} gets "
+            f"{title}: layer {layer} gets "
             f"{fmt(ratio)} of the reference gradient, {decades_below(ratio):.1f} decades below, since step "
             f"{since}; {what}; {len(items)} layer(s) like it"
         )
@@ -312,7 +338,18 @@ class VanishingDetector(Detector):
             f"({earlier}; median {fmt(10.0**last)} over steps {after_start}-{record.step}); the first layer "
             f"{layer} is losing its gradient"
         )
-        return step.finding(self.kind, layer, first_step, message, evidence, [layer])
+        moving = _still_moves(step, 0, self.config.vanishing_ratio)
+        if moving is None:
+            return step.finding(self.kind, layer, first_step, message, evidence, [layer])
+        evidence.update(moving)
+        message = (
+            f"{message.replace('vanishing gradient trend', 'falling gradient trend, still learning', 1)}; yet it "
+            f"still moves: its optimizer scales each element's step by that element's own gradient scale, and its "
+            f"update ratio is {fmt(moving['update_ratio'])}, {fmt(moving['update_fraction'])} of the reference "
+            f"layers' ({fmt(moving['reference_update_ratio'])}), behind normalisation layers "
+            f"({', '.join(profile_norms(step))})"
+        )
+        return step.finding(self.kind, layer, first_step, message, evidence, [layer], severity="note")
 
     def state_dict(self) -> dict[str, Any]:
         """Streaks plus the trend window."""
@@ -331,6 +368,49 @@ class VanishingDetector(Detector):
         self.start = (int(start[0]), int(start[1]), float(start[2])) if start is not None else None
         initial = state.get("trend_initial")  # states of older versions have none: no anchor at initialisation
         self.initial = (int(initial[0]), float(initial[1])) if initial is not None else None
+
+
+def profile_norms(step: StepContext) -> list[str]:
+    """The normalisation layer kinds of the model (at most three), for a message."""
+    names = list(step.profile.normalization)
+    return names[:3] + ([f"+{len(names) - 3} more"] if len(names) > 3 else [])
+
+
+def _still_moves(step: StepContext, index: int, threshold: float) -> dict[str, Any] | None:
+    """Evidence that a layer with a small gradient still moves like the reference layers; ``None`` when not shown.
+
+    Shown only where the raw gradient is no measure of learning: the layer is stepped per element by an
+    adaptive optimizer (:mod:`gradlight.adaptive`, known only to a recorder), the model has normalisation
+    layers (whose backward divides by their input's scale and removes the gradient's component along their
+    output: a layer's gradient shrinks as the run solves the task), and its update ratio less the decoupled
+    weight decay is not below ``threshold`` of the reference layers' (the same "orders of magnitude" as the
+    gradient rule). Without a recorded update ratio nothing is shown, and the gradient is judged as before.
+    """
+    record, adaptive = step.record, step.adaptive
+    layer = record.layers[index]
+    update = record.metrics.get("update_ratio")
+    if adaptive is None or layer not in adaptive or update is None or not step.profile.normalization:
+        return None
+    own = float(update[index]) - adaptive[layer]
+    reference = _reference_update(update, record.layers, step.reference.layers)
+    if not (math.isfinite(own) and reference > 0.0) or own < threshold * reference:
+        return None
+    return {
+        "explained_by": "adaptive_update",
+        "update_ratio": float(update[index]),
+        "decay_rate": adaptive[layer],
+        "reference_update_ratio": reference,
+        "update_fraction": own / reference,
+        "normalization": list(step.profile.normalization),
+    }
+
+
+def _reference_update(update: np.ndarray, layers: list[str], reference: list[str]) -> float:
+    """The geometric mean update ratio of the reference layers (0 when none was recorded)."""
+    where = {layer: i for i, layer in enumerate(layers)}
+    values = [float(update[where[layer]]) for layer in reference if layer in where]
+    values = [value for value in values if math.isfinite(value) and value > 0.0]
+    return math.exp(sum(math.log(value) for value in values) / len(values)) if values else 0.0
 
 
 def _step_noise(values: list[float]) -> float:
