@@ -177,3 +177,37 @@ def test_a_run_resumed_from_last_pt_continues_its_history(tmp_path: Path) -> Non
     assert not history.duplicated(["step", "layer", "metric"]).any()  # the recomputed step superseded the old
     assert sorted(history.step.unique()) == list(range(saved + Counted.calls))
     assert len(list((save_dir / "history").glob("segment-*.arrow"))) == 2
+
+
+@pytest.mark.slow
+def test_recording_does_not_change_what_ultralytics_trains(tmp_path: Path) -> None:
+    """A monitored run (every step logged, diagnosis on) ends with the bare run's weights, bit for bit."""
+    data = generate_shapes_dataset(tmp_path / "shapes", num_train=TRAIN_IMAGES, num_val=4, imgsz=64)
+    common: dict[str, Any] = {
+        "data": str(data),
+        "imgsz": 64,
+        "batch": BATCH,
+        "device": "cpu",
+        "workers": 0,
+        "pretrained": False,
+        "optimizer": "SGD",
+        "val": False,
+        "project": str(tmp_path / "ultralytics"),
+        "exist_ok": True,
+        "epochs": 2,
+        "nbs": NBS,
+        "seed": 0,
+        "deterministic": True,
+        **offline.OFFLINE_OVERRIDES,
+    }
+    YOLO("yolo11n.yaml").train(name="bare", **common)
+    train(YOLO("yolo11n.yaml"), save_dir=tmp_path / "monitored" / "gradlight", name="monitored", **common,
+          log_every_n_steps=1)  # fmt: skip
+    weights = [
+        torch.load(tmp_path / "ultralytics" / name / "weights" / "last.pt", weights_only=False)["model"].state_dict()
+        for name in ("bare", "monitored")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    assert load_history(tmp_path / "monitored" / "gradlight").step.nunique() >= 4  # every optimizer step recorded
