@@ -142,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"verify: error: {name}={str(path)!r} does not exist", file=sys.stderr)
             return 2
-    return verify(args.published, args.out)
+    try:
+        return verify(args.published, args.out)
+    except FileNotFoundError as error:  # a folder without a finished grid's summary
+        print(f"verify: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

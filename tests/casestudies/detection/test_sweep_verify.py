@@ -162,3 +162,6 @@ def test_verify_compares_every_cell_at_the_printed_digits(tmp_path: Path, capsys
     printed = capsys.readouterr().out
     assert "ultralytics" in printed and "0.196  [0.217, 0.234]  OUTSIDE" in printed and "3/4 cells inside" in printed
     assert verify.main([str(tmp_path / "missing.csv"), str(tmp_path)]) == 2
+    (tmp_path / "unfinished").mkdir()
+    assert verify.main([str(tmp_path / "aggregate.csv"), str(tmp_path / "unfinished")]) == 2  # no summary yet
+    assert "has no per_seed.csv or summary.csv" in capsys.readouterr().err
