@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from gradlight.records import Finding  # its home is the leaf module; imported here by the detectors
 
-__all__ = ["GradientAnomalyError", "fmt"]
+__all__ = ["GradientAnomalyError", "fmt", "short_list"]
 
 
 class GradientAnomalyError(RuntimeError):
@@ -31,3 +32,15 @@ class GradientAnomalyError(RuntimeError):
 def fmt(value: float) -> str:
     """A number as the messages print it (``1.2e-05``; ``nan``/``inf`` as is)."""
     return f"{value:.1e}" if math.isfinite(value) else str(value)
+
+
+def short_list(names: Iterable[str], limit: int = 3) -> str:
+    """Names as the messages list them: the first ``limit``, then how many more.
+
+    Example:
+        >>> short_list(["LayerNorm", "BatchNorm2d"]), short_list("abcde")
+        ('LayerNorm, BatchNorm2d', 'a, b, c (+2 more)')
+    """
+    items = list(names)
+    text = ", ".join(items[:limit])
+    return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -7,11 +7,12 @@ that apply, in table order (documented in docs/diagnosis.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from gradlight.diagnosis.config import DiagnosisConfig
+from gradlight.diagnosis.finding import short_list
 from gradlight.diagnosis.profile import ModelProfile
 
 __all__ = ["RULES", "Rule", "RuleContext", "explain"]
@@ -50,12 +51,6 @@ class Rule:
     remedy: str
     describe: Callable[[RuleContext], dict[str, Any]] = lambda context: {}
     conclusive: bool = False
-
-
-def _short(names: Iterable[str], limit: int = 3) -> str:
-    items = list(names)
-    text = ", ".join(items[:limit])
-    return text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 #: The cause/remedy table, in priority order (documented in docs/diagnosis.md).
@@ -149,7 +144,7 @@ RULES: tuple[Rule, ...] = (
         "collapses too)",
         lambda c: {
             "fraction": f"{float(c.evidence.get('update_fraction', 0.0)):.1e}",
-            "norms": _short(c.evidence.get("normalization") or c.profile.normalization),
+            "norms": short_list(c.evidence.get("normalization") or c.profile.normalization),
         },
         conclusive=True,
     ),
@@ -186,7 +181,7 @@ RULES: tuple[Rule, ...] = (
         "saturating activations ({acts}) between the layer and the loss: their derivative is at most "
         "0.25 (sigmoid) or 1 (tanh) and near 0 when saturated, so each one shrinks the gradient",
         "use a non-saturating activation in hidden layers (ReLU, SiLU/GELU)",
-        lambda c: {"acts": _short(c.evidence.get("saturating_downstream") or c.profile.saturating)},
+        lambda c: {"acts": short_list(c.evidence.get("saturating_downstream") or c.profile.saturating)},
     ),
     Rule(
         "one_step_blowup",
@@ -225,7 +220,7 @@ RULES: tuple[Rule, ...] = (
         lambda c: c.profile.plain_recurrent,
         "an ungated recurrent chain ({modules}): the same weights multiply the gradient once per time step",
         "use gated cells (LSTM/GRU), truncate backpropagation through time, clip gradients",
-        lambda c: {"modules": _short(c.profile.recurrent)},
+        lambda c: {"modules": short_list(c.profile.recurrent)},
     ),
     Rule(
         "init_small",
@@ -233,7 +228,7 @@ RULES: tuple[Rule, ...] = (
         lambda c: bool(c.profile.init_small),
         "initial weights far below the He/Xavier scale ({modules})",
         "He (Kaiming) init for ReLU-family layers, Xavier (Glorot) for tanh/sigmoid layers",
-        lambda c: {"modules": _short(c.profile.init_small)},
+        lambda c: {"modules": short_list(c.profile.init_small)},
     ),
     Rule(
         "init_large",
@@ -241,7 +236,7 @@ RULES: tuple[Rule, ...] = (
         lambda c: bool(c.profile.init_large),
         "initial weights far above the He/Xavier scale ({modules})",
         "He (Kaiming) init for ReLU-family layers, Xavier (Glorot) for tanh/sigmoid layers",
-        lambda c: {"modules": _short(c.profile.init_large)},
+        lambda c: {"modules": short_list(c.profile.init_large)},
     ),
     Rule(
         "gradients_not_zeroed",
@@ -333,7 +328,7 @@ RULES: tuple[Rule, ...] = (
         "{modules} never ran in forward (built, and handed to the optimizer, but not called)",
         "call the module in forward, or remove it (and its parameters) from the model and the optimizer; under "
         "DDP an unused module also needs find_unused_parameters=True",
-        lambda c: {"modules": _short(c.evidence.get("never_called", []))},
+        lambda c: {"modules": short_list(c.evidence.get("never_called", []))},
     ),
     Rule(
         "graph_cut",
@@ -343,7 +338,7 @@ RULES: tuple[Rule, ...] = (
         "output cut by .detach(), a torch.no_grad() block, or an output the loss does not use",
         "remove the .detach() / torch.no_grad() on the path to the loss (or use the output); if the layers are "
         "meant to be frozen, set requires_grad=False",
-        lambda c: {"modules": _short(c.evidence.get("cut_off", []))},
+        lambda c: {"modules": short_list(c.evidence.get("cut_off", []))},
     ),
     Rule(
         "zero_gradient",
@@ -352,7 +347,7 @@ RULES: tuple[Rule, ...] = (
         "the gradient of {modules} is exactly zero: every path from the loss is blocked (dead ReLUs, a "
         "multiplication by zero, a fully masked output)",
         "look for dead units (GradientFlowMonitor(track_activations=True)), zero-initialised gains or masks",
-        lambda c: {"modules": _short(c.evidence.get("zero", []))},
+        lambda c: {"modules": short_list(c.evidence.get("zero", []))},
     ),
     Rule(
         "learning_rate_too_small",

@@ -130,6 +130,7 @@ class StepContext:
     adaptive: Mapping[str, float] | None = None
     _gain_rms: dict[str, float] = field(default_factory=dict, repr=False)
     _grad_by_layer: dict[str, float] | None = field(default=None, repr=False)
+    _update_reference: float | None = field(default=None, repr=False)
 
     def signal_path(self, first: str, last: str, below: float = -0.5) -> dict[str, Any] | None:
         """Where the backward signal is lost (or amplified) between ``first`` and ``last``, if it was tapped.
@@ -174,6 +175,20 @@ class StepContext:
             return False
         last = self._grad_l2_by_layer().get(branch[-1])
         return last is not None and last < threshold * self.reference.value
+
+    def reference_update_ratio(self) -> float:
+        """The geometric mean ``update_ratio`` of the reference layers this step, built once (0 when not recorded)."""
+        if self._update_reference is None:
+            update = self.record.metrics.get("update_ratio")
+            where = {layer: i for i, layer in enumerate(self.record.layers)}
+            values = (
+                []
+                if update is None
+                else [float(update[where[layer]]) for layer in self.reference.layers if layer in where]
+            )
+            values = [value for value in values if math.isfinite(value) and value > 0.0]
+            self._update_reference = math.exp(sum(math.log(v) for v in values) / len(values)) if values else 0.0
+        return self._update_reference
 
     def _grad_l2_by_layer(self) -> dict[str, float]:
         """``layer -> grad_l2`` of this step, built once."""

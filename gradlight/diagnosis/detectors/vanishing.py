@@ -53,7 +53,7 @@ import numpy as np
 from gradlight.activations import SATURATING_KINDS, ActivationStats
 from gradlight.diagnosis.config import DiagnosisConfig
 from gradlight.diagnosis.detectors.base import Detector, StepContext, decades_below
-from gradlight.diagnosis.finding import Finding, fmt
+from gradlight.diagnosis.finding import Finding, fmt, short_list
 
 __all__ = ["VanishingDetector"]
 
@@ -242,7 +242,7 @@ class VanishingDetector(Detector):
             f"own gradient scale, and its update ratio is {fmt(float(extra.get('update_ratio', 0.0)))}, "
             f"{fmt(float(extra.get('update_fraction', 0.0)))} of the reference layers' "
             f"({fmt(float(extra.get('reference_update_ratio', 0.0)))}); behind normalisation layers "
-            f"({', '.join(profile_norms(step))}) a raw gradient shrinks as their inputs grow and as the "
+            f"({short_list(step.profile.normalization)}) a raw gradient shrinks as their inputs grow and as the "
             "representation aligns with what the head wants (solved, not starved)",
         }[str(extra["explained_by"])]
         title = "small gradient by design" if severity == "note" else "vanishing gradient"
@@ -333,21 +333,21 @@ class VanishingDetector(Detector):
             earlier = f"{fmt(10.0**first)} at step 0, before any update"
         else:
             earlier = f"median {fmt(10.0**first)} over steps {first_step}-{before_end}"
+        moving = _still_moves(step, 0, self.config.vanishing_ratio)
+        title = "vanishing gradient trend" if moving is None else "falling gradient trend, still learning"
         message = (
-            f"vanishing gradient trend: the early-to-late gradient ratio fell {drop:.1f} decades {where} "
+            f"{title}: the early-to-late gradient ratio fell {drop:.1f} decades {where} "
             f"({earlier}; median {fmt(10.0**last)} over steps {after_start}-{record.step}); the first layer "
             f"{layer} is losing its gradient"
         )
-        moving = _still_moves(step, 0, self.config.vanishing_ratio)
         if moving is None:
             return step.finding(self.kind, layer, first_step, message, evidence, [layer])
         evidence.update(moving)
-        message = (
-            f"{message.replace('vanishing gradient trend', 'falling gradient trend, still learning', 1)}; yet it "
-            f"still moves: its optimizer scales each element's step by that element's own gradient scale, and its "
-            f"update ratio is {fmt(moving['update_ratio'])}, {fmt(moving['update_fraction'])} of the reference "
-            f"layers' ({fmt(moving['reference_update_ratio'])}), behind normalisation layers "
-            f"({', '.join(profile_norms(step))})"
+        message += (
+            f"; yet it still moves: its optimizer scales each element's step by that element's own gradient scale, "
+            f"and its update ratio is {fmt(moving['update_ratio'])}, {fmt(moving['update_fraction'])} of the "
+            f"reference layers' ({fmt(moving['reference_update_ratio'])}), behind normalisation layers "
+            f"({short_list(step.profile.normalization)})"
         )
         return step.finding(self.kind, layer, first_step, message, evidence, [layer], severity="note")
 
@@ -370,12 +370,6 @@ class VanishingDetector(Detector):
         self.initial = (int(initial[0]), float(initial[1])) if initial is not None else None
 
 
-def profile_norms(step: StepContext) -> list[str]:
-    """The normalisation layer kinds of the model (at most three), for a message."""
-    names = list(step.profile.normalization)
-    return names[:3] + ([f"+{len(names) - 3} more"] if len(names) > 3 else [])
-
-
 def _still_moves(step: StepContext, index: int, threshold: float) -> dict[str, Any] | None:
     """Evidence that a layer with a small gradient still moves like the reference layers; ``None`` when not shown.
 
@@ -392,7 +386,7 @@ def _still_moves(step: StepContext, index: int, threshold: float) -> dict[str, A
     if adaptive is None or layer not in adaptive or update is None or not step.profile.normalization:
         return None
     own = float(update[index]) - adaptive[layer]
-    reference = _reference_update(update, record.layers, step.reference.layers)
+    reference = step.reference_update_ratio()
     if not (math.isfinite(own) and reference > 0.0) or own < threshold * reference:
         return None
     return {
@@ -403,14 +397,6 @@ def _still_moves(step: StepContext, index: int, threshold: float) -> dict[str, A
         "update_fraction": own / reference,
         "normalization": list(step.profile.normalization),
     }
-
-
-def _reference_update(update: np.ndarray, layers: list[str], reference: list[str]) -> float:
-    """The geometric mean update ratio of the reference layers (0 when none was recorded)."""
-    where = {layer: i for i, layer in enumerate(layers)}
-    values = [float(update[where[layer]]) for layer in reference if layer in where]
-    values = [value for value in values if math.isfinite(value) and value > 0.0]
-    return math.exp(sum(math.log(value) for value in values) / len(values)) if values else 0.0
 
 
 def _step_noise(values: list[float]) -> float:
