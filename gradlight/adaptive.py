@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from gradlight.layers import LayerMap
 
-__all__ = ["ADAPTIVE_OPTIMIZERS", "adaptive_decay"]
+__all__ = ["ADAPTIVE_OPTIMIZERS", "adaptive_decay", "decouples_weight_decay"]
 
 #: Optimizers whose step is normalised per element by a running scale of that element's gradient.
 ADAPTIVE_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -79,6 +79,20 @@ def _decoupled_rate(optimizer: Optimizer, group: dict[str, Any]) -> float | None
     weight_decay = float(group.get("weight_decay", 0.0) or 0.0)
     if weight_decay == 0.0:
         return 0.0
-    if isinstance(optimizer, optim.AdamW) or bool(group.get("decoupled_weight_decay", False)):
+    if decouples_weight_decay(optimizer, group):
         return float(group["lr"]) * weight_decay
     return None
+
+
+def decouples_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> bool:
+    """Whether ``group``'s weight decay shrinks the weights directly (AdamW) instead of adding to the gradient.
+
+    Example:
+        >>> import torch
+        >>> params = [torch.nn.Parameter(torch.ones(2))]
+        >>> decouples_weight_decay(opt := torch.optim.AdamW(params), opt.param_groups[0])
+        True
+        >>> decouples_weight_decay(opt := torch.optim.Adam(params, weight_decay=0.1), opt.param_groups[0])
+        False
+    """
+    return bool(group.get("decoupled_weight_decay", isinstance(optimizer, optim.AdamW)))

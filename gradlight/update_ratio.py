@@ -90,6 +90,7 @@ import torch
 from torch import Tensor
 
 from gradlight import compiled as compiled_kernels
+from gradlight.adaptive import decouples_weight_decay
 from gradlight.compiled import (
     FUSED_DEVICES,
     FUSED_DTYPES,
@@ -431,7 +432,7 @@ class UpdateNorms:
             had_grad = [t.grad is not None for t in tensors]
             return _Bucket("sgd", positions, tensors, hyper, versions=versions, had_grad=had_grad)
         beta1, beta2 = group["betas"]
-        decoupled = bool(group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW))
+        decoupled = decouples_weight_decay(optimizer, group)
         hyper = {
             "lr": float(group["lr"]),
             "beta1": float(beta1),
