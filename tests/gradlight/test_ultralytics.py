@@ -44,26 +44,30 @@ class StrippedSigmoidTrainer(GradientFlowDetectionTrainer):
         return self.set_model_names_for_load(build_detector(str(cfg), int(self.data["nc"]), ablation, seed=0))
 
 
-def fit(tmp_path: Path, name: str, trainer: type[GradientFlowDetectionTrainer], **kwargs: Any) -> Path:
+def train_args(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """Ultralytics training arguments on a tiny offline shapes data set, generated in ``tmp_path``."""
     data = generate_shapes_dataset(tmp_path / "shapes", num_train=TRAIN_IMAGES, num_val=4, imgsz=64)
+    return {
+        "data": str(data),
+        "imgsz": 64,
+        "batch": BATCH,
+        "device": "cpu",
+        "workers": 0,
+        "pretrained": False,
+        "optimizer": "SGD",
+        "val": False,
+        "project": str(tmp_path / "ultralytics"),
+        "exist_ok": True,
+        "nbs": NBS,
+        "epochs": 1,
+        **offline.OFFLINE_OVERRIDES,
+        **overrides,
+    }
+
+
+def fit(tmp_path: Path, name: str, trainer: type[GradientFlowDetectionTrainer], **kwargs: Any) -> Path:
     save_dir = tmp_path / name / "gradlight"
-    train(
-        YOLO("yolo11n.yaml"),
-        save_dir=save_dir,
-        trainer=trainer,
-        data=str(data),
-        imgsz=64,
-        batch=BATCH,
-        device="cpu",
-        workers=0,
-        pretrained=False,
-        optimizer="SGD",
-        val=False,
-        project=str(tmp_path / "ultralytics"),
-        name=name,
-        exist_ok=True,
-        **{"nbs": NBS, "epochs": 1, **offline.OFFLINE_OVERRIDES, **kwargs},
-    )
+    train(YOLO("yolo11n.yaml"), save_dir=save_dir, trainer=trainer, **train_args(tmp_path, name=name, **kwargs))
     return save_dir
 
 
@@ -182,24 +186,7 @@ def test_a_run_resumed_from_last_pt_continues_its_history(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_recording_does_not_change_what_ultralytics_trains(tmp_path: Path) -> None:
     """A monitored run (every step logged, diagnosis on) ends with the bare run's weights, bit for bit."""
-    data = generate_shapes_dataset(tmp_path / "shapes", num_train=TRAIN_IMAGES, num_val=4, imgsz=64)
-    common: dict[str, Any] = {
-        "data": str(data),
-        "imgsz": 64,
-        "batch": BATCH,
-        "device": "cpu",
-        "workers": 0,
-        "pretrained": False,
-        "optimizer": "SGD",
-        "val": False,
-        "project": str(tmp_path / "ultralytics"),
-        "exist_ok": True,
-        "epochs": 2,
-        "nbs": NBS,
-        "seed": 0,
-        "deterministic": True,
-        **offline.OFFLINE_OVERRIDES,
-    }
+    common = train_args(tmp_path, epochs=2, seed=0, deterministic=True)
     YOLO("yolo11n.yaml").train(name="bare", **common)
     train(YOLO("yolo11n.yaml"), save_dir=tmp_path / "monitored" / "gradlight", name="monitored", **common,
           log_every_n_steps=1)  # fmt: skip
